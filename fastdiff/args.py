@@ -1,0 +1,84 @@
+"""The arguments of one fused step, as every backend receives them (already validated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .plan import MAX_READS, N_OPERANDS, Row
+
+N_COEF = 2 + N_OPERANDS * 3 + 2
+"""Packed coefficients: a_x, a_e, out[N_OPERANDS], write0[N_OPERANDS], write1[N_OPERANDS], known_a, known_s."""
+
+CLIP_NONE, CLIP_STATIC, CLIP_DYNAMIC = 0, 1, 2
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for a storage dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack_row(row: Row) -> tuple[float, ...]:
+    """Pack a row's coefficients in the order kernels read them (see ``N_COEF``)."""
+    zero = (0.0,) * N_OPERANDS
+    w = [wr.coef for wr in row.writes] + [zero] * (2 - len(row.writes))
+    return (row.a_x, row.a_e, *row.out, *w[0], *w[1], row.known_a, row.known_s)
+
+
+def clip_code(row: Row) -> int:
+    """Integer clip mode of a row."""
+    return {None: CLIP_NONE, "static": CLIP_STATIC, "dynamic": CLIP_DYNAMIC}[row.clip]
+
+
+@dataclass
+class StepArgs:
+    """One row's tensors and scalars. Element tensors share ``x``'s shape, dtype and device.
+
+    Attributes:
+        x: current state ``[B, ...]``.
+        out: where ``x'`` goes (may be ``x`` itself).
+        m: model output, or its unconditional half under guidance.
+        m_c: conditional half under guidance, else ``None``.
+        h_read: history buffers read, in operand order (at most ``MAX_READS``).
+        h_write: history buffers written (at most 2; may alias ``h_read``, ``x`` or ``out``).
+        w: float32 ``[B]`` guidance scale (with ``m_c``).
+        r: float32 ``[B]`` guidance-rescale factor, or ``None``.
+        s: float32 ``[B]`` clip bound (with ``clip``).
+        clip: 0 none, 1 clamp, 2 clamp and divide.
+        seeds: int64 ``[B]`` Philox keys (used where ``z``/``z2`` are not given).
+        z, z2: external noise tensors, or ``None`` for Philox.
+        mask, known: mask blend tensors, or ``None``.
+        coef: packed float64 coefficients, ``N_COEF`` long.
+        row: the Philox counter word for this row.
+    """
+
+    x: torch.Tensor
+    out: torch.Tensor
+    m: torch.Tensor
+    coef: tuple[float, ...]
+    row: int = 0
+    m_c: torch.Tensor | None = None
+    h_read: tuple[torch.Tensor, ...] = ()
+    h_write: tuple[torch.Tensor, ...] = ()
+    w: torch.Tensor | None = None
+    r: torch.Tensor | None = None
+    s: torch.Tensor | None = None
+    clip: int = 0
+    seeds: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    z2: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    known: torch.Tensor | None = None
+
+    @property
+    def needs_z(self) -> bool:
+        """Whether ``x'`` or a history write uses the main noise."""
+        zi = 2 + MAX_READS
+        c = self.coef
+        return c[2 + zi] != 0 or any(c[2 + N_OPERANDS * (1 + j) + zi] != 0 for j in range(len(self.h_write)))
+
+    @property
+    def needs_z2(self) -> bool:
+        """Whether the mask blend uses the known-region noise."""
+        return self.mask is not None and self.coef[N_COEF - 1] != 0

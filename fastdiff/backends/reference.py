@@ -1,0 +1,80 @@
+"""The ``reference`` backend: a plan row op by op in plain torch (the executable specification)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..args import StepArgs, compute_dtype
+from ..plan import MAX_READS
+from ..rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
+
+NAME = "reference"
+
+
+def available() -> tuple[bool, str]:
+    """Always available: plain torch on any device."""
+    return True, "plain torch"
+
+
+def supports(args: StepArgs) -> bool:
+    """Every dtype, device and layout."""
+    return True
+
+
+def _per_sample(v: torch.Tensor, ndim: int, dt: torch.dtype) -> torch.Tensor:
+    return v.to(dt).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _noise(args: StepArgs, ext: torch.Tensor | None, stream: int, dt: torch.dtype) -> torch.Tensor:
+    x = args.x
+    if ext is not None:
+        return ext.to(dt)
+    n = x[0].numel() if x.dim() else 1
+    z = philox_normal(args.seeds.to(x.device), args.row, stream, n, x.device)
+    return z.reshape(x.shape).to(dt)
+
+
+def step(args: StepArgs) -> None:
+    """Execute one row: writes ``args.out`` and ``args.h_write`` (which may alias inputs)."""
+    dt = compute_dtype(args.x.dtype)
+    c = [torch.tensor(v, dtype=dt).item() for v in args.coef]  # coefficients rounded like kernels do
+    a_x, a_e = c[0], c[1]
+    out_c = c[2:9]
+    wr_c = [c[9:16], c[16:23]]
+    known_a, known_s = c[23], c[24]
+    nd = args.x.dim()
+
+    x = args.x.to(dt)
+    e = args.m.to(dt)
+    if args.m_c is not None:
+        e = e + _per_sample(args.w, nd, dt) * (args.m_c.to(dt) - e)
+    if args.r is not None:
+        e = _per_sample(args.r, nd, dt) * e
+    d = a_x * x + a_e * e
+    if args.clip:
+        s = _per_sample(args.s, nd, dt)
+        d = torch.minimum(torch.maximum(d, -s), s)
+        if args.clip == 2:
+            d = d / s
+    need_z = out_c[6] != 0 or any(wc[6] != 0 for wc in wr_c[: len(args.h_write)])
+    z = _noise(args, args.z, STREAM_MAIN, dt) if need_z else None
+    ops = [x, d] + [h.to(dt) for h in args.h_read]
+
+    def combine(coefs):
+        acc = coefs[0] * ops[0] + coefs[1] * ops[1]
+        for k in range(len(args.h_read)):
+            acc = acc + coefs[2 + k] * ops[2 + k]
+        if z is not None and coefs[2 + MAX_READS] != 0:
+            acc = acc + coefs[2 + MAX_READS] * z
+        return acc
+
+    new_x = combine(out_c)
+    if args.mask is not None:
+        z2 = _noise(args, args.z2, STREAM_KNOWN, dt) if known_s != 0 else 0.0
+        mk = args.mask.to(dt)
+        new_x = mk * new_x + (1 - mk) * (known_a * args.known.to(dt) + known_s * z2)
+    writes = [combine(wr_c[j]) for j in range(len(args.h_write))]
+    # every input is read above; only now write (outputs may alias inputs)
+    args.out.copy_(new_x)
+    for h, v in zip(args.h_write, writes):
+        h.copy_(v)

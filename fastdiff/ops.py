@@ -1,0 +1,140 @@
+"""Backend dispatch for the fused step: validation, ``backend=`` / ``FASTDIFF_BACKEND`` resolution.
+
+Backends live in :mod:`fastdiff.backends` and all implement the row contract of
+:mod:`fastdiff.plan`. ``auto`` picks ``cpu`` for CPU tensors and ``triton`` > ``cuda`` for CUDA
+tensors, by availability; when it falls back to ``reference`` it warns once, saying why. A backend
+asked for by name that cannot run raises instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from .args import N_COEF, StepArgs
+from .plan import MAX_READS, MAX_WRITES
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+"""Every backend name, in no particular order of preference."""
+
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+_modules: dict[str, ModuleType | Exception] = {}
+_warned: set[str] = set()
+
+
+def _module(name: str) -> ModuleType | Exception:
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"fastdiff.backends.{name}")
+        except Exception as exc:  # a missing extension or toolchain makes the backend unavailable
+            _modules[name] = exc
+    return _modules[name]
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """``(available, reason)`` for one backend name."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    mod = _module(name)
+    if isinstance(mod, Exception):
+        return False, f"import failed: {type(mod).__name__}: {mod}"
+    return mod.available()
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Every backend with ``(available, reason)``; what ``fastdiff info`` prints."""
+    return {name: backend_status(name) for name in BACKENDS}
+
+
+def requested_backend(backend: str | None = "auto") -> str:
+    """The backend asked for: the argument, or ``FASTDIFF_BACKEND`` when the argument is ``auto``."""
+    name = backend or "auto"
+    if name == "auto":
+        name = os.environ.get("FASTDIFF_BACKEND", "auto") or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    return name
+
+
+def resolve(backend: str | None, args: StepArgs) -> ModuleType:
+    """The backend module that will run ``args``."""
+    name = requested_backend(backend)
+    if name != "auto":
+        ok, why = backend_status(name)
+        if not ok:
+            raise RuntimeError(f"backend {name!r} was requested but is not available: {why}")
+        mod = _module(name)
+        if not mod.supports(args):
+            raise RuntimeError(
+                f"backend {name!r} cannot run this step (device {args.x.device.type}, dtype {args.x.dtype}, "
+                f"shape {tuple(args.x.shape)}); use backend='auto' or 'reference'"
+            )
+        return mod
+    reasons = []
+    for cand in _AUTO_ORDER.get(args.x.device.type, ()):
+        ok, why = backend_status(cand)
+        if ok and _module(cand).supports(args):
+            return _module(cand)
+        reasons.append(f"{cand}: {why if not ok else 'does not support these inputs'}")
+    key = f"{args.x.device.type}:{';'.join(reasons)}"
+    if reasons and key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"fastdiff: using the reference backend for {args.x.device.type} tensors ({'; '.join(reasons)})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _module("reference")
+
+
+def validate(args: StepArgs) -> None:
+    """Check every tensor of a step (device, dtype, shape, contiguity) before any backend sees it."""
+    x = args.x
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    if len(args.coef) != N_COEF:
+        raise ValueError(f"coef must have {N_COEF} entries, got {len(args.coef)}")
+    if len(args.h_read) > MAX_READS or len(args.h_write) > MAX_WRITES:
+        raise ValueError(f"at most {MAX_READS} history reads and {MAX_WRITES} writes per row")
+    named = [("out", args.out), ("m", args.m), ("m_c", args.m_c), ("z", args.z), ("z2", args.z2),
+             ("mask", args.mask), ("known", args.known)]
+    named += [(f"h_read[{i}]", h) for i, h in enumerate(args.h_read)]
+    named += [(f"h_write[{i}]", h) for i, h in enumerate(args.h_write)]
+    for name, t in named:
+        if t is None:
+            continue
+        if t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if args.known is None and args.mask is not None:
+        raise ValueError("mask was given without known")
+    b = x.shape[0]
+    for name, t, need in (("w", args.w, args.m_c is not None), ("r", args.r, False), ("s", args.s, args.clip != 0)):
+        if need and t is None:
+            raise ValueError(f"{name} is required for this row")
+        if t is not None and (t.shape != (b,) or t.dtype != torch.float32 or t.device != x.device):
+            raise ValueError(f"{name} must be a float32 tensor of shape ({b},) on {x.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if (args.needs_z and args.z is None) or (args.needs_z2 and args.z2 is None):
+        s = args.seeds
+        if s is None:
+            raise ValueError("this row draws noise: give seeds (Philox) or an external noise tensor")
+        if s.shape != (b,) or s.dtype != torch.int64 or s.device != x.device:
+            raise ValueError(f"seeds must be an int64 tensor of shape ({b},) on {x.device}, got "
+                             f"{s.dtype} {tuple(s.shape)} on {s.device}")
+
+
+def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> None:
+    """Run one plan row on the chosen backend (writes ``args.out`` and ``args.h_write``)."""
+    if check:
+        validate(args)
+    resolve(backend, args).step(args)

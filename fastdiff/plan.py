@@ -1,0 +1,191 @@
+"""The plan: the contract between samplers and step kernels.
+
+A sampler turns a discretization into a :class:`Plan`, a list of :class:`Row`. Every row is one
+model evaluation followed by one fused, element-wise step. For element ``i`` of sample ``b``::
+
+    e  = m                                  # model output (no guidance), or
+    e  = m_u + w[b] * (m_c - m_u)           # classifier-free guidance (w per sample)
+    e  = r[b] * e                           # optional guidance-rescale factor (per sample)
+    d  = a_x * x + a_e * e                  # data estimate x0 from any parameterization
+    d  = clamp(d, -s[b], s[b])              # optional static clip / dynamic threshold ...
+    d  = d / s[b]                           # ... which also divides (dynamic thresholding)
+    z  = N(0, 1)                            # Philox(seed[b], row, stream 0, i), or an external tensor
+    v  = [x, d, H[reads[0]], ..., H[reads[k-1]], z]
+    x' = out · v                            # solver update
+    x' = mask*x' + (1-mask)*(known_a*known + known_s*z2)   # optional; z2 = Philox stream 1
+    H[writes[j].slot] = writes[j].coef · v  # history ring written for later rows
+
+``H`` is a ring of ``plan.n_slots`` history buffers shaped like ``x``. A kernel reads every input
+of an element before writing any output of it, so ``x'`` may overwrite ``x`` and a written slot
+may also be read in the same row.
+
+All coefficients are float64 host scalars computed once when the plan is built; kernels compute
+in float32 (float64 for float64 storage). The model is called as
+``model(in_scale * x, t)``; ``sigma`` is the noise level of ``x`` for callbacks and guidance
+schedules (k-diffusion's sigma, whatever the state space of the sampler).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_READS = 4
+"""Most history slots one row may read."""
+MAX_WRITES = 2
+"""Most history slots one row may write."""
+N_OPERANDS = 3 + MAX_READS
+"""Length of a coefficient vector: x, d, MAX_READS history reads, z."""
+
+PREDICTIONS = ("eps", "v", "x0", "flow")
+"""Model parameterizations the plan can convert to a data estimate."""
+
+
+def _vec(x: float = 0.0, d: float = 0.0, h: tuple[float, ...] = (), z: float = 0.0) -> tuple[float, ...]:
+    if len(h) > MAX_READS:
+        raise ValueError(f"h has {len(h)} history coefficients; at most {MAX_READS} are allowed")
+    hs = tuple(float(c) for c in h) + (0.0,) * (MAX_READS - len(h))
+    return (float(x), float(d)) + hs + (float(z),)
+
+
+def combo(x: float = 0.0, d: float = 0.0, h: tuple[float, ...] = (), z: float = 0.0) -> tuple[float, ...]:
+    """Build a coefficient vector over the operands ``[x, d, H[reads[0..]], z]``.
+
+    ``h`` gives coefficients for the row's history reads in the order of ``Row.reads``.
+    """
+    return _vec(x, d, h, z)
+
+
+@dataclass(frozen=True)
+class Write:
+    """One history write: ``H[slot] = coef · [x, d, H[reads...], z]``."""
+
+    slot: int
+    coef: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.coef) != N_OPERANDS:
+            raise ValueError(f"Write.coef must have {N_OPERANDS} entries, got {len(self.coef)}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model evaluation and the fused step after it (see the module docstring).
+
+    Attributes:
+        t: value passed to the model as its timestep (diffusers timestep, sigma, or flow time).
+        sigma: k-diffusion noise level of ``x`` at this evaluation (for callbacks and schedules).
+        in_scale: the model input is ``in_scale * x``.
+        a_x, a_e: data estimate ``d = a_x * x + a_e * e``.
+        out: coefficients of ``x'`` over ``[x, d, H[reads...], z]``.
+        reads: history slots read, in operand order (at most ``MAX_READS``).
+        writes: history writes (at most ``MAX_WRITES``).
+        clip: ``None`` for no clipping, ``"static"`` to clamp ``d`` to ``±s`` or ``"dynamic"`` to
+            clamp to ``±s[b]`` and divide by it. The loop supplies ``s``.
+        known_a, known_s: with a mask, the known region becomes ``known_a*known + known_s*z2``.
+        noise: whether the row consumes one draw of noise shaped like ``x``. In external-noise
+            mode (a ``torch.Generator``) the loop draws exactly when the wrapped library does, even
+            where the noise coefficient is 0 (diffusers' Euler ancestral at its last step).
+        step: index of the solver step this row belongs to (several rows may share one step).
+        stage: index of the row inside its step.
+    """
+
+    t: float
+    sigma: float
+    in_scale: float
+    a_x: float
+    a_e: float
+    out: tuple[float, ...]
+    reads: tuple[int, ...] = ()
+    writes: tuple[Write, ...] = ()
+    clip: str | None = None
+    known_a: float = 1.0
+    known_s: float = 0.0
+    noise: bool = False
+    step: int = 0
+    stage: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.out) != N_OPERANDS:
+            raise ValueError(f"Row.out must have {N_OPERANDS} entries, got {len(self.out)}")
+        if len(self.reads) > MAX_READS:
+            raise ValueError(f"Row.reads has {len(self.reads)} slots; at most {MAX_READS} allowed")
+        if len(self.writes) > MAX_WRITES:
+            raise ValueError(f"Row.writes has {len(self.writes)} entries; at most {MAX_WRITES} allowed")
+        if self.clip not in (None, "static", "dynamic"):
+            raise ValueError(f"Row.clip must be None, 'static' or 'dynamic', got {self.clip!r}")
+        vals = (self.t, self.sigma, self.in_scale, self.a_x, self.a_e, *self.out)
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"Row at step {self.step} stage {self.stage} has a non-finite coefficient")
+
+        if not self.noise and (self.out[-1] != 0.0 or any(w.coef[-1] != 0.0 for w in self.writes)):
+            raise ValueError(f"row at step {self.step} has a noise coefficient but noise=False")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole sampling run: rows plus what the loop needs around them.
+
+    Attributes:
+        rows: one per model evaluation.
+        init_scale: initial state is ``init_scale * noise`` (unit-variance noise).
+        n_slots: size of the history ring the rows address.
+        sampler: name of the sampler that built the plan.
+        prediction: model parameterization the coefficients assume.
+        steps: number of solver steps (rows may be more: multi-stage solvers).
+        out_scale: the returned sample is ``out_scale * x`` after the last row.
+        clip_range: static clip bound ``s`` for rows with ``clip="static"`` (diffusers'
+            ``clip_sample_range``).
+        threshold_ratio, threshold_max: dynamic thresholding (rows with ``clip="dynamic"``):
+            ``s[b] = clamp(quantile(|d[b]|, ratio), 1, max)`` (diffusers' ``dynamic_thresholding_ratio``
+            and ``sample_max_value``).
+        meta: free-form details for reports (not read by the loop or kernels).
+    """
+
+    rows: tuple[Row, ...]
+    init_scale: float
+    n_slots: int = 0
+    sampler: str = ""
+    prediction: str = "eps"
+    steps: int = 0
+    out_scale: float = 1.0
+    clip_range: float = 1.0
+    threshold_ratio: float = 0.995
+    threshold_max: float = 1.0
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for r in self.rows:
+            for s in (*r.reads, *(w.slot for w in r.writes)):
+                if not 0 <= s < self.n_slots:
+                    raise ValueError(f"row at step {r.step} addresses slot {s}; plan has {self.n_slots} slots")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def check_prediction(prediction: str) -> str:
+    """Return ``prediction`` normalised (diffusers' ``epsilon``/``sample``/``v_prediction`` accepted)."""
+    aliases = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+    p = aliases.get(prediction, prediction)
+    if p not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS} (or diffusers' names), got {prediction!r}")
+    return p
+
+
+def x0_coeffs(prediction: str, alpha: float, sigma: float, in_scale: float = 1.0) -> tuple[float, float]:
+    """Coefficients ``(a_x, a_e)`` with ``x0 = a_x * x + a_e * model_output``.
+
+    The model sees ``u = in_scale * x`` with ``u = alpha * x0 + sigma * eps`` (for ``flow``,
+    ``alpha = 1 - t`` and ``sigma = t``). ``v`` follows diffusers: ``v = alpha*eps - sigma*x0`` with
+    ``alpha**2 + sigma**2 = 1``; ``flow`` is the velocity ``eps - x0``.
+    """
+    p = check_prediction(prediction)
+    if p == "eps":
+        return in_scale / alpha, -sigma / alpha
+    if p == "v":
+        return alpha * in_scale, -sigma
+    if p == "x0":
+        return 0.0, 1.0
+    # flow: u = (1-t) x0 + t eps, v = eps - x0  =>  x0 = u - t v
+    return in_scale, -sigma
