@@ -1,0 +1,207 @@
+"""The sampling loop: model -> (guidance reductions) -> one fused step per plan row.
+
+Everything the loop needs per row is prepared before the first model call: timesteps, guidance
+scales and static clip bounds live in device tensors indexed by row, history buffers are
+allocated once and the state is updated in place. So the loop performs no host-device
+synchronisation on CUDA (non-finite model outputs are recorded on the device and reported, with
+the step, after the loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .args import StepArgs, clip_code, pack_row
+from .guidance import Guidance, dynamic_threshold, rescale_factor
+from .plan import Plan
+
+ModelFn = Callable[..., torch.Tensor]
+Cond = torch.Tensor | dict | None
+
+
+class NonFiniteError(FloatingPointError):
+    """The model returned NaN or Inf."""
+
+
+def draw_noise(shape, generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Draw standard normals exactly as diffusers' ``randn_tensor`` does for this generator.
+
+    A list of generators draws one sample each; a CPU generator for a CUDA tensor draws on the CPU.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator list has {len(generator)} entries but the batch has {shape[0]}")
+        parts = [draw_noise((1, *shape[1:]), g, dtype, device) for g in generator]
+        return torch.cat(parts, dim=0)
+    gdev = generator.device if generator is not None else device
+    z = torch.randn(shape, generator=generator, device=gdev, dtype=dtype)
+    return z.to(device)
+
+
+def _cat(a: Cond, b: Cond) -> Cond:
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) if isinstance(a[k], (torch.Tensor, dict)) else a[k] for k in a}
+    return torch.cat([a, b], dim=0)
+
+
+def _call(model: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    if cond is None:
+        return model(x, t)
+    if isinstance(cond, dict):
+        return model(x, t, **cond)
+    return model(x, t, cond)
+
+
+def _batch_of(c: Cond) -> int | None:
+    if c is None:
+        return None
+    if isinstance(c, dict):
+        sizes = {v.shape[0] for v in c.values() if isinstance(v, torch.Tensor)}
+        return sizes.pop() if len(sizes) == 1 else -1
+    return c.shape[0]
+
+
+@dataclass
+class LoopOptions:
+    """Options of :func:`run_plan` (see there)."""
+
+    guidance: Guidance | None = None
+    cond: Cond = None
+    uncond: Cond = None
+    seeds: Sequence[int] | torch.Tensor | None = None
+    generator: torch.Generator | list | None = None
+    noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    mask: torch.Tensor | None = None
+    known: torch.Tensor | None = None
+    backend: str = "auto"
+    callback: Callable | None = None
+    progress: bool = False
+    check_finite: bool = True
+
+
+def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> torch.Tensor:
+    """Run every row of ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``).
+
+    ``x`` is updated in place and returned scaled by ``plan.out_scale``.
+    Noise comes from ``opts.noise_fn(row_index, x)`` if given, else ``opts.generator`` (drawn like
+    diffusers), else in-kernel Philox keyed by ``opts.seeds``.
+    """
+    B = x.shape[0]
+    dev = x.device
+    rows = plan.rows
+    g = opts.guidance or Guidance()
+    wscale = g.scales(plan)
+    guided = [w != 1.0 for w in wscale]
+    if any(guided) and opts.uncond is None:
+        raise ValueError("guidance_scale != 1 needs uncond (the unconditional conditioning)")
+    for name, c in (("cond", opts.cond), ("uncond", opts.uncond)):
+        nb = _batch_of(c)
+        if nb is not None and nb != B:
+            raise ValueError(f"{name} has batch {nb} but noise has batch {B}; nothing is broadcast")
+    if opts.cond is not None and opts.uncond is not None and any(guided):
+        if type(opts.cond) is not type(opts.uncond):
+            raise TypeError("cond and uncond must both be tensors or both be dicts")
+        if isinstance(opts.cond, dict) and set(opts.cond) != set(opts.uncond):
+            raise ValueError(f"cond keys {sorted(opts.cond)} differ from uncond keys {sorted(opts.uncond)}")
+    cond_cat = _cat(opts.uncond, opts.cond) if any(guided) and opts.cond is not None else None
+
+    # Per-row device tables, built once: no host->device copies inside the loop.
+    ts = torch.tensor([r.t for r in rows], dtype=torch.float64).to(torch.float32).to(dev)
+    W = torch.tensor(wscale, dtype=torch.float32).to(dev)
+    W = W[:, None].expand(len(rows), B)
+    s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)
+    hist = [torch.empty_like(x) for _ in range(plan.n_slots)]
+    seeds = None
+    if opts.noise_fn is None and opts.generator is None and any(r.noise for r in rows):
+        if opts.seeds is None:
+            raise ValueError(f"sampler {plan.sampler!r} draws noise: give seed= or generator=")
+        seeds = torch.as_tensor(opts.seeds, dtype=torch.int64).to(dev)
+        if seeds.shape != (B,):
+            raise ValueError(f"seeds must have one entry per sample ({B}), got shape {tuple(seeds.shape)}")
+    if opts.mask is not None and opts.known is None:
+        raise ValueError("mask needs known (the known image)")
+    sums = torch.zeros(len(rows), dtype=torch.float32, device=dev) if opts.check_finite else None
+    packed = [pack_row(r) for r in rows]
+
+    it = range(len(rows))
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"fastdiff {plan.sampler}", total=len(rows))
+    for i in it:
+        r = rows[i]
+        x_in = x * r.in_scale if r.in_scale != 1.0 else x
+        if guided[i]:
+            t2 = ts[i].expand(2 * B)
+            cin = cond_cat if cond_cat is not None else opts.uncond
+            out = _call(model, torch.cat([x_in, x_in], dim=0), t2, cin)
+            _check_shape(out, (2 * B, *x.shape[1:]), i, r)
+            out = out.to(x.dtype)
+            m, m_c = out[:B], out[B:]
+        else:
+            out = _call(model, x_in, ts[i].expand(B), opts.cond)
+            _check_shape(out, tuple(x.shape), i, r)
+            m, m_c = out.to(x.dtype), None
+        if sums is not None:
+            sums[i] = out.sum(dtype=torch.float32)
+        w = W[i] if m_c is not None else None
+        rr = rescale_factor(m, m_c, w, g.rescale) if (m_c is not None and g.rescale > 0) else None
+        clip = clip_code(r)
+        s = None
+        if clip == 1:
+            s = s_static
+        elif clip == 2:
+            s = dynamic_threshold(_x0(x, m, m_c, w, rr, r), plan.threshold_ratio, plan.threshold_max)
+        z = opts.noise_fn(i, x) if (r.noise and opts.noise_fn is not None) else None
+        if z is None and r.noise and opts.generator is not None:
+            z = draw_noise(tuple(x.shape), opts.generator, x.dtype, dev)
+        if z is not None:
+            z = z.to(dtype=x.dtype, device=dev)
+        if opts.callback is not None:
+            x0 = _x0(x, m, m_c, w, rr, r, s, clip)
+        args = StepArgs(
+            x=x, out=x, m=m, m_c=m_c, coef=packed[i], row=i,
+            h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
+            w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z,
+            mask=opts.mask, known=opts.known,
+        )
+        ops.step(args, opts.backend)
+        if opts.callback is not None:
+            opts.callback(r.step, r.sigma, x, x0)
+    if sums is not None:
+        bad = ~torch.isfinite(sums)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise NonFiniteError(f"model output has NaN or Inf at step {rows[i].step} (row {i}, sigma {rows[i].sigma:.6g})")
+    if plan.out_scale != 1.0:
+        x.mul_(plan.out_scale)
+    return x
+
+
+def _check_shape(out, expected, i, r) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a tensor (wrap diffusers/k-diffusion models with fastdiff.denoisers), "
+                        f"got {type(out).__name__}")
+    if tuple(out.shape) != tuple(expected):
+        raise ValueError(f"model output at step {r.step} has shape {tuple(out.shape)}, expected {tuple(expected)}")
+
+
+def _x0(x, m, m_c, w, rr, row, s=None, clip=0) -> torch.Tensor:
+    """The row's data estimate in float32 (for callbacks and the threshold quantile)."""
+    nd = x.dim()
+    e = m.float()
+    if m_c is not None:
+        e = e + w.reshape((-1,) + (1,) * (nd - 1)) * (m_c.float() - e)
+    if rr is not None:
+        e = rr.reshape((-1,) + (1,) * (nd - 1)) * e
+    d = row.a_x * x.float() + row.a_e * e
+    if clip:
+        sb = s.reshape((-1,) + (1,) * (nd - 1))
+        d = torch.minimum(torch.maximum(d, -sb), sb)
+        if clip == 2:
+            d = d / sb
+    return d
