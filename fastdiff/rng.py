@@ -69,8 +69,11 @@ def box_muller(u0: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _seed_tensor(seeds, device) -> torch.Tensor:
-    s = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
-    return s
+    if isinstance(seeds, torch.Tensor):
+        return seeds.to(device=device, dtype=torch.int64).reshape(-1)
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    return torch.tensor([_signed64(int(v)) for v in seeds], dtype=torch.int64, device=device)
 
 
 def philox_bits(seeds, row: int, stream: int, numel: int, device=None) -> torch.Tensor:
