@@ -1,0 +1,193 @@
+// The per-element math of one plan row, written once for every C++/CUDA kernel.
+//
+// Semantics are those of fastdiff/backends/reference.py (the executable specification), in the
+// same operation order, with no fused multiply-add in the CPU build (-ffp-contract=off):
+//   e  = m                     or  m + w * (m_c - m)          (guidance, w per sample)
+//   e  = r * e                                                 (optional rescale, r per sample)
+//   d  = a_x * x + a_e * e
+//   d  = min(s, max(-s, d))    [then d / s]                    (clip 1 static, 2 dynamic)
+//   v  = [x, d, h0..h3, z]
+//   x' = c0*x + c1*d (+ c_{2+k}*h_k for k < n_reads) (+ c6*z if c6 != 0)
+//   x' = mask*x' + (1 - mask)*(known_a*known + known_s*z2)     (optional; z2 = 0 if known_s == 0)
+//   H[write j] = same combination with the write's coefficients
+// T is the compute scalar (float for fp16/bf16/fp32 storage, double for fp64); V is T or a SIMD
+// vector of T with operators + - * / (and unary -), fd_vmax/fd_vmin, constructible from a T.
+// Also: fp16 and bf16 <-> float conversions (round to nearest even, as torch's casts) that need
+// no CUDA headers.
+#pragma once
+
+#include "fd_common.h"
+
+namespace fd {
+
+constexpr int MAX_READS = 4;
+constexpr int MAX_WRITES = 2;
+constexpr int N_OPERANDS = 3 + MAX_READS;  // x, d, h0..h3, z
+constexpr int Z_OPERAND = 2 + MAX_READS;
+constexpr int N_COEF = 2 + 3 * N_OPERANDS + 2;  // a_x, a_e, out, write0, write1, known_a, known_s
+constexpr int CLIP_NONE = 0, CLIP_STATIC = 1, CLIP_DYNAMIC = 2;
+
+// Storage dtype codes shared with fastdiff/backends/cpu.py.
+constexpr int DTYPE_F32 = 0, DTYPE_F64 = 1, DTYPE_F16 = 2, DTYPE_BF16 = 3;
+
+// ---------------------------------------------------------------------------------------------
+// fp16 / bf16 <-> float (bit patterns in uint16_t), integer-only so that no FMA contraction or
+// flush-to-zero mode changes the result. Matches x86 F16C (vcvtps2ph, round to nearest even).
+
+FD_HD float fd_half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0x1Fu) return fd_from_bits(sign | 0x7F800000u | (m << 13));
+  if (e == 0) {
+    // zero or subnormal: m * 2^-24 is exact in float
+    float v = static_cast<float>(m) * 5.9604644775390625e-08f;
+    return fd_from_bits(sign | fd_bits(v));
+  }
+  return fd_from_bits(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+FD_HD uint16_t fd_float_to_half(float f) {
+  uint32_t x = fd_bits(f);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u)  // inf, or NaN made quiet keeping the top payload bits
+    return static_cast<uint16_t>(sign | (x > 0x7F800000u ? 0x7E00u | ((x >> 13) & 0x3FFu) : 0x7C00u));
+  if (x >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds past 65504
+  if (x < 0x38800000u) {                                                // half subnormal or zero
+    if (x <= 0x33000000u) return static_cast<uint16_t>(sign);          // <= 2^-25 rounds to 0
+    uint32_t m = (x & 0x7FFFFFu) | 0x800000u;
+    uint32_t shift = 126u - (x >> 23);  // 14..24
+    uint32_t h = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = (x - 0x38000000u) >> 13;  // rebias exponent 127 -> 15
+  uint32_t rem = x & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+FD_HD float fd_bf16_to_float(uint16_t h) { return fd_from_bits(static_cast<uint32_t>(h) << 16); }
+
+FD_HD uint16_t fd_float_to_bf16(float f) {
+  uint32_t x = fd_bits(f);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;  // NaN, as c10::BFloat16
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coefficients and flags of one row.
+
+/// A row's coefficients rounded to the compute type T (as reference.py rounds them).
+template <class T>
+struct StepCoef {
+  T a_x, a_e;
+  T out[N_OPERANDS];
+  T wr[MAX_WRITES][N_OPERANDS];
+  T known_a, known_s;
+};
+
+/// What a row does, beyond its coefficients.
+struct StepFlags {
+  int n_reads;   // history reads, 0..MAX_READS
+  int n_writes;  // history writes, 0..MAX_WRITES
+  int clip;      // CLIP_NONE / CLIP_STATIC / CLIP_DYNAMIC
+  bool cfg;      // m_c and w given
+  bool rescale;  // r given
+  bool mask;     // mask and known given
+  bool z;        // x' or a history write uses z
+  bool z2;       // the mask blend uses z2 (mask && known_s != 0)
+};
+
+/// Unpack the N_COEF packed float64 coefficients (fastdiff.args.pack_row order) into T.
+template <class T>
+FD_HD StepCoef<T> fd_unpack_coef(const double* p) {
+  StepCoef<T> c;
+  c.a_x = static_cast<T>(p[0]);
+  c.a_e = static_cast<T>(p[1]);
+  for (int k = 0; k < N_OPERANDS; ++k) {
+    c.out[k] = static_cast<T>(p[2 + k]);
+    c.wr[0][k] = static_cast<T>(p[2 + N_OPERANDS + k]);
+    c.wr[1][k] = static_cast<T>(p[2 + 2 * N_OPERANDS + k]);
+  }
+  c.known_a = static_cast<T>(p[N_COEF - 2]);
+  c.known_s = static_cast<T>(p[N_COEF - 1]);
+  return c;
+}
+
+/// Flags of a row; z/z2 are decided on the rounded coefficients, as reference.py does.
+template <class T>
+FD_HD StepFlags fd_make_flags(const StepCoef<T>& c, int n_reads, int n_writes, int clip, bool cfg, bool rescale,
+                              bool mask) {
+  StepFlags f;
+  f.n_reads = n_reads;
+  f.n_writes = n_writes;
+  f.clip = clip;
+  f.cfg = cfg;
+  f.rescale = rescale;
+  f.mask = mask;
+  f.z = c.out[Z_OPERAND] != T(0);
+  for (int j = 0; j < n_writes; ++j) f.z = f.z || c.wr[j][Z_OPERAND] != T(0);
+  f.z2 = mask && c.known_s != T(0);
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The element math. Each piece is a function so a kernel can reuse it; fd_step_element composes.
+
+/// e = m + w * (m_c - m)
+template <class V>
+FD_HD V fd_guidance(V m, V m_c, V w) {
+  return m + w * (m_c - m);
+}
+
+/// d = clamp(d, -s, s), divided by s for dynamic thresholding. NaN in d propagates.
+template <class V>
+FD_HD V fd_clip(V d, V s, int clip) {
+  if (clip == CLIP_NONE) return d;
+  d = fd_vmin(s, fd_vmax(-s, d));
+  return clip == CLIP_DYNAMIC ? d / s : d;
+}
+
+/// c · [x, d, h[0..n_reads), z]; the z term only when its coefficient is non-zero.
+template <class V, class T>
+FD_HD V fd_combine(const T* c, V x, V d, const V* h, int n_reads, V z) {
+  V acc = V(c[0]) * x + V(c[1]) * d;
+  for (int k = 0; k < n_reads; ++k) acc = acc + V(c[2 + k]) * h[k];
+  if (c[Z_OPERAND] != T(0)) acc = acc + V(c[Z_OPERAND]) * z;
+  return acc;
+}
+
+/// Inputs of one element (or one vector of elements). Unused members may hold anything.
+template <class V>
+struct StepIn {
+  V x, m, m_c, z, mask, known, z2;
+  V h[MAX_READS];
+  V w, r, s;  // per-sample scalars, broadcast
+};
+
+/// Outputs of one element: the new state and the history writes.
+template <class V>
+struct StepOut {
+  V x;
+  V h[MAX_WRITES];
+};
+
+/// One row for one element (or vector): reads only `in`, so outputs may alias inputs in memory.
+template <class V, class T>
+FD_HD StepOut<V> fd_step_element(const StepCoef<T>& c, const StepFlags& f, const StepIn<V>& in) {
+  V e = f.cfg ? fd_guidance(in.m, in.m_c, in.w) : in.m;
+  if (f.rescale) e = in.r * e;
+  V d = V(c.a_x) * in.x + V(c.a_e) * e;
+  d = fd_clip(d, in.s, f.clip);
+  StepOut<V> o;
+  o.x = fd_combine(c.out, in.x, d, in.h, f.n_reads, in.z);
+  if (f.mask) {
+    V z2 = f.z2 ? in.z2 : V(0);
+    o.x = in.mask * o.x + (V(1) - in.mask) * (V(c.known_a) * in.known + V(c.known_s) * z2);
+  }
+  for (int j = 0; j < f.n_writes; ++j) o.h[j] = fd_combine(c.wr[j], in.x, d, in.h, f.n_reads, in.z);
+  return o;
+}
+
+}  // namespace fd
