@@ -1,0 +1,113 @@
+"""``fastdiff.sample``: sample any PyTorch denoiser with a fused step per model evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import samplers
+from .denoisers import as_model
+from .guidance import Guidance, Scale
+from .loop import LoopOptions, run_plan
+from .plan import Plan, check_prediction
+from .rng import expand_seeds
+
+
+def make_plan(sampler: str, steps: int, schedule: Any = None, prediction: str | None = None, **options) -> Plan:
+    """Build the plan ``fastdiff.sample`` would run (see :func:`fastdiff.samplers.build`)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if prediction is not None:
+        prediction = check_prediction(prediction)
+    return samplers.build(sampler, schedule, steps, prediction=prediction, **options)
+
+
+def sample(
+    model: Callable,
+    noise: torch.Tensor,
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int = 30,
+    schedule: Any = None,
+    prediction: str | None = None,
+    guidance_scale: Scale = None,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
+    cond: torch.Tensor | dict | None = None,
+    uncond: torch.Tensor | dict | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | list | None = None,
+    backend: str = "auto",
+    callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+    progress: bool = False,
+    check_finite: bool = True,
+    plan: Plan | None = None,
+    **sampler_options,
+) -> torch.Tensor:
+    """Sample from ``model`` starting at unit-variance ``noise``; returns the final sample.
+
+    Args:
+        model: any callable ``model(x, t)`` / ``model(x, t, cond)`` / ``model(x, t, **cond)``
+            returning a tensor shaped like ``x`` (or a diffusers output with ``.sample``, or a tuple).
+            ``t`` is a ``[B]`` float32 tensor of model times (diffusers timesteps for VP schedules,
+            sigma for k-style schedules). See :mod:`fastdiff.denoisers` for diffusers and
+            k-diffusion models.
+        noise: ``[B, ...]`` floating tensor of unit-variance noise; its dtype is the storage dtype
+            of the state. The schedule's initial scale is applied here, ``noise`` is not modified.
+        sampler: one of :func:`fastdiff.samplers.available`.
+        steps: number of solver steps (>= 1).
+        schedule: a fastdiff schedule, a diffusers scheduler config (dict or ``scheduler.config``),
+            or ``None`` for the sampler's default.
+        prediction: ``eps``, ``v``, ``x0`` (diffusers' ``sample``) or ``flow``; defaults to the
+            config's ``prediction_type``, else ``eps`` (``flow`` for flow samplers).
+        guidance_scale: classifier-free guidance scale: a float, one float per step, or
+            ``f(step, sigma) -> float``. ``None`` or 1 disables guidance. The unconditional and
+            conditional halves run in ONE batched model call ``[uncond; cond]``.
+        guidance_interval: ``(sigma_lo, sigma_hi)``: guide only inside; outside, the scale is 1
+            and the unconditional half is not evaluated.
+        guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
+        cond, uncond: conditioning for the model (tensor or dict of tensors), batch ``B`` each.
+        seed: int (sample ``b`` gets ``seed + b``) or one int per sample: in-kernel Philox noise,
+            identical across devices, backends and batch sizes.
+        generator: a ``torch.Generator`` (or one per sample): noise drawn as diffusers draws it.
+            Exclusive with ``seed``. With neither, seeds are drawn from torch's global RNG.
+        backend: ``auto``, ``reference``, ``cpu``, ``triton`` or ``cuda`` (``FASTDIFF_BACKEND``
+            overrides ``auto``).
+        callback: ``callback(step, sigma, x, x0)`` after every model evaluation.
+        progress: show a tqdm progress bar.
+        check_finite: raise :class:`fastdiff.loop.NonFiniteError` naming the step if the model
+            returns NaN/Inf (checked on the device; reported after the loop).
+        plan: a prebuilt :class:`~fastdiff.plan.Plan` (then ``sampler``, ``steps``, ``schedule``,
+            ``prediction`` and sampler options are not used).
+        **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
+
+    Returns:
+        The final sample, shaped and typed like ``noise``.
+    """
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must have a floating dtype, got {noise.dtype}")
+    if noise.dim() < 1 or noise.shape[0] < 1:
+        raise ValueError(f"noise must be [B, ...] with B >= 1, got shape {tuple(noise.shape)}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
+    if plan is None:
+        plan = make_plan(sampler, steps, schedule, prediction, **sampler_options)
+    elif sampler_options:
+        raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
+    b = noise.shape[0]
+    seeds = None
+    if generator is None:
+        if seed is None:
+            seed = [int(s) for s in torch.randint(0, 2**62, (b,), dtype=torch.int64)]
+        seeds = expand_seeds(seed, b)
+    opts = LoopOptions(
+        guidance=Guidance(guidance_scale, guidance_interval, guidance_rescale),
+        cond=cond, uncond=uncond, seeds=seeds, generator=generator, backend=backend,
+        callback=callback, progress=progress, check_finite=check_finite,
+    )
+    x = noise * plan.init_scale
+    return run_plan(plan, as_model(model), x, opts)
