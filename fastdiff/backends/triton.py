@@ -1,0 +1,117 @@
+"""The ``triton`` backend: one Triton kernel per plan row (``fastdiff.kernels.step``).
+
+Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before triton is first imported; slow, meant for tests). Inputs must be contiguous; anything else
+is reported unsupported, never read wrongly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from ..args import StepArgs
+
+NAME = "triton"
+
+
+def _load_kernels() -> ModuleType | Exception:
+    try:
+        return importlib.import_module("fastdiff.kernels.step")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastdiff.kernels", "fastdiff.kernels.step"):
+            return exc  # triton itself (or torch) is missing
+    # A source checkout where setup.py has not mapped kernels/ into the package: load it by path.
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "kernels", "step.py")
+    if not os.path.exists(path):
+        return ModuleNotFoundError("fastdiff.kernels.step is not installed and kernels/step.py is not beside the package")
+    try:
+        spec = importlib.util.spec_from_file_location("_fastdiff_kernels_step", os.path.abspath(path))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    except Exception as exc:  # triton missing or broken
+        return exc
+
+
+_kernels = _load_kernels()
+
+
+def kernels() -> ModuleType:
+    """The ``fastdiff.kernels.step`` module (raises the import error when it cannot load)."""
+    if isinstance(_kernels, Exception):
+        raise _kernels
+    return _kernels
+
+
+def available() -> tuple[bool, str]:
+    """``(True, how)`` when the kernel can run: triton imports, and a CUDA device or the interpreter."""
+    if isinstance(_kernels, Exception):
+        return False, f"triton kernels failed to import ({type(_kernels).__name__}: {_kernels})"
+    import triton
+
+    if _kernels.INTERPRETED:
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on CUDA"
+    return False, (f"triton {triton.__version__} has no CUDA device here; set TRITON_INTERPRET=1 before "
+                   "importing fastdiff to run it on CPU tensors (interpreter, for tests)")
+
+
+def _tensors(args: StepArgs):
+    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, *args.h_read, *args.h_write]
+    return [t for t in ts if t is not None]
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _partial_overlap(args: StepArgs) -> bool:
+    # An output may be an input element for element (same start, same layout); any other overlap
+    # would let one program read what another already wrote.
+    ins = [t for t in _tensors(args) if t.numel()]
+    outs = [t for t in (args.out, *args.h_write) if t.numel()]
+    for o in outs:
+        o0, o1 = _span(o)
+        for t in ins:
+            t0, t1 = _span(t)
+            if t0 < o1 and o0 < t1 and t0 != o0:
+                return True
+    return False
+
+
+def supports(args: StepArgs) -> bool:
+    """Whether this backend can run ``args``: device, dtype, contiguity, batch size, aliasing."""
+    if isinstance(_kernels, Exception):
+        return False
+    x = args.x
+    dev = x.device.type
+    if not (dev == "cuda" or (dev == "cpu" and _kernels.INTERPRETED)):
+        return False
+    if x.dtype not in _kernels.STORAGE_DTYPES:
+        return False
+    if x.dim() < 1 or not 1 <= x.shape[0] <= _kernels.MAX_BATCH:
+        return False
+    if not all(t.is_contiguous() for t in _tensors(args)):
+        return False
+    return not _partial_overlap(args)
+
+
+def step(args: StepArgs) -> None:
+    """Execute one row with one kernel launch: writes ``args.out`` and ``args.h_write``."""
+    if not supports(args):
+        raise RuntimeError(
+            f"triton backend cannot run this step (device {args.x.device.type}, dtype {args.x.dtype}, "
+            f"shape {tuple(args.x.shape)}, contiguous={[t.is_contiguous() for t in _tensors(args)]})"
+        )
+    kernels().fused_step(
+        args.x, args.out, args.m, args.coef, row=args.row, m_c=args.m_c, h_read=tuple(args.h_read),
+        h_write=tuple(args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip, seeds=args.seeds,
+        z=args.z, z2=args.z2, mask=args.mask, known=args.known,
+    )

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdiff (installed as ``fastdiff.kernels``); ``step`` is the fused sampler step."""

@@ -1,0 +1,417 @@
+"""The fused sampler step in Triton: one kernel executes any plan row (see ``fastdiff.plan``).
+
+Three layers, Liger-Kernel style:
+
+1. ``_step_kernel`` (``@triton.jit``): a program owns ``BLOCK`` consecutive elements of one sample,
+   laid out as ``[BLOCK // 4, 4]`` so that the four elements of one Philox group (which share one
+   Philox call) sit in one row. Storage is loaded ``.to(float32)`` (float64 for float64 storage).
+2. ``_launch``: flattens to ``[B, n]``, picks the block size (autotuned on a GPU, fixed under
+   ``TRITON_INTERPRET=1``) and launches on the current device.
+3. ``fused_step``: the public wrapper over plain tensors and the packed coefficient tuple.
+
+``philox_words`` dumps the raw uint32 Philox stream of the in-kernel generator, for tests.
+
+Packed coefficients (25 float64 values, the layout of ``fastdiff.args.pack_row``)::
+
+    a_x, a_e, out[7], write0[7], write1[7], known_a, known_s
+
+with each 7-vector over the operands ``[x, d, h0, h1, h2, h3, z]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+N_COEF = 25
+"""Length of the packed coefficient tuple."""
+MAX_READS = 4
+"""History slots one row may read."""
+MAX_WRITES = 2
+"""History slots one row may write."""
+MAX_BATCH = 65535
+"""Largest batch: the sample index is grid axis 1, which CUDA limits to 65535."""
+
+INTERPRET_BLOCK = 128
+"""Elements per program under ``TRITON_INTERPRET=1`` (no autotuning there)."""
+GPU_BLOCKS = (512, 1024, 2048, 4096)
+"""Block sizes the GPU autotuner tries."""
+
+_Z_NONE, _Z_PHILOX, _Z_EXTERNAL = 0, 1, 2
+_STREAM_MAIN, _STREAM_KNOWN = 0, 1
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 1: the kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors (the round function and key schedule of ``fastdiff.rng``)."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox_group(g, seed, row, STREAM: tl.constexpr):
+    """The 4 uint32 words of group ``g`` (int64 tensor) of one sample keyed by ``seed`` (int64)."""
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((g >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = (tl.zeros_like(c0) + row).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + STREAM
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return _philox4x32_10(c0, c1, c2, c3, k0, k1)
+
+
+@triton.jit
+def _uniform01(u):
+    # ((u >> 9) * 2 + 1) < 2**24, so the float conversion and the scaling are exact.
+    return ((u >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _box_muller(ua, ub):
+    r = tl.sqrt_rn(-2.0 * tl.log(_uniform01(ua)))
+    theta = _uniform01(ub) * 6.283185307179586
+    return r * tl.cos(theta), r * tl.sin(theta)
+
+
+@triton.jit
+def _philox_normal(g, k, seed, row, STREAM: tl.constexpr):
+    """float32 normals for elements ``4*g + k`` (``g``: [G, 1] int64, ``k``: [1, 4])."""
+    u0, u1, u2, u3 = _philox_group(g, seed, row, STREAM)
+    n0, n1 = _box_muller(u0, u1)
+    n2, n3 = _box_muller(u2, u3)
+    return tl.where(k == 0, n0, tl.where(k == 1, n1, tl.where(k == 2, n2, n3)))
+
+
+@triton.jit
+def _to_storage(v, ST: tl.constexpr):
+    """Round ``v`` to the storage type ``ST`` to nearest even (bf16 by hand: the Triton
+    interpreter truncates on a plain cast, hardware rounds; this is exact in both)."""
+    if ST == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        rounded = tl.where(v != v, 0x7FC0, rounded)  # NaN stays a quiet NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ST)
+
+
+@triton.jit
+def _combine(x, d, h0, h1, h2, h3, z, cx, cd, c0, c1, c2, c3, cz,
+             N_READS: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
+    """``cx*x + cd*d + sum_k ck*hk + cz*z`` in the reference's order of operations."""
+    acc = tl.full([], cx, tl.float64).to(CDT) * x + tl.full([], cd, tl.float64).to(CDT) * d
+    if N_READS > 0:
+        acc = acc + tl.full([], c0, tl.float64).to(CDT) * h0
+    if N_READS > 1:
+        acc = acc + tl.full([], c1, tl.float64).to(CDT) * h1
+    if N_READS > 2:
+        acc = acc + tl.full([], c2, tl.float64).to(CDT) * h2
+    if N_READS > 3:
+        acc = acc + tl.full([], c3, tl.float64).to(CDT) * h3
+    if HAS_Z:
+        acc = acc + tl.full([], cz, tl.float64).to(CDT) * z
+    return acc
+
+
+@triton.jit(do_not_specialize=["row"])
+def _step_kernel(
+    x_ptr, out_ptr, m_ptr, mc_ptr,
+    h0_ptr, h1_ptr, h2_ptr, h3_ptr, wr0_ptr, wr1_ptr,
+    z_ptr, z2_ptr, mask_ptr, known_ptr,
+    w_ptr, r_ptr, s_ptr, seed_ptr,
+    n, row,
+    a_x: tl.float64, a_e: tl.float64,
+    o_x: tl.float64, o_d: tl.float64, o_0: tl.float64, o_1: tl.float64, o_2: tl.float64,
+    o_3: tl.float64, o_z: tl.float64,
+    p_x: tl.float64, p_d: tl.float64, p_0: tl.float64, p_1: tl.float64, p_2: tl.float64,
+    p_3: tl.float64, p_z: tl.float64,
+    q_x: tl.float64, q_d: tl.float64, q_0: tl.float64, q_1: tl.float64, q_2: tl.float64,
+    q_3: tl.float64, q_z: tl.float64,
+    known_a: tl.float64, known_s: tl.float64,
+    HAS_CFG: tl.constexpr, HAS_R: tl.constexpr, CLIP: tl.constexpr,
+    N_READS: tl.constexpr, N_WRITES: tl.constexpr, HAS_MASK: tl.constexpr,
+    Z_MODE: tl.constexpr, Z2_MODE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One plan row over elements ``[pid0*BLOCK, (pid0+1)*BLOCK)`` of sample ``pid1``.
+
+    Every tensor is contiguous ``[B, n]``. ``*_ptr`` not selected by the constexpr flags are never
+    read (the launcher passes ``x`` for them). All loads precede all stores, so outputs may alias
+    inputs element for element.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    G: tl.constexpr = BLOCK // 4
+    g = (pid * G + tl.arange(0, G)).to(tl.int64)[:, None]  # Philox group within the sample
+    k = tl.arange(0, 4)[None, :]
+    j = g * 4 + k  # element within the sample
+    inb = j < n
+    offs = b * n + j
+
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CDT)
+    e = tl.load(m_ptr + offs, mask=inb, other=0.0).to(CDT)
+    if HAS_CFG:
+        w = tl.load(w_ptr + b).to(CDT)
+        e = e + w * (tl.load(mc_ptr + offs, mask=inb, other=0.0).to(CDT) - e)
+    if HAS_R:
+        e = tl.load(r_ptr + b).to(CDT) * e
+    d = tl.full([], a_x, tl.float64).to(CDT) * x + tl.full([], a_e, tl.float64).to(CDT) * e
+    if CLIP > 0:
+        s = tl.load(s_ptr + b).to(CDT)
+        d = tl.minimum(tl.maximum(d, -s), s)
+        if CLIP == 2:
+            if CDT == tl.float32:
+                d = tl.div_rn(d, tl.zeros_like(d) + s)  # IEEE division, as torch does
+            else:
+                d = d / s
+
+    h0 = x
+    h1 = x
+    h2 = x
+    h3 = x
+    if N_READS > 0:
+        h0 = tl.load(h0_ptr + offs, mask=inb, other=0.0).to(CDT)
+    if N_READS > 1:
+        h1 = tl.load(h1_ptr + offs, mask=inb, other=0.0).to(CDT)
+    if N_READS > 2:
+        h2 = tl.load(h2_ptr + offs, mask=inb, other=0.0).to(CDT)
+    if N_READS > 3:
+        h3 = tl.load(h3_ptr + offs, mask=inb, other=0.0).to(CDT)
+
+    if Z_MODE == 2:
+        z = tl.load(z_ptr + offs, mask=inb, other=0.0).to(CDT)
+    elif Z_MODE == 1:
+        seed = tl.load(seed_ptr + b)
+        z = _philox_normal(g, k, seed, row, 0).to(CDT)
+    else:
+        z = x
+
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + offs, mask=inb, other=0.0).to(CDT)
+        known = tl.full([], known_a, tl.float64).to(CDT) * tl.load(known_ptr + offs, mask=inb, other=0.0).to(CDT)
+        if Z2_MODE == 2:
+            z2 = tl.load(z2_ptr + offs, mask=inb, other=0.0).to(CDT)
+            known = known + tl.full([], known_s, tl.float64).to(CDT) * z2
+        elif Z2_MODE == 1:
+            seed2 = tl.load(seed_ptr + b)
+            z2 = _philox_normal(g, k, seed2, row, 1).to(CDT)
+            known = known + tl.full([], known_s, tl.float64).to(CDT) * z2
+
+    # every input of these elements has been read; outputs may alias them from here on
+    new_x = _combine(x, d, h0, h1, h2, h3, z, o_x, o_d, o_0, o_1, o_2, o_3, o_z, N_READS, Z_MODE > 0, CDT)
+    if HAS_MASK:
+        new_x = mk * new_x + (1.0 - mk) * known
+    if N_WRITES > 0:
+        v0 = _combine(x, d, h0, h1, h2, h3, z, p_x, p_d, p_0, p_1, p_2, p_3, p_z, N_READS, Z_MODE > 0, CDT)
+    if N_WRITES > 1:
+        v1 = _combine(x, d, h0, h1, h2, h3, z, q_x, q_d, q_0, q_1, q_2, q_3, q_z, N_READS, Z_MODE > 0, CDT)
+    tl.store(out_ptr + offs, _to_storage(new_x, out_ptr.dtype.element_ty), mask=inb)
+    if N_WRITES > 0:
+        tl.store(wr0_ptr + offs, _to_storage(v0, wr0_ptr.dtype.element_ty), mask=inb)
+    if N_WRITES > 1:
+        tl.store(wr1_ptr + offs, _to_storage(v1, wr1_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit(do_not_specialize=["row"])
+def _philox_words_kernel(seed_ptr, out_ptr, n_groups, row, STREAM: tl.constexpr, G: tl.constexpr):
+    """Raw Philox words of groups ``[pid0*G, ...)`` of sample ``pid1`` into int64 ``[B, 4*n_groups]``."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    g = pid * G + tl.arange(0, G).to(tl.int64)
+    ok = g < n_groups
+    seed = tl.load(seed_ptr + b)
+    u0, u1, u2, u3 = _philox_group(g, seed, row, STREAM)
+    base = out_ptr + b * n_groups * 4 + g * 4
+    tl.store(base + 0, u0.to(tl.int64), mask=ok)
+    tl.store(base + 1, u1.to(tl.int64), mask=ok)
+    tl.store(base + 2, u2.to(tl.int64), mask=ok)
+    tl.store(base + 3, u3.to(tl.int64), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 2: the launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreted(fn) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - very old or very new triton
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return isinstance(fn, InterpretedFunction)
+
+
+INTERPRETED = _interpreted(_step_kernel)
+"""Whether the kernels were decorated under ``TRITON_INTERPRET=1`` (decided once, at import)."""
+
+_OUTPUTS = ["out_ptr", "wr0_ptr", "wr1_ptr"]
+_TUNE_KEY = ["n", "HAS_CFG", "HAS_R", "CLIP", "N_READS", "N_WRITES", "HAS_MASK", "Z_MODE", "Z2_MODE"]
+
+if INTERPRETED:
+    _tuned = None
+else:
+    # Outputs may alias inputs (in-place x, history slots read and written), so every trial run
+    # restores them; tuning happens once per shape and variant.
+    _tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK": blk}, num_warps=4 if blk <= 1024 else 8) for blk in GPU_BLOCKS],
+        key=_TUNE_KEY,
+        restore_value=_OUTPUTS,
+    )(_step_kernel)
+
+_CDT = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32, torch.float64: tl.float64}
+STORAGE_DTYPES = tuple(_CDT)
+"""Storage dtypes the kernel handles."""
+
+
+def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, w, r, s, seeds, row, coef, flags):
+    b = x.shape[0]
+    n = x.numel() // b
+    if n == 0:
+        return
+    reads = list(h_read) + [x] * (MAX_READS - len(h_read))
+    writes = list(h_write) + [x] * (MAX_WRITES - len(h_write))
+
+    def vec(t):  # per-sample scalars: tiny, so make any view (an expanded scalar) contiguous
+        return x if t is None else t.contiguous()
+
+    ptrs = (x, out, m, x if m_c is None else m_c, *reads, *writes,
+            x if z is None else z, x if z2 is None else z2,
+            x if mask is None else mask, x if known is None else known,
+            vec(w), vec(r), vec(s), vec(seeds))
+    scalars = (n, int(row) & 0xFFFFFFFF, *(float(c) for c in coef))
+    with torch.device(x.device) if x.device.type == "cuda" else _nullcontext():
+        if INTERPRETED:
+            grid = (triton.cdiv(n, INTERPRET_BLOCK), b)
+            _step_kernel[grid](*ptrs, *scalars, **flags, BLOCK=INTERPRET_BLOCK)
+        else:
+            _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), b)](*ptrs, *scalars, **flags)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 3: the wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def fused_step(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    m: torch.Tensor,
+    coef,
+    *,
+    row: int = 0,
+    m_c: torch.Tensor | None = None,
+    h_read=(),
+    h_write=(),
+    w: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+    clip: int = 0,
+    seeds: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    z2: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    known: torch.Tensor | None = None,
+) -> None:
+    """Execute one plan row in one kernel launch; writes ``out`` and ``h_write`` in place.
+
+    Args:
+        x, out, m, m_c, h_read[k], h_write[j], z, z2, mask, known: contiguous tensors shaped like
+            ``x`` (``[B, ...]``, ``B <= 65535``), one storage dtype (fp16, bf16, fp32, fp64), one
+            device. ``out`` and ``h_write`` may be the same tensors as inputs (in-place).
+        coef: 25 floats, the layout of ``fastdiff.args.pack_row``.
+        row: the Philox counter word of this plan row.
+        w, r, s: float32 ``[B]`` guidance scale (with ``m_c``), rescale factor, clip bound.
+        clip: 0 none, 1 clamp to ``±s``, 2 clamp and divide by ``s``.
+        seeds: int64 ``[B]`` Philox keys, used for ``z``/``z2`` when those are ``None``.
+
+    The caller validates shapes and dtypes (``fastdiff.ops.validate``); this checks only what the
+    kernel itself relies on.
+    """
+    if len(coef) != N_COEF:
+        raise ValueError(f"coef must have {N_COEF} entries, got {len(coef)}")
+    if len(h_read) > MAX_READS or len(h_write) > MAX_WRITES:
+        raise ValueError(f"at most {MAX_READS} reads and {MAX_WRITES} writes, got {len(h_read)} and {len(h_write)}")
+    if x.dtype not in _CDT:
+        raise TypeError(f"x has dtype {x.dtype}; the Triton step supports {STORAGE_DTYPES}")
+    if clip not in (0, 1, 2):
+        raise ValueError(f"clip must be 0, 1 or 2, got {clip!r}")
+    if x.dim() < 1 or not 1 <= x.shape[0] <= MAX_BATCH:
+        raise ValueError(f"x must have a batch dimension of 1..{MAX_BATCH}, got shape {tuple(x.shape)}")
+    for name, t in _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)})")
+    nw = len(h_write)
+    zi = 2 + MAX_READS
+    need_z = coef[2 + zi] != 0 or any(coef[9 + 7 * j + zi] != 0 for j in range(nw))
+    need_z2 = mask is not None and coef[N_COEF - 1] != 0
+    for name, need, ext in (("z", need_z, z), ("z2", need_z2, z2)):
+        if need and ext is None and seeds is None:
+            raise ValueError(f"this row uses noise {name}: give seeds (Philox) or an external {name} tensor")
+    if m_c is not None and w is None:
+        raise ValueError("m_c was given without the guidance scale w")
+    if clip and s is None:
+        raise ValueError(f"clip={clip} needs the clip bound s")
+    if mask is not None and known is None:
+        raise ValueError("mask was given without known")
+    flags = dict(
+        HAS_CFG=m_c is not None,
+        HAS_R=r is not None,
+        CLIP=int(clip),
+        N_READS=len(h_read),
+        N_WRITES=nw,
+        HAS_MASK=mask is not None,
+        Z_MODE=(_Z_EXTERNAL if z is not None else _Z_PHILOX) if need_z else _Z_NONE,
+        Z2_MODE=(_Z_EXTERNAL if z2 is not None else _Z_PHILOX) if need_z2 else _Z_NONE,
+        CDT=_CDT[x.dtype],
+    )
+    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, w, r, s, seeds, row, coef, flags)
+
+
+def _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known):
+    named = [("x", x), ("out", out), ("m", m), ("m_c", m_c), ("z", z), ("z2", z2), ("mask", mask), ("known", known)]
+    named += [(f"h_read[{i}]", h) for i, h in enumerate(h_read)]
+    named += [(f"h_write[{i}]", h) for i, h in enumerate(h_write)]
+    return [(name, t) for name, t in named if t is not None]
+
+
+def philox_words(seeds: torch.Tensor, row: int, stream: int, numel: int) -> torch.Tensor:
+    """The in-kernel Philox uint32 stream as int64, shape ``[B, ceil(numel/4)*4]``.
+
+    Same layout as ``fastdiff.rng.philox_bits``; ``seeds`` is int64 ``[B]`` on the kernel's device.
+    """
+    if seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise ValueError(f"seeds must be a 1-D int64 tensor, got {seeds.dtype} of shape {tuple(seeds.shape)}")
+    if stream not in (_STREAM_MAIN, _STREAM_KNOWN):
+        raise ValueError(f"stream must be 0 or 1, got {stream!r}")
+    b = seeds.shape[0]
+    groups = (numel + 3) // 4
+    out = torch.empty((b, groups * 4), dtype=torch.int64, device=seeds.device)
+    if groups == 0 or b == 0:
+        return out
+    gblk = 32 if INTERPRETED else 256
+    with torch.device(seeds.device) if seeds.device.type == "cuda" else _nullcontext():
+        _philox_words_kernel[(triton.cdiv(groups, gblk), b)](
+            seeds.contiguous(), out, groups, int(row) & 0xFFFFFFFF, STREAM=stream, G=gblk)
+    return out

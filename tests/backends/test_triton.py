@@ -1,0 +1,349 @@
+"""The ``triton`` backend equals ``reference`` on every feature of a plan row, shape and dtype.
+
+Without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set by this folder's
+conftest before triton is imported); with a GPU they run compiled on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from fastdiff import ops, rng  # noqa: E402
+from fastdiff.args import StepArgs  # noqa: E402
+from fastdiff.backends import reference  # noqa: E402
+from fastdiff.backends import triton as tb  # noqa: E402
+from fastdiff.plan import MAX_READS, N_OPERANDS  # noqa: E402
+
+if isinstance(tb._kernels, Exception):
+    pytest.skip(f"triton kernels do not import: {tb._kernels}", allow_module_level=True)
+K = tb.kernels()
+if not K.INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("fastdiff.kernels.step was imported without TRITON_INTERPRET=1 and there is no GPU "
+                "(run the tests from the repository so tests/backends/conftest.py sets it)", allow_module_level=True)
+DEVICE = "cpu" if K.INTERPRETED else "cuda"
+BLOCK = K.INTERPRET_BLOCK if K.INTERPRETED else max(K.GPU_BLOCKS)
+ZI = 2 + MAX_READS  # index of z in a coefficient vector
+
+
+def _tol(dtype: torch.dtype, noise: bool) -> float:
+    """‖a−b‖/‖b‖ allowed: fp32 1e-6; fp16/bf16 one storage rounding (unit roundoff); fp64 near exact,
+    except that the normals are float32 by specification (only equal to float32 rounding)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.finfo(dtype).eps / 2
+    if dtype == torch.float64 and not noise:
+        return 1e-12
+    return 1e-6
+
+
+def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int):
+    """Random inputs for one row with the features ``feat``.
+
+    Returns ``(pool, make_args, outputs)``: ``pool`` maps names to tensors (outputs that alias no
+    input are NaN-poisoned), ``make_args(pool)`` builds ``StepArgs`` over a pool (so that a cloned
+    pool keeps the aliasing), ``outputs`` names the pool entries the step writes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    b = shape[0]
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g)
+
+    def field():
+        return rnd(*shape).to(dtype).to(DEVICE)
+
+    n_reads = feat.get("reads", 0)
+    writes = feat.get("writes", ())
+    noise = feat.get("noise")  # None | "philox" | "external" | "write_only"
+    mask = feat.get("mask")  # None | "plain" | "philox" | "external"
+    pool = {"x": field(), "m": field()}
+    for k in range(n_reads):
+        pool[f"h{k}"] = field()
+    if feat.get("cfg"):
+        pool["m_c"] = field()
+    if noise == "external":
+        pool["z"] = field()
+    if mask:
+        pool["mask"] = (torch.rand(*shape, generator=g) > 0.5).to(dtype).to(DEVICE)
+        pool["known"] = field()
+        if mask == "external":
+            pool["z2"] = field()
+    out_key = "x" if feat.get("in_place") else "out"
+    if out_key == "out":
+        pool["out"] = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    write_keys = []
+    for j, target in enumerate(writes):  # "new", "x" or "h<k>" (a slot this row also reads)
+        key = f"wr{j}" if target == "new" else target
+        if target == "new":
+            pool[key] = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        write_keys.append(key)
+
+    def vec(v):  # random coefficient vector; entries of unread slots are garbage the kernel must ignore
+        v = rnd(N_OPERANDS).double()
+        if noise is None or noise == "write_only":
+            v[ZI] = 0.0
+        return tuple(v.tolist())
+
+    out_c = vec(None)
+    w_c = [vec(None) for _ in writes] + [tuple(rnd(N_OPERANDS).double().tolist())] * (2 - len(writes))
+    if noise == "write_only":
+        w_c[0] = w_c[0][:ZI] + (0.7,)
+    if noise is None:
+        w_c = [c[:ZI] + (0.0,) for c in w_c]
+    row = int(torch.randint(0, 2**32, (1,), generator=g))
+    known_s = 0.0 if mask in (None, "plain") else float(rnd(1))
+    coef = (float(rnd(1)), float(rnd(1)), *out_c, *w_c[0], *w_c[1], float(rnd(1)), known_s)
+    scal = {
+        "w": (rnd(b).abs() * 6).to(DEVICE),
+        "r": (rnd(b).abs() + 0.5).to(DEVICE),
+        "s": (rnd(b).abs() + 0.5).to(DEVICE),
+        "seeds": torch.randint(-(2**63), 2**63 - 1, (b,), generator=g).to(DEVICE),
+    }
+
+    def make_args(p):
+        return StepArgs(
+            x=p["x"], out=p[out_key], m=p["m"], coef=coef, row=row,
+            m_c=p.get("m_c"), h_read=tuple(p[f"h{k}"] for k in range(n_reads)),
+            h_write=tuple(p[k] for k in write_keys), w=scal["w"] if feat.get("cfg") else None,
+            r=scal["r"] if feat.get("rescale") else None, s=scal["s"] if feat.get("clip") else None,
+            clip=feat.get("clip", 0), seeds=scal["seeds"], z=p.get("z"), z2=p.get("z2"),
+            mask=p.get("mask"), known=p.get("known"),
+        )
+
+    return pool, make_args, [out_key, *write_keys]
+
+
+def run_both(feat: dict, shape, dtype, seed: int = 0):
+    """Run reference and triton on identical clones; return both pools, the outputs and the args."""
+    pool, make_args, outputs = build(feat, shape, dtype, seed)
+    ref = {k: v.clone() for k, v in pool.items()}
+    tri = {k: v.clone() for k, v in pool.items()}
+    a_ref, a_tri = make_args(ref), make_args(tri)
+    ops.validate(a_tri)
+    assert tb.supports(a_tri)
+    reference.step(a_ref)
+    tb.step(a_tri)
+    return pool, ref, tri, outputs
+
+
+def check(feat, shape, dtype, seed=0):
+    pool, ref, tri, outputs = run_both(feat, shape, dtype, seed)
+    noise = bool(feat.get("noise")) or feat.get("mask") in ("philox", "external")
+    tol = _tol(dtype, noise)
+    for k in pool:
+        a, b = tri[k].double(), ref[k].double()
+        if k in outputs:
+            assert torch.isfinite(a).all(), f"{k}: the kernel left poisoned or non-finite values"
+            err = ((a - b).norm() / b.norm()).item() if b.norm() > 0 else (a - b).norm().item()
+            assert err <= tol, f"{k}: relative error {err:.3g} > {tol:.3g} ({dtype}, shape {shape}, {feat})"
+            if dtype in (torch.float16, torch.bfloat16):
+                _check_rounding(k, tri[k], ref[k])
+        else:
+            assert torch.equal(tri[k], pool[k]), f"input {k} was modified"
+
+
+def _check_rounding(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Both sides round nearly the same float32 value: they may differ only where that value sits
+    at a rounding boundary (rare), and then by one ulp. A truncating or double-rounding store fails."""
+    n_differ = int((a != b).sum())
+    assert n_differ <= 1 + a.numel() // 100, f"{name}: {n_differ} of {a.numel()} elements differ"
+    ulp = torch.finfo(b.dtype).eps * torch.exp2(torch.floor(torch.log2(b.double().abs().clamp_min(1e-30))))
+    assert ((a.double() - b.double()).abs() <= ulp).all(), f"{name}: an element differs by more than one ulp"
+
+
+FEATURES = {
+    "plain": {},
+    "cfg": {"cfg": True},
+    "cfg_rescale": {"cfg": True, "rescale": True},
+    "static_clip": {"clip": 1},
+    "dynamic_clip": {"clip": 2, "cfg": True},
+    "mask_no_known_noise": {"mask": "plain"},
+    "mask_philox_known_noise": {"mask": "philox", "noise": "philox"},
+    "mask_external_known_noise": {"mask": "external"},
+    "reads1_write_new": {"reads": 1, "writes": ("new",)},
+    "reads2_write_read": {"reads": 2, "writes": ("h1",)},
+    "reads3_writes2": {"reads": 3, "writes": ("h0", "new")},
+    "reads4_writes_read_and_x": {"reads": 4, "writes": ("h3", "x"), "noise": "philox"},
+    "writes2_no_reads": {"writes": ("new", "new")},
+    "philox_noise": {"noise": "philox", "reads": 1, "writes": ("h0",)},
+    "external_noise": {"noise": "external", "writes": ("new",)},
+    "noise_in_write_only": {"noise": "write_only", "writes": ("new",)},
+    "in_place_everything": {"in_place": True, "cfg": True, "rescale": True, "clip": 2, "reads": 4,
+                            "writes": ("h0", "h2"), "mask": "philox", "noise": "philox"},
+}
+EVERYTHING = {"cfg": True, "rescale": True, "clip": 2, "reads": 4, "writes": ("h1", "new"), "mask": "philox",
+              "noise": "philox"}
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_every_feature_fp32(name):
+    check(FEATURES[name], (5, 3, 11), torch.float32, seed=len(name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("numel", [1, 3, 17, 33, 257, 2 * BLOCK + 5])
+def test_odd_shapes_and_dtypes(numel, dtype):
+    # numel per sample; the last two end in a tail past full blocks
+    for batch, in_place in ((1, False), (5, True)):
+        check(dict(EVERYTHING, in_place=in_place), (batch, numel), dtype, seed=numel + batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("feat", ["external_noise", "mask_external_known_noise", "static_clip"])
+def test_features_low_precision(feat, dtype):
+    check(FEATURES[feat], (5, 2, 3, 7), dtype, seed=7)
+
+
+def test_multi_dim_shape_and_out_of_place_everything():
+    check(EVERYTHING, (2, 4, 9, 5), torch.float32, seed=3)
+
+
+# --- Philox --------------------------------------------------------------------------------------
+
+SEEDS = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**63 + 12345, 2**64 - 1, 0x0123456789ABCDEF]
+
+
+@pytest.mark.parametrize("row,stream,numel", [(0, 0, 1), (1, 1, 5), (2**31 + 7, 0, 67), (2**32 - 1, 1, 257)])
+def test_philox_words_bit_exact(row, stream, numel):
+    seeds = torch.tensor([rng._signed64(s) for s in SEEDS], dtype=torch.int64, device=DEVICE)
+    got = K.philox_words(seeds, row, stream, numel)
+    want = rng.philox_bits(seeds.cpu(), row, stream, numel)
+    assert got.shape == want.shape
+    assert torch.equal(got.cpu(), want)
+
+
+def _noise_only(seeds, numel, row, dtype=torch.float32):
+    """x' = z: the kernel's normals for ``seeds`` at ``row``."""
+    b = seeds.shape[0]
+    x = torch.zeros(b, numel, dtype=dtype, device=DEVICE)
+    coef = (0.0,) * 8 + (1.0,) + (0.0,) * 16
+    out = torch.full_like(x, float("nan"))
+    tb.step(StepArgs(x=x, out=out, m=x, coef=coef, row=row, seeds=seeds))
+    return out
+
+
+def test_kernel_normals_match_rng_and_ignore_batch_position():
+    seeds = torch.tensor([rng._signed64(s) for s in SEEDS], dtype=torch.int64, device=DEVICE)
+    numel = 2 * BLOCK + 3
+    got = _noise_only(seeds, numel, row=11)
+    want = rng.philox_normal(seeds.cpu(), 11, rng.STREAM_MAIN, numel)
+    err = ((got.cpu().double() - want.double()).norm() / want.double().norm()).item()
+    assert err <= 1e-6
+    alone = _noise_only(seeds[5:6], numel, row=11)
+    assert torch.equal(alone[0], got[5]), "a sample's noise depends on its batch position"
+
+
+# --- what the backend refuses ---------------------------------------------------------------------
+
+
+def test_available_reason_names_the_mode():
+    ok, why = tb.available()
+    assert ok
+    assert ("TRITON_INTERPRET=1" in why) if K.INTERPRETED else ("CUDA" in why)
+
+
+def _simple_args(**kw):
+    x = torch.randn(2, 8, device=DEVICE)
+    coef = (1.0, 0.5, 1.0, 1.0) + (0.0,) * 21
+    a = dict(x=x, out=torch.empty_like(x), m=torch.randn_like(x), coef=coef)
+    a.update(kw)
+    return StepArgs(**a)
+
+
+def test_rejects_non_contiguous_instead_of_reading_wrongly():
+    base = torch.randn(8, 2, device=DEVICE)
+    args = _simple_args(m=base.t())
+    assert not base.t().is_contiguous()
+    assert not tb.supports(args)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run this step"):
+        ops.step(args, backend="triton")
+    with pytest.raises(RuntimeError, match="contiguous"):
+        tb.step(args)
+
+
+def test_rejects_partially_overlapping_output():
+    flat = torch.randn(17, device=DEVICE)
+    args = _simple_args(x=flat[:16].view(2, 8), out=flat[1:17].view(2, 8))
+    assert not tb.supports(args)
+    x = torch.randn(2, 8, device=DEVICE)
+    assert tb.supports(_simple_args(x=x, out=x))  # exact in-place is fine
+
+
+def test_rejects_unsupported_dtype_and_device():
+    args = _simple_args()
+    args.x = args.x.to(torch.int32)
+    assert not tb.supports(args)
+    if not K.INTERPRETED:  # compiled kernels run on CUDA tensors only
+        assert not tb.supports(_simple_args(x=torch.randn(2, 8), out=torch.empty(2, 8), m=torch.randn(2, 8)))
+
+
+def test_wrapper_errors_name_the_argument():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="coef must have 25 entries, got 3"):
+        K.fused_step(x, x, x, (1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="clip must be 0, 1 or 2, got 5"):
+        K.fused_step(x, x, x, (0.0,) * 25, clip=5)
+    with pytest.raises(ValueError, match="m_c was given without the guidance scale w"):
+        K.fused_step(x, x, x, (0.0,) * 25, m_c=x)
+    noisy = (0.0,) * 8 + (1.0,) + (0.0,) * 16
+    with pytest.raises(ValueError, match="uses noise z: give seeds"):
+        K.fused_step(x, x, x, noisy)
+    with pytest.raises(ValueError, match="m must be contiguous"):
+        K.fused_step(x, x, torch.randn(8, 2, device=DEVICE).t(), (0.0,) * 25)
+
+
+def test_ops_dispatch_by_name():
+    args = _simple_args()
+    ops.step(args, backend="triton")
+    ref = _simple_args(x=args.x, m=args.m)
+    reference.step(ref)
+    assert torch.allclose(args.out, ref.out, rtol=1e-6, atol=0)
+
+
+# --- the same kernel compiled for a GPU, on a machine without one ------------------------------------
+
+_COMPILE = textwrap.dedent("""
+    import inspect, sys, triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, sys.argv[1])
+    from kernels import step as K
+    fn = K._step_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    vec = {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "seed_ptr": "*i64"}
+    for arch in (80, 90):
+        for st, cdt in (("fp16", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
+            flags = dict(HAS_CFG=True, HAS_R=True, CLIP=2, N_READS=4, N_WRITES=2, HAS_MASK=True,
+                         Z_MODE=1, Z2_MODE=1, CDT=cdt, BLOCK=1024)
+            sig = {nm: (vec.get(nm, "*" + st) if nm.endswith("_ptr") else "i32" if nm in ("n", "row")
+                        else "constexpr" if nm in flags else "fp64") for nm in names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, nm in enumerate(names) if nm.endswith("_ptr") or nm == "n"}
+            c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags, attrs=attrs),
+                               target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+            ptx = c.asm["ptx"]
+            assert "ld.global.v" in ptx and "st.global.v" in ptx, "aligned loads/stores are not vectorised"
+            print(arch, st, "ok")
+""")
+
+
+def test_kernel_compiles_for_sm80_and_sm90():
+    """Without a GPU: lower every feature of the kernel to PTX/cubin (catches what only the compiler sees)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"triton has no NVIDIA backend: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-c", _COMPILE, repo], env=env, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("triton's ptxas is not available")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok") == 6
