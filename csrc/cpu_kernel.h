@@ -1,0 +1,317 @@
+// The CPU step kernel, generic over a SIMD level L (cpu_vec_*.h) and a storage dtype.
+//
+// Included inside an anonymous namespace by each cpu_step_<level>.cpp after the level's header,
+// so every level's copy of the inline code has internal linkage and its own target flags.
+//
+// Work is split into blocks of BLK elements of the flat tensor, distributed by OpenMP. Per block:
+//   1. per-sample scalars (w, r, s) are expanded into small per-element buffers,
+//   2. Philox noise for the block's elements is generated into a buffer (W groups per call, in
+//      element order; no noise tensor in memory),
+//   3. one pass over the block: every input of a vector is loaded before any output is stored,
+//      so out == x and a history slot both read and written are safe.
+// Each element's arithmetic depends only on its own inputs, sample and index, never on which
+// thread or which vector (full or tail) handled it: results are bit-identical for any number of
+// threads, and identical across SIMD levels.
+#pragma once
+
+#include "philox.h"
+#include "step_math.h"
+
+namespace fd {
+
+// cpu_step.h is included by the TU before its anonymous namespace: StepArgs is the shared type.
+using StepArgs_t = ::fd_cpu::StepArgs;
+
+constexpr int BLK = 512;              // elements per block: buffers stay in L1
+constexpr int64_t PAR_MIN = 1 << 14;  // below this, one thread (fork/join costs more than it saves)
+
+template <class L, int DT>
+struct Io;
+
+template <class L>
+struct Io<L, DTYPE_F32> {
+  using S = float;
+  using T = float;
+  using V = typename L::VF;
+  static constexpr int W = L::W;
+  static V load(const S* p) { return L::load_f32(p); }
+  static void store(S* p, V v) { L::store_f32(p, v); }
+  static V load_t(const T* p) { return L::load_f32(p); }
+  static V load_noise(const float* p) { return L::load_f32(p); }
+};
+
+template <class L>
+struct Io<L, DTYPE_F16> {
+  using S = uint16_t;
+  using T = float;
+  using V = typename L::VF;
+  static constexpr int W = L::W;
+  static V load(const S* p) { return L::load_f16(p); }
+  static void store(S* p, V v) { L::store_f16(p, v); }
+  static V load_t(const T* p) { return L::load_f32(p); }
+  static V load_noise(const float* p) { return L::load_f32(p); }
+};
+
+template <class L>
+struct Io<L, DTYPE_BF16> {
+  using S = uint16_t;
+  using T = float;
+  using V = typename L::VF;
+  static constexpr int W = L::W;
+  static V load(const S* p) { return L::load_bf16(p); }
+  static void store(S* p, V v) { L::store_bf16(p, v); }
+  static V load_t(const T* p) { return L::load_f32(p); }
+  static V load_noise(const float* p) { return L::load_f32(p); }
+};
+
+template <class L>
+struct Io<L, DTYPE_F64> {
+  using S = double;
+  using T = double;
+  using V = typename L::VD;
+  static constexpr int W = L::WD;
+  static V load(const S* p) { return L::load_f64(p); }
+  static void store(S* p, V v) { L::store_f64(p, v); }
+  static V load_t(const T* p) { return L::load_f64(p); }
+  static V load_noise(const float* p) { return L::load_f32_as_f64(p); }
+};
+
+/// Philox noise for a run of consecutive flat elements, W groups per Philox call.
+template <class L>
+struct NoiseGen {
+  using VF = typename L::VF;
+  using VU = typename L::VU;
+  static constexpr int W = L::W;
+
+  /// Normals of flat elements [i0, i0 + n) into zb[0..n). zb must be writable on [-3, n + 3):
+  /// whole groups are written, and a later group overwrites the spill of an earlier one.
+  static void fill(float* zb, const int64_t* seeds, int64_t i0, int n, int64_t per_sample, uint32_t row,
+                   uint32_t stream) {
+    alignas(64) uint32_t klo[W], khi[W], glo[W], ghi[W];
+    int64_t dst[W];
+    int cnt = 0;
+    int64_t b = i0 / per_sample, j = i0 - b * per_sample;
+    int64_t t = 0;
+    while (t < n) {
+      int64_t len = per_sample - j < n - t ? per_sample - j : n - t;
+      uint64_t seed = static_cast<uint64_t>(seeds[b]);
+      int64_t g_end = (j + len - 1) / 4 + 1;
+      for (int64_t g = j / 4; g < g_end; ++g) {
+        klo[cnt] = static_cast<uint32_t>(seed);
+        khi[cnt] = static_cast<uint32_t>(seed >> 32);
+        glo[cnt] = static_cast<uint32_t>(static_cast<uint64_t>(g));
+        ghi[cnt] = static_cast<uint32_t>(static_cast<uint64_t>(g) >> 32);
+        dst[cnt] = t + 4 * g - j;
+        if (++cnt == W) {
+          flush(zb, klo, khi, glo, ghi, dst, cnt, row, stream);
+          cnt = 0;
+        }
+      }
+      t += len;
+      ++b;
+      j = 0;
+    }
+    if (cnt) {
+      for (int l = cnt; l < W; ++l) klo[l] = khi[l] = glo[l] = ghi[l] = 0;
+      flush(zb, klo, khi, glo, ghi, dst, cnt, row, stream);
+    }
+  }
+
+  /// The four words of W groups.
+  static void words(const uint32_t* klo, const uint32_t* khi, const uint32_t* glo, const uint32_t* ghi, uint32_t row,
+                    uint32_t stream, VU& c0, VU& c1, VU& c2, VU& c3) {
+    c0 = L::load_u32(glo);
+    c1 = L::load_u32(ghi);
+    c2 = VU(row);
+    c3 = VU(stream);
+    fd_philox4x32_10<VU>(c0, c1, c2, c3, L::load_u32(klo), L::load_u32(khi));
+  }
+
+  static void flush(float* zb, const uint32_t* klo, const uint32_t* khi, const uint32_t* glo, const uint32_t* ghi,
+                    const int64_t* dst, int cnt, uint32_t row, uint32_t stream) {
+    VU u0, u1, u2, u3;
+    words(klo, khi, glo, ghi, row, stream, u0, u1, u2, u3);
+    VF n0, n1, n2, n3;
+    fd_box_muller<VF, VU>(u0, u1, n0, n1);
+    fd_box_muller<VF, VU>(u2, u3, n2, n3);
+    alignas(64) float tmp[4 * W];
+    L::store_interleave4(tmp, n0, n1, n2, n3);
+    if (dst[cnt - 1] == dst[0] + 4 * (cnt - 1)) {  // consecutive groups: one copy
+      memcpy(zb + dst[0], tmp, sizeof(float) * 4 * cnt);
+    } else {  // sample boundaries inside: in order, so a later group overwrites a spill
+      for (int l = 0; l < cnt; ++l) memcpy(zb + dst[l], tmp + 4 * l, sizeof(float) * 4);
+    }
+  }
+};
+
+template <class L, int DT>
+struct StepKernel {
+  using IO = Io<L, DT>;
+  using S = typename IO::S;
+  using T = typename IO::T;
+  using V = typename IO::V;
+  static constexpr int W = IO::W;
+
+  struct Ptrs {
+    const S *x, *m, *mc, *z, *z2, *mask, *known;
+    const S* h[MAX_READS];
+    S* out;
+    S* hw[MAX_WRITES];
+  };
+  struct Bufs {  // per-block buffers, indexed by position in the block
+    const T *w, *r, *s;
+    const float *z, *z2;
+  };
+
+  /// One vector: elements [o, o + W) of the tensors, [lo, lo + W) of the block buffers.
+  static inline void vec(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t o, const Bufs& bf, int lo) {
+    StepIn<V> in{};
+    in.x = IO::load(p.x + o);
+    in.m = IO::load(p.m + o);
+    if (f.cfg) {
+      in.m_c = IO::load(p.mc + o);
+      in.w = IO::load_t(bf.w + lo);
+    }
+    if (f.rescale) in.r = IO::load_t(bf.r + lo);
+    if (f.clip) in.s = IO::load_t(bf.s + lo);
+    for (int k = 0; k < f.n_reads; ++k) in.h[k] = IO::load(p.h[k] + o);
+    if (f.z) in.z = p.z ? IO::load(p.z + o) : IO::load_noise(bf.z + lo);
+    if (f.mask) {
+      in.mask = IO::load(p.mask + o);
+      in.known = IO::load(p.known + o);
+      if (f.z2) in.z2 = p.z2 ? IO::load(p.z2 + o) : IO::load_noise(bf.z2 + lo);
+    }
+    StepOut<V> r = fd_step_element<V, T>(c, f, in);  // all loads done: outputs may alias inputs
+    IO::store(p.out + o, r.x);
+    for (int j = 0; j < f.n_writes; ++j) IO::store(p.hw[j] + o, r.h[j]);
+  }
+
+  /// The last n < W elements, through zero-padded copies so the arithmetic is the full-vector one.
+  static void tail(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t o, int n, const Bufs& bf, int lo) {
+    S buf[11 + MAX_READS][W];
+    memset(buf, 0, sizeof buf);
+    const S* src[7] = {p.x, p.m, p.mc, p.z, p.z2, p.mask, p.known};
+    const S* loc[7];
+    for (int q = 0; q < 7; ++q) {
+      loc[q] = src[q] ? buf[q] : nullptr;
+      if (src[q]) memcpy(buf[q], src[q] + o, sizeof(S) * n);
+    }
+    Ptrs lp{loc[0], loc[1], loc[2], loc[3], loc[4], loc[5], loc[6], {}, buf[7], {buf[8], buf[9]}};
+    for (int k = 0; k < f.n_reads; ++k) {
+      memcpy(buf[10 + k], p.h[k] + o, sizeof(S) * n);
+      lp.h[k] = buf[10 + k];
+    }
+    vec(c, f, lp, 0, bf, lo);
+    memcpy(p.out + o, buf[7], sizeof(S) * n);
+    for (int j = 0; j < f.n_writes; ++j) memcpy(p.hw[j] + o, buf[8 + j], sizeof(S) * n);
+  }
+
+  static void fill_param(T* dstbuf, const float* src, int64_t i0, int n, int64_t per_sample) {
+    int64_t b = i0 / per_sample, j = i0 - b * per_sample;
+    int t = 0;
+    while (t < n) {
+      int64_t len = per_sample - j < n - t ? per_sample - j : n - t;
+      T v = static_cast<T>(src[b]);
+      for (int64_t q = 0; q < len; ++q) dstbuf[t + q] = v;
+      t += static_cast<int>(len);
+      ++b;
+      j = 0;
+    }
+  }
+
+  static void block(const StepArgs_t& a, const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t i0, int n) {
+    alignas(64) T wb[BLK], rb[BLK], sb[BLK];
+    alignas(64) float zbuf[BLK + 8], z2buf[BLK + 8];  // noise at [4, 4 + n), spill room both sides
+    Bufs bf{wb, rb, sb, zbuf + 4, z2buf + 4};
+    if (f.cfg) fill_param(wb, a.w, i0, n, a.per_sample);
+    if (f.rescale) fill_param(rb, a.r, i0, n, a.per_sample);
+    if (f.clip) fill_param(sb, a.s, i0, n, a.per_sample);
+    if (f.z && !p.z) NoiseGen<L>::fill(zbuf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_MAIN);
+    if (f.z2 && !p.z2) NoiseGen<L>::fill(z2buf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_KNOWN);
+    int i = 0;
+    for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i);
+    if (i < n) tail(c, f, p, i0 + i, n - i, bf, i);
+  }
+
+  static void run(const StepArgs_t& a) {
+    const StepCoef<T> c = fd_unpack_coef<T>(a.coef);
+    const StepFlags f = fd_make_flags(c, a.n_reads, a.n_writes, a.clip, a.m_c != nullptr, a.r != nullptr,
+                                      a.mask != nullptr);
+    Ptrs p{};
+    p.x = static_cast<const S*>(a.x);
+    p.m = static_cast<const S*>(a.m);
+    p.mc = static_cast<const S*>(a.m_c);
+    p.z = static_cast<const S*>(a.z);
+    p.z2 = static_cast<const S*>(a.z2);
+    p.mask = static_cast<const S*>(a.mask);
+    p.known = static_cast<const S*>(a.known);
+    for (int k = 0; k < a.n_reads; ++k) p.h[k] = static_cast<const S*>(a.h_read[k]);
+    p.out = static_cast<S*>(a.out);
+    for (int j = 0; j < a.n_writes; ++j) p.hw[j] = static_cast<S*>(a.h_write[j]);
+    const int64_t nblk = (a.numel + BLK - 1) / BLK;
+#pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      int64_t i0 = blk * BLK;
+      int n = static_cast<int>(a.numel - i0 < BLK ? a.numel - i0 : BLK);
+      block(a, c, f, p, i0, n);
+    }
+  }
+};
+
+/// Dispatch on the storage dtype.
+template <class L>
+void run_step(const StepArgs_t& a) {
+  switch (a.dtype) {
+    case DTYPE_F32: StepKernel<L, DTYPE_F32>::run(a); break;
+    case DTYPE_F64: StepKernel<L, DTYPE_F64>::run(a); break;
+    case DTYPE_F16: StepKernel<L, DTYPE_F16>::run(a); break;
+    case DTYPE_BF16: StepKernel<L, DTYPE_BF16>::run(a); break;
+    default: break;  // bindings.cpp rejects other codes
+  }
+}
+
+/// Philox normals for [batch, per_sample] through the kernel's own noise path.
+template <class L>
+void run_normals(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t row, uint32_t stream,
+                 int num_threads) {
+  const int64_t numel = batch * per_sample, nblk = (numel + BLK - 1) / BLK;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (numel >= PAR_MIN && num_threads > 1)
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    alignas(64) float zbuf[BLK + 8];
+    int64_t i0 = blk * BLK;
+    int n = static_cast<int>(numel - i0 < BLK ? numel - i0 : BLK);
+    NoiseGen<L>::fill(zbuf + 4, seeds, i0, n, per_sample, row, stream);
+    memcpy(out + i0, zbuf + 4, sizeof(float) * n);
+  }
+}
+
+/// Raw Philox words of groups [g0, g0 + groups) per sample, W groups per call.
+template <class L>
+void run_bits(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, int64_t groups, uint32_t row,
+              uint32_t stream) {
+  constexpr int W = L::W;
+  using VU = typename L::VU;
+  alignas(64) uint32_t klo[W], khi[W], glo[W], ghi[W], w[4][W];
+  for (int64_t b = 0; b < batch; ++b) {
+    uint64_t seed = static_cast<uint64_t>(seeds[b]);
+    for (int64_t q0 = 0; q0 < groups; q0 += W) {
+      for (int l = 0; l < W; ++l) {
+        uint64_t g = g0 + static_cast<uint64_t>(q0 + l);
+        klo[l] = static_cast<uint32_t>(seed);
+        khi[l] = static_cast<uint32_t>(seed >> 32);
+        glo[l] = static_cast<uint32_t>(g);
+        ghi[l] = static_cast<uint32_t>(g >> 32);
+      }
+      VU c0, c1, c2, c3;
+      NoiseGen<L>::words(klo, khi, glo, ghi, row, stream, c0, c1, c2, c3);
+      L::store_u32(w[0], c0);
+      L::store_u32(w[1], c1);
+      L::store_u32(w[2], c2);
+      L::store_u32(w[3], c3);
+      for (int l = 0; l < W && q0 + l < groups; ++l)
+        for (int k = 0; k < 4; ++k) out[(b * groups + q0 + l) * 4 + k] = w[k][l];
+    }
+  }
+}
+
+}  // namespace fd

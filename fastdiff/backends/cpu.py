@@ -1,0 +1,100 @@
+"""The ``cpu`` backend: the fused C++ kernel of ``fastdiff._C`` (OpenMP, AVX2/AVX-512 at run time).
+
+One pass over memory per row, noise generated in the kernel, no allocation per step. Takes CPU
+tensors in float32, float64, float16 or bfloat16 that are contiguous and either identical to or
+disjoint from one another in memory; anything else is reported unsupported (dispatch then uses
+``reference``), never read wrongly. ``FASTDIFF_CPU_SIMD=scalar|avx2|avx512`` forces a SIMD level.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..args import StepArgs
+
+NAME = "cpu"
+
+try:
+    from .. import _C
+except Exception as _exc:  # not built, or FASTDIFF_CPU_SIMD names a level this CPU lacks
+    _C = None
+    _import_error: Exception | None = _exc
+else:
+    _import_error = None
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+"""Storage dtype -> the kernel's dtype code (csrc/step_math.h ``DTYPE_*``)."""
+
+
+def available() -> tuple[bool, str]:
+    """``(True, details)`` when the extension is importable, else ``(False, why)``."""
+    if _C is None:
+        return False, (f"the extension fastdiff._C did not import ({type(_import_error).__name__}: {_import_error}); "
+                       "build it with `pip install -e .`")
+    return True, f"C++/OpenMP kernel, SIMD {_C.simd_level()}, {_C.num_threads()} threads"
+
+
+def _element_tensors(args: StepArgs) -> list[torch.Tensor]:
+    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, *args.h_read, *args.h_write]
+    return [t for t in ts if t is not None]
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    p = t.data_ptr()
+    return p, p + t.numel() * t.element_size()
+
+
+def _unsafe_overlap(args: StepArgs) -> bool:
+    """Whether an output overlaps another tensor other than exactly (same start, same layout)."""
+    outs = [t for t in (args.out, *args.h_write) if t.numel()]
+    others = _element_tensors(args) + [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+    for o in outs:
+        o0, o1 = _span(o)
+        for t in others:
+            if not t.numel():
+                continue
+            t0, t1 = _span(t)
+            if t0 < o1 and o0 < t1 and not (t0 == o0 and t.dtype == o.dtype and t.shape == o.shape):
+                return True
+    return False
+
+
+def supports(args: StepArgs) -> bool:
+    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`).
+
+    Needs: the extension, CPU tensors, a supported dtype, every tensor contiguous (element tensors
+    and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that alias inputs only exactly.
+    """
+    if _C is None:
+        return False
+    x = args.x
+    if x.device.type != "cpu" or x.dtype not in DTYPE_CODES:
+        return False
+    per_sample = [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+    if not all(t.is_contiguous() for t in _element_tensors(args)):
+        return False
+    if not all(t.is_contiguous() and t.device.type == "cpu" for t in per_sample):
+        return False
+    return not _unsafe_overlap(args)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def step(args: StepArgs) -> None:
+    """Execute one row in one pass: writes ``args.out`` and ``args.h_write`` (may alias inputs).
+
+    Callers go through :func:`fastdiff.ops.step`, which validates and checks :func:`supports`.
+    """
+    x = args.x
+    numel = x.numel()
+    if numel == 0:
+        return
+    hr = [_ptr(h) for h in args.h_read] + [0] * (4 - len(args.h_read))
+    hw = [_ptr(h) for h in args.h_write] + [0] * (2 - len(args.h_write))
+    ptrs = [x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
+            _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
+            _ptr(args.seeds)]
+    _C.step(ptrs, numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read), len(args.h_write),
+            args.clip, args.row & 0xFFFFFFFF, args.coef)
