@@ -1,0 +1,61 @@
+"""Euler and Euler ancestral samplers (diffusers' EulerDiscrete / EulerAncestralDiscrete, k-diffusion)."""
+
+from __future__ import annotations
+
+import math
+
+from ..plan import Plan, Row, combo
+from . import register
+from ._common import add_noise, ancestral_step, check_number, churn_gammas, euler_update, grid_point
+
+_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+
+
+def churned_grid(schedule, disc, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float):
+    """Per step ``(sigma_hat, t_hat, z_coef)`` of Karras et al. (2022) churn, and the initial scale.
+
+    ``z_coef[i]`` is the noise added before step ``i`` (k-diffusion draws it there); rows add it at
+    the end of step ``i-1``, and step 0's goes into the initial scale (same distribution).
+    """
+    check_number("s_churn", s_churn, 0.0)
+    check_number("s_noise", s_noise, 0.0)
+    sig = disc.sigmas
+    gam = churn_gammas(sig, s_churn, s_tmin, s_tmax)
+    hats = [float(sig[i]) * (1 + g) for i, g in enumerate(gam)]
+    ts = [float(disc.timesteps[i]) if g == 0 else float(schedule.sigma_to_t(hats[i])) for i, g in enumerate(gam)]
+    zc = [s_noise * math.sqrt(max(hats[i] ** 2 - float(sig[i]) ** 2, 0.0)) if g > 0 else 0.0
+          for i, g in enumerate(gam)]
+    init = math.sqrt(disc.init_sigma**2 + zc[0] ** 2)
+    return hats, ts, zc, init
+
+
+@register("euler", options=_CHURN)
+def euler(schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float,
+          s_noise: float) -> Plan:
+    """Euler steps of the probability-flow ODE, with optional churn (Karras et al. 2022, Alg. 2)."""
+    disc = schedule.discretize(steps)
+    sig = disc.sigmas
+    hats, ts, zc, init = churned_grid(schedule, disc, s_churn, s_tmin, s_tmax, s_noise)
+    rows = []
+    for i in range(steps):
+        cx, cd = euler_update(hats[i], float(sig[i + 1]))
+        row = Row(**grid_point(schedule, prediction, hats[i], ts[i]), out=combo(x=cx, d=cd), step=i)
+        rows.append(add_noise(row, zc[i + 1]) if i + 1 < steps and zc[i + 1] else row)
+    return Plan(tuple(rows), init_scale=init, sampler="euler", prediction=prediction, steps=steps)
+
+
+@register("euler_ancestral", options={"eta": 1.0, "s_noise": 1.0})
+def euler_ancestral(schedule, steps: int, prediction: str, *, eta: float, s_noise: float) -> Plan:
+    """Ancestral sampling with Euler steps (Song et al. 2021; k-diffusion's ``sample_euler_ancestral``)."""
+    check_number("eta", eta, 0.0)
+    check_number("s_noise", s_noise, 0.0)
+    disc = schedule.discretize(steps)
+    sig, rows = disc.sigmas, []
+    for i in range(steps):
+        s, s1 = float(sig[i]), float(sig[i + 1])
+        down, up = ancestral_step(s, s1, eta)
+        cx, cd = euler_update(s, down)
+        # diffusers draws noise at every step, also the last (sigma_up = 0 there)
+        rows.append(Row(**grid_point(schedule, prediction, s, disc.timesteps[i]), out=combo(x=cx, d=cd, z=up * s_noise),
+                        noise=True, step=i))
+    return Plan(tuple(rows), init_scale=disc.init_sigma, sampler="euler_ancestral", prediction=prediction, steps=steps)
