@@ -41,8 +41,10 @@ sampler module that starts reading a new diffusers key adds it to :data:`SAMPLER
 
 Grid keys that are missing from a config (``timestep_spacing``) take the default of the diffusers
 scheduler the sampler mirrors (``leading`` for DDPM/DDIM, ``linspace`` for Euler-type), as
-diffusers' ``from_config`` does; keys listed in a config's ``_use_default_values`` count as
-missing, also as in diffusers. Deliberate difference: grid settings (Karras/exponential sigmas,
+diffusers' ``from_config`` does. Sampler options and ``timestep_spacing`` listed in a config's
+``_use_default_values`` count as missing, also as in diffusers; the keys that define the noise
+schedule (betas, ``num_train_timesteps``, ``shift``) are always taken as given, since they are
+what that scheduler uses. Deliberate difference: grid settings (Karras/exponential sigmas,
 ``final_sigmas_type``, ``sigma_min``/``sigma_max``) apply to every Euler-type sampler, also to
 those whose diffusers class lacks the option (``EulerAncestralDiscreteScheduler``).
 """
@@ -94,6 +96,7 @@ _FLOW_KEYS = {
 }
 _FLOW_ONLY = {"shift", "use_dynamic_shifting", "base_shift", "max_shift", "invert_sigmas", "shift_terminal",
               "time_shift_type"}
+_PER_CLASS_DEFAULTS = SAMPLER_CONFIG_KEYS | {"timestep_spacing"}
 _VP_ONLY = {"beta_start", "beta_end", "beta_schedule", "trained_betas"}
 # key -> the only values we implement (anything else changes results in a way we do not support)
 _ONLY = {
@@ -505,6 +508,8 @@ class FlowSchedule:
         else:
             s = shift_flow_sigmas(s, self.shift)
         if self.shift_terminal:
+            if n < 2:
+                raise ValueError(f"shift_terminal={self.shift_terminal} needs steps >= 2 (the stretch is 0/0 at one step)")
             one_minus = 1 - s
             s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
         if self.sigma_grid == "karras":
@@ -573,7 +578,11 @@ def from_config(config: Any) -> Schedule:
     # the kind is decided on the raw keys: a scheduler's own config lists every key as defaulted
     is_flow = cls.startswith("FlowMatch") or (
         not cls and bool(_FLOW_ONLY & set(cfg)) and not (_VP_ONLY & set(cfg)))
-    cfg = {k: v for k, v in cfg.items() if k not in defaulted and k not in IGNORED_CONFIG_KEYS}
+    # Defaulted keys take the default of the class the sampler mirrors, as in diffusers' from_config,
+    # but only where those defaults differ between classes (options, spacing); the values that
+    # define the noise schedule (betas, T, shift) are what the scheduler uses, so they are kept.
+    cfg = {k: v for k, v in cfg.items()
+           if k not in IGNORED_CONFIG_KEYS and not (k in defaulted and k in _PER_CLASS_DEFAULTS)}
     grid_keys = _FLOW_KEYS if is_flow else _VP_KEYS
     options, grid = {}, {}
     for k, v in cfg.items():
