@@ -102,7 +102,7 @@ def diffusers_loop(scheduler, model, x: torch.Tensor, steps: int, *, generator=N
     x = x.clone()
     traj = []
     for t in scheduler.timesteps:
-        u = scheduler.scale_model_input(x, t)
+        u = scheduler.scale_model_input(x, t) if hasattr(type(scheduler), "scale_model_input") else x
         m = model(u, t.to(torch.float32).expand(x.shape[0]))
         kw = dict(step_kwargs)
         if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
