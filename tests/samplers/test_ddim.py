@@ -4,7 +4,7 @@ import pytest
 
 from fastdiff import samplers, schedules
 
-from ._harness import SD, compare_with_diffusers, toy_model
+from ._harness import SD, compare_with_diffusers, gaussian_order, toy_model
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -57,3 +57,11 @@ def test_ddim_noise_flags():
     sch = {"clip_sample": False}
     assert not any(r.noise for r in samplers.build("ddim", sch, 10).rows)
     assert all(r.noise for r in samplers.build("ddim", sch, 10, eta=0.5).rows)
+
+
+def test_ddim_converges_at_first_order():
+    # trailing spacing with T/n integral: diffusers' prev = t - T//n is then the next grid point
+    # (with other spacings DDIM jumps off its own grid and does not converge to the ODE solution)
+    sch = schedules.from_config({"timestep_spacing": "trailing", "clip_sample": False})
+    slope, errs = gaussian_order("ddim", sch, "eps", [10, 20, 40, 50])
+    assert 0.8 <= slope <= 1.3, (slope, errs)

@@ -6,7 +6,7 @@ import torch
 from fastdiff import samplers, schedules
 
 from ._harness import (SD, NoiseTape, assert_close_traj, compare_with_diffusers, initial_noise, k_problem, k_sampling,
-                       k_states, ours, patched_randn_like, per_step)
+                       k_states, ours, patched_randn_like, per_step, gaussian_order)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -94,3 +94,10 @@ def test_euler_options_and_noise_flags():
         samplers.build("euler", sch, 10, prediction="flow")
     with pytest.raises(ValueError, match="'v' needs a vp schedule"):
         samplers.build("euler", schedules.VESchedule(), 10, prediction="v")
+
+
+@pytest.mark.parametrize("schedule, pred", [(schedules.VESchedule(), "x0"),
+                                            (schedules.from_config({**SD, "use_karras_sigmas": True}), "eps")])
+def test_euler_converges_at_first_order(schedule, pred):
+    slope, errs = gaussian_order("euler", schedule, pred, [8, 16, 32, 64])
+    assert 0.8 <= slope <= 1.3, (slope, errs)

@@ -4,7 +4,7 @@ import pytest
 
 from fastdiff import samplers, schedules
 
-from ._harness import compare_with_diffusers
+from ._harness import compare_with_diffusers, gaussian_order
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -51,3 +51,10 @@ def test_flow_rows_and_errors():
         samplers.build("flow_euler", fl, 10, prediction="v")
     with pytest.raises(ValueError, match="flow schedule"):
         samplers.build("flow_euler", schedules.from_config({}), 10)
+
+
+@pytest.mark.parametrize("name, band", [("flow_euler", (0.8, 1.3)), ("flow_heun", (1.7, 2.4))])
+def test_flow_samplers_converge_at_their_order(name, band):
+    # shift=1 ends the grid at s = 1/1000, so the closing Euler step of flow_heun adds only O(1e-6)
+    slope, errs = gaussian_order(name, schedules.FlowSchedule(shift=1.0), "flow", [8, 16, 32, 64])
+    assert band[0] <= slope <= band[1], (slope, errs)
