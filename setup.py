@@ -3,6 +3,10 @@
 The top-level ``kernels/`` folder (Triton kernels) is installed as ``fastdiff.kernels``.
 """
 
+import os
+import shutil
+import subprocess
+
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import find_packages, setup
 
@@ -31,10 +35,102 @@ ext_modules = [
     ),
 ]
 
+
+
+# --- CUDA extension fastdiff._C_cuda: only where nvcc and a CUDA-enabled torch both exist ---------
+
+CUDA_ARCHS = os.environ.get("FASTDIFF_CUDA_ARCHS", "80;90")
+"""Compute capabilities to build cubins for (';'-separated); PTX of the last one is embedded too."""
+# --fmad=false: no FMA contraction, like -ffp-contract=off for the CPU kernel: the CUDA kernel's
+# results then equal the CPU kernel's bit for bit.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-fPIC"]
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    cands = [os.path.join(home, "bin", "nvcc")] if home else []
+    cands += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
+
+
+def _cuda_lib_dirs(nvcc: str) -> list[str]:
+    # nvcc may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc): ask it where
+    # the toolkit lives, falling back to the usual places.
+    homes = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+             "/usr/local/cuda"]
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True).stderr
+        homes += [ln.split("=", 1)[1].strip() for ln in out.splitlines() if "TOP=" in ln]
+    except OSError:
+        pass
+    dirs = [os.path.join(h, sub) for h in homes if h for sub in ("lib64", "targets/x86_64-linux/lib", "lib")]
+    return [d for d in dirs if os.path.exists(os.path.join(d, "libcudart_static.a"))][:1]
+
+
+def cuda_extension():
+    """``(Pybind11Extension, build_ext class)`` for ``fastdiff._C_cuda``, or ``(None, None)``.
+
+    The kernel (csrc/cuda_step.cu) is compiled by nvcc into an object that is linked, with the
+    static CUDA runtime, into the pybind11 module built from csrc/cuda_bindings.cpp; no torch
+    headers are involved. Skipped (with a message) unless nvcc and a CUDA-enabled torch exist.
+    """
+    nvcc = _nvcc()
+    try:
+        import torch
+
+        torch_cuda = torch.version.cuda
+    except ImportError:
+        torch_cuda = None
+    lib_dirs = _cuda_lib_dirs(nvcc) if nvcc else []
+    if not nvcc or torch_cuda is None or not lib_dirs:
+        print("CUDA toolkit or CUDA-enabled torch not available; skipping fastdiff._C_cuda")
+        return None, None
+    from setuptools.command.build_ext import build_ext
+
+    archs = [a.strip() for a in CUDA_ARCHS.split(";") if a.strip()]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    cu_sources = ["csrc/cuda_step.cu"]
+    headers = [f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "cuda_step.h")]
+    ext = Pybind11Extension(
+        "fastdiff._C_cuda",
+        ["csrc/cuda_bindings.cpp"],
+        include_dirs=["csrc"],
+        library_dirs=lib_dirs,
+        libraries=["cudart_static", "rt", "pthread", "dl"],
+        depends=cu_sources + headers,
+        cxx_std=17,
+    )
+
+    class BuildExtCuda(build_ext):
+        def build_extension(self, e):
+            if e.name == "fastdiff._C_cuda":
+                os.makedirs(self.build_temp, exist_ok=True)
+                for src in cu_sources:
+                    obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+                    newest = max(os.path.getmtime(f) for f in [src] + headers)
+                    if self.force or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
+                        cmd = [nvcc, "-c", src, "-o", obj, "-Icsrc", *NVCC_FLAGS, *gencode]
+                        print(" ".join(cmd))
+                        subprocess.check_call(cmd)
+                    if obj not in e.extra_objects:
+                        e.extra_objects.append(obj)
+            super().build_extension(e)
+
+    return ext, BuildExtCuda
+
+
+cmdclass = {}
+_cuda_ext, _cuda_build_ext = cuda_extension()
+if _cuda_ext is not None:
+    ext_modules.append(_cuda_ext)
+    cmdclass["build_ext"] = _cuda_build_ext
+
 packages = find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernels"]
 
 setup(
     packages=packages,
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
     ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

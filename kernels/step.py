@@ -5,8 +5,10 @@ Three layers, Liger-Kernel style:
 1. ``_step_kernel`` (``@triton.jit``): a program owns ``BLOCK`` consecutive elements of one sample,
    laid out as ``[BLOCK // 4, 4]`` so that the four elements of one Philox group (which share one
    Philox call) sit in one row. Storage is loaded ``.to(float32)`` (float64 for float64 storage).
-2. ``_launch``: flattens to ``[B, n]``, picks the block size (autotuned on a GPU, fixed under
-   ``TRITON_INTERPRET=1``) and launches on the current device.
+2. ``_launch``: flattens to ``[B, n]``, picks the block size (autotuned on a GPU once per shape
+   and variant, the trial runs restoring every output; fixed under ``TRITON_INTERPRET=1`` or with
+   ``FASTDIFF_TRITON_AUTOTUNE=0``) and launches on the current device. Run one step before
+   capturing a CUDA graph, so that tuning is not captured.
 3. ``fused_step``: the public wrapper over plain tensors and the packed coefficient tuple.
 
 ``philox_words`` dumps the raw uint32 Philox stream of the in-kernel generator, for tests.
@@ -39,6 +41,8 @@ INTERPRET_BLOCK = 128
 """Elements per program under ``TRITON_INTERPRET=1`` (no autotuning there)."""
 GPU_BLOCKS = (512, 1024, 2048, 4096)
 """Block sizes the GPU autotuner tries."""
+FIXED_BLOCK = 1024
+"""Block size on a GPU when ``FASTDIFF_TRITON_AUTOTUNE=0`` (one compile per variant, no tuning runs)."""
 
 _Z_NONE, _Z_PHILOX, _Z_EXTERNAL = 0, 1, 2
 _STREAM_MAIN, _STREAM_KNOWN = 0, 1
@@ -294,9 +298,9 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, w, r, s, seeds,
             vec(w), vec(r), vec(s), vec(seeds))
     scalars = (n, int(row) & 0xFFFFFFFF, *(float(c) for c in coef))
     with torch.device(x.device) if x.device.type == "cuda" else _nullcontext():
-        if INTERPRETED:
-            grid = (triton.cdiv(n, INTERPRET_BLOCK), b)
-            _step_kernel[grid](*ptrs, *scalars, **flags, BLOCK=INTERPRET_BLOCK)
+        if INTERPRETED or os.environ.get("FASTDIFF_TRITON_AUTOTUNE", "1") == "0":
+            blk = INTERPRET_BLOCK if INTERPRETED else FIXED_BLOCK
+            _step_kernel[(triton.cdiv(n, blk), b)](*ptrs, *scalars, **flags, BLOCK=blk)
         else:
             _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), b)](*ptrs, *scalars, **flags)
 

@@ -62,7 +62,8 @@ def available() -> tuple[bool, str]:
                    "importing fastdiff to run it on CPU tensors (interpreter, for tests)")
 
 
-def _tensors(args: StepArgs):
+def element_tensors(args: StepArgs) -> list[torch.Tensor]:
+    """The tensors of ``args`` shaped like ``x`` (inputs and outputs)."""
     ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, *args.h_read, *args.h_write]
     return [t for t in ts if t is not None]
 
@@ -72,16 +73,22 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + t.numel() * t.element_size()
 
 
-def _partial_overlap(args: StepArgs) -> bool:
-    # An output may be an input element for element (same start, same layout); any other overlap
-    # would let one program read what another already wrote.
-    ins = [t for t in _tensors(args) if t.numel()]
-    outs = [t for t in (args.out, *args.h_write) if t.numel()]
-    for o in outs:
+def unsafe_overlap(args: StepArgs) -> bool:
+    """Whether an output overlaps another tensor other than exactly (same start, dtype and shape).
+
+    An exact alias is read and written by the same thread, element for element; any other overlap
+    would let one thread read what another has already written.
+    """
+    others = element_tensors(args) + [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+    for o in (args.out, *args.h_write):
+        if not o.numel():
+            continue
         o0, o1 = _span(o)
-        for t in ins:
+        for t in others:
+            if not t.numel():
+                continue
             t0, t1 = _span(t)
-            if t0 < o1 and o0 < t1 and t0 != o0:
+            if t0 < o1 and o0 < t1 and not (t0 == o0 and t.dtype == o.dtype and t.shape == o.shape):
                 return True
     return False
 
@@ -98,9 +105,9 @@ def supports(args: StepArgs) -> bool:
         return False
     if x.dim() < 1 or not 1 <= x.shape[0] <= _kernels.MAX_BATCH:
         return False
-    if not all(t.is_contiguous() for t in _tensors(args)):
+    if not all(t.is_contiguous() for t in element_tensors(args)):
         return False
-    return not _partial_overlap(args)
+    return not unsafe_overlap(args)
 
 
 def step(args: StepArgs) -> None:
@@ -108,7 +115,7 @@ def step(args: StepArgs) -> None:
     if not supports(args):
         raise RuntimeError(
             f"triton backend cannot run this step (device {args.x.device.type}, dtype {args.x.dtype}, "
-            f"shape {tuple(args.x.shape)}, contiguous={[t.is_contiguous() for t in _tensors(args)]})"
+            f"shape {tuple(args.x.shape)}, contiguous={[t.is_contiguous() for t in element_tensors(args)]})"
         )
     kernels().fused_step(
         args.x, args.out, args.m, args.coef, row=args.row, m_c=args.m_c, h_read=tuple(args.h_read),

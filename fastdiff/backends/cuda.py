@@ -1,0 +1,110 @@
+"""The ``cuda`` backend: the CUDA C++ kernel of ``fastdiff._C_cuda`` (csrc/cuda_step.cu).
+
+One pass over memory per row, 16-byte vector loads where every pointer is aligned, noise generated
+in the kernel with the same Philox/Box–Muller code as the ``cpu`` backend (bit-identical results),
+launched on the caller's current stream (so it can be captured in a CUDA graph). Takes contiguous
+CUDA tensors in float32, float64, float16 or bfloat16 that are identical to or disjoint from one
+another; anything else is reported unsupported, never read wrongly. ``_C_cuda`` is built by
+``pip install -e .`` only where ``nvcc`` and a CUDA-enabled torch exist.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from ..args import StepArgs
+from .triton import element_tensors, unsafe_overlap
+
+NAME = "cuda"
+
+try:
+    from .. import _C_cuda
+except Exception as _exc:  # not built here (no nvcc or CPU-only torch), or a broken build
+    _C_cuda = None
+    _import_error: Exception | None = _exc
+else:
+    _import_error = None
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+"""Storage dtype -> the kernel's dtype code (csrc/step_math.h ``DTYPE_*``)."""
+
+
+def available() -> tuple[bool, str]:
+    """``(True, details)`` when the extension imports and a CUDA device is present, else ``(False, why)``."""
+    if _C_cuda is None:
+        return False, (f"the extension fastdiff._C_cuda did not import ({type(_import_error).__name__}: "
+                       f"{_import_error}); it is built by `pip install -e .` where nvcc and a CUDA-enabled torch exist")
+    if not torch.cuda.is_available():
+        return False, "fastdiff._C_cuda is built but torch sees no CUDA device"
+    return True, f"CUDA C++ kernel on {torch.cuda.get_device_name()}"
+
+
+def supports(args: StepArgs) -> bool:
+    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`).
+
+    Needs: the extension, CUDA tensors, a supported dtype, every tensor contiguous (element tensors
+    and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that alias inputs only exactly.
+    """
+    if _C_cuda is None:
+        return False
+    x = args.x
+    if x.device.type != "cuda" or x.dtype not in DTYPE_CODES:
+        return False
+    per_sample = [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+    if not all(t.is_contiguous() for t in element_tensors(args)):
+        return False
+    if not all(t.is_contiguous() and t.device == x.device for t in per_sample):
+        return False
+    return not unsafe_overlap(args)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def pointers(args: StepArgs) -> list[int]:
+    """The 18 pointers of ``args`` in the order of ``_C_cuda.step`` (0 where a tensor is not given)."""
+    hr = [_ptr(h) for h in args.h_read] + [0] * (4 - len(args.h_read))
+    hw = [_ptr(h) for h in args.h_write] + [0] * (2 - len(args.h_write))
+    return [args.x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
+            _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
+            _ptr(args.seeds)]
+
+
+def launch(module: ModuleType, args: StepArgs, stream: int, max_blocks: int = 0) -> None:
+    """Call ``module.step`` (``_C_cuda``, or its CPU emulation in tests) for ``args`` on ``stream``."""
+    x = args.x
+    numel = x.numel()
+    if numel == 0:
+        return
+    module.step(pointers(args), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read),
+                len(args.h_write), args.clip, args.row & 0xFFFFFFFF, list(args.coef), stream, max_blocks)
+
+
+def step(args: StepArgs) -> None:
+    """Execute one row in one kernel launch on the current stream of ``args.x``'s device.
+
+    Callers go through :func:`fastdiff.ops.step`, which validates and checks :func:`supports`.
+    """
+    if _C_cuda is None:
+        raise RuntimeError(f"backend 'cuda' is not available: {available()[1]}")
+    dev = args.x.device
+    with torch.cuda.device(dev):
+        launch(_C_cuda, args, torch.cuda.current_stream(dev).cuda_stream)
+
+
+def philox_words(seeds: torch.Tensor, row: int, stream: int, numel: int) -> torch.Tensor:
+    """The kernel's Philox uint32 stream as int64 ``[B, ceil(numel/4)*4]`` (layout of ``rng.philox_bits``)."""
+    if _C_cuda is None:
+        raise RuntimeError(f"backend 'cuda' is not available: {available()[1]}")
+    if seeds.dtype != torch.int64 or seeds.dim() != 1 or seeds.device.type != "cuda":
+        raise ValueError(f"seeds must be a 1-D int64 CUDA tensor, got {seeds.dtype} {tuple(seeds.shape)} on {seeds.device}")
+    seeds = seeds.contiguous()
+    groups = (numel + 3) // 4
+    out = torch.empty((seeds.shape[0], groups * 4), dtype=torch.int32, device=seeds.device)
+    with torch.cuda.device(seeds.device):
+        _C_cuda.bits(out.data_ptr(), seeds.data_ptr(), seeds.shape[0], groups, int(row) & 0xFFFFFFFF, int(stream),
+                     torch.cuda.current_stream(seeds.device).cuda_stream)
+    return out.to(torch.int64) & 0xFFFFFFFF

@@ -1,0 +1,204 @@
+"""GPU backends on CUDA tensors: ``triton`` and ``cuda`` equal ``reference`` across dtypes and odd
+shapes; the Philox stream is the same on cpu, triton and cuda. Skipped without a GPU.
+
+Set ``FASTDIFF_TRITON_AUTOTUNE=0`` to compile each Triton variant once with a fixed block instead
+of tuning it (what benchmarks/gpu_check.py does, to keep a GPU session short); one test below
+always runs the autotuner, whose trial runs must restore in-place outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import ops, rng
+from fastdiff.args import StepArgs
+from fastdiff.backends import cuda as cb
+from fastdiff.backends import reference
+from fastdiff.backends import triton as tb
+
+from ._cases import EVERYTHING, FEATURES, SEEDS, check
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU tests need one")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+NOISE_ONLY = (0.0,) * 8 + (1.0,) + (0.0,) * 16  # x' = z
+
+
+def _backend(name):
+    mod = {"triton": tb, "cuda": cb}[name]
+    ok, why = mod.available()
+    if not ok:
+        pytest.skip(f"{name} backend unavailable: {why}")
+    if name == "triton" and tb.kernels().INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: the Triton kernels are interpreted, not compiled for the GPU")
+
+    def run(args):
+        assert mod.supports(args), f"{name} refused a valid step"
+        ops.step(args, backend=name)
+    return run
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 3, 17, 257, 4099, 3 * 4096 + 5])
+def test_odd_shapes_and_dtypes(backend, numel, dtype):
+    run = _backend(backend)
+    for batch, in_place in ((1, False), (5, True)):
+        check(run, dict(EVERYTHING, in_place=in_place), (batch, numel), dtype, "cuda", seed=numel + batch)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_every_feature_fp16(backend, name):
+    check(_backend(backend), FEATURES[name], (3, 5, 7, 9), torch.float16, "cuda", seed=len(name))
+
+
+def test_cuda_grid_stride_and_unaligned_on_the_device():
+    _backend("cuda")
+
+    def capped(args):
+        cb.launch(cb._C_cuda, args, torch.cuda.current_stream().cuda_stream, max_blocks=2)
+        torch.cuda.synchronize()
+    check(capped, dict(EVERYTHING, in_place=True), (3, 10007), torch.float16, "cuda", seed=1)
+
+    def unaligned(args):  # every element tensor moved 1 element past a 16-byte boundary
+        moved = {}
+
+        def shift(t):
+            if t is None:
+                return None
+            if id(t) not in moved:
+                buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+                moved[id(t)] = (t, buf[1:].view(t.shape))
+                moved[id(t)][1].copy_(t)
+            return moved[id(t)][1]
+
+        a = StepArgs(x=shift(args.x), out=shift(args.out), m=shift(args.m), coef=args.coef, row=args.row,
+                     m_c=shift(args.m_c), h_read=tuple(shift(h) for h in args.h_read),
+                     h_write=tuple(shift(h) for h in args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip,
+                     seeds=args.seeds, z=shift(args.z), z2=shift(args.z2), mask=shift(args.mask),
+                     known=shift(args.known))
+        assert not cb._C_cuda.vector_path(cb.pointers(a))
+        cb.step(a)
+        for orig, copy in moved.values():
+            orig.copy_(copy)
+    check(unaligned, EVERYTHING, (3, 1001), torch.float32, "cuda", seed=2)
+
+
+def test_triton_autotuner_restores_in_place_outputs(monkeypatch):
+    run = _backend("triton")
+    monkeypatch.setenv("FASTDIFF_TRITON_AUTOTUNE", "1")
+    check(run, FEATURES["in_place_everything"], (2, 3 * 4096 + 7), torch.float32, "cuda", seed=4)
+
+
+def test_cuda_on_a_side_stream_and_in_a_graph():
+    _backend("cuda")
+    x = torch.randn(4, 3, 33, device="cuda")
+    m = torch.randn_like(x)
+    coef = (0.3, -1.1, 0.9, 0.2) + (0.0,) * 4 + (0.5,) + (0.0,) * 16
+    seeds = torch.arange(4, device="cuda", dtype=torch.int64)
+    want = torch.empty_like(x)
+    reference.step(StepArgs(x=x, out=want, m=m, coef=coef, row=3, seeds=seeds))
+    side = torch.cuda.Stream()
+    out = torch.full_like(x, float("nan"))
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cb.step(StepArgs(x=x, out=out, m=m, coef=coef, row=3, seeds=seeds))
+    torch.cuda.current_stream().wait_stream(side)
+    assert ((out - want).norm() / want.norm()).item() <= 1e-6
+    g = torch.cuda.CUDAGraph()
+    out2 = torch.full_like(x, float("nan"))
+    with torch.cuda.graph(g):
+        cb.step(StepArgs(x=x, out=out2, m=m, coef=coef, row=3, seeds=seeds))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out2, out)
+
+
+def test_cuda_refuses_what_it_cannot_read():
+    _backend("cuda")
+    x = torch.randn(2, 8, device="cuda")
+    coef = (1.0,) + (0.0,) * 24
+    assert not cb.supports(StepArgs(x=x.cpu(), out=x.cpu(), m=x.cpu(), coef=coef))
+    assert not cb.supports(StepArgs(x=x, out=torch.empty_like(x), m=torch.randn(8, 2, device="cuda").t(), coef=coef))
+    flat = torch.randn(17, device="cuda")
+    assert not cb.supports(StepArgs(x=flat[:16].view(2, 8), out=flat[1:].view(2, 8), m=x, coef=coef))
+    assert cb.supports(StepArgs(x=x, out=x, m=x, coef=coef))
+
+
+# --- one noise stream on every device -------------------------------------------------------------
+
+
+def _seeds(device):
+    return torch.tensor([rng._signed64(s) for s in SEEDS], dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("row,stream,numel", [(0, 0, 1), (2**31 + 7, 1, 67), (2**32 - 1, 0, 4099)])
+def test_philox_words_equal_on_cpu_triton_and_cuda(row, stream, numel):
+    want = rng.philox_bits(_seeds("cpu"), row, stream, numel)
+    got = {}
+    if cb.available()[0]:
+        got["cuda"] = cb.philox_words(_seeds("cuda"), row, stream, numel).cpu()
+    if tb.available()[0] and not tb.kernels().INTERPRETED:
+        got["triton"] = tb.kernels().philox_words(_seeds("cuda"), row, stream, numel).cpu()
+    try:
+        from fastdiff import _C
+    except ImportError:
+        _C = None
+    if _C is not None:
+        groups = (numel + 3) // 4
+        out = torch.empty(len(SEEDS), groups * 4, dtype=torch.int32)
+        _C.philox_bits(out.data_ptr(), _seeds("cpu").data_ptr(), len(SEEDS), 0, groups, row, stream)
+        got["cpu"] = out.to(torch.int64) & 0xFFFFFFFF
+    if not got:
+        pytest.skip("no GPU backend is available")
+    for name, words in got.items():
+        assert torch.equal(words, want), f"{name}: Philox words differ from fastdiff.rng"
+
+
+def _noise(run, device, numel=4099, row=5):
+    seeds = _seeds(device)
+    x = torch.zeros(len(SEEDS), numel, device=device)
+    out = torch.full_like(x, float("nan"))
+    run(StepArgs(x=x, out=out, m=x, coef=NOISE_ONLY, row=row, seeds=seeds))
+    return out.cpu()
+
+
+def test_normals_agree_across_backends_and_cuda_equals_cpu_bitwise():
+    want = rng.philox_normal(_seeds("cpu"), 5, rng.STREAM_MAIN, 4099)
+    got = {}
+    if cb.available()[0]:
+        got["cuda"] = _noise(cb.step, "cuda")
+    if tb.available()[0] and not tb.kernels().INTERPRETED:
+        got["triton"] = _noise(tb.step, "cuda")
+    if not got:
+        pytest.skip("no GPU backend is available")
+    for name, n in got.items():
+        err = ((n.double() - want.double()).norm() / want.double().norm()).item()
+        assert err <= 1e-6, f"{name}: normals differ from fastdiff.rng by {err:.3g}"
+    from fastdiff.backends import cpu
+
+    if "cuda" in got and cpu.available()[0]:
+        assert torch.equal(got["cuda"], _noise(cpu.step, "cpu")), "cuda and cpu kernels give different normals"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_step_equals_cpu_step_bitwise(dtype):
+    """Same header, no FMA contraction on either side: the whole step agrees bit for bit."""
+    _backend("cuda")
+    from fastdiff.backends import cpu
+
+    if not cpu.available()[0]:
+        pytest.skip(f"cpu backend unavailable: {cpu.available()[1]}")
+    from ._cases import build
+
+    pool, make_args, outputs = build(dict(EVERYTHING, in_place=True), (3, 1031), dtype, 9, "cpu")
+    on_cpu = {k: v.clone() for k, v in pool.items()}
+    on_gpu = {k: v.cuda() for k, v in pool.items()}
+    cpu.step(make_args(on_cpu))
+    a = make_args(on_gpu)
+    a.w, a.r, a.s, a.seeds = (t.cuda() for t in (a.w, a.r, a.s, a.seeds))
+    cb.step(a)
+    for k in outputs:
+        assert torch.equal(on_gpu[k].cpu(), on_cpu[k]), f"{k}: cuda and cpu differ"
