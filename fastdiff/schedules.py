@@ -235,6 +235,13 @@ def rescale_betas_zero_snr(betas: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- schedules
 
 
+def _host(t) -> np.ndarray | float:
+    """``t`` as float64 host data (torch tensors on any device, arrays, scalars)."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().to("cpu", torch.float64).numpy()
+    return t
+
+
 def _frozen(a) -> np.ndarray:
     a = np.array(a, dtype=np.float64)
     a.setflags(write=False)
@@ -317,6 +324,7 @@ class VPSchedule:
         interpolation between the neighbouring training steps (the inverse of diffusers'
         ``_sigma_to_t``), then ``alpha = 1/sqrt(1+s^2)``, ``sigma = s/sqrt(1+s^2)``.
         """
+        t = _host(t)
         tt = np.asarray(t, dtype=np.float64)
         T = self.num_train_timesteps
         if np.any(tt < 0) or np.any(tt > T - 1) or not np.all(np.isfinite(tt)):
@@ -411,6 +419,7 @@ class VESchedule:
 
     def alpha_sigma(self, t):
         """``(1, t)``: the model time is the noise level."""
+        t = _host(t)
         tt = np.asarray(t, dtype=np.float64)
         return (1.0, float(tt)) if np.ndim(t) == 0 else (np.ones_like(tt), tt)
 
@@ -474,6 +483,7 @@ class FlowSchedule:
 
     def alpha_sigma(self, t):
         """``(1 - s, s)`` with ``s = t / num_train_timesteps``."""
+        t = _host(t)
         s = np.asarray(t, dtype=np.float64) / self.num_train_timesteps
         return (float(1 - s), float(s)) if np.ndim(t) == 0 else (1 - s, s)
 

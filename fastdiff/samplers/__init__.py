@@ -27,6 +27,7 @@ option names before calling it; the sampler checks option values.
 from __future__ import annotations
 
 import importlib
+import numbers
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -121,8 +122,9 @@ def build(name: str, schedule: Any, steps: int, *, prediction: str | None = None
         schedule = _schedules.from_config(schedule)
     if schedule.kind not in si.kinds:
         raise ValueError(f"sampler {name!r} needs a {' or '.join(si.kinds)} schedule, got a {schedule.kind} schedule")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    steps = int(steps)
     if prediction is None:
         prediction = schedule.options.get("prediction_type") or si.default_prediction
     pred = check_prediction(prediction)

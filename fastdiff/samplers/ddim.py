@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 
 from ..plan import Plan, Row, combo
+from ..schedules import VPSchedule
 from . import register
 from ._common import CLIP_OPTIONS, check_number, clip_settings, vp_point
 
 
 @register("ddim", kinds=("vp",), options={"eta": 0.0, **CLIP_OPTIONS, "set_alpha_to_one": True,
                                            "use_clipped_model_output": False})
-def ddim(schedule, steps: int, prediction: str, *, eta: float, clip_sample: bool, clip_sample_range: float,
+def ddim(schedule: VPSchedule, steps: int, prediction: str, *, eta: float, clip_sample: bool, clip_sample_range: float,
          thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float, set_alpha_to_one: bool,
          use_clipped_model_output: bool) -> Plan:
     """Denoising diffusion implicit models, any eta (Song, Meng & Ermon 2021)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..plan import Plan, Row, combo
+from ..schedules import VPSchedule
 from . import register
 from ._common import CLIP_OPTIONS, check_choice, clip_settings, vp_point
 
@@ -12,7 +13,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
 @register("ddpm", kinds=("vp",), options={"variance_type": "fixed_small", **CLIP_OPTIONS})
-def ddpm(schedule, steps: int, prediction: str, *, variance_type: str, clip_sample: bool, clip_sample_range: float,
+def ddpm(schedule: VPSchedule, steps: int, prediction: str, *, variance_type: str, clip_sample: bool, clip_sample_range: float,
          thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float) -> Plan:
     """Ancestral sampling of the DDPM posterior q(x_prev | x_t, x0) (Ho, Jain & Abbeel 2020)."""
     check_choice("variance_type", variance_type, VARIANCE_TYPES)  # learned variances need the model's output

@@ -1,17 +1,25 @@
-"""Euler and Euler ancestral samplers (diffusers' EulerDiscrete / EulerAncestralDiscrete, k-diffusion)."""
+"""Euler and Euler ancestral samplers (diffusers' EulerDiscrete / EulerAncestralDiscrete, k-diffusion).
+
+Churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) follows k-diffusion and Karras et al.:
+noise is added *before* the model call and the model sees ``sigma_hat``. diffusers'
+``EulerDiscreteScheduler.step(s_churn=...)`` instead adds it after evaluating the model at
+``sigma``; that variant is not mirrored. Without churn both libraries agree and so do we.
+"""
 
 from __future__ import annotations
 
 import math
 
 from ..plan import Plan, Row, combo
+from ..schedules import Discretization, Schedule
 from . import register
 from ._common import add_noise, ancestral_step, check_number, churn_gammas, euler_update, grid_point
 
 _CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
 
 
-def churned_grid(schedule, disc, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float):
+def churned_grid(schedule: Schedule, disc: Discretization, s_churn: float, s_tmin: float, s_tmax: float,
+                 s_noise: float) -> tuple[list[float], list[float], list[float], float]:
     """Per step ``(sigma_hat, t_hat, z_coef)`` of Karras et al. (2022) churn, and the initial scale.
 
     ``z_coef[i]`` is the noise added before step ``i`` (k-diffusion draws it there); rows add it at
@@ -30,7 +38,7 @@ def churned_grid(schedule, disc, s_churn: float, s_tmin: float, s_tmax: float, s
 
 
 @register("euler", options=_CHURN)
-def euler(schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float,
+def euler(schedule: Schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float,
           s_noise: float) -> Plan:
     """Euler steps of the probability-flow ODE, with optional churn (Karras et al. 2022, Alg. 2)."""
     disc = schedule.discretize(steps)
@@ -45,7 +53,7 @@ def euler(schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: floa
 
 
 @register("euler_ancestral", options={"eta": 1.0, "s_noise": 1.0})
-def euler_ancestral(schedule, steps: int, prediction: str, *, eta: float, s_noise: float) -> Plan:
+def euler_ancestral(schedule: Schedule, steps: int, prediction: str, *, eta: float, s_noise: float) -> Plan:
     """Ancestral sampling with Euler steps (Song et al. 2021; k-diffusion's ``sample_euler_ancestral``)."""
     check_number("eta", eta, 0.0)
     check_number("s_noise", s_noise, 0.0)

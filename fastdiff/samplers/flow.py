@@ -1,8 +1,13 @@
-"""Flow-matching Euler and Heun samplers (diffusers' FlowMatchEulerDiscrete / FlowMatchHeunDiscrete)."""
+"""Flow-matching Euler and Heun samplers (diffusers' FlowMatchEulerDiscrete / FlowMatchHeunDiscrete).
+
+The state is the model input ``u = (1 - s) x0 + s eps``. ``Row.sigma`` is the flow sigma ``s``
+(k-diffusion's ``s / (1 - s)`` is infinite at the first step ``s = 1``).
+"""
 
 from __future__ import annotations
 
 from ..plan import Plan, Row, combo
+from ..schedules import FlowSchedule
 from . import register
 from ._common import euler_update, grid_point, heun_rows
 
@@ -11,7 +16,7 @@ _PRED = ("flow", "x0", "eps")
 
 @register("flow_euler", kinds=("flow",), options={"stochastic_sampling": False}, predictions=_PRED,
           default_prediction="flow")
-def flow_euler(schedule, steps: int, prediction: str, *, stochastic_sampling: bool) -> Plan:
+def flow_euler(schedule: FlowSchedule, steps: int, prediction: str, *, stochastic_sampling: bool) -> Plan:
     """Euler steps of the rectified-flow ODE (Liu et al. 2022; Esser et al. 2024)."""
     disc = schedule.discretize(steps)
     sig, rows = disc.sigmas, []
@@ -27,7 +32,7 @@ def flow_euler(schedule, steps: int, prediction: str, *, stochastic_sampling: bo
 
 
 @register("flow_heun", kinds=("flow",), predictions=_PRED, default_prediction="flow")
-def flow_heun(schedule, steps: int, prediction: str) -> Plan:
+def flow_heun(schedule: FlowSchedule, steps: int, prediction: str) -> Plan:
     """Heun steps of the rectified-flow ODE, Euler into s = 0 (Karras et al. 2022 on flows)."""
     disc = schedule.discretize(steps)
     sig, ts, rows = disc.sigmas, disc.timesteps, []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from ..plan import Plan
+from ..schedules import Schedule
 from . import register
 from ._common import add_noise, clip_mode, heun_rows
 from .euler import _CHURN, churned_grid
 
 
 @register("heun", options={**_CHURN, "clip_sample": False, "clip_sample_range": 1.0})
-def heun(schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
+def heun(schedule: Schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
          clip_sample: bool, clip_sample_range: float) -> Plan:
     """Heun steps of the probability-flow ODE, Euler into sigma = 0 (Karras et al. 2022, Alg. 2)."""
     disc = schedule.discretize(steps)

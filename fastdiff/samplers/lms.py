@@ -6,6 +6,7 @@ import numpy as np
 from numpy.polynomial import polynomial as P
 
 from ..plan import Plan, Row, Write, combo
+from ..schedules import Schedule
 from . import register
 from ._common import grid_point
 
@@ -29,7 +30,7 @@ def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
 
 
 @register("lms", options={"order": 4})
-def lms(schedule, steps: int, prediction: str, *, order: int) -> Plan:
+def lms(schedule: Schedule, steps: int, prediction: str, *, order: int) -> Plan:
     """Linear multistep method on the probability-flow ODE in sigma (Karras et al. 2022 / k-diffusion)."""
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
         raise ValueError(f"order must be an int in [1, 4], got {order!r}")
