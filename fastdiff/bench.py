@@ -77,7 +77,7 @@ def bench_loop(
         plan = make_plan(name, steps, sched)
         s = from_config(sched)
         pred = plan.prediction
-        model, spent = _timed_model(gm.model(s.alpha_sigma, pred))
+        model, spent = _timed_model(gm.model(s.alpha_sigma, pred, times=[r.t for r in plan.rows]))
         noise = torch.randn(tuple(shape), dtype=dtype)
         sample(model, noise, plan=plan, seed=0, backend=backend)  # warm-up (allocations, first dispatch)
         best = None

@@ -50,6 +50,140 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gmm_model(shape: tuple[int, ...], schedule, prediction: str):
+    """The built-in Gaussian mixture with its exact model under ``schedule``."""
+    from .models import GaussianMixture
+
+    return GaussianMixture.default(shape).model(schedule.alpha_sigma, prediction)
+
+
+SAMPLE_MODELS = {"gmm": _gmm_model}
+"""``fastdiff sample --model NAME``: name -> ``builder(shape, schedule, prediction) -> model(x, t)``."""
+
+
+def _sample_model(spec: str, shape: tuple[int, ...], schedule, prediction: str):
+    """The model of ``--model``: a name in :data:`SAMPLE_MODELS`, or ``module:attr`` (a callable ``model(x, t)``)."""
+    import importlib
+
+    if spec in SAMPLE_MODELS:
+        return SAMPLE_MODELS[spec](shape, schedule, prediction)
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"--model must be one of {sorted(SAMPLE_MODELS)} or module:attr, got {spec!r}")
+    if os.getcwd() not in sys.path:  # like `python -m`: modules next to the caller are importable
+        sys.path.insert(0, os.getcwd())
+    obj = importlib.import_module(mod_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"--model {spec!r} is a {type(obj).__name__}, not a callable model(x, t)")
+    return obj
+
+
+def _sample_schedule(sampler: str, text: str):
+    """``--schedule``: a diffusers scheduler config as JSON text or a JSON file; default: the sampler's."""
+    import json
+
+    from . import samplers, schedules
+
+    if text:
+        cfg = json.loads(text) if text.lstrip().startswith("{") else json.load(open(text))
+        return schedules.from_config(cfg)
+    kinds = samplers.info(sampler).kinds
+    if "vp" in kinds:
+        return schedules.from_config({})
+    return schedules.FlowSchedule() if "flow" in kinds else schedules.VESchedule()
+
+
+_MANIFEST = "fastdiff-sample.json"
+_MANIFEST_KEYS = ("model", "sampler", "steps", "schedule", "prediction", "shape", "num", "seed", "dtype", "backend")
+
+
+def _check_manifest(args: argparse.Namespace, rank: int) -> None:
+    """On --resume, refuse settings that differ from the run being resumed; rank 0 records them."""
+    import json
+
+    path = os.path.join(args.out, _MANIFEST)
+    mine = {k: getattr(args, k) for k in _MANIFEST_KEYS}
+    if not args.resume and os.path.exists(path):
+        raise FileExistsError(f"--out {args.out} already holds a run ({_MANIFEST}); pass --resume to complete it, "
+                              f"or choose another --out")
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"--resume with settings that differ from the run in {args.out}: "
+                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(mine, f, indent=1)
+        os.replace(tmp, path)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Sample ``--num`` seeds into ``--out`` (one file per sample), across every torchrun rank."""
+    from . import distributed
+    from .api import make_plan
+
+    try:
+        shape = tuple(int(s) for s in args.shape.split(","))
+        if not shape or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"fastdiff sample: error: --shape must be comma-separated ints >= 1, got {args.shape!r}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0") or "0")
+    try:
+        if args.num < 1:
+            raise ValueError(f"--num must be >= 1, got {args.num}")
+        dtype = getattr(torch, args.dtype)
+        schedule = _sample_schedule(args.sampler, args.schedule)
+        plan = make_plan(args.sampler, args.steps, schedule, args.prediction or None)
+        model = _sample_model(args.model, shape, schedule, plan.prediction)
+        _check_manifest(args, rank)
+        seeds = [args.seed + i for i in range(args.num)]
+        paths = distributed.sample(model, shape, seeds=seeds, out_dir=args.out, resume=args.resume,
+                                   batch_size=args.batch_size, dtype=dtype, device=args.device or None,
+                                   timeout=args.timeout, plan=plan, backend=args.backend)
+    except distributed.RankFailedError as exc:
+        print(f"fastdiff sample: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, ImportError, AttributeError, OSError) as exc:
+        print(f"fastdiff sample: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+        print(f"fastdiff sample: {len(paths)} samples of shape {shape} in {args.out} "
+              f"({args.sampler}, {args.steps} steps, {world} process{'es' if world > 1 else ''})")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Profile one sampling loop: stock diffusers scheduler vs reference vs fused, part by part."""
+    import json
+
+    from .profile import profile
+
+    shape = tuple(int(s) for s in args.shape.split(","))
+    scale = None if args.guidance_scale in (None, 1.0) else args.guidance_scale
+    variants = tuple(v for v in args.variants.split(",") if v)
+    rep = profile(args.model or None, sampler=args.sampler, steps=args.steps, shape=shape,
+                  dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
+                  guidance_scale=scale, variants=variants, trace=args.trace or None, warmup=args.warmup)
+    print(rep.table())
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rep.to_json(), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.trace:
+        print(f"wrote Chrome trace {args.trace}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastdiff`` console script."""
     p = argparse.ArgumentParser(prog="fastdiff", description="Fused diffusion sampling: info and benchmarks.")
@@ -64,6 +198,39 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--backends", default="", help="comma-separated backends (default: reference and cpu)")
     b.add_argument("--json", default="bench-results/loop.json", help="where to write JSON ('' to skip)")
     b.set_defaults(fn=cmd_bench)
+    sp = sub.add_parser("sample", help="sample seeds into a folder, one file per sample (works under torchrun)")
+    sp.add_argument("--model", default="gmm", help="gmm (built-in Gaussian mixture, exact) or module:attr")
+    sp.add_argument("--sampler", default="euler_ancestral", help="sampler name (fastdiff.samplers.available())")
+    sp.add_argument("--steps", type=int, default=30)
+    sp.add_argument("--schedule", default="", help="diffusers scheduler config: JSON text or a .json file")
+    sp.add_argument("--prediction", default="", help="eps, v, x0 or flow (default: the sampler's)")
+    sp.add_argument("--shape", default="2", help="shape of one sample, comma-separated (default 2)")
+    # -n: under torchrun on Python < 3.12, torchrun's own parser rejects --num as an abbreviation of --numa-binding
+    sp.add_argument("-n", "--num", type=int, default=100, help="number of samples (seeds SEED .. SEED+NUM-1)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of sample 0")
+    sp.add_argument("--out", required=True, help="folder for the per-sample files")
+    sp.add_argument("--resume", action="store_true", help="keep the files already in --out, sample the rest")
+    sp.add_argument("--batch-size", type=int, default=64, help="samples per sampling call on one rank")
+    sp.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
+    sp.add_argument("--backend", default="auto", help="auto, reference, cpu, triton or cuda")
+    sp.add_argument("--device", default="", help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    sp.add_argument("--timeout", type=float, default=1800.0,
+                    help="seconds a rank waits for the others after each batch before it gives up (default 1800)")
+    sp.set_defaults(fn=cmd_sample)
+    pr = sub.add_parser("profile", help="where each step's time goes: diffusers vs reference vs fused")
+    pr.add_argument("--model", default="", help="module:attr of a model(x, t) (default: built-in Gaussian mixture)")
+    pr.add_argument("--sampler", default="dpmpp_2m")
+    pr.add_argument("--steps", type=int, default=20)
+    pr.add_argument("--shape", default="2,4,64,64", help="noise shape, comma-separated")
+    pr.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--backend", default="auto", help="the fused backend (auto, cpu, triton, cuda)")
+    pr.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale; 1 disables guidance")
+    pr.add_argument("--variants", default="diffusers,reference,fused")
+    pr.add_argument("--warmup", type=int, default=1)
+    pr.add_argument("--trace", default="", help="write a Chrome trace JSON here")
+    pr.add_argument("--json", default="", help="write the report as JSON here")
+    pr.set_defaults(fn=cmd_profile)
     args = p.parse_args(argv)
     return args.fn(args)
 

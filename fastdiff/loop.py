@@ -10,6 +10,7 @@ the step, after the loop).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from . import ops
 from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, dynamic_threshold, rescale_factor
 from .plan import Plan
+from .timing import RegionTimer
 
 ModelFn = Callable[..., torch.Tensor]
 Cond = torch.Tensor | dict | None
@@ -81,6 +83,11 @@ class LoopOptions:
     callback: Callable | None = None
     progress: bool = False
     check_finite: bool = True
+    timer: RegionTimer | None = None
+
+
+def _no_region(name: str):
+    return nullcontext()
 
 
 def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> torch.Tensor:
@@ -112,7 +119,7 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
     # Per-row device tables, built once: no host->device copies inside the loop.
     ts = torch.tensor([r.t for r in rows], dtype=torch.float64).to(torch.float32).to(dev)
     W = torch.tensor(wscale, dtype=torch.float32).to(dev)
-    W = W[:, None].expand(len(rows), B)
+    W = W[:, None].expand(len(rows), B).contiguous()
     s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)
     hist = [torch.empty_like(x) for _ in range(plan.n_slots)]
     seeds = None
@@ -132,35 +139,47 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"fastdiff {plan.sampler}", total=len(rows))
+    tm = opts.timer
+    region = tm.region if tm is not None else _no_region
+    backend = None  # resolved once; the step's tensors are validated whenever their kind changes
+    checked = None
+    all_dims = tuple(range(x.dim()))
     for i in it:
         r = rows[i]
-        x_in = x * r.in_scale if r.in_scale != 1.0 else x
-        if guided[i]:
-            t2 = ts[i].expand(2 * B)
-            cin = cond_cat if cond_cat is not None else opts.uncond
-            out = _call(model, torch.cat([x_in, x_in], dim=0), t2, cin)
-            _check_shape(out, (2 * B, *x.shape[1:]), i, r)
-            out = out.to(x.dtype)
-            m, m_c = out[:B], out[B:]
-        else:
-            out = _call(model, x_in, ts[i].expand(B), opts.cond)
-            _check_shape(out, tuple(x.shape), i, r)
-            m, m_c = out.to(x.dtype), None
-        if sums is not None:
-            sums[i] = out.sum(dtype=torch.float32)
+        if tm is not None:
+            tm.start_row(i)
+        with region("model"):
+            x_in = x * r.in_scale if r.in_scale != 1.0 else x
+            if guided[i]:
+                cin = cond_cat if cond_cat is not None else opts.uncond
+                out = _call(model, torch.cat([x_in, x_in], dim=0), ts[i].expand(2 * B), cin)
+                _check_shape(out, (2 * B, *x.shape[1:]), i, r)
+                out = out.to(x.dtype)
+                m, m_c = out[:B], out[B:]
+            else:
+                out = _call(model, x_in, ts[i].expand(B), opts.cond)
+                _check_shape(out, tuple(x.shape), i, r)
+                m, m_c = out.to(x.dtype), None
         w = W[i] if m_c is not None else None
-        rr = rescale_factor(m, m_c, w, g.rescale) if (m_c is not None and g.rescale > 0) else None
+        rr = s = None
         clip = clip_code(r)
-        s = None
-        if clip == 1:
-            s = s_static
-        elif clip == 2:
-            s = dynamic_threshold(_x0(x, m, m_c, w, rr, r), plan.threshold_ratio, plan.threshold_max)
-        z = opts.noise_fn(i, x) if (r.noise and opts.noise_fn is not None) else None
-        if z is None and r.noise and opts.generator is not None:
-            z = draw_noise(tuple(x.shape), opts.generator, x.dtype, dev)
-        if z is not None:
-            z = z.to(dtype=x.dtype, device=dev)
+        with region("guidance"):
+            if sums is not None:
+                torch.sum(out, dim=all_dims, dtype=torch.float32, out=sums[i])
+            if m_c is not None and g.rescale > 0:
+                rr = rescale_factor(m, m_c, w, g.rescale)
+            if clip == 1:
+                s = s_static
+            elif clip == 2:
+                s = dynamic_threshold(_x0(x, m, m_c, w, rr, r), plan.threshold_ratio, plan.threshold_max)
+        z = None
+        if r.noise and (opts.noise_fn is not None or opts.generator is not None):
+            with region("noise"):
+                if opts.noise_fn is not None:
+                    z = opts.noise_fn(i, x)
+                else:
+                    z = draw_noise(tuple(x.shape), opts.generator, x.dtype, dev)
+                z = z.to(dtype=x.dtype, device=dev)
         if opts.callback is not None:
             x0 = _x0(x, m, m_c, w, rr, r, s, clip)
         args = StepArgs(
@@ -169,9 +188,20 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
             w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z,
             mask=opts.mask, known=opts.known,
         )
-        ops.step(args, opts.backend)
+        with region("step"):
+            sig = (m_c is None, rr is None, s is None, z is None, len(r.reads), len(r.writes))
+            if sig != checked:
+                ops.validate(args)
+                checked = sig
+            if backend is None:
+                backend = ops.resolve(opts.backend, args)
+            elif not backend.supports(args):
+                backend = ops.resolve(opts.backend, args)
+            backend.step(args)
         if opts.callback is not None:
             opts.callback(r.step, r.sigma, x, x0)
+    if tm is not None:
+        tm.end()
     if sums is not None:
         bad = ~torch.isfinite(sums)
         if bool(bad.any()):

@@ -80,17 +80,33 @@ class GaussianMixture:
         return x0.reshape(u.shape)
 
     def model(self, alpha_sigma: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-              prediction: str = "eps") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+              prediction: str = "eps", times: Sequence[float] | None = None
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A model ``f(u, t)`` returning the exact ``prediction`` (eps, v, x0 or flow velocity).
 
         ``alpha_sigma(t) -> (alpha, sigma)`` maps the model time to the schedule (e.g. a fastdiff
-        schedule's ``alpha_sigma``). The output has ``u``'s dtype.
+        schedule's ``alpha_sigma``). The output has ``u``'s dtype. With ``times`` (every model time
+        the sampler will use, e.g. ``[r.t for r in plan.rows]``), ``alpha_sigma`` is evaluated once
+        up front and a call looks ``t`` up on the device: no host synchronisation per call (a
+        ``t`` not among ``times`` then gives a wrong answer, unchecked, since checking would sync).
         """
         pred = check_prediction(prediction)
+        table: dict = {}
+        if times is not None:
+            tt = torch.tensor([float(v) for v in times], dtype=torch.float32)
+            a_h, s_h = alpha_sigma(tt.to(torch.float64))
+            table["cpu"] = (tt, torch.as_tensor(a_h, dtype=torch.float64), torch.as_tensor(s_h, dtype=torch.float64))
+
+        def lookup(t: torch.Tensor, device: torch.device):
+            if str(device) not in table:
+                table[str(device)] = tuple(v.to(device) for v in table["cpu"])
+            tt, at, st = table[str(device)]
+            idx = (t.to(torch.float32)[:, None] == tt[None, :]).to(torch.int32).argmax(dim=1)
+            return at[idx], st[idx]
 
         def f(u: torch.Tensor, t: torch.Tensor, *unused, **unused_kw) -> torch.Tensor:
             t = torch.as_tensor(t, device=u.device).reshape(-1).expand(u.shape[0])
-            a, s = alpha_sigma(t)
+            a, s = lookup(t, u.device) if table else alpha_sigma(t)
             a = torch.as_tensor(a, dtype=torch.float64, device=u.device).reshape(-1).expand(u.shape[0])
             s = torch.as_tensor(s, dtype=torch.float64, device=u.device).reshape(-1).expand(u.shape[0])
             x0 = self.denoise(u, a, s)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+from contextlib import nullcontext
+
 import torch
 
 from ..args import StepArgs, compute_dtype
 from ..plan import MAX_READS
 from ..rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
+from ..timing import active_timer
 
 NAME = "reference"
 
@@ -34,22 +38,36 @@ def _noise(args: StepArgs, ext: torch.Tensor | None, stream: int, dt: torch.dtyp
     return z.reshape(x.shape).to(dt)
 
 
+def _round(coef, dt: torch.dtype) -> list[float]:
+    # float32 rounding on the host (no tensors: nothing here touches a device)
+    if dt == torch.float64:
+        return [float(v) for v in coef]
+    return list(struct.unpack(f"{len(coef)}f", struct.pack(f"{len(coef)}f", *coef)))
+
+
+def _no_region(name: str):
+    return nullcontext()
+
+
 def step(args: StepArgs) -> None:
     """Execute one row: writes ``args.out`` and ``args.h_write`` (which may alias inputs)."""
     dt = compute_dtype(args.x.dtype)
-    c = [torch.tensor(v, dtype=dt).item() for v in args.coef]  # coefficients rounded like kernels do
+    c = _round(args.coef, dt)  # coefficients rounded like kernels do
     a_x, a_e = c[0], c[1]
     out_c = c[2:9]
     wr_c = [c[9:16], c[16:23]]
     known_a, known_s = c[23], c[24]
     nd = args.x.dim()
 
+    timer = active_timer()  # the profiler times this op-by-op step's phases separately
+    region = timer.region if timer is not None else _no_region
     x = args.x.to(dt)
-    e = args.m.to(dt)
-    if args.m_c is not None:
-        e = e + _per_sample(args.w, nd, dt) * (args.m_c.to(dt) - e)
-    if args.r is not None:
-        e = _per_sample(args.r, nd, dt) * e
+    with region("step/guidance"):
+        e = args.m.to(dt)
+        if args.m_c is not None:
+            e = e + _per_sample(args.w, nd, dt) * (args.m_c.to(dt) - e)
+        if args.r is not None:
+            e = _per_sample(args.r, nd, dt) * e
     d = a_x * x + a_e * e
     if args.clip:
         s = _per_sample(args.s, nd, dt)
@@ -57,7 +75,8 @@ def step(args: StepArgs) -> None:
         if args.clip == 2:
             d = d / s
     need_z = out_c[6] != 0 or any(wc[6] != 0 for wc in wr_c[: len(args.h_write)])
-    z = _noise(args, args.z, STREAM_MAIN, dt) if need_z else None
+    with region("step/noise"):
+        z = _noise(args, args.z, STREAM_MAIN, dt) if need_z else None
     ops = [x, d] + [h.to(dt) for h in args.h_read]
 
     def combine(coefs):

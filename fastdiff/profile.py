@@ -1,0 +1,310 @@
+"""Where each sampling step's time goes: model, guidance, noise, solver update, host overhead, syncs.
+
+``fastdiff.profile(...)`` runs the same sampling loop up to three ways in one process — through
+the stock diffusers scheduler (if diffusers is installed and mirrors the sampler), through the
+``reference`` backend, and through the fused backend — and reports per step and in total the time
+in each part, the host-sync count and the sampler's share of the step, against diffusers' own rule
+of thumb (scheduler under 1% of the step is healthy, over 5% is not). It can write a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import ops
+from .api import make_plan
+from .denoisers import as_model
+from .guidance import Guidance
+from .loop import LoopOptions, run_plan
+from .models import GaussianMixture
+from .rng import expand_seeds
+from .schedules import from_config
+from .timing import RegionTimer, SyncCounter
+
+PARTS = ("model", "guidance", "noise", "step", "host")
+"""Report columns: model forward, guidance (blend / reductions), noise draws, solver update, host."""
+HEALTHY_SHARE = 0.01
+"""diffusers' rule of thumb: a scheduler under 1% of the step is healthy ..."""
+UNHEALTHY_SHARE = 0.05
+"""... and over 5% is not."""
+
+DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+}
+"""The stock diffusers scheduler (class name, extra config) each sampler mirrors."""
+
+
+@dataclass
+class VariantReport:
+    """One way of running the loop. Times are µs per model evaluation (row) unless named total."""
+
+    name: str
+    backend: str
+    rows: int
+    total_us: float
+    parts_us: dict[str, float]
+    per_row_us: list[dict[str, float]]
+    syncs: int
+    sync_ops: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def sampler_share(self) -> float:
+        """Fraction of the step that is not the model forward."""
+        return 1.0 - self.parts_us.get("model", 0.0) / self.total_us if self.total_us > 0 else 0.0
+
+
+@dataclass
+class ProfileReport:
+    """What :func:`profile` measured (see :meth:`table`, :meth:`to_json`, :meth:`write_trace`)."""
+
+    sampler: str
+    steps: int
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    guidance_scale: float | None
+    variants: list[VariantReport]
+    skipped: dict[str, str]
+    trace_events: list[dict] = field(default_factory=list, repr=False)
+
+    def table(self) -> str:
+        """A plain-text table: µs per step per part, syncs, sampler share and its health."""
+        head = f"{'variant':<22}" + "".join(f"{p:>10}" for p in PARTS) + f"{'total':>10}{'syncs':>7}{'share':>8}  verdict"
+        lines = [f"fastdiff profile: {self.sampler}, {self.steps} steps, shape {self.shape}, {self.dtype}, "
+                 f"{self.device}, guidance {self.guidance_scale}", "µs per model evaluation", head, "-" * len(head)]
+        for v in self.variants:
+            share = v.sampler_share
+            verdict = "healthy" if share < HEALTHY_SHARE else ("not healthy" if share > UNHEALTHY_SHARE else "borderline")
+            lines.append(f"{v.name:<22}" + "".join(f"{v.parts_us.get(p, 0.0):>10.1f}" for p in PARTS)
+                         + f"{v.total_us:>10.1f}{v.syncs:>7}{share:>7.1%}  {verdict}")
+        lines.append(f"reference line: scheduler share < {HEALTHY_SHARE:.0%} healthy, > {UNHEALTHY_SHARE:.0%} not "
+                     "(diffusers' rule of thumb)")
+        for name, why in self.skipped.items():
+            lines.append(f"skipped {name}: {why}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        """The documented JSON form (``fastdiff profile --json``)."""
+        return {
+            "sampler": self.sampler, "steps": self.steps, "shape": list(self.shape), "dtype": self.dtype,
+            "device": self.device, "guidance_scale": self.guidance_scale, "parts": list(PARTS),
+            "variants": [dict(asdict(v), sampler_share=v.sampler_share) for v in self.variants],
+            "skipped": self.skipped,
+        }
+
+    def write_trace(self, path: str) -> None:
+        """Write a Chrome trace (chrome://tracing, Perfetto) of every variant's regions."""
+        with open(path, "w") as f:
+            json.dump({"traceEvents": self.trace_events, "displayTimeUnit": "ms"}, f)
+
+
+def load_model(spec: str) -> Callable:
+    """Import ``module:attr`` (a callable model, or a zero-argument factory named ``make_*``)."""
+    if ":" not in spec:
+        raise ValueError(f"model must be 'module:attr', got {spec!r}")
+    mod, attr = spec.split(":", 1)
+    obj = getattr(importlib.import_module(mod), attr)
+    return obj() if attr.startswith("make_") else obj
+
+
+def _summarise(name: str, backend: str, timer: RegionTimer, nrows: int, syncs: SyncCounter, note: str = ""):
+    use_device = timer.cuda
+    per_row = [{p: 0.0 for p in PARTS} for _ in range(nrows)]
+    for row, region, host_s, _start, dev_s in timer.records:
+        if not 0 <= row < nrows:
+            continue
+        part = region.split("/")[0]
+        if "/" in region:  # sub-phases of the reference step replace nothing: report them as their part
+            part = region.split("/")[1]
+            per_row[row]["step"] -= dev_s if use_device else host_s
+        per_row[row][part if part in PARTS else "host"] += dev_s if use_device else host_s
+    for i in range(nrows):
+        wall = timer.row_walls.get(i, 0.0)
+        busy = sum(v for k, v in per_row[i].items() if k != "host")
+        per_row[i]["host"] += max(wall - busy, 0.0)
+    total = sum(sum(r.values()) for r in per_row)
+    parts = {p: 1e6 * sum(r[p] for r in per_row) / nrows for p in PARTS}
+    rows_us = [{p: 1e6 * r[p] for p in PARTS} for r in per_row]
+    return VariantReport(name, backend, nrows, 1e6 * total / nrows, parts, rows_us, syncs.count,
+                         sorted(set(syncs.where)), note)
+
+
+def _trace(events: list, pid: int, name: str, timer: RegionTimer) -> None:
+    events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}})
+    for row, region, host_s, start_s, dev_s in timer.records:
+        events.append({"name": region, "ph": "X", "pid": pid, "tid": 0, "ts": start_s * 1e6,
+                       "dur": (dev_s if timer.cuda else host_s) * 1e6, "args": {"row": row}})
+
+
+def _run_fastdiff(plan, model, noise, seeds, backend, guidance, cond, uncond):
+    timer = RegionTimer(noise.device)
+    opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, backend=backend, timer=timer)
+    with SyncCounter() as syncs:
+        run_plan(plan, model, noise * plan.init_scale, opts)
+    timer.finish()
+    return timer, syncs
+
+
+def _run_diffusers(sampler, schedule_config, steps, model, noise, guidance_scale, cond, uncond, generator):
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_EQUIVALENT[sampler]
+    sch = getattr(diffusers, cls_name).from_config({**schedule_config, **extra})
+    sch.set_timesteps(steps, device=noise.device)
+    timer = RegionTimer(noise.device)
+    x = noise * sch.init_noise_sigma
+    b = noise.shape[0]
+    guided = guidance_scale is not None and guidance_scale != 1.0
+    cin = torch.cat([uncond, cond]) if guided and cond is not None else cond
+    with SyncCounter() as syncs:
+        for i, t in enumerate(sch.timesteps):
+            timer.start_row(i)
+            with timer.region("step"):
+                xin = sch.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            with timer.region("model"):
+                tt = t.reshape(1).expand(xin.shape[0]).to(torch.float32)
+                out = model(xin, tt) if cin is None else model(xin, tt, cin)
+            if guided:
+                with timer.region("guidance"):
+                    u, c = out.chunk(2)
+                    out = u + guidance_scale * (c - u)
+            with timer.region("step"):
+                x = sch.step(out, t, x, generator=generator).prev_sample
+    timer.finish()
+    return timer, syncs, len(sch.timesteps)
+
+
+def profile(
+    model: Callable | str | None = None,
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    shape: Sequence[int] = (2, 4, 64, 64),
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    schedule: dict | None = None,
+    guidance_scale: float | None = 7.5,
+    variants: Sequence[str] = ("diffusers", "reference", "fused"),
+    trace: str | None = None,
+    warmup: int = 1,
+    seed: int = 0,
+) -> ProfileReport:
+    """Profile one sampling loop per variant and report where each step's time goes.
+
+    Args:
+        model: a callable ``model(x, t[, cond])``, ``"module:attr"``, or ``None`` for the built-in
+            Gaussian-mixture model (exact for the schedule; conditioning shifts it slightly so
+            guidance has something to blend).
+        sampler, steps, schedule: what to run (``schedule`` is a diffusers-style config dict).
+        shape, dtype, device: the noise.
+        backend: the fused backend (``auto`` picks the fastest available for ``device``).
+        guidance_scale: CFG scale (``None`` or 1 disables guidance and conditioning).
+        variants: any of ``diffusers``, ``reference``, ``fused``.
+        trace: path of a Chrome trace to write, or ``None``.
+        warmup: untimed runs of each variant first.
+        seed: seeds the noise, conditioning and in-kernel noise.
+
+    Returns:
+        A :class:`ProfileReport`; ``print(report.table())`` shows it.
+    """
+    device = torch.device(device)
+    shape = tuple(int(s) for s in shape)
+    config = dict(schedule or ({"shift": 3.0} if sampler.startswith("flow") else
+                               {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}))
+    plan = make_plan(sampler, steps, config)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    guided = guidance_scale is not None and guidance_scale != 1.0
+    cond = uncond = None
+    if model is None:
+        gm = GaussianMixture.default(shape[1:], components=4, seed=seed)
+        base = gm.model(from_config(config).alpha_sigma, plan.prediction, times=[r.t for r in plan.rows])
+
+        def default_model(x, t, c=None):
+            out = base(x, t)
+            return out if c is None else out + 0.01 * c.reshape((-1,) + (1,) * (x.dim() - 1)).to(out.dtype)
+
+        fn = default_model
+        if guided:
+            cond = torch.ones(shape[0], device=device)
+            uncond = torch.zeros(shape[0], device=device)
+    else:
+        fn = as_model(load_model(model) if isinstance(model, str) else model)
+        if guided:
+            raise ValueError("guidance_scale needs the built-in model (or pass guidance_scale=None for your model)")
+    seeds = expand_seeds(seed, shape[0])
+    guidance = Guidance(guidance_scale) if guided else None
+    reports, skipped, events = [], {}, []
+    fused_name = ops.requested_backend(backend)
+    for vname in variants:
+        if vname == "diffusers":
+            if sampler not in DIFFUSERS_EQUIVALENT:
+                skipped[vname] = f"no diffusers scheduler mirrors {sampler!r}"
+                continue
+            try:
+                import diffusers  # noqa: F401
+            except ImportError:
+                skipped[vname] = "diffusers is not installed"
+                continue
+            for _ in range(warmup):
+                _run_diffusers(sampler, config, steps, fn, noise, guidance_scale if guided else None, cond, uncond,
+                               torch.Generator(device).manual_seed(seed))
+            timer, syncs, n = _run_diffusers(sampler, config, steps, fn, noise, guidance_scale if guided else None,
+                                             cond, uncond, torch.Generator(device).manual_seed(seed))
+            rep = _summarise("diffusers scheduler", "diffusers", timer, n, syncs)
+        elif vname in ("reference", "fused"):
+            be = "reference" if vname == "reference" else fused_name
+            if vname == "fused":
+                probe = _probe_backend(be, noise)
+                if probe is None or probe == "reference":
+                    skipped[vname] = f"no fused backend available for {device.type} tensors ({ops.available_backends()})"
+                    continue
+                be = probe
+            for _ in range(warmup):
+                _run_fastdiff(plan, fn, noise, seeds, be, guidance, cond, uncond)
+            timer, syncs = _run_fastdiff(plan, fn, noise, seeds, be, guidance, cond, uncond)
+            rep = _summarise(f"fastdiff {be}", be, timer, len(plan.rows), syncs)
+        else:
+            raise ValueError(f"variants must be among ('diffusers', 'reference', 'fused'), got {vname!r}")
+        reports.append(rep)
+        _trace(events, len(reports), rep.name, timer)
+    report = ProfileReport(sampler, steps, shape, str(dtype).replace("torch.", ""), str(device),
+                           guidance_scale if guided else None, reports, skipped, events)
+    if trace:
+        report.write_trace(trace)
+    return report
+
+
+def _probe_backend(name: str, noise: torch.Tensor) -> str | None:
+    """Which backend ``name`` resolves to for tensors like ``noise`` (``None`` if it cannot run)."""
+    from .args import N_COEF, StepArgs
+
+    x = noise[:1]
+    args = StepArgs(x=x, out=x, m=x, coef=(0.0,) * N_COEF)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ops.resolve(name, args).NAME
+    except RuntimeError:
+        return None
+
