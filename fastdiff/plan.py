@@ -22,7 +22,7 @@ may also be read in the same row.
 All coefficients are float64 host scalars computed once when the plan is built; kernels compute
 in float32 (float64 for float64 storage). The model is called as
 ``model(in_scale * x, t)``; ``sigma`` is the noise level of ``x`` for callbacks and guidance
-schedules (k-diffusion's sigma, whatever the state space of the sampler).
+schedules (the schedule's own noise level: k-diffusion's sigma for VP/VE, ``s`` for flow).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ class Row:
 
     Attributes:
         t: value passed to the model as its timestep (diffusers timestep, sigma, or flow time).
-        sigma: k-diffusion noise level of ``x`` at this evaluation (for callbacks and schedules).
+        sigma: the schedule's own noise level at this evaluation (k-diffusion's sigma for VP and
+            VE schedules, the flow sigma ``s`` in [0, 1] for flow schedules), for callbacks,
+            guidance schedules and guidance intervals.
         in_scale: the model input is ``in_scale * x``.
         a_x, a_e: data estimate ``d = a_x * x + a_e * e``.
         out: coefficients of ``x'`` over ``[x, d, H[reads...], z]``.
