@@ -9,6 +9,8 @@
 #include "cpu_step.h"
 
 #pragma GCC target("avx512f,avx2,fma,f16c")
+// GCC 12 false positive inside its own _mm512_undefined_epi32 (self-initialised; GCC PR105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace {
 #include "cpu_vec_avx512.h"
 #include "cpu_kernel.h"

@@ -138,3 +138,71 @@ def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> No
     if check:
         validate(args)
     resolve(backend, args).step(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom op ``fastdiff::step`` (owned by the CPU-kernel issue; the rest of this file
+# is the dispatch above). With it, torch.compile(fullgraph=True) traces a loop that steps without
+# a graph break. The state is updated in place and history slots are indices into one mutated
+# list, so in-place use (out is x, a slot both read and written) never passes one tensor as two
+# arguments, which custom ops do not allow for mutated tensors.
+
+_STEP_SCHEMA = (
+    "(Tensor(a!) x, Tensor(b!)[] history, Tensor m, Tensor? m_c, Tensor? w, Tensor? r, Tensor? s, "
+    "Tensor? seeds, Tensor? z, Tensor? z2, Tensor? mask, Tensor? known, int[] reads, int[] writes, "
+    "float[] coef, int clip, int row, str backend) -> ()"
+)
+
+
+@torch.library.custom_op("fastdiff::step", mutates_args=("x", "history"), schema=_STEP_SCHEMA)
+def _step_op(x, history, m, m_c, w, r, s, seeds, z, z2, mask, known, reads, writes, coef, clip, row, backend):
+    for name, slots in (("reads", reads), ("writes", writes)):
+        for k in slots:
+            if not 0 <= k < len(history):
+                raise ValueError(f"{name} has slot {k} but history has {len(history)} tensors")
+    args = StepArgs(
+        x=x, out=x, m=m, coef=tuple(coef), row=row, m_c=m_c,
+        h_read=tuple(history[k] for k in reads), h_write=tuple(history[k] for k in writes),
+        w=w, r=r, s=s, clip=clip, seeds=seeds, z=z, z2=z2, mask=mask, known=known,
+    )
+    step(args, backend)
+
+
+@_step_op.register_fake
+def _step_op_fake(x, history, m, m_c, w, r, s, seeds, z, z2, mask, known, reads, writes, coef, clip, row, backend):
+    return None
+
+
+def step_op(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    coef,
+    *,
+    row: int = 0,
+    history=(),
+    reads=(),
+    writes=(),
+    m_c: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+    clip: int = 0,
+    seeds: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    z2: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    known: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One plan row as the custom op ``torch.ops.fastdiff.step``: updates ``x`` and ``history`` in place.
+
+    Same contract as :func:`step` with ``out=x``: ``x``, ``m``, ``m_c``, ``z``, ``z2``, ``mask``,
+    ``known`` and every ``history[k]`` share ``x``'s shape ``[B, ...]``, dtype and device; ``w``,
+    ``r``, ``s`` are float32 ``[B]``; ``seeds`` int64 ``[B]``; ``coef`` is ``args.N_COEF`` floats
+    (:func:`fastdiff.args.pack_row`). ``reads``/``writes`` are slot indices into ``history``
+    (the row's ``reads`` and ``[w.slot for w in writes]``). Traceable by torch.compile.
+    """
+    torch.ops.fastdiff.step(
+        x, list(history), m, m_c, w, r, s, seeds, z, z2, mask, known,
+        [int(k) for k in reads], [int(k) for k in writes], [float(c) for c in coef], int(clip), int(row), backend,
+    )
