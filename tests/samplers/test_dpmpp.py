@@ -117,6 +117,12 @@ def test_dpmpp_float64_matches_diffusers(name, seed):
     compare_diffusers(DPM, _cfg(name, **SD, use_karras_sigmas=True), name, 30, seed, dtype=torch.float64)
 
 
+@pytest.mark.xfail(strict=True, reason="the loop draws generator noise in the state's dtype; diffusers' DPM-Solver "
+                   "draws float32 noise (randn_tensor(..., dtype=torch.float32)) whatever the sample dtype")
+def test_dpmpp_2m_sde_float64_generator_noise_matches_diffusers(seed):
+    compare_diffusers(DPM, _cfg("dpmpp_2m_sde", **SD), "dpmpp_2m_sde", 10, seed, dtype=torch.float64)
+
+
 def test_sde_draws_like_diffusers():
     for name in ("dpmpp_2m_sde", "dpmpp_3m_sde"):
         plan = samplers.build(name, _cfg(name, **SD), 12)
@@ -151,7 +157,7 @@ def test_dpmpp_3m_sde_matches_k_diffusion(eta, s_noise, grid, seed):
 @pytest.mark.parametrize("name, kfn, kw", [("dpmpp_2m", "sample_dpmpp_2m", {}),
                                             ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 0.7})])
 def test_dpmpp_float64_matches_k_diffusion(name, kfn, kw, seed):
-    compare_k_diffusion(name, kfn, 30, seed, dtype=torch.float64, tol=1e-11, sde=bool(kw), **kw)
+    compare_k_diffusion(name, kfn, 30, seed, dtype=torch.float64, tol=1e-12, sde=bool(kw), **kw)
 
 
 @pytest.mark.parametrize("churn", [0.0, 2.0])
