@@ -1,0 +1,929 @@
+"""Drop into diffusers: schedulers whose ``step`` is fastdiff's fused kernel, and accelerated pipelines.
+
+Schedulers::
+
+    from fastdiff.diffusers import from_diffusers
+    pipe.scheduler = from_diffusers(pipe.scheduler)          # same config, same timesteps, fused step
+
+:func:`from_diffusers` returns an instance of a dynamic subclass of the scheduler's own class
+(same class name and module, so configs and ``save_pretrained`` stay diffusers'). Everything except
+``step`` is diffusers' code: ``set_timesteps`` (every grid option diffusers has, custom
+``timesteps``/``sigmas``/``mu``), ``scale_model_input``, ``add_noise``, ``set_begin_index``,
+``timesteps``, ``sigmas``, ``init_noise_sigma``, ``order``, ``config``. After ``set_timesteps`` the
+plan rows are built from the scheduler's OWN arrays (``timesteps``, ``sigmas``), so ``step`` call
+``i`` of a run runs row ``i`` (Heun's two calls per step are two rows). Multistep history lives on
+the scheduler object (``fastdiff_history``).
+
+Noise: with ``generator`` (or ``variance_noise``) the noise is drawn exactly as diffusers draws it
+(same shape, dtype and generator calls), so trajectories match the stock scheduler. Without one,
+diffusers would draw from torch's global RNG; the fused step instead generates counter-based
+Philox noise inside the kernel, keyed by a seed drawn from torch's global RNG at
+``set_timesteps`` (so ``torch.manual_seed`` still makes runs reproducible, and the noise does not
+depend on the device or the batch size — but it is not the stock scheduler's noise).
+
+``step`` returns ``prev_sample`` only: ``pred_original_sample`` is not computed (that would cost
+an extra pass over the tensor), and the output is a plain ``SchedulerOutput``.
+
+Supported classes, config options and ``step`` arguments are listed in :data:`SUPPORT` (see
+:func:`support_table`). Any other config key or value, or a ``step`` argument the fused step
+cannot honour, raises ``ValueError`` naming it. The one fallback: ``LMSDiscreteScheduler`` runs
+that start later than step 0 (``set_begin_index``, img2img) use diffusers' own step, with a
+warning, because diffusers' LMS then truncates its coefficient set in a way no plan row expresses.
+
+Pipelines::
+
+    from fastdiff.diffusers import accelerate, restore
+    accelerate(pipe)     # pipe(...) now runs fastdiff's loop: one fused kernel per step, CFG blend inside
+    restore(pipe)        # back to the stock __call__
+
+Supported: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ops, samplers
+from .args import StepArgs, clip_code, pack_row
+from .guidance import Guidance, dynamic_threshold
+from .loop import LoopOptions, draw_noise, run_plan
+from .plan import Plan, Row, check_prediction
+from .rng import expand_seeds
+from .samplers._multistep import Grid, log_snr
+from .schedules import Discretization, FlowSchedule, VPSchedule
+
+__all__ = ["from_diffusers", "accelerate", "restore", "support_table", "SUPPORT"]
+
+# ------------------------------------------------------------------------------------- schedules
+
+
+class _OwnGrid:
+    """A schedule whose grid is given as arrays: the diffusers scheduler's own ``set_timesteps``."""
+
+    def _own(self, steps: int, what: str):
+        value = self.arrays[what]
+        n = self.arrays["steps"]
+        if steps != n:
+            raise ValueError(f"this schedule holds the scheduler's own grid of {n} steps; {steps} were asked for")
+        return value
+
+    def discretize(self, steps: int, spacing_default: str = "") -> Discretization:
+        """The scheduler's own sigmas and timesteps."""
+        return self._own(steps, "disc")
+
+    def timesteps(self, steps: int, spacing_default: str = "") -> np.ndarray:
+        """The scheduler's own integer timesteps (DDPM, DDIM)."""
+        return self._own(steps, "timesteps")
+
+    def own_multistep_grid(self, steps: int) -> Grid:
+        """The multistep grid from the scheduler's own sigmas (DPM-Solver, UniPC)."""
+        return self._own(steps, "grid")
+
+
+@dataclass(frozen=True, eq=False)
+class _OwnVP(_OwnGrid, VPSchedule):
+    arrays: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class _OwnFlow(_OwnGrid, FlowSchedule):
+    arrays: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _host(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------- class table
+
+_GRID_KEYS = frozenset({
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+    "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "sigma_min", "sigma_max", "final_sigmas_type", "interpolation_type", "timestep_type", "use_lu_lambdas",
+    "lambda_min_clipped", "flow_shift", "use_dynamic_shifting", "time_shift_type", "shift", "base_shift",
+    "max_shift", "base_image_seq_len", "max_image_seq_len", "shift_terminal",
+})
+"""Config keys consumed by diffusers' own ``set_timesteps``: any value diffusers accepts is supported,
+because the rows are built from the arrays it computes."""
+
+_META_KEYS = frozenset({"_class_name", "_diffusers_version", "_use_default_values", "_name_or_path"})
+
+_CLIP = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+_THRESH = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one diffusers scheduler class maps onto a fastdiff sampler.
+
+    Attributes:
+        sampler: config -> registered sampler name.
+        grid: how the scheduler's arrays become the sampler's grid: ``timesteps`` (integer
+            timesteps: DDPM, DDIM), ``sigmas`` (Euler-type), ``heun`` (interleaved Heun arrays),
+            ``multistep`` (DPM-Solver / UniPC) or ``flow``.
+        options: config keys handed to the sampler (which validates their values).
+        only: config key -> the only values supported.
+        step_options: ``step()`` argument -> sampler option it sets.
+        step_only: ``step()`` argument -> the only value supported.
+        step_ignored: ``step()`` arguments diffusers accepts and does not use (or that only matter
+            together with an argument in ``step_only``).
+        fixed: sampler options always set.
+        noise_dtype: dtype diffusers draws noise in (``None``: the model output's).
+        out_model_dtype: diffusers casts ``prev_sample`` to the model output's dtype.
+        indexed: keeps ``step_index`` (else the row follows the timestep value: DDPM, DDIM).
+        restart: how a run starting after row 0 (``set_begin_index``) is planned: ``rows`` (rows
+            do not depend on earlier ones), ``slice`` (re-plan the multistep run from there),
+            ``stock`` (diffusers' own step, with a warning).
+        slice_options: ``(config, start, n) -> options`` for a run over rows ``start..n-1``.
+        row_fix: ``(scheduler, row, step_args) -> (row, c_m)``: a per-call change of the row and a
+            coefficient on the raw model output (DDIM's unclipped epsilon).
+    """
+
+    sampler: Callable[[Mapping], str]
+    grid: str
+    options: tuple[str, ...] = ()
+    only: Mapping[str, tuple] = field(default_factory=dict)
+    step_options: Mapping[str, str] = field(default_factory=dict)
+    step_only: Mapping[str, Any] = field(default_factory=dict)
+    step_ignored: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    noise_dtype: torch.dtype | None = None
+    out_model_dtype: bool = False
+    indexed: bool = True
+    restart: str = "rows"
+    slice_options: Callable[[Mapping, int, int], dict] | None = None
+    row_fix: Callable | None = None
+
+
+def _named(name: str) -> Callable[[Mapping], str]:
+    return lambda cfg: name
+
+
+_DPM_NAMES = {("dpmsolver++", 1): "dpmpp_1", ("dpmsolver++", 2): "dpmpp_2m", ("dpmsolver++", 3): "dpmpp_3m",
+              ("sde-dpmsolver++", 1): "dpmpp_1_sde", ("sde-dpmsolver++", 2): "dpmpp_2m_sde",
+              ("sde-dpmsolver++", 3): "dpmpp_3m_sde"}
+
+
+def _dpm_sampler(cfg: Mapping) -> str:
+    return _DPM_NAMES[(cfg["algorithm_type"], int(cfg["solver_order"]))]
+
+
+def _dpm_slice(cfg: Mapping, start: int, n: int) -> dict:
+    # diffusers lowers the order of the last two steps when the WHOLE run has < 15 steps; a sliced
+    # plan sees fewer, so the rule is decided here on the full length.
+    return {"lower_order_final": bool(cfg["lower_order_final"]) and n < 15}
+
+
+def _unipc_slice(cfg: Mapping, start: int, n: int) -> dict:
+    return {"disable_corrector": [int(k) - start for k in (cfg.get("disable_corrector") or ())]}
+
+
+def _ddim_unclipped_eps(sched, row: Row, a: Mapping) -> tuple[Row, float]:
+    """DDIM's default ``use_clipped_model_output=False`` with clipping: the update mixes the CLIPPED
+    x0 with the epsilon of the UNCLIPPED x0, ``x' = sqrt(a_p) d_c + c_dir (x - sqrt(a_t) d_u)``,
+    ``d_u = a_x x + a_e m``. The row (built for the clipped epsilon) gets ``x``/``d`` changed and
+    a coefficient on the raw model output ``m``."""
+    if row.clip is None or a.get("use_clipped_model_output"):
+        return row, 0.0
+    sa_t = math.sqrt(float(sched.alphas_cumprod[int(row.t)]))
+    c_dir = row.out[0]
+    sa_p = row.out[1] + c_dir * sa_t
+    out = (c_dir * (1.0 - sa_t * row.a_x), sa_p) + row.out[2:]
+    return dataclasses.replace(row, out=out), -c_dir * sa_t * row.a_e
+
+
+SUPPORT: dict[str, _Spec] = {
+    "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False),
+    "DDIMScheduler": _Spec(
+        _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP), step_options={"eta": "eta"},
+        step_ignored=("use_clipped_model_output",), fixed={"use_clipped_model_output": True}, indexed=False,
+        row_fix=_ddim_unclipped_eps),
+    "EulerDiscreteScheduler": _Spec(
+        _named("euler"), "sigmas", step_only={"s_churn": 0.0}, step_ignored=("s_tmin", "s_tmax", "s_noise"),
+        out_model_dtype=True),
+    "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_model_dtype=True),
+    "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range")),
+    "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock"),
+    "DPMSolverMultistepScheduler": _Spec(
+        _dpm_sampler, "multistep",
+        ("solver_type", "lower_order_final", "euler_at_final", "variance_type", *_THRESH),
+        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3),
+              "use_flow_sigmas": (False,)},
+        fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_model_dtype=True, restart="slice",
+        slice_options=_dpm_slice),
+    "UniPCMultistepScheduler": _Spec(
+        _named("unipc"), "multistep",
+        ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
+         *_THRESH),
+        only={"use_flow_sigmas": (False,)}, restart="slice", slice_options=_unipc_slice),
+    "FlowMatchEulerDiscreteScheduler": _Spec(
+        _named("flow_euler"), "flow", ("stochastic_sampling",), only={"invert_sigmas": (False,)},
+        step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
+        noise_dtype=torch.float32, out_model_dtype=True),
+}
+"""Supported diffusers scheduler classes (by name) and how each maps onto a fastdiff sampler."""
+
+
+def support_table() -> str:
+    """A plain-text table of the supported classes, config options and ``step`` arguments."""
+    lines = [f"config keys handled by diffusers' own set_timesteps (any value): {', '.join(sorted(_GRID_KEYS))}"]
+    for name, s in SUPPORT.items():
+        only = ", ".join(f"{k} in {v}" for k, v in s.only.items())
+        step = [f"{k} (any)" for k in s.step_options] + [f"{k}={v!r} only" for k, v in s.step_only.items()]
+        step += [f"{k} (no effect)" for k in s.step_ignored if k != "use_clipped_model_output"]
+        if s.row_fix is not None:
+            step.append("use_clipped_model_output (any)")
+        lines.append(f"{name}: prediction_type, {', '.join(s.options) or '-'}"
+                     f"{'; only ' + only if only else ''}; step: {', '.join(step) or '-'}"
+                     f"{'; generator noise in float32' if s.noise_dtype is not None else ''}")
+    return "\n".join(lines)
+
+
+def _stock_class(cls: type) -> type:
+    return getattr(cls, "_fd_stock", cls)
+
+
+def _spec_of(cls: type) -> _Spec:
+    import diffusers
+
+    name = cls.__name__
+    if name not in SUPPORT or getattr(diffusers, name, None) is not cls:
+        raise TypeError(f"fastdiff.diffusers does not support scheduler class {cls.__module__}.{name}; "
+                        f"supported: {', '.join(SUPPORT)}")
+    return SUPPORT[name]
+
+
+def _check_config(cls_name: str, spec: _Spec, cfg: Mapping) -> None:
+    """Raise ``ValueError`` naming any config key (or value) the fused step does not implement."""
+    for k, v in cfg.items():
+        if k in _META_KEYS or k in _GRID_KEYS or k in spec.options or k == "prediction_type":
+            continue
+        if k in spec.only:
+            if v not in spec.only[k]:
+                raise ValueError(f"{cls_name} config {k}={v!r} is not supported by fastdiff.diffusers "
+                                 f"(supported: {', '.join(map(repr, spec.only[k]))})")
+            continue
+        raise ValueError(f"{cls_name} config key {k!r} (value {v!r}) is not supported by fastdiff.diffusers; "
+                         "it may change the step, so it is not ignored")
+    if "prediction_type" in cfg:
+        check_prediction(cfg["prediction_type"])
+
+
+# ------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class _Run:
+    """One sampling run of a drop-in scheduler: its plan, first row and history ring."""
+
+    plan: Plan | None  # None: diffusers' own step runs (documented fallback)
+    start: int
+    key: tuple
+    index: dict = field(default_factory=dict)  # timestep value -> row (non-indexed classes)
+    hist: list | None = None  # allocated at the run's first step
+
+
+class _FusedScheduler:
+    """Methods shared by every drop-in scheduler class (mixed in before the diffusers class)."""
+
+    _fd_spec: _Spec
+    _fd_stock: type
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _fd_init(self, backend: str) -> None:
+        self.fastdiff_backend = backend
+        self._fd_reset()
+
+    def _fd_reset(self) -> None:
+        self._fd_plans: dict = {}
+        self._fd_run: _Run | None = None
+        self._fd_seed: int | None = None  # Philox key, drawn from torch's global RNG when first needed
+        self._fd_seeds: tuple | None = None
+
+    @property
+    def fastdiff_history(self) -> list[torch.Tensor]:
+        """The history ring of the current run (tensors shaped like the sample)."""
+        return [] if self._fd_run is None or self._fd_run.hist is None else self._fd_run.hist
+
+    def fastdiff_plan(self, start: int = 0, **step_args) -> Plan:
+        """The plan of a run from row ``start`` with these ``step()`` arguments (``eta``, ``order``)."""
+        run = self._fd_plan(start, self._fd_key(step_args))
+        if run.plan is None:
+            raise ValueError(f"{type(self).__name__} has no plan for a run from row {start} (stock step)")
+        return run.plan
+
+    def _fd_key(self, a: Mapping) -> tuple:
+        spec = self._fd_spec
+        return tuple((k, a[k]) for k in spec.step_options if k in a)
+
+    def _fd_arrays(self, start: int) -> tuple[dict, int]:
+        spec = self._fd_spec
+        ts = _host(self.timesteps)
+        if spec.grid == "timesteps":
+            return {"timesteps": ts, "steps": len(ts)}, len(ts)
+        sig = _host(self.sigmas)
+        if spec.grid == "heun":  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0] -> one entry per solver step
+            ts, sig = np.concatenate([ts[:1], ts[1::2]]), np.concatenate([sig[:1], sig[1::2]])
+        # step i moves sigmas[i] -> sigmas[i + 1]; entries past len(timesteps) + 1 are never used
+        # (diffusers' Euler interpolation_type="log_linear" keeps one more)
+        ts, sig = ts[start:], sig[start:len(ts) + 1]
+        n = len(ts)
+        if spec.grid == "multistep":
+            # diffusers' _sigma_to_alpha_sigma_t: alpha = 1/sqrt(s^2 + 1), sigma_t = s * alpha
+            alphas = tuple(1.0 / math.sqrt(s * s + 1.0) for s in sig)
+            stds = tuple(float(s) * a for s, a in zip(sig, alphas))
+            grid = Grid(tuple(map(float, ts)), tuple(map(float, sig)), alphas, stds,
+                        tuple(log_snr(a, s) for a, s in zip(alphas, stds)), 1.0, "vp")
+            return {"grid": grid, "steps": n}, n
+        init = float(getattr(self, "init_noise_sigma", 1.0)) if start == 0 else float(sig[0])
+        disc = Discretization(sigmas=sig, timesteps=ts, init_sigma=init)
+        return {"disc": disc, "steps": n}, n
+
+    def _fd_schedule(self, arrays: dict):
+        if self._fd_spec.grid == "flow":
+            return _OwnFlow(num_train_timesteps=int(self.config.num_train_timesteps), arrays=arrays)
+        return _OwnVP(betas=_host(self.betas), alphas_cumprod=_host(self.alphas_cumprod), arrays=arrays)
+
+    def _fd_plan(self, start: int, key: tuple) -> _Run:
+        spec = self._fd_spec
+        name = type(self).__name__
+        if spec.restart == "rows":
+            start = 0  # rows do not depend on earlier rows: row i of the full plan serves any start
+        cached = self._fd_plans.get((start, key))
+        if cached is not None:
+            return _Run(cached.plan, start, key, cached.index)
+        if start > 0 and spec.restart == "stock":
+            warnings.warn(f"fastdiff.diffusers: {name} run starting at step {start} (set_begin_index) uses "
+                          "diffusers' own step (its LMS coefficients at a late start have no plan-row form)",
+                          RuntimeWarning, stacklevel=4)
+            run = _Run(None, start, key)
+            self._fd_plans[(start, key)] = run
+            return run
+        cfg = self.config
+        arrays, steps = self._fd_arrays(start)
+        options = {k: cfg[k] for k in spec.options if k in cfg}
+        options.update(spec.fixed)
+        options.update({spec.step_options[k]: v for k, v in key})
+        if spec.slice_options is not None:
+            options.update(spec.slice_options(cfg, start, start + steps))
+        prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
+        plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
+                              **options)
+        want = _host(self.timesteps)[start:].astype(np.float32)
+        got = np.array([r.t for r in plan.rows]).astype(np.float32)
+        if len(got) != len(want) or not np.array_equal(got, want):
+            raise RuntimeError(f"fastdiff.diffusers: the {plan.sampler} plan for {name} has {len(got)} rows that "
+                               f"do not follow scheduler.timesteps ({len(want)} from row {start}); this is a bug")
+        index = {}
+        if not spec.indexed:
+            for i, t in enumerate(_host(self.timesteps)):
+                index.setdefault(float(t), i)
+        run = _Run(plan, start, key, index)
+        self._fd_plans[(start, key)] = run
+        return _Run(plan, start, key, index)
+
+    # -- step ----------------------------------------------------------------------------------
+
+    def _fd_step(self, a: dict):
+        spec = self._fd_spec
+        name = type(self).__name__
+        for k, v in spec.step_only.items():
+            val = a.get(k)
+            if not (val is v or (isinstance(val, (int, float)) and val == v)):
+                raise ValueError(f"{name}.step({k}={_short(val)}) is not supported by the fused step "
+                                 f"(supported: {k}={v!r}); use the stock scheduler for it")
+        key = self._fd_key(a)
+        m, timestep, x = a["model_output"], a["timestep"], a["sample"]
+        run = self._fd_run
+        if spec.indexed:
+            if self.step_index is None:
+                self._init_step_index(timestep)  # diffusers' bookkeeping: begin_index or timestep lookup
+            i = self.step_index
+            if run is None:
+                run = self._fd_run = self._fd_plan(i, key)
+            elif run.key != key:
+                raise ValueError(f"{name}.step arguments {dict(key)} differ from earlier steps of this run "
+                                 f"{dict(run.key)}; call set_timesteps to start a new run")
+        else:
+            if run is None or run.key != key:
+                run = self._fd_run = self._fd_plan(0, key)
+            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+            if t not in run.index:
+                raise ValueError(f"{name}.step(timestep={t:g}): the fused step needs one of scheduler.timesteps")
+            i = run.index[t]
+        if run.plan is None:
+            return self._fd_stock.step(**a)
+        k = i - run.start
+        plan = run.plan
+        if not 0 <= k < len(plan.rows):
+            last = run.start + len(plan.rows) - 1
+            raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
+                             "call set_timesteps first")
+        row = plan.rows[k]
+        c_m = 0.0
+        if spec.row_fix is not None:
+            row, c_m = spec.row_fix(self, row, a)
+        dt = torch.promote_types(x.dtype, m.dtype)
+        xx, mm = x.to(dt).contiguous(), m.to(dt).contiguous()
+        if run.hist is None:
+            if row.stage != 0:
+                raise ValueError(f"{name}: a run cannot start at step index {i}, the second stage of a solver step")
+            run.hist = [torch.zeros_like(xx) for _ in range(plan.n_slots)]
+        elif run.hist and (run.hist[0].shape != xx.shape or run.hist[0].dtype != dt or run.hist[0].device != xx.device):
+            raise ValueError(f"{name}.step: sample changed to {tuple(xx.shape)} {dt} on {xx.device} "
+                             "in the middle of a run")
+        z, seeds = self._fd_noise(row, a, mm)
+        out = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, c_m=c_m, backend=self.fastdiff_backend)
+        if spec.out_model_dtype:
+            out = out.to(m.dtype)
+        self._fd_after(row, i)
+        if not a.get("return_dict", True):
+            return (out,)
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        return SchedulerOutput(prev_sample=out)
+
+    def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor):
+        if not row.noise:
+            return None, None
+        ext = a.get("variance_noise")
+        if ext is not None:
+            return ext.to(device=m.device, dtype=m.dtype).contiguous(), None
+        gen = a.get("generator")
+        if gen is not None:
+            z = draw_noise(tuple(m.shape), gen, self._fd_spec.noise_dtype or m.dtype, m.device)
+            return z.to(m.dtype).contiguous(), None
+        b = m.shape[0]
+        if self._fd_seed is None:
+            self._fd_seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+        if self._fd_seeds is None or self._fd_seeds[0] != (b, m.device):
+            s = torch.tensor(expand_seeds(self._fd_seed, b), dtype=torch.int64, device=m.device)
+            self._fd_seeds = ((b, m.device), s)
+        return None, self._fd_seeds[1]
+
+    def _fd_after(self, row: Row, i: int) -> None:
+        """Keep the stock scheduler's public state what diffusers' step would leave."""
+        if self._fd_spec.indexed:
+            self._step_index += 1
+        if hasattr(self, "lower_order_nums"):
+            self.lower_order_nums = min(self.lower_order_nums + 1, int(self.config.solver_order))
+        if self._fd_spec.grid == "heun":  # state_in_first_order is `dt is None`
+            self.dt = (self.sigmas[i + 1] - self.sigmas[i]) if row.stage == 0 else None
+
+
+def _short(v) -> str:
+    return f"<tensor {tuple(v.shape)}>" if isinstance(v, torch.Tensor) else repr(v)
+
+
+def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, hist: list, *, z, seeds, c_m: float,
+             backend: str) -> torch.Tensor:
+    """One fused step of ``row`` from ``x`` with model output ``m`` into a new tensor.
+
+    ``c_m`` adds ``c_m * m`` to ``x'`` (the raw model output as an extra history operand).
+    """
+    h_read = tuple(hist[k] for k in row.reads)
+    coef = pack_row(row)
+    if c_m != 0.0:
+        h_read = h_read + (m,)
+        coef = list(coef)
+        coef[2 + 2 + len(row.reads)] = c_m  # packed: a_x, a_e, then out = [x, d, h..., z]
+        coef = tuple(coef)
+    clip = clip_code(row)
+    s = None
+    if clip == 1:
+        s = torch.full((x.shape[0],), float(plan.clip_range), dtype=torch.float32, device=x.device)
+    elif clip == 2:
+        s = dynamic_threshold(row.a_x * x.float() + row.a_e * m.float(), plan.threshold_ratio, plan.threshold_max)
+    out = torch.empty_like(x)
+    args = StepArgs(x=x, out=out, m=m, coef=coef, row=i, h_read=h_read,
+                    h_write=tuple(hist[w.slot] for w in row.writes), s=s, clip=clip, seeds=seeds, z=z)
+    ops.step(args, backend)
+    return out
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    """The drop-in subclass of diffusers scheduler class ``cls`` (made once per class)."""
+    if cls in _FUSED_CLASSES:
+        return _FUSED_CLASSES[cls]
+    spec = _spec_of(cls)
+    stock_set, stock_step = cls.set_timesteps, cls.step
+    step_sig = inspect.signature(stock_step)
+
+    @functools.wraps(stock_set)
+    def set_timesteps(self, *args, **kwargs):
+        stock_set(self, *args, **kwargs)
+        self._fd_reset()
+        self._fd_plan(0, ())  # build now: a config the rows cannot express fails here, not mid-run
+
+    @functools.wraps(stock_step)
+    def step(self, *args, **kwargs):
+        bound = step_sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        return self._fd_step(bound.arguments)
+
+    ns = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_fd_spec": spec, "_fd_stock": cls,
+          "set_timesteps": set_timesteps, "step": step,
+          "__doc__": f"{cls.__name__} whose step runs fastdiff's fused kernel (see fastdiff.diffusers).\n\n"
+                     f"{cls.__doc__ or ''}"}
+    fused = type(cls.__name__, (_FusedScheduler, cls), ns)
+    _FUSED_CLASSES[cls] = fused
+    return fused
+
+
+def from_diffusers(scheduler: Any, backend: str = "auto"):
+    """A drop-in copy of a diffusers ``scheduler`` whose ``step`` runs fastdiff's fused kernel.
+
+    Args:
+        scheduler: a configured diffusers scheduler of a class in :data:`SUPPORT` (its state,
+            including timesteps already set, is copied; the original is not changed).
+        backend: ``auto``, ``reference``, ``cpu``, ``triton`` or ``cuda`` for every ``step``.
+
+    Returns:
+        An instance of a subclass of ``type(scheduler)`` with the same config and attributes.
+
+    Raises:
+        TypeError: the class is not supported.
+        ValueError: a config key or value the fused step does not implement (named in the message).
+    """
+    cls = _stock_class(type(scheduler))
+    spec = _spec_of(cls)
+    ops.requested_backend(backend)  # validates the name
+    _check_config(cls.__name__, spec, scheduler.config)
+    fused = _fused_class(cls).__new__(_fused_class(cls))
+    state = {k: v for k, v in scheduler.__dict__.items() if not k.startswith("_fd_")}
+    fused.__dict__.update(copy.deepcopy(state))
+    fused._fd_init(backend)
+    if getattr(scheduler, "num_inference_steps", None) is not None:
+        fused._fd_plan(0, ())
+    return fused
+
+
+# ------------------------------------------------------------------------------------- pipelines
+
+
+@dataclass(frozen=True)
+class _PipeSpec:
+    """How one pipeline class is accelerated.
+
+    Attributes:
+        supported: ``__call__`` arguments the accelerated loop honours (all others must keep
+            their default values).
+        prepare: ``(pipe, args, do_cfg) -> (model, cond, uncond, latents, extra)``.
+        finish: ``(pipe, latents, args, extra) -> pipeline output``.
+        step_generator: whether the stock loop hands ``generator`` to ``scheduler.step`` (else
+            the stock step draws from torch's global RNG, and so do we).
+    """
+
+    supported: frozenset
+    prepare: Callable
+    finish: Callable
+    step_generator: bool = True
+
+
+_COMMON = frozenset({"prompt", "height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
+                     "num_images_per_prompt", "generator", "latents", "prompt_embeds", "negative_prompt_embeds",
+                     "output_type", "return_dict", "clip_skip", "callback_on_step_end_tensor_inputs"})
+
+
+def _sd_prepare(pipe, a: dict, do_cfg: bool):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    h = a["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if not isinstance(pipe.unet.config.sample_size, int) and not (a["height"] and a["width"]):
+        h, w = (pipe.unet.config.sample_size[0] * pipe.vae_scale_factor,
+                pipe.unet.config.sample_size[1] * pipe.vae_scale_factor)
+    pipe.check_inputs(a["prompt"], h, w, None, a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"])
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
+                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    latents = pipe.prepare_latents(pe.shape[0], pipe.unet.config.in_channels, h, w, pe.dtype, device,
+                                   a["generator"], a["latents"])
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    cond = {"encoder_hidden_states": pe}
+    uncond = {"encoder_hidden_states": ne} if do_cfg else None
+    return model, cond, uncond, latents, {"dtype": pe.dtype, "device": device}
+
+
+def _sd_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+    if a["output_type"] != "latent":
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                generator=a["generator"])[0]
+        image, nsfw = pipe.run_safety_checker(image, extra["device"], extra["dtype"])
+    else:
+        image, nsfw = latents, None
+    denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+    image = pipe.image_processor.postprocess(image, output_type=a["output_type"], do_denormalize=denorm)
+    pipe.maybe_free_model_hooks()
+    if not a["return_dict"]:
+        return image, nsfw
+    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+def _sdxl_prepare(pipe, a: dict, do_cfg: bool):
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+
+    h = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["prompt_2"], h, w, None, a["negative_prompt"], a["negative_prompt_2"],
+                      a["prompt_embeds"], a["negative_prompt_embeds"], a["pooled_prompt_embeds"],
+                      a["negative_pooled_prompt_embeds"])
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne, pp, npp = pipe.encode_prompt(
+        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
+        clip_skip=a["clip_skip"])
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    latents = pipe.prepare_latents(pe.shape[0], pipe.unet.config.in_channels, h, w, pe.dtype, device,
+                                   a["generator"], a["latents"])
+    proj = (int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
+    ids = pipe._get_add_time_ids(a["original_size"] or (h, w), a["crops_coords_top_left"], a["target_size"] or (h, w),
+                                 dtype=pe.dtype, text_encoder_projection_dim=proj)
+    if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
+        nids = pipe._get_add_time_ids(a["negative_original_size"], a["negative_crops_coords_top_left"],
+                                      a["negative_target_size"], dtype=pe.dtype, text_encoder_projection_dim=proj)
+    else:
+        nids = ids
+    n = pe.shape[0]
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    def pack(e, pooled, time_ids):
+        return {"encoder_hidden_states": e.to(device),
+                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
+
+    uncond = pack(ne, npp, nids) if do_cfg else None
+    return model, pack(pe, pp, ids), uncond, latents, {"dtype": pe.dtype, "device": device}
+
+
+def _sdxl_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+    if a["output_type"] == "latent":
+        image = latents
+    else:
+        upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+        if upcast:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+        mean = getattr(pipe.vae.config, "latents_mean", None)
+        std = getattr(pipe.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / pipe.vae.config.scaling_factor + mean
+        else:
+            latents = latents / pipe.vae.config.scaling_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            pipe.vae.to(dtype=torch.float16)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
+
+
+def _sd3_prepare(pipe, a: dict, do_cfg: bool):
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+    h = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["prompt_2"], a["prompt_3"], h, w, negative_prompt=a["negative_prompt"],
+                      negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
+                      prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                      pooled_prompt_embeds=a["pooled_prompt_embeds"],
+                      negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                      max_sequence_length=a["max_sequence_length"])
+    device = pipe._execution_device
+    lora_scale = (a["joint_attention_kwargs"] or {}).get("scale")
+    pe, ne, pp, npp = pipe.encode_prompt(
+        prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_3=a["prompt_3"], negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
+        do_classifier_free_guidance=do_cfg, prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device, clip_skip=a["clip_skip"],
+        num_images_per_prompt=a["num_images_per_prompt"], max_sequence_length=a["max_sequence_length"],
+        lora_scale=lora_scale)
+    latents = pipe.prepare_latents(pe.shape[0], pipe.transformer.config.in_channels, h, w, pe.dtype, device,
+                                   a["generator"], a["latents"])
+    kw = {}
+    cfg = pipe.scheduler.config
+    if cfg.get("use_dynamic_shifting", None) and a["mu"] is None:
+        p = pipe.transformer.config.patch_size
+        kw["mu"] = calculate_shift((latents.shape[2] // p) * (latents.shape[3] // p),
+                                   cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                   cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+    elif a["mu"] is not None:
+        kw["mu"] = a["mu"]
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **kw)
+    jak = a["joint_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.transformer(hidden_states=x, timestep=t, joint_attention_kwargs=jak, return_dict=False, **cond)[0]
+
+    def pack(e, pooled):
+        return {"encoder_hidden_states": e, "pooled_projections": pooled}
+
+    uncond = pack(ne, npp) if do_cfg else None
+    return model, pack(pe, pp), uncond, latents, {"dtype": pe.dtype, "device": device}
+
+
+def _sd3_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+    if a["output_type"] == "latent":
+        image = latents
+    else:
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return StableDiffusion3PipelineOutput(images=image) if a["return_dict"] else (image,)
+
+
+_SDXL_EXTRA = {"prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+               "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+               "negative_crops_coords_top_left", "negative_target_size", "denoising_end"}
+PIPELINES: dict[str, _PipeSpec] = {
+    "StableDiffusionPipeline": _PipeSpec(
+        _COMMON | {"timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale"}, _sd_prepare,
+        _sd_finish),
+    "StableDiffusionXLPipeline": _PipeSpec(
+        _COMMON | _SDXL_EXTRA | {"timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale"},
+        _sdxl_prepare, _sdxl_finish),
+    "StableDiffusion3Pipeline": _PipeSpec(
+        _COMMON | {"prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
+                   "negative_pooled_prompt_embeds", "sigmas", "joint_attention_kwargs", "max_sequence_length", "mu"},
+        _sd3_prepare, _sd3_finish, step_generator=False),
+}
+"""Pipelines :func:`accelerate` supports, by class name."""
+
+
+def _accelerated_call(self, *args, **kwargs):
+    """The accelerated ``__call__`` (see :func:`accelerate`)."""
+    stock = self._fd_stock_pipeline
+    spec = PIPELINES[stock.__name__]
+    sig = inspect.signature(stock.__call__)
+    bound = sig.bind(self, *args, **kwargs)
+    given = dict(bound.arguments)
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    for name, value in given.items():
+        p = sig.parameters[name]
+        if name == "self" or name in spec.supported:
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            if value:
+                raise TypeError(f"fastdiff.diffusers.accelerate: {stock.__name__}.__call__ arguments {sorted(value)} "
+                                "are not supported by the accelerated loop; restore(pipe) to use them")
+            continue
+        if not _is_default(value, p.default):
+            raise TypeError(f"fastdiff.diffusers.accelerate: {stock.__name__}.__call__ argument {name}={_short(value)} "
+                            "is not supported by the accelerated loop; call fastdiff.diffusers.restore(pipe) to use it")
+    with torch.no_grad():
+        return _accelerated_run(self, spec, a)
+
+
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    try:
+        return bool(value == default)
+    except Exception:  # tensors and other objects without a plain truth value
+        return False
+
+
+def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
+    backend = pipe._fd_backend
+    gs = float(a["guidance_scale"])
+    pipe._guidance_scale = gs
+    pipe._guidance_rescale = float(a.get("guidance_rescale") or 0.0)
+    pipe._clip_skip = a["clip_skip"]
+    pipe._cross_attention_kwargs = a.get("cross_attention_kwargs")
+    pipe._joint_attention_kwargs = a.get("joint_attention_kwargs")
+    pipe._interrupt = False
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    if getattr(denoiser.config, "time_cond_proj_dim", None) is not None:
+        raise ValueError("fastdiff.diffusers.accelerate: a UNet with time_cond_proj_dim (guidance embedding, LCM) "
+                         "is not supported")
+    do_cfg = pipe.do_classifier_free_guidance
+    model, cond, uncond, latents, extra = spec.prepare(pipe, a, do_cfg)
+    sched = from_diffusers(pipe.scheduler, backend=backend)  # after the pipeline's own set_timesteps
+    step_args = {"eta": a["eta"]} if "eta" in a and "eta" in sched._fd_spec.step_options else {}
+    plan = sched.fastdiff_plan(0, **step_args)
+    if sched._fd_spec.row_fix is not None and any(sched._fd_spec.row_fix(sched, r, {})[1] for r in plan.rows):
+        raise ValueError(f"fastdiff.diffusers.accelerate: {type(sched).__name__} with clip_sample/thresholding "
+                         "mixes the clipped x0 with the unclipped epsilon, which needs the drop-in scheduler's step; "
+                         "use from_diffusers(pipe.scheduler) with restore(pipe), or set clip_sample=False")
+    if a.get("denoising_end") is not None and 0 < a["denoising_end"] < 1:
+        cut = int(round(pipe.scheduler.config.num_train_timesteps * (1 - a["denoising_end"])))
+        keep = int((torch.as_tensor(pipe.scheduler.timesteps) >= cut).sum())
+        plan = dataclasses.replace(plan, rows=plan.rows[:keep])
+    gen = a["generator"]
+    noise_dtype = sched._fd_spec.noise_dtype
+    noise_fn = seeds = None
+    if gen is not None or not spec.step_generator:
+        g = gen if spec.step_generator else None
+
+        def draw(i, x):  # exactly the stock step's randn_tensor call
+            return draw_noise(tuple(x.shape), g, noise_dtype or x.dtype, x.device)
+
+        noise_fn = draw
+    elif any(r.noise for r in plan.rows):
+        seeds = expand_seeds(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), latents.shape[0])
+    guidance = Guidance(gs if do_cfg else None, None, pipe._guidance_rescale if do_cfg else 0.0)
+    progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
+                       progress=progress, check_finite=pipe._fd_check_finite)
+    latents = run_plan(plan, model, latents, opts)
+    return spec.finish(pipe, latents, a, extra)
+
+
+_ACCEL_CLASSES: dict[type, type] = {}
+
+
+def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
+    """Make ``pipe(...)`` run fastdiff's loop: one fused kernel per step with the CFG blend inside it.
+
+    The pipeline's own components do the rest (prompt encoding, ``set_timesteps`` of its
+    scheduler, latent preparation, decoding), so ``pipe(...)`` with the same arguments and
+    generator gives the stock image (within float rounding). The loop performs no host-device
+    synchronisation. The scheduler must be supported by :func:`from_diffusers` (checked now and at
+    every call, so a scheduler swapped in later is picked up).
+
+    ``__call__`` keeps its signature; arguments outside the common set (callbacks, IP-adapter
+    images, skip-layer guidance, ...) raise ``TypeError`` naming them unless left at their defaults.
+    Without a ``generator``, solver noise is in-kernel Philox seeded from torch's global RNG
+    (``StableDiffusion3Pipeline`` draws from the global RNG as its stock loop does).
+
+    Args:
+        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+            ``StableDiffusion3Pipeline``.
+        backend: fused-step backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``).
+        check_finite: raise :class:`fastdiff.NonFiniteError` after the loop if the model returned
+            NaN/Inf (one extra reduction per step; off by default, as in the stock loop).
+
+    Returns:
+        ``pipe`` (changed in place: its class becomes an accelerated subclass).
+    """
+    cls = getattr(type(pipe), "_fd_stock_pipeline", type(pipe))
+    import diffusers
+
+    if cls.__name__ not in PIPELINES or getattr(diffusers, cls.__name__, None) is not cls:
+        raise TypeError(f"fastdiff.diffusers.accelerate does not support {cls.__module__}.{cls.__name__}; "
+                        f"supported: {', '.join(PIPELINES)}")
+    ops.requested_backend(backend)
+    from_diffusers(pipe.scheduler, backend=backend)  # fails now for an unsupported scheduler
+    if cls not in _ACCEL_CLASSES:
+        call = functools.wraps(cls.__call__)(lambda self, *a, **k: _accelerated_call(self, *a, **k))
+        ns = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": call,
+              "_fd_stock_pipeline": cls}
+        _ACCEL_CLASSES[cls] = type(cls.__name__, (cls,), ns)
+    pipe.__class__ = _ACCEL_CLASSES[cls]
+    object.__setattr__(pipe, "_fd_backend", backend)
+    object.__setattr__(pipe, "_fd_check_finite", bool(check_finite))
+    return pipe
+
+
+def restore(pipe: Any):
+    """Undo :func:`accelerate`: ``pipe(...)`` runs the stock loop again. Returns ``pipe``."""
+    stock = getattr(type(pipe), "_fd_stock_pipeline", None)
+    if stock is None:
+        raise ValueError(f"{type(pipe).__name__} was not accelerated by fastdiff.diffusers.accelerate")
+    pipe.__class__ = stock
+    for k in ("_fd_backend", "_fd_check_finite"):
+        pipe.__dict__.pop(k, None)
+    return pipe
