@@ -133,6 +133,7 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
         raise ValueError("mask needs known (the known image)")
     sums = torch.zeros(len(rows), dtype=torch.float32, device=dev) if opts.check_finite else None
     packed = [pack_row(r) for r in rows]
+    noise_dtype = getattr(torch, plan.noise_dtype) if plan.noise_dtype else x.dtype
 
     it = range(len(rows))
     if opts.progress:
@@ -178,7 +179,7 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
                 if opts.noise_fn is not None:
                     z = opts.noise_fn(i, x)
                 else:
-                    z = draw_noise(tuple(x.shape), opts.generator, x.dtype, dev)
+                    z = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev)
                 z = z.to(dtype=x.dtype, device=dev)
         if opts.callback is not None:
             x0 = _x0(x, m, m_c, w, rr, r, s, clip)

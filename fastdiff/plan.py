@@ -141,6 +141,9 @@ class Plan:
         threshold_ratio, threshold_max: dynamic thresholding (rows with ``clip="dynamic"``):
             ``s[b] = clamp(quantile(|d[b]|, ratio), 1, max)`` (diffusers' ``dynamic_thresholding_ratio``
             and ``sample_max_value``).
+        noise_dtype: with a generator, draw noise in this dtype (then cast to the state's), as
+            the mirrored library does (diffusers' DPM-Solver SDE always draws float32); ``None``
+            draws in the state's dtype.
         meta: free-form details for reports (not read by the loop or kernels).
     """
 
@@ -154,6 +157,7 @@ class Plan:
     clip_range: float = 1.0
     threshold_ratio: float = 0.995
     threshold_max: float = 1.0
+    noise_dtype: str | None = None
     meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -87,8 +87,11 @@ _VP_KEYS = {
     "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
     "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
     "sigma_min", "sigma_max", "final_sigmas_type", "interpolation_type", "timestep_type",
-    "use_flow_sigmas", "flow_shift",
+    "use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type", "shift_terminal",
 }
+# flow keys that diffusers' VP schedulers (DPM-Solver, UniPC, DEIS) carry in their configs: harmless
+# at these values (time_shift_type only matters with dynamic shifting), refused otherwise
+_VP_FLOW_OFF = {"use_dynamic_shifting": (False, None), "shift_terminal": (None,)}
 _FLOW_KEYS = {
     "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
     "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
@@ -599,8 +602,9 @@ def from_config(config: Any) -> Schedule:
         if k in SAMPLER_CONFIG_KEYS:
             options[k] = v
         elif k in grid_keys:
-            if k in _ONLY and v not in _ONLY[k]:
-                raise ValueError(f"config key {k}={v!r} is not supported by fastdiff (supported: {_ONLY[k][0]!r})")
+            only = _ONLY.get(k) or (None if is_flow else _VP_FLOW_OFF.get(k))
+            if only is not None and v not in only:
+                raise ValueError(f"config key {k}={v!r} is not supported by fastdiff (supported: {only[0]!r})")
             grid[k] = v
         else:
             kind = "flow" if is_flow else "VP"

@@ -223,3 +223,21 @@ def test_bad_arguments_name_themselves():
         S.from_config(3)
     with pytest.raises(ValueError, match="shift"):
         S.FlowSchedule(shift=0.0)
+
+
+@pytest.mark.parametrize("cls_name", [
+    "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+])
+def test_stock_scheduler_configs_are_accepted(cls_name):
+    # users pass pipe.scheduler.config as is: every stock default config must load (flow keys that
+    # VP schedulers carry at their off values included), and turning a refused option on must raise
+    import diffusers
+
+    cfg = getattr(diffusers, cls_name)().config
+    s = S.from_config(cfg)
+    assert s.kind == ("flow" if cls_name.startswith("FlowMatch") else "vp")
+    if "use_dynamic_shifting" in cfg and s.kind == "vp":
+        with pytest.raises(ValueError, match="use_dynamic_shifting"):
+            S.from_config({**cfg, "use_dynamic_shifting": True})

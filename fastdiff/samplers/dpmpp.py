@@ -109,7 +109,8 @@ def _dpmpp(name: str, schedule, steps: int, prediction: str, order: int, sde: bo
                         reads=tuple((i - k) % ring for k in range(1, p)), writes=writes, clip=clip,
                         noise=noise, step=i))
     return Plan(tuple(rows), init_scale=grid.init_scale, n_slots=ring, sampler=name, prediction=prediction,
-                steps=steps, meta={"flavor": flavor, "orders": orders}, **plan_kw)
+                steps=steps, meta={"flavor": flavor, "orders": orders},
+                noise_dtype="float32" if (sde and flavor == "diffusers") else None, **plan_kw)
 
 
 @register("dpmpp_2m", options=_OPTIONS)

@@ -117,8 +117,6 @@ def test_dpmpp_float64_matches_diffusers(name, seed):
     compare_diffusers(DPM, _cfg(name, **SD, use_karras_sigmas=True), name, 30, seed, dtype=torch.float64)
 
 
-@pytest.mark.xfail(strict=True, reason="the loop draws generator noise in the state's dtype; diffusers' DPM-Solver "
-                   "draws float32 noise (randn_tensor(..., dtype=torch.float32)) whatever the sample dtype")
 def test_dpmpp_2m_sde_float64_generator_noise_matches_diffusers(seed):
     compare_diffusers(DPM, _cfg("dpmpp_2m_sde", **SD), "dpmpp_2m_sde", 10, seed, dtype=torch.float64)
 
