@@ -203,7 +203,12 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
       in.known = St::load(kn.v[k]);
       if (f.z2) in.z2 = z2_ext ? St::load(z2.v[k]) : static_cast<T>(pick(smp.nz2, smp.j & 3));
     }
-    const StepOut<T> o = fd::fd_step_element<T, T>(c, f, in);
+    // Evaluate with every read and write slot (compile-time counts: in.h and o.h stay in
+    // registers); unused reads are 0 with coefficient 0, unused writes are not stored.
+    StepFlags fk = f;
+    fk.n_reads = fd::MAX_READS;
+    fk.n_writes = fd::MAX_WRITES;
+    const StepOut<T> o = fd::fd_step_element<T, T>(c, fk, in);
     ox.v[k] = St::store(o.x);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -222,10 +227,22 @@ template <class S>
 __global__ void __launch_bounds__(THREADS) step_kernel(const StepParams p, int64_t n_chunks) {
   using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
-  // The coefficients live in shared memory: fd_step_element indexes them by the run-time history
-  // slot, which in registers would demote them to (slow) local memory.
+  // Coefficients of unused read slots are zeroed so that rows evaluate all MAX_READS slots
+  // (see run()) without a run-time loop bound; flags (which noise to draw) use the real counts.
   __shared__ StepCoef<T> c;
-  if (threadIdx.x == 0) c = fd::fd_unpack_coef<T>(p.coef);
+  if (threadIdx.x == 0) {
+    StepCoef<T> u = fd::fd_unpack_coef<T>(p.coef);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < fd::MAX_READS; ++k) {  // constant indices: u stays in registers
+      if (k < p.n_reads) continue;
+      u.out[2 + k] = T(0);
+      u.wr[0][2 + k] = T(0);
+      u.wr[1][2 + k] = T(0);
+    }
+    c = u;
+  }
   __syncthreads();
   const StepFlags f = fd::fd_make_flags<T>(c, p.n_reads, p.n_writes, p.clip, p.m_c != nullptr, p.r != nullptr,
                                            p.mask != nullptr);

@@ -297,7 +297,7 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, w, r, s, seeds,
             x if mask is None else mask, x if known is None else known,
             vec(w), vec(r), vec(s), vec(seeds))
     scalars = (n, int(row) & 0xFFFFFFFF, *(float(c) for c in coef))
-    with torch.device(x.device) if x.device.type == "cuda" else _nullcontext():
+    with _on_device(x):
         if INTERPRETED or os.environ.get("FASTDIFF_TRITON_AUTOTUNE", "1") == "0":
             blk = INTERPRET_BLOCK if INTERPRETED else FIXED_BLOCK
             _step_kernel[(triton.cdiv(n, blk), b)](*ptrs, *scalars, **flags, BLOCK=blk)
@@ -311,6 +311,14 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _on_device(t: torch.Tensor):
+    # torch.cuda.device only when needed: `with torch.device(...)` would push a TorchFunctionMode
+    # that slows every tensor access of Triton's launcher (~10x the launch cost).
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _nullcontext()
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +423,7 @@ def philox_words(seeds: torch.Tensor, row: int, stream: int, numel: int) -> torc
     if groups == 0 or b == 0:
         return out
     gblk = 32 if INTERPRETED else 256
-    with torch.device(seeds.device) if seeds.device.type == "cuda" else _nullcontext():
+    with _on_device(seeds):
         _philox_words_kernel[(triton.cdiv(groups, gblk), b)](
             seeds.contiguous(), out, groups, int(row) & 0xFFFFFFFF, STREAM=stream, G=gblk)
     return out

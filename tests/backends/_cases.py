@@ -130,11 +130,18 @@ def check(run, feat: dict, shape, dtype: torch.dtype, device, seed: int = 0) -> 
 
 def check_rounding(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
     """Both sides round nearly the same float32 value: they may differ only where that value sits
-    at a rounding boundary (rare), and then by one ulp. A truncating or double-rounding store fails."""
+    at a rounding boundary (rare), and then by one ulp of the storage type, plus the float32
+    arithmetic error at the tensor's scale (FMA contraction on a GPU; it matters only near 0,
+    after cancellation). A truncating or double-rounding store fails."""
     n_differ = int((a != b).sum())
     assert n_differ <= 1 + a.numel() // 100, f"{name}: {n_differ} of {a.numel()} elements differ"
-    ulp = torch.finfo(b.dtype).eps * torch.exp2(torch.floor(torch.log2(b.double().abs().clamp_min(1e-30))))
-    assert ((a.double() - b.double()).abs() <= ulp).all(), f"{name}: an element differs by more than one ulp"
+    fi = torch.finfo(b.dtype)
+    bd = b.double()
+    ulp = (fi.eps * torch.exp2(torch.floor(torch.log2(bd.abs().clamp_min(fi.tiny))))).clamp_min(fi.tiny * fi.eps)
+    slack = 1e-6 * bd.abs().max()
+    bad = (a.double() - bd).abs() > ulp + slack
+    assert not bad.any(), (f"{name}: {int(bad.sum())} elements differ by more than one ulp, e.g. "
+                           f"{a[bad][:3].tolist()} vs {b[bad][:3].tolist()}")
 
 
 FEATURES = {

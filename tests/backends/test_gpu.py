@@ -149,7 +149,8 @@ def test_philox_words_equal_on_cpu_triton_and_cuda(row, stream, numel):
     if _C is not None:
         groups = (numel + 3) // 4
         out = torch.empty(len(SEEDS), groups * 4, dtype=torch.int32)
-        _C.philox_bits(out.data_ptr(), _seeds("cpu").data_ptr(), len(SEEDS), 0, groups, row, stream)
+        seeds = _seeds("cpu")  # keep it alive while the kernel reads it
+        _C.philox_bits(out.data_ptr(), seeds.data_ptr(), len(SEEDS), 0, groups, row, stream)
         got["cpu"] = out.to(torch.int64) & 0xFFFFFFFF
     if not got:
         pytest.skip("no GPU backend is available")

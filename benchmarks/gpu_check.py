@@ -1,0 +1,300 @@
+"""One short, robust check of the GPU backends on a real GPU (an H100 session of a few minutes).
+
+    pip install -e . --no-build-isolation     # builds fastdiff._C and, with nvcc, fastdiff._C_cuda
+    python benchmarks/gpu_check.py [--budget 420] [--skip-tests]
+
+Parts, each guarded (an error is recorded and the next part runs) and each skipped once the time
+budget is spent; a summary table is always printed at the end:
+
+1. environment: device, versions, which backends are available and why not;
+2. the GPU tests (tests/backends/test_gpu.py, test_triton.py) through pytest, with
+   FASTDIFF_TRITON_AUTOTUNE=0 so each Triton variant compiles once;
+3. copy bandwidth of the device (torch clone of 1 GiB; bytes read + written);
+4. µs per fused step of ``triton`` and ``cuda`` against the reference torch step and
+   ``torch.compile`` of it, at (1,4,64,64), (4,4,128,128), (16,4,128,128), (2,3,512,512) in fp16
+   and fp32, for two rows: a guided multistep update (CFG, one history read and write) and a
+   guided ancestral one (the same plus Philox noise drawn in the kernel). ``device_us`` is the
+   median kernel time (triton.testing.do_bench, cold L2); ``wall_us`` is the host-side time per
+   step of 200 back-to-back steps (what a sampling loop sees, Python dispatch included). GB/s
+   counts the bytes one fused step must move (6 tensors: x, m_u, m_c, h read; x, h written).
+
+Results go to ``$OUT/gpu_check.json`` when ``OUT`` is set (else ``bench-results/gpu_check.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (2, 3, 512, 512)]
+VARIANTS = ("multistep_cfg", "ancestral_cfg")
+N_TENSORS = 6  # tensors a fused step moves: read x, m_u, m_c, h0; write x, h_new
+
+
+class Report:
+    def __init__(self, budget: float):
+        self.t0 = time.perf_counter()
+        self.budget = budget
+        self.parts: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.env: dict = {}
+        self.tests: dict = {}
+        self.copy_gbps: float | None = None
+        self.rows: list[dict] = []
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.t0)
+
+    def part(self, name: str, fn, need: float = 5.0) -> None:
+        if self.left() < need:
+            self.parts[name] = f"skipped (budget: {self.left():.0f}s left)"
+            return
+        t = time.perf_counter()
+        try:
+            fn(self)
+            self.parts[name] = f"ok ({time.perf_counter() - t:.1f}s)"
+        except Exception as exc:  # keep going: every part is independent
+            self.parts[name] = f"FAILED ({type(exc).__name__}: {exc})"[:300]
+            self.errors[name] = traceback.format_exc()[-3000:]
+            print(self.errors[name], flush=True)
+
+
+def part_env(rep: Report) -> None:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=p.name, sms=p.multi_processor_count, mem_gib=round(p.total_memory / 2**30, 1),
+                   capability=f"{p.major}.{p.minor}")
+    from fastdiff import ops
+
+    env["backends"] = {k: {"ok": ok, "why": why} for k, (ok, why) in ops.available_backends().items()}
+    rep.env = env
+    print(json.dumps(env, indent=1), flush=True)
+
+
+def part_tests(rep: Report) -> None:
+    env = dict(os.environ, FASTDIFF_TRITON_AUTOTUNE="0", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+           "tests/backends/test_gpu.py", "tests/backends/test_triton.py"]
+    timeout = max(30.0, min(300.0, rep.left() - 150))  # leave time for the timings
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        out, rc = res.stdout + res.stderr, res.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        out, rc = out + f"\n[timed out after {timeout:.0f}s]", -1
+    tail = out.strip().splitlines()[-60:]
+    print("\n".join(tail), flush=True)
+    summary = next((ln for ln in reversed(tail) if " passed" in ln or " failed" in ln or "error" in ln), tail[-1] if tail else "")
+    failed = [ln for ln in out.splitlines() if ln.startswith("FAILED") or ln.startswith("ERROR")]
+    rep.tests = {"returncode": rc, "summary": summary.strip("= "), "failed": failed[:30]}
+    if rc != 0:
+        raise RuntimeError(f"pytest: {summary.strip('= ')}")
+
+
+def part_copy(rep: Report) -> None:
+    import torch
+
+    src = torch.empty(2**30 // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    rep.copy_gbps = 2 * src.numel() * 4 / times[len(times) // 2] / 1e9
+    print(f"device copy bandwidth: {rep.copy_gbps:.0f} GB/s (read + write)", flush=True)
+
+
+def _row(variant: str):
+    """Packed coefficients of a contracting row (values stay bounded over thousands of steps)."""
+    from fastdiff.args import pack_row
+    from fastdiff.plan import Row, Write, combo
+
+    noise = variant == "ancestral_cfg"
+    row = Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.5, a_e=0.5,
+              out=combo(x=0.6, d=0.2, h=(0.2,), z=0.1 if noise else 0.0), reads=(0,),
+              writes=(Write(1, combo(d=1.0)),), noise=noise)
+    return pack_row(row)
+
+
+def _make_args(shape, dtype, variant, seed=0):
+    import torch
+
+    from fastdiff.args import StepArgs
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    t = lambda: torch.randn(shape, generator=g, device="cuda").to(dtype)  # noqa: E731
+    b = shape[0]
+    x = t()
+    return StepArgs(x=x, out=x, m=t(), m_c=t(), h_read=(t(),), h_write=(t(),), coef=_row(variant), row=3,
+                    w=torch.full((b,), 5.0, device="cuda"), seeds=torch.arange(b, dtype=torch.int64, device="cuda"))
+
+
+def _compiled_reference():
+    import torch
+
+    from fastdiff.args import StepArgs
+    from fastdiff.backends import reference
+
+    def ref_step(x, m, m_c, h0, hw, w, seeds, coef):
+        reference.step(StepArgs(x=x, out=x, m=m, m_c=m_c, h_read=(h0,), h_write=(hw,), coef=coef, row=3, w=w,
+                                seeds=seeds))
+
+    # reference.step rounds its coefficients with struct.pack, on which dynamo recurses forever
+    # (torch 2.11-2.13); run that host-side rounding eagerly and compile the tensor math.
+    if not getattr(reference._round, "_fastdiff_eager", False):
+        eager_round = torch.compiler.disable(reference._round)
+        eager_round._fastdiff_eager = True
+        reference._round = eager_round
+    fns = {}
+
+    def run(args):
+        key = args.coef
+        if key not in fns:  # one compiled function per row (coefficients are constants in its graph)
+            fns[key] = torch.compile(lambda *a, _c=key: ref_step(*a, _c), dynamic=True)
+        fns[key](args.x, args.m, args.m_c, args.h_read[0], args.h_write[0], args.w, args.seeds)
+    return run
+
+
+def _time(fn, args) -> tuple[float, float]:
+    import torch
+    import triton.testing
+
+    fn(args)  # compile / tune outside the timing
+    torch.cuda.synchronize()
+    device_ms = triton.testing.do_bench(lambda: fn(args), warmup=10, rep=40, return_mode="median")
+    n = 200
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn(args)
+    torch.cuda.synchronize()
+    return device_ms * 1e3, (time.perf_counter() - t) / n * 1e6
+
+
+def part_timings(rep: Report) -> None:
+    import torch
+
+    from fastdiff.backends import cuda as cuda_backend
+    from fastdiff.backends import reference
+    from fastdiff.backends import triton as triton_backend
+
+    providers = {"reference": reference.step}
+    for name, mod in (("triton", triton_backend), ("cuda", cuda_backend)):
+        ok, why = mod.available()
+        if ok:
+            providers[name] = mod.step
+        else:
+            print(f"{name}: not timed ({why})", flush=True)
+    providers["torch.compile(reference)"] = _compiled_reference()
+    for variant in VARIANTS:
+        for dtype in (torch.float16, torch.float32):
+            for shape in SHAPES:
+                numel = 1
+                for d in shape:
+                    numel *= d
+                nbytes = N_TENSORS * numel * torch.empty((), dtype=dtype).element_size()
+                for prov, fn in providers.items():
+                    need = 60.0 if prov.startswith("torch.compile") and shape == SHAPES[0] else 3.0
+                    r = {"provider": prov, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
+                         "shape": list(shape)}
+                    if rep.left() < need:
+                        r["error"] = "skipped: time budget spent"
+                        rep.rows.append(r)
+                        continue
+                    try:
+                        dev_us, wall_us = _time(fn, _make_args(shape, dtype, variant))
+                        r.update(device_us=round(dev_us, 2), wall_us=round(wall_us, 2),
+                                 gbps=round(nbytes / (dev_us * 1e-6) / 1e9, 1))
+                        if rep.copy_gbps:
+                            r["frac_of_copy"] = round(r["gbps"] / rep.copy_gbps, 3)
+                    except Exception as exc:
+                        r["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                    rep.rows.append(r)
+                    print(json.dumps(r), flush=True)
+
+
+def summary(rep: Report) -> str:
+    lines = ["", "=" * 100, "fastdiff gpu_check summary", "=" * 100]
+    lines.append(f"device: {rep.env.get('device')}  torch {rep.env.get('torch')}  triton {rep.env.get('triton')}  "
+                 f"CUDA {rep.env.get('torch_cuda')}")
+    for name, b in rep.env.get("backends", {}).items():
+        lines.append(f"  backend {name:10s} {'yes' if b['ok'] else 'no '}  {b['why']}")
+    for name, status in rep.parts.items():
+        lines.append(f"part {name:8s}: {status}")
+    if rep.tests:
+        lines.append(f"tests: {rep.tests.get('summary')}")
+        lines += [f"  {f}" for f in rep.tests.get("failed", [])]
+    if rep.copy_gbps:
+        lines.append(f"copy bandwidth: {rep.copy_gbps:.0f} GB/s")
+    if rep.rows:
+        lines.append(f"{'variant':14s} {'dtype':8s} {'shape':18s} {'provider':26s} {'device µs':>10s} "
+                     f"{'wall µs':>10s} {'GB/s':>8s} {'of copy':>8s}")
+        for r in rep.rows:
+            shape = "x".join(map(str, r["shape"]))
+            if "error" in r:
+                lines.append(f"{r['variant']:14s} {r['dtype']:8s} {shape:18s} {r['provider']:26s} {r['error']}")
+                continue
+            frac = f"{100 * r['frac_of_copy']:.0f}%" if "frac_of_copy" in r else ""
+            lines.append(f"{r['variant']:14s} {r['dtype']:8s} {shape:18s} {r['provider']:26s} "
+                         f"{r['device_us']:10.1f} {r['wall_us']:10.1f} {r['gbps']:8.0f} {frac:>8s}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script (default 420)")
+    ap.add_argument("--skip-tests", action="store_true", help="timings only")
+    a = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    rep = Report(a.budget)
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device: nothing to check", flush=True)
+            return 2
+        rep.part("env", part_env, need=0)
+        if not a.skip_tests:
+            rep.part("tests", part_tests, need=60)
+        rep.part("copy", part_copy)
+        rep.part("timings", part_timings, need=20)
+    finally:
+        print(summary(rep), flush=True)
+        out_dir = os.environ.get("OUT") or os.path.join(ROOT, "bench-results")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+                json.dump({"env": rep.env, "parts": rep.parts, "tests": rep.tests, "copy_gbps": rep.copy_gbps,
+                           "rows": rep.rows, "errors": rep.errors}, f, indent=1)
+        except OSError as exc:
+            print(f"could not write results: {exc}", flush=True)
+    return 0 if not rep.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
