@@ -547,6 +547,13 @@ def _fused_class(cls: type) -> type:
     return fused
 
 
+def _check_scheduler(scheduler: Any) -> _Spec:
+    cls = _stock_class(type(scheduler))
+    spec = _spec_of(cls)
+    _check_config(cls.__name__, spec, scheduler.config)
+    return spec
+
+
 def from_diffusers(scheduler: Any, backend: str = "auto"):
     """A drop-in copy of a diffusers ``scheduler`` whose ``step`` runs fastdiff's fused kernel.
 
@@ -562,10 +569,9 @@ def from_diffusers(scheduler: Any, backend: str = "auto"):
         TypeError: the class is not supported.
         ValueError: a config key or value the fused step does not implement (named in the message).
     """
-    cls = _stock_class(type(scheduler))
-    spec = _spec_of(cls)
+    _check_scheduler(scheduler)
     ops.requested_backend(backend)  # validates the name
-    _check_config(cls.__name__, spec, scheduler.config)
+    cls = _stock_class(type(scheduler))
     fused = _fused_class(cls).__new__(_fused_class(cls))
     state = {k: v for k, v in scheduler.__dict__.items() if not k.startswith("_fd_")}
     fused.__dict__.update(copy.deepcopy(state))
@@ -840,6 +846,7 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
         raise ValueError("fastdiff.diffusers.accelerate: a UNet with time_cond_proj_dim (guidance embedding, LCM) "
                          "is not supported")
     do_cfg = pipe.do_classifier_free_guidance
+    _check_scheduler(pipe.scheduler)  # before the pipeline touches it
     model, cond, uncond, latents, extra = spec.prepare(pipe, a, do_cfg)
     sched = from_diffusers(pipe.scheduler, backend=backend)  # after the pipeline's own set_timesteps
     step_args = {"eta": a["eta"]} if "eta" in a and "eta" in sched._fd_spec.step_options else {}
@@ -906,7 +913,7 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
         raise TypeError(f"fastdiff.diffusers.accelerate does not support {cls.__module__}.{cls.__name__}; "
                         f"supported: {', '.join(PIPELINES)}")
     ops.requested_backend(backend)
-    from_diffusers(pipe.scheduler, backend=backend)  # fails now for an unsupported scheduler
+    _check_scheduler(pipe.scheduler)  # fails now for an unsupported scheduler (and again at every call)
     if cls not in _ACCEL_CLASSES:
         call = functools.wraps(cls.__call__)(lambda self, *a, **k: _accelerated_call(self, *a, **k))
         ns = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": call,

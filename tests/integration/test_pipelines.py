@@ -1,0 +1,202 @@
+"""fastdiff.diffusers.accelerate / restore on tiny pipelines built offline (random weights).
+
+Stock and accelerated calls get the same arguments and equally seeded generators; the outputs
+must agree to a relative error of 1e-5 (fp32). Why that tolerance: the fused step evaluates the
+same formulas as diffusers in a different order (CFG blend, parameterization and update in one
+fp32 expression, coefficients in fp64), a difference of a few fp32 roundings (~1e-7) per step,
+which the random nonlinear networks carry through 4-8 steps and the VAE; any algorithmic
+difference (a wrong coefficient, a skipped noise draw, a misplaced guidance blend) is >= 1e-3.
+"""
+
+import pytest
+import torch
+
+from tests.samplers._harness import rel_err
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+import fastdiff.diffusers as fdd  # noqa: E402
+from fastdiff.timing import SyncCounter  # noqa: E402
+
+from . import _tiny  # noqa: E402
+
+TOL = 1e-5
+PROMPT = dict(prompt="a photo of a cat", negative_prompt="blurry, dark")
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    torch.set_num_threads(1)
+    return {"sd": _tiny.sd(diffusers.DDIMScheduler(**_tiny.SD_BETAS, clip_sample=False)),
+            "sdxl": _tiny.sdxl(diffusers.EulerDiscreteScheduler(**_tiny.SD_BETAS)),
+            "sd3": _tiny.sd3(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))}
+
+
+def _gen(seed, n=1):
+    gens = [torch.Generator().manual_seed(seed + k) for k in range(n)]
+    return gens[0] if n == 1 else gens
+
+
+def compare(pipe, scheduler, seed, n_gen=1, global_seed=False, **kw):
+    """Stock and accelerated outputs of the same call; returns the worst relative error."""
+    pipe.scheduler = scheduler
+    outs = []
+    for accelerated in (False, True):
+        if accelerated:
+            fdd.accelerate(pipe)
+        try:
+            if global_seed:  # the stock loop draws step noise from torch's global RNG
+                torch.manual_seed(seed + 100)
+            outs.append(pipe(**kw, generator=_gen(seed, n_gen)).images)
+        finally:
+            if accelerated:
+                fdd.restore(pipe)
+    assert type(pipe) is getattr(diffusers, type(pipe).__name__)  # restored
+    err = rel_err(outs[1], outs[0])
+    assert err <= TOL, f"{type(pipe).__name__} + {type(scheduler).__name__}: relative error {err:.3g}"
+    return err
+
+
+SD = _tiny.SD_BETAS
+SD_SCHEDULERS = [
+    ("DPMSolverMultistepScheduler", {}), ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("EulerAncestralDiscreteScheduler", {}), ("DDIMScheduler", {"clip_sample": False}), ("HeunDiscreteScheduler", {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3}), ("DDPMScheduler", {"clip_sample": False}),
+    ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+]
+
+
+@pytest.mark.parametrize("name, cfg", SD_SCHEDULERS, ids=[f"{n}-{c}" for n, c in SD_SCHEDULERS])
+def test_sd_matches_stock(pipes, name, cfg, seed):
+    compare(pipes["sd"], getattr(diffusers, name)(**SD, **cfg), seed, num_inference_steps=5, output_type="latent",
+            **PROMPT)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(output_type="pt", guidance_scale=6.0),
+    dict(output_type="latent", guidance_scale=7.5, guidance_rescale=0.7),
+    dict(output_type="latent", guidance_scale=1.0),  # no CFG: one unguided forward per step
+    dict(output_type="latent", eta=0.6, num_images_per_prompt=2),
+], ids=["image", "rescale", "no-cfg", "eta-2-images"])
+def test_sd_call_arguments(pipes, kw, seed):
+    compare(pipes["sd"], diffusers.DDIMScheduler(**SD, clip_sample=False), seed,
+            n_gen=kw.get("num_images_per_prompt", 1), num_inference_steps=4, **PROMPT, **kw)
+
+
+def test_sd_prompt_embeds_latents_and_custom_timesteps(pipes, seed):
+    g = torch.Generator().manual_seed(seed)
+    pe, ne = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
+    lat = torch.randn(2, 4, 8, 8, generator=g)
+    compare(pipes["sd"], diffusers.DPMSolverMultistepScheduler(**SD, solver_order=3), seed, prompt_embeds=pe,
+            negative_prompt_embeds=ne, latents=lat, timesteps=[999, 800, 620, 400, 150, 20], output_type="latent")
+
+
+@pytest.mark.parametrize("name, cfg, kw", [
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {"output_type": "pt"}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {"guidance_rescale": 0.5}),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, {"denoising_end": 0.6}),
+], ids=["euler-karras-image", "dpm-sde-rescale", "euler-a-denoising-end"])
+def test_sdxl_matches_stock(pipes, name, cfg, kw, seed):
+    kw = {"output_type": "latent", **kw}
+    compare(pipes["sdxl"], getattr(diffusers, name)(**SD, **cfg), seed, num_inference_steps=5, **PROMPT, **kw)
+
+
+@pytest.mark.parametrize("cfg, kw", [
+    ({"shift": 3.0}, {"output_type": "pt"}),
+    ({"shift": 3.0, "stochastic_sampling": True}, {"output_type": "latent"}),
+    ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, {"output_type": "latent"}),
+], ids=["shift3-image", "stochastic", "dynamic-shift"])
+def test_sd3_matches_stock(pipes, cfg, kw, seed):
+    compare(pipes["sd3"], diffusers.FlowMatchEulerDiscreteScheduler(**cfg), seed, global_seed=True,
+            num_inference_steps=5, **PROMPT, **kw)
+
+
+def test_one_fused_kernel_per_step_with_the_blend_inside_and_no_host_sync(pipes, monkeypatch):
+    """Every model evaluation is followed by exactly one backend step that receives both CFG halves
+    (the blend happens in the kernel), and the loop never reads a device value on the host."""
+    pipe = pipes["sd"]
+    pipe.scheduler = diffusers.HeunDiscreteScheduler(**SD)
+    from fastdiff.backends import cpu, reference
+
+    calls = []
+    for mod in (cpu, reference):
+        orig = mod.step
+        monkeypatch.setattr(mod, "step", lambda args, _o=orig: (calls.append(args), _o(args))[1])
+    loop = fdd.run_plan
+    syncs = []
+
+    def counted(plan, model, x, opts):
+        with SyncCounter() as c:
+            out = loop(plan, model, x, opts)
+        syncs.append(c.where)
+        return out
+
+    monkeypatch.setattr(fdd, "run_plan", counted)
+    forwards = []
+    hook = pipe.unet.register_forward_hook(lambda mod, a, out: forwards.append(a[0].shape[0]))
+    try:
+        fdd.accelerate(pipe)
+        pipe(num_inference_steps=4, output_type="latent", generator=_gen(0), **PROMPT)
+    finally:
+        hook.remove()
+        fdd.restore(pipe)
+    assert len(calls) == len(forwards) == 2 * 4 - 1  # Heun: two rows per step, Euler into sigma = 0
+    assert all(b == 2 for b in forwards)  # one batched [uncond; cond] forward
+    assert all(a.m_c is not None and a.w is not None for a in calls)
+    assert syncs == [[]]
+
+
+def test_restore_gives_back_the_stock_pipeline(pipes, seed):
+    pipe = pipes["sd"]
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(**SD)
+    kw = dict(num_inference_steps=3, output_type="latent", **PROMPT)
+    before = pipe(**kw, generator=_gen(seed)).images
+    stock_cls = type(pipe)
+    assert fdd.accelerate(pipe) is pipe and type(pipe) is not stock_cls and isinstance(pipe, stock_cls)
+    assert type(pipe.scheduler) is diffusers.EulerDiscreteScheduler  # the pipeline's scheduler is left alone
+    assert fdd.restore(pipe) is pipe and type(pipe) is stock_cls
+    assert torch.equal(pipe(**kw, generator=_gen(seed)).images, before)
+    with pytest.raises(ValueError, match="not accelerated"):
+        fdd.restore(pipe)
+
+
+def test_unsupported_arguments_and_components_are_named(pipes):
+    pipe = pipes["sd"]
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(**SD)
+    fdd.accelerate(pipe)
+    try:
+        with pytest.raises(TypeError, match="callback_on_step_end"):
+            pipe("x", num_inference_steps=2, callback_on_step_end=lambda *a: {})
+        with pytest.raises(TypeError, match="ip_adapter_image_embeds"):
+            pipe("x", num_inference_steps=2, ip_adapter_image_embeds=[torch.zeros(1, 1, 4)])
+        with pytest.raises(TypeError, match=r"\['callback_steps'\]"):
+            pipe("x", num_inference_steps=2, callback_steps=1)
+        pipe.scheduler = diffusers.PNDMScheduler(**SD)
+        with pytest.raises(TypeError, match="PNDMScheduler"):
+            pipe("x", num_inference_steps=2)
+    finally:
+        fdd.restore(pipe)
+    with pytest.raises(TypeError, match="PNDMScheduler"):
+        fdd.accelerate(pipe)
+    p3 = pipes["sd3"]
+    p3.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    fdd.accelerate(p3)
+    try:
+        with pytest.raises(TypeError, match="skip_guidance_layers"):
+            p3("x", num_inference_steps=2, skip_guidance_layers=[0])
+    finally:
+        fdd.restore(p3)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    with pytest.raises(TypeError, match="StableDiffusionImg2ImgPipeline"):
+        fdd.accelerate(img2img)
+
+
+def test_bench_pipeline_row():
+    from fastdiff.bench_pipeline import as_dict, bench_pipeline, format_row
+
+    r = bench_pipeline("EulerAncestralDiscreteScheduler", steps=2, latent=8, repeats=1, backend="reference")
+    assert r.steps == 2 and r.latent == (1, 4, 8, 8) and r.scheduler == "EulerAncestralDiscreteScheduler"
+    for pre in ("stock", "fused"):
+        tot, mod, rest = (getattr(r, f"{pre}_{k}") for k in ("us_per_step", "model_us_per_step", "sched_us_per_step"))
+        assert 0 < mod < tot and rest > 0 and abs(tot - mod - rest) <= 1e-6 * tot
+    assert "fastdiff (reference)" in format_row(r) and as_dict(r)["sched_speedup"] > 0
