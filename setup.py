@@ -7,8 +7,11 @@ import os
 import shutil
 import subprocess
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import find_packages, setup
+
+# compile the sources in parallel (NPY_NUM_BUILD_JOBS=N to choose; default: all cores)
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 
 CPU_SOURCES = [
     "csrc/bindings.cpp",

@@ -23,7 +23,7 @@ namespace fd {
 using StepArgs_t = ::fd_cpu::StepArgs;
 
 constexpr int BLK = 512;              // elements per block: buffers stay in L1
-constexpr int64_t PAR_MIN = 1 << 14;  // below this, one thread (fork/join costs more than it saves)
+constexpr int64_t PAR_MIN = 1 << 15;  // below this, one thread: fork/join costs about what it saves
 
 template <class L, int DT>
 struct Io;
@@ -164,26 +164,48 @@ struct StepKernel {
   };
 
   /// One vector: elements [o, o + W) of the tensors, [lo, lo + W) of the block buffers.
-  static inline void vec(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t o, const Bufs& bf, int lo) {
-    StepIn<V> in{};
+  __attribute__((always_inline)) static inline void vec(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p,
+                                                        int64_t o, const Bufs& bf, int lo) {
+    // Not value-initialised (zeroing the whole struct per vector costs more than the step);
+    // members a row does not use are set to 0 so no uninitialised value is ever read.
+    StepIn<V> in;
+    const V zero(0);
     in.x = IO::load(p.x + o);
     in.m = IO::load(p.m + o);
-    if (f.cfg) {
-      in.m_c = IO::load(p.mc + o);
-      in.w = IO::load_t(bf.w + lo);
-    }
-    if (f.rescale) in.r = IO::load_t(bf.r + lo);
-    if (f.clip) in.s = IO::load_t(bf.s + lo);
-    for (int k = 0; k < f.n_reads; ++k) in.h[k] = IO::load(p.h[k] + o);
-    if (f.z) in.z = p.z ? IO::load(p.z + o) : IO::load_noise(bf.z + lo);
-    if (f.mask) {
-      in.mask = IO::load(p.mask + o);
-      in.known = IO::load(p.known + o);
-      if (f.z2) in.z2 = p.z2 ? IO::load(p.z2 + o) : IO::load_noise(bf.z2 + lo);
-    }
+    in.m_c = f.cfg ? IO::load(p.mc + o) : zero;
+    in.w = f.cfg ? IO::load_t(bf.w + lo) : zero;
+    in.r = f.rescale ? IO::load_t(bf.r + lo) : zero;
+    in.s = f.clip ? IO::load_t(bf.s + lo) : zero;
+    for (int k = 0; k < MAX_READS; ++k) in.h[k] = k < f.n_reads ? IO::load(p.h[k] + o) : zero;
+    in.z = !f.z ? zero : p.z ? IO::load(p.z + o) : IO::load_noise(bf.z + lo);
+    in.mask = f.mask ? IO::load(p.mask + o) : zero;
+    in.known = f.mask ? IO::load(p.known + o) : zero;
+    in.z2 = !f.z2 ? zero : p.z2 ? IO::load(p.z2 + o) : IO::load_noise(bf.z2 + lo);
     StepOut<V> r = fd_step_element<V, T>(c, f, in);  // all loads done: outputs may alias inputs
     IO::store(p.out + o, r.x);
     for (int j = 0; j < f.n_writes; ++j) IO::store(p.hw[j] + o, r.h[j]);
+  }
+
+  /// The vector loop of a block, with the read/write counts as constants so that the operands
+  /// stay in registers (fully unrolled combinations).
+  template <int NR, int NW>
+  static void loop(const StepCoef<T>& c, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bf) {
+    f.n_reads = NR;
+    f.n_writes = NW;
+    const Ptrs p = pp;  // a local copy: stores through S* cannot alias it, so pointers stay in registers
+    int i = 0;
+    for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i);
+    if (i < n) tail(c, f, p, i0 + i, n - i, bf, i);
+  }
+
+  using LoopFn = void (*)(const StepCoef<T>&, StepFlags, const Ptrs&, int64_t, int, const Bufs&);
+
+  static LoopFn pick_loop(int n_reads, int n_writes) {
+    static const LoopFn table[MAX_READS + 1][MAX_WRITES + 1] = {
+        {loop<0, 0>, loop<0, 1>, loop<0, 2>}, {loop<1, 0>, loop<1, 1>, loop<1, 2>},
+        {loop<2, 0>, loop<2, 1>, loop<2, 2>}, {loop<3, 0>, loop<3, 1>, loop<3, 2>},
+        {loop<4, 0>, loop<4, 1>, loop<4, 2>}};
+    return table[n_reads][n_writes];
   }
 
   /// The last n < W elements, through zero-padded copies so the arithmetic is the full-vector one.
@@ -219,7 +241,8 @@ struct StepKernel {
     }
   }
 
-  static void block(const StepArgs_t& a, const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t i0, int n) {
+  static void block(const StepArgs_t& a, const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, LoopFn loop_fn,
+                    int64_t i0, int n) {
     alignas(64) T wb[BLK], rb[BLK], sb[BLK];
     alignas(64) float zbuf[BLK + 8], z2buf[BLK + 8];  // noise at [4, 4 + n), spill room both sides
     Bufs bf{wb, rb, sb, zbuf + 4, z2buf + 4};
@@ -228,9 +251,7 @@ struct StepKernel {
     if (f.clip) fill_param(sb, a.s, i0, n, a.per_sample);
     if (f.z && !p.z) NoiseGen<L>::fill(zbuf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_MAIN);
     if (f.z2 && !p.z2) NoiseGen<L>::fill(z2buf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_KNOWN);
-    int i = 0;
-    for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i);
-    if (i < n) tail(c, f, p, i0 + i, n - i, bf, i);
+    loop_fn(c, f, p, i0, n, bf);
   }
 
   static void run(const StepArgs_t& a) {
@@ -248,12 +269,13 @@ struct StepKernel {
     for (int k = 0; k < a.n_reads; ++k) p.h[k] = static_cast<const S*>(a.h_read[k]);
     p.out = static_cast<S*>(a.out);
     for (int j = 0; j < a.n_writes; ++j) p.hw[j] = static_cast<S*>(a.h_write[j]);
+    const LoopFn loop_fn = pick_loop(a.n_reads, a.n_writes);
     const int64_t nblk = (a.numel + BLK - 1) / BLK;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)
     for (int64_t blk = 0; blk < nblk; ++blk) {
       int64_t i0 = blk * BLK;
       int n = static_cast<int>(a.numel - i0 < BLK ? a.numel - i0 : BLK);
-      block(a, c, f, p, i0, n);
+      block(a, c, f, p, loop_fn, i0, n);
     }
   }
 };

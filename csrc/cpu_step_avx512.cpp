@@ -11,6 +11,7 @@
 #pragma GCC target("avx512f,avx2,fma,f16c")
 // GCC 12 false positive inside its own _mm512_undefined_epi32 (self-initialised; GCC PR105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace {
 #include "cpu_vec_avx512.h"
 #include "cpu_kernel.h"

@@ -39,43 +39,41 @@ def _element_tensors(args: StepArgs) -> list[torch.Tensor]:
     return [t for t in ts if t is not None]
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    p = t.data_ptr()
-    return p, p + t.numel() * t.element_size()
-
-
-def _unsafe_overlap(args: StepArgs) -> bool:
-    """Whether an output overlaps another tensor other than exactly (same start, same layout)."""
-    outs = [t for t in (args.out, *args.h_write) if t.numel()]
-    others = _element_tensors(args) + [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
-    for o in outs:
-        o0, o1 = _span(o)
-        for t in others:
-            if not t.numel():
-                continue
-            t0, t1 = _span(t)
-            if t0 < o1 and o0 < t1 and not (t0 == o0 and t.dtype == o.dtype and t.shape == o.shape):
-                return True
-    return False
-
-
 def supports(args: StepArgs) -> bool:
-    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`).
+    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`, so
+    every element tensor has ``x``'s shape and dtype).
 
     Needs: the extension, CPU tensors, a supported dtype, every tensor contiguous (element tensors
-    and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that alias inputs only exactly.
+    and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that overlap an element tensor only
+    exactly (same start) and no per-sample tensor at all.
     """
     if _C is None:
         return False
     x = args.x
     if x.device.type != "cpu" or x.dtype not in DTYPE_CODES:
         return False
-    per_sample = [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
-    if not all(t.is_contiguous() for t in _element_tensors(args)):
-        return False
-    if not all(t.is_contiguous() and t.device.type == "cpu" for t in per_sample):
-        return False
-    return not _unsafe_overlap(args)
+    elems = _element_tensors(args)
+    for t in elems:
+        if not t.is_contiguous():
+            return False
+    nbytes = x.numel() * x.element_size()
+    outs = {args.out.data_ptr(), *(h.data_ptr() for h in args.h_write)}
+    if nbytes:
+        for p in {t.data_ptr() for t in elems}:
+            for o in outs:
+                if p != o and p < o + nbytes and o < p + nbytes:
+                    return False
+    for t in (args.w, args.r, args.s, args.seeds):
+        if t is None:
+            continue
+        if not t.is_contiguous() or t.device.type != "cpu":
+            return False
+        p = t.data_ptr()
+        e = p + t.numel() * t.element_size()
+        for o in outs:
+            if nbytes and p < o + nbytes and o < e:
+                return False
+    return True
 
 
 def _ptr(t: torch.Tensor | None) -> int:
