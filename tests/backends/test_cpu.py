@@ -229,6 +229,19 @@ def test_simd_level_env_var():
     assert "(False" in out and "'bogus'" in out, out
 
 
+def test_missing_extension_leaves_fastdiff_importable():
+    code = ("import sys; sys.modules['fastdiff._C'] = None\n"
+            "import fastdiff, torch\n"
+            "from fastdiff import ops\n"
+            "from fastdiff.args import StepArgs, N_COEF\n"
+            "print(ops.backend_status('cpu'))\n"
+            "x = torch.ones(1, 3)\n"
+            "c = [0.0] * N_COEF; c[2] = 2.0\n"
+            "ops.step(StepArgs(x=x, out=x, m=x, coef=tuple(c)), backend='reference'); print(x.tolist())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "(False" in out and "fastdiff._C did not import" in out and "[[2.0, 2.0, 2.0]]" in out, out
+
+
 # --- the fastdiff::step custom op ----------------------------------------------------------------
 
 
