@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import struct
+import array
 from contextlib import nullcontext
 
 import torch
@@ -42,7 +42,7 @@ def _round(coef, dt: torch.dtype) -> list[float]:
     # float32 rounding on the host (no tensors: nothing here touches a device)
     if dt == torch.float64:
         return [float(v) for v in coef]
-    return list(struct.unpack(f"{len(coef)}f", struct.pack(f"{len(coef)}f", *coef)))
+    return array.array("f", coef).tolist()
 
 
 def _no_region(name: str):
