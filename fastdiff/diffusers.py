@@ -17,9 +17,9 @@ the scheduler object (``fastdiff_history``).
 Noise: with ``generator`` (or ``variance_noise``) the noise is drawn exactly as diffusers draws it
 (same shape, dtype and generator calls), so trajectories match the stock scheduler. Without one,
 diffusers would draw from torch's global RNG; the fused step instead generates counter-based
-Philox noise inside the kernel, keyed by a seed drawn from torch's global RNG at
-``set_timesteps`` (so ``torch.manual_seed`` still makes runs reproducible, and the noise does not
-depend on the device or the batch size — but it is not the stock scheduler's noise).
+Philox noise inside the kernel, keyed by a seed drawn from torch's global RNG at the first noisy
+step after ``set_timesteps`` (so ``torch.manual_seed`` still makes runs reproducible, and the
+noise does not depend on the device or the batch size — but it is not the stock scheduler's noise).
 
 ``step`` returns ``prev_sample`` only: ``pred_original_sample`` is not computed (that would cost
 an extra pass over the tensor), and the output is a plain ``SchedulerOutput``.
@@ -246,7 +246,7 @@ def support_table() -> str:
         step += [f"{k} (no effect)" for k in s.step_ignored if k != "use_clipped_model_output"]
         if s.row_fix is not None:
             step.append("use_clipped_model_output (any)")
-        lines.append(f"{name}: prediction_type, {', '.join(s.options) or '-'}"
+        lines.append(f"{name}: {', '.join(('prediction_type',) + s.options)}"
                      f"{'; only ' + only if only else ''}; step: {', '.join(step) or '-'}"
                      f"{'; generator noise in float32' if s.noise_dtype is not None else ''}")
     return "\n".join(lines)
