@@ -10,14 +10,14 @@
 // evaluates bit-identical IEEE operations in the same order.
 #pragma once
 
+#include <math.h>    // sqrtf/sqrt (host; nvcc provides the device versions)
 #include <stdint.h>
+#include <string.h>  // memcpy for bit casts in host code
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FD_HD __host__ __device__ __forceinline__
 #else
 #define FD_HD inline
-#include <math.h>
-#include <string.h>
 #endif
 
 namespace fd {
