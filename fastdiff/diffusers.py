@@ -150,6 +150,8 @@ class _Spec:
         slice_options: ``(config, start, n) -> options`` for a run over rows ``start..n-1``.
         row_fix: ``(scheduler, row, step_args) -> (row, c_m)``: a per-call change of the row and a
             coefficient on the raw model output (DDIM's unclipped epsilon).
+        needs_set_timesteps: diffusers' step refuses to run before ``set_timesteps`` (others run
+            on the grid their constructor sets, and so does the drop-in).
     """
 
     sampler: Callable[[Mapping], str]
@@ -166,6 +168,7 @@ class _Spec:
     restart: str = "rows"
     slice_options: Callable[[Mapping, int, int], dict] | None = None
     row_fix: Callable | None = None
+    needs_set_timesteps: bool = False
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -210,7 +213,7 @@ SUPPORT: dict[str, _Spec] = {
     "DDIMScheduler": _Spec(
         _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP), step_options={"eta": "eta"},
         step_ignored=("use_clipped_model_output",), fixed={"use_clipped_model_output": True}, indexed=False,
-        row_fix=_ddim_unclipped_eps),
+        row_fix=_ddim_unclipped_eps, needs_set_timesteps=True),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_only={"s_churn": 0.0}, step_ignored=("s_tmin", "s_tmax", "s_noise"),
         out_model_dtype=True),
@@ -223,12 +226,12 @@ SUPPORT: dict[str, _Spec] = {
         only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3),
               "use_flow_sigmas": (False,)},
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_model_dtype=True, restart="slice",
-        slice_options=_dpm_slice),
+        slice_options=_dpm_slice, needs_set_timesteps=True),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
          *_THRESH),
-        only={"use_flow_sigmas": (False,)}, restart="slice", slice_options=_unipc_slice),
+        only={"use_flow_sigmas": (False,)}, restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True),
     "FlowMatchEulerDiscreteScheduler": _Spec(
         _named("flow_euler"), "flow", ("stochastic_sampling",), only={"invert_sigmas": (False,)},
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
@@ -406,6 +409,8 @@ class _FusedScheduler:
             if not (val is v or (isinstance(val, (int, float)) and val == v)):
                 raise ValueError(f"{name}.step({k}={_short(val)}) is not supported by the fused step "
                                  f"(supported: {k}={v!r}); use the stock scheduler for it")
+        if spec.needs_set_timesteps and self.num_inference_steps is None:
+            raise ValueError(f"{name}: number of inference steps is None; call set_timesteps before step")
         key = self._fd_key(a)
         m, timestep, x = a["model_output"], a["timestep"], a["sample"]
         run = self._fd_run

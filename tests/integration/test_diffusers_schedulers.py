@@ -426,3 +426,20 @@ def test_unipc_bh1_into_sigma_zero_is_the_finite_limit_where_diffusers_gives_nan
     ref, got = run(st, f, x, 8), run(fu, f, x, 8)
     assert_close_traj(got[:-1], ref[:-1], TOL, what="unipc bh1 before the last step")
     assert torch.isnan(ref[-1]).all() and torch.isfinite(got[-1]).all()
+
+
+def test_step_before_set_timesteps_behaves_like_diffusers(seed):
+    x = initial_noise(seed, 1.0)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        from_diffusers(diffusers.DPMSolverMultistepScheduler()).step(x, 999, x)
+    # DDPM steps on its training grid without set_timesteps (prev = t - 1), as diffusers does
+    st, fu = diffusers.DDPMScheduler(), from_diffusers(diffusers.DDPMScheduler())
+    f = toy_model(seed)
+    outs = []
+    for s in (st, fu):
+        y = x.clone()
+        for t in (999, 998, 997):
+            g = torch.Generator().manual_seed(seed)
+            y = s.step(f(y, torch.full((2,), float(t))), t, y, generator=g).prev_sample
+        outs.append(y)
+    assert rel_err(outs[1], outs[0]) <= TOL
