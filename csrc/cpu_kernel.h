@@ -188,11 +188,17 @@ struct StepKernel {
 
   /// The vector loop of a block, with the read/write counts as constants so that the operands
   /// stay in registers (fully unrolled combinations).
-  template <int NR, int NW>
-  static void loop(const StepCoef<T>& c, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bf) {
+  template <int NR, int NW, bool PLAIN>
+  static void loop(const StepCoef<T>& cc, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bf) {
     f.n_reads = NR;
     f.n_writes = NW;
-    const Ptrs p = pp;  // a local copy: stores through S* cannot alias it, so pointers stay in registers
+    if (PLAIN) {  // the common deterministic row: no rescale, clip, mask or noise (guidance may be on)
+      f.rescale = f.mask = f.z = f.z2 = false;
+      f.clip = CLIP_NONE;
+    }
+    // local copies: stores through S* cannot alias them, so pointers and coefficients stay in registers
+    const Ptrs p = pp;
+    const StepCoef<T> c = cc;
     int i = 0;
     for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i);
     if (i < n) tail(c, f, p, i0 + i, n - i, bf, i);
@@ -200,12 +206,20 @@ struct StepKernel {
 
   using LoopFn = void (*)(const StepCoef<T>&, StepFlags, const Ptrs&, int64_t, int, const Bufs&);
 
-  static LoopFn pick_loop(int n_reads, int n_writes) {
-    static const LoopFn table[MAX_READS + 1][MAX_WRITES + 1] = {
-        {loop<0, 0>, loop<0, 1>, loop<0, 2>}, {loop<1, 0>, loop<1, 1>, loop<1, 2>},
-        {loop<2, 0>, loop<2, 1>, loop<2, 2>}, {loop<3, 0>, loop<3, 1>, loop<3, 2>},
-        {loop<4, 0>, loop<4, 1>, loop<4, 2>}};
-    return table[n_reads][n_writes];
+  static LoopFn pick_loop(const StepFlags& f) {
+    static const LoopFn table[2][MAX_READS + 1][MAX_WRITES + 1] = {
+        {{loop<0, 0, false>, loop<0, 1, false>, loop<0, 2, false>},
+         {loop<1, 0, false>, loop<1, 1, false>, loop<1, 2, false>},
+         {loop<2, 0, false>, loop<2, 1, false>, loop<2, 2, false>},
+         {loop<3, 0, false>, loop<3, 1, false>, loop<3, 2, false>},
+         {loop<4, 0, false>, loop<4, 1, false>, loop<4, 2, false>}},
+        {{loop<0, 0, true>, loop<0, 1, true>, loop<0, 2, true>},
+         {loop<1, 0, true>, loop<1, 1, true>, loop<1, 2, true>},
+         {loop<2, 0, true>, loop<2, 1, true>, loop<2, 2, true>},
+         {loop<3, 0, true>, loop<3, 1, true>, loop<3, 2, true>},
+         {loop<4, 0, true>, loop<4, 1, true>, loop<4, 2, true>}}};
+    const bool plain = !f.rescale && !f.clip && !f.mask && !f.z && !f.z2;
+    return table[plain][f.n_reads][f.n_writes];
   }
 
   /// The last n < W elements, through zero-padded copies so the arithmetic is the full-vector one.
@@ -269,7 +283,7 @@ struct StepKernel {
     for (int k = 0; k < a.n_reads; ++k) p.h[k] = static_cast<const S*>(a.h_read[k]);
     p.out = static_cast<S*>(a.out);
     for (int j = 0; j < a.n_writes; ++j) p.hw[j] = static_cast<S*>(a.h_write[j]);
-    const LoopFn loop_fn = pick_loop(a.n_reads, a.n_writes);
+    const LoopFn loop_fn = pick_loop(f);
     const int64_t nblk = (a.numel + BLK - 1) / BLK;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)
     for (int64_t blk = 0; blk < nblk; ++blk) {
