@@ -127,10 +127,11 @@ def test_simd_levels_bit_identical_including_specials(dtype, gen):
             assert torch.equal(a, b), f"{name}: {lv} differs from {levels[0]} in {int((a != b).sum())} elements"
 
 
+@pytest.mark.parametrize("feature", ["everything", "two_writes_alias_reads"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-def test_threads_bit_identical(dtype, gen):
+def test_threads_bit_identical(dtype, feature, gen):
     # 3 samples of an odd size: blocks straddle samples and the split between threads
-    case = make_case(FEATURES["everything"], (3, 40_001), dtype, gen, inplace=False)
+    case = make_case(FEATURES[feature], (3, 40_001), dtype, gen, inplace=False)
     one, two = _run_with(case, threads=1), _run_with(case, threads=2)
     for name, a, b in zip(case.outputs, one, two):
         assert torch.equal(a, b), f"{name}: 1 and 2 threads differ in {int((a != b).sum())} elements"
