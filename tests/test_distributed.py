@@ -1,0 +1,298 @@
+"""fastdiff.distributed: sharding, bit-identity with one process, failure propagation, resume.
+
+Multi-process tests start real gloo ranks on loopback (MASTER_ADDR=127.0.0.1, a free port) as
+subprocesses of ``tests/_dist_worker.py``, each under a timeout, so a
+hang fails the test instead of hanging CI.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import distributed as D
+from fastdiff import ops
+
+from ._dist_worker import SHAPE, make_model
+from ._plans import edm_euler_ancestral
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS7 = [11, 2**63 + 5, 3, 2**40, 7, 0, 99]  # includes a seed >= 2**63 (negative as int64)
+STEPS = 4
+
+
+def reference(seeds, conds=None, shape=SHAPE):
+    """One process sampling the whole batch with fastdiff.sample."""
+    return fastdiff.sample(make_model(shape), D.initial_noise(shape, seeds), seed=seeds, cond=conds,
+                           plan=edm_euler_ancestral(STEPS), backend="reference")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FASTDIFF_BACKEND", None)
+    return env
+
+
+def launch(world: int, cfg: dict, timeout: float = 40.0, kill_after: float | None = None):
+    """Run ``world`` ranks of the worker; returns ``[(returncode, stderr)]`` and the wall time.
+
+    With ``kill_after``, ranks still running that long after the first one exited are killed
+    (the hung rank of the hang test) and reported with returncode None.
+    """
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._dist_worker", json.dumps(cfg)], cwd=ROOT,
+                              env=rank_env(r, world, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for r in range(world)]
+    t0 = time.monotonic()
+    first_exit, killed = None, set()
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if first_exit is None and any(p.poll() is not None for p in procs):
+                first_exit = now
+            if now - t0 > timeout:
+                raise AssertionError(f"ranks still running after {timeout}s: a hang")
+            if kill_after is not None and first_exit is not None and now - first_exit > kill_after:
+                break
+            time.sleep(0.05)
+        wall = time.monotonic() - t0
+    finally:
+        for r, p in enumerate(procs):
+            if p.poll() is None:
+                p.kill()
+                killed.add(r)
+    results = []
+    for r, p in enumerate(procs):
+        err = p.communicate(timeout=10)[1]
+        results.append((None if r in killed else p.returncode, err))
+    return results, wall
+
+
+def files_of(d):
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+# --- in-process: sharding, one process, errors -----------------------------------------------
+
+
+@pytest.mark.parametrize("n,world", [(7, 3), (2, 3), (1, 1), (10, 4), (5, 5), (3, 8), (100, 7)])
+def test_shard_is_contiguous_balanced_and_covers_every_index(n, world):
+    parts = [D.shard(n, r, world) for r in range(world)]
+    assert [i for p in parts for i in p] == list(range(n))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_shard_errors_name_the_argument():
+    with pytest.raises(ValueError, match="world must be an int >= 1, got 0"):
+        D.shard(3, 0, 0)
+    with pytest.raises(ValueError, match=r"rank must be < world \(2\), got 2"):
+        D.shard(3, 2, 2)
+
+
+def test_model_of_these_tests_is_batch_invariant():
+    # The precondition of bit-identity: a sample's model output does not depend on its batch.
+    m = make_model()
+    x, t = torch.randn(7, *SHAPE), torch.rand(7) * 5 + 0.1
+    full = m(x, t)
+    assert all(torch.equal(m(x[i:i + 1].clone(), t[i:i + 1].clone()), full[i:i + 1]) for i in range(7))
+
+
+def test_world_of_one_equals_fastdiff_sample_bit_for_bit():
+    conds = torch.linspace(-1, 1, 7)
+    ref = reference(SEEDS7, conds)
+    out = D.sample(make_model(), SHAPE, seeds=SEEDS7, conds=conds, plan=edm_euler_ancestral(STEPS), backend="reference")
+    assert torch.equal(out, ref)
+    # chunks of 3, per-sample conds as a list, the global noise as a tensor: the same bits
+    out = D.sample(make_model(), D.initial_noise(SHAPE, SEEDS7), seeds=SEEDS7, conds=list(conds), batch_size=3,
+                   plan=edm_euler_ancestral(STEPS), backend="reference")
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_shares_sampled_apart_equal_the_whole_batch_on_each_backend(backend):
+    # What sharding relies on, per backend: a sample's bits do not depend on its batch or position.
+    ok, why = ops.backend_status(backend)
+    if not ok:
+        pytest.skip(f"backend {backend} unavailable: {why}")
+    for dtype in (torch.float32, torch.float64):
+        def run(seeds):
+            return fastdiff.sample(make_model(), D.initial_noise(SHAPE, seeds, dtype=dtype), seed=seeds,
+                                   plan=edm_euler_ancestral(STEPS), backend=backend)
+        whole = run(SEEDS7)
+        parts = [run(SEEDS7[a:b]) for a, b in ((0, 3), (3, 5), (5, 7), (6, 7))]
+        assert torch.equal(torch.cat(parts[:3]), whole) and torch.equal(parts[3], whole[6:])
+
+
+def test_initial_noise_is_keyed_by_seed_alone():
+    a = D.initial_noise(SHAPE, SEEDS7)
+    assert torch.equal(D.initial_noise(SHAPE, SEEDS7[2:5]), a[2:5])
+    assert torch.equal(a, fastdiff.rng.randn((7, *SHAPE), SEEDS7, row=D.INIT_ROW))
+    assert not torch.equal(a, fastdiff.rng.randn((7, *SHAPE), SEEDS7, row=0))  # not the first solver row's noise
+
+
+def test_out_dir_writes_one_atomic_file_per_sample_and_resume_skips_existing(tmp_path):
+    d = tmp_path / "out"
+    calls = []
+
+    def counting(x, t, cond=None):
+        calls.append(x.shape[0])
+        return make_model()(x, t, cond)
+
+    kw = dict(seeds=SEEDS7, out_dir=d, batch_size=2, plan=edm_euler_ancestral(STEPS), backend="reference")
+    paths = D.sample(counting, SHAPE, **kw)
+    assert paths == [D.sample_path(d, i, s, 7) for i, s in enumerate(SEEDS7)]
+    assert os.path.basename(paths[1]) == f"000001-seed{2**63 + 5}.pt"
+    ref = reference(SEEDS7)
+    for i, p in enumerate(paths):
+        rec = D.load_sample(p)
+        assert rec["index"] == i and rec["seed"] == SEEDS7[i] and torch.equal(rec["sample"], ref[i])
+    assert sorted(os.listdir(d)) == sorted(os.path.basename(p) for p in paths)  # no temporary files left
+    before = files_of(d)
+
+    with pytest.raises(FileExistsError, match="already holds 7 of this rank's sample files.*resume=True"):
+        D.sample(counting, SHAPE, **kw)
+    os.remove(paths[2])
+    os.remove(paths[5])
+    (d / f".{os.path.basename(paths[5])}.abc123.tmp").write_bytes(b"partial")  # a killed writer's leftover
+    calls.clear()
+    D.sample(counting, SHAPE, resume=True, **kw)
+    assert sum(calls) == 2 * STEPS  # only the two missing samples were sampled
+    assert files_of(d) == before  # byte for byte, stale temporary file removed
+
+
+def test_gather_modes_in_one_process():
+    kw = dict(seeds=[5, 6], plan=edm_euler_ancestral(STEPS), backend="reference")
+    ref = reference([5, 6])
+    assert torch.equal(D.sample(make_model(), SHAPE, gather="rank0", **kw), ref)
+    assert torch.equal(D.sample(make_model(), SHAPE, gather="none", **kw), ref)
+
+
+def test_argument_errors_name_the_argument_and_value(tmp_path):
+    m = make_model()
+    with pytest.raises(ValueError, match="seeds must not be empty"):
+        D.sample(m, SHAPE, seeds=[])
+    with pytest.raises(TypeError, match=r"seeds\[1\] must be an int, got 2.5"):
+        D.sample(m, SHAPE, seeds=[1, 2.5])
+    with pytest.raises(TypeError, match=r"seeds\[0\] must be an int, got True"):
+        D.sample(m, SHAPE, seeds=[True])
+    with pytest.raises(ValueError, match=r"seeds\[0\] must fit in 64 bits, got 18446744073709551616"):
+        D.sample(m, SHAPE, seeds=[2**64])
+    with pytest.raises(TypeError, match="seeds must be a sequence of ints.*got 5"):
+        D.sample(m, SHAPE, seeds=5)
+    with pytest.raises(TypeError, match="does not take seed=: give the global list as seeds="):
+        D.sample(m, SHAPE, seeds=[1], seed=1)
+    with pytest.raises(TypeError, match="does not take generator="):
+        D.sample(m, SHAPE, seeds=[1], generator=torch.Generator())
+    with pytest.raises(TypeError, match="does not take cond=: give the global per-sample conditions as conds="):
+        D.sample(m, SHAPE, seeds=[1], cond=torch.zeros(1))
+    with pytest.raises(ValueError, match="gather must be 'all', 'rank0' or 'none', got 'some'"):
+        D.sample(m, SHAPE, seeds=[1], gather="some")
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1 or None, got 0"):
+        D.sample(m, SHAPE, seeds=[1], batch_size=0)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0, got -1"):
+        D.sample(m, SHAPE, seeds=[1], timeout=-1)
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        D.sample(m, SHAPE, seeds=[1], resume=True)
+    with pytest.raises(ValueError, match=r"noise tensor must be \[N, ...\] with N = len\(seeds\) = 2, "
+                                         r"got shape \(3, 2\)"):
+        D.sample(m, torch.zeros(3, 2), seeds=[1, 2])
+    with pytest.raises(ValueError, match=r"noise shape must be ints >= 1, got \(3, 0\)"):
+        D.sample(m, (3, 0), seeds=[1])
+    with pytest.raises(TypeError, match="noise must be the shape of one sample.*got 3"):
+        D.sample(m, 3, seeds=[1])
+    with pytest.raises(ValueError, match=r"conds must have one entry per seed \(2\), got shape \(3,\)"):
+        D.sample(m, SHAPE, seeds=[1, 2], conds=torch.zeros(3))
+    with pytest.raises(ValueError, match="unconds has 1 entries but seeds has 2"):
+        D.sample(m, SHAPE, seeds=[1, 2], unconds=[torch.zeros(1)])
+    with pytest.raises(ValueError, match=r"conds\['y'\] must have one entry per seed \(2\), got shape \(1,\)"):
+        D.sample(m, SHAPE, seeds=[1, 2], conds={"y": torch.zeros(1)})
+
+
+def test_model_error_in_one_process_propagates_unchanged():
+    m = make_model(fail_rank=0, fail_call=1)
+    with pytest.raises(ValueError, match="injected failure at model call 1"):
+        D.sample(m, SHAPE, seeds=[1, 2], plan=edm_euler_ancestral(STEPS), backend="reference")
+
+
+# --- several gloo processes on loopback --------------------------------------------------------
+
+
+def test_three_ranks_uneven_split_and_more_ranks_than_samples_are_bit_identical(tmp_path):
+    res = str(tmp_path / "{job}-r{{rank}}.pt")
+    jobs = [{"seeds": SEEDS7, "conds": True, "result": res.format(job="seven")},  # 3 + 2 + 2
+            {"seeds": [5, 6], "gather": "rank0", "result": res.format(job="two")},  # 1 + 1 + 0
+            {"seeds": [5, 6], "batch_size": 1, "result": res.format(job="two-all")}]
+    results, _ = launch(3, {"steps": STEPS, "jobs": jobs})
+    assert [rc for rc, _ in results] == [0, 0, 0], results
+    ref7, ref2 = reference(SEEDS7, torch.linspace(-1, 1, 7)), reference([5, 6])
+    for r in range(3):
+        assert torch.equal(torch.load(res.format(job="seven").format(rank=r)), ref7)
+        assert torch.equal(torch.load(res.format(job="two-all").format(rank=r)), ref2)
+    assert torch.equal(torch.load(res.format(job="two").format(rank=0)), ref2)
+    assert not any(os.path.exists(res.format(job="two").format(rank=r)) for r in (1, 2))  # None there
+
+
+@pytest.fixture(scope="module")
+def single_process_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("single")
+    D.sample(make_model(), SHAPE, seeds=SEEDS7, out_dir=d, plan=edm_euler_ancestral(STEPS), backend="reference")
+    return files_of(d)
+
+
+@pytest.mark.parametrize("how,world,bad,resume_world", [("raise", 2, 1, 1), ("kill", 3, 2, 2), ("kill", 2, 0, 1)])
+def test_failed_rank_is_named_on_every_rank_and_resume_completes_identically(
+        tmp_path, single_process_files, how, world, bad, resume_world):
+    d = str(tmp_path / "out")
+    cfg = {"seeds": SEEDS7, "steps": STEPS, "out_dir": d, "batch_size": 1, "timeout": 30,
+           "fail": {"rank": bad, "call": STEPS + 1, "how": how}}  # fails inside its second sample
+    results, wall = launch(world, cfg)
+    assert wall < 30, f"ranks took {wall:.1f}s to stop after rank {bad} failed"
+    for r, (rc, err) in enumerate(results):
+        if how == "kill" and r == bad:
+            assert rc == -9
+            continue
+        assert rc not in (0, None), f"rank {r} exited {rc}"
+        assert "RankFailedError" in err, err[-2000:]
+        if how == "raise":
+            want = f"rank {bad} failed during chunk 1; every rank stops. rank {bad}: ValueError: injected failure"
+            assert want in err
+        else:  # rank 0 hosts the store (no torchrun agent here): its death is inferred from that
+            assert f"rank {bad} stopped responding during chunk 1" in err
+    written = files_of(d)
+    assert 0 < len(written) < 7
+    for name, data in written.items():  # what was written is complete and exactly right
+        assert data == single_process_files[name]
+    # the layout does not depend on the world size: resume with another one
+    if resume_world == 1:
+        D.sample(make_model(), SHAPE, seeds=SEEDS7, out_dir=d, resume=True, plan=edm_euler_ancestral(STEPS),
+                 backend="reference")
+    else:
+        results, _ = launch(resume_world, {**cfg, "resume": True, "fail": {}})
+        assert [rc for rc, _ in results] == [0] * resume_world, results
+    assert files_of(d) == single_process_files
+
+
+def test_hung_rank_times_out_and_is_named():
+    cfg = {"seeds": SEEDS7, "steps": STEPS, "batch_size": 1, "timeout": 3,
+           "fail": {"rank": 1, "call": 1, "how": "hang"}}
+    results, wall = launch(2, cfg, kill_after=0.5)
+    assert results[1][0] is None  # the hung rank was still hanging; the test killed it
+    rc, err = results[0]
+    assert rc not in (0, None)
+    assert "rank 1 stopped responding during chunk 0 (died, or hung past timeout=3s;" in err, err[-2000:]
+    assert wall < 30
