@@ -54,7 +54,10 @@ def _gmm_model(shape: tuple[int, ...], schedule, prediction: str):
     """The built-in Gaussian mixture with its exact model under ``schedule``."""
     from .models import GaussianMixture
 
-    return GaussianMixture.default(shape).model(schedule.alpha_sigma, prediction)
+    def alpha_sigma(t):  # schedules compute on the host (numpy) whatever device t is on
+        return schedule.alpha_sigma(t.detach().to("cpu", torch.float64).numpy())
+
+    return GaussianMixture.default(shape).model(alpha_sigma, prediction)
 
 
 SAMPLE_MODELS = {"gmm": _gmm_model}
@@ -100,22 +103,24 @@ _MANIFEST_KEYS = ("model", "sampler", "steps", "schedule", "prediction", "shape"
 
 
 def _check_manifest(args: argparse.Namespace, rank: int) -> None:
-    """On --resume, refuse settings that differ from the run being resumed; rank 0 records them."""
+    """Refuse an --out that holds a run with other settings; rank 0 records this run's settings.
+
+    Race-free without a barrier: ranks only compare, and rank 0 writes (atomically) only a file
+    that is absent, with the content every rank expects.
+    """
     import json
 
     path = os.path.join(args.out, _MANIFEST)
     mine = {k: getattr(args, k) for k in _MANIFEST_KEYS}
-    if not args.resume and os.path.exists(path):
-        raise FileExistsError(f"--out {args.out} already holds a run ({_MANIFEST}); pass --resume to complete it, "
-                              f"or choose another --out")
-    if args.resume and os.path.exists(path):
+    if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
         if diff:
-            raise ValueError(f"--resume with settings that differ from the run in {args.out}: "
-                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    if rank == 0:
+            raise ValueError(f"--out {args.out} holds a run with other settings ("
+                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                             + "); choose another --out")
+    elif rank == 0:
         os.makedirs(args.out, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:

@@ -1,12 +1,13 @@
-"""fastdiff.distributed: sharding, bit-identity with one process, failure propagation, resume.
+"""fastdiff.distributed: sharding, bit-identity with one process, failure propagation, resume, CLI.
 
 Multi-process tests start real gloo ranks on loopback (MASTER_ADDR=127.0.0.1, a free port) as
-subprocesses of ``tests/_dist_worker.py``, each under a timeout, so a
+subprocesses of ``tests/_dist_worker.py`` (or torchrun for the CLI), each under a timeout, so a
 hang fails the test instead of hanging CI.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 import fastdiff
 from fastdiff import distributed as D
 from fastdiff import ops
+from fastdiff.cli import main as cli_main
 
 from ._dist_worker import SHAPE, make_model
 from ._plans import edm_euler_ancestral
@@ -296,3 +298,53 @@ def test_hung_rank_times_out_and_is_named():
     assert rc not in (0, None)
     assert "rank 1 stopped responding during chunk 0 (died, or hung past timeout=3s;" in err, err[-2000:]
     assert wall < 30
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+CLI = ["sample", "--model", "gmm", "--sampler", "euler_ancestral", "--steps", "6", "--shape", "2", "--num", "20",
+       "--seed", "3", "--batch-size", "4", "--backend", "reference"]
+
+
+def test_cli_single_process_resume_and_manifest(tmp_path, capsys):
+    d = str(tmp_path / "cli")
+    assert cli_main(CLI + ["--out", d]) == 0
+    assert "20 samples of shape (2,)" in capsys.readouterr().out
+    files = files_of(d)
+    assert len(files) == 21 and "fastdiff-sample.json" in files
+    for name in list(files)[3:9]:
+        os.remove(os.path.join(d, name))
+    assert cli_main(CLI + ["--out", d]) == 2  # existing files without --resume
+    assert "pass resume=True" in capsys.readouterr().err
+    assert cli_main(CLI + ["--out", d, "--resume"]) == 0
+    assert files_of(d) == files
+    assert cli_main(CLI[:6] + ["7"] + CLI[7:] + ["--out", d, "--resume"]) == 2
+    assert "holds a run with other settings (steps was 6, now 7)" in capsys.readouterr().err
+    assert cli_main(["sample", "--model", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "--model must be one of ['gmm'] or module:attr, got 'nope'" in capsys.readouterr().err
+
+
+def test_cli_model_from_module_attr(tmp_path):
+    d = str(tmp_path / "m")
+    args = ["sample", "--model", "tests._dist_worker:model", "--sampler", "euler_ancestral", "--steps", "3",
+            "--shape", "3,4", "-n", "3", "--out", d, "--backend", "reference"]
+    assert cli_main(args) == 0
+    assert len(os.listdir(d)) == 4
+
+
+def test_cli_under_torchrun_matches_single_process(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert cli_main(CLI + ["--out", one]) == 0
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found next to the interpreter"
+    # -n, not --num: on Python < 3.12 torchrun's own parser rejects --num as an abbreviation of its
+    # --numa-binding (so does any option after the script); `torchrun ... -m -- fastdiff ...` also works.
+    args = ["-n" if a == "--num" else a for a in CLI]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "--monitor-interval=0.1", "-m", "fastdiff"] + args + ["--out", two]
+    env = {k: v for k, v in rank_env(0, 1, 0).items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                     "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "20 samples of shape (2,) in" in p.stdout and "2 processes" in p.stdout
+    assert files_of(two) == files_of(one)
