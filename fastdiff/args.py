@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import MAX_READS, N_OPERANDS, Row
+from .plan import N_OPERANDS, OP_Z, Row
 
-N_COEF = 2 + N_OPERANDS * 3 + 2
-"""Packed coefficients: a_x, a_e, out[N_OPERANDS], write0[N_OPERANDS], write1[N_OPERANDS], known_a, known_s."""
+N_COEF = 2 + N_OPERANDS * 3 + 3
+"""Packed coefficients: a_x, a_e, out[N_OPERANDS], write0[N_OPERANDS], write1[N_OPERANDS], known_a, known_s, c_g."""
+C_AX, C_AE, C_OUT, C_W0, C_W1 = 0, 1, 2, 2 + N_OPERANDS, 2 + 2 * N_OPERANDS
+C_KNOWN_A, C_KNOWN_S, C_G = 2 + 3 * N_OPERANDS, 3 + 3 * N_OPERANDS, 4 + 3 * N_OPERANDS
+"""Offsets into the packed coefficients."""
 
 CLIP_NONE, CLIP_STATIC, CLIP_DYNAMIC = 0, 1, 2
 
@@ -19,11 +22,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def pack_row(row: Row) -> tuple[float, ...]:
-    """Pack a row's coefficients in the order kernels read them (see ``N_COEF``)."""
+def pack_row(row: Row, c_g: float = 0.0) -> tuple[float, ...]:
+    """Pack a row's coefficients in the order kernels read them (see ``N_COEF``).
+
+    ``c_g`` is the classifier-guidance coefficient (``e += c_g * g``), decided by the loop.
+    """
     zero = (0.0,) * N_OPERANDS
     w = [wr.coef for wr in row.writes] + [zero] * (2 - len(row.writes))
-    return (row.a_x, row.a_e, *row.out, *w[0], *w[1], row.known_a, row.known_s)
+    return (row.a_x, row.a_e, *row.out, *w[0], *w[1], row.known_a, row.known_s, float(c_g))
 
 
 def clip_code(row: Row) -> int:
@@ -49,6 +55,7 @@ class StepArgs:
         seeds: int64 ``[B]`` Philox keys (used where ``z``/``z2`` are not given).
         z, z2: external noise tensors, or ``None`` for Philox.
         mask, known: mask blend tensors, or ``None``.
+        g: classifier-guidance gradient (``e += c_g * g``), or ``None``.
         coef: packed float64 coefficients, ``N_COEF`` long.
         row: the Philox counter word for this row.
     """
@@ -70,15 +77,15 @@ class StepArgs:
     z2: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     known: torch.Tensor | None = None
+    g: torch.Tensor | None = None
 
     @property
     def needs_z(self) -> bool:
         """Whether ``x'`` or a history write uses the main noise."""
-        zi = 2 + MAX_READS
         c = self.coef
-        return c[2 + zi] != 0 or any(c[2 + N_OPERANDS * (1 + j) + zi] != 0 for j in range(len(self.h_write)))
+        return c[C_OUT + OP_Z] != 0 or any(c[C_W0 + N_OPERANDS * j + OP_Z] != 0 for j in range(len(self.h_write)))
 
     @property
     def needs_z2(self) -> bool:
         """Whether the mask blend uses the known-region noise."""
-        return self.mask is not None and self.coef[N_COEF - 1] != 0
+        return self.mask is not None and self.coef[C_KNOWN_S] != 0

@@ -103,7 +103,7 @@ def validate(args: StepArgs) -> None:
     if len(args.h_read) > MAX_READS or len(args.h_write) > MAX_WRITES:
         raise ValueError(f"at most {MAX_READS} history reads and {MAX_WRITES} writes per row")
     named = [("out", args.out), ("m", args.m), ("m_c", args.m_c), ("z", args.z), ("z2", args.z2),
-             ("mask", args.mask), ("known", args.known)]
+             ("mask", args.mask), ("known", args.known), ("g", args.g)]
     named += [(f"h_read[{i}]", h) for i, h in enumerate(args.h_read)]
     named += [(f"h_write[{i}]", h) for i, h in enumerate(args.h_write)]
     for name, t in named:

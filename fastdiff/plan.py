@@ -6,11 +6,12 @@ model evaluation followed by one fused, element-wise step. For element ``i`` of 
     e  = m                                  # model output (no guidance), or
     e  = m_u + w[b] * (m_c - m_u)           # classifier-free guidance (w per sample)
     e  = r[b] * e                           # optional guidance-rescale factor (per sample)
+    e  = e + c_g * g                        # optional classifier-guidance gradient term
     d  = a_x * x + a_e * e                  # data estimate x0 from any parameterization
     d  = clamp(d, -s[b], s[b])              # optional static clip / dynamic threshold ...
     d  = d / s[b]                           # ... which also divides (dynamic thresholding)
     z  = N(0, 1)                            # Philox(seed[b], row, stream 0, i), or an external tensor
-    v  = [x, d, H[reads[0]], ..., H[reads[k-1]], z]
+    v  = [x, d, e, H[reads[0]], ..., H[reads[k-1]], z]
     x' = out · v                            # solver update
     x' = mask*x' + (1-mask)*(known_a*known + known_s*z2)   # optional; z2 = Philox stream 1
     H[writes[j].slot] = writes[j].coef · v  # history ring written for later rows
@@ -34,31 +35,32 @@ MAX_READS = 4
 """Most history slots one row may read."""
 MAX_WRITES = 2
 """Most history slots one row may write."""
-N_OPERANDS = 3 + MAX_READS
-"""Length of a coefficient vector: x, d, MAX_READS history reads, z."""
+N_OPERANDS = 4 + MAX_READS
+"""Length of a coefficient vector: x, d, e, MAX_READS history reads, z."""
+OP_X, OP_D, OP_E, OP_H, OP_Z = 0, 1, 2, 3, 3 + MAX_READS
+"""Operand positions in a coefficient vector (history reads start at ``OP_H``)."""
 
 PREDICTIONS = ("eps", "v", "x0", "flow")
 """Model parameterizations the plan can convert to a data estimate."""
 
 
-def _vec(x: float = 0.0, d: float = 0.0, h: tuple[float, ...] = (), z: float = 0.0) -> tuple[float, ...]:
+def combo(x: float = 0.0, d: float = 0.0, h: tuple[float, ...] = (), z: float = 0.0,
+          e: float = 0.0) -> tuple[float, ...]:
+    """Build a coefficient vector over the operands ``[x, d, e, H[reads[0..]], z]``.
+
+    ``h`` gives coefficients for the row's history reads in the order of ``Row.reads``; ``e`` is
+    the (guided) model output itself, for updates that mix a clipped data estimate with the
+    unclipped model output (diffusers' DDIM default).
+    """
     if len(h) > MAX_READS:
         raise ValueError(f"h has {len(h)} history coefficients; at most {MAX_READS} are allowed")
     hs = tuple(float(c) for c in h) + (0.0,) * (MAX_READS - len(h))
-    return (float(x), float(d)) + hs + (float(z),)
-
-
-def combo(x: float = 0.0, d: float = 0.0, h: tuple[float, ...] = (), z: float = 0.0) -> tuple[float, ...]:
-    """Build a coefficient vector over the operands ``[x, d, H[reads[0..]], z]``.
-
-    ``h`` gives coefficients for the row's history reads in the order of ``Row.reads``.
-    """
-    return _vec(x, d, h, z)
+    return (float(x), float(d), float(e)) + hs + (float(z),)
 
 
 @dataclass(frozen=True)
 class Write:
-    """One history write: ``H[slot] = coef · [x, d, H[reads...], z]``."""
+    """One history write: ``H[slot] = coef · [x, d, e, H[reads...], z]``."""
 
     slot: int
     coef: tuple[float, ...]
@@ -79,7 +81,7 @@ class Row:
             guidance schedules and guidance intervals.
         in_scale: the model input is ``in_scale * x``.
         a_x, a_e: data estimate ``d = a_x * x + a_e * e``.
-        out: coefficients of ``x'`` over ``[x, d, H[reads...], z]``.
+        out: coefficients of ``x'`` over ``[x, d, e, H[reads...], z]``.
         reads: history slots read, in operand order (at most ``MAX_READS``).
         writes: history writes (at most ``MAX_WRITES``).
         clip: ``None`` for no clipping, ``"static"`` to clamp ``d`` to ``±s`` or ``"dynamic"`` to
@@ -90,6 +92,9 @@ class Row:
             where the noise coefficient is 0 (diffusers' Euler ancestral at its last step).
         step: index of the solver step this row belongs to (several rows may share one step).
         stage: index of the row inside its step.
+        alpha_t, sigma_t: the model input is ``u = alpha_t * x0 + sigma_t * eps`` at this row
+            (``None`` where a sampler does not say); the loop needs them for classifier guidance
+            (Tweedie: ``E[x0 | u, y] = E[x0 | u] + sigma_t**2 / alpha_t * grad log p(y | u)``).
     """
 
     t: float
@@ -106,6 +111,8 @@ class Row:
     noise: bool = False
     step: int = 0
     stage: int = 0
+    alpha_t: float | None = None
+    sigma_t: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.out) != N_OPERANDS:

@@ -7,8 +7,8 @@ from contextlib import nullcontext
 
 import torch
 
-from ..args import StepArgs, compute_dtype
-from ..plan import MAX_READS
+from ..args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_W0, C_W1, StepArgs, compute_dtype
+from ..plan import N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
 from ..rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
 from ..timing import active_timer
 
@@ -53,10 +53,10 @@ def step(args: StepArgs) -> None:
     """Execute one row: writes ``args.out`` and ``args.h_write`` (which may alias inputs)."""
     dt = compute_dtype(args.x.dtype)
     c = _round(args.coef, dt)  # coefficients rounded like kernels do
-    a_x, a_e = c[0], c[1]
-    out_c = c[2:9]
-    wr_c = [c[9:16], c[16:23]]
-    known_a, known_s = c[23], c[24]
+    a_x, a_e = c[C_AX], c[C_AE]
+    out_c = c[C_OUT:C_OUT + N_OPERANDS]
+    wr_c = [c[C_W0:C_W0 + N_OPERANDS], c[C_W1:C_W1 + N_OPERANDS]]
+    known_a, known_s, c_g = c[C_KNOWN_A], c[C_KNOWN_S], c[C_G]
     nd = args.x.dim()
 
     timer = active_timer()  # the profiler times this op-by-op step's phases separately
@@ -68,23 +68,27 @@ def step(args: StepArgs) -> None:
             e = e + _per_sample(args.w, nd, dt) * (args.m_c.to(dt) - e)
         if args.r is not None:
             e = _per_sample(args.r, nd, dt) * e
+        if args.g is not None:
+            e = e + c_g * args.g.to(dt)
     d = a_x * x + a_e * e
     if args.clip:
         s = _per_sample(args.s, nd, dt)
         d = torch.minimum(torch.maximum(d, -s), s)
         if args.clip == 2:
             d = d / s
-    need_z = out_c[6] != 0 or any(wc[6] != 0 for wc in wr_c[: len(args.h_write)])
+    need_z = out_c[OP_Z] != 0 or any(wc[OP_Z] != 0 for wc in wr_c[: len(args.h_write)])
     with region("step/noise"):
         z = _noise(args, args.z, STREAM_MAIN, dt) if need_z else None
-    ops = [x, d] + [h.to(dt) for h in args.h_read]
+    hist = [h.to(dt) for h in args.h_read]
 
     def combine(coefs):
-        acc = coefs[0] * ops[0] + coefs[1] * ops[1]
-        for k in range(len(args.h_read)):
-            acc = acc + coefs[2 + k] * ops[2 + k]
-        if z is not None and coefs[2 + MAX_READS] != 0:
-            acc = acc + coefs[2 + MAX_READS] * z
+        acc = coefs[OP_X] * x + coefs[OP_D] * d
+        if coefs[OP_E] != 0:
+            acc = acc + coefs[OP_E] * e
+        for k, h in enumerate(hist):
+            acc = acc + coefs[OP_H + k] * h
+        if z is not None and coefs[OP_Z] != 0:
+            acc = acc + coefs[OP_Z] * z
         return acc
 
     new_x = combine(out_c)
