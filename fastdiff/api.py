@@ -44,6 +44,9 @@ def sample(
     progress: bool = False,
     check_finite: bool = True,
     plan: Plan | None = None,
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    classifier_scale: float = 1.0,
+    classifier_y: torch.Tensor | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Sample from ``model`` starting at unit-variance ``noise``; returns the final sample.
@@ -81,6 +84,12 @@ def sample(
             returns NaN/Inf (checked on the device; reported after the loop).
         plan: a prebuilt :class:`~fastdiff.plan.Plan` (then ``sampler``, ``steps``, ``schedule``,
             ``prediction`` and sampler options are not used).
+        classifier: classifier guidance (Dhariwal & Nichol 2021): a differentiable noise-conditional
+            classifier ``classifier(u, t) -> logits [B, classes]`` on the model input ``u``. The
+            gradient of ``log p(y | u)`` enters the fused step as one more term of the row. Combines
+            with classifier-free guidance when both are given.
+        classifier_scale: the classifier guidance scale (inverse temperature).
+        classifier_y: int64 ``[B]`` target classes for the classifier.
         **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
 
     Returns:
@@ -108,6 +117,7 @@ def sample(
         guidance=Guidance(guidance_scale, guidance_interval, guidance_rescale),
         cond=cond, uncond=uncond, seeds=seeds, generator=generator, backend=backend,
         callback=callback, progress=progress, check_finite=check_finite,
+        classifier=classifier, classifier_scale=classifier_scale, classifier_y=classifier_y,
     )
     x = noise * plan.init_scale
     return run_plan(plan, as_model(model), x, opts)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .args import StepArgs, clip_code, pack_row
+from .args import StepArgs, clip_code, compute_dtype, pack_row
 from .guidance import Guidance, dynamic_threshold, rescale_factor
 from .plan import Plan
 from .timing import RegionTimer
@@ -84,6 +84,9 @@ class LoopOptions:
     progress: bool = False
     check_finite: bool = True
     timer: RegionTimer | None = None
+    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    classifier_scale: float = 1.0
+    classifier_y: torch.Tensor | None = None
 
 
 def _no_region(name: str):
@@ -132,7 +135,14 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
     if opts.mask is not None and opts.known is None:
         raise ValueError("mask needs known (the known image)")
     sums = torch.zeros(len(rows), dtype=torch.float32, device=dev) if opts.check_finite else None
-    packed = [pack_row(r) for r in rows]
+    cg = classifier_coefficients(plan, opts.classifier_scale) if opts.classifier is not None else None
+    if opts.classifier is not None:
+        y = opts.classifier_y
+        if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"classifier guidance needs classifier_y, an integer tensor of shape ({B},), got "
+                             f"{type(y).__name__ if not isinstance(y, torch.Tensor) else (y.dtype, tuple(y.shape))}")
+        y = y.to(device=dev, dtype=torch.int64)
+    packed = [pack_row(r, cg[i] if cg is not None else 0.0) for i, r in enumerate(rows)]
     noise_dtype = getattr(torch, plan.noise_dtype) if plan.noise_dtype else x.dtype
 
     it = range(len(rows))
@@ -164,7 +174,10 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
         w = W[i] if m_c is not None else None
         rr = s = None
         clip = clip_code(r)
+        grad = None
         with region("guidance"):
+            if cg is not None and cg[i] != 0.0:
+                grad = classifier_grad(opts.classifier, x_in, ts[i].expand(B), y).to(x.dtype)
             if sums is not None:
                 torch.sum(out, dim=all_dims, dtype=torch.float32, out=sums[i])
             if m_c is not None and g.rescale > 0:
@@ -187,7 +200,7 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
             x=x, out=x, m=m, m_c=m_c, coef=packed[i], row=i,
             h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
             w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z,
-            mask=opts.mask, known=opts.known,
+            mask=opts.mask, known=opts.known, g=grad,
         )
         with region("step"):
             sig = (m_c is None, rr is None, s is None, z is None, len(r.reads), len(r.writes))
@@ -211,6 +224,37 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
     if plan.out_scale != 1.0:
         x.mul_(plan.out_scale)
     return x
+
+
+def classifier_coefficients(plan: Plan, scale: float) -> list[float]:
+    """Per row ``c_g`` with ``e += c_g * g`` shifting the data estimate by ``scale * sigma_t^2/alpha_t * g``.
+
+    ``g = grad_u log p(y | u)`` at the model input ``u = alpha_t x0 + sigma_t eps``, so by Tweedie's
+    formula the data estimate moves from ``E[x0|u]`` to ``E[x0|u, y]`` (Dhariwal & Nichol 2021's
+    ``eps - sqrt(1 - abar) * s * grad`` for eps models), with the scale ``s`` as inverse temperature.
+    """
+    out = []
+    for r in plan.rows:
+        if r.alpha_t is None or r.sigma_t is None:
+            raise ValueError(f"sampler {plan.sampler!r} does not give alpha_t/sigma_t on its rows; "
+                             "classifier guidance needs them")
+        if r.a_e == 0.0 or r.alpha_t <= 0.0:
+            out.append(0.0)  # the data estimate does not depend on the model output here
+            continue
+        out.append(float(scale) * r.sigma_t**2 / r.alpha_t / r.a_e)
+    return out
+
+
+def classifier_grad(classifier: Callable, u: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``grad_u log softmax(classifier(u, t))[y]`` per sample (autograd; the classifier returns logits)."""
+    with torch.enable_grad():
+        uu = u.detach().to(compute_dtype(u.dtype)).requires_grad_(True)
+        logits = classifier(uu, t)
+        if logits.dim() != 2 or logits.shape[0] != u.shape[0]:
+            raise ValueError(f"classifier must return logits [B, classes], got shape {tuple(logits.shape)}")
+        logp = torch.log_softmax(logits.to(uu.dtype), dim=1).gather(1, y[:, None]).sum()
+        (g,) = torch.autograd.grad(logp, uu)
+    return g
 
 
 def _check_shape(out, expected, i, r) -> None:

@@ -61,6 +61,19 @@ class GaussianMixture:
         eps = torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
         return self.means[k] + self.stds[k].reshape((-1,) + (1,) * len(self.shape)) * eps
 
+    def component_logits(self, u: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``log p(k | u)`` up to a constant per sample, ``[B, K]``: the exact noisy "classifier" of the
+        component a sample came from (differentiable in ``u``; float64)."""
+        b = u.shape[0]
+        x = u.to(torch.float64).reshape(b, -1)
+        mu = self.means.to(x.device).reshape(self.means.shape[0], -1)
+        s2 = (self.stds.to(x.device) ** 2)[None, :]
+        a = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(b, 1)
+        sg = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(b, 1)
+        var = a * a * s2 + sg * sg
+        sq = (x * x).sum(1, keepdim=True) - 2 * a * (x @ mu.T) + a * a * (mu * mu).sum(1)[None, :]
+        return self.log_weights.to(x.device)[None, :] - 0.5 * x.shape[1] * torch.log(var) - 0.5 * sq / var
+
     def denoise(self, u: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Exact ``E[x0 | u]`` for ``u = alpha x0 + sigma eps``; ``alpha``, ``sigma`` per sample ``[B]``."""
         b = u.shape[0]
