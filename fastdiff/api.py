@@ -47,6 +47,8 @@ def sample(
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     classifier_scale: float = 1.0,
     classifier_y: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    known: torch.Tensor | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Sample from ``model`` starting at unit-variance ``noise``; returns the final sample.
@@ -90,6 +92,11 @@ def sample(
             with classifier-free guidance when both are given.
         classifier_scale: the classifier guidance scale (inverse temperature).
         classifier_y: int64 ``[B]`` target classes for the classifier.
+        mask, known: inpainting: ``mask`` is 1 where the sample is generated and 0 where ``known``
+            (a clean image shaped like ``noise``) is kept; the known region is re-noised to the
+            current noise level every step inside the fused kernel and is exact at the end. ``mask``
+            may have size-1 dimensions (``[B, 1, H, W]``), which are expanded explicitly; its batch
+            must match.
         **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
 
     Returns:
@@ -108,6 +115,13 @@ def sample(
     elif sampler_options:
         raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
     b = noise.shape[0]
+    if (mask is None) != (known is None):
+        raise ValueError("mask and known go together (inpainting): give both or neither")
+    if mask is not None:
+        from .tasks import with_known_region
+
+        mask, known = _inpaint_tensors(mask, known, noise)
+        plan = with_known_region(plan)
     seeds = None
     if generator is None:
         if seed is None:
@@ -118,6 +132,19 @@ def sample(
         cond=cond, uncond=uncond, seeds=seeds, generator=generator, backend=backend,
         callback=callback, progress=progress, check_finite=check_finite,
         classifier=classifier, classifier_scale=classifier_scale, classifier_y=classifier_y,
+        mask=mask, known=known,
     )
     x = noise * plan.init_scale
     return run_plan(plan, as_model(model), x, opts)
+
+
+def _inpaint_tensors(mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor):
+    if not isinstance(known, torch.Tensor) or known.shape != noise.shape:
+        raise ValueError(f"known must have the noise's shape {tuple(noise.shape)}, got "
+                         f"{tuple(known.shape) if isinstance(known, torch.Tensor) else type(known).__name__}")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != noise.dim() or mask.shape[0] != noise.shape[0] or any(
+            m not in (1, n) for m, n in zip(mask.shape, noise.shape)):
+        raise ValueError(f"mask must have shape {tuple(noise.shape)} or that with size-1 dimensions, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    mask = mask.to(noise.dtype).expand_as(noise).contiguous()
+    return mask, known.to(dtype=noise.dtype, device=noise.device).contiguous()

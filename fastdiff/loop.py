@@ -126,7 +126,9 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
     s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)
     hist = [torch.empty_like(x) for _ in range(plan.n_slots)]
     seeds = None
-    if opts.noise_fn is None and opts.generator is None and any(r.noise for r in rows):
+    renoise = opts.mask is not None and any(r.known_s != 0 for r in rows)
+    external = opts.noise_fn is not None or opts.generator is not None
+    if (not external and any(r.noise for r in rows)) or (renoise and opts.generator is None):
         if opts.seeds is None:
             raise ValueError(f"sampler {plan.sampler!r} draws noise: give seed= or generator=")
         seeds = torch.as_tensor(opts.seeds, dtype=torch.int64).to(dev)
@@ -194,16 +196,20 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
                 else:
                     z = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev)
                 z = z.to(dtype=x.dtype, device=dev)
+        z2 = None
+        if opts.mask is not None and r.known_s != 0 and opts.generator is not None:
+            with region("noise"):  # the known region's re-noising, drawn after the solver noise
+                z2 = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev).to(dtype=x.dtype, device=dev)
         if opts.callback is not None:
             x0 = _x0(x, m, m_c, w, rr, r, s, clip)
         args = StepArgs(
             x=x, out=x, m=m, m_c=m_c, coef=packed[i], row=i,
             h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
-            w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z,
+            w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z, z2=z2,
             mask=opts.mask, known=opts.known, g=grad,
         )
         with region("step"):
-            sig = (m_c is None, rr is None, s is None, z is None, len(r.reads), len(r.writes))
+            sig = (m_c is None, rr is None, s is None, z is None, z2 is None, grad is None, len(r.reads), len(r.writes))
             if sig != checked:
                 ops.validate(args)
                 checked = sig

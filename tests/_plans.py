@@ -14,7 +14,8 @@ def edm_euler(steps: int, sigma_max: float = 10.0, sigma_min: float = 0.05, rho:
     for i in range(steps):
         s, s1 = sig[i], sig[i + 1]
         h = (s1 - s) / s
-        rows.append(Row(t=s, sigma=s, in_scale=1.0, a_x=0.0, a_e=1.0, out=combo(x=1 + h, d=-h), step=i))
+        rows.append(Row(t=s, sigma=s, in_scale=1.0, a_x=0.0, a_e=1.0, out=combo(x=1 + h, d=-h), step=i,
+                        alpha_t=1.0, sigma_t=s))
     return Plan(tuple(rows), init_scale=sig[0], sampler="edm_euler", prediction="x0", steps=steps)
 
 
@@ -28,5 +29,6 @@ def edm_euler_ancestral(steps: int, sigma_max: float = 10.0, sigma_min: float = 
         up = min(s1, math.sqrt(max(s1**2 * (s**2 - s1**2) / s**2, 0.0)))
         down = math.sqrt(max(s1**2 - up**2, 0.0))
         h = (down - s) / s
-        rows.append(Row(t=s, sigma=s, in_scale=1.0, a_x=0.0, a_e=1.0, out=combo(x=1 + h, d=-h, z=up), noise=True, step=i))
+        rows.append(Row(t=s, sigma=s, in_scale=1.0, a_x=0.0, a_e=1.0, out=combo(x=1 + h, d=-h, z=up), noise=True, step=i,
+                        alpha_t=1.0, sigma_t=s))
     return Plan(tuple(rows), init_scale=base.init_scale, sampler="edm_euler_a", prediction="x0", steps=steps)
