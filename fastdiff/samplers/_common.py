@@ -27,11 +27,37 @@ def data_coeffs(kind: str, prediction: str, alpha: float, sigma: float, in_scale
     return x0_coeffs(prediction, alpha, sigma, in_scale)
 
 
+def eps_coeffs(prediction: str, alpha: float, sigma: float, in_scale: float = 1.0) -> tuple[float, float]:
+    """``(b_x, b_e)`` with ``eps = b_x x + b_e e`` for a model seeing ``in_scale x = alpha x0 + sigma eps``.
+
+    The noise estimate of the UNCLIPPED data estimate ``x0 = a_x x + a_e e`` (:func:`data_coeffs`),
+    ``eps = (in_scale x - alpha x0) / sigma``, in closed form per prediction (exact zeros, no
+    cancellation): ``eps`` gives ``(0, 1)``; ``v`` (``alpha^2 + sigma^2 = 1``) ``(sigma in_scale, alpha)``;
+    ``x0`` ``(in_scale / sigma, -alpha / sigma)``; ``flow`` (``alpha = 1 - sigma``) ``(in_scale, alpha)``;
+    ``score`` (``-eps / sigma``) ``(0, -sigma)``.
+    """
+    if prediction == "eps":
+        return 0.0, 1.0
+    if prediction == "v":
+        return sigma * in_scale, alpha
+    if prediction == "flow":
+        return in_scale, alpha
+    if prediction == "score":
+        return 0.0, -sigma
+    if prediction != "x0":
+        raise ValueError(f"no noise estimate for prediction {prediction!r}")
+    if sigma == 0.0:
+        raise ValueError("prediction 'x0' gives no noise estimate where sigma = 0")
+    return in_scale / sigma, -alpha / sigma
+
+
 def grid_point(schedule, prediction: str, sigma: float, t: float) -> dict:
-    """Row fields of a model evaluation at grid noise level ``sigma`` (state space of ``schedule.state``)."""
+    """Row fields of a model evaluation at grid noise level ``sigma`` (state space of ``schedule.state``),
+    with the model input's ``alpha_t``/``sigma_t`` (``in_scale x = alpha_t x0 + sigma_t eps``)."""
     in_scale, alpha, sig = schedule.state(sigma)
     a_x, a_e = data_coeffs(schedule.kind, prediction, alpha, sig, in_scale, where=f"sigma={sigma:g}")
-    return dict(t=float(t), sigma=float(sigma), in_scale=in_scale, a_x=a_x, a_e=a_e)
+    return dict(t=float(t), sigma=float(sigma), in_scale=in_scale, a_x=a_x, a_e=a_e, alpha_t=float(alpha),
+                sigma_t=float(sig))
 
 
 def euler_update(sigma: float, sigma_next: float) -> tuple[float, float]:
@@ -122,7 +148,10 @@ def clip_settings(clip_sample: bool, clip_sample_range: float, thresholding: boo
 
 
 def vp_point(schedule, prediction: str, t: int) -> dict:
-    """Row fields of a DDPM/DDIM evaluation at integer timestep ``t`` (state = model input)."""
+    """Row fields of a DDPM/DDIM evaluation at integer timestep ``t`` (state = model input), with
+    ``alpha_t = sqrt(abar[t])``, ``sigma_t = sqrt(1 - abar[t])``."""
     abar = float(schedule.alphas_cumprod[t])
-    a_x, a_e = data_coeffs("vp", prediction, math.sqrt(abar), math.sqrt(1 - abar), where=f"timestep {t}")
-    return dict(t=float(t), sigma=float(schedule.train_sigmas[t]), in_scale=1.0, a_x=a_x, a_e=a_e)
+    alpha, sigma = math.sqrt(abar), math.sqrt(1 - abar)
+    a_x, a_e = data_coeffs("vp", prediction, alpha, sigma, where=f"timestep {t}")
+    return dict(t=float(t), sigma=float(schedule.train_sigmas[t]), in_scale=1.0, a_x=a_x, a_e=a_e, alpha_t=alpha,
+                sigma_t=sigma)

@@ -103,10 +103,12 @@ class Grid:
         return self.lambdas[i + 1] - self.lambdas[i]
 
     def point(self, i: int, prediction: str) -> dict:
-        """Row fields of the model evaluation at point ``i`` (the state is the model input)."""
+        """Row fields of the model evaluation at point ``i`` (the state is the model input,
+        ``alpha_t = alphas[i]``, ``sigma_t = stds[i]``)."""
         a_x, a_e = data_coeffs(self.kind, prediction, self.alphas[i], self.stds[i], 1.0,
                                where=f"step {i}, sigma={self.sigmas[i]:g}")
-        return dict(t=self.timesteps[i], sigma=self.sigmas[i], in_scale=1.0, a_x=a_x, a_e=a_e)
+        return dict(t=self.timesteps[i], sigma=self.sigmas[i], in_scale=1.0, a_x=a_x, a_e=a_e,
+                    alpha_t=float(self.alphas[i]), sigma_t=float(self.stds[i]))
 
 
 def _grid_from_sigmas(kind: str, timesteps, sigmas, init_scale: float) -> Grid:

@@ -7,6 +7,10 @@ of ``solver_order`` slots from 1) and the new ``d_i``, so one row does both: it 
 corrected ``x_i^c`` back to slot 0 and ``d_i`` to the ring, and moves the state to the next
 predictor output. (The model saw the uncorrected ``x_i``, exactly as in diffusers.)
 
+With ``predict_x0=False`` the estimates are noise estimates (diffusers' ``convert_model_output``
+returns eps then): ``d = a_x x + a_e e`` is eps (``plan.meta["estimate"] == "eps"``), while
+``alpha_t``/``sigma_t`` still describe the model input.
+
 Order 3 corrects with ``C`` and three earlier estimates: four history reads, the contract's limit.
 Where diffusers' arithmetic is ``0/0`` or ``0 * inf`` but the limit is finite (bh1's last step into
 sigma = 0, a repeated final sigma) the plan uses the limit; where none exists it raises.
@@ -20,7 +24,7 @@ import numpy as np
 
 from ..plan import MAX_READS, Plan, Row, Write, combo
 from . import register
-from ._common import check_choice, clip_settings
+from ._common import check_choice, clip_settings, eps_coeffs
 from ._multistep import Grid, multistep_grid, phi
 
 _D, _C = "d", "c"  # operand keys: the new estimate d_i and the previous corrected sample; int k = d_{i-k}
@@ -75,15 +79,6 @@ def _orders(steps: int, solver_order: int, lower_order_final: bool) -> list[int]
     return [min(min(solver_order, steps - i) if lower_order_final else solver_order, i + 1) for i in range(steps)]
 
 
-def _eps_coeffs(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
-    """``(a_x, a_e)`` with ``eps = a_x x + a_e e`` (diffusers' UniPC with ``predict_x0=False``)."""
-    if prediction == "eps":
-        return 0.0, 1.0
-    if prediction == "v":
-        return sigma, alpha
-    return 1.0 / sigma, -alpha / sigma
-
-
 @register("unipc", options={"solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
                             "disable_corrector": (), "predict_x0": True, "solver_p": None, "thresholding": False,
                             "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0})
@@ -133,13 +128,13 @@ def unipc(schedule, steps: int, prediction: str, *, solver_order: int, solver_ty
         if predict_x0:
             point = grid.point(i, prediction)
         else:
-            a_x, a_e = _eps_coeffs(prediction, grid.alphas[i], grid.stds[i])
+            a_x, a_e = eps_coeffs(prediction, grid.alphas[i], grid.stds[i])  # d is eps here
             point = dict(grid.point(i, prediction), a_x=a_x, a_e=a_e)
         rows.append(Row(**point, out=_combo(out, keys), reads=tuple(reads), writes=tuple(writes), clip=clip, step=i))
     return Plan(tuple(rows), init_scale=grid.init_scale, n_slots=1 + ring, sampler="unipc", prediction=prediction,
-                steps=steps, meta={"orders": orders}, **plan_kw)
+                steps=steps, meta={"orders": orders, "estimate": "x0" if predict_x0 else "eps"}, **plan_kw)
 
 
 def _combo(vec: dict, keys: list) -> tuple[float, ...]:
-    """Coefficient vector of ``vec`` over ``[x, d, H[keys...], z]``."""
+    """Coefficient vector of ``vec`` over ``[x, d, e, H[keys...], z]`` (``e`` unused: 0)."""
     return combo(x=vec.get("x", 0.0), d=vec.get(_D, 0.0), h=tuple(vec.get(k, 0.0) for k in keys))
