@@ -1,4 +1,12 @@
-"""DDIM (Song et al. 2021), diffusers' DDIMScheduler."""
+"""DDIM (Song et al. 2021), diffusers' DDIMScheduler.
+
+diffusers' step is ``x' = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std z``. With
+``clip_sample``/``thresholding`` the ``x0`` there is CLIPPED while ``eps`` is the noise estimate of
+the UNCLIPPED ``x0`` (its default ``use_clipped_model_output=False``): the row then reads the
+clipped ``d`` and gets ``eps`` as a linear combination of ``x`` and the model output ``e``
+(:func:`~fastdiff.samplers._common.eps_coeffs`). With ``use_clipped_model_output=True``, or without
+clipping (where both are the same), ``eps = (x - sqrt(abar) d) / sqrt(1 - abar)`` comes from ``d``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import math
 from ..plan import Plan, Row, combo
 from ..schedules import VPSchedule
 from . import register
-from ._common import CLIP_OPTIONS, check_number, clip_settings, vp_point
+from ._common import CLIP_OPTIONS, check_number, clip_settings, eps_coeffs, vp_point
 
 
 @register("ddim", kinds=("vp",), options={"eta": 0.0, **CLIP_OPTIONS, "set_alpha_to_one": True,
@@ -19,12 +27,6 @@ def ddim(schedule: VPSchedule, steps: int, prediction: str, *, eta: float, clip_
     eta = check_number("eta", eta, 0.0)
     clip, plan_kw = clip_settings(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
                                   sample_max_value)
-    if clip and not use_clipped_model_output:
-        # diffusers then mixes the clipped x0 with the *unclipped* eps; a row only sees the clipped d
-        raise ValueError(
-            "ddim with clip_sample/thresholding needs use_clipped_model_output=True (eps re-derived from the "
-            "clipped x0, diffusers' step(use_clipped_model_output=True)); diffusers' default mixes the clipped x0 "
-            "with the unclipped eps, which the plan contract cannot express. Or pass clip_sample=False.")
     acp = schedule.alphas_cumprod
     final = 1.0 if set_alpha_to_one else float(acp[0])
     ts = schedule.timesteps(steps, "leading")
@@ -37,8 +39,15 @@ def ddim(schedule: VPSchedule, steps: int, prediction: str, *, eta: float, clip_
         std = eta * math.sqrt(var)
         if 1 - a_p - std * std < 0:
             raise ValueError(f"eta={eta} is too large at step {i}: 1 - abar_prev - std^2 < 0")
-        c_dir = math.sqrt(1 - a_p - std * std) / math.sqrt(1 - a_t)
-        # x' = sqrt(a_p) x0 + c_dir * eps + std z, eps = (x - sqrt(a_t) x0) / sqrt(1 - a_t)
-        out = combo(x=c_dir, d=math.sqrt(a_p) - c_dir * math.sqrt(a_t), z=std)
-        rows.append(Row(**vp_point(schedule, prediction, t), out=out, clip=clip, noise=eta > 0, step=i))
+        p = vp_point(schedule, prediction, t)
+        c_eps = math.sqrt(1 - a_p - std * std)
+        if clip and not use_clipped_model_output:
+            # x' = sqrt(a_p) clip(x0) + c_eps * eps(unclipped x0) + std z, eps = b_x x + b_e e
+            b_x, b_e = eps_coeffs(prediction, p["alpha_t"], p["sigma_t"])
+            out = combo(x=c_eps * b_x, d=math.sqrt(a_p), e=c_eps * b_e, z=std)
+        else:
+            # x' = sqrt(a_p) x0 + c_eps * eps + std z, eps = (x - sqrt(a_t) x0) / sqrt(1 - a_t)
+            c_dir = c_eps / math.sqrt(1 - a_t)
+            out = combo(x=c_dir, d=math.sqrt(a_p) - c_dir * math.sqrt(a_t), z=std)
+        rows.append(Row(**p, out=out, clip=clip, noise=eta > 0, step=i))
     return Plan(tuple(rows), init_scale=1.0, sampler="ddim", prediction=prediction, steps=steps, **plan_kw)
