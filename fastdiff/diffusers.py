@@ -148,8 +148,6 @@ class _Spec:
             do not depend on earlier ones), ``slice`` (re-plan the multistep run from there),
             ``stock`` (diffusers' own step, with a warning).
         slice_options: ``(config, start, n) -> options`` for a run over rows ``start..n-1``.
-        row_fix: ``(scheduler, row, step_args) -> (row, c_m)``: a per-call change of the row and a
-            coefficient on the raw model output (DDIM's unclipped epsilon).
         needs_set_timesteps: diffusers' step refuses to run before ``set_timesteps`` (others run
             on the grid their constructor sets, and so does the drop-in).
     """
@@ -167,7 +165,6 @@ class _Spec:
     indexed: bool = True
     restart: str = "rows"
     slice_options: Callable[[Mapping, int, int], dict] | None = None
-    row_fix: Callable | None = None
     needs_set_timesteps: bool = False
 
 
@@ -194,26 +191,12 @@ def _unipc_slice(cfg: Mapping, start: int, n: int) -> dict:
     return {"disable_corrector": [int(k) - start for k in (cfg.get("disable_corrector") or ())]}
 
 
-def _ddim_unclipped_eps(sched, row: Row, a: Mapping) -> tuple[Row, float]:
-    """DDIM's default ``use_clipped_model_output=False`` with clipping: the update mixes the CLIPPED
-    x0 with the epsilon of the UNCLIPPED x0, ``x' = sqrt(a_p) d_c + c_dir (x - sqrt(a_t) d_u)``,
-    ``d_u = a_x x + a_e m``. The row (built for the clipped epsilon) gets ``x``/``d`` changed and
-    a coefficient on the raw model output ``m``."""
-    if row.clip is None or a.get("use_clipped_model_output"):
-        return row, 0.0
-    sa_t = math.sqrt(float(sched.alphas_cumprod[int(row.t)]))
-    c_dir = row.out[0]
-    sa_p = row.out[1] + c_dir * sa_t
-    out = (c_dir * (1.0 - sa_t * row.a_x), sa_p) + row.out[2:]
-    return dataclasses.replace(row, out=out), -c_dir * sa_t * row.a_e
-
-
 SUPPORT: dict[str, _Spec] = {
     "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False),
     "DDIMScheduler": _Spec(
-        _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP), step_options={"eta": "eta"},
-        step_ignored=("use_clipped_model_output",), fixed={"use_clipped_model_output": True}, indexed=False,
-        row_fix=_ddim_unclipped_eps, needs_set_timesteps=True),
+        _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP),
+        step_options={"eta": "eta", "use_clipped_model_output": "use_clipped_model_output"}, indexed=False,
+        needs_set_timesteps=True),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_only={"s_churn": 0.0}, step_ignored=("s_tmin", "s_tmax", "s_noise"),
         out_model_dtype=True),
@@ -246,9 +229,7 @@ def support_table() -> str:
     for name, s in SUPPORT.items():
         only = ", ".join(f"{k} in {v}" for k, v in s.only.items())
         step = [f"{k} (any)" for k in s.step_options] + [f"{k}={v!r} only" for k, v in s.step_only.items()]
-        step += [f"{k} (no effect)" for k in s.step_ignored if k != "use_clipped_model_output"]
-        if s.row_fix is not None:
-            step.append("use_clipped_model_output (any)")
+        step += [f"{k} (no effect)" for k in s.step_ignored]
         lines.append(f"{name}: {', '.join(('prediction_type',) + s.options)}"
                      f"{'; only ' + only if only else ''}; step: {', '.join(step) or '-'}"
                      f"{'; generator noise in float32' if s.noise_dtype is not None else ''}")
@@ -439,9 +420,6 @@ class _FusedScheduler:
             raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
                              "call set_timesteps first")
         row = plan.rows[k]
-        c_m = 0.0
-        if spec.row_fix is not None:
-            row, c_m = spec.row_fix(self, row, a)
         dt = torch.promote_types(x.dtype, m.dtype)
         xx, mm = x.to(dt).contiguous(), m.to(dt).contiguous()
         if run.hist is None:
@@ -452,7 +430,7 @@ class _FusedScheduler:
             raise ValueError(f"{name}.step: sample changed to {tuple(xx.shape)} {dt} on {xx.device} "
                              "in the middle of a run")
         z, seeds = self._fd_noise(row, a, mm)
-        out = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, c_m=c_m, backend=self.fastdiff_backend)
+        out = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
         if spec.out_model_dtype:
             out = out.to(m.dtype)
         self._fd_after(row, i)
@@ -494,19 +472,11 @@ def _short(v) -> str:
     return f"<tensor {tuple(v.shape)}>" if isinstance(v, torch.Tensor) else repr(v)
 
 
-def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, hist: list, *, z, seeds, c_m: float,
+def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, hist: list, *, z, seeds,
              backend: str) -> torch.Tensor:
-    """One fused step of ``row`` from ``x`` with model output ``m`` into a new tensor.
-
-    ``c_m`` adds ``c_m * m`` to ``x'`` (the raw model output as an extra history operand).
-    """
+    """One fused step of ``row`` from ``x`` with model output ``m`` into a new tensor."""
     h_read = tuple(hist[k] for k in row.reads)
     coef = pack_row(row)
-    if c_m != 0.0:
-        h_read = h_read + (m,)
-        coef = list(coef)
-        coef[2 + 2 + len(row.reads)] = c_m  # packed: a_x, a_e, then out = [x, d, h..., z]
-        coef = tuple(coef)
     clip = clip_code(row)
     s = None
     if clip == 1:
@@ -856,10 +826,6 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     sched = from_diffusers(pipe.scheduler, backend=backend)  # after the pipeline's own set_timesteps
     step_args = {"eta": a["eta"]} if "eta" in a and "eta" in sched._fd_spec.step_options else {}
     plan = sched.fastdiff_plan(0, **step_args)
-    if sched._fd_spec.row_fix is not None and any(sched._fd_spec.row_fix(sched, r, {})[1] for r in plan.rows):
-        raise ValueError(f"fastdiff.diffusers.accelerate: {type(sched).__name__} with clip_sample/thresholding "
-                         "mixes the clipped x0 with the unclipped epsilon, which needs the drop-in scheduler's step; "
-                         "use from_diffusers(pipe.scheduler) with restore(pipe), or set clip_sample=False")
     if a.get("denoising_end") is not None and 0 < a["denoising_end"] < 1:
         cut = int(round(pipe.scheduler.config.num_train_timesteps * (1 - a["denoising_end"])))
         keep = int((torch.as_tensor(pipe.scheduler.timesteps) >= cut).sum())

@@ -103,11 +103,16 @@ def _cases():
     # DDIM
     c += [("DDIMScheduler", {**SD, "prediction_type": p, "clip_sample": False}, {"step_kwargs": {"eta": eta}})
           for p in PRED for eta in (0.0, 0.6)]
-    c += [("DDIMScheduler", {"prediction_type": p},  # DDIM's default clip_sample=True
-           {"gain": 2.5, "step_kwargs": {"eta": 0.3, "use_clipped_model_output": u}})
-          for p in ("epsilon", "sample", "v_prediction") for u in (False, True)]
-    c += [("DDIMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
-           {"gain": 2.5}),
+    # DDIM's default clip_sample=True: diffusers mixes the clipped x0 with the unclipped eps (the e operand)
+    c += [("DDIMScheduler", {"prediction_type": p},
+           {"gain": 2.5, "step_kwargs": {"eta": eta, "use_clipped_model_output": u}})
+          for p in ("epsilon", "sample", "v_prediction") for eta in (0.0, 0.3) for u in (False, True)]
+    c += [("DDIMScheduler", {}, {"gain": 2.5}),  # everything at its default, step(eta=0) included
+          ("DDIMScheduler", {**SD, "prediction_type": "v_prediction"}, {"gain": 2.5, "step_kwargs": {"eta": 1.0}})]
+    c += [("DDIMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5,
+                             "prediction_type": p}, {"gain": 2.5, "step_kwargs": {"eta": eta}})
+          for p in ("epsilon", "sample", "v_prediction") for eta in (0.0, 0.5)]
+    c += [
           ("DDIMScheduler", {**SD, "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "linspace"},
            {}),
           ("DDIMScheduler", {**ZSNR, "clip_sample": False}, {"step_kwargs": {"eta": 1.0}})]
@@ -185,10 +190,30 @@ def test_trajectory_matches_stock(case, seed):
 
 
 @pytest.mark.parametrize("name, cfg", [
-    ("DDPMScheduler", SD), ("DDIMScheduler", {**SD, "clip_sample": False}), ("HeunDiscreteScheduler", SD),
+    ("DDPMScheduler", SD), ("DDIMScheduler", {**SD, "clip_sample": False}), ("DDIMScheduler", {}),
+    ("DDIMScheduler", {"thresholding": True, "prediction_type": "sample"}), ("HeunDiscreteScheduler", SD),
     ("LMSDiscreteScheduler", SD), ("UniPCMultistepScheduler", SD)])
 def test_trajectory_matches_stock_fp64(name, cfg, seed):
     check(name, cfg, 12, seed, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_drop_in_rows_carry_alpha_t_sigma_t(case):
+    """Rows built from the scheduler's own arrays say what the model input is, in the numbers the
+    row's data estimate uses (see tests/samplers/test_rows.py for the registry-wide check)."""
+    from fastdiff.plan import x0_coeffs
+    from fastdiff.samplers._common import eps_coeffs
+
+    name, cfg, kw = case
+    fu = from_diffusers(getattr(diffusers, name)(**cfg), backend="reference")
+    fu.set_timesteps(kw.get("steps", 12), **(kw.get("set_kw") or {}))
+    step_args = {k: v for k, v in (kw.get("step_kwargs") or {}).items() if k in fu._fd_spec.step_options}
+    plan = fu.fastdiff_plan(0, **step_args)
+    coeffs = eps_coeffs if plan.meta.get("estimate") == "eps" else x0_coeffs
+    for r in plan.rows:
+        assert r.alpha_t is not None and r.sigma_t is not None and r.alpha_t >= 0 and r.sigma_t >= 0
+        a_x, a_e = coeffs(plan.prediction, r.alpha_t, r.sigma_t, r.in_scale)
+        assert r.a_x == pytest.approx(a_x, rel=1e-12, abs=1e-12) and r.a_e == pytest.approx(a_e, rel=1e-12, abs=1e-12)
 
 
 def test_every_supported_class_is_covered():

@@ -83,6 +83,25 @@ def test_sd_call_arguments(pipes, kw, seed):
             n_gen=kw.get("num_images_per_prompt", 1), num_inference_steps=4, **PROMPT, **kw)
 
 
+@pytest.mark.parametrize("cfg, kw", [
+    ({}, dict(eta=0.0)),
+    ({}, dict(eta=0.6, guidance_rescale=0.7)),
+    ({"thresholding": True, "dynamic_thresholding_ratio": 0.9}, dict(eta=0.3)),
+], ids=["default", "default-eta-rescale", "threshold"])
+def test_sd_ddim_default_clipping(pipes, cfg, kw, seed):
+    """DDIM at diffusers' default clip_sample=True mixes the clipped x0 with the unclipped (guided,
+    rescaled) eps; the accelerated loop runs it as plan rows. The clipping must matter here: the stock
+    output with clipping off is far from the stock output with it."""
+    pipe = pipes["sd"]
+    call = dict(num_inference_steps=5, output_type="latent", **PROMPT, **kw)
+    pipe.scheduler = diffusers.DDIMScheduler(**SD, clip_sample=False)
+    unclipped = pipe(**call, generator=_gen(seed)).images
+    pipe.scheduler = diffusers.DDIMScheduler(**SD, **cfg)
+    clipped = pipe(**call, generator=_gen(seed)).images
+    assert rel_err(clipped, unclipped) > 1e-3
+    compare(pipe, diffusers.DDIMScheduler(**SD, **cfg), seed, **call)
+
+
 def test_sd_prompt_embeds_latents_and_custom_timesteps(pipes, seed):
     g = torch.Generator().manual_seed(seed)
     pe, ne = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
