@@ -87,6 +87,11 @@ class LoopOptions:
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     classifier_scale: float = 1.0
     classifier_y: torch.Tensor | None = None
+    post_step: Callable[[int, torch.Tensor], None] | None = None
+    """``post_step(i, x)`` runs after row ``i``'s fused step (before ``callback``) and may change
+    the state ``x`` IN PLACE (it must not replace it): a hook for projections that are not
+    element-wise (ILVR super-resolution). It runs on the host every row, so it is not captured in
+    a graph; multistep history is unaffected (rows read ``x`` and the history ring, not a copy)."""
 
 
 def _no_region(name: str):
@@ -218,6 +223,8 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
             elif not backend.supports(args):
                 backend = ops.resolve(opts.backend, args)
             backend.step(args)
+        if opts.post_step is not None:
+            opts.post_step(i, x)
         if opts.callback is not None:
             opts.callback(r.step, r.sigma, x, x0)
     if tm is not None:
