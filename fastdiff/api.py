@@ -49,6 +49,10 @@ def sample(
     classifier_y: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     known: torch.Tensor | None = None,
+    image: torch.Tensor | None = None,
+    strength: float | None = None,
+    start_step: int | None = None,
+    post_step: Callable[[int, torch.Tensor], None] | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Sample from ``model`` starting at unit-variance ``noise``; returns the final sample.
@@ -97,6 +101,15 @@ def sample(
             current noise level every step inside the fused kernel and is exact at the end. ``mask``
             may have size-1 dimensions (``[B, 1, H, W]``), which are expanded explicitly; its batch
             must match.
+        image, strength, start_step: img2img / SDEdit (:mod:`fastdiff.tasks`): start from the clean
+            ``image`` (shaped like ``noise``) noised with ``noise`` to the level of the first step
+            run, ``(alpha_t * image + sigma_t * noise) / in_scale``. ``strength`` in (0, 1] starts
+            at diffusers' ``t_start = steps - int(steps * strength)``, ``start_step`` at that step,
+            neither at step 0. Multistep samplers restart their history there, as in diffusers.
+            With ``plan=``, the plan's first row sets the level (see
+            :func:`fastdiff.tasks.plan_from_step`).
+        post_step: ``post_step(i, x)`` after every row's fused step, changing the state ``x`` in
+            place (e.g. :func:`fastdiff.tasks.ilvr`).
         **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
 
     Returns:
@@ -110,10 +123,21 @@ def sample(
         raise ValueError(f"noise must be [B, ...] with B >= 1, got shape {tuple(noise.shape)}")
     if seed is not None and generator is not None:
         raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
+    if image is None and (strength is not None or start_step is not None):
+        raise ValueError("strength/start_step start part-way from an image: give image=")
     if plan is None:
-        plan = make_plan(sampler, steps, schedule, prediction, **sampler_options)
+        if image is not None:
+            from .tasks import plan_from_step, resolve_start
+
+            plan = plan_from_step(sampler, steps, resolve_start(steps, strength, start_step), schedule, prediction,
+                                  **sampler_options)
+        else:
+            plan = make_plan(sampler, steps, schedule, prediction, **sampler_options)
     elif sampler_options:
         raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
+    elif strength is not None or start_step is not None:
+        raise ValueError("strength/start_step are ignored when plan= is given (build it with "
+                         "fastdiff.tasks.plan_from_step)")
     b = noise.shape[0]
     if (mask is None) != (known is None):
         raise ValueError("mask and known go together (inpainting): give both or neither")
@@ -132,9 +156,14 @@ def sample(
         cond=cond, uncond=uncond, seeds=seeds, generator=generator, backend=backend,
         callback=callback, progress=progress, check_finite=check_finite,
         classifier=classifier, classifier_scale=classifier_scale, classifier_y=classifier_y,
-        mask=mask, known=known,
+        mask=mask, known=known, post_step=post_step,
     )
-    x = noise * plan.init_scale
+    if image is not None:
+        from .tasks import noised_state
+
+        x = noised_state(plan, image, noise)
+    else:
+        x = noise * plan.init_scale
     return run_plan(plan, as_model(model), x, opts)
 
 
