@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .args import StepArgs, clip_code, compute_dtype, pack_row
 from .guidance import Guidance, dynamic_threshold, rescale_factor
-from .plan import Plan
+from .plan import Plan, score_coeffs
 from .timing import RegionTimer
 
 ModelFn = Callable[..., torch.Tensor]
@@ -207,8 +207,13 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
                 z2 = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev).to(dtype=x.dtype, device=dev)
         if opts.callback is not None:
             x0 = _x0(x, m, m_c, w, rr, r, s, clip)
+        coef = packed[i]
+        if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
+            with region("guidance"):
+                m, rr, z, coef = langevin_operands(plan, r, i, x, m, m_c, w, rr, grad, packed[i], z, seeds)
+            m_c = w = grad = None
         args = StepArgs(
-            x=x, out=x, m=m, m_c=m_c, coef=packed[i], row=i,
+            x=x, out=x, m=m, m_c=m_c, coef=coef, row=i,
             h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
             w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z, z2=z2,
             mask=opts.mask, known=opts.known, g=grad,
@@ -268,6 +273,46 @@ def classifier_grad(classifier: Callable, u: torch.Tensor, t: torch.Tensor, y: t
         logp = torch.log_softmax(logits.to(uu.dtype), dim=1).gather(1, y[:, None]).sum()
         (g,) = torch.autograd.grad(logp, uu)
     return g
+
+
+def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, seeds):
+    """Operands of a Langevin corrector row (``row.snr > 0``, see :mod:`fastdiff.plan`).
+
+    Computes the score ``g = l_x x + l_e e`` of the fully guided model output (``l`` from
+    :func:`fastdiff.plan.score_coeffs`), draws ``z`` where the kernel would (Philox stream 0 at
+    this row, unless given), and the step ``k[b] = 2 (snr ||z[b]|| / ||g[b]||)^2`` with norms per
+    sample or their batch means (``plan.snr_norm``), in the order diffusers' ``step_correct`` uses.
+    Returns ``(m, r, z, coef)`` for the kernel: ``m = g``, ``r = k`` (float32 ``[B]``),
+    ``z = sqrt(2k) z`` and ``coef`` without the classifier term (``g`` already holds it), so the
+    row's ``out = combo(x=1, e=1, z=1)`` gives ``x' = x + k g + sqrt(2k) z``.
+    """
+    from .args import C_G
+    from .rng import STREAM_MAIN, philox_normal
+
+    dt = compute_dtype(x.dtype)
+    b, nd = x.shape[0], x.dim()
+    col = (-1,) + (1,) * (nd - 1)
+    e = m.to(dt)
+    if m_c is not None:
+        e = e + w.to(dt).reshape(col) * (m_c.to(dt) - e)
+    if rr is not None:
+        e = rr.to(dt).reshape(col) * e
+    if grad is not None:
+        e = e + coef[C_G] * grad.to(dt)
+    l_x, l_e = score_coeffs(row.a_x, row.a_e, row.alpha_t, row.sigma_t, row.in_scale)
+    g = l_e * e if l_x == 0.0 else l_x * x.to(dt) + l_e * e
+    if z is None:
+        n = x[0].numel()
+        z = philox_normal(seeds, i, STREAM_MAIN, n, x.device).reshape(x.shape)
+    z = z.to(dt)
+    g_norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=-1)
+    z_norm = torch.linalg.vector_norm(z.reshape(b, -1), dim=-1)
+    if plan.snr_norm == "batch":
+        g_norm, z_norm = g_norm.mean().expand(b), z_norm.mean().expand(b)
+    k = (row.snr * z_norm / g_norm) ** 2 * 2
+    zk = ((k * 2) ** 0.5).reshape(col) * z
+    coef = coef[:C_G] + (0.0,) + coef[C_G + 1:]
+    return g.to(x.dtype), k.to(torch.float32).contiguous(), zk.to(x.dtype), coef
 
 
 def _check_shape(out, expected, i, r) -> None:

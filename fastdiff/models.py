@@ -95,7 +95,7 @@ class GaussianMixture:
     def model(self, alpha_sigma: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
               prediction: str = "eps", times: Sequence[float] | None = None
               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """A model ``f(u, t)`` returning the exact ``prediction`` (eps, v, x0 or flow velocity).
+        """A model ``f(u, t)`` returning the exact ``prediction`` (eps, v, x0, flow velocity or score).
 
         ``alpha_sigma(t) -> (alpha, sigma)`` maps the model time to the schedule (e.g. a fastdiff
         schedule's ``alpha_sigma``). The output has ``u``'s dtype. With ``times`` (every model time
@@ -128,6 +128,8 @@ class GaussianMixture:
             a_, s_ = a.reshape(shape), s.reshape(shape)
             if pred == "x0":
                 out = x0
+            elif pred == "score":
+                out = (a_ * x0 - ua) / (s_ * s_)  # grad_u log p_t(u), Tweedie
             else:
                 eps = (ua - a_ * x0) / s_
                 if pred == "eps":

@@ -24,6 +24,14 @@ All coefficients are float64 host scalars computed once when the plan is built; 
 in float32 (float64 for float64 storage). The model is called as
 ``model(in_scale * x, t)``; ``sigma`` is the noise level of ``x`` for callbacks and guidance
 schedules (the schedule's own noise level: k-diffusion's sigma for VP/VE, ``s`` for flow).
+
+A Langevin corrector row (``Row.snr > 0``; Song et al. 2021, Algorithm 5) has a step size that
+depends on the data: before the kernel the loop computes the score ``g = l_x x + l_e e`` of the
+state (:func:`score_coeffs`, ``e`` fully guided), draws ``z``, sets
+``k[b] = 2 (snr ||z[b]|| / ||g[b]||)^2`` (both norms averaged over the batch when
+``plan.snr_norm == "batch"``, as Song et al. and diffusers do) and runs the row with ``e := k[b] g``
+and ``z := sqrt(2 k[b]) z``; such a row's ``out`` is ``combo(x=1, e=1, z=1)``, so the update is
+``x' = x + k g + sqrt(2k) z``.
 """
 
 from __future__ import annotations
@@ -40,8 +48,8 @@ N_OPERANDS = 4 + MAX_READS
 OP_X, OP_D, OP_E, OP_H, OP_Z = 0, 1, 2, 3, 3 + MAX_READS
 """Operand positions in a coefficient vector (history reads start at ``OP_H``)."""
 
-PREDICTIONS = ("eps", "v", "x0", "flow")
-"""Model parameterizations the plan can convert to a data estimate."""
+PREDICTIONS = ("eps", "v", "x0", "flow", "score")
+"""Model parameterizations the plan can convert to a data estimate (``score``: ``grad_u log p_t(u)``)."""
 
 
 def combo(x: float = 0.0, d: float = 0.0, h: tuple[float, ...] = (), z: float = 0.0,
@@ -95,6 +103,8 @@ class Row:
         alpha_t, sigma_t: the model input is ``u = alpha_t * x0 + sigma_t * eps`` at this row
             (``None`` where a sampler does not say); the loop needs them for classifier guidance
             (Tweedie: ``E[x0 | u, y] = E[x0 | u] + sigma_t**2 / alpha_t * grad log p(y | u)``).
+        snr: ``> 0`` makes this a Langevin corrector row with that signal-to-noise ratio (see the
+            module docstring); needs ``noise``, ``alpha_t``/``sigma_t`` and ``out = combo(x=1, e=1, z=1)``.
     """
 
     t: float
@@ -113,6 +123,7 @@ class Row:
     stage: int = 0
     alpha_t: float | None = None
     sigma_t: float | None = None
+    snr: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.out) != N_OPERANDS:
@@ -129,6 +140,13 @@ class Row:
 
         if not self.noise and (self.out[-1] != 0.0 or any(w.coef[-1] != 0.0 for w in self.writes)):
             raise ValueError(f"row at step {self.step} has a noise coefficient but noise=False")
+        if self.snr:
+            if not (math.isfinite(self.snr) and self.snr > 0):
+                raise ValueError(f"Row.snr must be a finite number >= 0, got {self.snr!r}")
+            if not self.noise or self.alpha_t is None or self.sigma_t is None or self.clip is not None \
+                    or self.writes or self.out != combo(x=1.0, e=1.0, z=1.0):
+                raise ValueError(f"Langevin row at step {self.step} (snr={self.snr}) needs noise=True, alpha_t, "
+                                 "sigma_t, no clip, no history writes and out=combo(x=1, e=1, z=1)")
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,9 @@ class Plan:
         noise_dtype: with a generator, draw noise in this dtype (then cast to the state's), as
             the mirrored library does (diffusers' DPM-Solver SDE always draws float32); ``None``
             draws in the state's dtype.
+        snr_norm: ``"batch"`` or ``"sample"``: Langevin rows (``Row.snr > 0``) take the batch
+            means of the score and noise norms (Song et al., diffusers) or each sample's own
+            (results independent of the batch).
         meta: free-form details for reports (not read by the loop or kernels).
     """
 
@@ -165,6 +186,7 @@ class Plan:
     threshold_ratio: float = 0.995
     threshold_max: float = 1.0
     noise_dtype: str | None = None
+    snr_norm: str = "batch"
     meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,6 +194,8 @@ class Plan:
             for s in (*r.reads, *(w.slot for w in r.writes)):
                 if not 0 <= s < self.n_slots:
                     raise ValueError(f"row at step {r.step} addresses slot {s}; plan has {self.n_slots} slots")
+        if self.snr_norm not in ("batch", "sample"):
+            raise ValueError(f"Plan.snr_norm must be 'batch' or 'sample', got {self.snr_norm!r}")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -191,9 +215,15 @@ def x0_coeffs(prediction: str, alpha: float, sigma: float, in_scale: float = 1.0
 
     The model sees ``u = in_scale * x`` with ``u = alpha * x0 + sigma * eps`` (for ``flow``,
     ``alpha = 1 - t`` and ``sigma = t``). ``v`` follows diffusers: ``v = alpha*eps - sigma*x0`` with
-    ``alpha**2 + sigma**2 = 1``; ``flow`` is the velocity ``eps - x0``.
+    ``alpha**2 + sigma**2 = 1``; ``flow`` is the velocity ``eps - x0``; ``score`` is ``grad_u log p_t(u)
+    = -eps / sigma``.
     """
     p = check_prediction(prediction)
+    if p == "score":
+        # score = grad_u log p(u) = -eps / sigma  =>  x0 = (u + sigma^2 score) / alpha
+        if alpha == 0.0:
+            raise ValueError("prediction 'score' gives no data estimate where alpha = 0")
+        return in_scale / alpha, sigma * sigma / alpha
     if p == "eps":
         return in_scale / alpha, -sigma / alpha
     if p == "v":
@@ -202,3 +232,19 @@ def x0_coeffs(prediction: str, alpha: float, sigma: float, in_scale: float = 1.0
         return 0.0, 1.0
     # flow: u = (1-t) x0 + t eps, v = eps - x0  =>  x0 = u - t v
     return in_scale, -sigma
+
+
+def score_coeffs(a_x: float, a_e: float, alpha: float, sigma: float, in_scale: float = 1.0) -> tuple[float, float]:
+    """Coefficients ``(l_x, l_e)`` with ``grad_x log p_t(x) = l_x * x + l_e * e`` at a row whose data
+    estimate is ``x0 = a_x * x + a_e * e`` and whose model input is ``u = in_scale * x = alpha * x0 +
+    sigma * eps``: ``grad_x = in_scale * grad_u = in_scale * (alpha * x0 - u) / sigma^2`` (Tweedie).
+
+    ``l_x`` is exactly 0 where the model output alone gives the score (``score``, ``eps``); there
+    the rounding residue of ``alpha * a_x - in_scale`` is dropped.
+    """
+    if not sigma > 0:
+        raise ValueError(f"the score needs sigma > 0, got sigma={sigma!r}")
+    lx = alpha * a_x - in_scale
+    if abs(lx) <= 4e-16 * abs(in_scale):
+        lx = 0.0
+    return in_scale * lx / (sigma * sigma), in_scale * alpha * a_e / (sigma * sigma)

@@ -206,7 +206,7 @@ def test_from_config_options_defaults_and_ignored_keys():
     ({"shift": 3.0, "beta_start": 0.1}, "shift"),  # mixed VP and flow keys
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "beta_schedule": "linear"}, "beta_schedule"),
     ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"prediction_type": "score"}, "prediction"),
+    ({"prediction_type": "velocity"}, "prediction"),
 ])
 def test_from_config_rejects_unsupported_keys_by_name(cfg, key):
     with pytest.raises(ValueError, match=key):
