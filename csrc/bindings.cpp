@@ -18,11 +18,12 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int N_PTRS = 18;
-// Order of the pointer list passed to step().
+constexpr int N_PTRS = 19;
+// Order of the pointer list passed to step() (g last: it came with contract v2 of the plan row).
 const char* const PTR_NAMES[N_PTRS] = {"x",   "out", "m",     "m_c",   "h_read[0]", "h_read[1]", "h_read[2]",
                                        "h_read[3]", "h_write[0]", "h_write[1]", "z", "z2", "mask", "known",
-                                       "w",   "r",   "s",     "seeds"};
+                                       "w",   "r",   "s",     "seeds", "g"};
+static_assert(fd_cpu::N_COEF == fd::N_COEF, "cpu_step.h and step_math.h disagree on the packed layout");
 int g_threads = 0;  // 0: follow OpenMP (omp_get_max_threads, i.e. torch.get_num_threads)
 
 int threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
@@ -34,8 +35,9 @@ void need(const std::array<uintptr_t, N_PTRS>& p, int i, const char* why) {
 }
 
 template <class T>
-fd::StepFlags flags_of(const double* coef, int n_reads, int n_writes, int clip, bool cfg, bool rescale, bool mask) {
-  return fd::fd_make_flags(fd::fd_unpack_coef<T>(coef), n_reads, n_writes, clip, cfg, rescale, mask);
+fd::StepFlags flags_of(const double* coef, int n_reads, int n_writes, int clip, bool cfg, bool rescale, bool mask,
+                       bool g) {
+  return fd::fd_make_flags(fd::fd_unpack_coef<T>(coef), n_reads, n_writes, clip, cfg, rescale, mask, g);
 }
 
 void step(const std::array<uintptr_t, N_PTRS>& p, int64_t numel, int64_t per_sample, int dtype, int n_reads,
@@ -54,13 +56,13 @@ void step(const std::array<uintptr_t, N_PTRS>& p, int64_t numel, int64_t per_sam
   for (int i : {0, 1, 2}) need(p, i, "always");
   for (int k = 0; k < n_reads; ++k) need(p, 4 + k, "n_reads");
   for (int j = 0; j < n_writes; ++j) need(p, 8 + j, "n_writes");
-  const bool cfg = p[3], rescale = p[15], mask = p[12];
+  const bool cfg = p[3], rescale = p[15], mask = p[12], g = p[18];
   if (cfg) need(p, 14, "m_c is given");
   if (clip) need(p, 16, "clip != 0");
   if (mask) need(p, 13, "mask is given");
   const fd::StepFlags f = dtype == fd::DTYPE_F64
-                              ? flags_of<double>(coef.data(), n_reads, n_writes, clip, cfg, rescale, mask)
-                              : flags_of<float>(coef.data(), n_reads, n_writes, clip, cfg, rescale, mask);
+                              ? flags_of<double>(coef.data(), n_reads, n_writes, clip, cfg, rescale, mask, g)
+                              : flags_of<float>(coef.data(), n_reads, n_writes, clip, cfg, rescale, mask, g);
   if ((f.z && !p[10]) || (f.z2 && !p[11])) need(p, 17, "the row draws Philox noise");
 
   fd_cpu::StepArgs a{};
@@ -74,6 +76,7 @@ void step(const std::array<uintptr_t, N_PTRS>& p, int64_t numel, int64_t per_sam
   a.z2 = reinterpret_cast<const void*>(p[11]);
   a.mask = reinterpret_cast<const void*>(p[12]);
   a.known = reinterpret_cast<const void*>(p[13]);
+  a.g = reinterpret_cast<const void*>(p[18]);
   a.w = reinterpret_cast<const float*>(p[14]);
   a.r = reinterpret_cast<const float*>(p[15]);
   a.s = reinterpret_cast<const float*>(p[16]);
@@ -113,7 +116,7 @@ PYBIND11_MODULE(_C, mod) {
 
   mod.def("step", &step, py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"),
           py::arg("n_reads"), py::arg("n_writes"), py::arg("clip"), py::arg("row"), py::arg("coef"),
-          "Run one plan row over contiguous buffers. ptrs: 18 addresses in PTR_NAMES order (0 = absent); "
+          "Run one plan row over contiguous buffers. ptrs: 19 addresses in PTR_NAMES order (0 = absent); "
           "numel elements, per_sample per batch sample; dtype: DTYPE_* code of every element buffer; "
           "w, r, s: float32 [B]; seeds: int64 [B]; coef: N_COEF float64 (fastdiff.args.pack_row).");
   mod.def("simd_level", [] { return std::string(fd_cpu::level_name(fd_cpu::current_level())); },

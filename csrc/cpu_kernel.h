@@ -153,7 +153,7 @@ struct StepKernel {
   static constexpr int W = IO::W;
 
   struct Ptrs {
-    const S *x, *m, *mc, *z, *z2, *mask, *known;
+    const S *x, *m, *mc, *z, *z2, *mask, *known, *g;
     const S* h[MAX_READS];
     S* out;
     S* hw[MAX_WRITES];
@@ -173,6 +173,7 @@ struct StepKernel {
     in.x = IO::load(p.x + o);
     in.m = IO::load(p.m + o);
     in.m_c = f.cfg ? IO::load(p.mc + o) : zero;
+    in.g = f.g ? IO::load(p.g + o) : zero;
     in.w = f.cfg ? IO::load_t(bf.w + lo) : zero;
     in.r = f.rescale ? IO::load_t(bf.r + lo) : zero;
     in.s = f.clip ? IO::load_t(bf.s + lo) : zero;
@@ -186,15 +187,20 @@ struct StepKernel {
     for (int j = 0; j < f.n_writes; ++j) IO::store(p.hw[j] + o, r.h[j]);
   }
 
+  /// Specialisations of the vector loop: any row, or the common deterministic row (no rescale,
+  /// clip, mask, noise or gradient term; guidance may be on) without or with e in a combination.
+  enum Mode { GENERAL = 0, PLAIN = 1, PLAIN_E = 2 };
+
   /// The vector loop of a block, with the read/write counts as constants so that the operands
   /// stay in registers (fully unrolled combinations).
-  template <int NR, int NW, bool PLAIN>
+  template <int NR, int NW, int MODE>
   static void loop(const StepCoef<T>& cc, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bf) {
     f.n_reads = NR;
     f.n_writes = NW;
-    if (PLAIN) {  // the common deterministic row: no rescale, clip, mask or noise (guidance may be on)
-      f.rescale = f.mask = f.z = f.z2 = false;
+    if (MODE != GENERAL) {
+      f.rescale = f.mask = f.z = f.z2 = f.g = false;
       f.clip = CLIP_NONE;
+      f.e = MODE == PLAIN_E;  // PLAIN: no e term in the code at all
     }
     // local copies: stores through S* cannot alias them, so pointers and coefficients stay in registers
     const Ptrs p = pp;
@@ -207,39 +213,42 @@ struct StepKernel {
   using LoopFn = void (*)(const StepCoef<T>&, StepFlags, const Ptrs&, int64_t, int, const Bufs&);
 
   static LoopFn pick_loop(const StepFlags& f) {
-    static const LoopFn table[2][MAX_READS + 1][MAX_WRITES + 1] = {
-        {{loop<0, 0, false>, loop<0, 1, false>, loop<0, 2, false>},
-         {loop<1, 0, false>, loop<1, 1, false>, loop<1, 2, false>},
-         {loop<2, 0, false>, loop<2, 1, false>, loop<2, 2, false>},
-         {loop<3, 0, false>, loop<3, 1, false>, loop<3, 2, false>},
-         {loop<4, 0, false>, loop<4, 1, false>, loop<4, 2, false>}},
-        {{loop<0, 0, true>, loop<0, 1, true>, loop<0, 2, true>},
-         {loop<1, 0, true>, loop<1, 1, true>, loop<1, 2, true>},
-         {loop<2, 0, true>, loop<2, 1, true>, loop<2, 2, true>},
-         {loop<3, 0, true>, loop<3, 1, true>, loop<3, 2, true>},
-         {loop<4, 0, true>, loop<4, 1, true>, loop<4, 2, true>}}};
-    const bool plain = !f.rescale && !f.clip && !f.mask && !f.z && !f.z2;
-    return table[plain][f.n_reads][f.n_writes];
+#define FD_LOOPS(M)                                                              \
+  {{loop<0, 0, M>, loop<0, 1, M>, loop<0, 2, M>},                                \
+   {loop<1, 0, M>, loop<1, 1, M>, loop<1, 2, M>},                                \
+   {loop<2, 0, M>, loop<2, 1, M>, loop<2, 2, M>},                                \
+   {loop<3, 0, M>, loop<3, 1, M>, loop<3, 2, M>},                                \
+   {loop<4, 0, M>, loop<4, 1, M>, loop<4, 2, M>}}
+    static const LoopFn table[3][MAX_READS + 1][MAX_WRITES + 1] = {FD_LOOPS(GENERAL), FD_LOOPS(PLAIN),
+                                                                   FD_LOOPS(PLAIN_E)};
+#undef FD_LOOPS
+    const bool plain = !f.rescale && !f.clip && !f.mask && !f.z && !f.z2 && !f.g;
+    const int mode = !plain ? GENERAL : f.e ? PLAIN_E : PLAIN;
+    return table[mode][f.n_reads][f.n_writes];
   }
 
   /// The last n < W elements, through zero-padded copies so the arithmetic is the full-vector one.
   static void tail(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t o, int n, const Bufs& bf, int lo) {
-    S buf[11 + MAX_READS][W];
+    constexpr int NIN = 8;  // element inputs besides the history reads
+    S buf[NIN + 1 + MAX_WRITES + MAX_READS][W];
     memset(buf, 0, sizeof buf);
-    const S* src[7] = {p.x, p.m, p.mc, p.z, p.z2, p.mask, p.known};
-    const S* loc[7];
-    for (int q = 0; q < 7; ++q) {
+    const S* src[NIN] = {p.x, p.m, p.mc, p.z, p.z2, p.mask, p.known, p.g};
+    const S* loc[NIN];
+    for (int q = 0; q < NIN; ++q) {
       loc[q] = src[q] ? buf[q] : nullptr;
       if (src[q]) memcpy(buf[q], src[q] + o, sizeof(S) * n);
     }
-    Ptrs lp{loc[0], loc[1], loc[2], loc[3], loc[4], loc[5], loc[6], {}, buf[7], {buf[8], buf[9]}};
+    S (*const hw)[W] = buf + NIN + 1;               // MAX_WRITES rows
+    S (*const hr)[W] = buf + NIN + 1 + MAX_WRITES;  // MAX_READS rows
+    static_assert(MAX_WRITES == 2, "Ptrs below lists the write rows");
+    Ptrs lp{loc[0], loc[1], loc[2], loc[3], loc[4], loc[5], loc[6], loc[7], {}, buf[NIN], {hw[0], hw[1]}};
     for (int k = 0; k < f.n_reads; ++k) {
-      memcpy(buf[10 + k], p.h[k] + o, sizeof(S) * n);
-      lp.h[k] = buf[10 + k];
+      memcpy(hr[k], p.h[k] + o, sizeof(S) * n);
+      lp.h[k] = hr[k];
     }
     vec(c, f, lp, 0, bf, lo);
-    memcpy(p.out + o, buf[7], sizeof(S) * n);
-    for (int j = 0; j < f.n_writes; ++j) memcpy(p.hw[j] + o, buf[8 + j], sizeof(S) * n);
+    memcpy(p.out + o, buf[NIN], sizeof(S) * n);
+    for (int j = 0; j < f.n_writes; ++j) memcpy(p.hw[j] + o, hw[j], sizeof(S) * n);
   }
 
   static void fill_param(T* dstbuf, const float* src, int64_t i0, int n, int64_t per_sample) {
@@ -271,7 +280,7 @@ struct StepKernel {
   static void run(const StepArgs_t& a) {
     const StepCoef<T> c = fd_unpack_coef<T>(a.coef);
     const StepFlags f = fd_make_flags(c, a.n_reads, a.n_writes, a.clip, a.m_c != nullptr, a.r != nullptr,
-                                      a.mask != nullptr);
+                                      a.mask != nullptr, a.g != nullptr);
     Ptrs p{};
     p.x = static_cast<const S*>(a.x);
     p.m = static_cast<const S*>(a.m);
@@ -280,6 +289,7 @@ struct StepKernel {
     p.z2 = static_cast<const S*>(a.z2);
     p.mask = static_cast<const S*>(a.mask);
     p.known = static_cast<const S*>(a.known);
+    p.g = static_cast<const S*>(a.g);
     for (int k = 0; k < a.n_reads; ++k) p.h[k] = static_cast<const S*>(a.h_read[k]);
     p.out = static_cast<S*>(a.out);
     for (int j = 0; j < a.n_writes; ++j) p.hw[j] = static_cast<S*>(a.h_write[j]);

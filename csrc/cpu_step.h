@@ -6,6 +6,10 @@
 
 namespace fd_cpu {
 
+/// Length of the packed coefficients (fd::N_COEF of step_math.h, which this header does not
+/// include: each SIMD level compiles that header under its own target; bindings.cpp checks).
+constexpr int N_COEF = 29;
+
 /// One plan row over contiguous tensors of `numel` elements (`per_sample` per batch sample).
 /// Element pointers share one storage dtype; null means "not given". Outputs may alias inputs
 /// exactly (same pointer), never partially.
@@ -20,6 +24,7 @@ struct StepArgs {
   const void* z2;           // external known-region noise, or null for Philox stream 1
   const void* mask;
   const void* known;
+  const void* g;            // classifier-guidance gradient (e += c_g * g) or null
   const float* w;           // [B] guidance scale (with m_c)
   const float* r;           // [B] guidance-rescale factor or null
   const float* s;           // [B] clip bound (with clip)
@@ -32,7 +37,7 @@ struct StepArgs {
   int clip;                 // fd::CLIP_*
   uint32_t row;             // Philox counter word 2
   int num_threads;          // OpenMP threads (>= 1)
-  double coef[25];          // fd::N_COEF packed coefficients
+  double coef[N_COEF];      // packed coefficients (fastdiff.args.pack_row)
 };
 
 enum Level { LEVEL_SCALAR = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };

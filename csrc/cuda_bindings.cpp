@@ -17,10 +17,12 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int N_PTRS = 18;
+constexpr int N_PTRS = 19;
 const char* const PTR_NAMES[N_PTRS] = {"x",          "out",        "m",    "m_c",  "h_read[0]", "h_read[1]",
                                        "h_read[2]",  "h_read[3]",  "h_write[0]", "h_write[1]", "z", "z2",
-                                       "mask",       "known",      "w",    "r",    "s",         "seeds"};
+                                       "mask",       "known",      "w",    "r",    "s",         "seeds",
+                                       "g"};
+static_assert(fd_cuda::N_COEF == fd::N_COEF, "cuda_step.h and step_math.h disagree on the packed layout");
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
@@ -45,15 +47,15 @@ void step(const std::array<uintptr_t, N_PTRS>& p, int64_t numel, int64_t per_sam
   for (int i : {0, 1, 2}) need(p, i, "always");
   for (int k = 0; k < n_reads; ++k) need(p, 4 + k, "n_reads");
   for (int j = 0; j < n_writes; ++j) need(p, 8 + j, "n_writes");
-  const bool cfg = p[3], rescale = p[15], mask = p[12];
+  const bool cfg = p[3], rescale = p[15], mask = p[12], g = p[18];
   if (cfg) need(p, 14, "m_c is given");
   if (clip) need(p, 16, "clip != 0");
   if (mask) need(p, 13, "mask is given");
   fd::StepFlags f;
   if (dtype == fd::DTYPE_F64)
-    f = fd::fd_make_flags(fd::fd_unpack_coef<double>(coef.data()), n_reads, n_writes, clip, cfg, rescale, mask);
+    f = fd::fd_make_flags(fd::fd_unpack_coef<double>(coef.data()), n_reads, n_writes, clip, cfg, rescale, mask, g);
   else
-    f = fd::fd_make_flags(fd::fd_unpack_coef<float>(coef.data()), n_reads, n_writes, clip, cfg, rescale, mask);
+    f = fd::fd_make_flags(fd::fd_unpack_coef<float>(coef.data()), n_reads, n_writes, clip, cfg, rescale, mask, g);
   if ((f.z && !p[10]) || (f.z2 && !p[11])) need(p, 17, "the row draws Philox noise");
 
   fd_cuda::StepParams a{};
@@ -67,6 +69,7 @@ void step(const std::array<uintptr_t, N_PTRS>& p, int64_t numel, int64_t per_sam
   a.z2 = reinterpret_cast<const void*>(p[11]);
   a.mask = reinterpret_cast<const void*>(p[12]);
   a.known = reinterpret_cast<const void*>(p[13]);
+  a.g = reinterpret_cast<const void*>(p[18]);
   a.w = reinterpret_cast<const float*>(p[14]);
   a.r = reinterpret_cast<const float*>(p[15]);
   a.s = reinterpret_cast<const float*>(p[16]);
@@ -105,6 +108,7 @@ bool vector_path(const std::array<uintptr_t, N_PTRS>& p) {
   a.z2 = reinterpret_cast<const void*>(p[11]);
   a.mask = reinterpret_cast<const void*>(p[12]);
   a.known = reinterpret_cast<const void*>(p[13]);
+  a.g = reinterpret_cast<const void*>(p[18]);
   return fd_cuda::vector_path(a);
 }
 
@@ -115,12 +119,12 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("step", &step, py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"),
         py::arg("n_reads"), py::arg("n_writes"), py::arg("clip"), py::arg("row"), py::arg("coef"),
         py::arg("stream"), py::arg("max_blocks") = 0,
-        "Run one plan row on `stream`. ptrs: 18 device pointers (x, out, m, m_c, h_read[4], h_write[2], z, z2, "
-        "mask, known, w, r, s, seeds; 0 = not given); dtype: 0 fp32, 1 fp64, 2 fp16, 3 bf16; coef: 25 floats; "
-        "max_blocks > 0 caps the grid.");
+        "Run one plan row on `stream`. ptrs: 19 device pointers (x, out, m, m_c, h_read[4], h_write[2], z, z2, "
+        "mask, known, w, r, s, seeds, g; 0 = not given); dtype: 0 fp32, 1 fp64, 2 fp16, 3 bf16; coef: 29 floats "
+        "(fastdiff.args.pack_row); max_blocks > 0 caps the grid.");
   m.def("bits", &bits, py::arg("out"), py::arg("seeds"), py::arg("batch"), py::arg("groups"), py::arg("row"),
         py::arg("stream_id"), py::arg("stream"),
         "Raw Philox words of groups [0, groups) of every sample into uint32 [batch, 4 * groups] at `out`.");
   m.def("vector_path", &vector_path, py::arg("ptrs"),
-        "Whether the 16-byte vectorised path applies to these 18 pointers (all non-null ones 16-byte aligned).");
+        "Whether the 16-byte vectorised path applies to these 19 pointers (all non-null ones 16-byte aligned).");
 }

@@ -7,10 +7,11 @@
 //
 // Work split: the flat tensor (numel = batch * per_sample elements) is cut into chunks of 16 bytes
 // (VEC elements: 4 fp32, 8 fp16/bf16, 2 fp64). Where every pointer is 16-byte aligned, each chunk
-// is one 128-bit load per input and one 128-bit store per output; the numel % VEC elements after
-// the last chunk (or every element, when some pointer is not aligned) take the scalar path. Both
-// run in a grid-stride loop. A thread loads every input of its chunk before it stores anything, so
-// out == x, and a history slot both read and written, are safe.
+// is one 128-bit load per input (but g, read element by element: see run()) and one 128-bit store
+// per output; the numel % VEC elements after the last chunk (or every element, when some pointer
+// is not aligned) take the scalar path. Both run in a grid-stride loop. A thread loads every input
+// of its chunk before it stores anything, so out == x, and a history slot both read and written,
+// are safe.
 //
 // Compiled as plain C++ with -DFD_CUDA_EMU (cuda_emu.h), the same kernel runs on the CPU with
 // blockIdx/threadIdx loops; tests use that to check the indexing without a GPU.
@@ -147,6 +148,9 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
   const bool z_ext = p.z != nullptr, z2_ext = p.z2 != nullptr;
 
   // 1. every input of the N elements
+  // (g, the classifier-guidance gradient, is read element by element in step 2 instead: one more
+  // 16-byte pack made ptxas spill at its 128-register target for 16-bit storage on sm_90, and a
+  // row with g costs a backward pass of the model anyway. Still before any store.)
   Pack<S> x{}, m{}, mc{}, h[fd::MAX_READS]{}, z{}, z2{}, mk{}, kn{};
   load_pack<N>(p.x, base, x);
   load_pack<N>(p.m, base, m);
@@ -181,6 +185,7 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
     in.x = St::load(x.v[k]);
     in.m = St::load(m.v[k]);
     if (f.cfg) in.m_c = St::load(mc.v[k]);
+    if (f.g) in.g = St::load(static_cast<const S*>(p.g)[base + k]);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -203,10 +208,10 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
       in.known = St::load(kn.v[k]);
       if (f.z2) in.z2 = z2_ext ? St::load(z2.v[k]) : static_cast<T>(pick(smp.nz2, smp.j & 3));
     }
-    // Evaluate with every read and write slot (compile-time counts: in.h and o.h stay in
-    // registers); unused reads are 0 with coefficient 0, unused writes are not stored.
+    // Evaluate every write slot (a compile-time count: o.h stays in registers); unused writes are
+    // not stored. Reads are added for k < n_reads only, as the reference does (no 0 * h term,
+    // which would turn a -0 into +0).
     StepFlags fk = f;
-    fk.n_reads = fd::MAX_READS;
     fk.n_writes = fd::MAX_WRITES;
     const StepOut<T> o = fd::fd_step_element<T, T>(c, fk, in);
     ox.v[k] = St::store(o.x);
@@ -227,25 +232,11 @@ template <class S>
 __global__ void __launch_bounds__(THREADS) step_kernel(const StepParams p, int64_t n_chunks) {
   using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
-  // Coefficients of unused read slots are zeroed so that rows evaluate all MAX_READS slots
-  // (see run()) without a run-time loop bound; flags (which noise to draw) use the real counts.
   __shared__ StepCoef<T> c;
-  if (threadIdx.x == 0) {
-    StepCoef<T> u = fd::fd_unpack_coef<T>(p.coef);
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-    for (int k = 0; k < fd::MAX_READS; ++k) {  // constant indices: u stays in registers
-      if (k < p.n_reads) continue;
-      u.out[2 + k] = T(0);
-      u.wr[0][2 + k] = T(0);
-      u.wr[1][2 + k] = T(0);
-    }
-    c = u;
-  }
+  if (threadIdx.x == 0) c = fd::fd_unpack_coef<T>(p.coef);
   __syncthreads();
   const StepFlags f = fd::fd_make_flags<T>(c, p.n_reads, p.n_writes, p.clip, p.m_c != nullptr, p.r != nullptr,
-                                           p.mask != nullptr);
+                                           p.mask != nullptr, p.g != nullptr);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S>(p, c, f, ch * VEC);
@@ -299,6 +290,7 @@ const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_block
 }  // namespace
 
 bool vector_path(const StepParams& p) {
+  // g is read element by element (see run()): its alignment does not matter
   const void* ptrs[] = {p.x, p.out, p.m, p.m_c, p.h_read[0], p.h_read[1], p.h_read[2], p.h_read[3],
                         p.h_write[0], p.h_write[1], p.z, p.z2, p.mask, p.known};
   for (const void* q : ptrs)

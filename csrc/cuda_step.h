@@ -6,6 +6,9 @@
 
 namespace fd_cuda {
 
+/// Length of the packed coefficients (fd::N_COEF of step_math.h; cuda_bindings.cpp checks).
+constexpr int N_COEF = 29;
+
 /// One plan row over contiguous device tensors of `numel` elements (`per_sample` per sample).
 /// Element pointers share one storage dtype; null means "not given". Outputs may alias inputs
 /// exactly (same pointer), never partially. Same fields and meaning as fd_cpu::StepArgs.
@@ -20,6 +23,7 @@ struct StepParams {
   const void* z2;         // external known-region noise, or null for Philox stream 1
   const void* mask;
   const void* known;
+  const void* g;          // classifier-guidance gradient (e += c_g * g) or null
   const float* w;         // [B] guidance scale (with m_c)
   const float* r;         // [B] guidance-rescale factor or null
   const float* s;         // [B] clip bound (with clip)
@@ -30,7 +34,7 @@ struct StepParams {
   int n_writes;
   int clip;               // fd::CLIP_*
   uint32_t row;           // Philox counter word 2
-  double coef[25];        // fd::N_COEF packed coefficients
+  double coef[N_COEF];    // packed coefficients (fastdiff.args.pack_row)
 };
 
 /// Launch one row on `stream` (a cudaStream_t as an integer; 0 is the legacy default stream).

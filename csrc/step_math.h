@@ -4,10 +4,11 @@
 // same operation order, with no fused multiply-add in the CPU build (-ffp-contract=off):
 //   e  = m                     or  m + w * (m_c - m)          (guidance, w per sample)
 //   e  = r * e                                                 (optional rescale, r per sample)
+//   e  = e + c_g * g                                           (optional gradient term, g given)
 //   d  = a_x * x + a_e * e
 //   d  = min(s, max(-s, d))    [then d / s]                    (clip 1 static, 2 dynamic)
-//   v  = [x, d, h0..h3, z]
-//   x' = c0*x + c1*d (+ c_{2+k}*h_k for k < n_reads) (+ c6*z if c6 != 0)
+//   v  = [x, d, e, h0..h3, z]                                  (e: before clipping touches d)
+//   x' = c_x*x + c_d*d (+ c_e*e if c_e != 0) (+ c_{h+k}*h_k for k < n_reads) (+ c_z*z if c_z != 0)
 //   x' = mask*x' + (1 - mask)*(known_a*known + known_s*z2)     (optional; z2 = 0 if known_s == 0)
 //   H[write j] = same combination with the write's coefficients
 // T is the compute scalar (float for fp16/bf16/fp32 storage, double for fp64); V is T or a SIMD
@@ -22,9 +23,14 @@ namespace fd {
 
 constexpr int MAX_READS = 4;
 constexpr int MAX_WRITES = 2;
-constexpr int N_OPERANDS = 3 + MAX_READS;  // x, d, h0..h3, z
-constexpr int Z_OPERAND = 2 + MAX_READS;
-constexpr int N_COEF = 2 + 3 * N_OPERANDS + 2;  // a_x, a_e, out, write0, write1, known_a, known_s
+// Operands of a combination, as fastdiff/plan.py numbers them: x, d, e, h0..h3, z.
+constexpr int N_OPERANDS = 4 + MAX_READS;
+constexpr int OP_X = 0, OP_D = 1, OP_E = 2, OP_H = 3, OP_Z = 3 + MAX_READS;
+// Packed coefficients (fastdiff/args.py pack_row): a_x, a_e, out, write0, write1, known_a, known_s, c_g.
+constexpr int N_COEF = 5 + 3 * N_OPERANDS;
+constexpr int C_AX = 0, C_AE = 1, C_OUT = 2, C_W0 = 2 + N_OPERANDS, C_W1 = 2 + 2 * N_OPERANDS;
+constexpr int C_KNOWN_A = 2 + 3 * N_OPERANDS, C_KNOWN_S = 3 + 3 * N_OPERANDS, C_G = 4 + 3 * N_OPERANDS;
+static_assert(N_COEF == 29 && C_G == N_COEF - 1, "packed layout of fastdiff.args.pack_row");
 constexpr int CLIP_NONE = 0, CLIP_STATIC = 1, CLIP_DYNAMIC = 2;
 
 // Storage dtype codes shared with fastdiff/backends/cpu.py.
@@ -85,6 +91,7 @@ struct StepCoef {
   T out[N_OPERANDS];
   T wr[MAX_WRITES][N_OPERANDS];
   T known_a, known_s;
+  T c_g;  // e += c_g * g
 };
 
 /// What a row does, beyond its coefficients.
@@ -95,6 +102,8 @@ struct StepFlags {
   bool cfg;      // m_c and w given
   bool rescale;  // r given
   bool mask;     // mask and known given
+  bool g;        // gradient term g given (e += c_g * g, even where c_g == 0, as reference.py)
+  bool e;        // x' or a history write has a non-zero e coefficient
   bool z;        // x' or a history write uses z
   bool z2;       // the mask blend uses z2 (mask && known_s != 0)
 };
@@ -103,22 +112,23 @@ struct StepFlags {
 template <class T>
 FD_HD StepCoef<T> fd_unpack_coef(const double* p) {
   StepCoef<T> c;
-  c.a_x = static_cast<T>(p[0]);
-  c.a_e = static_cast<T>(p[1]);
+  c.a_x = static_cast<T>(p[C_AX]);
+  c.a_e = static_cast<T>(p[C_AE]);
   for (int k = 0; k < N_OPERANDS; ++k) {
-    c.out[k] = static_cast<T>(p[2 + k]);
-    c.wr[0][k] = static_cast<T>(p[2 + N_OPERANDS + k]);
-    c.wr[1][k] = static_cast<T>(p[2 + 2 * N_OPERANDS + k]);
+    c.out[k] = static_cast<T>(p[C_OUT + k]);
+    c.wr[0][k] = static_cast<T>(p[C_W0 + k]);
+    c.wr[1][k] = static_cast<T>(p[C_W1 + k]);
   }
-  c.known_a = static_cast<T>(p[N_COEF - 2]);
-  c.known_s = static_cast<T>(p[N_COEF - 1]);
+  c.known_a = static_cast<T>(p[C_KNOWN_A]);
+  c.known_s = static_cast<T>(p[C_KNOWN_S]);
+  c.c_g = static_cast<T>(p[C_G]);
   return c;
 }
 
-/// Flags of a row; z/z2 are decided on the rounded coefficients, as reference.py does.
+/// Flags of a row; e/z/z2 are decided on the rounded coefficients, as reference.py does.
 template <class T>
 FD_HD StepFlags fd_make_flags(const StepCoef<T>& c, int n_reads, int n_writes, int clip, bool cfg, bool rescale,
-                              bool mask) {
+                              bool mask, bool g) {
   StepFlags f;
   f.n_reads = n_reads;
   f.n_writes = n_writes;
@@ -126,8 +136,11 @@ FD_HD StepFlags fd_make_flags(const StepCoef<T>& c, int n_reads, int n_writes, i
   f.cfg = cfg;
   f.rescale = rescale;
   f.mask = mask;
-  f.z = c.out[Z_OPERAND] != T(0);
-  for (int j = 0; j < n_writes; ++j) f.z = f.z || c.wr[j][Z_OPERAND] != T(0);
+  f.g = g;
+  f.e = c.out[OP_E] != T(0);
+  for (int j = 0; j < n_writes; ++j) f.e = f.e || c.wr[j][OP_E] != T(0);
+  f.z = c.out[OP_Z] != T(0);
+  for (int j = 0; j < n_writes; ++j) f.z = f.z || c.wr[j][OP_Z] != T(0);
   f.z2 = mask && c.known_s != T(0);
   return f;
 }
@@ -149,19 +162,22 @@ FD_HD V fd_clip(V d, V s, int clip) {
   return clip == CLIP_DYNAMIC ? d / s : d;
 }
 
-/// c · [x, d, h[0..n_reads), z]; the z term only when its coefficient is non-zero.
+/// c · [x, d, e, h[0..n_reads), z]; the e and z terms only when their coefficients are non-zero.
+/// `use_e` false promises that c[OP_E] == 0 (StepFlags::e): kernels pass a constant to drop the term.
 template <class V, class T>
-FD_HD V fd_combine(const T* c, V x, V d, const V* h, int n_reads, V z) {
-  V acc = V(c[0]) * x + V(c[1]) * d;
-  for (int k = 0; k < n_reads; ++k) acc = acc + V(c[2 + k]) * h[k];
-  if (c[Z_OPERAND] != T(0)) acc = acc + V(c[Z_OPERAND]) * z;
+FD_HD V fd_combine(const T* c, V x, V d, V e, const V* h, int n_reads, V z, bool use_e) {
+  V acc = V(c[OP_X]) * x + V(c[OP_D]) * d;
+  if (use_e && c[OP_E] != T(0)) acc = acc + V(c[OP_E]) * e;
+  for (int k = 0; k < MAX_READS; ++k)  // constant indices (h stays in registers), run-time count
+    if (k < n_reads) acc = acc + V(c[OP_H + k]) * h[k];
+  if (c[OP_Z] != T(0)) acc = acc + V(c[OP_Z]) * z;
   return acc;
 }
 
 /// Inputs of one element (or one vector of elements). Unused members may hold anything.
 template <class V>
 struct StepIn {
-  V x, m, m_c, z, mask, known, z2;
+  V x, m, m_c, g, z, mask, known, z2;
   V h[MAX_READS];
   V w, r, s;  // per-sample scalars, broadcast
 };
@@ -178,15 +194,16 @@ template <class V, class T>
 FD_HD StepOut<V> fd_step_element(const StepCoef<T>& c, const StepFlags& f, const StepIn<V>& in) {
   V e = f.cfg ? fd_guidance(in.m, in.m_c, in.w) : in.m;
   if (f.rescale) e = in.r * e;
+  if (f.g) e = e + V(c.c_g) * in.g;
   V d = V(c.a_x) * in.x + V(c.a_e) * e;
-  d = fd_clip(d, in.s, f.clip);
+  d = fd_clip(d, in.s, f.clip);  // e stays the unclipped model output: it is an operand too
   StepOut<V> o;
-  o.x = fd_combine(c.out, in.x, d, in.h, f.n_reads, in.z);
+  o.x = fd_combine(c.out, in.x, d, e, in.h, f.n_reads, in.z, f.e);
   if (f.mask) {
     V z2 = f.z2 ? in.z2 : V(0);
     o.x = in.mask * o.x + (V(1) - in.mask) * (V(c.known_a) * in.known + V(c.known_s) * z2);
   }
-  for (int j = 0; j < f.n_writes; ++j) o.h[j] = fd_combine(c.wr[j], in.x, d, in.h, f.n_reads, in.z);
+  for (int j = 0; j < f.n_writes; ++j) o.h[j] = fd_combine(c.wr[j], in.x, d, e, in.h, f.n_reads, in.z, f.e);
   return o;
 }
 

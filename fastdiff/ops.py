@@ -152,13 +152,13 @@ def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> No
 
 _STEP_SCHEMA = (
     "(Tensor(a!) x, Tensor(b!)[] history, Tensor m, Tensor? m_c, Tensor? w, Tensor? r, Tensor? s, "
-    "Tensor? seeds, Tensor? z, Tensor? z2, Tensor? mask, Tensor? known, int[] reads, int[] writes, "
+    "Tensor? seeds, Tensor? z, Tensor? z2, Tensor? mask, Tensor? known, Tensor? g, int[] reads, int[] writes, "
     "float[] coef, int clip, int row, str backend) -> ()"
 )
 
 
 @torch.library.custom_op("fastdiff::step", mutates_args=("x", "history"), schema=_STEP_SCHEMA)
-def _step_op(x, history, m, m_c, w, r, s, seeds, z, z2, mask, known, reads, writes, coef, clip, row, backend):
+def _step_op(x, history, m, m_c, w, r, s, seeds, z, z2, mask, known, g, reads, writes, coef, clip, row, backend):
     for name, slots in (("reads", reads), ("writes", writes)):
         for k in slots:
             if not 0 <= k < len(history):
@@ -166,13 +166,14 @@ def _step_op(x, history, m, m_c, w, r, s, seeds, z, z2, mask, known, reads, writ
     args = StepArgs(
         x=x, out=x, m=m, coef=tuple(coef), row=row, m_c=m_c,
         h_read=tuple(history[k] for k in reads), h_write=tuple(history[k] for k in writes),
-        w=w, r=r, s=s, clip=clip, seeds=seeds, z=z, z2=z2, mask=mask, known=known,
+        w=w, r=r, s=s, clip=clip, seeds=seeds, z=z, z2=z2, mask=mask, known=known, g=g,
     )
     step(args, backend)
 
 
 @_step_op.register_fake
-def _step_op_fake(x, history, m, m_c, w, r, s, seeds, z, z2, mask, known, reads, writes, coef, clip, row, backend):
+def _step_op_fake(x, history, m, m_c, w, r, s, seeds, z, z2, mask, known, g, reads, writes, coef, clip, row,
+                  backend):
     return None
 
 
@@ -195,17 +196,19 @@ def step_op(
     z2: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     known: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """One plan row as the custom op ``torch.ops.fastdiff.step``: updates ``x`` and ``history`` in place.
 
     Same contract as :func:`step` with ``out=x``: ``x``, ``m``, ``m_c``, ``z``, ``z2``, ``mask``,
-    ``known`` and every ``history[k]`` share ``x``'s shape ``[B, ...]``, dtype and device; ``w``,
+    ``known``, ``g`` and every ``history[k]`` share ``x``'s shape ``[B, ...]``, dtype and device; ``w``,
     ``r``, ``s`` are float32 ``[B]``; ``seeds`` int64 ``[B]``; ``coef`` is ``args.N_COEF`` floats
-    (:func:`fastdiff.args.pack_row`). ``reads``/``writes`` are slot indices into ``history``
+    (:func:`fastdiff.args.pack_row`, whose last entry ``c_g`` scales ``g``: ``e += c_g * g``).
+    ``reads``/``writes`` are slot indices into ``history``
     (the row's ``reads`` and ``[w.slot for w in writes]``). Traceable by torch.compile.
     """
     torch.ops.fastdiff.step(
-        x, list(history), m, m_c, w, r, s, seeds, z, z2, mask, known,
+        x, list(history), m, m_c, w, r, s, seeds, z, z2, mask, known, g,
         [int(k) for k in reads], [int(k) for k in writes], [float(c) for c in coef], int(clip), int(row), backend,
     )

@@ -35,7 +35,8 @@ def available() -> tuple[bool, str]:
 
 
 def _element_tensors(args: StepArgs) -> list[torch.Tensor]:
-    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, *args.h_read, *args.h_write]
+    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *args.h_read,
+          *args.h_write]
     return [t for t in ts if t is not None]
 
 
@@ -93,6 +94,6 @@ def step(args: StepArgs) -> None:
     hw = [_ptr(h) for h in args.h_write] + [0] * (2 - len(args.h_write))
     ptrs = [x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
             _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
-            _ptr(args.seeds)]
+            _ptr(args.seeds), _ptr(args.g)]
     _C.step(ptrs, numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read), len(args.h_write),
             args.clip, args.row & 0xFFFFFFFF, args.coef)

@@ -65,12 +65,12 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 def pointers(args: StepArgs) -> list[int]:
-    """The 18 pointers of ``args`` in the order of ``_C_cuda.step`` (0 where a tensor is not given)."""
+    """The 19 pointers of ``args`` in the order of ``_C_cuda.step`` (0 where a tensor is not given)."""
     hr = [_ptr(h) for h in args.h_read] + [0] * (4 - len(args.h_read))
     hw = [_ptr(h) for h in args.h_write] + [0] * (2 - len(args.h_write))
     return [args.x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
             _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
-            _ptr(args.seeds)]
+            _ptr(args.seeds), _ptr(args.g)]
 
 
 def launch(module: ModuleType, args: StepArgs, stream: int, max_blocks: int = 0) -> None:

@@ -64,7 +64,8 @@ def available() -> tuple[bool, str]:
 
 def element_tensors(args: StepArgs) -> list[torch.Tensor]:
     """The tensors of ``args`` shaped like ``x`` (inputs and outputs)."""
-    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, *args.h_read, *args.h_write]
+    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *args.h_read,
+          *args.h_write]
     return [t for t in ts if t is not None]
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 
 from fastdiff import ops
-from fastdiff.args import StepArgs
+from fastdiff.args import C_G, C_OUT, C_W0, N_COEF, StepArgs, pack_row
 from fastdiff.backends import reference
-from fastdiff.plan import MAX_READS, N_OPERANDS
+from fastdiff.plan import MAX_WRITES, N_OPERANDS, OP_E, OP_Z, Row, combo
 
-ZI = 2 + MAX_READS  # index of z in a coefficient vector
 SEEDS = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**63 + 12345, 2**64 - 1, 0x0123456789ABCDEF]
 """Philox keys worth testing, as unsigned 64-bit words (``rng._signed64`` maps them to int64)."""
 
@@ -48,7 +47,11 @@ def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int, dev
     writes = feat.get("writes", ())
     noise = feat.get("noise")  # None | "philox" | "external" | "write_only"
     mask = feat.get("mask")  # None | "plain" | "philox" | "external"
+    e_in = feat.get("e")  # None | "out" | "writes" | "all": combinations with a non-zero e coefficient
+    g_mode = feat.get("g")  # None | "random" | "zero" (c_g = 0, g still given) | "x" (g is x itself)
     pool = {"x": field(), "m": field()}
+    if g_mode in ("random", "zero"):
+        pool["g"] = field()
     for k in range(n_reads):
         pool[f"h{k}"] = field()
     if feat.get("cfg"):
@@ -70,21 +73,28 @@ def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int, dev
             pool[key] = torch.full(shape, float("nan"), dtype=dtype, device=device)
         write_keys.append(key)
 
-    def vec(v):  # random coefficient vector; entries of unread slots are garbage the kernel must ignore
+    def vec(use_e):  # random coefficient vector; entries of unread slots are garbage the kernel must ignore
         v = rnd(N_OPERANDS).double()
         if noise is None or noise == "write_only":
-            v[ZI] = 0.0
-        return tuple(v.tolist())
+            v[OP_Z] = 0.0
+        if not use_e:
+            v[OP_E] = 0.0
+        return v.tolist()
 
-    out_c = vec(None)
-    w_c = [vec(None) for _ in writes] + [tuple(rnd(N_OPERANDS).double().tolist())] * (2 - len(writes))
+    out_c = vec(e_in in ("out", "all"))
+    # unused write slots: garbage, e and z included
+    w_c = [vec(e_in in ("writes", "all")) for _ in writes] + [rnd(N_OPERANDS).double().tolist()] * (2 - len(writes))
     if noise == "write_only":
-        w_c[0] = w_c[0][:ZI] + (0.7,)
+        w_c[0][OP_Z] = 0.7
     if noise is None:
-        w_c = [c[:ZI] + (0.0,) for c in w_c]
+        for c in w_c:
+            c[OP_Z] = 0.0
     row = int(torch.randint(0, 2**32, (1,), generator=g))
     known_s = 0.0 if mask in (None, "plain") else float(rnd(1))
-    coef = (float(rnd(1)), float(rnd(1)), *out_c, *w_c[0], *w_c[1], float(rnd(1)), known_s)
+    c_g = 0.0 if g_mode == "zero" else float(rnd(1))  # garbage without g
+    coef = (float(rnd(1)), float(rnd(1)), *out_c, *w_c[0], *w_c[1], float(rnd(1)), known_s, c_g)
+    assert len(coef) == N_COEF and coef[C_G] == c_g and coef[C_OUT + OP_E] == out_c[OP_E]
+    assert all(coef[C_W0 + N_OPERANDS * j + OP_Z] == w_c[j][OP_Z] for j in range(MAX_WRITES))
     scal = {
         "w": (rnd(b).abs() * 6).to(device),
         "r": (rnd(b).abs() + 0.5).to(device),
@@ -99,7 +109,7 @@ def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int, dev
             h_write=tuple(p[k] for k in write_keys), w=scal["w"] if feat.get("cfg") else None,
             r=scal["r"] if feat.get("rescale") else None, s=scal["s"] if feat.get("clip") else None,
             clip=feat.get("clip", 0), seeds=scal["seeds"], z=p.get("z"), z2=p.get("z2"),
-            mask=p.get("mask"), known=p.get("known"),
+            mask=p.get("mask"), known=p.get("known"), g=p["x"] if g_mode == "x" else p.get("g"),
         )
 
     return pool, make_args, [out_key, *write_keys]
@@ -126,6 +136,21 @@ def check(run, feat: dict, shape, dtype: torch.dtype, device, seed: int = 0) -> 
                 check_rounding(k, got[k], ref[k])
         else:
             assert torch.equal(got[k], pool[k]), f"input {k} was modified"
+
+
+def check_tiny_e_coefficient(run, device) -> None:
+    """The reference decides "c_e != 0" on the coefficient rounded to the compute type: 1e-50 is no
+    e term in float32 (and for fp16/bf16 storage). Seen in the sign of a zero: x' = -x - d = -0
+    stays -0 without the term and becomes +0 with 0 * e added; in float64 the term is there."""
+    row = Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.0, a_e=0.0, out=combo(x=-1.0, d=-1.0, e=1e-50))
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        x = torch.zeros(2, 8, dtype=dtype, device=device)
+        out, want = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+        args = StepArgs(x=x, out=out, m=torch.ones_like(x), coef=pack_row(row))
+        run(args)
+        reference.step(StepArgs(**{**args.__dict__, "out": want}))
+        assert torch.equal(out, want) and torch.equal(out.signbit(), want.signbit()), (dtype, out[0, 0].item())
+        assert out.signbit().all() if dtype != torch.float64 else (out == 1e-50).all(), dtype
 
 
 def check_rounding(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -161,9 +186,22 @@ FEATURES = {
     "philox_noise": {"noise": "philox", "reads": 1, "writes": ("h0",)},
     "external_noise": {"noise": "external", "writes": ("new",)},
     "noise_in_write_only": {"noise": "write_only", "writes": ("new",)},
+    # the model output e as an operand, next to a clipped d (diffusers' DDIM default), CFG, rescale
+    "e_all_reads2": {"e": "all", "reads": 2, "writes": ("h1", "new")},
+    "e_out_only_cfg": {"e": "out", "cfg": True, "reads": 1, "writes": ("new",)},
+    "e_writes_only": {"e": "writes", "reads": 1, "writes": ("h0", "new")},
+    "e_static_clip_cfg": {"e": "all", "clip": 1, "cfg": True, "writes": ("new",)},
+    "e_dynamic_clip_cfg_rescale": {"e": "out", "clip": 2, "cfg": True, "rescale": True, "reads": 1},
+    "e_philox_noise": {"e": "all", "noise": "philox", "reads": 1, "writes": ("new",)},
+    # the gradient term e += c_g * g
+    "g": {"g": "random"},
+    "g_zero_coef_e": {"g": "zero", "e": "all", "reads": 1},
+    "g_is_x_in_place_e": {"g": "x", "in_place": True, "e": "out", "writes": ("new",)},
+    "g_cfg_rescale_clip_e": {"g": "random", "e": "all", "cfg": True, "rescale": True, "clip": 1, "reads": 2,
+                             "writes": ("h1", "new")},
     "in_place_everything": {"in_place": True, "cfg": True, "rescale": True, "clip": 2, "reads": 4,
-                            "writes": ("h0", "h2"), "mask": "philox", "noise": "philox"},
+                            "writes": ("h0", "h2"), "mask": "philox", "noise": "philox", "e": "all", "g": "random"},
 }
 EVERYTHING = {"cfg": True, "rescale": True, "clip": 2, "reads": 4, "writes": ("h1", "new"), "mask": "philox",
-              "noise": "philox"}
+              "noise": "philox", "e": "all", "g": "random"}
 """Every feature at once, out of place (tests add ``in_place=True``)."""

@@ -12,10 +12,8 @@ from typing import Callable
 
 import torch
 
-from fastdiff.args import N_COEF, StepArgs
-from fastdiff.plan import MAX_READS, N_OPERANDS
-
-ZI = 2 + MAX_READS  # index of z in a coefficient vector
+from fastdiff.args import C_G, C_KNOWN_S, C_OUT, C_W0, N_COEF, StepArgs
+from fastdiff.plan import MAX_WRITES, N_OPERANDS, OP_E, OP_Z
 
 FEATURES = {
     "plain": {},
@@ -34,10 +32,32 @@ FEATURES = {
     "philox": {"noise": "philox", "reads": 1, "writes": ("new",)},
     "philox_write_only": {"noise": "write_only", "writes": ("new",)},
     "external_noise": {"noise": "external", "writes": ("read0",), "reads": 1},
+    # the model output e as an operand (contract v2): the kernel's specialised row with e, e in only
+    # x' or only the writes, e next to a clipped d (diffusers' DDIM default), noise, CFG and rescale
+    "plain_e": {"e": "all", "reads": 2, "writes": ("read1", "new")},
+    "plain_e_out_only_cfg": {"e": "out", "cfg": True, "reads": 1, "writes": ("new",)},
+    "e_writes_only": {"e": "writes", "reads": 1, "writes": ("read0", "new")},
+    "e_static_clip_cfg": {"e": "all", "clip": 1, "cfg": True, "writes": ("new",)},
+    "e_dynamic_clip_cfg_rescale": {"e": "out", "clip": 2, "cfg": True, "rescale": True, "reads": 1},
+    "e_philox": {"e": "all", "noise": "philox", "reads": 1, "writes": ("new",)},
+    # the gradient term e += c_g * g: alone, with c_g = 0 (still added, as reference does), read
+    # in place from x itself, and with everything it interacts with
+    "g": {"g": "random"},
+    "g_zero_coef_e": {"g": "zero", "e": "all", "reads": 1},
+    "g_is_x_e": {"g": "x", "e": "out", "writes": ("x",)},
+    "g_cfg_rescale_clip_e": {"g": "random", "e": "all", "cfg": True, "rescale": True, "clip": 1, "reads": 2,
+                             "writes": ("read1", "new")},
     "everything": {"cfg": True, "rescale": True, "clip": 2, "mask": "philox", "noise": "philox", "reads": 3,
-                   "writes": ("read2", "new")},
+                   "writes": ("read2", "new"), "e": "all", "g": "random"},
 }
-"""Named feature sets covering every part of a row (see fastdiff/plan.py)."""
+"""Named feature sets covering every part of a row (see fastdiff/plan.py).
+
+Keys: ``cfg``/``rescale`` (bool), ``clip`` (0/1/2), ``mask`` (None/"plain"/"philox"/"external"),
+``noise`` (None/"philox"/"write_only"/"external"), ``reads`` (count), ``writes`` (targets: "new",
+"x", "readK"), ``e`` (which combinations get a non-zero e coefficient: None/"out"/"writes"/"all"),
+``g`` (None; "random" c_g; "zero" c_g = 0; "x": g is the tensor x itself, random c_g). Coefficients
+a row does not use (noise without noise, c_g without g, unused write slots) are random garbage that
+the kernel must ignore."""
 
 
 @dataclass
@@ -62,7 +82,11 @@ def make_case(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, gen: torch
     writes = feat.get("writes", ())
     noise = feat.get("noise")
     mask = feat.get("mask")
+    e_in = feat.get("e")
+    g_mode = feat.get("g")
     pool = {"x": field(), "m": field()}
+    if g_mode in ("random", "zero"):
+        pool["g"] = field()
     for k in range(n_reads):
         pool[f"h{k}"] = field()
     if feat.get("cfg"):
@@ -85,7 +109,15 @@ def make_case(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, gen: torch
         pool["seeds"] = torch.randint(-(2**63), 2**63 - 1, (b,), generator=gen, dtype=torch.int64)
 
     coef = [float(v) for v in torch.randn(N_COEF, generator=gen)]
-    out_z, w_z = 2 + ZI, [2 + N_OPERANDS * (1 + j) + ZI for j in range(2)]
+    out_z, w_z = C_OUT + OP_Z, [C_W0 + N_OPERANDS * j + OP_Z for j in range(MAX_WRITES)]
+    out_e, w_e = C_OUT + OP_E, [C_W0 + N_OPERANDS * j + OP_E for j in range(MAX_WRITES)]
+    if e_in not in ("out", "all"):
+        coef[out_e] = 0.0
+    if e_in not in ("writes", "all"):
+        for j in range(len(writes)):  # unused write slots keep garbage
+            coef[w_e[j]] = 0.0
+    if g_mode == "zero":
+        coef[C_G] = 0.0
     if noise in (None, "write_only"):
         coef[out_z] = 0.0
     if noise is None or not writes:
@@ -94,7 +126,7 @@ def make_case(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, gen: torch
     if noise == "write_only":
         coef[w_z[0]] = 0.7
     if mask in (None, "plain"):
-        coef[N_COEF - 1] = 0.0
+        coef[C_KNOWN_S] = 0.0
     row = int(torch.randint(0, 2**31, (1,), generator=gen))
 
     if not inplace:
@@ -115,7 +147,7 @@ def make_case(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, gen: torch
             x=p["x"], out=p[out_name], m=p["m"], coef=tuple(coef), row=row, m_c=p.get("m_c"),
             h_read=tuple(p[f"h{k}"] for k in range(n_reads)), h_write=tuple(p[n] for n in write_names),
             w=p.get("w"), r=p.get("r"), s=p.get("s"), clip=clip, seeds=p.get("seeds"), z=p.get("z"),
-            z2=p.get("z2"), mask=p.get("mask"), known=p.get("known"),
+            z2=p.get("z2"), mask=p.get("mask"), known=p.get("known"), g=p["x"] if g_mode == "x" else p.get("g"),
         )
 
     outputs = tuple(dict.fromkeys([out_name, *write_names]))

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from fastdiff import ops, rng
-from fastdiff.args import N_COEF, StepArgs
+from fastdiff.args import C_KNOWN_S, C_OUT, C_W0, C_W1, N_COEF, StepArgs, pack_row
 from fastdiff.backends import cpu, reference
+from fastdiff.plan import OP_Z, Row, Write, combo
 
-from ._cpu_cases import FEATURES, ZI, check_close, check_ulp, clone_pool, kernel_normals, make_case
+from ._cases import check_tiny_e_coefficient
+from ._cpu_cases import FEATURES, check_close, check_ulp, clone_pool, kernel_normals, make_case
 
 if cpu._C is None:
     pytest.skip(f"fastdiff._C is not built: {cpu.available()[1]}", allow_module_level=True)
@@ -119,7 +121,7 @@ def test_simd_levels_bit_identical_including_specials(dtype, gen):
     case = make_case(FEATURES["everything"], (7, 300), dtype, gen, inplace=False)
     specials = torch.tensor([float("inf"), -float("inf"), float("nan"), 65504.0, -65519.0, 65520.0, 6e-8, 3e-8,
                              1e-5, 0.0, -0.0, 1e30, -3e38, 1e-40], dtype=torch.float64)
-    for name in ("x", "m", "m_c", "h0"):
+    for name in ("x", "m", "m_c", "h0", "g"):
         case.pool[name].view(-1)[: specials.numel()] = specials.to(dtype)
     runs = {lv: _run_with(case, level=lv) for lv in levels}
     for lv in levels[1:]:
@@ -127,7 +129,7 @@ def test_simd_levels_bit_identical_including_specials(dtype, gen):
             assert torch.equal(a, b), f"{name}: {lv} differs from {levels[0]} in {int((a != b).sum())} elements"
 
 
-@pytest.mark.parametrize("feature", ["everything", "two_writes_alias_reads"])
+@pytest.mark.parametrize("feature", ["everything", "two_writes_alias_reads", "plain_e"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 def test_threads_bit_identical(dtype, feature, gen):
     # 3 samples of an odd size: blocks straddle samples and the split between threads
@@ -145,7 +147,7 @@ def test_in_kernel_noise_equals_rng(shape, level, gen):
     seeds = torch.randint(-(2**63), 2**63 - 1, (b,), generator=gen)
     row = int(torch.randint(0, 2**32, (1,), generator=gen))
     coef = [0.0] * N_COEF
-    coef[2 + ZI] = 1.0
+    coef[C_OUT + OP_Z] = 1.0
     out = torch.full(shape, float("nan"))
     ops.step(StepArgs(x=x, out=out, m=x, coef=tuple(coef), row=row, seeds=seeds), backend="cpu")
     want = rng.philox_normal(seeds, row, rng.STREAM_MAIN, x[0].numel()).reshape(shape)
@@ -153,17 +155,53 @@ def test_in_kernel_noise_equals_rng(shape, level, gen):
     assert float(err.max()) <= 4 * torch.finfo(torch.float32).eps, f"max scaled error {float(err.max()):.3e}"
 
 
+@pytest.mark.parametrize("variant", ["clip_rescale_g", "plain_cfg"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_e_operand_is_the_guided_output_before_clipping(dtype, variant, level, gen):
+    """x' = e and h = d (the shape of diffusers' DDIM with clip_sample=True), checked against the
+    formulas of fastdiff/plan.py rather than against reference: e is m guided, rescaled and moved
+    by c_g * g, never clipped; d is formed from that e and then clipped. Exact: the same float
+    operations in the same order, coefficients exact in float32."""
+    b, shape = 3, (3, 5, 7)
+    x, m, m_c, g = (torch.randn(shape, generator=gen).to(dtype) * 3 for _ in range(4))
+    w, r = torch.rand(b, generator=gen) * 8, torch.rand(b, generator=gen) + 0.5
+    clipped = variant == "clip_rescale_g"
+    row = Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.5, a_e=-0.75, out=combo(e=1.0), writes=(Write(0, combo(d=1.0)),),
+              clip="static" if clipped else None)
+    out, h = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    args = StepArgs(x=x, out=out, m=m, m_c=m_c, w=w, h_write=(h,), coef=pack_row(row, c_g=0.25 if clipped else 0.0))
+    if clipped:
+        args.r, args.s, args.clip, args.g = r, torch.ones(b), 1, g
+    ops.step(args, backend="cpu")
+    wv, rv = (t.to(dtype)[:, None, None] for t in (w, r))
+    e = m + wv * (m_c - m)
+    if clipped:
+        e = rv * e + 0.25 * g
+    d = 0.5 * x + -0.75 * e
+    if clipped:
+        d = torch.minimum(torch.maximum(d, -torch.ones_like(d)), torch.ones_like(d))
+        assert (d.abs() == 1).float().mean() > 0.2, "the test should clip many elements"
+    assert torch.equal(out, e), f"x' differs from e in {int((out != e).sum())} elements"
+    assert torch.equal(h, d), f"h differs from d in {int((h != d).sum())} elements"
+
+
+def test_e_coefficient_below_float32_range_is_no_e_term(level):
+    check_tiny_e_coefficient(cpu.step, "cpu")
+
+
 def test_empty_tensor_is_a_no_op():
     x = torch.zeros(2, 0)
-    coef = (1.0,) * 2 + (0.5,) * 6 + (0.0,) + (0.0,) * 16
-    ops.step(StepArgs(x=x, out=x, m=x, coef=coef), backend="cpu")
+    coef = [0.5] * N_COEF
+    for c in (C_OUT, C_W0, C_W1):
+        coef[c + OP_Z] = 0.0
+    ops.step(StepArgs(x=x, out=x, m=x, g=x, coef=tuple(coef)), backend="cpu")
 
 
 def _simple_args(**kw) -> StepArgs:
     x = torch.randn(4, 6, 5)
     base = dict(x=x, out=torch.empty_like(x), m=torch.randn(4, 6, 5), coef=tuple(torch.randn(N_COEF).tolist()))
     coef = list(base["coef"])
-    coef[2 + ZI] = coef[9 + ZI] = coef[16 + ZI] = coef[-1] = 0.0
+    coef[C_OUT + OP_Z] = coef[C_W0 + OP_Z] = coef[C_W1 + OP_Z] = coef[C_KNOWN_S] = 0.0
     base["coef"] = tuple(coef)
     base.update(kw)
     return StepArgs(**base)
@@ -187,6 +225,9 @@ def test_non_contiguous_and_overlap_are_unsupported_and_fall_back():
     # out overlapping x by one element
     buf = torch.randn(2 * 120 + 1)
     assert not cpu.supports(_simple_args(x=buf[:120].view(4, 6, 5), out=buf[1:121].view(4, 6, 5)))
+    # g is an element tensor like the others: not contiguous, or overlapping out other than exactly
+    assert not cpu.supports(_simple_args(g=torch.randn(6, 4, 5).transpose(0, 1)))
+    assert not cpu.supports(_simple_args(g=buf[:120].view(4, 6, 5), out=buf[1:121].view(4, 6, 5)))
     # exact aliasing is supported
     y = torch.randn(4, 6, 5)
     assert cpu.supports(_simple_args(x=y, out=y, m=y))
@@ -200,20 +241,23 @@ def test_unsupported_dtype():
 
 def test_extension_argument_errors_name_the_value():
     x = torch.randn(2, 8)
-    ptrs = [x.data_ptr(), x.data_ptr(), x.data_ptr()] + [0] * 15
+    assert len(_C.PTR_NAMES) == 19 and _C.PTR_NAMES[18] == "g" and _C.N_COEF == N_COEF == 29
+    ptrs = [x.data_ptr(), x.data_ptr(), x.data_ptr()] + [0] * 16
     coef = [0.0] * N_COEF
     with pytest.raises(ValueError, match="dtype code must be 0..3, got 7"):
         _C.step(ptrs, 16, 8, 7, 0, 0, 0, 0, coef)
     with pytest.raises(ValueError, match="not a multiple of per_sample 5"):
         _C.step(ptrs, 16, 5, 0, 0, 0, 0, 0, coef)
-    with pytest.raises(ValueError, match="coef must have 25 entries, got 3"):
-        _C.step(ptrs, 16, 8, 0, 0, 0, 0, 0, [0.0] * 3)
+    with pytest.raises(ValueError, match="coef must have 29 entries, got 25"):
+        _C.step(ptrs, 16, 8, 0, 0, 0, 0, 0, [0.0] * 25)  # a contract-v1 row
+    with pytest.raises(TypeError):
+        _C.step(ptrs[:18], 16, 8, 0, 0, 0, 0, 0, coef)  # the v1 pointer list, without g
     with pytest.raises(ValueError, match=r"h_read\[1\] is required"):
-        _C.step(ptrs[:4] + [x.data_ptr()] + [0] * 13, 16, 8, 0, 2, 0, 0, 0, coef)
+        _C.step(ptrs[:4] + [x.data_ptr()] + [0] * 14, 16, 8, 0, 2, 0, 0, 0, coef)
     with pytest.raises(ValueError, match="w is required"):
-        _C.step(ptrs[:3] + [x.data_ptr()] + [0] * 14, 16, 8, 0, 0, 0, 0, 0, coef)
+        _C.step(ptrs[:3] + [x.data_ptr()] + [0] * 15, 16, 8, 0, 0, 0, 0, 0, coef)
     noisy = list(coef)
-    noisy[2 + ZI] = 1.0
+    noisy[C_OUT + OP_Z] = 1.0
     with pytest.raises(ValueError, match="seeds is required"):
         _C.step(ptrs, 16, 8, 0, 0, 0, 0, 0, noisy)
     with pytest.raises(ValueError, match="'sse9'"):
@@ -237,7 +281,7 @@ def test_missing_extension_leaves_fastdiff_importable():
             "from fastdiff.args import StepArgs, N_COEF\n"
             "print(ops.backend_status('cpu'))\n"
             "x = torch.ones(1, 3)\n"
-            "c = [0.0] * N_COEF; c[2] = 2.0\n"
+            "c = [0.0] * N_COEF; c[2] = 2.0  # x' = 2 x\n"
             "ops.step(StepArgs(x=x, out=x, m=x, coef=tuple(c)), backend='reference'); print(x.tolist())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "(False" in out and "fastdiff._C did not import" in out and "[[2.0, 2.0, 2.0]]" in out, out
@@ -250,34 +294,36 @@ def _op_inputs(gen, dtype=torch.float32):
     b, shape = 3, (3, 4, 5, 7)
     x = torch.randn(shape, generator=gen).to(dtype)
     hist = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
-    m, m_c = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    m, m_c, g = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
     w = torch.rand(b, generator=gen) * 7
     seeds = torch.randint(-(2**63), 2**63 - 1, (b,), generator=gen)
-    coef = torch.randn(N_COEF, generator=gen).tolist()
-    coef[-1] = 0.0
-    return x, hist, m, m_c, w, seeds, coef
+    coef = torch.randn(N_COEF, generator=gen).tolist()  # e and z coefficients non-zero
+    coef[C_KNOWN_S] = 0.0
+    return x, hist, m, m_c, g, w, seeds, coef
 
 
-def test_custom_op_opcheck(gen):
-    x, hist, m, m_c, w, seeds, coef = _op_inputs(gen)
+@pytest.mark.parametrize("with_g", [False, True], ids=["no_g", "g"])
+def test_custom_op_opcheck(gen, with_g):
+    x, hist, m, m_c, g, w, seeds, coef = _op_inputs(gen)
+    g = g if with_g else None
     # in place: x is the output, slot 1 is read and written, slot 2 written
-    args = (x, hist, m, m_c, w, None, None, seeds, None, None, None, None, [0, 1], [1, 2], coef, 0, 5, "cpu")
+    args = (x, hist, m, m_c, w, None, None, seeds, None, None, None, None, g, [0, 1], [1, 2], coef, 0, 5, "cpu")
     torch.library.opcheck(torch.ops.fastdiff.step.default, args)
 
 
 def test_custom_op_compiles_fullgraph_and_matches_reference(gen):
-    x, hist, m, m_c, w, seeds, coef = _op_inputs(gen)
+    x, hist, m, m_c, g, w, seeds, coef = _op_inputs(gen)
 
-    def f(x, h0, h1, h2, m, m_c, w, seeds):
+    def f(x, h0, h1, h2, m, m_c, g, w, seeds):
         ops.step_op(x, m, coef, row=9, history=[h0, h1, h2], reads=[0, 1], writes=[1, 2], m_c=m_c, w=w,
-                    seeds=seeds, backend="cpu")
+                    seeds=seeds, g=g, backend="cpu")
         return x
 
     xc, hc = x.clone(), [h.clone() for h in hist]
-    torch.compile(f, fullgraph=True)(xc, *hc, m, m_c, w, seeds)
+    torch.compile(f, fullgraph=True)(xc, *hc, m, m_c, g, w, seeds)
     xr, hr = x.clone(), [h.clone() for h in hist]
     ops.step(StepArgs(x=xr, out=xr, m=m, m_c=m_c, w=w, seeds=seeds, coef=tuple(coef), row=9,
-                      h_read=(hr[0], hr[1]), h_write=(hr[1], hr[2])), backend="reference")
+                      h_read=(hr[0], hr[1]), h_write=(hr[1], hr[2]), g=g), backend="reference")
     check_close(xc, xr, torch.float32, True, "compiled x")
     check_close(hc[1], hr[1], torch.float32, True, "compiled slot 1")
     check_close(hc[2], hr[2], torch.float32, True, "compiled slot 2")
@@ -285,6 +331,6 @@ def test_custom_op_compiles_fullgraph_and_matches_reference(gen):
 
 
 def test_custom_op_rejects_bad_slot(gen):
-    x, hist, m, m_c, w, seeds, coef = _op_inputs(gen)
+    x, hist, m, m_c, g, w, seeds, coef = _op_inputs(gen)
     with pytest.raises(ValueError, match="writes has slot 5 but history has 3 tensors"):
         ops.step_op(x, m, coef, history=hist, writes=[5], seeds=seeds)

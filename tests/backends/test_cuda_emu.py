@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from fastdiff import rng
-from fastdiff.args import StepArgs
+from fastdiff.args import C_OUT, N_COEF, StepArgs
 from fastdiff.backends import cuda as cb
+from fastdiff.plan import OP_Z
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check
+from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
@@ -76,9 +77,11 @@ def test_unaligned_pointers_take_the_scalar_path(emu, dtype):
     buf = torch.randn(3 * 37 + 1).to(dtype)
     x = buf[1:].view(3, 37)  # contiguous, but 2-8 bytes past a 16-byte boundary
     assert x.is_contiguous() and x.data_ptr() % 16
-    ptrs = [x.data_ptr()] * 3 + [0] * 15
+    ptrs = [x.data_ptr()] * 3 + [0] * 16
     assert not emu.vector_path(ptrs)
-    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 17)
+    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 18)
+    # g is read element by element, so its alignment alone does not force the scalar path
+    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 17 + [x.data_ptr()])
 
     def run(args):
         # move every element tensor of the row to an unaligned copy, run, copy the results back
@@ -97,13 +100,39 @@ def test_unaligned_pointers_take_the_scalar_path(emu, dtype):
                      m_c=shift(args.m_c), h_read=tuple(shift(h) for h in args.h_read),
                      h_write=tuple(shift(h) for h in args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip,
                      seeds=args.seeds, z=shift(args.z), z2=shift(args.z2), mask=shift(args.mask),
-                     known=shift(args.known))
+                     known=shift(args.known), g=shift(args.g))
         assert not emu.vector_path(cb.pointers(a))
         cb.launch(emu, a, stream=0, max_blocks=2)
         for orig, copy in moved.values():
             orig.copy_(copy)
 
     check(run, EVERYTHING, (3, 37), dtype, "cpu", seed=5)
+
+
+def test_e_coefficient_below_float32_range_is_no_e_term(emu):
+    check_tiny_e_coefficient(_runner(emu, 1), "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["in_place_everything", "e_all_reads2", "g_cfg_rescale_clip_e", "reads1_write_new"])
+def test_bit_identical_to_the_cpu_kernel(emu, name, dtype):
+    """The CUDA kernel's code and the CPU kernel's (same header, no FMA contraction) give the same
+    bits, signs of zeros included, also where the CPU kernel takes a specialised loop."""
+    cpu = pytest.importorskip("fastdiff.backends.cpu")
+    if not cpu.available()[0]:
+        pytest.skip(f"cpu backend unavailable ({cpu.available()[1]})")
+    from ._cases import build
+
+    pool, make_args, outputs = build(FEATURES[name], (3, 203), dtype, 11, "cpu")
+    pool["x"].view(-1)[:6] = torch.tensor([0.0, -0.0, float("inf"), float("nan"), 1e30, -1e-30]).to(dtype)
+    on_cpu = {k: v.clone() for k, v in pool.items()}
+    on_emu = {k: v.clone() for k, v in pool.items()}
+    cpu.step(make_args(on_cpu))
+    cb.launch(emu, make_args(on_emu), stream=0, max_blocks=2)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[pool["x"].element_size()]
+    for k in outputs:
+        a, b = on_emu[k].view(bits), on_cpu[k].view(bits)
+        assert torch.equal(a, b), f"{k}: emulated CUDA and cpu differ in {int((a != b).sum())} elements"
 
 
 def test_philox_bits_bit_exact(emu):
@@ -120,8 +149,9 @@ def test_normals_match_rng_and_the_cpu_kernel(emu):
     numel = 1031
     x = torch.zeros(len(SEEDS), numel)
     out = torch.full_like(x, float("nan"))
-    coef = (0.0,) * 8 + (1.0,) + (0.0,) * 16  # x' = z
-    args = StepArgs(x=x, out=out, m=x, coef=coef, row=9, seeds=seeds)
+    coef = [0.0] * N_COEF
+    coef[C_OUT + OP_Z] = 1.0  # x' = z
+    args = StepArgs(x=x, out=out, m=x, coef=tuple(coef), row=9, seeds=seeds)
     cb.launch(emu, args, stream=0, max_blocks=3)
     want = rng.philox_normal(seeds, 9, rng.STREAM_MAIN, numel)
     assert ((out.double() - want.double()).norm() / want.double().norm()).item() <= 1e-6
@@ -129,22 +159,25 @@ def test_normals_match_rng_and_the_cpu_kernel(emu):
     if not cpu.available()[0]:
         pytest.skip(f"cpu backend unavailable ({cpu.available()[1]}); compared with rng only")
     out_cpu = torch.full_like(x, float("nan"))
-    cpu.step(StepArgs(x=x, out=out_cpu, m=x, coef=coef, row=9, seeds=seeds))
+    cpu.step(StepArgs(x=x, out=out_cpu, m=x, coef=tuple(coef), row=9, seeds=seeds))
     assert torch.equal(out, out_cpu), "the CUDA kernel's code and the CPU kernel's give different normals"
 
 
 def test_binding_errors_name_the_value(emu):
     x = torch.zeros(2, 4)
-    ptrs = [x.data_ptr()] * 3 + [0] * 15
-    coef = [0.0] * 25
+    ptrs = [x.data_ptr()] * 3 + [0] * 16
+    coef = [0.0] * N_COEF
     with pytest.raises(ValueError, match="dtype code must be 0..3, got 7"):
         emu.step(ptrs, 8, 4, 7, 0, 0, 0, 0, coef, 0)
-    with pytest.raises(ValueError, match="coef must have 25 entries, got 3"):
-        emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, [0.0] * 3, 0)
+    with pytest.raises(ValueError, match="coef must have 29 entries, got 25"):
+        emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, [0.0] * 25, 0)  # a contract-v1 row
+    with pytest.raises(TypeError):
+        emu.step(ptrs[:18], 8, 4, 0, 0, 0, 0, 0, coef, 0)  # the v1 pointer list, without g
     with pytest.raises(ValueError, match="numel 9 is not a multiple of per_sample 4"):
         emu.step(ptrs, 9, 4, 0, 0, 0, 0, 0, coef, 0)
     with pytest.raises(ValueError, match=r"h_read\[0\] is required"):
         emu.step(ptrs, 8, 4, 0, 1, 0, 0, 0, coef, 0)
-    noisy = [0.0] * 8 + [1.0] + [0.0] * 16
+    noisy = list(coef)
+    noisy[C_OUT + OP_Z] = 1.0
     with pytest.raises(ValueError, match="seeds is required"):
         emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, noisy, 0)

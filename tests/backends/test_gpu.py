@@ -12,17 +12,18 @@ import pytest
 import torch
 
 from fastdiff import ops, rng
-from fastdiff.args import StepArgs
+from fastdiff.args import N_COEF, StepArgs, pack_row
 from fastdiff.backends import cuda as cb
 from fastdiff.backends import reference
 from fastdiff.backends import triton as tb
+from fastdiff.plan import Row, combo
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check
+from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU tests need one")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-NOISE_ONLY = (0.0,) * 8 + (1.0,) + (0.0,) * 16  # x' = z
+NOISE_ONLY = pack_row(Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.0, a_e=0.0, out=combo(z=1.0), noise=True))  # x' = z
 
 
 def _backend(name):
@@ -78,12 +79,17 @@ def test_cuda_grid_stride_and_unaligned_on_the_device():
                      m_c=shift(args.m_c), h_read=tuple(shift(h) for h in args.h_read),
                      h_write=tuple(shift(h) for h in args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip,
                      seeds=args.seeds, z=shift(args.z), z2=shift(args.z2), mask=shift(args.mask),
-                     known=shift(args.known))
+                     known=shift(args.known), g=shift(args.g))
         assert not cb._C_cuda.vector_path(cb.pointers(a))
         cb.step(a)
         for orig, copy in moved.values():
             orig.copy_(copy)
     check(unaligned, EVERYTHING, (3, 1001), torch.float32, "cuda", seed=2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_e_coefficient_below_float32_range_is_no_e_term(backend):
+    check_tiny_e_coefficient(_backend(backend), "cuda")
 
 
 def test_triton_autotuner_restores_in_place_outputs(monkeypatch):
@@ -96,7 +102,8 @@ def test_cuda_on_a_side_stream_and_in_a_graph():
     _backend("cuda")
     x = torch.randn(4, 3, 33, device="cuda")
     m = torch.randn_like(x)
-    coef = (0.3, -1.1, 0.9, 0.2) + (0.0,) * 4 + (0.5,) + (0.0,) * 16
+    coef = pack_row(Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.3, a_e=-1.1, out=combo(x=0.9, d=0.2, e=0.1, z=0.5),
+                        noise=True))
     seeds = torch.arange(4, device="cuda", dtype=torch.int64)
     want = torch.empty_like(x)
     reference.step(StepArgs(x=x, out=want, m=m, coef=coef, row=3, seeds=seeds))
@@ -119,7 +126,7 @@ def test_cuda_on_a_side_stream_and_in_a_graph():
 def test_cuda_refuses_what_it_cannot_read():
     _backend("cuda")
     x = torch.randn(2, 8, device="cuda")
-    coef = (1.0,) + (0.0,) * 24
+    coef = (1.0,) + (0.0,) * (N_COEF - 1)
     assert not cb.supports(StepArgs(x=x.cpu(), out=x.cpu(), m=x.cpu(), coef=coef))
     assert not cb.supports(StepArgs(x=x, out=torch.empty_like(x), m=torch.randn(8, 2, device="cuda").t(), coef=coef))
     flat = torch.randn(17, device="cuda")
@@ -201,5 +208,6 @@ def test_cuda_step_equals_cpu_step_bitwise(dtype):
     a = make_args(on_gpu)
     a.w, a.r, a.s, a.seeds = (t.cuda() for t in (a.w, a.r, a.s, a.seeds))
     cb.step(a)
+    bits = {2: torch.int16, 4: torch.int32}[pool["x"].element_size()]  # signs of zeros too
     for k in outputs:
-        assert torch.equal(on_gpu[k].cpu(), on_cpu[k]), f"{k}: cuda and cpu differ"
+        assert torch.equal(on_gpu[k].cpu().view(bits), on_cpu[k].view(bits)), f"{k}: cuda and cpu differ"
