@@ -13,27 +13,36 @@ Three layers, Liger-Kernel style:
 
 ``philox_words`` dumps the raw uint32 Philox stream of the in-kernel generator, for tests.
 
-Packed coefficients (25 float64 values, the layout of ``fastdiff.args.pack_row``)::
+Packed coefficients (29 float64 values, the layout of ``fastdiff.args.pack_row``)::
 
-    a_x, a_e, out[7], write0[7], write1[7], known_a, known_s
+    a_x, a_e, out[8], write0[8], write1[8], known_a, known_s, c_g
 
-with each 7-vector over the operands ``[x, d, h0, h1, h2, h3, z]``.
+with each 8-vector over the operands ``[x, d, e, h0, h1, h2, h3, z]`` (``e``: the guided model
+output, after rescale and the gradient term ``e += c_g * g``, before clipping touches ``d``).
 """
 
 from __future__ import annotations
 
+import array
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-N_COEF = 25
-"""Length of the packed coefficient tuple."""
 MAX_READS = 4
 """History slots one row may read."""
 MAX_WRITES = 2
 """History slots one row may write."""
+N_OPERANDS = 4 + MAX_READS
+"""Operands of a combination: x, d, e, h0..h3, z (``fastdiff.plan``)."""
+OP_X, OP_D, OP_E, OP_H, OP_Z = 0, 1, 2, 3, 3 + MAX_READS
+"""Operand positions in a coefficient vector."""
+N_COEF = 5 + 3 * N_OPERANDS
+"""Length of the packed coefficient tuple."""
+C_AX, C_AE, C_OUT, C_W0, C_W1 = 0, 1, 2, 2 + N_OPERANDS, 2 + 2 * N_OPERANDS
+C_KNOWN_A, C_KNOWN_S, C_G = 2 + 3 * N_OPERANDS, 3 + 3 * N_OPERANDS, 4 + 3 * N_OPERANDS
+"""Offsets into the packed coefficients (``fastdiff.args``)."""
 MAX_BATCH = 65535
 """Largest batch: the sample index is grid axis 1, which CUDA limits to 65535."""
 
@@ -115,10 +124,13 @@ def _to_storage(v, ST: tl.constexpr):
 
 
 @triton.jit
-def _combine(x, d, h0, h1, h2, h3, z, cx, cd, c0, c1, c2, c3, cz,
-             N_READS: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
-    """``cx*x + cd*d + sum_k ck*hk + cz*z`` in the reference's order of operations."""
+def _combine(x, d, e, h0, h1, h2, h3, z, cx, cd, ce, c0, c1, c2, c3, cz,
+             HAS_E: tl.constexpr, N_READS: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
+    """``cx*x + cd*d + ce*e + sum_k ck*hk + cz*z`` in the reference's order of operations
+    (``HAS_E``: ``ce`` is non-zero in the compute type, decided by the launcher)."""
     acc = tl.full([], cx, tl.float64).to(CDT) * x + tl.full([], cd, tl.float64).to(CDT) * d
+    if HAS_E:
+        acc = acc + tl.full([], ce, tl.float64).to(CDT) * e
     if N_READS > 0:
         acc = acc + tl.full([], c0, tl.float64).to(CDT) * h0
     if N_READS > 1:
@@ -136,19 +148,20 @@ def _combine(x, d, h0, h1, h2, h3, z, cx, cd, c0, c1, c2, c3, cz,
 def _step_kernel(
     x_ptr, out_ptr, m_ptr, mc_ptr,
     h0_ptr, h1_ptr, h2_ptr, h3_ptr, wr0_ptr, wr1_ptr,
-    z_ptr, z2_ptr, mask_ptr, known_ptr,
+    z_ptr, z2_ptr, mask_ptr, known_ptr, g_ptr,
     w_ptr, r_ptr, s_ptr, seed_ptr,
     n, row,
     a_x: tl.float64, a_e: tl.float64,
-    o_x: tl.float64, o_d: tl.float64, o_0: tl.float64, o_1: tl.float64, o_2: tl.float64,
+    o_x: tl.float64, o_d: tl.float64, o_e: tl.float64, o_0: tl.float64, o_1: tl.float64, o_2: tl.float64,
     o_3: tl.float64, o_z: tl.float64,
-    p_x: tl.float64, p_d: tl.float64, p_0: tl.float64, p_1: tl.float64, p_2: tl.float64,
+    p_x: tl.float64, p_d: tl.float64, p_e: tl.float64, p_0: tl.float64, p_1: tl.float64, p_2: tl.float64,
     p_3: tl.float64, p_z: tl.float64,
-    q_x: tl.float64, q_d: tl.float64, q_0: tl.float64, q_1: tl.float64, q_2: tl.float64,
+    q_x: tl.float64, q_d: tl.float64, q_e: tl.float64, q_0: tl.float64, q_1: tl.float64, q_2: tl.float64,
     q_3: tl.float64, q_z: tl.float64,
-    known_a: tl.float64, known_s: tl.float64,
-    HAS_CFG: tl.constexpr, HAS_R: tl.constexpr, CLIP: tl.constexpr,
+    known_a: tl.float64, known_s: tl.float64, c_g: tl.float64,
+    HAS_CFG: tl.constexpr, HAS_R: tl.constexpr, HAS_G: tl.constexpr, CLIP: tl.constexpr,
     N_READS: tl.constexpr, N_WRITES: tl.constexpr, HAS_MASK: tl.constexpr,
+    E_OUT: tl.constexpr, E_WR0: tl.constexpr, E_WR1: tl.constexpr,
     Z_MODE: tl.constexpr, Z2_MODE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One plan row over elements ``[pid0*BLOCK, (pid0+1)*BLOCK)`` of sample ``pid1``.
@@ -173,6 +186,9 @@ def _step_kernel(
         e = e + w * (tl.load(mc_ptr + offs, mask=inb, other=0.0).to(CDT) - e)
     if HAS_R:
         e = tl.load(r_ptr + b).to(CDT) * e
+    if HAS_G:
+        e = e + tl.full([], c_g, tl.float64).to(CDT) * tl.load(g_ptr + offs, mask=inb, other=0.0).to(CDT)
+    # e stays the unclipped (guided) model output: the combinations below may use it too
     d = tl.full([], a_x, tl.float64).to(CDT) * x + tl.full([], a_e, tl.float64).to(CDT) * e
     if CLIP > 0:
         s = tl.load(s_ptr + b).to(CDT)
@@ -216,13 +232,16 @@ def _step_kernel(
             known = known + tl.full([], known_s, tl.float64).to(CDT) * z2
 
     # every input of these elements has been read; outputs may alias them from here on
-    new_x = _combine(x, d, h0, h1, h2, h3, z, o_x, o_d, o_0, o_1, o_2, o_3, o_z, N_READS, Z_MODE > 0, CDT)
+    new_x = _combine(x, d, e, h0, h1, h2, h3, z, o_x, o_d, o_e, o_0, o_1, o_2, o_3, o_z,
+                     E_OUT, N_READS, Z_MODE > 0, CDT)
     if HAS_MASK:
         new_x = mk * new_x + (1.0 - mk) * known
     if N_WRITES > 0:
-        v0 = _combine(x, d, h0, h1, h2, h3, z, p_x, p_d, p_0, p_1, p_2, p_3, p_z, N_READS, Z_MODE > 0, CDT)
+        v0 = _combine(x, d, e, h0, h1, h2, h3, z, p_x, p_d, p_e, p_0, p_1, p_2, p_3, p_z,
+                      E_WR0, N_READS, Z_MODE > 0, CDT)
     if N_WRITES > 1:
-        v1 = _combine(x, d, h0, h1, h2, h3, z, q_x, q_d, q_0, q_1, q_2, q_3, q_z, N_READS, Z_MODE > 0, CDT)
+        v1 = _combine(x, d, e, h0, h1, h2, h3, z, q_x, q_d, q_e, q_0, q_1, q_2, q_3, q_z,
+                      E_WR1, N_READS, Z_MODE > 0, CDT)
     tl.store(out_ptr + offs, _to_storage(new_x, out_ptr.dtype.element_ty), mask=inb)
     if N_WRITES > 0:
         tl.store(wr0_ptr + offs, _to_storage(v0, wr0_ptr.dtype.element_ty), mask=inb)
@@ -263,7 +282,8 @@ INTERPRETED = _interpreted(_step_kernel)
 """Whether the kernels were decorated under ``TRITON_INTERPRET=1`` (decided once, at import)."""
 
 _OUTPUTS = ["out_ptr", "wr0_ptr", "wr1_ptr"]
-_TUNE_KEY = ["n", "HAS_CFG", "HAS_R", "CLIP", "N_READS", "N_WRITES", "HAS_MASK", "Z_MODE", "Z2_MODE"]
+_TUNE_KEY = ["n", "HAS_CFG", "HAS_R", "HAS_G", "CLIP", "N_READS", "N_WRITES", "HAS_MASK", "E_OUT", "E_WR0", "E_WR1",
+             "Z_MODE", "Z2_MODE"]
 
 if INTERPRETED:
     _tuned = None
@@ -281,7 +301,7 @@ STORAGE_DTYPES = tuple(_CDT)
 """Storage dtypes the kernel handles."""
 
 
-def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, w, r, s, seeds, row, coef, flags):
+def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, row, coef, flags):
     b = x.shape[0]
     n = x.numel() // b
     if n == 0:
@@ -294,7 +314,7 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, w, r, s, seeds,
 
     ptrs = (x, out, m, x if m_c is None else m_c, *reads, *writes,
             x if z is None else z, x if z2 is None else z2,
-            x if mask is None else mask, x if known is None else known,
+            x if mask is None else mask, x if known is None else known, x if g is None else g,
             vec(w), vec(r), vec(s), vec(seeds))
     scalars = (n, int(row) & 0xFFFFFFFF, *(float(c) for c in coef))
     with _on_device(x):
@@ -345,18 +365,20 @@ def fused_step(
     z2: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     known: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
 ) -> None:
     """Execute one plan row in one kernel launch; writes ``out`` and ``h_write`` in place.
 
     Args:
-        x, out, m, m_c, h_read[k], h_write[j], z, z2, mask, known: contiguous tensors shaped like
+        x, out, m, m_c, h_read[k], h_write[j], z, z2, mask, known, g: contiguous tensors shaped like
             ``x`` (``[B, ...]``, ``B <= 65535``), one storage dtype (fp16, bf16, fp32, fp64), one
             device. ``out`` and ``h_write`` may be the same tensors as inputs (in-place).
-        coef: 25 floats, the layout of ``fastdiff.args.pack_row``.
+        coef: 29 floats, the layout of ``fastdiff.args.pack_row``.
         row: the Philox counter word of this plan row.
         w, r, s: float32 ``[B]`` guidance scale (with ``m_c``), rescale factor, clip bound.
         clip: 0 none, 1 clamp to ``±s``, 2 clamp and divide by ``s``.
         seeds: int64 ``[B]`` Philox keys, used for ``z``/``z2`` when those are ``None``.
+        g: classifier-guidance gradient: ``e += c_g * g`` (even where ``c_g`` is 0, as the reference).
 
     The caller validates shapes and dtypes (``fastdiff.ops.validate``); this checks only what the
     kernel itself relies on.
@@ -371,13 +393,16 @@ def fused_step(
         raise ValueError(f"clip must be 0, 1 or 2, got {clip!r}")
     if x.dim() < 1 or not 1 <= x.shape[0] <= MAX_BATCH:
         raise ValueError(f"x must have a batch dimension of 1..{MAX_BATCH}, got shape {tuple(x.shape)}")
-    for name, t in _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known):
+    for name, t in _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)})")
     nw = len(h_write)
-    zi = 2 + MAX_READS
-    need_z = coef[2 + zi] != 0 or any(coef[9 + 7 * j + zi] != 0 for j in range(nw))
-    need_z2 = mask is not None and coef[N_COEF - 1] != 0
+    cdt = _CDT[x.dtype]
+    need_z = coef[C_OUT + OP_Z] != 0 or any(coef[C_W0 + N_OPERANDS * j + OP_Z] != 0 for j in range(nw))
+    need_z2 = mask is not None and coef[C_KNOWN_S] != 0
+    # whether each combination has an e term: on the coefficient rounded to the compute type, as
+    # the reference decides (a float64 coefficient below float32's range is no e term in float32)
+    e_terms = [_nonzero(coef[c + OP_E], cdt) for c in (C_OUT, C_W0, C_W1)]
     for name, need, ext in (("z", need_z, z), ("z2", need_z2, z2)):
         if need and ext is None and seeds is None:
             raise ValueError(f"this row uses noise {name}: give seeds (Philox) or an external {name} tensor")
@@ -390,19 +415,31 @@ def fused_step(
     flags = dict(
         HAS_CFG=m_c is not None,
         HAS_R=r is not None,
+        HAS_G=g is not None,
         CLIP=int(clip),
         N_READS=len(h_read),
         N_WRITES=nw,
         HAS_MASK=mask is not None,
+        E_OUT=e_terms[0],
+        E_WR0=nw > 0 and e_terms[1],
+        E_WR1=nw > 1 and e_terms[2],
         Z_MODE=(_Z_EXTERNAL if z is not None else _Z_PHILOX) if need_z else _Z_NONE,
         Z2_MODE=(_Z_EXTERNAL if z2 is not None else _Z_PHILOX) if need_z2 else _Z_NONE,
-        CDT=_CDT[x.dtype],
+        CDT=cdt,
     )
-    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, w, r, s, seeds, row, coef, flags)
+    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, row, coef, flags)
 
 
-def _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known):
-    named = [("x", x), ("out", out), ("m", m), ("m_c", m_c), ("z", z), ("z2", z2), ("mask", mask), ("known", known)]
+def _nonzero(c: float, cdt) -> bool:
+    """Whether the coefficient ``c`` is non-zero once rounded to the compute type ``cdt``."""
+    if cdt == tl.float32:
+        return array.array("f", (c,))[0] != 0.0
+    return c != 0.0
+
+
+def _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g=None):
+    named = [("x", x), ("out", out), ("m", m), ("m_c", m_c), ("z", z), ("z2", z2), ("mask", mask), ("known", known),
+             ("g", g)]
     named += [(f"h_read[{i}]", h) for i, h in enumerate(h_read)]
     named += [(f"h_write[{i}]", h) for i, h in enumerate(h_write)]
     return [(name, t) for name, t in named if t is not None]

@@ -121,5 +121,5 @@ def step(args: StepArgs) -> None:
     kernels().fused_step(
         args.x, args.out, args.m, args.coef, row=args.row, m_c=args.m_c, h_read=tuple(args.h_read),
         h_write=tuple(args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip, seeds=args.seeds,
-        z=args.z, z2=args.z2, mask=args.mask, known=args.known,
+        z=args.z, z2=args.z2, mask=args.mask, known=args.known, g=args.g,
     )

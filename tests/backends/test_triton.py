@@ -16,12 +16,15 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from fastdiff import ops, rng  # noqa: E402
-from fastdiff.args import StepArgs  # noqa: E402
+from fastdiff import args as fargs  # noqa: E402
+from fastdiff import ops, plan, rng  # noqa: E402
+from fastdiff.args import C_OUT, N_COEF, StepArgs, pack_row  # noqa: E402
 from fastdiff.backends import reference  # noqa: E402
 from fastdiff.backends import triton as tb  # noqa: E402
+from fastdiff.plan import OP_E, OP_Z, Row, combo  # noqa: E402
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check as _check  # noqa: E402
+from ._cases import EVERYTHING, FEATURES, SEEDS, check_tiny_e_coefficient  # noqa: E402
+from ._cases import check as _check  # noqa: E402
 
 if isinstance(tb._kernels, Exception):
     pytest.skip(f"triton kernels do not import: {tb._kernels}", allow_module_level=True)
@@ -65,6 +68,19 @@ def test_multi_dim_shape_and_out_of_place_everything():
     check(EVERYTHING, (2, 4, 9, 5), torch.float32, seed=3)
 
 
+def test_packed_layout_is_fastdiff_args():
+    """kernels/step.py does not import fastdiff: its copy of the layout must be the package's."""
+    assert K.N_COEF == N_COEF == 29
+    for name in ("C_AX", "C_AE", "C_OUT", "C_W0", "C_W1", "C_KNOWN_A", "C_KNOWN_S", "C_G"):
+        assert getattr(K, name) == getattr(fargs, name), name
+    for name in ("N_OPERANDS", "OP_X", "OP_D", "OP_E", "OP_H", "OP_Z", "MAX_READS", "MAX_WRITES"):
+        assert getattr(K, name) == getattr(plan, name), name
+
+
+def test_e_coefficient_below_float32_range_is_no_e_term():
+    check_tiny_e_coefficient(tb.step, DEVICE)
+
+
 # --- Philox --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("row,stream,numel", [(0, 0, 1), (1, 1, 5), (2**31 + 7, 0, 67), (2**32 - 1, 1, 257)])
@@ -80,9 +96,10 @@ def _noise_only(seeds, numel, row, dtype=torch.float32):
     """x' = z: the kernel's normals for ``seeds`` at ``row``."""
     b = seeds.shape[0]
     x = torch.zeros(b, numel, dtype=dtype, device=DEVICE)
-    coef = (0.0,) * 8 + (1.0,) + (0.0,) * 16
+    coef = [0.0] * N_COEF
+    coef[C_OUT + OP_Z] = 1.0
     out = torch.full_like(x, float("nan"))
-    tb.step(StepArgs(x=x, out=out, m=x, coef=coef, row=row, seeds=seeds))
+    tb.step(StepArgs(x=x, out=out, m=x, coef=tuple(coef), row=row, seeds=seeds))
     return out
 
 
@@ -108,7 +125,8 @@ def test_available_reason_names_the_mode():
 
 def _simple_args(**kw):
     x = torch.randn(2, 8, device=DEVICE)
-    coef = (1.0, 0.5, 1.0, 1.0) + (0.0,) * 21
+    coef = pack_row(Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.0, a_e=0.5, out=combo(x=1.0, d=1.0, e=-0.25)))
+    assert coef[C_OUT + OP_E] == -0.25
     a = dict(x=x, out=torch.empty_like(x), m=torch.randn_like(x), coef=coef)
     a.update(kw)
     return StepArgs(**a)
@@ -119,6 +137,7 @@ def test_rejects_non_contiguous_instead_of_reading_wrongly():
     args = _simple_args(m=base.t())
     assert not base.t().is_contiguous()
     assert not tb.supports(args)
+    assert not tb.supports(_simple_args(g=base.t()))
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run this step"):
         ops.step(args, backend="triton")
     with pytest.raises(RuntimeError, match="contiguous"):
@@ -129,6 +148,7 @@ def test_rejects_partially_overlapping_output():
     flat = torch.randn(17, device=DEVICE)
     args = _simple_args(x=flat[:16].view(2, 8), out=flat[1:17].view(2, 8))
     assert not tb.supports(args)
+    assert not tb.supports(_simple_args(g=flat[:16].view(2, 8), out=flat[1:17].view(2, 8)))
     x = torch.randn(2, 8, device=DEVICE)
     assert tb.supports(_simple_args(x=x, out=x))  # exact in-place is fine
 
@@ -143,17 +163,21 @@ def test_rejects_unsupported_dtype_and_device():
 
 def test_wrapper_errors_name_the_argument():
     x = torch.randn(2, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="coef must have 25 entries, got 3"):
-        K.fused_step(x, x, x, (1.0, 2.0, 3.0))
+    zeros = (0.0,) * N_COEF
+    with pytest.raises(ValueError, match="coef must have 29 entries, got 25"):
+        K.fused_step(x, x, x, (0.0,) * 25)  # a contract-v1 row
     with pytest.raises(ValueError, match="clip must be 0, 1 or 2, got 5"):
-        K.fused_step(x, x, x, (0.0,) * 25, clip=5)
+        K.fused_step(x, x, x, zeros, clip=5)
     with pytest.raises(ValueError, match="m_c was given without the guidance scale w"):
-        K.fused_step(x, x, x, (0.0,) * 25, m_c=x)
-    noisy = (0.0,) * 8 + (1.0,) + (0.0,) * 16
+        K.fused_step(x, x, x, zeros, m_c=x)
+    noisy = list(zeros)
+    noisy[C_OUT + OP_Z] = 1.0
     with pytest.raises(ValueError, match="uses noise z: give seeds"):
-        K.fused_step(x, x, x, noisy)
+        K.fused_step(x, x, x, tuple(noisy))
     with pytest.raises(ValueError, match="m must be contiguous"):
-        K.fused_step(x, x, torch.randn(8, 2, device=DEVICE).t(), (0.0,) * 25)
+        K.fused_step(x, x, torch.randn(8, 2, device=DEVICE).t(), zeros)
+    with pytest.raises(ValueError, match="g must be contiguous"):
+        K.fused_step(x, x, x, zeros, g=torch.randn(8, 2, device=DEVICE).t())
 
 
 def test_ops_dispatch_by_name():
@@ -177,8 +201,8 @@ _COMPILE = textwrap.dedent("""
     vec = {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "seed_ptr": "*i64"}
     for arch in (80, 90):
         for st, cdt in (("fp16", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
-            flags = dict(HAS_CFG=True, HAS_R=True, CLIP=2, N_READS=4, N_WRITES=2, HAS_MASK=True,
-                         Z_MODE=1, Z2_MODE=1, CDT=cdt, BLOCK=1024)
+            flags = dict(HAS_CFG=True, HAS_R=True, HAS_G=True, CLIP=2, N_READS=4, N_WRITES=2, HAS_MASK=True,
+                         E_OUT=True, E_WR0=True, E_WR1=True, Z_MODE=1, Z2_MODE=1, CDT=cdt, BLOCK=1024)
             sig = {nm: (vec.get(nm, "*" + st) if nm.endswith("_ptr") else "i32" if nm in ("n", "row")
                         else "constexpr" if nm in flags else "fp64") for nm in names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, nm in enumerate(names) if nm.endswith("_ptr") or nm == "n"}
