@@ -17,6 +17,7 @@ budget is spent; a summary table is always printed at the end:
    median kernel time (triton.testing.do_bench, cold L2); ``wall_us`` is the host-side time per
    step of 200 back-to-back steps (what a sampling loop sees, Python dispatch included). GB/s
    counts the bytes one fused step must move (6 tensors: x, m_u, m_c, h read; x, h written).
+   The timing code is :func:`fastdiff.bench_step.bench_gpu` (also the ``gpu`` part of ``fastdiff bench``).
 
 Results go to ``$OUT/gpu_check.json`` when ``OUT`` is set (else ``bench-results/gpu_check.json``).
 """
@@ -33,9 +34,6 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (2, 3, 512, 512)]
-VARIANTS = ("multistep_cfg", "ancestral_cfg")
-N_TENSORS = 6  # tensors a fused step moves: read x, m_u, m_c, h0; write x, h_new
 
 
 class Report:
@@ -109,133 +107,22 @@ def part_tests(rep: Report) -> None:
 
 
 def part_copy(rep: Report) -> None:
-    import torch
+    from fastdiff.bench_step import gpu_copy_gbps
 
-    src = torch.empty(2**30 // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    rep.copy_gbps = 2 * src.numel() * 4 / times[len(times) // 2] / 1e9
+    rep.copy_gbps = gpu_copy_gbps()
     print(f"device copy bandwidth: {rep.copy_gbps:.0f} GB/s (read + write)", flush=True)
-
-
-def _row(variant: str):
-    """Packed coefficients of a contracting row (values stay bounded over thousands of steps)."""
-    from fastdiff.args import pack_row
-    from fastdiff.plan import Row, Write, combo
-
-    noise = variant == "ancestral_cfg"
-    row = Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.5, a_e=0.5,
-              out=combo(x=0.6, d=0.2, h=(0.2,), z=0.1 if noise else 0.0), reads=(0,),
-              writes=(Write(1, combo(d=1.0)),), noise=noise)
-    return pack_row(row)
-
-
-def _make_args(shape, dtype, variant, seed=0):
-    import torch
-
-    from fastdiff.args import StepArgs
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    t = lambda: torch.randn(shape, generator=g, device="cuda").to(dtype)  # noqa: E731
-    b = shape[0]
-    x = t()
-    return StepArgs(x=x, out=x, m=t(), m_c=t(), h_read=(t(),), h_write=(t(),), coef=_row(variant), row=3,
-                    w=torch.full((b,), 5.0, device="cuda"), seeds=torch.arange(b, dtype=torch.int64, device="cuda"))
-
-
-def _compiled_reference():
-    import torch
-
-    from fastdiff.args import StepArgs
-    from fastdiff.backends import reference
-
-    def ref_step(x, m, m_c, h0, hw, w, seeds, coef):
-        reference.step(StepArgs(x=x, out=x, m=m, m_c=m_c, h_read=(h0,), h_write=(hw,), coef=coef, row=3, w=w,
-                                seeds=seeds))
-
-    # reference.step rounds its coefficients with struct.pack, on which dynamo recurses forever
-    # (torch 2.11-2.13); run that host-side rounding eagerly and compile the tensor math.
-    if not getattr(reference._round, "_fastdiff_eager", False):
-        eager_round = torch.compiler.disable(reference._round)
-        eager_round._fastdiff_eager = True
-        reference._round = eager_round
-    fns = {}
-
-    def run(args):
-        key = args.coef
-        if key not in fns:  # one compiled function per row (coefficients are constants in its graph)
-            fns[key] = torch.compile(lambda *a, _c=key: ref_step(*a, _c), dynamic=True)
-        fns[key](args.x, args.m, args.m_c, args.h_read[0], args.h_write[0], args.w, args.seeds)
-    return run
-
-
-def _time(fn, args) -> tuple[float, float]:
-    import torch
-    import triton.testing
-
-    fn(args)  # compile / tune outside the timing
-    torch.cuda.synchronize()
-    device_ms = triton.testing.do_bench(lambda: fn(args), warmup=10, rep=40, return_mode="median")
-    n = 200
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn(args)
-    torch.cuda.synchronize()
-    return device_ms * 1e3, (time.perf_counter() - t) / n * 1e6
 
 
 def part_timings(rep: Report) -> None:
     import torch
 
-    from fastdiff.backends import cuda as cuda_backend
-    from fastdiff.backends import reference
-    from fastdiff.backends import triton as triton_backend
+    from fastdiff.bench_step import GPU_SHAPES, GPU_VARIANTS, bench_gpu, gpu_providers
 
-    providers = {"reference": reference.step}
-    for name, mod in (("triton", triton_backend), ("cuda", cuda_backend)):
-        ok, why = mod.available()
-        if ok:
-            providers[name] = mod.step
-        else:
-            print(f"{name}: not timed ({why})", flush=True)
-    providers["torch.compile(reference)"] = _compiled_reference()
-    for variant in VARIANTS:
-        for dtype in (torch.float16, torch.float32):
-            for shape in SHAPES:
-                numel = 1
-                for d in shape:
-                    numel *= d
-                nbytes = N_TENSORS * numel * torch.empty((), dtype=dtype).element_size()
-                for prov, fn in providers.items():
-                    need = 60.0 if prov.startswith("torch.compile") and shape == SHAPES[0] else 3.0
-                    r = {"provider": prov, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
-                         "shape": list(shape)}
-                    if rep.left() < need:
-                        r["error"] = "skipped: time budget spent"
-                        rep.rows.append(r)
-                        continue
-                    try:
-                        dev_us, wall_us = _time(fn, _make_args(shape, dtype, variant))
-                        r.update(device_us=round(dev_us, 2), wall_us=round(wall_us, 2),
-                                 gbps=round(nbytes / (dev_us * 1e-6) / 1e9, 1))
-                        if rep.copy_gbps:
-                            r["frac_of_copy"] = round(r["gbps"] / rep.copy_gbps, 3)
-                    except Exception as exc:
-                        r["error"] = f"{type(exc).__name__}: {exc}"[:200]
-                    rep.rows.append(r)
-                    print(json.dumps(r), flush=True)
+    _, missing = gpu_providers()
+    for name, why in missing.items():
+        print(f"{name}: not timed ({why})", flush=True)
+    rep.rows = bench_gpu(GPU_SHAPES, (torch.float16, torch.float32), GPU_VARIANTS, copy_gbps=rep.copy_gbps,
+                         time_left=rep.left, on_row=lambda r: print(json.dumps(r), flush=True), progress=False)
 
 
 def summary(rep: Report) -> str:
@@ -261,7 +148,7 @@ def summary(rep: Report) -> str:
                 continue
             frac = f"{100 * r['frac_of_copy']:.0f}%" if "frac_of_copy" in r else ""
             lines.append(f"{r['variant']:14s} {r['dtype']:8s} {shape:18s} {r['provider']:26s} "
-                         f"{r['device_us']:10.1f} {r['wall_us']:10.1f} {r['gbps']:8.0f} {frac:>8s}")
+                         f"{r['device_us']:10.1f} {r['wall_us']:10.1f} {r['gb_s']:8.0f} {frac:>8s}")
     return "\n".join(lines)
 
 

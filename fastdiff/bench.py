@@ -1,27 +1,116 @@
-"""Loop benchmark: whole sampling runs with the built-in model, µs per step per sampler and backend.
+"""``fastdiff bench``: what the fused step saves, measured in one run, as a table, JSON and a PNG chart.
 
-The model's own time is measured separately (wall clock around each call), so the table shows
-what the sampler adds per step on top of the model — the part fastdiff replaces.
+Parts (``--parts``; all by default, ``gpu`` only where CUDA is visible):
+
+``loop``      whole ``fastdiff.sample`` runs on the built-in Gaussian-mixture model, per sampler and
+              backend; the model's own time is measured separately (wall clock around each call),
+              so ``sampler_us_per_step`` is what the sampler adds per step — the part fastdiff replaces.
+``step``      one CFG DPM-Solver++(2M) step on CPU by every method: reference, diffusers' CFG blend +
+              scheduler step, ``torch.compile`` of the reference step, the fused ``cpu`` kernel, and
+              the kernel through ``ops.step`` (:func:`fastdiff.bench_step.bench_case`).
+``samplers``  a real plan row of every sampler (the middle row of ``make_plan(sampler, 10)``, CFG)
+              through ``ops.step`` on each backend, per shape (:func:`fastdiff.bench_step.bench_samplers`).
+``gpu``       the fused ``cuda``/``triton`` steps vs the reference step and ``torch.compile`` of it
+              (:func:`fastdiff.bench_step.bench_gpu`).
+``pipeline``  a tiny offline ``StableDiffusionPipeline``'s denoising loop, stock vs
+              ``fastdiff.diffusers.accelerate`` (:func:`fastdiff.bench_pipeline.bench_pipeline`).
+
+JSON (``--json``, default ``bench-results/bench.json``); times are µs, bandwidths GB/s (1e9 B/s).
+A row that could not be measured carries ``error`` (a string) instead of its times.
+
+* top level: ``schema`` (1), ``command`` (the argv), ``quick`` (bool), ``machine``, ``settings``
+  (what each part ran), ``parts`` (the parts asked for), ``loop``, ``step``, ``samplers``, ``gpu``,
+  ``pipeline`` (each ``null`` when the part did not run), ``skipped`` (part -> why not run),
+  ``errors`` (part -> the error that stopped it), ``elapsed_s`` (part -> seconds), ``chart`` (PNG
+  path or ``null``).
+* ``machine``: ``cpu`` (model name), ``cores``, ``torch``, ``torch_threads``, ``simd`` and
+  ``kernel_threads`` (the CPU kernel's, ``null`` without it), ``gpu`` (name or ``null``),
+  ``loadavg_start``, ``loadavg_end`` (1, 5, 15-minute load averages: a loaded machine slows
+  2-thread regions unevenly).
+* ``loop`` rows: ``sampler``, ``backend``, ``shape``, ``dtype``, ``steps``, ``rows`` (model
+  evaluations), ``model_us_per_step`` (model calls), ``sampler_us_per_step`` (everything between
+  model calls: guidance, the step, loop overhead), ``us_per_step`` (their sum), each call and each
+  stretch between calls at its minimum over the repeats; ``vs_reference`` (reference's
+  ``sampler_us_per_step`` over this one's: > 1 is faster).
+* ``step`` rows: ``shape``, ``dtype``, ``method``, ``us`` (median), ``us_best`` (best sample),
+  ``gb_s`` (``min_bytes`` over the median), ``min_bytes`` (each input read once, each output
+  written once), ``copy_gb_s`` (the copy ceiling: best of ``copy_2t_gb_s`` and ``copy_1t_gb_s``,
+  torch ``copy_`` of the step's bytes with 2 threads and with 1, measured in the same run),
+  ``copy_one_tensor_gb_s`` (copy of one tensor of the shape), ``frac_of_copy`` (``gb_s`` over
+  ``copy_gb_s``), ``frac_of_copy_best`` (the same for the best sample), ``cpu_speedup`` (this
+  method's time over ``cpu``'s: how much faster the fused kernel is), ``vs_reference``
+  (reference's time over this one's), ``cpu_speedup_best`` and ``vs_reference_best`` (the same
+  ratios of best samples: on a loaded machine the less disturbed estimate), ``compile_s`` (first
+  call of the compiled step; ``null`` for the others).
+* ``samplers`` rows: ``sampler``, ``backend``, ``shape``, ``dtype``, ``row`` (plan row index),
+  ``min_bytes``, ``us``, ``us_best``, ``gb_s``, ``vs_reference`` (median over median),
+  ``vs_reference_best`` (best sample over best sample).
+* ``gpu``: ``copy_gb_s`` (device copy, 1 GiB) and ``rows``: ``provider``, ``variant``
+  (``multistep_cfg`` or ``ancestral_cfg``), ``dtype``, ``shape``, ``device_us`` (median kernel
+  time), ``wall_us`` (host time per step of 200 back-to-back steps), ``gb_s``, ``min_bytes``,
+  ``frac_of_copy``, ``vs_reference`` (by device time).
+* ``pipeline`` (:class:`fastdiff.bench_pipeline.PipelineRow`): ``pipeline`` and ``scheduler``
+  (class names), ``backend`` (of the accelerated run), ``latent`` (shape), ``steps``,
+  ``guidance_scale``; per denoising step, each the minimum over the timed calls,
+  ``stock_us_per_step``, ``stock_model_us_per_step`` (UNet forward), ``stock_sched_us_per_step``
+  (the rest: CFG blend, scheduler step, loop overhead), ``stock_sched_share`` (the rest over the
+  step), the same for the accelerated pipeline (``fused_us_per_step``, ``fused_model_us_per_step``,
+  ``fused_sched_us_per_step``, ``fused_sched_share``), and ``sched_speedup``
+  (``stock_sched_us_per_step`` over ``fused_sched_us_per_step``).
+
+The PNG (``--png``, default: the JSON path with ``.png``) plots the speedup over ``reference`` of
+each fused backend per sampler and shape, the fused step against each method it replaces, the loop's
+sampler part per sampler, and GPU rows where present.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from . import ops, samplers
 from .api import make_plan, sample
+from .bench_step import (DTYPES, GPU_SHAPES, GPU_VARIANTS, SHAPES, bench_case, bench_gpu, bench_samplers,
+                         dtype_name, gpu_copy_gbps, machine, schedule_for)
 from .models import GaussianMixture
-from .schedules import from_config
+from .schedules import from_config, is_schedule
+
+PARTS = ("loop", "step", "samplers", "gpu", "pipeline")
+SCHEMA = 1
+FIELDS = {
+    "top": ("schema", "command", "quick", "machine", "settings", "parts", "loop", "step", "samplers", "gpu",
+            "pipeline", "skipped", "errors", "elapsed_s", "chart"),
+    "machine": ("cpu", "cores", "torch", "torch_threads", "simd", "kernel_threads", "gpu", "loadavg_start",
+                "loadavg_end"),
+    "loop": ("sampler", "backend", "shape", "dtype", "steps", "rows", "us_per_step", "model_us_per_step",
+             "sampler_us_per_step", "vs_reference"),
+    "step": ("shape", "dtype", "method", "us", "us_best", "gb_s", "min_bytes", "copy_gb_s", "copy_2t_gb_s",
+             "copy_1t_gb_s", "copy_one_tensor_gb_s", "frac_of_copy", "frac_of_copy_best", "cpu_speedup",
+             "cpu_speedup_best", "vs_reference", "vs_reference_best", "compile_s"),
+    "samplers": ("sampler", "backend", "shape", "dtype", "row", "min_bytes", "us", "us_best", "gb_s", "vs_reference",
+                 "vs_reference_best"),
+    "gpu": ("copy_gb_s", "rows"),
+    "gpu_rows": ("provider", "variant", "dtype", "shape", "device_us", "wall_us", "gb_s", "min_bytes",
+                 "frac_of_copy", "vs_reference"),
+    "pipeline": ("pipeline", "scheduler", "backend", "latent", "steps", "guidance_scale", "stock_us_per_step",
+                 "stock_model_us_per_step", "stock_sched_us_per_step", "stock_sched_share", "fused_us_per_step",
+                 "fused_model_us_per_step", "fused_sched_us_per_step", "fused_sched_share", "sched_speedup"),
+}
+"""The documented JSON fields, per section (a measured row has them all; a failed one has ``error``)."""
+
+
+# ------------------------------------------------------------------------------------- loop
 
 
 @dataclass
 class LoopResult:
-    """One row of the loop benchmark."""
+    """One row of the loop benchmark (µs per solver step)."""
 
     sampler: str
     backend: str
@@ -34,21 +123,29 @@ class LoopResult:
     sampler_us_per_step: float
 
 
-def _timed_model(model):
-    spent = [0.0]
+class _Clock:
+    """Per-call model time and the host time between calls (the sampler's share of each step)."""
 
-    def f(x, t, *a, **k):
+    def __init__(self, model):
+        self.model = model
+        self.calls: list[float] = []
+        self.gaps: list[float] = []
+        self._last = 0.0
+
+    def start(self) -> None:
+        self.calls, self.gaps = [], []
+        self._last = time.perf_counter()
+
+    def stop(self) -> None:
+        self.gaps.append(time.perf_counter() - self._last)  # after the last call: final scaling, checks
+
+    def __call__(self, x, t, *a, **k):
         t0 = time.perf_counter()
-        out = model(x, t, *a, **k)
-        spent[0] += time.perf_counter() - t0
+        self.gaps.append(t0 - self._last)  # the step before this call (the first: set-up)
+        out = self.model(x, t, *a, **k)
+        self._last = time.perf_counter()
+        self.calls.append(self._last - t0)
         return out
-
-    return f, spent
-
-
-def _schedule_for(name: str) -> dict:
-    return {"shift": 3.0} if name.startswith("flow") else {"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                                            "beta_end": 0.012}
 
 
 def bench_loop(
@@ -60,7 +157,14 @@ def bench_loop(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> list[LoopResult]:
-    """Time ``fastdiff.sample`` on the Gaussian-mixture model for each sampler x backend (CPU)."""
+    """Time ``fastdiff.sample`` on the Gaussian-mixture model for each sampler x backend (CPU).
+
+    After one warm-up run, ``repeats`` runs are timed around every model call; each model call
+    and each stretch between calls (the sampler's work: guidance, the step, loop overhead, set-up
+    before the first call and the end after the last) keeps its minimum over the runs, and those
+    minima are summed. Taking the minimum per stretch rather than per run keeps one stall of a
+    loaded machine out of the sum.
+    """
     names = list(sampler_names or samplers.available())
     if backends is None:
         backends = [b for b in ("reference", "cpu") if ops.backend_status(b)[0]]
@@ -71,46 +175,373 @@ def bench_loop(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(combos, desc="fastdiff bench", leave=False)
+        it = tqdm(combos, desc="loop", leave=False)
     for name, backend in it:
-        sched = _schedule_for(name)
+        sched = schedule_for(name)
         plan = make_plan(name, steps, sched)
-        s = from_config(sched)
-        pred = plan.prediction
-        model, spent = _timed_model(gm.model(s.alpha_sigma, pred, times=[r.t for r in plan.rows]))
+        s = sched if is_schedule(sched) else from_config(sched)
+        clock = _Clock(gm.model(s.alpha_sigma, plan.prediction, times=[r.t for r in plan.rows]))
         noise = torch.randn(tuple(shape), dtype=dtype)
-        sample(model, noise, plan=plan, seed=0, backend=backend)  # warm-up (allocations, first dispatch)
-        best = None
-        for _ in range(repeats):
-            spent[0] = 0.0
-            t0 = time.perf_counter()
-            sample(model, noise, plan=plan, seed=0, backend=backend)
-            total = time.perf_counter() - t0
-            if best is None or total < best[0]:
-                best = (total, spent[0])
-        total, model_s = best
+        sample(clock, noise, plan=plan, seed=0, backend=backend)  # warm-up (allocations, first dispatch)
+        calls = gaps = None
+        for _ in range(max(1, repeats)):
+            clock.start()
+            sample(clock, noise, plan=plan, seed=0, backend=backend)
+            clock.stop()
+            calls = clock.calls if calls is None else [min(a, b) for a, b in zip(calls, clock.calls)]
+            gaps = clock.gaps if gaps is None else [min(a, b) for a, b in zip(gaps, clock.gaps)]
         per = 1e6 / plan.steps
-        results.append(LoopResult(name, backend, tuple(shape), str(dtype).replace("torch.", ""), plan.steps,
-                                  len(plan.rows), total * per, model_s * per, (total - model_s) * per))
+        model_s, sampler_s = sum(calls), sum(gaps)
+        results.append(LoopResult(name, backend, tuple(shape), dtype_name(dtype), plan.steps, len(plan.rows),
+                                  (model_s + sampler_s) * per, model_s * per, sampler_s * per))
     return results
 
 
-def format_table(results: Sequence[LoopResult]) -> str:
-    """A plain-text table of loop results, with the sampler-part speedup over ``reference``."""
+def loop_rows(results: Sequence[LoopResult]) -> list[dict]:
+    """JSON rows of the loop benchmark, with the sampler-part speedup over ``reference``."""
     ref = {(r.sampler, r.shape, r.dtype): r.sampler_us_per_step for r in results if r.backend == "reference"}
-    head = f"{'sampler':<16}{'backend':<11}{'rows':>5}{'µs/step':>11}{'model':>11}{'sampler':>11}{'vs ref':>8}"
-    lines = [head, "-" * len(head)]
+    rows = []
     for r in results:
         base = ref.get((r.sampler, r.shape, r.dtype))
-        sp = f"{base / r.sampler_us_per_step:6.2f}x" if base and r.sampler_us_per_step > 0 else "     -"
-        lines.append(f"{r.sampler:<16}{r.backend:<11}{r.rows:>5}{r.us_per_step:>11.1f}{r.model_us_per_step:>11.1f}"
-                     f"{r.sampler_us_per_step:>11.1f}{sp:>8}")
-    return "\n".join(lines)
+        d = asdict(r)
+        d["shape"] = list(r.shape)
+        d["vs_reference"] = base / r.sampler_us_per_step if base and r.sampler_us_per_step > 0 else None
+        rows.append(d)
+    return rows
 
 
-def write_json(results: Sequence[LoopResult], path: str, extra: dict | None = None) -> None:
-    """Write results (and machine details) as JSON."""
-    doc = {"torch": torch.__version__, "threads": torch.get_num_threads(), "loop": [asdict(r) for r in results]}
-    doc.update(extra or {})
+# ------------------------------------------------------------------------------------- the whole run
+
+
+def settings(quick: bool, **over) -> dict:
+    """What each part runs: the quick or full defaults, with the non-``None`` entries of ``over`` applied."""
+    s = {
+        "loop_shape": [16, 4, 32, 32], "loop_steps": 4 if quick else 20, "loop_repeats": 2 if quick else 3,
+        "samplers": None, "backends": None,
+        "step_shapes": [[1, 4, 64, 64]] if quick else [list(x) for x in SHAPES],
+        "step_dtypes": ["fp32"] if quick else ["fp32", "fp16"], "step_repeats": 5 if quick else 25,
+        "compile": True,
+        "sampler_shapes": [[1, 4, 64, 64]] if quick else [[1, 4, 64, 64], [4, 4, 128, 128], [2, 3, 512, 512]],
+        "sampler_repeats": 5 if quick else 15,
+        "gpu_shapes": [[2, 3, 512, 512]] if quick else [list(x) for x in GPU_SHAPES],
+        "pipeline_steps": 4 if quick else 20, "pipeline_latent": 8 if quick else 32,
+        "pipeline_repeats": 1 if quick else 3,
+    }
+    s.update({k: v for k, v in over.items() if v is not None})
+    return s
+
+
+def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True, command: str = "",
+        log: Callable[[str], None] | None = None, **over) -> dict:
+    """Run the parts of ``fastdiff bench`` and return the JSON document (see the module docstring).
+
+    ``over`` overrides entries of :func:`settings` (``loop_shape``, ``samplers``, ``step_shapes``, ...).
+    A part that fails is recorded in ``errors`` and the next part runs.
+    """
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"parts must be among {PARTS}, got {bad}")
+    s = settings(quick, **over)
+    log = log or (lambda msg: None)
+    doc = {"schema": SCHEMA, "command": command, "quick": quick, "machine": machine(), "settings": s,
+           "parts": list(parts), **{p: None for p in PARTS}, "skipped": {}, "errors": {}, "elapsed_s": {},
+           "chart": None}
+
+    def do_loop():
+        log(f"loop: Gaussian-mixture model, shape {tuple(s['loop_shape'])}, {s['loop_steps']} steps, fp32, "
+            f"best of {s['loop_repeats']}")
+        return loop_rows(bench_loop(s["samplers"], s["backends"], s["loop_shape"], s["loop_steps"],
+                                    s["loop_repeats"], progress=progress))
+
+    def do_step():
+        log(f"step: CFG DPM++(2M) step by method, {len(s['step_shapes'])} shapes x {s['step_dtypes']}, "
+            f"median of {s['step_repeats']}")
+        cases = [(d, sh) for d in s["step_dtypes"] for sh in s["step_shapes"]]
+        it = cases
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(cases, desc="step by method", leave=False)
+        rows = []
+        for d, sh in it:
+            rows += bench_case(sh, DTYPES[d], s["step_repeats"], with_compile=s["compile"])
+        return rows
+
+    def do_samplers():
+        log(f"samplers: a plan row per sampler through ops.step, shapes {[tuple(x) for x in s['sampler_shapes']]}")
+        return bench_samplers(s["samplers"], s["backends"], s["sampler_shapes"], repeats=s["sampler_repeats"],
+                              progress=progress)
+
+    def do_gpu():
+        log(f"gpu: {torch.cuda.get_device_name(0)}, shapes {[tuple(x) for x in s['gpu_shapes']]}")
+        copy = gpu_copy_gbps()
+        return {"copy_gb_s": copy, "rows": bench_gpu(s["gpu_shapes"], (torch.float16, torch.float32), GPU_VARIANTS,
+                                                     copy_gbps=copy, progress=progress)}
+
+    def do_pipeline():
+        from .bench_pipeline import as_dict, bench_pipeline
+
+        log(f"pipeline: tiny StableDiffusionPipeline, latent {s['pipeline_latent']}², {s['pipeline_steps']} steps, "
+            f"CFG 7.5, best of {s['pipeline_repeats']}")
+        import warnings
+
+        from diffusers.utils import logging as dlogging
+
+        verbosity = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # the tiny pipeline's config notes are not results
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=1, desc="pipeline", leave=False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                row = bench_pipeline(steps=s["pipeline_steps"], latent=s["pipeline_latent"],
+                                     repeats=s["pipeline_repeats"])
+        finally:
+            dlogging.set_verbosity(verbosity)
+            if bar is not None:
+                bar.update(1)
+                bar.close()
+        return as_dict(row)
+
+    jobs = {"loop": do_loop, "step": do_step, "samplers": do_samplers, "gpu": do_gpu, "pipeline": do_pipeline}
+    for part in parts:
+        why = _why_skip(part)
+        if why:
+            doc["skipped"][part] = why
+            log(f"{part}: skipped ({why})")
+            continue
+        t0 = time.perf_counter()
+        try:
+            doc[part] = jobs[part]()
+        except Exception as exc:  # noqa: BLE001 - one part failing must not lose the others
+            doc["errors"][part] = f"{type(exc).__name__}: {exc}"[:500]
+            log(f"{part}: FAILED ({doc['errors'][part]})")
+        doc["elapsed_s"][part] = round(time.perf_counter() - t0, 2)
+    doc["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return doc
+
+
+def _why_skip(part: str) -> str:
+    import importlib.util
+
+    if part == "gpu" and not torch.cuda.is_available():
+        return "no CUDA device visible"
+    if part == "pipeline":
+        missing = [m for m in ("diffusers", "transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"not installed: {', '.join(missing)}"
+    return ""
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+def _f(v, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _shape(s) -> str:
+    return "x".join(map(str, s))
+
+
+def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """The report as ``(title, header, rows, note)`` tables (strings), one per part that ran."""
+    out = []
+    if doc.get("loop"):
+        rows = [[r["sampler"], r["backend"], str(r["rows"]), _f(r["us_per_step"]), _f(r["model_us_per_step"]),
+                 _f(r["sampler_us_per_step"]), _x(r["vs_reference"])] for r in doc["loop"]]
+        r0 = doc["loop"][0]
+        out.append((f"Sampling loop, Gaussian-mixture model, shape {tuple(r0['shape'])}, {r0['steps']} steps, "
+                    f"{r0['dtype']} (µs per step)",
+                    ["sampler", "backend", "rows", "µs/step", "model", "sampler", "vs ref"], rows,
+                    "sampler = step minus model: what fastdiff replaces; vs ref = reference's sampler part / this"))
+    if doc.get("step"):
+        rows = []
+        for r in doc["step"]:
+            if "error" in r:
+                rows.append([_shape(r["shape"]), r["dtype"], r["method"], "error: " + r["error"][:60]]
+                            + [""] * 9)
+                continue
+            rows.append([_shape(r["shape"]), r["dtype"], r["method"], _f(r["us"]), _f(r["us_best"]), _f(r["gb_s"], ".2f"),
+                         _f(r["copy_gb_s"], ".2f"), f"{100 * r['frac_of_copy']:.0f}%",
+                         f"{100 * r['frac_of_copy_best']:.0f}%", _x(r["cpu_speedup"]), _x(r["cpu_speedup_best"]),
+                         _x(r["vs_reference"]), _f(r["compile_s"])])
+        out.append(("One CFG DPM++(2M) step on CPU, by method (median µs of round-robin samples)",
+                    ["shape", "dtype", "method", "µs/step", "best µs", "GB/s", "copy GB/s", "%copy", "best %",
+                     "cpu x", "best cpu x", "vs ref", "compile s"], rows,
+                    "GB/s: minimum bytes / median time; copy GB/s: torch copy_ of the same bytes in this run; "
+                    "cpu x: this method's median / the fused kernel's (best: of the best samples)"))
+    if doc.get("samplers"):
+        backends = list(dict.fromkeys(r["backend"] for r in doc["samplers"]))
+        by = {}
+        for r in doc["samplers"]:
+            by.setdefault((r["sampler"], tuple(r["shape"]), r["dtype"]), {})[r["backend"]] = r
+        rows = []
+        for (name, shape, dt), cell in by.items():
+            line = [name, _shape(shape), dt]
+            line += [_f(cell[b].get("us")) if b in cell and "error" not in cell[b] else "error" for b in backends]
+            for b in backends:
+                if b != "reference":
+                    line += [_x(cell[b].get("vs_reference")) if b in cell else "-",
+                             _x(cell[b].get("vs_reference_best")) if b in cell else "-"]
+            rows.append(line)
+        out.append(("Fused step per sampler: the middle plan row, CFG, through ops.step (median µs)",
+                    ["sampler", "shape", "dtype", *(f"{b} µs" for b in backends),
+                     *(h for b in backends if b != "reference" for h in (f"{b} vs ref", "best vs ref"))], rows,
+                    "vs ref: reference's median / this median; best vs ref: the same for the best samples"))
+    gpu = doc.get("gpu")
+    if gpu and gpu.get("rows"):
+        rows = []
+        for r in gpu["rows"]:
+            if "error" in r:
+                rows.append([r["variant"], r["dtype"], _shape(r["shape"]), r["provider"], r["error"][:60], "", "", "", ""])
+                continue
+            frac = r.get("frac_of_copy")
+            rows.append([r["variant"], r["dtype"], _shape(r["shape"]), r["provider"], _f(r["device_us"]),
+                         _f(r["wall_us"]), _f(r["gb_s"], ".0f"), "-" if frac is None else f"{100 * frac:.0f}%",
+                         _x(r["vs_reference"])])
+        out.append((f"GPU step ({doc['machine'].get('gpu')}; copy {_f(gpu.get('copy_gb_s'), '.0f')} GB/s)",
+                    ["variant", "dtype", "shape", "provider", "device µs", "wall µs", "GB/s", "%copy", "vs ref"],
+                    rows, "device µs: median kernel time (do_bench); wall µs: host time per step, 200 in a row"))
+    p = doc.get("pipeline")
+    if p:
+        rows = [["stock", _f(p["stock_us_per_step"]), _f(p["stock_model_us_per_step"]),
+                 _f(p["stock_sched_us_per_step"]), f"{p['stock_sched_share']:.1%}"],
+                [f"fastdiff ({p['backend']})", _f(p["fused_us_per_step"]), _f(p["fused_model_us_per_step"]),
+                 _f(p["fused_sched_us_per_step"]), f"{p['fused_sched_share']:.1%}"]]
+        out.append((f"{p['pipeline']} + {p['scheduler']}, latent {tuple(p['latent'])}, {p['steps']} steps, "
+                    f"CFG {p['guidance_scale']} (µs per step)", ["pipeline loop", "µs/step", "model", "scheduler", "share"],
+                    rows, f"scheduler part {p['sched_speedup']:.2f}x faster with fastdiff"))
+    return out
+
+
+def format_plain(doc: dict) -> str:
+    """The tables as plain text (what ``fastdiff bench`` prints without rich)."""
+    blocks = []
+    for title, head, rows, note in tables(doc):
+        widths = [max(len(h), *(len(r[i]) if i < len(r) else 0 for r in rows)) for i, h in enumerate(head)]
+        line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))
+        text = [title, line, "-" * len(line)]
+        for r in rows:
+            text.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if note:
+            text.append(note)
+        blocks.append("\n".join(text))
+    return "\n\n".join(blocks)
+
+
+def print_tables(doc: dict, use_rich: bool | None = None, file=None) -> None:
+    """Print the report with rich if it is installed (and ``use_rich`` is not ``False``), else plain text."""
+    file = file or sys.stdout
+    if use_rich is not False:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            use_rich = False
+    if use_rich is False:
+        print(format_plain(doc), file=file)
+        return
+    tty = hasattr(file, "isatty") and file.isatty()
+    console = Console(file=file, width=None if tty else 200, soft_wrap=not tty)
+    for title, head, rows, note in tables(doc):
+        t = Table(title=title, caption=note or None, title_justify="left", caption_justify="left")
+        for i, h in enumerate(head):
+            t.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+
+
+# ------------------------------------------------------------------------------------- chart
+
+
+def write_chart(doc: dict, path: str) -> str:
+    """Write the speedup chart as PNG; returns ``""``, or why no chart was written (matplotlib missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'fastdiff[bench]')"
+    panels = []
+    if doc.get("samplers"):
+        panels.append(("samplers", "Fused step vs reference, per sampler and shape (plan row, CFG; best samples)"))
+    if doc.get("step"):
+        panels.append(("step", "Fused cpu step vs what it replaces (CFG DPM++(2M) step; best samples)"))
+    if doc.get("loop"):
+        panels.append(("loop", "Whole loop: sampler part vs reference (Gaussian-mixture model)"))
+    if doc.get("gpu") and doc["gpu"].get("rows"):
+        panels.append(("gpu", "GPU step vs reference (device time)"))
+    if not panels:
+        return "no measured rows to plot"
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    for ax, (kind, title) in zip(axes[:, 0], panels):
+        if kind == "samplers":
+            series = {}
+            for r in doc["samplers"]:
+                if r["backend"] != "reference" and r.get("vs_reference_best"):
+                    series.setdefault(f"{r['backend']} {_shape(r['shape'])} {r['dtype']}", {})[r["sampler"]] = \
+                        r["vs_reference_best"]
+            cats = list(dict.fromkeys(r["sampler"] for r in doc["samplers"]))
+        elif kind == "step":
+            series = {}
+            for r in doc["step"]:
+                if r["method"] in ("reference", "diffusers", "compiled") and r.get("cpu_speedup_best"):
+                    series.setdefault(f"cpu vs {r['method']}", {})[f"{_shape(r['shape'])}\n{r['dtype']}"] = \
+                        r["cpu_speedup_best"]
+            cats = list(dict.fromkeys(f"{_shape(r['shape'])}\n{r['dtype']}" for r in doc["step"]))
+        elif kind == "loop":
+            series = {}
+            for r in doc["loop"]:
+                if r["backend"] != "reference" and r.get("vs_reference"):
+                    series.setdefault(r["backend"], {})[r["sampler"]] = r["vs_reference"]
+            cats = list(dict.fromkeys(r["sampler"] for r in doc["loop"]))
+        else:
+            series = {}
+            for r in doc["gpu"]["rows"]:
+                if r["provider"] != "reference" and r.get("vs_reference"):
+                    series.setdefault(r["provider"], {})[f"{r['variant']}\n{r['dtype']} {_shape(r['shape'])}"] = \
+                        r["vs_reference"]
+            cats = list(dict.fromkeys(f"{r['variant']}\n{r['dtype']} {_shape(r['shape'])}" for r in doc["gpu"]["rows"]))
+        width = min(0.8 / max(1, len(series)), 0.3)
+        labelled = len(series) * len(cats) <= 30
+        for k, (label, vals) in enumerate(series.items()):
+            xs = [i + (k - (len(series) - 1) / 2) * width for i, c in enumerate(cats) if c in vals]
+            bars = ax.bar(xs, [vals[c] for c in cats if c in vals], width, label=label)
+            if labelled:
+                ax.bar_label(bars, fmt="%.1f", fontsize=6)
+        ax.set_xlim(-0.75, len(cats) - 0.25)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(cats)))
+        ax.set_xticklabels(cats, rotation=30 if kind in ("samplers", "loop") else 0, ha="right" if kind in
+                           ("samplers", "loop") else "center", fontsize=8)
+        ax.set_ylabel("speedup (x)")
+        ax.set_title(title, fontsize=10)
+        if any(v > 0 for vals in series.values() for v in vals.values()):
+            ax.set_yscale("log")
+        if series:
+            ax.legend(fontsize=7, ncol=min(4, len(series)))
+    m = doc.get("machine", {})
+    fig.suptitle(f"fastdiff bench: {m.get('cpu')}, {m.get('torch_threads')} threads, torch {m.get('torch')}"
+                 + (f", {m['gpu']}" if m.get("gpu") else ""), fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return ""
+
+
+def write_json(doc: dict, path: str) -> None:
+    """Write the document as JSON (creating the folder)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

@@ -30,24 +30,83 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmark whole sampling loops (and the fused step, where its benchmark is present)."""
-    from .bench import bench_loop, format_table, write_json
+def _shapes(text: str, flag: str) -> list[list[int]] | None:
+    """``"1,4,64,64;2,3,512,512"`` -> ``[[1, 4, 64, 64], [2, 3, 512, 512]]`` (``None`` for ``""``)."""
+    if not text:
+        return None
+    try:
+        shapes = [[int(v) for v in part.split(",")] for part in text.split(";") if part.strip()]
+        if not shapes or any(not s or min(s) < 1 for s in shapes):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{flag} must be shapes of comma-separated ints >= 1 joined by ';', got {text!r}") from None
+    return shapes
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    steps = 8 if args.quick else args.steps
-    repeats = 1 if args.quick else args.repeats
-    names = args.samplers.split(",") if args.samplers else None
-    backends = args.backends.split(",") if args.backends else None
-    print(f"Sampling loop, Gaussian-mixture model, shape {shape}, {steps} steps, fp32, "
-          f"{torch.get_num_threads()} threads (best of {repeats})")
-    results = bench_loop(names, backends, shape, steps, repeats)
-    print(format_table(results))
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The ``fastdiff bench`` command line that reproduces ``args`` (options at their defaults left out)."""
+    parts = ["fastdiff", "bench"]
+    for key, value in vars(args).items():
+        if key in ("cmd", "fn") or value in (None, "", False, 0):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in ("json", "png"):
+            continue  # where the results go, not what was measured
+        parts += [flag] if value is True else [flag, repr(value) if ";" in str(value) else str(value)]
+    return " ".join(parts)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark loops, the fused step against what it replaces, GPU rows and a pipeline: table, JSON, PNG."""
+    from . import bench
+
+    try:
+        loop_shape = _shapes(args.shape, "--shape")
+        if loop_shape is not None and len(loop_shape) != 1:
+            raise ValueError(f"--shape takes one shape, got {args.shape!r}")
+        step_shapes = _shapes(args.step_shapes, "--step-shapes")
+        parts = [p for p in args.parts.split(",") if p] if args.parts else list(bench.PARTS)
+        dtypes = [d for d in args.dtypes.split(",") if d] if args.dtypes else None
+        bad = [d for d in dtypes or () if d not in bench.DTYPES]
+        if bad:
+            raise ValueError(f"--dtypes must be among {sorted(bench.DTYPES)}, got {bad}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+            from .backends import cpu
+
+            if getattr(cpu, "_C", None) is not None:
+                cpu._C.set_num_threads(args.threads)
+        over = dict(loop_shape=loop_shape[0] if loop_shape else None, loop_steps=args.steps,
+                    loop_repeats=args.repeats, samplers=args.samplers.split(",") if args.samplers else None,
+                    backends=args.backends.split(",") if args.backends else None, step_shapes=step_shapes,
+                    sampler_shapes=step_shapes, step_dtypes=dtypes, step_repeats=args.step_repeats,
+                    compile=False if args.no_compile else None)
+        m = bench.machine()
+        print(f"fastdiff bench{' --quick' if args.quick else ''}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+              f"{m['torch_threads']} threads, SIMD {m['simd']}, GPU {m['gpu'] or 'none'}, "
+              f"load average {m['loadavg_start']}", flush=True)
+        doc = bench.run(parts, quick=args.quick, command=_bench_command(args), log=lambda msg: print(msg, flush=True),
+                        **over)
+    except ValueError as exc:
+        print(f"fastdiff bench: error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    bench.print_tables(doc)
+    print(f"\nload average {doc['machine']['loadavg_start']} -> {doc['machine']['loadavg_end']}; "
+          f"seconds per part: {doc['elapsed_s']}")
+    for part, why in doc["skipped"].items():
+        print(f"skipped {part}: {why}")
+    for part, err in doc["errors"].items():
+        print(f"FAILED {part}: {err}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        write_json(results, args.json)
+        png = args.png or os.path.splitext(args.json)[0] + ".png"
+        if png != "-":
+            why = bench.write_chart(doc, png)
+            doc["chart"] = None if why else png
+            print(f"chart skipped: {why}" if why else f"wrote {png}")
+        bench.write_json(doc, args.json)
         print(f"wrote {args.json}")
-    return 0
+    return 1 if doc["errors"] else 0
 
 
 def _gmm_model(shape: tuple[int, ...], schedule, prediction: str):
@@ -194,14 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastdiff", description="Fused diffusion sampling: info and benchmarks.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions and backends").set_defaults(fn=cmd_info)
-    b = sub.add_parser("bench", help="µs per step per sampler and backend")
-    b.add_argument("--quick", action="store_true", help="a smoke run in seconds")
-    b.add_argument("--shape", default="16,4,32,32", help="noise shape, comma-separated (default 16,4,32,32)")
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--repeats", type=int, default=3)
+    b = sub.add_parser("bench", help="loops, the fused step vs what it replaces, GPU rows, a pipeline: table, JSON, PNG")
+    b.add_argument("--quick", action="store_true", help="a smoke run (under a minute on 2 cores)")
+    b.add_argument("--parts", default="", help="comma-separated parts among loop,step,samplers,gpu,pipeline (default: all)")
+    b.add_argument("--shape", default="", help="loop noise shape, comma-separated (default 16,4,32,32)")
+    b.add_argument("--steps", type=int, default=None, help="loop steps (default 20; 4 with --quick)")
+    b.add_argument("--repeats", type=int, default=None, help="timed loop runs; each model call and each stretch between calls keeps its minimum (default 3; 2 with --quick)")
     b.add_argument("--samplers", default="", help="comma-separated sampler names (default: all)")
     b.add_argument("--backends", default="", help="comma-separated backends (default: reference and cpu)")
-    b.add_argument("--json", default="bench-results/loop.json", help="where to write JSON ('' to skip)")
+    b.add_argument("--step-shapes", default="", help="step and per-sampler shapes, e.g. '1,4,64,64;2,3,512,512'")
+    b.add_argument("--dtypes", default="", help="step dtypes among fp32,fp16,bf16 (default fp32,fp16; fp32 with --quick)")
+    b.add_argument("--step-repeats", type=int, default=None, help="timed samples per step method (default 25; 5 with --quick)")
+    b.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference step")
+    b.add_argument("--threads", type=int, default=0, help="torch and kernel threads (default: as configured)")
+    b.add_argument("--json", default="bench-results/bench.json", help="where to write JSON ('' to skip JSON and chart)")
+    b.add_argument("--png", default="", help="where to write the chart (default: the JSON path with .png; '-' to skip)")
     b.set_defaults(fn=cmd_bench)
     sp = sub.add_parser("sample", help="sample seeds into a folder, one file per sample (works under torchrun)")
     sp.add_argument("--model", default="gmm", help="gmm (built-in Gaussian mixture, exact) or module:attr")

@@ -1,0 +1,521 @@
+"""Step benchmarks: one fused step against what it replaces, per sampler, and on a GPU.
+
+Three measurements, each a list of JSON-ready dicts (the fields are documented in
+:mod:`fastdiff.bench`, which gathers them for ``fastdiff bench``):
+
+* :func:`bench_case` — one CFG DPM-Solver++(2M) step on CPU (``e = m_u + w (m_c - m_u)``,
+  ``d = a_x x + a_e e``, ``x' = c_x x + c_d d + c_h h0``, ``h1 = d``; state updated in place),
+  by every method that can run it, in one process:
+
+  ``reference``     fastdiff's reference backend (plain torch, op by op)
+  ``diffusers``     the pipeline's CFG blend + ``DPMSolverMultistepScheduler.step`` (diffusers' own)
+  ``compiled``      ``torch.compile`` of the reference step (compile time reported separately)
+  ``cpu``           the fused kernel (``fastdiff.backends.cpu.step`` on prepared arguments)
+  ``cpu+dispatch``  the same through ``fastdiff.ops.step`` (validation + backend choice)
+
+  It reports the median µs per step (and the best sample), GB/s counting minimum bytes (each input
+  read once, each output written once), the copy bandwidth measured in the same run at the same
+  size (best sample of torch ``copy_`` moving the step's bytes, 2 threads or 1, the faster), the
+  fraction of it, and the speedup of ``cpu`` over each method.
+* :func:`bench_samplers` — a real plan row per sampler (the middle row of
+  ``fastdiff.make_plan(sampler, 10, ...)``, with CFG) through ``fastdiff.ops.step`` on each backend.
+* :func:`bench_gpu` — the fused ``cuda`` and ``triton`` steps against the reference step and
+  ``torch.compile`` of it on a CUDA device (kernel time by ``triton.testing.do_bench``, and host
+  time per step of back-to-back steps), with the device's copy bandwidth.
+
+On a shared 2-core machine other processes stall 2-thread parallel regions (torch's and ours) for
+whole scheduler slices: samples are taken round-robin across methods, and both the median and the
+best sample are kept; :func:`machine` records the load average.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import ops
+from .args import StepArgs, clip_code, pack_row
+from .backends import reference
+from .plan import Row, Write, combo
+
+SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (2, 3, 512, 512), (4096, 2)]
+"""Shapes of the CPU step benchmark (SD latents at 512² and 1024², a batch of 16, a 512² image, 2-D points)."""
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GUIDANCE = 7.5
+"""Classifier-free guidance scale of every benchmarked row."""
+SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+FLOW_SCHEDULE = {"shift": 3.0}
+
+
+def schedule_for(sampler: str):
+    """The schedule benchmarks use for ``sampler``: Stable Diffusion's betas (a config dict) for VP
+    samplers, SD3's flow shift for flow samplers, the default :class:`~fastdiff.schedules.VESchedule`
+    for VE-only samplers."""
+    from . import samplers, schedules
+
+    kinds = samplers.info(sampler).kinds
+    if "vp" in kinds:
+        return dict(SD_SCHEDULE)
+    if "flow" in kinds:
+        return dict(FLOW_SCHEDULE)
+    return schedules.VESchedule()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``float32``."""
+    return str(dtype).replace("torch.", "")
+
+
+def numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def time_all(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float = 2e-3) -> dict:
+    """Seconds per call of each function: ``{name: (median, best)}`` over ``repeats`` samples.
+
+    Samples are taken round-robin (one of each function per round) so that a change in machine
+    load hits every method alike; each sample runs enough calls to last about ``budget_s``.
+    """
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(budget_s / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            k = calls[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / k)
+    return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
+
+
+def machine() -> dict:
+    """CPU model, cores, torch and thread counts, the CPU kernel's SIMD level, load average, GPU."""
+    from .backends import cpu
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    c = getattr(cpu, "_C", None)
+    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "simd": c.simd_level() if c else None,
+            "kernel_threads": c.num_threads() if c else None,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+# ------------------------------------------------------------------------------------- the CPU step vs what it replaces
+
+
+def cfg_row() -> Row:
+    """A mid-schedule DPM-Solver++(2M) row (eps prediction) with one history read and write,
+    contracting so that repeating it in place keeps the state bounded."""
+    return Row(t=500.0, sigma=1.0, in_scale=1.0, a_x=1.25, a_e=-0.6,  # x0 = (x - sigma*eps)/alpha
+               out=combo(x=0.6, d=0.45, h=(-0.05,)), reads=(0,), writes=(Write(1, combo(d=1.0)),))
+
+
+def make_diffusers_step(m_u: torch.Tensor, m_c: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The pipeline's CFG blend + ``DPMSolverMultistepScheduler.step`` at a fixed mid-schedule step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2)
+    sch.set_timesteps(20)
+    mid = 10
+    for i in range(mid + 1):  # fill its model-output history
+        sch.step(m_u, sch.timesteps[i], x, return_dict=False)
+    t_mid = sch.timesteps[mid]
+
+    def step():
+        e = m_u + GUIDANCE * (m_c - m_u)
+        sch._step_index = mid  # stay mid-schedule: every call is a second-order step
+        return sch.step(e, t_mid, x, return_dict=False)[0]
+
+    return step
+
+
+def compile_reference(args: StepArgs, fresh: bool = True) -> Callable[[], None]:
+    """``torch.compile`` of the reference step on ``args`` (coefficients and row are constants of the graph).
+
+    Returns a zero-argument callable; the first call (which compiles) is left to the caller.
+    """
+    coef, row, clip = args.coef, args.row, args.clip
+
+    def ref_step(x, out, m, m_c, w, s, seeds, h_read, h_write):
+        reference.step(StepArgs(x=x, out=out, m=m, m_c=m_c, w=w, s=s, seeds=seeds, coef=coef, row=row, clip=clip,
+                                h_read=tuple(h_read), h_write=tuple(h_write)))
+
+    if fresh:
+        torch._dynamo.reset()  # a fresh compile per case, so the first call takes the full compile time
+    fn = torch.compile(ref_step)
+    a = args
+    return lambda: fn(a.x, a.out, a.m, a.m_c, a.w, a.s, a.seeds, list(a.h_read), list(a.h_write))
+
+
+def bench_case(shape: Sequence[int], dtype: torch.dtype = torch.float32, repeats: int = 25,
+               with_compile: bool = True) -> list[dict]:
+    """Time the CFG DPM++(2M) step (:func:`cfg_row`) by every available method at one shape and dtype.
+
+    Returns one dict per method (see :mod:`fastdiff.bench` for the fields). A method that cannot
+    run here (no compiled extension, no diffusers, a failing compile) gets a row with ``error``.
+    """
+    from .backends import cpu
+
+    shape = tuple(int(s) for s in shape)
+    b, n = shape[0], numel(shape)
+    gen = torch.Generator().manual_seed(0)
+    model_out = torch.randn((2 * b, *shape[1:]), generator=gen).to(dtype)  # [uncond; cond] batch
+    m_u, m_c = model_out.chunk(2)
+    x, h0 = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    h1 = torch.empty_like(x)
+    w = torch.full((b,), GUIDANCE)
+    coef = pack_row(cfg_row())
+
+    def args_for(xx, hh0, hh1):
+        return StepArgs(x=xx, out=xx, m=m_u, m_c=m_c, w=w, coef=coef, h_read=(hh0,), h_write=(hh1,))
+
+    args = args_for(x, h0, h1)
+    ops.validate(args)
+    methods: dict[str, Callable[[], object]] = {"reference": lambda: reference.step(args)}
+    errors: dict[str, str] = {}
+    try:
+        methods["diffusers"] = make_diffusers_step(m_u, m_c, x.clone())
+    except ImportError as exc:
+        errors["diffusers"] = f"diffusers is not installed ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a diffusers version we do not know: report, go on
+        errors["diffusers"] = f"{type(exc).__name__}: {exc}"[:300]
+    ok, why = cpu.available()
+    if ok and cpu.supports(args):
+        try:  # correctness before timing: cpu equals reference on this row
+            xr, h1r = x.clone(), torch.empty_like(x)
+            reference.step(args_for(xr, h0, h1r))
+            xc, h1c = x.clone(), torch.empty_like(x)
+            cpu.step(args_for(xc, h0, h1c))
+            err = float((xc.double() - xr.double()).norm() / xr.double().norm())
+            tol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+            if not err <= tol:
+                raise AssertionError(f"cpu != reference on the benchmark row: {err:.2e} > {tol:.0e}")
+            methods["cpu"] = lambda: cpu.step(args)
+            methods["cpu+dispatch"] = lambda: ops.step(args, backend="cpu")
+        except Exception as exc:  # noqa: BLE001 - a kernel being rebuilt must not stop the benchmark
+            errors["cpu"] = errors["cpu+dispatch"] = f"{type(exc).__name__}: {exc}"[:300]
+    else:
+        errors["cpu"] = errors["cpu+dispatch"] = why if not ok else "cpu backend does not support this row"
+    compile_s = None
+    if with_compile:
+        try:
+            compiled = compile_reference(args)
+            t0 = time.perf_counter()
+            compiled()
+            compile_s = time.perf_counter() - t0
+            methods["compiled"] = compiled
+        except Exception as exc:  # noqa: BLE001 - inductor needs a C++ compiler; report, go on
+            errors["compiled"] = f"{type(exc).__name__}: {exc}"[:300]
+
+    esize = x.element_size()
+    min_bytes = 6 * n * esize + 4 * b  # read x, m_u, m_c, h0, w; write x', h1
+    src_fp, dst_fp = torch.empty(3 * n, dtype=dtype), torch.empty(3 * n, dtype=dtype)  # same bytes as the step
+    src_1, dst_1 = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    src_fp.normal_(), src_1.normal_()
+    times = time_all({"copy_same_bytes": lambda: dst_fp.copy_(src_fp),
+                      "copy_one_tensor": lambda: dst_1.copy_(src_1), **methods}, repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 1-thread copy cannot stall on a barrier when the machine is busy
+    try:
+        copy_1t = time_all({"copy": lambda: dst_fp.copy_(src_fp)}, repeats)["copy"]
+    finally:
+        torch.set_num_threads(threads)
+    # the ceiling: the best copy sample, 2 threads or 1 (load only ever slows a copy down), so the
+    # fraction below (a method's median against it) is conservative
+    copy_gbs = 2 * 3 * n * esize / min(times["copy_same_bytes"][1], copy_1t[1]) / 1e9
+    common = {"shape": list(shape), "dtype": dtype_name(dtype), "min_bytes": min_bytes, "copy_gb_s": copy_gbs,
+              "copy_2t_gb_s": 2 * 3 * n * esize / times["copy_same_bytes"][1] / 1e9,
+              "copy_1t_gb_s": 2 * 3 * n * esize / copy_1t[1] / 1e9,
+              "copy_one_tensor_gb_s": 2 * n * esize / times["copy_one_tensor"][1] / 1e9}
+    t_cpu, b_cpu = times["cpu"] if "cpu" in times else (None, None)
+    t_ref, b_ref = times["reference"]
+    rows = []
+    for name in ("reference", "diffusers", "compiled", "cpu", "cpu+dispatch"):
+        if name in errors:
+            rows.append({**common, "method": name, "error": errors[name]})
+            continue
+        if name not in times:
+            continue  # compile not asked for
+        t, best = times[name]
+        gbs = min_bytes / t / 1e9
+        rows.append({**common, "method": name, "us": t * 1e6, "us_best": best * 1e6, "gb_s": gbs,
+                     "frac_of_copy": gbs / copy_gbs, "frac_of_copy_best": min_bytes / best / 1e9 / copy_gbs,
+                     "cpu_speedup": t / t_cpu if t_cpu else None, "cpu_speedup_best": best / b_cpu if b_cpu else None,
+                     "vs_reference": t_ref / t, "vs_reference_best": b_ref / best,
+                     "compile_s": compile_s if name == "compiled" else None})
+    return rows
+
+
+# ------------------------------------------------------------------------------------- real plan rows per sampler
+
+
+def plan_row_args(sampler: str, shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", steps: int = 10, guidance: float | None = GUIDANCE,
+                  row: int | None = None, seed: int = 0) -> StepArgs:
+    """The arguments of one real plan row: row ``row`` (default: the middle one) of
+    ``fastdiff.make_plan(sampler, steps, schedule_for(sampler))``, on random tensors.
+
+    Element tensors are ``shape``-shaped ``dtype`` tensors on ``device``: ``x``, the model output
+    ``m`` (and ``m_c`` with ``w`` = ``guidance`` under CFG), one random tensor per history read and
+    a separate output tensor per history write and for ``x'``, so that repeating the step runs the
+    same arithmetic on the same inputs (no drift to Inf over thousands of calls). Noise rows draw
+    in-kernel Philox noise keyed by ``seeds``; clipping rows get ``s`` = the plan's clip range.
+    """
+    from .api import make_plan
+
+    device = torch.device(device)
+    shape = tuple(int(s) for s in shape)
+    plan = make_plan(sampler, steps, schedule_for(sampler))
+    i = len(plan.rows) // 2 if row is None else row
+    r = plan.rows[i]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd():
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+    b = shape[0]
+    x = rnd()
+    guided = guidance is not None and guidance != 1.0
+    clip = clip_code(r)
+    return StepArgs(
+        x=x, out=torch.empty_like(x), m=rnd(), m_c=rnd() if guided else None, coef=pack_row(r), row=i,
+        h_read=tuple(rnd() for _ in r.reads), h_write=tuple(torch.empty_like(x) for _ in r.writes),
+        w=torch.full((b,), float(guidance), device=device) if guided else None,
+        s=torch.full((b,), float(plan.clip_range), device=device) if clip else None, clip=clip,
+        seeds=torch.arange(seed, seed + b, dtype=torch.int64, device=device) if r.noise else None)
+
+
+def step_bytes(args: StepArgs) -> int:
+    """Minimum bytes one step moves: each element tensor read once, each output written once."""
+    reads = [args.x, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *args.h_read]
+    n = sum(t is not None for t in reads) + 1 + len(args.h_write)
+    per_sample = sum(t is not None for t in (args.w, args.r, args.s)) * 4 + (8 if args.seeds is not None else 0)
+    return n * args.x.numel() * args.x.element_size() + per_sample * args.x.shape[0]
+
+
+def bench_samplers(sampler_names: Sequence[str] | None = None, backends: Sequence[str] | None = None,
+                   shapes: Sequence[Sequence[int]] = ((1, 4, 64, 64),), dtype: torch.dtype = torch.float32,
+                   repeats: int = 10, progress: bool = True) -> list[dict]:
+    """Time one real plan row per sampler (:func:`plan_row_args`) on each backend, through ``ops.step``.
+
+    The step runs as the loop runs it: validated once, then ``ops.step(..., check=False)``.
+    Returns one dict per sampler x shape x backend; a backend that cannot run a row gets ``error``.
+    """
+    from . import samplers
+
+    names = list(sampler_names or samplers.available())
+    if backends is None:
+        backends = [b for b in ("reference", "cpu") if ops.backend_status(b)[0]]
+    cases = [(n, tuple(s)) for s in shapes for n in names]
+    it = cases
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(cases, desc="step per sampler", leave=False)
+    rows = []
+    for name, shape in it:
+        args = plan_row_args(name, shape, dtype)
+        ops.validate(args)
+        fns, errors = {}, {}
+        for be in backends:
+            try:
+                ops.step(args, backend=be)  # resolves (raises if the backend cannot run the row)
+                fns[be] = (lambda b_=be: ops.step(args, backend=b_, check=False))
+            except Exception as exc:  # noqa: BLE001 - report the backend, time the others
+                errors[be] = f"{type(exc).__name__}: {exc}"[:300]
+        times = time_all(fns, repeats) if fns else {}
+        nbytes = step_bytes(args)
+        t_ref, b_ref = times.get("reference", (None, None))
+        for be in backends:
+            r = {"sampler": name, "backend": be, "shape": list(shape), "dtype": dtype_name(dtype), "row": args.row,
+                 "min_bytes": nbytes}
+            if be in errors:
+                r["error"] = errors[be]
+            else:
+                t, best = times[be]
+                r.update(us=t * 1e6, us_best=best * 1e6, gb_s=nbytes / t / 1e9,
+                         vs_reference=t_ref / t if t_ref else None, vs_reference_best=b_ref / best if b_ref else None)
+            rows.append(r)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- GPU rows
+
+GPU_SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (2, 3, 512, 512)]
+GPU_VARIANTS = ("multistep_cfg", "ancestral_cfg")
+"""A guided multistep update (CFG, one history read and write), and the same plus in-kernel Philox noise."""
+GPU_TENSORS = 6
+"""Element tensors a GPU benchmark step moves: read x, m_u, m_c, h0; write x, h_new."""
+
+
+def gpu_row(variant: str) -> tuple[float, ...]:
+    """Packed coefficients of a contracting row (values stay bounded over thousands of steps)."""
+    if variant not in GPU_VARIANTS:
+        raise ValueError(f"variant must be one of {GPU_VARIANTS}, got {variant!r}")
+    noise = variant == "ancestral_cfg"
+    row = Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.5, a_e=0.5,
+              out=combo(x=0.6, d=0.2, h=(0.2,), z=0.1 if noise else 0.0), reads=(0,),
+              writes=(Write(1, combo(d=1.0)),), noise=noise)
+    return pack_row(row)
+
+
+def gpu_step_args(shape: Sequence[int], dtype: torch.dtype, variant: str, device: str = "cuda",
+                  seed: int = 0) -> StepArgs:
+    """In-place step arguments of a :func:`gpu_row` on ``device`` (CFG scale 5, seeds ``0..B-1``)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = tuple(int(s) for s in shape)
+
+    def t():
+        return torch.randn(shape, generator=g, device=device).to(dtype)
+
+    b = shape[0]
+    x = t()
+    return StepArgs(x=x, out=x, m=t(), m_c=t(), h_read=(t(),), h_write=(t(),), coef=gpu_row(variant), row=3,
+                    w=torch.full((b,), 5.0, device=device), seeds=torch.arange(b, dtype=torch.int64, device=device))
+
+
+def gpu_copy_gbps(nbytes: int = 2**30, device: str = "cuda") -> float:
+    """Device copy bandwidth (GB/s, bytes read + written): median of 10 ``copy_`` of ``nbytes``, CUDA events."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def compiled_reference_gpu() -> Callable[[StepArgs], None]:
+    """``run(args)``: ``torch.compile`` of the reference step, one compiled function per coefficient row."""
+    fns: dict = {}
+
+    def run(args: StepArgs) -> None:
+        key = (args.coef, args.row)
+        if key not in fns:  # coefficients are constants in the graph; shapes are dynamic
+            def ref_step(x, m, m_c, h0, hw, w, seeds, _c=args.coef, _r=args.row):
+                reference.step(StepArgs(x=x, out=x, m=m, m_c=m_c, h_read=(h0,), h_write=(hw,), coef=_c, row=_r,
+                                        w=w, seeds=seeds))
+            fns[key] = torch.compile(ref_step, dynamic=True)
+        fns[key](args.x, args.m, args.m_c, args.h_read[0], args.h_write[0], args.w, args.seeds)
+
+    return run
+
+
+def time_device(fn: Callable[[StepArgs], None], args: StepArgs, wall_steps: int = 200) -> tuple[float, float]:
+    """``(device_us, wall_us)`` per step: the median kernel time (``triton.testing.do_bench``, cold L2;
+    CUDA events where Triton is missing) and the host time per step of back-to-back steps."""
+    fn(args)  # compile / tune outside the timing
+    torch.cuda.synchronize()
+    try:
+        import triton.testing
+
+        device_ms = triton.testing.do_bench(lambda: fn(args), warmup=10, rep=40, return_mode="median")
+    except ImportError:
+        times = []
+        for _ in range(50):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(args)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        device_ms = statistics.median(times)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(wall_steps):
+        fn(args)
+    torch.cuda.synchronize()
+    return device_ms * 1e3, (time.perf_counter() - t) / wall_steps * 1e6
+
+
+def gpu_providers() -> tuple[dict[str, Callable[[StepArgs], None]], dict[str, str]]:
+    """``({name: step(args)}, {name: why not})`` of the GPU providers: reference, triton, cuda, compile."""
+    from .backends import cuda as cuda_backend
+    from .backends import triton as triton_backend
+
+    providers: dict[str, Callable[[StepArgs], None]] = {"reference": reference.step}
+    missing = {}
+    for name, mod in (("triton", triton_backend), ("cuda", cuda_backend)):
+        ok, why = mod.available()
+        if ok:
+            providers[name] = mod.step
+        else:
+            missing[name] = why
+    providers["torch.compile(reference)"] = compiled_reference_gpu()
+    return providers, missing
+
+
+def bench_gpu(shapes: Sequence[Sequence[int]] = GPU_SHAPES, dtypes: Sequence[torch.dtype] = (torch.float16, torch.float32),
+              variants: Sequence[str] = GPU_VARIANTS, copy_gbps: float | None = None,
+              time_left: Callable[[], float] | None = None, on_row: Callable[[dict], None] | None = None,
+              progress: bool = True) -> list[dict]:
+    """Time every GPU provider on every variant x dtype x shape (one dict per provider and case).
+
+    ``time_left()`` (seconds) lets a short GPU session skip what no longer fits (the first
+    ``torch.compile`` needs about a minute); ``on_row`` sees each row as soon as it is measured.
+    """
+    providers, _ = gpu_providers()
+    cases = [(v, d, tuple(s), p) for v in variants for d in dtypes for s in shapes for p in providers]
+    it = cases
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(cases, desc="gpu step", leave=False)
+    rows = []
+    first_compile = True
+    for variant, dtype, shape, prov in it:
+        nbytes = GPU_TENSORS * numel(shape) * torch.empty((), dtype=dtype).element_size()
+        r = {"provider": prov, "variant": variant, "dtype": dtype_name(dtype), "shape": list(shape)}
+        need = 60.0 if prov.startswith("torch.compile") and first_compile else 3.0
+        if time_left is not None and time_left() < need:
+            r["error"] = "skipped: time budget spent"
+        else:
+            try:
+                dev_us, wall_us = time_device(providers[prov], gpu_step_args(shape, dtype, variant))
+                if prov.startswith("torch.compile"):
+                    first_compile = False
+                r.update(device_us=round(dev_us, 2), wall_us=round(wall_us, 2),
+                         gb_s=round(nbytes / (dev_us * 1e-6) / 1e9, 1), min_bytes=nbytes)
+                if copy_gbps:
+                    r["frac_of_copy"] = round(r["gb_s"] / copy_gbps, 3)
+            except Exception as exc:  # noqa: BLE001 - every provider is independent
+                r["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        rows.append(r)
+        if on_row is not None:
+            on_row(r)
+    ref = {(r["variant"], r["dtype"], tuple(r["shape"])): r.get("device_us") for r in rows
+           if r["provider"] == "reference"}
+    for r in rows:
+        base = ref.get((r["variant"], r["dtype"], tuple(r["shape"])))
+        r["vs_reference"] = round(base / r["device_us"], 3) if base and r.get("device_us") else None
+    return rows
