@@ -252,6 +252,7 @@ def classifier_coefficients(plan: Plan, scale: float) -> list[float]:
     ``eps - sqrt(1 - abar) * s * grad`` for eps models), with the scale ``s`` as inverse temperature.
     """
     out = []
+    eps_estimate = plan.meta.get("estimate") == "eps"
     for r in plan.rows:
         if r.alpha_t is None or r.sigma_t is None:
             raise ValueError(f"sampler {plan.sampler!r} does not give alpha_t/sigma_t on its rows; "
@@ -259,7 +260,9 @@ def classifier_coefficients(plan: Plan, scale: float) -> list[float]:
         if r.a_e == 0.0 or r.alpha_t <= 0.0:
             out.append(0.0)  # the data estimate does not depend on the model output here
             continue
-        out.append(float(scale) * r.sigma_t**2 / r.alpha_t / r.a_e)
+        # d is x0 (shift sigma^2/alpha * g), or eps for estimate="eps" plans (shift -sigma * g)
+        shift = -r.sigma_t if eps_estimate else r.sigma_t**2 / r.alpha_t
+        out.append(float(scale) * shift / r.a_e)
     return out
 
 

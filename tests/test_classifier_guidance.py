@@ -77,3 +77,26 @@ def test_classifier_guidance_argument_errors():
     with pytest.raises(ValueError, match="classifier_y"):
         fastdiff.sample(lambda x, t: x, torch.randn(2, 3), plan=plan, backend="reference",
                         classifier=lambda u, t: u[:, :2], classifier_y=torch.zeros(3, dtype=torch.int64))
+
+
+def test_eps_estimate_plans_shift_eps_by_minus_sigma_grad():
+    # UniPC with predict_x0=False carries eps in d (plan.meta["estimate"] == "eps"): guidance must
+    # give eps - sigma * s * grad, the eps of Tweedie's conditional mean
+    gm = GaussianMixture.default((4,), components=3, seed=1)
+    alpha, sigma, scale = 0.7, (1 - 0.49) ** 0.5, 2.5
+    row = Row(t=0.5, sigma=sigma / alpha, in_scale=1.0, a_x=0.0, a_e=1.0, out=combo(d=1.0), alpha_t=alpha,
+              sigma_t=sigma)
+    plan = Plan((row,), init_scale=1.0, steps=1, prediction="eps", meta={"estimate": "eps"})
+    ab = (torch.tensor(alpha, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    model = gm.model(lambda t: (ab[0].expand(t.shape), ab[1].expand(t.shape)), "eps")
+    u = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+
+    def classifier(uu, t):
+        return gm.component_logits(uu, *ab)
+
+    out = run_plan(plan, model, u.clone(), LoopOptions(backend="reference", classifier=classifier,
+                                                         classifier_scale=scale, classifier_y=y))
+    uu = u.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.log_softmax(classifier(uu, None), 1).gather(1, y[:, None]).sum(), uu)
+    assert torch.allclose(out, model(u, torch.zeros(5)) - sigma * scale * g, rtol=1e-12, atol=1e-12)
