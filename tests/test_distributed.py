@@ -321,7 +321,9 @@ def test_cli_single_process_resume_and_manifest(tmp_path, capsys):
     assert cli_main(CLI[:6] + ["7"] + CLI[7:] + ["--out", d, "--resume"]) == 2
     assert "holds a run with other settings (steps was 6, now 7)" in capsys.readouterr().err
     assert cli_main(["sample", "--model", "nope", "--out", str(tmp_path / "x")]) == 2
-    assert "--model must be one of ['gmm'] or module:attr, got 'nope'" in capsys.readouterr().err
+    from fastdiff.cli import SAMPLE_MODELS
+
+    assert f"--model must be one of {sorted(SAMPLE_MODELS)} or module:attr, got 'nope'" in capsys.readouterr().err
 
 
 def test_cli_model_from_module_attr(tmp_path):
