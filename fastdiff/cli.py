@@ -119,8 +119,30 @@ def _gmm_model(shape: tuple[int, ...], schedule, prediction: str):
     return GaussianMixture.default(shape).model(alpha_sigma, prediction)
 
 
-SAMPLE_MODELS = {"gmm": _gmm_model}
+def _digits_model(shape: tuple[int, ...], schedule, prediction: str):
+    """The trained class-conditional digits denoiser (:mod:`fastdiff.zoo.digits`), eps under its own schedule."""
+    from .zoo import digits
+
+    if shape != digits.SHAPE:
+        raise ValueError(f"--model digits samples shape {','.join(map(str, digits.SHAPE))}, got --shape "
+                         f"{','.join(map(str, shape))}")
+    if prediction != "eps":
+        raise ValueError(f"--model digits predicts eps, got --prediction {prediction}")
+    return digits.load_denoiser()
+
+
+def _digits_defaults() -> dict:
+    from .zoo import digits
+
+    return {"shape": ",".join(map(str, digits.SHAPE)), "schedule": digits.schedule_config(),
+            "null_class": digits.NULL, "num_classes": digits.NUM_CLASSES, "grid": True}
+
+
+SAMPLE_MODELS = {"gmm": _gmm_model, "digits": _digits_model}
 """``fastdiff sample --model NAME``: name -> ``builder(shape, schedule, prediction) -> model(x, t)``."""
+SAMPLE_MODEL_DEFAULTS = {"gmm": lambda: {"shape": "2"}, "digits": _digits_defaults}
+"""Per built-in model: ``--shape`` and schedule config when not given; class-conditional models also
+give ``null_class`` and ``num_classes`` (``--class``, ``--guidance-scale``) and ``grid`` (write a PNG grid)."""
 
 
 def _sample_model(spec: str, shape: tuple[int, ...], schedule, prediction: str):
@@ -142,8 +164,9 @@ def _sample_model(spec: str, shape: tuple[int, ...], schedule, prediction: str):
     return obj
 
 
-def _sample_schedule(sampler: str, text: str):
-    """``--schedule``: a diffusers scheduler config as JSON text or a JSON file; default: the sampler's."""
+def _sample_schedule(sampler: str, text: str, default: dict | None = None):
+    """``--schedule``: a diffusers scheduler config as JSON text or a JSON file; default: the model's
+    (``default``), else the sampler's."""
     import json
 
     from . import samplers, schedules
@@ -151,6 +174,8 @@ def _sample_schedule(sampler: str, text: str):
     if text:
         cfg = json.loads(text) if text.lstrip().startswith("{") else json.load(open(text))
         return schedules.from_config(cfg)
+    if default is not None:
+        return schedules.from_config(default)
     kinds = samplers.info(sampler).kinds
     if "vp" in kinds:
         return schedules.from_config({})
@@ -158,7 +183,8 @@ def _sample_schedule(sampler: str, text: str):
 
 
 _MANIFEST = "fastdiff-sample.json"
-_MANIFEST_KEYS = ("model", "sampler", "steps", "schedule", "prediction", "shape", "num", "seed", "dtype", "backend")
+_MANIFEST_KEYS = ("model", "sampler", "steps", "schedule", "prediction", "shape", "num", "seed", "dtype", "backend",
+                  "label", "guidance_scale")
 
 
 def _check_manifest(args: argparse.Namespace, rank: int) -> None:
@@ -193,6 +219,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .api import make_plan
 
     try:
+        defaults = SAMPLE_MODEL_DEFAULTS[args.model]() if args.model in SAMPLE_MODEL_DEFAULTS else {}
+    except (ImportError, OSError, ValueError) as exc:
+        print(f"fastdiff sample: error: --model {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    args.shape = args.shape or defaults.get("shape", "2")
+    try:
         shape = tuple(int(s) for s in args.shape.split(","))
         if not shape or min(shape) < 1:
             raise ValueError
@@ -203,15 +235,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
+        conds, unconds, guidance = _class_conditions(args, defaults)
         dtype = getattr(torch, args.dtype)
-        schedule = _sample_schedule(args.sampler, args.schedule)
+        schedule = _sample_schedule(args.sampler, args.schedule, defaults.get("schedule"))
         plan = make_plan(args.sampler, args.steps, schedule, args.prediction or None)
         model = _sample_model(args.model, shape, schedule, plan.prediction)
+        grid = args.grid or (os.path.join(args.out, "grid.png") if defaults.get("grid") else "")
+        if grid and not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)):
+            raise ValueError(f"--grid needs one-channel images (shape H,W or 1,H,W), got --shape {args.shape}")
         _check_manifest(args, rank)
         seeds = [args.seed + i for i in range(args.num)]
         paths = distributed.sample(model, shape, seeds=seeds, out_dir=args.out, resume=args.resume,
                                    batch_size=args.batch_size, dtype=dtype, device=args.device or None,
-                                   timeout=args.timeout, plan=plan, backend=args.backend)
+                                   timeout=args.timeout, plan=plan, backend=args.backend,
+                                   conds=conds, unconds=unconds, **guidance)
+        if grid and rank == 0:
+            from .zoo import png
+
+            png.write_png(grid, png.grid(torch.stack([distributed.load_sample(q)["sample"] for q in paths])))
     except distributed.RankFailedError as exc:
         print(f"fastdiff sample: error: {exc}", file=sys.stderr)
         return 1
@@ -221,8 +262,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if rank == 0:
         world = int(os.environ.get("WORLD_SIZE", "1") or "1")
         print(f"fastdiff sample: {len(paths)} samples of shape {shape} in {args.out} "
-              f"({args.sampler}, {args.steps} steps, {world} process{'es' if world > 1 else ''})")
+              f"({args.sampler}, {args.steps} steps, {world} process{'es' if world > 1 else ''})"
+              + (f"; grid {grid}" if grid else ""))
     return 0
+
+
+def _class_conditions(args: argparse.Namespace, defaults: dict):
+    """``(conds, unconds, guidance kwargs)`` of ``--class`` / ``--guidance-scale`` for ``--num`` samples."""
+    null = defaults.get("null_class")
+    guided = args.guidance_scale is not None and args.guidance_scale != 1.0
+    if args.label is None and not guided:
+        return None, None, {}
+    if null is None:
+        raise ValueError(f"--class and --guidance-scale need a class-conditional built-in model (digits), "
+                         f"got --model {args.model}")
+    k = defaults["num_classes"]
+    label = -1 if args.label is None else args.label
+    if not -1 <= label < k:
+        raise ValueError(f"--class must be in 0..{k - 1}, or -1 for unconditional, got {label}")
+    if guided and label == -1:
+        raise ValueError("--guidance-scale needs --class (a class to guide towards), got none or -1")
+    conds = torch.full((args.num,), null if label == -1 else label, dtype=torch.int64)
+    if not guided:
+        return conds, None, {}
+    return conds, torch.full((args.num,), null, dtype=torch.int64), {"guidance_scale": args.guidance_scale}
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -270,12 +333,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--png", default="", help="where to write the chart (default: the JSON path with .png; '-' to skip)")
     b.set_defaults(fn=cmd_bench)
     sp = sub.add_parser("sample", help="sample seeds into a folder, one file per sample (works under torchrun)")
-    sp.add_argument("--model", default="gmm", help="gmm (built-in Gaussian mixture, exact) or module:attr")
+    sp.add_argument("--model", default="gmm",
+                    help="gmm (built-in Gaussian mixture, exact), digits (trained 8x8 digits) or module:attr")
     sp.add_argument("--sampler", default="euler_ancestral", help="sampler name (fastdiff.samplers.available())")
     sp.add_argument("--steps", type=int, default=30)
     sp.add_argument("--schedule", default="", help="diffusers scheduler config: JSON text or a .json file")
     sp.add_argument("--prediction", default="", help="eps, v, x0 or flow (default: the sampler's)")
-    sp.add_argument("--shape", default="2", help="shape of one sample, comma-separated (default 2)")
+    sp.add_argument("--shape", default="", help="shape of one sample, comma-separated (default: the model's; 2 for gmm)")
+    sp.add_argument("--class", dest="label", type=int, default=None,
+                    help="class of every sample for class-conditional models (digits: 0-9; -1 = unconditional)")
+    sp.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance scale with --class (default: none; 1 = none)")
+    sp.add_argument("--grid", default="",
+                    help="also write the samples as one PNG grid here (default for digits: OUT/grid.png)")
     # -n: under torchrun on Python < 3.12, torchrun's own parser rejects --num as an abbreviation of --numa-binding
     sp.add_argument("-n", "--num", type=int, default=100, help="number of samples (seeds SEED .. SEED+NUM-1)")
     sp.add_argument("--seed", type=int, default=0, help="seed of sample 0")
