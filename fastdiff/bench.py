@@ -27,7 +27,8 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   ``kernel_threads`` (the CPU kernel's, ``null`` without it), ``gpu`` (name or ``null``),
   ``loadavg_start``, ``loadavg_end`` (1, 5, 15-minute load averages: a loaded machine slows
   2-thread regions unevenly).
-* ``loop`` rows: ``sampler``, ``backend``, ``shape``, ``dtype``, ``steps``, ``rows`` (model
+* ``loop`` rows: ``sampler``, ``backend``, ``shape``, ``dtype``, ``steps`` (solver steps run:
+  fewer than asked where a sampler has many rows per step, see :func:`bench_loop`), ``rows`` (model
   evaluations), ``model_us_per_step`` (model calls), ``sampler_us_per_step`` (everything between
   model calls: guidance, the step, loop overhead), ``us_per_step`` (their sum), each call and each
   stretch between calls at its minimum over the repeats; ``vs_reference`` (reference's
@@ -156,8 +157,13 @@ def bench_loop(
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    max_rows: int | None = None,
 ) -> list[LoopResult]:
     """Time ``fastdiff.sample`` on the Gaussian-mixture model for each sampler x backend (CPU).
+
+    A sampler whose plan has more than ``max_rows`` rows (default ``4 * steps``; annealed Langevin
+    runs 100 corrector rows per noise level) runs fewer steps, so that one run stays near that many
+    model evaluations; ``steps`` of its result says how many ran, and times are per step either way.
 
     After one warm-up run, ``repeats`` runs are timed around every model call; each model call
     and each stretch between calls (the sampler's work: guidance, the step, loop overhead, set-up
@@ -169,6 +175,7 @@ def bench_loop(
     if backends is None:
         backends = [b for b in ("reference", "cpu") if ops.backend_status(b)[0]]
     gm = GaussianMixture.default(tuple(shape[1:]), components=4)
+    max_rows = max_rows or 4 * steps
     results = []
     combos = [(n, b) for n in names for b in backends]
     it = combos
@@ -179,6 +186,8 @@ def bench_loop(
     for name, backend in it:
         sched = schedule_for(name)
         plan = make_plan(name, steps, sched)
+        if len(plan.rows) > max_rows:
+            plan = make_plan(name, max(1, steps * max_rows // len(plan.rows)), sched)
         s = sched if is_schedule(sched) else from_config(sched)
         clock = _Clock(gm.model(s.alpha_sigma, plan.prediction, times=[r.t for r in plan.rows]))
         noise = torch.randn(tuple(shape), dtype=dtype)
@@ -216,7 +225,7 @@ def loop_rows(results: Sequence[LoopResult]) -> list[dict]:
 def settings(quick: bool, **over) -> dict:
     """What each part runs: the quick or full defaults, with the non-``None`` entries of ``over`` applied."""
     s = {
-        "loop_shape": [16, 4, 32, 32], "loop_steps": 4 if quick else 20, "loop_repeats": 2 if quick else 3,
+        "loop_shape": [16, 4, 32, 32], "loop_steps": 4 if quick else 20, "loop_repeats": 1 if quick else 3,
         "samplers": None, "backends": None,
         "step_shapes": [[1, 4, 64, 64]] if quick else [list(x) for x in SHAPES],
         "step_dtypes": ["fp32"] if quick else ["fp32", "fp16"], "step_repeats": 5 if quick else 25,
@@ -355,12 +364,11 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     """The report as ``(title, header, rows, note)`` tables (strings), one per part that ran."""
     out = []
     if doc.get("loop"):
-        rows = [[r["sampler"], r["backend"], str(r["rows"]), _f(r["us_per_step"]), _f(r["model_us_per_step"]),
-                 _f(r["sampler_us_per_step"]), _x(r["vs_reference"])] for r in doc["loop"]]
+        rows = [[r["sampler"], r["backend"], str(r["steps"]), str(r["rows"]), _f(r["us_per_step"]),
+                 _f(r["model_us_per_step"]), _f(r["sampler_us_per_step"]), _x(r["vs_reference"])] for r in doc["loop"]]
         r0 = doc["loop"][0]
-        out.append((f"Sampling loop, Gaussian-mixture model, shape {tuple(r0['shape'])}, {r0['steps']} steps, "
-                    f"{r0['dtype']} (µs per step)",
-                    ["sampler", "backend", "rows", "µs/step", "model", "sampler", "vs ref"], rows,
+        out.append((f"Sampling loop, Gaussian-mixture model, shape {tuple(r0['shape'])}, {r0['dtype']} (µs per step)",
+                    ["sampler", "backend", "steps", "rows", "µs/step", "model", "sampler", "vs ref"], rows,
                     "sampler = step minus model: what fastdiff replaces; vs ref = reference's sampler part / this"))
     if doc.get("step"):
         rows = []

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--parts", default="", help="comma-separated parts among loop,step,samplers,gpu,pipeline (default: all)")
     b.add_argument("--shape", default="", help="loop noise shape, comma-separated (default 16,4,32,32)")
     b.add_argument("--steps", type=int, default=None, help="loop steps (default 20; 4 with --quick)")
-    b.add_argument("--repeats", type=int, default=None, help="timed loop runs; each model call and each stretch between calls keeps its minimum (default 3; 2 with --quick)")
+    b.add_argument("--repeats", type=int, default=None, help="timed loop runs; each model call and each stretch between calls keeps its minimum (default 3; 1 with --quick)")
     b.add_argument("--samplers", default="", help="comma-separated sampler names (default: all)")
     b.add_argument("--backends", default="", help="comma-separated backends (default: reference and cpu)")
     b.add_argument("--step-shapes", default="", help="step and per-sampler shapes, e.g. '1,4,64,64;2,3,512,512'")
