@@ -43,6 +43,7 @@ def sample(
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
     check_finite: bool = True,
+    cuda_graph: bool = False,
     plan: Plan | None = None,
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     classifier_scale: float = 1.0,
@@ -88,6 +89,12 @@ def sample(
         progress: show a tqdm progress bar.
         check_finite: raise :class:`fastdiff.loop.NonFiniteError` naming the step if the model
             returns NaN/Inf (checked on the device; reported after the loop).
+        cuda_graph: capture the whole loop (model included) as ONE CUDA graph and replay it: after
+            an eager warm-up pass (lazy initialisation, Triton autotuning), every model call,
+            guidance reduction and fused step of the run is recorded and launched at once. Needs
+            CUDA tensors and ``seed=`` noise, and no ``callback``/``progress``/classifier guidance;
+            raises :class:`fastdiff.loop.GraphCaptureError` naming the cause when the model cannot
+            be captured (host syncs such as ``.item()``). Costs one extra (eager) pass per call.
         plan: a prebuilt :class:`~fastdiff.plan.Plan` (then ``sampler``, ``steps``, ``schedule``,
             ``prediction`` and sampler options are not used).
         classifier: classifier guidance (Dhariwal & Nichol 2021): a differentiable noise-conditional
@@ -154,7 +161,7 @@ def sample(
     opts = LoopOptions(
         guidance=Guidance(guidance_scale, guidance_interval, guidance_rescale),
         cond=cond, uncond=uncond, seeds=seeds, generator=generator, backend=backend,
-        callback=callback, progress=progress, check_finite=check_finite,
+        callback=callback, progress=progress, check_finite=check_finite, cuda_graph=cuda_graph,
         classifier=classifier, classifier_scale=classifier_scale, classifier_y=classifier_y,
         mask=mask, known=known, post_step=post_step,
     )

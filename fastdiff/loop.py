@@ -84,6 +84,7 @@ class LoopOptions:
     progress: bool = False
     check_finite: bool = True
     timer: RegionTimer | None = None
+    cuda_graph: bool = False
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     classifier_scale: float = 1.0
     classifier_y: torch.Tensor | None = None
@@ -162,76 +163,85 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
     backend = None  # resolved once; the step's tensors are validated whenever their kind changes
     checked = None
     all_dims = tuple(range(x.dim()))
-    for i in it:
-        r = rows[i]
-        if tm is not None:
-            tm.start_row(i)
-        with region("model"):
-            x_in = x * r.in_scale if r.in_scale != 1.0 else x
-            if guided[i]:
-                cin = cond_cat if cond_cat is not None else opts.uncond
-                out = _call(model, torch.cat([x_in, x_in], dim=0), ts[i].expand(2 * B), cin)
-                _check_shape(out, (2 * B, *x.shape[1:]), i, r)
-                out = out.to(x.dtype)
-                m, m_c = out[:B], out[B:]
-            else:
-                out = _call(model, x_in, ts[i].expand(B), opts.cond)
-                _check_shape(out, tuple(x.shape), i, r)
-                m, m_c = out.to(x.dtype), None
-        w = W[i] if m_c is not None else None
-        rr = s = None
-        clip = clip_code(r)
-        grad = None
-        with region("guidance"):
-            if cg is not None and cg[i] != 0.0:
-                grad = classifier_grad(opts.classifier, x_in, ts[i].expand(B), y).to(x.dtype)
-            if sums is not None:
-                torch.sum(out, dim=all_dims, dtype=torch.float32, out=sums[i])
-            if m_c is not None and g.rescale > 0:
-                rr = rescale_factor(m, m_c, w, g.rescale)
-            if clip == 1:
-                s = s_static
-            elif clip == 2:
-                s = dynamic_threshold(_x0(x, m, m_c, w, rr, r), plan.threshold_ratio, plan.threshold_max)
-        z = None
-        if r.noise and (opts.noise_fn is not None or opts.generator is not None):
-            with region("noise"):
-                if opts.noise_fn is not None:
-                    z = opts.noise_fn(i, x)
+
+    def run_rows(x: torch.Tensor, it) -> None:
+        nonlocal backend, checked
+        for i in it:
+            r = rows[i]
+            if tm is not None:
+                tm.start_row(i)
+            with region("model"):
+                x_in = x * r.in_scale if r.in_scale != 1.0 else x
+                if guided[i]:
+                    cin = cond_cat if cond_cat is not None else opts.uncond
+                    out = _call(model, torch.cat([x_in, x_in], dim=0), ts[i].expand(2 * B), cin)
+                    _check_shape(out, (2 * B, *x.shape[1:]), i, r)
+                    out = out.to(x.dtype)
+                    m, m_c = out[:B], out[B:]
                 else:
-                    z = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev)
-                z = z.to(dtype=x.dtype, device=dev)
-        z2 = None
-        if opts.mask is not None and r.known_s != 0 and opts.generator is not None:
-            with region("noise"):  # the known region's re-noising, drawn after the solver noise
-                z2 = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev).to(dtype=x.dtype, device=dev)
-        if opts.callback is not None:
-            x0 = _x0(x, m, m_c, w, rr, r, s, clip)
-        coef = packed[i]
-        if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
+                    out = _call(model, x_in, ts[i].expand(B), opts.cond)
+                    _check_shape(out, tuple(x.shape), i, r)
+                    m, m_c = out.to(x.dtype), None
+            w = W[i] if m_c is not None else None
+            rr = s = None
+            clip = clip_code(r)
+            grad = None
             with region("guidance"):
-                m, rr, z, coef = langevin_operands(plan, r, i, x, m, m_c, w, rr, grad, packed[i], z, seeds)
-            m_c = w = grad = None
-        args = StepArgs(
-            x=x, out=x, m=m, m_c=m_c, coef=coef, row=i,
-            h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
-            w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z, z2=z2,
-            mask=opts.mask, known=opts.known, g=grad,
-        )
-        with region("step"):
-            sig = (m_c is None, rr is None, s is None, z is None, z2 is None, grad is None, len(r.reads), len(r.writes))
-            if sig != checked:
-                ops.validate(args)
-                checked = sig
-            if backend is None:
-                backend = ops.resolve(opts.backend, args)
-            elif not backend.supports(args):
-                backend = ops.resolve(opts.backend, args)
-            backend.step(args)
-        if opts.post_step is not None:
-            opts.post_step(i, x)
-        if opts.callback is not None:
-            opts.callback(r.step, r.sigma, x, x0)
+                if cg is not None and cg[i] != 0.0:
+                    grad = classifier_grad(opts.classifier, x_in, ts[i].expand(B), y).to(x.dtype)
+                if sums is not None:
+                    torch.sum(out, dim=all_dims, dtype=torch.float32, out=sums[i])
+                if m_c is not None and g.rescale > 0:
+                    rr = rescale_factor(m, m_c, w, g.rescale)
+                if clip == 1:
+                    s = s_static
+                elif clip == 2:
+                    s = dynamic_threshold(_x0(x, m, m_c, w, rr, r), plan.threshold_ratio, plan.threshold_max)
+            z = None
+            if r.noise and (opts.noise_fn is not None or opts.generator is not None):
+                with region("noise"):
+                    if opts.noise_fn is not None:
+                        z = opts.noise_fn(i, x)
+                    else:
+                        z = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev)
+                    z = z.to(dtype=x.dtype, device=dev)
+            z2 = None
+            if opts.mask is not None and r.known_s != 0 and opts.generator is not None:
+                with region("noise"):  # the known region's re-noising, drawn after the solver noise
+                    z2 = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev).to(dtype=x.dtype, device=dev)
+            if opts.callback is not None:
+                x0 = _x0(x, m, m_c, w, rr, r, s, clip)
+            coef = packed[i]
+            if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
+                with region("guidance"):
+                    m, rr, z, coef = langevin_operands(plan, r, i, x, m, m_c, w, rr, grad, packed[i], z, seeds)
+                m_c = w = grad = None
+            args = StepArgs(
+                x=x, out=x, m=m, m_c=m_c, coef=coef, row=i,
+                h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
+                w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z, z2=z2,
+                mask=opts.mask, known=opts.known, g=grad,
+            )
+            with region("step"):
+                sig = (m_c is None, rr is None, s is None, z is None, z2 is None, grad is None, len(r.reads), len(r.writes))
+                if sig != checked:
+                    ops.validate(args)
+                    checked = sig
+                if backend is None:
+                    backend = ops.resolve(opts.backend, args)
+                elif not backend.supports(args):
+                    backend = ops.resolve(opts.backend, args)
+                backend.step(args)
+            if opts.post_step is not None:
+                opts.post_step(i, x)
+            if opts.callback is not None:
+                opts.callback(r.step, r.sigma, x, x0)
+
+    if opts.cuda_graph:
+        _check_graphable(opts, x)
+        _run_graphed(run_rows, x, len(rows))
+    else:
+        run_rows(x, it)
     if tm is not None:
         tm.end()
     if sums is not None:
@@ -242,6 +252,46 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
     if plan.out_scale != 1.0:
         x.mul_(plan.out_scale)
     return x
+
+
+class GraphCaptureError(RuntimeError):
+    """The sampling loop (model included) could not be captured as a CUDA graph."""
+
+
+def _check_graphable(opts: "LoopOptions", x: torch.Tensor) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got noise on {x.device}")
+    host = {"generator": opts.generator, "noise_fn": opts.noise_fn, "callback": opts.callback,
+            "post_step": opts.post_step, "timer": opts.timer, "classifier": opts.classifier}
+    bad = [k for k, v in host.items() if v is not None] + (["progress"] if opts.progress else [])
+    if bad:
+        raise ValueError(f"cuda_graph=True cannot capture {', '.join(bad)} (host-side work inside the loop); "
+                         "use seed= (in-kernel Philox noise) and no per-step Python hooks, or cuda_graph=False")
+
+
+def _run_graphed(run_rows: Callable, x: torch.Tensor, n: int) -> None:
+    """Warm the loop up on a copy (lazy initialisation, autotuning), capture it, replay it once.
+
+    The capture records every row (model, guidance reductions, fused step) writing ``x`` in place;
+    nothing runs during the capture, so ``x`` still holds the initial state when it is replayed.
+    """
+    warm = x.clone()
+    side = torch.cuda.Stream(device=x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        run_rows(warm, range(n))
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    del warm
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run_rows(x, range(n))
+    except Exception as exc:  # the model (or an option) did something a graph cannot record
+        raise GraphCaptureError(
+            f"the sampling loop could not be captured as one CUDA graph: {type(exc).__name__}: {exc}. "
+            "The model must not synchronise with the host (.item(), .cpu(), printing tensors, "
+            "data-dependent shapes) or allocate outside PyTorch; run with cuda_graph=False") from exc
+    graph.replay()
 
 
 def classifier_coefficients(plan: Plan, scale: float) -> list[float]:

@@ -1,0 +1,75 @@
+"""fastdiff.sample(..., cuda_graph=True): the whole loop as one CUDA graph (GPU parts skip without one)."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.loop import GraphCaptureError
+
+from ._plans import edm_euler, edm_euler_ancestral
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: graph capture needs one")
+
+
+def _model(x, t, c=None):
+    return torch.tanh(x * 0.5) + 0.1 * t.reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype).clamp(max=1)
+
+
+def test_cuda_graph_errors_name_the_cause_on_cpu():
+    plan = edm_euler(3)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors"):
+        fastdiff.sample(_model, torch.randn(2, 3), plan=plan, seed=0, cuda_graph=True)
+
+
+@needs_gpu
+def test_cuda_graph_refuses_host_side_hooks():
+    plan = edm_euler(3)
+    x = torch.randn(2, 3, device="cuda")
+    with pytest.raises(ValueError, match="cannot capture callback"):
+        fastdiff.sample(_model, x, plan=plan, seed=0, cuda_graph=True, callback=lambda *a: None)
+    with pytest.raises(ValueError, match="cannot capture generator"):
+        fastdiff.sample(_model, x, plan=plan, cuda_graph=True, generator=torch.Generator("cuda"))
+
+
+@needs_gpu
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "ddim"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graph_replay_equals_eager(sampler, dtype):
+    noise = torch.randn(3, 4, 9, 7, device="cuda", dtype=dtype)
+    cond, uncond = torch.randn(3, 1, device="cuda", dtype=dtype), torch.randn(3, 1, device="cuda", dtype=dtype)
+    kw = dict(sampler=sampler, steps=12, seed=[11, 12, 13], guidance_scale=3.0, cond=cond, uncond=uncond)
+    eager = fastdiff.sample(_model, noise, **kw)
+    graphed = fastdiff.sample(_model, noise, cuda_graph=True, **kw)
+    assert torch.equal(eager, graphed)
+
+
+@needs_gpu
+def test_graph_capture_of_a_syncing_model_raises_a_clear_error():
+    def syncing(x, t):
+        if float(x.abs().max()) > 1e9:  # a host sync: not capturable
+            raise AssertionError
+        return x * 0.5
+
+    with pytest.raises(GraphCaptureError, match="could not be captured as one CUDA graph"):
+        fastdiff.sample(syncing, torch.randn(2, 8, device="cuda"), plan=edm_euler_ancestral(4), seed=0,
+                        cuda_graph=True)
+
+
+@needs_gpu
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "unipc"])
+def test_loop_never_syncs_with_the_host(sampler):
+    # From the first model call on (the loop; set-up copies before it are allowed), every step runs
+    # under sync_debug_mode("error"): any host-device synchronisation inside the loop raises.
+    noise = torch.randn(2, 4, 8, 8, device="cuda")
+    cond, uncond = torch.randn(2, 1, device="cuda"), torch.randn(2, 1, device="cuda")
+
+    def model(x, t, c):
+        torch.cuda.set_sync_debug_mode("error")
+        return _model(x, t) + 0.01 * c.reshape(-1, 1, 1, 1)
+
+    try:
+        out = fastdiff.sample(model, noise, sampler=sampler, steps=8, seed=[1, 2], check_finite=False,
+                              guidance_scale=4.0, cond=cond, uncond=uncond)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
