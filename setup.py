@@ -30,8 +30,9 @@ ext_modules = [
         "fastdiff._C",
         CPU_SOURCES,
         include_dirs=["csrc"],
-        depends=[f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "cpu_step.h", "cpu_kernel.h",
-                                       "cpu_vec_scalar.h", "cpu_vec_avx2.h", "cpu_vec_avx512.h")],
+        depends=[f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "step_params.h", "bind_args.h",
+                                       "cpu_step.h", "cpu_kernel.h", "cpu_vec_scalar.h", "cpu_vec_avx2.h",
+                                       "cpu_vec_avx512.h")],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=["-fopenmp"],
         cxx_std=17,
@@ -94,14 +95,14 @@ def cuda_extension():
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     cu_sources = ["csrc/cuda_step.cu"]
-    headers = [f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "cuda_step.h")]
+    headers = [f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "step_params.h", "cuda_step.h")]
     ext = Pybind11Extension(
         "fastdiff._C_cuda",
         ["csrc/cuda_bindings.cpp"],
         include_dirs=["csrc"],
         library_dirs=lib_dirs,
         libraries=["cudart_static", "rt", "pthread", "dl"],
-        depends=cu_sources + headers,
+        depends=cu_sources + headers + ["csrc/bind_args.h"],
         cxx_std=17,
     )
 

@@ -1,43 +1,20 @@
-// The CPU step kernel's interface: a plain struct of raw pointers (no torch) and the entry points
-// of each SIMD level. bindings.cpp fills StepArgs from Python; cpu_step.cpp picks the level.
+// The CPU step kernel's interface: the plan row of step_params.h (raw pointers, no torch) and
+// the entry points of each SIMD level. bindings.cpp fills StepArgs from Python (bind_args.h);
+// cpu_step.cpp picks the level.
 #pragma once
 
 #include <stdint.h>
 
+#include "step_params.h"
+
 namespace fd_cpu {
 
-/// Length of the packed coefficients (fd::N_COEF of step_math.h, which this header does not
-/// include: each SIMD level compiles that header under its own target; bindings.cpp checks).
-constexpr int N_COEF = 29;
+using fd_row::N_COEF;
 
-/// One plan row over contiguous tensors of `numel` elements (`per_sample` per batch sample).
-/// Element pointers share one storage dtype; null means "not given". Outputs may alias inputs
-/// exactly (same pointer), never partially.
-struct StepArgs {
-  const void* x;
-  void* out;
-  const void* m;
-  const void* m_c;          // conditional model output (guidance) or null
-  const void* h_read[4];    // history reads, n_reads of them
-  void* h_write[2];         // history writes, n_writes of them
-  const void* z;            // external noise, or null for Philox stream 0
-  const void* z2;           // external known-region noise, or null for Philox stream 1
-  const void* mask;
-  const void* known;
-  const void* g;            // classifier-guidance gradient (e += c_g * g) or null
-  const float* w;           // [B] guidance scale (with m_c)
-  const float* r;           // [B] guidance-rescale factor or null
-  const float* s;           // [B] clip bound (with clip)
-  const int64_t* seeds;     // [B] Philox keys (when Philox noise is drawn)
-  int64_t numel;
-  int64_t per_sample;
+/// The plan row (step_params.h) plus what only the CPU kernel needs.
+struct StepArgs : fd_row::StepRow {
   int dtype;                // fd::DTYPE_*
-  int n_reads;
-  int n_writes;
-  int clip;                 // fd::CLIP_*
-  uint32_t row;             // Philox counter word 2
   int num_threads;          // OpenMP threads (>= 1)
-  double coef[N_COEF];      // packed coefficients (fastdiff.args.pack_row)
 };
 
 enum Level { LEVEL_SCALAR = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
