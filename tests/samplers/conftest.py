@@ -1,26 +1,3 @@
-"""Fixtures for sampler tests: a fresh random seed per test, reported on failure."""
+"""Fixtures for sampler tests: a fresh random seed per test (reported), one intra-op thread."""
 
-import random
-
-import pytest
-
-
-@pytest.fixture
-def seed(request) -> int:
-    """A fresh seed per test run (printed, so a failure can be replayed with FASTDIFF_TEST_SEED)."""
-    import os
-
-    s = int(os.environ.get("FASTDIFF_TEST_SEED", random.randrange(2**31)))
-    print(f"seed={s}")
-    return s
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add spin-wait, badly so on a loaded 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .._fixtures import _one_thread, seed  # noqa: F401  (fixtures, found by name)

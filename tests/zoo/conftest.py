@@ -1,14 +1,3 @@
-"""Fixtures for the zoo tests."""
+"""Fixtures for the zoo tests: one intra-op thread."""
 
-import pytest
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: intra-op threads only add spin-wait, badly so on a loaded 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .._fixtures import _one_thread  # noqa: F401  (a fixture, found by name)
