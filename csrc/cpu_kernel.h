@@ -161,6 +161,7 @@ struct StepKernel {
   struct Bufs {  // per-block buffers, indexed by position in the block
     const T *w, *r, *s;
     const float *z, *z2;
+    int pm;  // index mask of w, r, s: 0 when the block lies in one sample (W copies), else -1
   };
 
   /// One vector: elements [o, o + W) of the tensors, [lo, lo + W) of the block buffers.
@@ -174,9 +175,10 @@ struct StepKernel {
     in.m = IO::load(p.m + o);
     in.m_c = f.cfg ? IO::load(p.mc + o) : zero;
     in.g = f.g ? IO::load(p.g + o) : zero;
-    in.w = f.cfg ? IO::load_t(bf.w + lo) : zero;
-    in.r = f.rescale ? IO::load_t(bf.r + lo) : zero;
-    in.s = f.clip ? IO::load_t(bf.s + lo) : zero;
+    const int lp = lo & bf.pm;
+    in.w = f.cfg ? IO::load_t(bf.w + lp) : zero;
+    in.r = f.rescale ? IO::load_t(bf.r + lp) : zero;
+    in.s = f.clip ? IO::load_t(bf.s + lp) : zero;
     for (int k = 0; k < MAX_READS; ++k) in.h[k] = k < f.n_reads ? IO::load(p.h[k] + o) : zero;
     in.z = !f.z ? zero : p.z ? IO::load(p.z + o) : IO::load_noise(bf.z + lo);
     in.mask = f.mask ? IO::load(p.mask + o) : zero;
@@ -268,10 +270,21 @@ struct StepKernel {
                     int64_t i0, int n) {
     alignas(64) T wb[BLK], rb[BLK], sb[BLK];
     alignas(64) float zbuf[BLK + 8], z2buf[BLK + 8];  // noise at [4, 4 + n), spill room both sides
-    Bufs bf{wb, rb, sb, zbuf + 4, z2buf + 4};
-    if (f.cfg) fill_param(wb, a.w, i0, n, a.per_sample);
-    if (f.rescale) fill_param(rb, a.r, i0, n, a.per_sample);
-    if (f.clip) fill_param(sb, a.s, i0, n, a.per_sample);
+    // One sample's block (the usual case): W copies of each scalar, read at index lo & 0.
+    const int64_t b0 = i0 / a.per_sample;
+    const bool one = b0 == (i0 + n - 1) / a.per_sample;
+    Bufs bf{wb, rb, sb, zbuf + 4, z2buf + 4, one ? 0 : -1};
+    if (one) {
+      for (int q = 0; q < W; ++q) {
+        if (f.cfg) wb[q] = static_cast<T>(a.w[b0]);
+        if (f.rescale) rb[q] = static_cast<T>(a.r[b0]);
+        if (f.clip) sb[q] = static_cast<T>(a.s[b0]);
+      }
+    } else {
+      if (f.cfg) fill_param(wb, a.w, i0, n, a.per_sample);
+      if (f.rescale) fill_param(rb, a.r, i0, n, a.per_sample);
+      if (f.clip) fill_param(sb, a.s, i0, n, a.per_sample);
+    }
     if (f.z && !p.z) NoiseGen<L>::fill(zbuf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_MAIN);
     if (f.z2 && !p.z2) NoiseGen<L>::fill(z2buf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_KNOWN);
     loop_fn(c, f, p, i0, n, bf);

@@ -163,14 +163,15 @@ FD_HD V fd_clip(V d, V s, int clip) {
 }
 
 /// c · [x, d, e, h[0..n_reads), z]; the e and z terms only when their coefficients are non-zero.
-/// `use_e` false promises that c[OP_E] == 0 (StepFlags::e): kernels pass a constant to drop the term.
+/// `use_e` / `use_z` false promise that c[OP_E] / c[OP_Z] == 0 (StepFlags::e / ::z): kernels pass
+/// constants to drop the terms and their per-element tests.
 template <class V, class T>
-FD_HD V fd_combine(const T* c, V x, V d, V e, const V* h, int n_reads, V z, bool use_e) {
+FD_HD V fd_combine(const T* c, V x, V d, V e, const V* h, int n_reads, V z, bool use_e, bool use_z) {
   V acc = V(c[OP_X]) * x + V(c[OP_D]) * d;
   if (use_e && c[OP_E] != T(0)) acc = acc + V(c[OP_E]) * e;
   for (int k = 0; k < MAX_READS; ++k)  // constant indices (h stays in registers), run-time count
     if (k < n_reads) acc = acc + V(c[OP_H + k]) * h[k];
-  if (c[OP_Z] != T(0)) acc = acc + V(c[OP_Z]) * z;
+  if (use_z && c[OP_Z] != T(0)) acc = acc + V(c[OP_Z]) * z;
   return acc;
 }
 
@@ -198,12 +199,12 @@ FD_HD StepOut<V> fd_step_element(const StepCoef<T>& c, const StepFlags& f, const
   V d = V(c.a_x) * in.x + V(c.a_e) * e;
   d = fd_clip(d, in.s, f.clip);  // e stays the unclipped model output: it is an operand too
   StepOut<V> o;
-  o.x = fd_combine(c.out, in.x, d, e, in.h, f.n_reads, in.z, f.e);
+  o.x = fd_combine(c.out, in.x, d, e, in.h, f.n_reads, in.z, f.e, f.z);
   if (f.mask) {
     V z2 = f.z2 ? in.z2 : V(0);
     o.x = in.mask * o.x + (V(1) - in.mask) * (V(c.known_a) * in.known + V(c.known_s) * z2);
   }
-  for (int j = 0; j < f.n_writes; ++j) o.h[j] = fd_combine(c.wr[j], in.x, d, e, in.h, f.n_reads, in.z, f.e);
+  for (int j = 0; j < f.n_writes; ++j) o.h[j] = fd_combine(c.wr[j], in.x, d, e, in.h, f.n_reads, in.z, f.e, f.z);
   return o;
 }
 

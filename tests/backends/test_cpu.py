@@ -129,6 +129,42 @@ def test_simd_levels_bit_identical_including_specials(dtype, gen):
             assert torch.equal(a, b), f"{name}: {lv} differs from {levels[0]} in {int((a != b).sum())} elements"
 
 
+def _scale_row(c_out: float, c_h1: float) -> Row:
+    """x' = c_out * x + 0 * d, h1 = c_h1 * x + 0 * d with d = x: one float product rounded to fp16 per output."""
+    return Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(x=c_out), reads=(),
+               writes=(Write(1, combo(x=c_h1)),))
+
+
+@pytest.mark.parametrize("scales", [(1.0, 0.5), (2.0 ** -10, 2.0 ** 14), (0.75, 1.5), (2.0 ** -14, 3.0)], ids=str)
+def test_fp16_conversions_every_bit_pattern_match_torch(scales, level):
+    """Every fp16 bit pattern through the kernel's half -> float -> half path, as torch casts it.
+
+    The row's outputs are ``c * x`` (exact in float for these c, and 0 * d == 0 for finite x), so
+    each output is torch's ``(x.float() * c).half()`` bit for bit: round trips (c = 1), ties and
+    subnormal results (c = 2^-10, 2^-14, 0.75), overflow to inf (c = 2^14, 3). Non-finite x gives
+    NaN through 0 * d (and -0 gives +0), so all patterns are also compared with the scalar level.
+    """
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(1, -1)
+    xf = torch.where(torch.isfinite(x) & (x != 0), x, torch.zeros_like(x))  # -0: -0 + 0 * d is +0
+    outs = {}
+    for lv in ("scalar", level):
+        old = _C.simd_level()
+        _C.set_simd_level(lv)
+        try:
+            for name, inp in (("finite", xf), ("all", x)):
+                xx, h1 = inp.clone(), torch.empty_like(inp)
+                cpu.step(StepArgs(x=xx, out=xx, m=torch.zeros_like(inp), coef=pack_row(_scale_row(*scales)),
+                                  h_read=(), h_write=(h1,)))
+                outs[lv, name] = (_bits(xx), _bits(h1))
+        finally:
+            _C.set_simd_level(old)
+    for c, got in zip(scales, outs[level, "finite"]):
+        want = _bits((xf.float() * c).to(torch.float16))
+        assert torch.equal(got, want), f"{level} c={c}: {int((got != want).sum())} of 65536 differ from torch"
+    for a, b in zip(outs["scalar", "all"], outs[level, "all"]):
+        assert torch.equal(a, b), f"{level}: {int((a != b).sum())} of 65536 differ from the scalar level"
+
+
 @pytest.mark.parametrize("feature", ["everything", "two_writes_alias_reads", "plain_e"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 def test_threads_bit_identical(dtype, feature, gen):
