@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .args import StepArgs, clip_code, compute_dtype, pack_row
 from .guidance import Guidance, dynamic_threshold, rescale_factor
-from .plan import Plan, score_coeffs
+from .plan import Plan, Row, combo, score_coeffs
 from .timing import RegionTimer
 
 ModelFn = Callable[..., torch.Tensor]
@@ -214,7 +214,8 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
             coef = packed[i]
             if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
                 with region("guidance"):
-                    m, rr, z, coef = langevin_operands(plan, r, i, x, m, m_c, w, rr, grad, packed[i], z, seeds)
+                    m, rr, z, coef = langevin_operands(plan, r, i, x, m, m_c, w, rr, grad, packed[i], z, seeds,
+                                                       opts.backend)
                 m_c = w = grad = None
             args = StepArgs(
                 x=x, out=x, m=m, m_c=m_c, coef=coef, row=i,
@@ -328,7 +329,11 @@ def classifier_grad(classifier: Callable, u: torch.Tensor, t: torch.Tensor, y: t
     return g
 
 
-def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, seeds):
+_NOISE_ROW = Row(t=0.0, sigma=0.0, in_scale=1.0, a_x=0.0, a_e=0.0, out=combo(z=1.0), noise=True)
+"""A row whose output is its own Philox noise (used to draw a Langevin row's noise)."""
+
+
+def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, seeds, backend: str = "auto"):
     """Operands of a Langevin corrector row (``row.snr > 0``, see :mod:`fastdiff.plan`).
 
     Computes the score ``g = l_x x + l_e e`` of the fully guided model output (``l`` from
@@ -340,7 +345,6 @@ def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, 
     row's ``out = combo(x=1, e=1, z=1)`` gives ``x' = x + k g + sqrt(2k) z``.
     """
     from .args import C_G
-    from .rng import STREAM_MAIN, philox_normal
 
     dt = compute_dtype(x.dtype)
     b, nd = x.shape[0], x.dim()
@@ -354,9 +358,10 @@ def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, 
         e = e + coef[C_G] * grad.to(dt)
     l_x, l_e = score_coeffs(row.a_x, row.a_e, row.alpha_t, row.sigma_t, row.in_scale)
     g = l_e * e if l_x == 0.0 else l_x * x.to(dt) + l_e * e
-    if z is None:
-        n = x[0].numel()
-        z = philox_normal(seeds, i, STREAM_MAIN, n, x.device).reshape(x.shape)
+    if z is None:  # the row's Philox noise, drawn by the step backend itself (x' = z): one fast pass
+        buf = torch.zeros_like(x)  # finite operands: 0 * x must be 0
+        ops.step(StepArgs(x=buf, out=buf, m=buf, coef=pack_row(_NOISE_ROW), row=i, seeds=seeds), backend)
+        z = buf
     z = z.to(dt)
     g_norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=-1)
     z_norm = torch.linalg.vector_norm(z.reshape(b, -1), dim=-1)
