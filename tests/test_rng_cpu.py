@@ -7,8 +7,6 @@ header code that the CUDA kernel compiles.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -19,26 +17,11 @@ if cpu._C is None:
     pytest.skip(f"fastdiff._C is not built: {cpu.available()[1]}", allow_module_level=True)
 _C = cpu._C
 
-LEVELS = ("scalar", "avx2", "avx512")
-_RANK = {name: i for i, name in enumerate(LEVELS)}
+from ._cpu_levels import available_levels, gen, level  # noqa: F401
+
 M32 = 0xFFFFFFFF
 
 
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(params=LEVELS)
-def level(request):
-    if _RANK[request.param] > _RANK[_C.detected_simd_level()]:
-        pytest.skip(f"this CPU does not support {request.param} (best: {_C.detected_simd_level()})")
-    old = _C.simd_level()
-    _C.set_simd_level(request.param)
-    yield request.param
-    _C.set_simd_level(old)
 
 
 def _seeds(gen, n):
@@ -106,7 +89,7 @@ def test_normals_equal_rng_to_float_rounding(level, gen):
 
 def test_normals_bit_identical_across_levels_and_layouts(gen):
     seeds = _seeds(gen, 9)
-    levels = [lv for lv in LEVELS if _RANK[lv] <= _RANK[_C.detected_simd_level()]]
+    levels = available_levels(_C)
     old = _C.simd_level()
     try:
         runs = []

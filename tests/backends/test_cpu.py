@@ -27,28 +27,12 @@ if cpu._C is None:
     pytest.skip(f"fastdiff._C is not built: {cpu.available()[1]}", allow_module_level=True)
 _C = cpu._C
 
+from .._cpu_levels import available_levels, gen, level  # noqa: F401
+
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-LEVELS = ("scalar", "avx2", "avx512")
-_RANK = {name: i for i, name in enumerate(LEVELS)}
 SHAPES = [(b, n) for n in (1, 3, 7, 15, 17, 31, 33, 63, 65, 257) for b in (1, 64)] + [(64, 4, 9, 9)]
 
 
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(params=LEVELS)
-def level(request):
-    """Run the test with the kernel forced to one SIMD level (skipped if this CPU lacks it)."""
-    if _RANK[request.param] > _RANK[_C.detected_simd_level()]:
-        pytest.skip(f"this CPU does not support {request.param} (best: {_C.detected_simd_level()})")
-    old = _C.simd_level()
-    _C.set_simd_level(request.param)
-    yield request.param
-    _C.set_simd_level(old)
 
 
 def _check_against_reference(case, dtype, what, monkeypatch):
@@ -117,7 +101,7 @@ def _run_with(case, level=None, threads=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_simd_levels_bit_identical_including_specials(dtype, gen):
-    levels = [lv for lv in LEVELS if _RANK[lv] <= _RANK[_C.detected_simd_level()]]
+    levels = available_levels(_C)
     case = make_case(FEATURES["everything"], (7, 300), dtype, gen, inplace=False)
     specials = torch.tensor([float("inf"), -float("inf"), float("nan"), 65504.0, -65519.0, 65520.0, 6e-8, 3e-8,
                              1e-5, 0.0, -0.0, 1e30, -3e38, 1e-40], dtype=torch.float64)
