@@ -205,3 +205,32 @@ FEATURES = {
 EVERYTHING = {"cfg": True, "rescale": True, "clip": 2, "reads": 4, "writes": ("h1", "new"), "mask": "philox",
               "noise": "philox", "e": "all", "g": "random"}
 """Every feature at once, out of place (tests add ``in_place=True``)."""
+
+
+def run_unaligned(args, run, vector_path) -> None:
+    """Run ``run(a)`` on a copy of the row whose element tensors sit one element past a 16-byte
+    boundary (so kernels must take their scalar path: ``vector_path(pointers)`` is asserted
+    False), then copy every result back into the original tensors (aliases stay aliases)."""
+    from fastdiff.args import StepArgs
+    from fastdiff.backends import cuda as cb
+
+    moved = {}
+
+    def shift(t):
+        if t is None:
+            return None
+        if id(t) not in moved:
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+            moved[id(t)] = (t, buf[1:].view(t.shape))
+            moved[id(t)][1].copy_(t)
+        return moved[id(t)][1]
+
+    a = StepArgs(x=shift(args.x), out=shift(args.out), m=shift(args.m), coef=args.coef, row=args.row,
+                 m_c=shift(args.m_c), h_read=tuple(shift(h) for h in args.h_read),
+                 h_write=tuple(shift(h) for h in args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip,
+                 seeds=args.seeds, z=shift(args.z), z2=shift(args.z2), mask=shift(args.mask),
+                 known=shift(args.known), g=shift(args.g))
+    assert not vector_path(cb.pointers(a))
+    run(a)
+    for orig, copy in moved.values():
+        orig.copy_(copy)

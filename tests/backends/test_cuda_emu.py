@@ -24,7 +24,7 @@ from fastdiff.args import C_OUT, N_COEF, StepArgs
 from fastdiff.backends import cuda as cb
 from fastdiff.plan import OP_Z
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient
+from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient, run_unaligned
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
@@ -83,28 +83,8 @@ def test_unaligned_pointers_take_the_scalar_path(emu, dtype):
     # g is read element by element, so its alignment alone does not force the scalar path
     assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 17 + [x.data_ptr()])
 
-    def run(args):
-        # move every element tensor of the row to an unaligned copy, run, copy the results back
-        moved = {}
-
-        def shift(t):
-            if t is None:
-                return None
-            if id(t) not in moved:
-                b = torch.empty(t.numel() + 1, dtype=t.dtype)
-                moved[id(t)] = (t, b[1:].view(t.shape))
-                moved[id(t)][1].copy_(t)
-            return moved[id(t)][1]
-
-        a = StepArgs(x=shift(args.x), out=shift(args.out), m=shift(args.m), coef=args.coef, row=args.row,
-                     m_c=shift(args.m_c), h_read=tuple(shift(h) for h in args.h_read),
-                     h_write=tuple(shift(h) for h in args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip,
-                     seeds=args.seeds, z=shift(args.z), z2=shift(args.z2), mask=shift(args.mask),
-                     known=shift(args.known), g=shift(args.g))
-        assert not emu.vector_path(cb.pointers(a))
-        cb.launch(emu, a, stream=0, max_blocks=2)
-        for orig, copy in moved.values():
-            orig.copy_(copy)
+    def run(args):  # every element tensor moved 1 element past a 16-byte boundary
+        run_unaligned(args, lambda a: cb.launch(emu, a, stream=0, max_blocks=2), emu.vector_path)
 
     check(run, EVERYTHING, (3, 37), dtype, "cpu", seed=5)
 

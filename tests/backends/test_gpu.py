@@ -18,7 +18,7 @@ from fastdiff.backends import reference
 from fastdiff.backends import triton as tb
 from fastdiff.plan import Row, combo
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient
+from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient, run_unaligned
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU tests need one")
 
@@ -64,26 +64,7 @@ def test_cuda_grid_stride_and_unaligned_on_the_device():
     check(capped, dict(EVERYTHING, in_place=True), (3, 10007), torch.float16, "cuda", seed=1)
 
     def unaligned(args):  # every element tensor moved 1 element past a 16-byte boundary
-        moved = {}
-
-        def shift(t):
-            if t is None:
-                return None
-            if id(t) not in moved:
-                buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-                moved[id(t)] = (t, buf[1:].view(t.shape))
-                moved[id(t)][1].copy_(t)
-            return moved[id(t)][1]
-
-        a = StepArgs(x=shift(args.x), out=shift(args.out), m=shift(args.m), coef=args.coef, row=args.row,
-                     m_c=shift(args.m_c), h_read=tuple(shift(h) for h in args.h_read),
-                     h_write=tuple(shift(h) for h in args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip,
-                     seeds=args.seeds, z=shift(args.z), z2=shift(args.z2), mask=shift(args.mask),
-                     known=shift(args.known), g=shift(args.g))
-        assert not cb._C_cuda.vector_path(cb.pointers(a))
-        cb.step(a)
-        for orig, copy in moved.values():
-            orig.copy_(copy)
+        run_unaligned(args, cb.step, cb._C_cuda.vector_path)
     check(unaligned, EVERYTHING, (3, 1001), torch.float32, "cuda", seed=2)
 
 
