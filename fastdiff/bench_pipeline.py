@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .bench_step import SD_SCHEDULE
+
 # ------------------------------------------------------------------------------------- tiny parts
 
 TEXT_LEN = 16
@@ -72,7 +74,7 @@ def tiny_unet(sample_size: int = 8, cross_attention_dim: int = 32, seed: int = 0
     return UNet2DConditionModel(**cfg).eval()
 
 
-SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+SD_BETAS = SD_SCHEDULE
 """Stable Diffusion's noise schedule."""
 
 

@@ -23,7 +23,8 @@ from .guidance import Guidance
 from .loop import LoopOptions, run_plan
 from .models import GaussianMixture
 from .rng import expand_seeds
-from .schedules import from_config
+from .bench_step import schedule_for
+from .schedules import from_config, is_schedule
 from .timing import RegionTimer, SyncCounter
 
 PARTS = ("model", "guidance", "noise", "step", "host")
@@ -213,7 +214,8 @@ def profile(
         model: a callable ``model(x, t[, cond])``, ``"module:attr"``, or ``None`` for the built-in
             Gaussian-mixture model (exact for the schedule; conditioning shifts it slightly so
             guidance has something to blend).
-        sampler, steps, schedule: what to run (``schedule`` is a diffusers-style config dict).
+        sampler, steps, schedule: what to run (``schedule`` is a diffusers-style config dict; by
+            default the benchmarks' schedule for the sampler, :func:`fastdiff.bench_step.schedule_for`).
         shape, dtype, device: the noise.
         backend: the fused backend (``auto`` picks the fastest available for ``device``).
         guidance_scale: CFG scale (``None`` or 1 disables guidance and conditioning).
@@ -227,8 +229,7 @@ def profile(
     """
     device = torch.device(device)
     shape = tuple(int(s) for s in shape)
-    config = dict(schedule or ({"shift": 3.0} if sampler.startswith("flow") else
-                               {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}))
+    config = dict(schedule) if schedule else schedule_for(sampler)
     plan = make_plan(sampler, steps, config)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
@@ -236,7 +237,8 @@ def profile(
     cond = uncond = None
     if model is None:
         gm = GaussianMixture.default(shape[1:], components=4, seed=seed)
-        base = gm.model(from_config(config).alpha_sigma, plan.prediction, times=[r.t for r in plan.rows])
+        sched = config if is_schedule(config) else from_config(config)
+        base = gm.model(sched.alpha_sigma, plan.prediction, times=[r.t for r in plan.rows])
 
         def default_model(x, t, c=None):
             out = base(x, t)
