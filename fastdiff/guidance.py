@@ -73,11 +73,12 @@ def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: f
 
     ``r = phi * std(m_c) / std(cfg) + (1 - phi)``, std over all but the batch dimension (float32).
     """
-    dims = tuple(range(1, m_c.dim()))
-    mu, mc = m_u.float(), m_c.float()
-    cfg = mu + w.reshape((-1,) + (1,) * (m_c.dim() - 1)) * (mc - mu)
-    std_c = mc.std(dim=dims)
-    std_g = cfg.std(dim=dims)
+    b = m_c.shape[0]
+    # flattened per sample: a [B] state has no dims to reduce, and std(dim=()) would reduce the batch
+    mu, mc = m_u.float().reshape(b, -1), m_c.float().reshape(b, -1)
+    cfg = mu + w.reshape(-1, 1) * (mc - mu)
+    std_c = mc.std(dim=1)
+    std_g = cfg.std(dim=1)
     return (phi * std_c / std_g + (1.0 - phi)).to(torch.float32)
 
 

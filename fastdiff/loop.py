@@ -102,10 +102,42 @@ def _no_region(name: str):
 def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> torch.Tensor:
     """Run every row of ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``).
 
-    ``x`` is updated in place and returned scaled by ``plan.out_scale``.
+    ``x`` is updated in place and returned scaled by ``plan.out_scale``, in its own memory layout
+    (strides); the loop itself works on a contiguous state (the layout every fused backend and the
+    per-element Philox counter use), copied back into ``x`` at the end when ``x`` is not contiguous.
+    Sampling is not differentiable: the loop runs under ``torch.no_grad()`` and returns a tensor
+    that does not require grad (classifier guidance takes its own gradient).
     Noise comes from ``opts.noise_fn(row_index, x)`` if given, else ``opts.generator`` (drawn like
     diffusers), else in-kernel Philox keyed by ``opts.seeds``.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"the state must be a floating [B, ...] tensor with B >= 1, got "
+                         f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    with torch.no_grad():
+        user_x = x.detach() if x.requires_grad else x  # same storage: still updated in place
+        # Work on a contiguous state: the fused backends need it, and a non-contiguous one would
+        # otherwise fall back to (or, with backend= named, be refused by) every kernel.
+        work = user_x if user_x.is_contiguous() else user_x.contiguous()
+        out = _run_plan(plan, model, work, opts)
+        if out is user_x:
+            return user_x
+        if _writable_in_place(user_x):
+            user_x.copy_(out)
+            return user_x
+        return out  # x overlaps itself (an expanded view): it cannot hold the result
+
+
+def _writable_in_place(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` has its own memory location (no expanded or overlapping dims)."""
+    extent = 0  # dims sorted by stride: each must step past everything the smaller ones reach
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= extent:
+            return False
+        extent += (size - 1) * stride
+    return True
+
+
+def _run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> torch.Tensor:
     B = x.shape[0]
     dev = x.device
     rows = plan.rows
@@ -114,6 +146,9 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
     guided = [w != 1.0 for w in wscale]
     if any(guided) and opts.uncond is None:
         raise ValueError("guidance_scale != 1 needs uncond (the unconditional conditioning)")
+    if any(guided) and g.rescale > 0 and x[0].numel() < 2:
+        raise ValueError(f"guidance_rescale needs at least 2 elements per sample (it is a ratio of per-sample "
+                         f"standard deviations); the state has shape {tuple(x.shape)}")
     for name, c in (("cond", opts.cond), ("uncond", opts.uncond)):
         nb = _batch_of(c)
         if nb is not None and nb != B:
@@ -142,6 +177,9 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
             raise ValueError(f"seeds must have one entry per sample ({B}), got shape {tuple(seeds.shape)}")
     if opts.mask is not None and opts.known is None:
         raise ValueError("mask needs known (the known image)")
+    mask_t = known_t = None  # contiguous (any layout is accepted; the fused step reads them flat)
+    if opts.mask is not None:
+        mask_t, known_t = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (opts.mask, opts.known))
     sums = torch.zeros(len(rows), dtype=torch.float32, device=dev) if opts.check_finite else None
     cg = classifier_coefficients(plan, opts.classifier_scale) if opts.classifier is not None else None
     if opts.classifier is not None:
@@ -176,19 +214,20 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
                     cin = cond_cat if cond_cat is not None else opts.uncond
                     out = _call(model, torch.cat([x_in, x_in], dim=0), ts[i].expand(2 * B), cin)
                     _check_shape(out, (2 * B, *x.shape[1:]), i, r)
-                    out = out.to(x.dtype)
+                    # any layout or dtype the model returns: the step takes x's dtype, contiguous
+                    out = out.to(x.dtype).contiguous()
                     m, m_c = out[:B], out[B:]
                 else:
                     out = _call(model, x_in, ts[i].expand(B), opts.cond)
                     _check_shape(out, tuple(x.shape), i, r)
-                    m, m_c = out.to(x.dtype), None
+                    m, m_c = out.to(x.dtype).contiguous(), None
             w = W[i] if m_c is not None else None
             rr = s = None
             clip = clip_code(r)
             grad = None
             with region("guidance"):
                 if cg is not None and cg[i] != 0.0:
-                    grad = classifier_grad(opts.classifier, x_in, ts[i].expand(B), y).to(x.dtype)
+                    grad = classifier_grad(opts.classifier, x_in, ts[i].expand(B), y).to(x.dtype).contiguous()
                 if sums is not None:
                     torch.sum(out, dim=all_dims, dtype=torch.float32, out=sums[i])
                 if m_c is not None and g.rescale > 0:
@@ -204,7 +243,7 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
                         z = opts.noise_fn(i, x)
                     else:
                         z = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev)
-                    z = z.to(dtype=x.dtype, device=dev)
+                    z = _external_noise(z, x, i)
             z2 = None
             if opts.mask is not None and r.known_s != 0 and opts.generator is not None:
                 with region("noise"):  # the known region's re-noising, drawn after the solver noise
@@ -221,18 +260,21 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
                 x=x, out=x, m=m, m_c=m_c, coef=coef, row=i,
                 h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
                 w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z, z2=z2,
-                mask=opts.mask, known=opts.known, g=grad,
+                mask=mask_t, known=known_t, g=grad,
             )
             with region("step"):
                 sig = (m_c is None, rr is None, s is None, z is None, z2 is None, grad is None, len(r.reads), len(r.writes))
                 if sig != checked:
                     ops.validate(args)
                     checked = sig
-                if backend is None:
+                if backend is not None and backend.supports(args):
+                    backend.step(args)
+                elif ops.requested_backend(opts.backend) != "reference" and ops.needs_staging(args):
+                    # e.g. a model output that partly overlaps the state: run on contiguous copies
+                    ops.step(args, opts.backend, check=False)
+                else:
                     backend = ops.resolve(opts.backend, args)
-                elif not backend.supports(args):
-                    backend = ops.resolve(opts.backend, args)
-                backend.step(args)
+                    backend.step(args)
             if opts.post_step is not None:
                 opts.post_step(i, x)
             if opts.callback is not None:
@@ -371,6 +413,14 @@ def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, 
     zk = ((k * 2) ** 0.5).reshape(col) * z
     coef = coef[:C_G] + (0.0,) + coef[C_G + 1:]
     return g.to(x.dtype), k.to(torch.float32).contiguous(), zk.to(x.dtype), coef
+
+
+def _external_noise(z, x: torch.Tensor, i: int) -> torch.Tensor:
+    """``noise_fn``'s tensor for row ``i`` as the step takes it: ``x``'s shape (never broadcast), dtype, device, contiguous."""
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(x.shape):
+        raise ValueError(f"noise_fn must return a tensor of the state's shape {tuple(x.shape)} at row {i}, got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    return z.to(dtype=x.dtype, device=x.device).contiguous()
 
 
 def _check_shape(out, expected, i, r) -> None:

@@ -137,10 +137,115 @@ def validate(args: StepArgs) -> None:
 
 
 def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> None:
-    """Run one plan row on the chosen backend (writes ``args.out`` and ``args.h_write``)."""
+    """Run one plan row on the chosen backend (writes ``args.out`` and ``args.h_write``).
+
+    Tensors of any layout are accepted: where a fused backend needs contiguous, non-overlapping
+    operands and ``args`` has others (transposed, channels_last, sliced or expanded views, outputs
+    partly overlapping inputs), the row runs on contiguous copies and the outputs are copied back,
+    ``out`` first and then ``h_write`` in order, as ``reference`` writes them.
+    """
     if check:
         validate(args)
+    if requested_backend(backend) != "reference" and needs_staging(args):
+        staged, commit = stage(args)
+        resolve(backend, staged).step(staged)
+        commit()
+        return
     resolve(backend, args).step(args)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.numel() or not b.numel():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + a.numel() * a.element_size() if a.is_contiguous() else a0 + _reach(a)
+    b1 = b0 + b.numel() * b.element_size() if b.is_contiguous() else b0 + _reach(b)
+    return a0 < b1 and b0 < a1
+
+
+def _reach(t: torch.Tensor) -> int:
+    """Bytes from ``t.data_ptr()`` to one past its last element (non-negative strides; else huge)."""
+    if any(st < 0 for st in t.stride()):
+        return 1 << 62
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+def needs_staging(args: StepArgs) -> bool:
+    """Whether a fused backend needs contiguous copies of ``args``: a non-contiguous tensor, or an
+    output that overlaps another operand other than as the very same contiguous view."""
+    elems = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g,
+             *args.h_read, *args.h_write]
+    elems = [t for t in elems if t is not None]
+    small = [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+    if not all(_dense(t) for t in elems + small):
+        return True
+    for o in (args.out, *args.h_write):
+        for t in elems:
+            if t is not o and _overlaps(o, t) and not _same_view(o, t):
+                return True
+        for t in small:
+            if _overlaps(o, t):
+                return True
+    return False
+
+
+def stage(args: StepArgs):
+    """``(staged, commit)``: ``args`` on contiguous copies (one copy per distinct view, so exact
+    aliases stay aliases) with fresh output buffers, and ``commit()`` writing the outputs back."""
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def inp(t):
+        if t is None:
+            return None
+        for src, c in copies:
+            if src is t or _same_view(src, t):
+                return c
+        c = t.contiguous()
+        if c is t and any(_overlaps(o, t) for o in (args.out, *args.h_write)):
+            c = t.clone()  # an output overlaps it: read from a copy the outputs cannot touch
+        copies.append((t, c))
+        return c
+
+    def fresh(o):
+        # an output that is also read (in place, a history slot read and written) starts as that
+        # input's copy; the kernel reads it before writing, element for element
+        for src, c in copies:
+            if src is o or _same_view(src, o):
+                if c is src:
+                    c = src.clone()
+                return c
+        return torch.empty(o.shape, dtype=o.dtype, device=o.device)
+
+    staged = StepArgs(
+        x=inp(args.x), out=args.out, m=inp(args.m), coef=args.coef, row=args.row, m_c=inp(args.m_c),
+        h_read=tuple(inp(h) for h in args.h_read), h_write=args.h_write,
+        w=inp(args.w), r=inp(args.r), s=inp(args.s), clip=args.clip, seeds=inp(args.seeds),
+        z=inp(args.z), z2=inp(args.z2), mask=inp(args.mask), known=inp(args.known), g=inp(args.g),
+    )
+    outs = [fresh(o) for o in (args.out, *args.h_write)]
+    # two outputs that are the same view share one buffer (the later write wins, as in reference)
+    for j in range(1, len(outs)):
+        for k in range(j):
+            o_j, o_k = (args.out, *args.h_write)[j], (args.out, *args.h_write)[k]
+            if o_j is o_k or _same_view(o_j, o_k):
+                outs[j] = outs[k]
+    staged.out, staged.h_write = outs[0], tuple(outs[1:])
+
+    def commit() -> None:
+        for o, c in zip((args.out, *args.h_write), outs):
+            if c is not o:
+                o.copy_(c)
+
+    return staged, commit
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def unsafe_overlap(args: StepArgs) -> bool:
 
 
 def supports(args: StepArgs) -> bool:
-    """Whether this backend can run ``args``: device, dtype, contiguity, batch size, aliasing."""
+    """Whether this backend can run ``args``: device, dtype, contiguity, aliasing (any batch size)."""
     if isinstance(_kernels, Exception):
         return False
     x = args.x
@@ -104,7 +104,7 @@ def supports(args: StepArgs) -> bool:
         return False
     if x.dtype not in _kernels.STORAGE_DTYPES:
         return False
-    if x.dim() < 1 or not 1 <= x.shape[0] <= _kernels.MAX_BATCH:
+    if x.dim() < 1 or x.shape[0] < 1:  # batches above MAX_BATCH run in slices (see step)
         return False
     if not all(t.is_contiguous() for t in element_tensors(args)):
         return False
@@ -118,8 +118,20 @@ def step(args: StepArgs) -> None:
             f"triton backend cannot run this step (device {args.x.device.type}, dtype {args.x.dtype}, "
             f"shape {tuple(args.x.shape)}, contiguous={[t.is_contiguous() for t in element_tensors(args)]})"
         )
-    kernels().fused_step(
-        args.x, args.out, args.m, args.coef, row=args.row, m_c=args.m_c, h_read=tuple(args.h_read),
-        h_write=tuple(args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip, seeds=args.seeds,
-        z=args.z, z2=args.z2, mask=args.mask, known=args.known, g=args.g,
-    )
+    k = kernels()
+    b, cap = args.x.shape[0], k.MAX_BATCH
+    # The sample index is grid axis 1 (at most MAX_BATCH on CUDA): a larger batch runs as slices
+    # along the batch. Every tensor is contiguous [B, ...] and noise is keyed per sample, so each
+    # slice is exactly the batch's rows (and exact aliases stay exact aliases).
+    for lo in range(0, b, cap):
+        hi = min(lo + cap, b)
+
+        def keep(t, lo=lo, hi=hi):
+            return t if lo == 0 and hi == b else (None if t is None else t[lo:hi])
+
+        k.fused_step(
+            keep(args.x), keep(args.out), keep(args.m), args.coef, row=args.row, m_c=keep(args.m_c),
+            h_read=tuple(keep(h) for h in args.h_read), h_write=tuple(keep(h) for h in args.h_write),
+            w=keep(args.w), r=keep(args.r), s=keep(args.s), clip=args.clip, seeds=keep(args.seeds),
+            z=keep(args.z), z2=keep(args.z2), mask=keep(args.mask), known=keep(args.known), g=keep(args.g),
+        )

@@ -1,0 +1,50 @@
+"""The ``triton`` backend runs batches above the kernel's grid limit (``MAX_BATCH`` samples on grid
+axis 1) as slices along the batch, equal to ``reference`` (it used to report them unsupported, so
+``backend="triton"`` raised and ``auto`` fell back)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+import fastdiff  # noqa: E402
+from fastdiff import ops  # noqa: E402
+from fastdiff.backends import triton as tb  # noqa: E402
+
+from ._cases import build  # noqa: E402
+
+if isinstance(tb._kernels, Exception):
+    pytest.skip(f"triton kernels do not import: {tb._kernels}", allow_module_level=True)
+K = tb.kernels()
+if not K.INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("triton kernels compiled without a GPU", allow_module_level=True)
+DEVICE = "cpu" if K.INTERPRETED else "cuda"
+
+
+@pytest.fixture
+def small_cap(monkeypatch):
+    monkeypatch.setattr(K, "MAX_BATCH", 2)
+
+
+@pytest.mark.parametrize("feat", [
+    {"cfg": True, "rescale": True, "clip": 2, "noise": "philox", "reads": 2, "writes": ("h1", "new")},
+    {"mask": "philox", "noise": "philox", "in_place": True, "writes": ("x",)},
+])
+def test_batch_above_the_grid_limit_runs_in_slices(small_cap, feat):
+    pool, make_args, outputs = build(feat, (5, 3, 7), torch.float32, 1234, DEVICE)
+    ref = {k: v.clone() for k, v in pool.items()}
+    got = {k: v.clone() for k, v in pool.items()}
+    a = make_args(got)
+    assert a.x.shape[0] > K.MAX_BATCH and tb.supports(a)
+    ops.step(make_args(ref), backend="reference")
+    ops.step(a, backend="triton")
+    for k in outputs:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6)
+
+
+def test_sample_with_a_batch_above_the_grid_limit(small_cap):
+    noise = torch.randn(5, 2, 3, device=DEVICE)
+    kw = dict(sampler="dpmpp_2m_sde", steps=3, seed=list(range(5)))
+    ref = fastdiff.sample(lambda x, t: torch.tanh(x * 0.3), noise, backend="reference", **kw)
+    out = fastdiff.sample(lambda x, t: torch.tanh(x * 0.3), noise, backend="triton", **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
