@@ -92,9 +92,12 @@ def sample(
         cuda_graph: capture the whole loop (model included) as ONE CUDA graph and replay it: after
             an eager warm-up pass (lazy initialisation, Triton autotuning), every model call,
             guidance reduction and fused step of the run is recorded and launched at once. Needs
-            CUDA tensors and ``seed=`` noise, and no ``callback``/``progress``/classifier guidance;
-            raises :class:`fastdiff.loop.GraphCaptureError` naming the cause when the model cannot
-            be captured (host syncs such as ``.item()``). Costs one extra (eager) pass per call.
+            CUDA tensors (conditioning, ``mask`` and ``known`` on the noise's device) and ``seed=``
+            noise, no ``callback``/``progress``/``post_step``/classifier guidance, and must not be
+            called inside another graph capture (``ValueError`` listing every cause); raises
+            :class:`fastdiff.loop.GraphCaptureError` naming the first error when the model cannot
+            be captured (host syncs such as ``.item()``). Costs one extra (eager) pass and one
+            capture per call: the graph is not kept between calls.
         plan: a prebuilt :class:`~fastdiff.plan.Plan` (then ``sampler``, ``steps``, ``schedule``,
             ``prediction`` and sampler options are not used).
         classifier: classifier guidance (Dhariwal & Nichol 2021): a differentiable noise-conditional

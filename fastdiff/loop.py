@@ -138,6 +138,8 @@ def _writable_in_place(t: torch.Tensor) -> bool:
 
 
 def _run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> torch.Tensor:
+    if opts.cuda_graph:
+        _check_graphable(opts, x)
     B = x.shape[0]
     dev = x.device
     rows = plan.rows
@@ -281,7 +283,6 @@ def _run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) ->
                 opts.callback(r.step, r.sigma, x, x0)
 
     if opts.cuda_graph:
-        _check_graphable(opts, x)
         _run_graphed(run_rows, x, len(rows))
     else:
         run_rows(x, it)
@@ -302,39 +303,89 @@ class GraphCaptureError(RuntimeError):
 
 
 def _check_graphable(opts: "LoopOptions", x: torch.Tensor) -> None:
+    """Raise ``ValueError`` listing every reason the loop cannot be captured (before any work)."""
+    problems = []
     if x.device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs CUDA tensors, got noise on {x.device}")
+        problems.append(f"needs CUDA tensors, got noise on {x.device}")
     host = {"generator": opts.generator, "noise_fn": opts.noise_fn, "callback": opts.callback,
             "post_step": opts.post_step, "timer": opts.timer, "classifier": opts.classifier}
     bad = [k for k, v in host.items() if v is not None] + (["progress"] if opts.progress else [])
     if bad:
-        raise ValueError(f"cuda_graph=True cannot capture {', '.join(bad)} (host-side work inside the loop); "
-                         "use seed= (in-kernel Philox noise) and no per-step Python hooks, or cuda_graph=False")
+        problems.append(f"cannot capture {', '.join(bad)} (host-side work inside the loop); use seed= (in-kernel "
+                        "Philox noise) and no per-step Python hooks")
+    # A tensor on another device would be copied to x's device inside the graph: a pageable
+    # host-to-device copy cannot be captured, and a cross-device copy runs outside the graph.
+    for name, c in (("cond", opts.cond), ("uncond", opts.uncond), ("mask", opts.mask), ("known", opts.known)):
+        items = c.items() if isinstance(c, dict) else [(None, c)]
+        for key, t in items:
+            if isinstance(t, torch.Tensor) and t.device != x.device:
+                label = name if key is None else f"{name}[{key!r}]"
+                problems.append(f"needs {label} on {x.device}, got {t.device}")
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        problems.append("was called while a CUDA graph is being captured (its warm-up pass and set-up copies "
+                        "would be recorded into that graph)")
+    if problems:
+        raise ValueError("cuda_graph=True " + "; ".join(problems) + " (or use cuda_graph=False)")
 
 
-def _run_graphed(run_rows: Callable, x: torch.Tensor, n: int) -> None:
+GRAPH_WARMUP_PASSES = 1
+"""Eager passes of the whole loop before the capture. One suffices: every row runs, so every model
+call variant (guided ``2B`` and unguided ``B`` batches), every kernel specialisation and Triton
+autotuning key, cuBLAS/cuDNN handle and workspace on the capture stream is initialised once."""
+
+
+def _run_graphed(run_rows: Callable, x: torch.Tensor, n: int, cuda=None) -> None:
     """Warm the loop up on a copy (lazy initialisation, autotuning), capture it, replay it once.
 
-    The capture records every row (model, guidance reductions, fused step) writing ``x`` in place;
-    nothing runs during the capture, so ``x`` still holds the initial state when it is replayed.
+    PyTorch's rules for ``torch.cuda.graph`` (CUDA semantics, "CUDA Graphs") and how they are met:
+
+    - warm-up on a side stream before capture: ``GRAPH_WARMUP_PASSES`` eager passes on a copy of
+      ``x`` on the stream ``side``, which waits for the caller's stream first; the caller's stream
+      waits for ``side`` after;
+    - the capture runs on that same stream (``stream=side``), so per-stream lazy state (cuBLAS /
+      hipBLASLt handles and workspaces) created by the warm-up is reused and nothing is created
+      inside the capture;
+    - every tensor the graph reads or writes outside its private pool (``x``, history ring, seeds,
+      per-row tables, conditioning) is allocated before the capture and outlives the replay;
+    - everything runs with ``x``'s device current (the capture stream and every launch on it);
+    - nothing runs during the capture, so ``x`` still holds the initial state when it is replayed,
+      on the caller's current stream;
+    - a failed capture raises :class:`GraphCaptureError` naming the first error (not the one
+      ``capture_end`` raises after it) and leaves the caller's stream current.
+
+    ``cuda`` is ``torch.cuda`` (replaceable to test this control flow without a GPU).
     """
-    warm = x.clone()
-    side = torch.cuda.Stream(device=x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):
-        run_rows(warm, range(n))
-    torch.cuda.current_stream(x.device).wait_stream(side)
-    del warm
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            run_rows(x, range(n))
-    except Exception as exc:  # the model (or an option) did something a graph cannot record
-        raise GraphCaptureError(
-            f"the sampling loop could not be captured as one CUDA graph: {type(exc).__name__}: {exc}. "
-            "The model must not synchronise with the host (.item(), .cpu(), printing tensors, "
-            "data-dependent shapes) or allocate outside PyTorch; run with cuda_graph=False") from exc
-    graph.replay()
+    cuda = torch.cuda if cuda is None else cuda
+    with cuda.device(x.device):
+        caller = cuda.current_stream(x.device)
+        side = cuda.Stream(device=x.device)
+        warm = torch.empty_like(x)
+        side.wait_stream(caller)
+        with cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_PASSES):
+                warm.copy_(x)
+                run_rows(warm, range(n))
+        caller.wait_stream(side)
+        del warm
+        graph = cuda.CUDAGraph()
+        first: list[BaseException] = []
+        try:
+            # the outer context restores the caller's stream even when the capture fails: when
+            # capture_end() raises, torch.cuda.graph's __exit__ leaves the capture stream current
+            with cuda.stream(caller), cuda.graph(graph, stream=side):
+                try:
+                    run_rows(x, range(n))
+                except BaseException as exc:  # the root cause; ending the capture raises its own error
+                    first.append(exc)
+                    raise
+        except Exception as exc:  # the model (or an option) did something a graph cannot record
+            cause = first[0] if first else exc
+            raise GraphCaptureError(
+                f"the sampling loop could not be captured as one CUDA graph: {type(cause).__name__}: {cause}. "
+                "The model must not synchronise with the host (.item(), .cpu(), printing tensors, "
+                "data-dependent shapes), copy from host memory or allocate outside PyTorch; run with "
+                "cuda_graph=False") from cause
+        graph.replay()
 
 
 def classifier_coefficients(plan: Plan, scale: float) -> list[float]:
@@ -361,8 +412,14 @@ def classifier_coefficients(plan: Plan, scale: float) -> list[float]:
 
 def classifier_grad(classifier: Callable, u: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``grad_u log softmax(classifier(u, t))[y]`` per sample (autograd; the classifier returns logits)."""
-    with torch.enable_grad():
-        uu = u.detach().to(compute_dtype(u.dtype)).requires_grad_(True)
+    # inference_mode(False): under torch.inference_mode() (a common way to call a sampler) autograd
+    # records nothing and inference tensors cannot be saved for backward, so fresh copies are used
+    with torch.inference_mode(False), torch.enable_grad():
+        uu = u.detach().to(compute_dtype(u.dtype)).clone().requires_grad_(True)
+        if t.is_inference():
+            t = t.clone()
+        if y.is_inference():
+            y = y.clone()
         logits = classifier(uu, t)
         if logits.dim() != 2 or logits.shape[0] != u.shape[0]:
             raise ValueError(f"classifier must return logits [B, classes], got shape {tuple(logits.shape)}")

@@ -73,3 +73,47 @@ def test_loop_never_syncs_with_the_host(sampler):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+@needs_gpu
+def test_failed_capture_leaves_the_callers_stream_current():
+    # torch.cuda.graph's __exit__ skips restoring the stream when capture_end() raises
+    def syncing(x, t):
+        if float(x.abs().max()) > 1e9:
+            raise AssertionError
+        return x * 0.5
+
+    before = torch.cuda.current_stream()
+    with pytest.raises(GraphCaptureError):
+        fastdiff.sample(syncing, torch.randn(2, 8, device="cuda"), plan=edm_euler_ancestral(4), seed=0,
+                        cuda_graph=True)
+    assert torch.cuda.current_stream() == before
+    assert not torch.cuda.is_current_stream_capturing()
+
+
+@needs_gpu
+def test_conditioning_on_the_host_is_refused_before_capture():
+    x = torch.randn(2, 3, device="cuda")
+    with pytest.raises(ValueError, match="needs cond on cuda"):
+        fastdiff.sample(_model, x, plan=edm_euler(3), seed=0, cuda_graph=True, cond=torch.randn(2, 1))
+
+
+@needs_gpu
+def test_cuda_graph_true_refuses_to_nest_in_the_callers_capture():
+    static = torch.randn(2, 4, 8, 8, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="while a CUDA graph is being captured"):
+        with torch.cuda.graph(g):
+            fastdiff.sample(_model, static, sampler="dpmpp_2m_sde", steps=6, seed=[3, 4], cuda_graph=True)
+
+
+@needs_gpu
+def test_graph_on_a_module_with_trainable_parameters():
+    # outside torch.no_grad the model output requires grad; the loop runs under no_grad
+    lin = torch.nn.Linear(8, 8).cuda()
+    noise = torch.randn(2, 8, device="cuda")
+    kw = dict(sampler="euler_ancestral", steps=5, seed=[1, 2])
+    eager = fastdiff.sample(lambda x, t: lin(x), noise, **kw)
+    graphed = fastdiff.sample(lambda x, t: lin(x), noise, cuda_graph=True, **kw)
+    assert not graphed.requires_grad
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)  # cuBLAS may pick another kernel under capture
