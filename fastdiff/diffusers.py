@@ -142,7 +142,9 @@ class _Spec:
             together with an argument in ``step_only``).
         fixed: sampler options always set.
         noise_dtype: dtype diffusers draws noise in (``None``: the model output's).
-        out_model_dtype: diffusers casts ``prev_sample`` to the model output's dtype.
+        out_dtype: the dtype of diffusers' ``prev_sample``: ``promote`` (of the sample and the model
+            output), ``model`` (the model output's: diffusers casts to it) or ``sample`` (the
+            sample's); a callable ``config -> one of those`` where it depends on the config.
         indexed: keeps ``step_index`` (else the row follows the timestep value: DDPM, DDIM).
         restart: how a run starting after row 0 (``set_begin_index``) is planned: ``rows`` (rows
             do not depend on earlier ones), ``slice`` (re-plan the multistep run from there),
@@ -150,6 +152,7 @@ class _Spec:
         slice_options: ``(config, start, n) -> options`` for a run over rows ``start..n-1``.
         needs_set_timesteps: diffusers' step refuses to run before ``set_timesteps`` (others run
             on the grid their constructor sets, and so does the drop-in).
+        predictions: the ``prediction_type`` values diffusers' step implements for the class.
     """
 
     sampler: Callable[[Mapping], str]
@@ -161,11 +164,12 @@ class _Spec:
     step_ignored: tuple[str, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
     noise_dtype: torch.dtype | None = None
-    out_model_dtype: bool = False
+    out_dtype: str | Callable[[Mapping], str] = "promote"
     indexed: bool = True
     restart: str = "rows"
     slice_options: Callable[[Mapping, int, int], dict] | None = None
     needs_set_timesteps: bool = False
+    predictions: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -181,6 +185,12 @@ def _dpm_sampler(cfg: Mapping) -> str:
     return _DPM_NAMES[(cfg["algorithm_type"], int(cfg["solver_order"]))]
 
 
+def _dpm_out_dtype(cfg: Mapping) -> str:
+    # diffusers casts prev_sample to the dtype of the CONVERTED model output: the model output itself
+    # for prediction_type="sample", else computed with the sample (the promoted dtype)
+    return "model" if cfg.get("prediction_type") == "sample" else "promote"
+
+
 def _dpm_slice(cfg: Mapping, start: int, n: int) -> dict:
     # diffusers lowers the order of the last two steps when the WHOLE run has < 15 steps; a sliced
     # plan sees fewer, so the rule is decided here on the full length.
@@ -191,6 +201,10 @@ def _unipc_slice(cfg: Mapping, start: int, n: int) -> dict:
     return {"disable_corrector": [int(k) - start for k in (cfg.get("disable_corrector") or ())]}
 
 
+_MULTISTEP_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
+
+_PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's second name for "sample"
+
 SUPPORT: dict[str, _Spec] = {
     "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False),
     "DDIMScheduler": _Spec(
@@ -199,8 +213,10 @@ SUPPORT: dict[str, _Spec] = {
         needs_set_timesteps=True),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_only={"s_churn": 0.0}, step_ignored=("s_tmin", "s_tmax", "s_noise"),
-        out_model_dtype=True),
-    "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_model_dtype=True),
+        out_dtype="model", predictions=("epsilon", "v_prediction", "sample", "original_sample")),
+    # diffusers' step raises NotImplementedError for prediction_type="sample"
+    "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_dtype="model",
+                                             predictions=("epsilon", "v_prediction")),
     "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range")),
     "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock"),
     "DPMSolverMultistepScheduler": _Spec(
@@ -208,17 +224,18 @@ SUPPORT: dict[str, _Spec] = {
         ("solver_type", "lower_order_final", "euler_at_final", "variance_type", *_THRESH),
         only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3),
               "use_flow_sigmas": (False,)},
-        fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_model_dtype=True, restart="slice",
-        slice_options=_dpm_slice, needs_set_timesteps=True),
+        fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
+        slice_options=_dpm_slice, needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
          *_THRESH),
-        only={"use_flow_sigmas": (False,)}, restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True),
+        only={"use_flow_sigmas": (False,)}, restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True,
+        predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample"),
     "FlowMatchEulerDiscreteScheduler": _Spec(
         _named("flow_euler"), "flow", ("stochastic_sampling",), only={"invert_sigmas": (False,)},
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
-        noise_dtype=torch.float32, out_model_dtype=True),
+        noise_dtype=torch.float32, out_dtype="model", predictions=()),
 }
 """Supported diffusers scheduler classes (by name) and how each maps onto a fastdiff sampler."""
 
@@ -230,7 +247,8 @@ def support_table() -> str:
         only = ", ".join(f"{k} in {v}" for k, v in s.only.items())
         step = [f"{k} (any)" for k in s.step_options] + [f"{k}={v!r} only" for k, v in s.step_only.items()]
         step += [f"{k} (no effect)" for k in s.step_ignored]
-        lines.append(f"{name}: {', '.join(('prediction_type',) + s.options)}"
+        pred = (f"prediction_type in ({', '.join(s.predictions)})",) if s.predictions else ()
+        lines.append(f"{name}: {', '.join(pred + s.options)}"
                      f"{'; only ' + only if only else ''}; step: {', '.join(step) or '-'}"
                      f"{'; generator noise in float32' if s.noise_dtype is not None else ''}")
     return "\n".join(lines)
@@ -263,7 +281,11 @@ def _check_config(cls_name: str, spec: _Spec, cfg: Mapping) -> None:
         raise ValueError(f"{cls_name} config key {k!r} (value {v!r}) is not supported by fastdiff.diffusers; "
                          "it may change the step, so it is not ignored")
     if "prediction_type" in cfg:
-        check_prediction(cfg["prediction_type"])
+        p = cfg["prediction_type"]
+        if p not in spec.predictions:
+            raise ValueError(f"{cls_name} config prediction_type={p!r} is not supported by fastdiff.diffusers "
+                             f"(supported: {', '.join(map(repr, spec.predictions))}, as diffusers' step)")
+        check_prediction(_PREDICTION_ALIASES.get(p, p))
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -365,6 +387,7 @@ class _FusedScheduler:
         if spec.slice_options is not None:
             options.update(spec.slice_options(cfg, start, start + steps))
         prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
+        prediction = _PREDICTION_ALIASES.get(prediction, prediction)
         plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
                               **options)
         want = _host(self.timesteps)[start:].astype(np.float32)
@@ -421,18 +444,26 @@ class _FusedScheduler:
                              "call set_timesteps first")
         row = plan.rows[k]
         dt = torch.promote_types(x.dtype, m.dtype)
-        xx, mm = x.to(dt).contiguous(), m.to(dt).contiguous()
         if run.hist is None:
             if row.stage != 0:
                 raise ValueError(f"{name}: a run cannot start at step index {i}, the second stage of a solver step")
-            run.hist = [torch.zeros_like(xx) for _ in range(plan.n_slots)]
-        elif run.hist and (run.hist[0].shape != xx.shape or run.hist[0].dtype != dt or run.hist[0].device != xx.device):
-            raise ValueError(f"{name}.step: sample changed to {tuple(xx.shape)} {dt} on {xx.device} "
-                             "in the middle of a run")
-        z, seeds = self._fd_noise(row, a, mm)
+            run.hist = [torch.zeros(x.shape, dtype=dt, device=x.device) for _ in range(plan.n_slots)]
+        elif run.hist:
+            h = run.hist[0]
+            if h.shape != x.shape or h.device != x.device:
+                raise ValueError(f"{name}.step: sample changed to {tuple(x.shape)} on {x.device} in the middle of a "
+                                 f"run (was {tuple(h.shape)} on {h.device}); call set_timesteps to start a new run")
+            # the dtype may change mid-run (diffusers casts prev_sample to a half-precision model output's
+            # dtype): compute in the wider of the two, as diffusers mixes the history it keeps with the new one
+            wide = torch.promote_types(h.dtype, dt)
+            if wide != h.dtype:
+                run.hist[:] = [t.to(wide) for t in run.hist]
+            dt = wide
+        xx, mm = x.to(dt).contiguous(), m.to(dt).contiguous()
+        z, seeds = self._fd_noise(row, a, mm, m.dtype)
         out = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
-        if spec.out_model_dtype:
-            out = out.to(m.dtype)
+        how = spec.out_dtype(self.config) if callable(spec.out_dtype) else spec.out_dtype
+        out = out.to({"model": m.dtype, "sample": x.dtype}.get(how, torch.promote_types(x.dtype, m.dtype)))
         self._fd_after(row, i)
         if not a.get("return_dict", True):
             return (out,)
@@ -440,15 +471,22 @@ class _FusedScheduler:
 
         return SchedulerOutput(prev_sample=out)
 
-    def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor):
+    def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor, model_dtype: torch.dtype):
+        """The step's noise: ``(z, None)`` (``z`` in ``m``'s compute dtype) or ``(None, philox seeds)``.
+
+        diffusers draws in the dtype of the model output AS GIVEN (``model_dtype``, which may be
+        narrower than the compute dtype of a float32 sample), or in float32 (``noise_dtype``).
+        """
         if not row.noise:
             return None, None
+        nd = self._fd_spec.noise_dtype
         ext = a.get("variance_noise")
         if ext is not None:
-            return ext.to(device=m.device, dtype=m.dtype).contiguous(), None
+            ext = ext.to(device=m.device, dtype=nd) if nd is not None else ext.to(device=m.device)
+            return ext.to(m.dtype).contiguous(), None
         gen = a.get("generator")
         if gen is not None:
-            z = draw_noise(tuple(m.shape), gen, self._fd_spec.noise_dtype or m.dtype, m.device)
+            z = draw_noise(tuple(m.shape), gen, nd or model_dtype, m.device)
             return z.to(m.dtype).contiguous(), None
         b = m.shape[0]
         if self._fd_seed is None:
@@ -552,7 +590,13 @@ def from_diffusers(scheduler: Any, backend: str = "auto"):
     fused.__dict__.update(copy.deepcopy(state))
     fused._fd_init(backend)
     if getattr(scheduler, "num_inference_steps", None) is not None:
-        fused._fd_plan(0, ())
+        try:
+            fused._fd_plan(0, ())
+        except ValueError:
+            # the grid in place may be the one the constructor set (Heun, LMS: every training timestep),
+            # which pipelines replace with set_timesteps before stepping; a config that no grid can serve
+            # fails there, and a step on this grid raises the same error
+            fused._fd_plans = {}
     return fused
 
 

@@ -1,0 +1,121 @@
+"""Regression tests for divergences between fastdiff.diffusers drop-ins and the stock diffusers
+schedulers, found by randomized parity fuzzing (configs, shapes, dtypes, step arguments).
+
+Each test compares against the stock scheduler on fresh random inputs (``seed`` fixture) or checks
+that an option diffusers' step does not implement is refused with a ``ValueError`` naming it.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+from tests.samplers._harness import SD, initial_noise, rel_err, toy_model
+
+diffusers = pytest.importorskip("diffusers")
+from fastdiff.diffusers import from_diffusers  # noqa: E402
+
+from .test_diffusers_schedulers import TOL, check  # noqa: E402
+
+
+def _loop(sched, model, x, steps, *, seed, set_kw=None, mdtype=None, step_kwargs=None, return_dict=True):
+    """The diffusers loop with the model output cast to ``mdtype`` (a half-precision UNet on float32
+    latents); the state after every step."""
+    if steps is None:
+        sched.set_timesteps(**(set_kw or {}))
+    else:
+        sched.set_timesteps(steps, **(set_kw or {}))
+    kw = dict(step_kwargs or {})
+    if "generator" in inspect.signature(sched.step).parameters:
+        kw["generator"] = torch.Generator().manual_seed(seed)
+    out = []
+    for t in sched.timesteps:
+        u = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        m = model(u, t.to(x.dtype).expand(x.shape[0]))
+        if mdtype is not None:
+            m = m.to(mdtype)
+        r = sched.step(m, t, x, return_dict=return_dict, **kw)
+        x = r.prev_sample if return_dict else r[0]
+        out.append(x)
+    return out
+
+
+# ------------------------------------------------------------------------ constructor grid
+
+
+@pytest.mark.parametrize("cls, cfg", [
+    # LMS/Heun call set_timesteps(num_train_timesteps) in __init__; with leading spacing and a
+    # steps_offset that grid runs past the last training timestep (repeated sigmas: no LMS
+    # coefficients), which pipelines never step on: from_diffusers must not refuse the scheduler
+    ("LMSDiscreteScheduler", {"num_train_timesteps": 500, "beta_schedule": "squaredcos_cap_v2",
+                              "timestep_spacing": "leading", "steps_offset": 2}),
+    ("LMSDiscreteScheduler", {**SD, "timestep_spacing": "leading", "steps_offset": 1}),
+])
+def test_from_diffusers_accepts_a_constructor_grid_no_run_uses(cls, cfg, seed):
+    from_diffusers(getattr(diffusers, cls)(**cfg))  # did raise "non-finite coefficient"
+    check(cls, cfg, 15, seed)
+
+
+# ------------------------------------------------------------------------ prediction types
+
+
+def test_euler_original_sample_is_sample(seed):
+    """EulerDiscreteScheduler accepts prediction_type="original_sample" (same as "sample")."""
+    check("EulerDiscreteScheduler", {**SD, "prediction_type": "original_sample"}, 10, seed)
+
+
+@pytest.mark.parametrize("cls, pred", [("EulerAncestralDiscreteScheduler", "sample"),
+                                       ("EulerAncestralDiscreteScheduler", "original_sample"),
+                                       ("HeunDiscreteScheduler", "original_sample"),
+                                       ("LMSDiscreteScheduler", "original_sample"),
+                                       ("DDIMScheduler", "original_sample")])
+def test_prediction_types_the_stock_step_rejects_are_refused(cls, pred):
+    """diffusers' step raises for these (EulerAncestral: NotImplementedError for "sample"); the
+    drop-in refuses them up front, naming the option, instead of sampling something else."""
+    with pytest.raises(ValueError, match=f"prediction_type='{pred}'"):
+        from_diffusers(getattr(diffusers, cls)(prediction_type=pred))
+
+
+# ------------------------------------------------------------------------ noise dtype
+
+
+@pytest.mark.parametrize("name, cfg, mdtype, step_kwargs", [
+    ("EulerAncestralDiscreteScheduler", SD, torch.float16, None),
+    ("DDPMScheduler", {**SD, "clip_sample": False}, torch.bfloat16, None),
+    ("DDIMScheduler", {**SD, "clip_sample": False}, torch.float16, {"eta": 0.7}),
+    ("EulerDiscreteScheduler", SD, torch.bfloat16, None),
+    # DPM-Solver returns the dtype of its converted model output: float32 here (x0 from the sample) ...
+    ("DPMSolverMultistepScheduler", {**SD, "algorithm_type": "sde-dpmsolver++"}, torch.bfloat16, None),
+    # ... and the model output's own dtype for prediction_type="sample"
+    ("DPMSolverMultistepScheduler", {**SD, "prediction_type": "sample"}, torch.float16, None),
+    ("UniPCMultistepScheduler", SD, torch.bfloat16, None),
+    ("HeunDiscreteScheduler", SD, torch.float16, None),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0, "stochastic_sampling": True}, torch.float16, None),
+])
+def test_half_precision_model_output_on_float32_latents(name, cfg, mdtype, step_kwargs, seed):
+    """float32 latents and a half-precision model output: diffusers draws the step noise in the
+    model output's dtype (DPM-Solver and flow in float32); the drop-in drew it in the promoted
+    compute dtype (other numbers from the same generator: errors of order 1, not of rounding). And
+    the output dtype is diffusers' (DPM-Solver: that of its converted model output).
+
+    Both schedulers step from the stock state with the same model output, so each step differs by
+    the rounding of the half-precision operands only."""
+    cls = getattr(diffusers, name)
+    stock, fused = cls(**cfg), from_diffusers(cls(**cfg))
+    model = toy_model(seed)
+    for s in (stock, fused):
+        s.set_timesteps(8)
+    x = initial_noise(seed, float(getattr(stock, "init_noise_sigma", 1.0)))
+    gens = [torch.Generator().manual_seed(seed + 1) for _ in range(2)]
+    takes_gen = "generator" in inspect.signature(stock.step).parameters
+    eps = torch.finfo(mdtype).eps
+    for t in stock.timesteps:
+        u = stock.scale_model_input(x, t) if hasattr(stock, "scale_model_input") else x
+        if hasattr(fused, "scale_model_input"):
+            fused.scale_model_input(x, t)
+        m = model(u, t.float().expand(x.shape[0])).to(mdtype)
+        outs = [s.step(m, t, x, **({"generator": g} if takes_gen else {}), **(step_kwargs or {})).prev_sample
+                for s, g in zip((stock, fused), gens)]
+        assert outs[1].dtype == outs[0].dtype
+        assert rel_err(outs[1], outs[0]) <= 2 * eps, (float(t), rel_err(outs[1], outs[0]))
+        x = outs[0]
