@@ -14,24 +14,44 @@ also takes ``backend=`` (fused-step backend, default ``auto``). k-diffusion itse
 
 Noise:
 
-- churn (``s_churn`` of euler, heun, dpm_2) is ``torch.randn_like(x)`` as in k-diffusion, drawn
-  in the same order (one draw per step, also where unused) whenever churn is active, so a seeded
-  global RNG gives k-diffusion's result. Without churn nothing is drawn (k-diffusion still draws
-  and discards one ``randn_like`` per step, so the global RNG state afterwards differs).
+- churn samplers (euler, heun, dpm_2): k-diffusion draws one ``torch.randn_like(x)`` at the start
+  of every step, churning or not; so do these functions, at the same points and in ``x``'s memory
+  layout, keeping only the draws of churning steps. A seeded global RNG gives k-diffusion's churn
+  noise and leaves the global RNG in k-diffusion's state (the price: one discarded draw per step).
 - ancestral (euler_ancestral): ``noise_sampler(sigma, sigma_next)`` where k-diffusion calls it
   (``sigma_next > 0``); default ``torch.randn_like(x)``, as k-diffusion's default.
 - SDE (dpmpp_2m_sde, dpmpp_3m_sde): ``noise_sampler(sigma, sigma_next)`` where k-diffusion calls
-  it. k-diffusion's default is a ``BrownianTreeNoiseSampler`` (torchsde); fastdiff's default is
-  in-kernel Philox noise keyed by a seed drawn from torch's global RNG (independent normals per
-  step: same distribution for a fixed grid, not the same numbers). Pass k-diffusion's
-  ``BrownianTreeNoiseSampler`` (or any ``noise_sampler``) for exact parity.
+  it. k-diffusion's default is a ``BrownianTreeNoiseSampler`` (torchsde) seeded with one
+  ``torch.randint`` from the global RNG; fastdiff's default draws that same seed (so the global
+  RNG state afterwards is k-diffusion's) and uses it as the key of in-kernel Philox noise:
+  independent standard normals per step, the law of k-diffusion's increments on a fixed grid, not
+  the same numbers. Pass k-diffusion's ``BrownianTreeNoiseSampler`` (or any ``noise_sampler``)
+  for exact parity. A ``noise_sampler`` must return a tensor shaped like ``x`` (never broadcast).
+
+Grids: ``sigmas`` is a non-empty 1-D tensor, finite, >= 0, non-increasing, with 0 at most in its
+last entry (k-diffusion divides by zero on a step from 0). One sigma is zero steps (``x`` is
+returned, as k-diffusion's loop runs ``len(sigmas) - 1`` steps). A repeated sigma that a
+multistep difference divides by (lms, dpmpp_*; k-diffusion returns NaN) raises a ``ValueError``.
+k-diffusion's SDE samplers crash on a one-step grid ``[sigma, 0]``; here it is their denoising
+step, ``x = denoised``. ``lms`` takes ``order`` 1 to 5 (a fused row reads at most 4 history slots).
+
+Precision: the state, the model input and the result have ``x``'s dtype and the model gets
+``sigma`` in ``x``'s dtype, as in k-diffusion when ``sigmas`` has ``x``'s dtype. Each step is
+computed in float32 (float64 for float64 ``x``) from coefficients computed in float64 from the
+values of ``sigmas``, so fp16/bf16 runs round once per step (k-diffusion rounds after every
+operation) and are at least as close to exact arithmetic as k-diffusion's. With ``sigmas`` of
+another dtype than ``x`` the sigmas are read as values: float64 ``x`` with float32 sigmas equals
+k-diffusion with ``sigmas.double()`` (k-diffusion itself would compute its step scalars in
+float32), and fp16 ``x`` with float32 sigmas stays fp16 (k-diffusion's ``to_d`` samplers promote
+their state to the sigmas' dtype there). Churn bounds ``s_tmin``/``s_tmax`` are compared in the
+sigmas' dtype, as k-diffusion does.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,19 +82,36 @@ class _SigmaGrid(VESchedule):
         return self.grid
 
 
-def _plan(name: str, sigmas: torch.Tensor, **options) -> tuple[Plan, np.ndarray]:
-    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got "
+def _check_sigmas(sigmas) -> np.ndarray:
+    """``sigmas`` as float64 host values (one copy, before the loop), or ``ValueError`` naming the fault."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 1:
+        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got "
                          f"{tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__}")
-    sig = sigmas.detach().to("cpu", torch.float64).numpy()  # one host copy, before the loop
+    if sigmas.is_complex() or sigmas.dtype == torch.bool:
+        raise ValueError(f"sigmas must be a real tensor, got dtype {sigmas.dtype}")
+    sig = sigmas.detach().to("cpu", torch.float64).numpy()
     if not np.all(np.isfinite(sig)) or np.any(sig < 0) or np.any(np.diff(sig) > 0):
         raise ValueError(f"sigmas must be finite, >= 0 and non-increasing, got {sig.tolist()}")
-    pos = sig[sig > 0]
-    if len(pos) == 0:
-        raise ValueError("sigmas has no positive entry")
+    if np.any(sig[:-1] == 0):
+        raise ValueError(f"sigmas may be 0 only in its last entry (a step from sigma = 0 divides by zero), got "
+                         f"{sig.tolist()}")
+    return sig
+
+
+def _plan(name: str, sig: np.ndarray, **options) -> Plan:
     grid = Discretization(sigmas=sig, timesteps=sig[:-1], init_sigma=float(sig[0]))
+    pos = sig[sig > 0]
     sch = _SigmaGrid(sigma_min=float(pos.min()), sigma_max=float(pos.max()), grid=grid)
-    return samplers.build(name, sch, len(sig) - 1, prediction="x0", **options), sig
+    try:
+        return samplers.build(name, sch, len(sig) - 1, prediction="x0", **options)
+    except ZeroDivisionError as exc:
+        raise ValueError(f"sample_{name} divides by a zero step on these sigmas (a repeated value feeds a "
+                         f"multistep difference; k-diffusion returns NaN there): {sig.tolist()}") from exc
+    except ValueError as exc:
+        if "non-finite coefficient" not in str(exc):
+            raise
+        raise ValueError(f"sample_{name} gets a non-finite coefficient from these sigmas (a repeated value feeds "
+                         f"a multistep difference; k-diffusion returns NaN there): {sig.tolist()}") from exc
 
 
 def _progress(disable) -> bool:
@@ -92,36 +129,58 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
     ``philox`` and no ``noise``, rows draw in-kernel Philox noise.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
+        raise TypeError(f"x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    if extra_args is not None and not isinstance(extra_args, Mapping):
+        raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}")
     extra = {} if extra_args is None else dict(extra_args)
+    sig = _check_sigmas(sigmas)
+    seeds = None
+    if philox and noise is None:
+        # k-diffusion's default BrownianTreeNoiseSampler draws its seed here, used or not: same global RNG
+        seed = int(torch.randint(0, 2**63 - 1, []))
+    if len(sig) == 1:  # no step, as k-diffusion's loop over len(sigmas) - 1 steps
+        return x.clone()
+    if not np.any(sig > 0):
+        raise ValueError(f"sigmas has no positive entry: {sig.tolist()}")
     if churn is not None:
-        options.update(zip(("s_churn", "s_tmin", "s_tmax", "s_noise"), churn))
-    plan, sig = _plan(name, sigmas, **options)
+        s_churn, s_tmin, s_tmax, s_noise = churn
+        # k-diffusion tests s_tmin <= sigmas[i] <= s_tmax in sigmas' dtype: round the bounds to it
+        s_tmin, s_tmax = (float(sigmas.new_tensor(v)) if isinstance(v, (int, float)) and sigmas.is_floating_point()
+                          else v for v in (s_tmin, s_tmax))
+        options.update(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    plan = _plan(name, sig, **options)
     rows, B = plan.rows, x.shape[0]
     dev, dt = x.device, x.dtype
     # model times in x's dtype, straight from the plan (float32 rounding of the loop's own table
     # would perturb float64 runs): one device table, indexed per row without a host sync
     row_sigma = torch.tensor([r.sigma for r in rows], dtype=torch.float64).to(dtype=dt, device=dev)
-    x = x.clone()
-    drawn: list[torch.Tensor] = []  # churn: one randn_like per step, in k-diffusion's order
-    # churn is active if any step churns: step 0's goes into the initial scale, later ones into rows
-    churned = churn is not None and (plan.init_scale > sig[0] or any(r.noise for r in rows))
+    x_in, x = x, x.clone(memory_format=torch.contiguous_format)
+    # churn samplers: k-diffusion draws one randn_like(x) at the start of every step, churning or
+    # not; we draw the same tensors at the same points (so a seeded global RNG gives k-diffusion's
+    # churn noise and leaves the same RNG state), keeping only the ones that churn
+    n_drawn = [0]
 
-    def eps(step: int) -> torch.Tensor:
-        while len(drawn) <= step:
-            drawn.append(torch.randn_like(x))
-        return drawn[step]
+    def draw_to(step: int) -> torch.Tensor | None:
+        """Draw k-diffusion's per-step noise up to ``step``; returns the one of ``step`` if drawn now."""
+        z = None
+        while n_drawn[0] <= step:
+            z = torch.randn_like(x_in)  # x's layout: CPU normal_ draws differently for non-contiguous
+            n_drawn[0] += 1
+        return z
 
     if plan.init_scale > sig[0]:  # step 0's churn: k-diffusion adds it before the first call
-        x.add_(eps(0), alpha=math.sqrt(plan.init_scale**2 - sig[0] ** 2))
+        x.add_(draw_to(0), alpha=math.sqrt(plan.init_scale**2 - sig[0] ** 2))
     k = [0]
 
     def f(xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         i = k[0]
         k[0] += 1
         r = rows[i]
-        if churned and r.stage == 0:
-            eps(r.step)  # keeps the global RNG in step with k-diffusion's per-step draw
+        if churn is not None and r.stage == 0:
+            draw_to(r.step)  # k-diffusion's draw of this step (a no-op if it churned: drawn already)
         den = model(xx, row_sigma[i].expand(B), **extra)
         if callback is not None and r.stage == 0:
             s = sigmas[r.step]
@@ -132,15 +191,18 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
     def noise_fn(i: int, xx: torch.Tensor) -> torch.Tensor:
         r = rows[i]
         if churn is not None:  # the next step's churn, drawn at the end of this one
-            return eps(r.step + 1)
+            return draw_to(r.step + 1)
         if sig[r.step + 1] <= 0:  # k-diffusion skips the draw into sigma = 0 (coefficient 0 here)
             return torch.zeros_like(xx)
-        return noise(sigmas[r.step], sigmas[r.step + 1])
+        z = noise(sigmas[r.step], sigmas[r.step + 1])
+        if not isinstance(z, torch.Tensor) or z.shape != xx.shape:  # never broadcast
+            raise ValueError(f"noise_sampler must return a tensor shaped like x {tuple(xx.shape)}, got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__} at step {r.step}")
+        return z
 
-    seeds = None
     use_fn = churn is not None or noise is not None
     if not use_fn and philox and any(r.noise for r in rows):
-        seeds = expand_seeds(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), B)
+        seeds = expand_seeds(seed, B)
     opts = LoopOptions(seeds=seeds, noise_fn=noise_fn if use_fn else None, backend=backend, progress=_progress(disable),
                        check_finite=False)
     return run_plan(plan, f, x, opts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.polynomial import polynomial as P
 
-from ..plan import Plan, Row, Write, combo
+from ..plan import MAX_READS, Plan, Row, Write, combo
 from ..schedules import Schedule
 from . import register
 from ._common import grid_point
@@ -32,8 +32,9 @@ def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
 @register("lms", options={"order": 4})
 def lms(schedule: Schedule, steps: int, prediction: str, *, order: int) -> Plan:
     """Linear multistep method on the probability-flow ODE in sigma (Karras et al. 2022 / k-diffusion)."""
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
-        raise ValueError(f"order must be an int in [1, 4], got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_READS + 1:
+        # order k reads the k - 1 previous derivatives: a row reads at most MAX_READS history slots
+        raise ValueError(f"order must be an int in [1, {MAX_READS + 1}], got {order!r}")
     disc = schedule.discretize(steps)
     sig = disc.sigmas
     ring = order - 1  # the derivative D_k = (x_k - d_k)/sigma_k of step k lives in slot k % ring

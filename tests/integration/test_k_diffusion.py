@@ -158,3 +158,187 @@ def test_backend_choice_and_errors(seed):
         K.sample_dpmpp_2m_sde(lambda xx, s: xx, x, sig, solver_type="rk4")
     with pytest.raises(ValueError, match="backend"):
         K.sample_lms(lambda xx, s: xx, x, sig, backend="tpu")
+
+
+# --- regressions found by randomized comparison with k-diffusion ---------------------------------
+
+CHURN_FUNCS = ["sample_euler", "sample_heun", "sample_dpm_2"]
+
+
+def _rand_x(seed, shape=(2, 3, 4, 5), dtype=torch.float32, scale=1.0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype) * scale
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_one_sigma_is_zero_steps(name, seed):
+    """k-diffusion loops over len(sigmas) - 1 steps: one sigma returns x unchanged, no model call."""
+    sig = torch.tensor([float(karras(3)[1])])
+    x = _rand_x(seed, (1, 3, 5), scale=float(sig[0]))
+    calls = []
+    extra = {"noise_sampler": lambda s, s1: torch.zeros_like(x)} if name in NOISE_SAMPLER else {}
+    for mod in (K, k_sampling()):
+        out = getattr(mod, name)(lambda xx, s: calls.append(1) or xx, x, sig, disable=True, **extra)
+        assert torch.equal(out, x) and out.dtype == x.dtype
+    assert not calls
+
+
+@pytest.mark.parametrize("name", CHURN_FUNCS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_global_rng_stream_as_k_diffusion(name, layout, seed):
+    """k-diffusion draws randn_like(x) once per step, churning or not (in x's layout): the same
+    churn noise and the same global RNG state afterwards, also when no step churns."""
+    f = toy_model(seed)
+    sig = karras(6)
+    x = _rand_x(seed, scale=float(sig[0])).contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    for kw in ({}, {"s_churn": 3.0, "s_tmax": float(sig[2])}, {"s_churn": 3.0, "s_tmin": 100.0}):
+        ours, theirs = run_both(name, lambda xx, s: f(xx, s), x, sig, seed, **kw)
+        assert_same(ours, theirs, torch.float32, f"{name} {layout} {kw}")
+        assert torch.equal(ours["rng_after"], theirs["rng_after"]), f"{name} {layout} {kw}"
+
+
+@pytest.mark.parametrize("name", CHURN_FUNCS)
+def test_churn_bounds_compare_in_the_sigmas_dtype(name, seed):
+    """``s_tmin <= sigmas[i] <= s_tmax`` is a comparison in sigmas' dtype in k-diffusion: a bound
+    just above a float32 sigma (that rounds to it) still churns that step."""
+    f = toy_model(seed)
+    sig = karras(5)
+    s2 = float(sig[2])
+    above = s2 * (1 + 2.0**-26)  # rounds to sig[2] in float32, larger in float64
+    assert above > s2 and float(torch.tensor(above, dtype=torch.float32)) == s2
+    x = _rand_x(seed, scale=float(sig[0]))
+    for kw in ({"s_churn": 4.0, "s_tmin": above}, {"s_churn": 4.0, "s_tmax": s2 * (1 - 2.0**-26)}):
+        ours, theirs = run_both(name, lambda xx, s: f(xx, s), x, sig, seed, **kw)
+        assert_same(ours, theirs, torch.float32, f"{name} {kw}")
+        assert [float(c["sigma_hat"]) for c in ours["cb"]] == pytest.approx([float(c["sigma_hat"]) for c in theirs["cb"]])
+
+
+@pytest.mark.parametrize("name", ["sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_sde_default_noise_leaves_k_diffusions_rng_state(name, eta, seed):
+    """k-diffusion's default BrownianTreeNoiseSampler draws one seed from the global RNG (used or
+    not); fastdiff's default draws the same one (its Philox key), so later draws agree."""
+    pytest.importorskip("torchsde")
+    f = toy_model(seed)
+    sig = karras(4)
+    x = _rand_x(seed, (1, 3, 4, 5), scale=float(sig[0]))
+    after = []
+    for mod in (K, k_sampling()):
+        torch.manual_seed(seed)
+        getattr(mod, name)(lambda xx, s: f(xx, s), x, sig, disable=True, eta=eta)
+        after.append(torch.rand(4))
+    assert torch.equal(after[0], after[1])
+
+
+@pytest.mark.parametrize("order", [5, 3])
+def test_lms_order_5(order, seed):
+    f = toy_model(seed)
+    sig = karras(9, torch.float64)
+    x = _rand_x(seed, dtype=torch.float64, scale=float(sig[0]))
+    ours, theirs = run_both("sample_lms", lambda xx, s: f(xx, s), x, sig, seed, order=order)
+    assert_same(ours, theirs, torch.float64, f"lms order={order}")
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_is_stored_in_x_dtype_and_as_accurate_as_k_diffusion(name, dtype, seed):
+    """fp16/bf16 ``x``: the state, the model input and the result stay in x's dtype (k-diffusion
+    with sigmas in x's dtype does the same); each step is computed in float32, so the result is at
+    least as close to exact arithmetic (k-diffusion in float64 on the same inputs and noise) as
+    k-diffusion's own half-precision run (up to a factor 2 and one rounding)."""
+    f = toy_model(seed)
+    sig = karras(8)
+    x = _rand_x(seed, dtype=dtype, scale=float(sig[0]))
+
+    def den(xx, s):
+        assert xx.dtype == dtype and s.dtype == dtype
+        return f(xx.float(), s.float()).to(dtype)
+
+    tape = NoiseTape(len(sig), shape=x.shape, seed=seed + 5, dtype=dtype)
+    runs = {}
+    for key, mod, xx, ss in (("ours", K, x, sig), ("theirs", k_sampling(), x, sig.to(dtype)),
+                             ("exact", k_sampling(), x.double(), sig.double())):
+        extra = {"noise_sampler": lambda s, s1, _t=tape: _t.draw().to(xx.dtype)} if name in NOISE_SAMPLER else {}
+        tape.next = 0
+        model = den if key != "exact" else (lambda u, s: f(u.to(dtype).float(), s.to(dtype).float()).double())
+        try:
+            runs[key] = getattr(mod, name)(model, xx, ss, disable=True, **extra)
+        except TypeError:  # k-diffusion's lms cannot take bfloat16 sigmas (numpy)
+            runs[key] = None
+    assert runs["ours"].dtype == dtype and runs["ours"].shape == x.shape
+    ref = rel_err(runs["theirs"], runs["exact"]) if runs["theirs"] is not None else 0.0
+    ref = ref if math.isfinite(ref) else 0.0
+    one = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert rel_err(runs["ours"], runs["exact"]) <= max(2 * ref, one)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_float32_sigmas_with_float64_x_are_values(name, seed):
+    """Mixed dtypes: fastdiff reads sigmas as values and computes every coefficient in float64, so
+    ``x`` float64 with float32 sigmas equals k-diffusion with ``sigmas.double()`` (k-diffusion
+    itself would compute its step scalars in float32, ~1e-7 off)."""
+    f = toy_model(seed)
+    sig = karras(7)
+    x = _rand_x(seed, dtype=torch.float64, scale=float(sig[0]))
+    tape = NoiseTape(len(sig), shape=x.shape, seed=seed + 5, dtype=torch.float64)
+    outs = []
+    for mod, ss in ((K, sig), (k_sampling(), sig.double())):
+        tape.next = 0
+        extra = {"noise_sampler": tape.draw} if name in NOISE_SAMPLER else {}
+        torch.manual_seed(seed)
+        outs.append(getattr(mod, name)(lambda xx, s: f(xx, s), x, ss, disable=True, **extra))
+    assert outs[0].dtype == torch.float64
+    assert rel_err(outs[0], outs[1]) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", ["sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+def test_sde_one_step_into_zero_is_the_denoised_estimate(name, seed):
+    """k-diffusion's SDE samplers raise UnboundLocalError on ``[sigma, 0]``; the step is its
+    denoising step ``x = denoised``."""
+    f = toy_model(seed)
+    sig = torch.tensor([7.0, 0.0])
+    x = _rand_x(seed, scale=7.0)
+    out = getattr(K, name)(lambda xx, s: f(xx, s), x, sig, disable=True, noise_sampler=lambda s, s1: 1 / 0)
+    assert rel_err(out, f(x, torch.full((2,), 7.0))) <= 1e-6
+
+
+def test_argument_errors_name_the_argument(seed):
+    f = toy_model(seed)
+    sig = karras(5)
+    x = _rand_x(seed, scale=float(sig[0]))
+
+    def den(xx, s):
+        return f(xx, s)
+
+    for bad, match in ((torch.tensor([5.0, 0.0, 0.0]), "0 only in its last"), (torch.tensor([0.0, 0.0]), "0 only in its last"),
+                       (sig[None], "sigmas must be a non-empty 1-D"), (sig[:0], "sigmas must be a non-empty 1-D"),
+                       (torch.tensor([3.0, float("nan"), 0.0]), "sigmas must be finite"),
+                       (torch.tensor([1.0, 2.0, 0.0]), "non-increasing")):
+        for name in FUNCS:
+            with pytest.raises(ValueError, match=match):
+                getattr(K, name)(den, x, bad, disable=True, **({"noise_sampler": lambda s, s1: torch.zeros_like(x)}
+                                                               if name in NOISE_SAMPLER else {}))
+    rep = torch.tensor([9.0, 4.0, 4.0, 1.0, 0.0])  # k-diffusion returns NaN here
+    for name in ("sample_lms", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"):
+        with pytest.raises(ValueError, match="sigmas"):
+            getattr(K, name)(den, x, rep, disable=True, **({"noise_sampler": lambda s, s1: torch.zeros_like(x)}
+                                                           if name in NOISE_SAMPLER else {}))
+    for name in ("sample_euler", "sample_heun", "sample_dpm_2", "sample_euler_ancestral"):  # fine there, as in k-diffusion
+        ours, theirs = run_both(name, den, x, rep, seed)
+        assert_same(ours, theirs, torch.float32, f"{name} repeated sigma")
+    with pytest.raises(TypeError, match="extra_args"):
+        K.sample_euler(den, x, sig, extra_args=[1])
+    with pytest.raises(TypeError, match="x must be a floating"):
+        K.sample_euler(den, x.long(), sig)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sigma_min'"):
+        K.sample_dpmpp_2m(den, x, sig, sigma_min=0.1)
+    for name in NOISE_SAMPLER:
+        with pytest.raises(ValueError, match="noise_sampler must return a tensor shaped like x"):
+            getattr(K, name)(den, x, sig, disable=True, noise_sampler=lambda s, s1: torch.zeros(1, *x.shape[1:]))
+    with pytest.raises(ValueError, match="order"):
+        K.sample_lms(den, x, sig, order=6)
+    for kw in ({"eta": -0.5}, {"s_noise": -1.0}, {"eta": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            K.sample_euler_ancestral(den, x, sig, **kw)
+    with pytest.raises(ValueError, match="s_churn"):
+        K.sample_heun(den, x, sig, s_churn=-1.0)

@@ -62,6 +62,6 @@ def test_lms_history_ring_and_order_errors():
     plan = samplers.build("lms", schedules.VESchedule(), 8)
     assert plan.n_slots == 3 and plan.rows[0].reads == () and len(plan.rows[3].reads) == 3
     assert plan.rows[-1].writes == ()
-    for bad in (0, 5, 2.0, True):
+    for bad in (0, 6, 2.0, True):  # 5 reads 4 history slots, the most a row reads
         with pytest.raises(ValueError, match="order"):
             samplers.build("lms", schedules.VESchedule(), 8, order=bad)
