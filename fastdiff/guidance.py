@@ -71,7 +71,8 @@ class Guidance:
 def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: float) -> torch.Tensor:
     """Per-sample factor ``r`` so that ``r * (m_u + w (m_c - m_u))`` is diffusers' rescaled CFG.
 
-    ``r = phi * std(m_c) / std(cfg) + (1 - phi)``, std over all but the batch dimension (float32).
+    ``r = phi * std(m_c) / std(cfg) + (1 - phi)``, std over all but the batch dimension (float32);
+    ``r = 1`` for a sample whose guided output is constant (``std(cfg) = 0``).
     """
     b = m_c.shape[0]
     # flattened per sample: a [B] state has no dims to reduce, and std(dim=()) would reduce the batch
@@ -79,7 +80,10 @@ def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: f
     cfg = mu + w.reshape(-1, 1) * (mc - mu)
     std_c = mc.std(dim=1)
     std_g = cfg.std(dim=1)
-    return (phi * std_c / std_g + (1.0 - phi)).to(torch.float32)
+    # a constant guided output (std 0) has no scale to match: leave it as it is (r = 1) instead of
+    # diffusers' 0/0 = NaN, which would silently fill the sample with NaN
+    ratio = torch.where(std_g > 0, std_c / std_g, torch.ones_like(std_g))
+    return (phi * ratio + (1.0 - phi)).to(torch.float32)
 
 
 def dynamic_threshold(d: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

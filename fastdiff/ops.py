@@ -146,12 +146,27 @@ def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> No
     """
     if check:
         validate(args)
-    if requested_backend(backend) != "reference" and needs_staging(args):
-        staged, commit = stage(args)
-        resolve(backend, staged).step(staged)
-        commit()
-        return
+    name = requested_backend(backend)
+    if name != "reference":
+        mod = _fused_for(name, args)
+        if mod is not None:  # the common case: the inputs as they are
+            mod.step(args)
+            return
+        if needs_staging(args):
+            staged, commit = stage(args)
+            resolve(backend, staged).step(staged)
+            commit()
+            return
     resolve(backend, args).step(args)
+
+
+def _fused_for(name: str, args: StepArgs) -> ModuleType | None:
+    """The fused backend ``name`` (or ``auto``'s first choice) if it runs ``args`` as given, else ``None``."""
+    for cand in (_AUTO_ORDER.get(args.x.device.type, ()) if name == "auto" else (name,)):
+        mod = _module(cand)
+        if not isinstance(mod, Exception) and mod.available()[0] and mod.supports(args):
+            return mod
+    return None
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -284,3 +284,19 @@ def test_module_with_trainable_parameters_outside_no_grad(backend, seed):
     out = fastdiff.sample(lambda x, t, c: lin(x + c), noise, backend=backend, **kw)
     assert not out.requires_grad and lin.weight.grad is None
     assert _rel(out, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_guidance_rescale_of_a_constant_guided_output_is_no_rescale(backend, seed):
+    # std(cfg) = 0 per sample: diffusers' ratio is 0/0 = NaN, which silently filled the sample with NaN
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(2, 3, 5, generator=g)
+
+    def model(x, t, c):
+        return torch.zeros_like(x) + c.reshape(-1, 1, 1)
+
+    kw = dict(sampler="dpmpp_2m", steps=4, seed=seed, guidance_scale=3.0, cond=torch.randn(2, 1, generator=g),
+              uncond=torch.randn(2, 1, generator=g), backend=backend)
+    out = fastdiff.sample(model, noise, guidance_rescale=0.7, **kw)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, fastdiff.sample(model, noise, **kw))
