@@ -217,11 +217,13 @@ def _run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) ->
                     out = _call(model, torch.cat([x_in, x_in], dim=0), ts[i].expand(2 * B), cin)
                     _check_shape(out, (2 * B, *x.shape[1:]), i, r)
                     # any layout or dtype the model returns: the step takes x's dtype, contiguous
-                    out = out.to(x.dtype).contiguous()
+                    # (detached: a model may enable grad inside; the step is not differentiable)
+                    out = out.detach().to(x.dtype).contiguous()
                     m, m_c = out[:B], out[B:]
                 else:
                     out = _call(model, x_in, ts[i].expand(B), opts.cond)
                     _check_shape(out, tuple(x.shape), i, r)
+                    out = out.detach()
                     m, m_c = out.to(x.dtype).contiguous(), None
             w = W[i] if m_c is not None else None
             rr = s = None

@@ -300,3 +300,20 @@ def test_guidance_rescale_of_a_constant_guided_output_is_no_rescale(backend, see
     out = fastdiff.sample(model, noise, guidance_rescale=0.7, **kw)
     assert torch.isfinite(out).all()
     assert torch.equal(out, fastdiff.sample(model, noise, **kw))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_model_that_enables_grad_inside(backend, seed):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(6, 6)
+
+    def model(x, t):
+        with torch.enable_grad():  # e.g. a model that takes a gradient itself: its output requires grad
+            return lin(x)
+
+    noise = torch.randn(3, 6)
+    with torch.no_grad():
+        want = fastdiff.sample(lambda x, t: lin(x), noise, sampler="euler_ancestral", steps=3, seed=seed,
+                               backend="reference")
+    out = fastdiff.sample(model, noise, sampler="euler_ancestral", steps=3, seed=seed, backend=backend)
+    assert not out.requires_grad and _rel(out, want) <= 1e-5
