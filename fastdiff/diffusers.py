@@ -114,10 +114,11 @@ _GRID_KEYS = frozenset({
     "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
     "sigma_min", "sigma_max", "final_sigmas_type", "interpolation_type", "timestep_type", "use_lu_lambdas",
     "lambda_min_clipped", "flow_shift", "use_dynamic_shifting", "time_shift_type", "shift", "base_shift",
-    "max_shift", "base_image_seq_len", "max_image_seq_len", "shift_terminal",
+    "max_shift", "base_image_seq_len", "max_image_seq_len", "shift_terminal", "use_flow_sigmas",
 })
 """Config keys consumed by diffusers' own ``set_timesteps``: any value diffusers accepts is supported,
-because the rows are built from the arrays it computes."""
+because the rows are built from the arrays it computes (``use_flow_sigmas`` also sets how DPM-Solver
+and UniPC read those sigmas: ``alpha = 1 - s``, ``sigma_t = s``; the rows do the same)."""
 
 _META_KEYS = frozenset({"_class_name", "_diffusers_version", "_use_default_values", "_name_or_path"})
 
@@ -153,6 +154,8 @@ class _Spec:
         needs_set_timesteps: diffusers' step refuses to run before ``set_timesteps`` (others run
             on the grid their constructor sets, and so does the drop-in).
         predictions: the ``prediction_type`` values diffusers' step implements for the class.
+        check: ``config -> None``, raising ``ValueError`` for a combination of values it refuses.
+        note: what :func:`support_table` says about ``check``.
     """
 
     sampler: Callable[[Mapping], str]
@@ -170,6 +173,8 @@ class _Spec:
     slice_options: Callable[[Mapping, int, int], dict] | None = None
     needs_set_timesteps: bool = False
     predictions: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+    check: Callable[[Mapping], None] | None = None
+    note: str = ""
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -189,6 +194,27 @@ def _dpm_out_dtype(cfg: Mapping) -> str:
     # diffusers casts prev_sample to the dtype of the CONVERTED model output: the model output itself
     # for prediction_type="sample", else computed with the sample (the promoted dtype)
     return "model" if cfg.get("prediction_type") == "sample" else "promote"
+
+
+def _check_flow_sigmas(cfg: Mapping) -> None:
+    """DPM-Solver / UniPC: ``flow_prediction`` is the velocity on a flow grid (``use_flow_sigmas``);
+    ``v_prediction`` has no meaning there (diffusers computes ``(1 - s) x - s v``), nor noise estimates
+    from a velocity (diffusers raises for them)."""
+    p, flow = cfg.get("prediction_type"), bool(cfg.get("use_flow_sigmas", False))
+    if p == "flow_prediction" and not flow:
+        raise ValueError(f"prediction_type='flow_prediction' with use_flow_sigmas={flow!r} is not supported by "
+                         "fastdiff.diffusers: a velocity needs the flow grid (use_flow_sigmas=True)")
+    if p == "v_prediction" and flow:
+        raise ValueError("prediction_type='v_prediction' with use_flow_sigmas=True is not supported by "
+                         "fastdiff.diffusers (v needs alpha^2 + sigma^2 = 1; use flow_prediction)")
+    if p == "flow_prediction" and (cfg.get("predict_x0") is False
+                                   or cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver")):
+        raise ValueError("prediction_type='flow_prediction' needs a data-prediction solver (predict_x0=True, "
+                         "algorithm_type dpmsolver++ / sde-dpmsolver++), as diffusers' step does")
+
+
+_FLOW_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
+              "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction not with use_flow_sigmas=True")
 
 
 def _dpm_slice(cfg: Mapping, start: int, n: int) -> dict:
@@ -222,16 +248,17 @@ SUPPORT: dict[str, _Spec] = {
     "DPMSolverMultistepScheduler": _Spec(
         _dpm_sampler, "multistep",
         ("solver_type", "lower_order_final", "euler_at_final", "variance_type", *_THRESH),
-        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3),
-              "use_flow_sigmas": (False,)},
+        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3)},
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
-        slice_options=_dpm_slice, needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS),
+        slice_options=_dpm_slice, needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
+        check=_check_flow_sigmas, note=_FLOW_NOTE),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
          *_THRESH),
-        only={"use_flow_sigmas": (False,)}, restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True,
-        predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample"),
+        restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True,
+        predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample", check=_check_flow_sigmas,
+        note=_FLOW_NOTE),
     "FlowMatchEulerDiscreteScheduler": _Spec(
         _named("flow_euler"), "flow", ("stochastic_sampling",), only={"invert_sigmas": (False,)},
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
@@ -250,7 +277,8 @@ def support_table() -> str:
         pred = (f"prediction_type in ({', '.join(s.predictions)})",) if s.predictions else ()
         lines.append(f"{name}: {', '.join(pred + s.options)}"
                      f"{'; only ' + only if only else ''}; step: {', '.join(step) or '-'}"
-                     f"{'; generator noise in float32' if s.noise_dtype is not None else ''}")
+                     f"{'; generator noise in float32' if s.noise_dtype is not None else ''}"
+                     f"{'; ' + s.note if s.note else ''}")
     return "\n".join(lines)
 
 
@@ -286,6 +314,8 @@ def _check_config(cls_name: str, spec: _Spec, cfg: Mapping) -> None:
             raise ValueError(f"{cls_name} config prediction_type={p!r} is not supported by fastdiff.diffusers "
                              f"(supported: {', '.join(map(repr, spec.predictions))}, as diffusers' step)")
         check_prediction(_PREDICTION_ALIASES.get(p, p))
+    if spec.check is not None:
+        spec.check(cfg)
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -349,11 +379,17 @@ class _FusedScheduler:
         ts, sig = ts[start:], sig[start:len(ts) + 1]
         n = len(ts)
         if spec.grid == "multistep":
-            # diffusers' _sigma_to_alpha_sigma_t: alpha = 1/sqrt(s^2 + 1), sigma_t = s * alpha
-            alphas = tuple(1.0 / math.sqrt(s * s + 1.0) for s in sig)
-            stds = tuple(float(s) * a for s, a in zip(sig, alphas))
+            if self.config.get("use_flow_sigmas", False):
+                # diffusers' _sigma_to_alpha_sigma_t with use_flow_sigmas: alpha = 1 - s, sigma_t = s
+                # (the state is the flow interpolation (1 - s) x0 + s eps)
+                alphas = tuple(1.0 - float(s) for s in sig)
+                stds, kind = tuple(float(s) for s in sig), "flow"
+            else:
+                # alpha = 1/sqrt(s^2 + 1), sigma_t = s * alpha
+                alphas = tuple(1.0 / math.sqrt(s * s + 1.0) for s in sig)
+                stds, kind = tuple(float(s) * a for s, a in zip(sig, alphas)), "vp"
             grid = Grid(tuple(map(float, ts)), tuple(map(float, sig)), alphas, stds,
-                        tuple(log_snr(a, s) for a, s in zip(alphas, stds)), 1.0, "vp")
+                        tuple(log_snr(a, s) for a, s in zip(alphas, stds)), 1.0, kind)
             return {"grid": grid, "steps": n}, n
         init = float(getattr(self, "init_noise_sigma", 1.0)) if start == 0 else float(sig[0])
         disc = Discretization(sigmas=sig, timesteps=ts, init_sigma=init)

@@ -22,6 +22,10 @@ from .euler import _CHURN, churned_grid
 
 FLAVORS = ("diffusers", "k-diffusion")
 
+PREDICTIONS = ("eps", "v", "x0", "flow")
+"""Model outputs the multistep samplers take; ``flow`` needs a grid of kind ``flow`` (diffusers'
+``use_flow_sigmas``: ``alpha = 1 - s``, ``sigma = s``), given as arrays by ``fastdiff.diffusers``."""
+
 _OPTIONS = {"solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
             "use_lu_lambdas": False, "lambda_min_clipped": -math.inf, "variance_type": None,
             "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "flavor": None}
@@ -113,25 +117,25 @@ def _dpmpp(name: str, schedule, steps: int, prediction: str, order: int, sde: bo
                 noise_dtype="float32" if (sde and flavor == "diffusers") else None, **plan_kw)
 
 
-@register("dpmpp_2m", options=_OPTIONS)
+@register("dpmpp_2m", options=_OPTIONS, predictions=PREDICTIONS)
 def dpmpp_2m(schedule, steps: int, prediction: str, **options) -> Plan:
     """DPM-Solver++(2M), second-order multistep data-prediction ODE solver (Lu et al. 2022)."""
     return _dpmpp("dpmpp_2m", schedule, steps, prediction, 2, False, **options)
 
 
-@register("dpmpp_3m", options=_OPTIONS)
+@register("dpmpp_3m", options=_OPTIONS, predictions=PREDICTIONS)
 def dpmpp_3m(schedule, steps: int, prediction: str, **options) -> Plan:
     """DPM-Solver++(3M), third-order multistep data-prediction ODE solver (Lu et al. 2022)."""
     return _dpmpp("dpmpp_3m", schedule, steps, prediction, 3, False, **options)
 
 
-@register("dpmpp_2m_sde", options=_SDE_OPTIONS)
+@register("dpmpp_2m_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS)
 def dpmpp_2m_sde(schedule, steps: int, prediction: str, **options) -> Plan:
     """SDE-DPM-Solver++(2M), second-order multistep solver of the diffusion SDE (Lu et al. 2022)."""
     return _dpmpp("dpmpp_2m_sde", schedule, steps, prediction, 2, True, **options)
 
 
-@register("dpmpp_3m_sde", options=_SDE_OPTIONS)
+@register("dpmpp_3m_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS)
 def dpmpp_3m_sde(schedule, steps: int, prediction: str, **options) -> Plan:
     """SDE-DPM-Solver++(3M), third-order multistep solver of the diffusion SDE (Lu et al. 2022)."""
     return _dpmpp("dpmpp_3m_sde", schedule, steps, prediction, 3, True, **options)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from ..plan import Plan
 from . import register
-from .dpmpp import _OPTIONS, _SDE_OPTIONS, _dpmpp
+from .dpmpp import _OPTIONS, _SDE_OPTIONS, PREDICTIONS, _dpmpp
 
 
-@register("dpmpp_1", options=_OPTIONS)
+@register("dpmpp_1", options=_OPTIONS, predictions=PREDICTIONS)
 def dpmpp_1(schedule, steps: int, prediction: str, **options) -> Plan:
     """DPM-Solver++(1), first-order data-prediction ODE solver (Lu et al. 2022)."""
     return _dpmpp("dpmpp_1", schedule, steps, prediction, 1, False, **options)
 
 
-@register("dpmpp_1_sde", options=_SDE_OPTIONS)
+@register("dpmpp_1_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS)
 def dpmpp_1_sde(schedule, steps: int, prediction: str, **options) -> Plan:
     """SDE-DPM-Solver++(1), first-order solver of the diffusion SDE (Lu et al. 2022)."""
     return _dpmpp("dpmpp_1_sde", schedule, steps, prediction, 1, True, **options)

@@ -26,6 +26,7 @@ from ..plan import MAX_READS, Plan, Row, Write, combo
 from . import register
 from ._common import check_choice, clip_settings, eps_coeffs
 from ._multistep import Grid, multistep_grid, phi
+from .dpmpp import PREDICTIONS
 
 _D, _C = "d", "c"  # operand keys: the new estimate d_i and the previous corrected sample; int k = d_{i-k}
 
@@ -81,7 +82,7 @@ def _orders(steps: int, solver_order: int, lower_order_final: bool) -> list[int]
 
 @register("unipc", options={"solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
                             "disable_corrector": (), "predict_x0": True, "solver_p": None, "thresholding": False,
-                            "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0})
+                            "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}, predictions=PREDICTIONS)
 def unipc(schedule, steps: int, prediction: str, *, solver_order: int, solver_type: str, lower_order_final: bool,
           disable_corrector, predict_x0: bool, solver_p, thresholding: bool, dynamic_thresholding_ratio: float,
           sample_max_value: float) -> Plan:

@@ -7,6 +7,7 @@ that an option diffusers' step does not implement is refused with a ``ValueError
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,36 @@ def test_half_precision_model_output_on_float32_latents(name, cfg, mdtype, step_
         assert outs[1].dtype == outs[0].dtype
         assert rel_err(outs[1], outs[0]) <= 2 * eps, (float(t), rel_err(outs[1], outs[0]))
         x = outs[0]
+
+
+# ------------------------------------------------------------------------ use_flow_sigmas
+
+
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+
+
+@pytest.mark.parametrize("name, cfg, set_kw", [
+    # SANA / Wan style: DPM-Solver++ and UniPC on the flow grid (alpha = 1 - s, sigma_t = s)
+    ("DPMSolverMultistepScheduler", FLOW, None),
+    ("DPMSolverMultistepScheduler", {**FLOW, "solver_order": 3, "final_sigmas_type": "sigma_min"}, None),
+    ("DPMSolverMultistepScheduler", {**FLOW, "algorithm_type": "sde-dpmsolver++"}, None),
+    ("DPMSolverMultistepScheduler", {**FLOW, "use_dynamic_shifting": True}, {"mu": 0.9}),
+    ("DPMSolverMultistepScheduler", {**FLOW, "prediction_type": "sample"}, None),
+    ("DPMSolverMultistepScheduler", {**FLOW, "prediction_type": "epsilon", "final_sigmas_type": "sigma_min"}, None),
+    ("UniPCMultistepScheduler", FLOW, None),
+    ("UniPCMultistepScheduler", {**FLOW, "solver_order": 3, "use_karras_sigmas": True}, None),
+    ("UniPCMultistepScheduler", {**FLOW, "shift_terminal": 0.1, "use_dynamic_shifting": True}, {"mu": 0.7}),
+    ("UniPCMultistepScheduler", {**FLOW, "final_sigmas_type": "sigma_min", "solver_type": "bh1"}, None),
+])
+def test_flow_sigmas_match_stock(name, cfg, set_kw, seed):
+    check(name, cfg, 10, seed, set_kw=set_kw)
+
+
+def test_unipc_flow_sigmas_with_custom_sigmas(seed):
+    # diffusers' UniPC needs an array here (it computes with the sigmas before converting a list)
+    sigmas = np.array([0.95, 0.8, 0.6, 0.42, 0.25, 0.1])
+    check("UniPCMultistepScheduler", FLOW, None, seed, set_kw={"sigmas": sigmas})
+
+
+def test_flow_sigmas_img2img_begin_index(seed):
+    check("DPMSolverMultistepScheduler", {**FLOW, "solver_order": 3}, 12, seed, begin=4)

@@ -361,8 +361,10 @@ def test_unsupported_class_is_named():
 @pytest.mark.parametrize("cls, cfg, match", [
     ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
      "algorithm_type='dpmsolver'"),
-    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True}, "use_flow_sigmas=True"),
-    ("UniPCMultistepScheduler", {"use_flow_sigmas": True}, "use_flow_sigmas=True"),
+    ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction"}, "use_flow_sigmas"),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "v_prediction"}, "v_prediction"),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "predict_x0": False},
+     "predict_x0"),
     ("FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True}, "invert_sigmas=True"),
 ])
 def test_unsupported_config_values_are_named(cls, cfg, match):
