@@ -58,7 +58,7 @@ from . import ops, samplers
 from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, dynamic_threshold
 from .loop import LoopOptions, draw_noise, run_plan
-from .plan import Plan, Row, check_prediction
+from .plan import Plan, Row, check_prediction, combo
 from .rng import expand_seeds
 from .samplers._multistep import Grid, log_snr
 from .schedules import Discretization, FlowSchedule, VPSchedule
@@ -156,6 +156,9 @@ class _Spec:
         predictions: the ``prediction_type`` values diffusers' step implements for the class.
         check: ``config -> None``, raising ``ValueError`` for a combination of values it refuses.
         note: what :func:`support_table` says about ``check``.
+        step_plan: ``step()`` arguments that change the plan through ``adjust`` (any value).
+        plan_key: ``step() arguments -> key`` of the plan they select (``()``: the plain plan).
+        adjust: ``(scheduler, plan, dict(key), start) -> plan``: the rows those arguments ask for.
     """
 
     sampler: Callable[[Mapping], str]
@@ -175,6 +178,9 @@ class _Spec:
     predictions: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
     check: Callable[[Mapping], None] | None = None
     note: str = ""
+    step_plan: tuple[str, ...] = ()
+    plan_key: Callable[[Mapping], tuple] | None = None
+    adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -229,6 +235,57 @@ def _unipc_slice(cfg: Mapping, start: int, n: int) -> dict:
 
 _MULTISTEP_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
+_EULER_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+def _euler_churn_key(a: Mapping) -> tuple:
+    # without churn the other three arguments have no effect: the plain plan serves every value
+    if a.get("s_churn", 0.0) == 0:
+        return ()
+    return tuple((k, float(a[k])) for k in _EULER_CHURN if k in a)
+
+
+def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
+    """diffusers' ``EulerDiscreteScheduler.step(s_churn=...)`` as rows.
+
+    With ``gamma = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)`` where ``s_tmin <= sigma <= s_tmax``
+    and ``sigma_hat = sigma (1 + gamma)``, diffusers evaluates the model at ``sigma`` (as without
+    churn), moves the sample to ``y = x + s_noise sqrt(sigma_hat^2 - sigma^2) z`` (noise drawn only
+    where ``gamma > 0``) and takes the Euler step from ``sigma_hat``: ``x' = r y + (1 - r) x0(y, m)``,
+    ``r = sigma_next / sigma_hat``, with its data estimate ``x0 = A y + B m`` (epsilon: ``A = 1``,
+    ``B = -sigma_hat``; v: ``A = 1/(sigma^2 + 1)``, ``B = -sigma/sqrt(sigma^2 + 1)``; sample: ``A = 0``,
+    ``B = 1``). That is linear in ``x``, ``m`` and ``z``: one row (``c_d = 0``).
+    """
+    s_churn = float(args.get("s_churn", 0.0))
+    s_tmin, s_tmax, s_noise = (float(args.get(k, d)) for k, d in (("s_tmin", 0.0), ("s_tmax", math.inf),
+                                                                   ("s_noise", 1.0)))
+    sig = sched.sigmas.detach().to("cpu", torch.float32).numpy()
+    gamma = min(s_churn / (len(sig) - 1), 2**0.5 - 1)
+    pred = _PREDICTION_ALIASES.get(sched.config.prediction_type, sched.config.prediction_type)
+    lo, hi = np.float32(s_tmin), np.float32(s_tmax)  # diffusers compares float32 sigmas
+    rows = list(plan.rows)
+    for k, row in enumerate(rows):
+        i = start + k
+        s32 = sig[i]
+        if gamma == 0 or not lo <= s32 <= hi:
+            continue
+        s = float(s32)
+        s_hat = float(s32 * np.float32(gamma + 1))  # a float32 product in diffusers
+        if s_hat <= 0.0:
+            raise ValueError(f"EulerDiscreteScheduler.step(s_churn={s_churn!r}): sigma_hat = sigma * (1 + gamma) = "
+                             f"{s_hat:g} at step {i}, where diffusers divides by it (NaN)")
+        r = float(sig[i + 1]) / s_hat
+        if pred == "epsilon":
+            a, b = 1.0, -s_hat
+        elif pred == "v_prediction":
+            a, b = 1.0 / (s * s + 1.0), -s / math.sqrt(s * s + 1.0)
+        else:
+            a, b = 0.0, 1.0
+        cy = r + (1.0 - r) * a
+        cz = cy * s_noise * math.sqrt(s_hat * s_hat - s * s) if gamma > 0 else 0.0
+        rows[k] = dataclasses.replace(row, out=combo(x=cy, e=(1.0 - r) * b, z=cz), noise=gamma > 0)
+    return dataclasses.replace(plan, rows=tuple(rows))
+
 _PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's second name for "sample"
 
 SUPPORT: dict[str, _Spec] = {
@@ -238,7 +295,7 @@ SUPPORT: dict[str, _Spec] = {
         step_options={"eta": "eta", "use_clipped_model_output": "use_clipped_model_output"}, indexed=False,
         needs_set_timesteps=True),
     "EulerDiscreteScheduler": _Spec(
-        _named("euler"), "sigmas", step_only={"s_churn": 0.0}, step_ignored=("s_tmin", "s_tmax", "s_noise"),
+        _named("euler"), "sigmas", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_euler_churn,
         out_dtype="model", predictions=("epsilon", "v_prediction", "sample", "original_sample")),
     # diffusers' step raises NotImplementedError for prediction_type="sample"
     "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_dtype="model",
@@ -272,7 +329,8 @@ def support_table() -> str:
     lines = [f"config keys handled by diffusers' own set_timesteps (any value): {', '.join(sorted(_GRID_KEYS))}"]
     for name, s in SUPPORT.items():
         only = ", ".join(f"{k} in {v}" for k, v in s.only.items())
-        step = [f"{k} (any)" for k in s.step_options] + [f"{k}={v!r} only" for k, v in s.step_only.items()]
+        step = [f"{k} (any)" for k in (*s.step_options, *s.step_plan)]
+        step += [f"{k}={v!r} only" for k, v in s.step_only.items()]
         step += [f"{k} (no effect)" for k in s.step_ignored]
         pred = (f"prediction_type in ({', '.join(s.predictions)})",) if s.predictions else ()
         lines.append(f"{name}: {', '.join(pred + s.options)}"
@@ -364,7 +422,8 @@ class _FusedScheduler:
 
     def _fd_key(self, a: Mapping) -> tuple:
         spec = self._fd_spec
-        return tuple((k, a[k]) for k in spec.step_options if k in a)
+        key = tuple((k, a[k]) for k in spec.step_options if k in a)
+        return key + spec.plan_key(a) if spec.plan_key is not None else key
 
     def _fd_arrays(self, start: int) -> tuple[dict, int]:
         spec = self._fd_spec
@@ -419,13 +478,15 @@ class _FusedScheduler:
         arrays, steps = self._fd_arrays(start)
         options = {k: cfg[k] for k in spec.options if k in cfg}
         options.update(spec.fixed)
-        options.update({spec.step_options[k]: v for k, v in key})
+        options.update({spec.step_options[k]: v for k, v in key if k in spec.step_options})
         if spec.slice_options is not None:
             options.update(spec.slice_options(cfg, start, start + steps))
         prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
         prediction = _PREDICTION_ALIASES.get(prediction, prediction)
         plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
                               **options)
+        if spec.adjust is not None and any(k in spec.step_plan for k, _ in key):
+            plan = spec.adjust(self, plan, dict(key), start)
         want = _host(self.timesteps)[start:].astype(np.float32)
         got = np.array([r.t for r in plan.rows]).astype(np.float32)
         if len(got) != len(want) or not np.array_equal(got, want):

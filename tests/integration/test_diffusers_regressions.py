@@ -153,3 +153,52 @@ def test_unipc_flow_sigmas_with_custom_sigmas(seed):
 
 def test_flow_sigmas_img2img_begin_index(seed):
     check("DPMSolverMultistepScheduler", {**FLOW, "solver_order": 3}, 12, seed, begin=4)
+
+
+# ------------------------------------------------------------------------ Euler churn
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("churn", [
+    {"s_churn": 0.8},
+    {"s_churn": 30.0, "s_tmin": 0.4, "s_tmax": 6.0, "s_noise": 1.003},  # gamma capped at sqrt(2) - 1
+    {"s_churn": -2.0},  # negative: sigma_hat < sigma, no noise (diffusers takes it as given)
+])
+def test_euler_churn_matches_stock(pred, churn, seed):
+    """EulerDiscreteScheduler.step(s_churn > 0, s_tmin, s_tmax, s_noise): noise added to the sample
+    before the Euler step from sigma_hat, drawn from the generator like diffusers."""
+    check("EulerDiscreteScheduler", {**SD, "prediction_type": pred}, 10, seed, step_kwargs=churn)
+
+
+def test_euler_churn_with_karras_img2img_and_log_linear(seed):
+    check("EulerDiscreteScheduler", {**SD, "use_karras_sigmas": True}, 12, seed, begin=3,
+          step_kwargs={"s_churn": 1.5, "s_tmax": 10.0})
+    # log_linear keeps one more sigma: gamma divides s_churn by len(sigmas) - 1 as diffusers does
+    check("EulerDiscreteScheduler", {**SD, "interpolation_type": "log_linear"}, 8, seed, step_kwargs={"s_churn": 1.0})
+
+
+def test_euler_churn_half_precision_model_output(seed):
+    cls = diffusers.EulerDiscreteScheduler
+    stock, fused = cls(**SD), from_diffusers(cls(**SD))
+    model = toy_model(seed)
+    for s in (stock, fused):
+        s.set_timesteps(6)
+    x = initial_noise(seed, float(stock.init_noise_sigma))
+    gens = [torch.Generator().manual_seed(seed + 1) for _ in range(2)]
+    for t in stock.timesteps:
+        u = stock.scale_model_input(x, t)
+        fused.scale_model_input(x, t)
+        m = model(u, t.float().expand(x.shape[0])).to(torch.float16)
+        outs = [s.step(m, t, x, s_churn=2.0, generator=g).prev_sample for s, g in zip((stock, fused), gens)]
+        assert outs[1].dtype == outs[0].dtype == torch.float16
+        assert rel_err(outs[1], outs[0]) <= 2e-3
+        x = outs[0]
+
+
+def test_euler_churn_arguments_cannot_change_mid_run():
+    fu = from_diffusers(diffusers.EulerDiscreteScheduler(**SD))
+    fu.set_timesteps(4)
+    x = torch.randn(1, 2, 3, 3)
+    fu.step(x, fu.timesteps[0], x, s_churn=1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="differ from earlier steps"):
+        fu.step(x, fu.timesteps[1], x, s_churn=2.0)
