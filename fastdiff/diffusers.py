@@ -189,7 +189,9 @@ def _named(name: str) -> Callable[[Mapping], str]:
 
 _DPM_NAMES = {("dpmsolver++", 1): "dpmpp_1", ("dpmsolver++", 2): "dpmpp_2m", ("dpmsolver++", 3): "dpmpp_3m",
               ("sde-dpmsolver++", 1): "dpmpp_1_sde", ("sde-dpmsolver++", 2): "dpmpp_2m_sde",
-              ("sde-dpmsolver++", 3): "dpmpp_3m_sde"}
+              ("sde-dpmsolver++", 3): "dpmpp_3m_sde",
+              ("dpmsolver", 1): "dpmsolver_1", ("dpmsolver", 2): "dpmsolver_2m", ("dpmsolver", 3): "dpmsolver_3m",
+              ("sde-dpmsolver", 1): "dpmsolver_1_sde", ("sde-dpmsolver", 2): "dpmsolver_2m_sde"}
 
 
 def _dpm_sampler(cfg: Mapping) -> str:
@@ -198,8 +200,13 @@ def _dpm_sampler(cfg: Mapping) -> str:
 
 def _dpm_out_dtype(cfg: Mapping) -> str:
     # diffusers casts prev_sample to the dtype of the CONVERTED model output: the model output itself
-    # for prediction_type="sample", else computed with the sample (the promoted dtype)
-    return "model" if cfg.get("prediction_type") == "sample" else "promote"
+    # where that is the estimate (x0 from prediction_type="sample" for dpmsolver++, eps from "epsilon"
+    # for dpmsolver without thresholding, which converts through x0), else computed with the sample
+    if cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver"):
+        own = cfg.get("prediction_type") == "epsilon" and not cfg.get("thresholding")
+    else:
+        own = cfg.get("prediction_type") == "sample"
+    return "model" if own else "promote"
 
 
 def _check_flow_sigmas(cfg: Mapping) -> None:
@@ -217,10 +224,14 @@ def _check_flow_sigmas(cfg: Mapping) -> None:
                                    or cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver")):
         raise ValueError("prediction_type='flow_prediction' needs a data-prediction solver (predict_x0=True, "
                          "algorithm_type dpmsolver++ / sde-dpmsolver++), as diffusers' step does")
+    if cfg.get("algorithm_type") == "sde-dpmsolver" and cfg.get("solver_order") == 3:
+        raise ValueError("algorithm_type='sde-dpmsolver' with solver_order=3 is not supported by fastdiff.diffusers: "
+                         "diffusers has no third-order sde-dpmsolver update (its step fails there)")
 
 
 _FLOW_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
               "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction not with use_flow_sigmas=True")
+_DPM_NOTE = _FLOW_NOTE + "; not algorithm_type=sde-dpmsolver with solver_order=3 (diffusers has no such update)"
 
 
 def _dpm_slice(cfg: Mapping, start: int, n: int) -> dict:
@@ -305,10 +316,11 @@ SUPPORT: dict[str, _Spec] = {
     "DPMSolverMultistepScheduler": _Spec(
         _dpm_sampler, "multistep",
         ("solver_type", "lower_order_final", "euler_at_final", "variance_type", *_THRESH),
-        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3)},
+        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"),
+              "solver_order": (1, 2, 3)},
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
         slice_options=_dpm_slice, needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
-        check=_check_flow_sigmas, note=_FLOW_NOTE),
+        check=_check_flow_sigmas, note=_DPM_NOTE),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",

@@ -359,8 +359,8 @@ def test_unsupported_class_is_named():
 
 
 @pytest.mark.parametrize("cls, cfg, match", [
-    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
-     "algorithm_type='dpmsolver'"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min",
+                                     "solver_order": 3}, "solver_order=3"),
     ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction"}, "use_flow_sigmas"),
     ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "v_prediction"}, "v_prediction"),
     ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "predict_x0": False},
