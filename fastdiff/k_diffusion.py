@@ -39,12 +39,15 @@ Precision: the state, the model input and the result have ``x``'s dtype and the 
 ``sigma`` in ``x``'s dtype, as in k-diffusion when ``sigmas`` has ``x``'s dtype. Each step is
 computed in float32 (float64 for float64 ``x``) from coefficients computed in float64 from the
 values of ``sigmas``, so fp16/bf16 runs round once per step (k-diffusion rounds after every
-operation) and are at least as close to exact arithmetic as k-diffusion's. With ``sigmas`` of
-another dtype than ``x`` the sigmas are read as values: float64 ``x`` with float32 sigmas equals
-k-diffusion with ``sigmas.double()`` (k-diffusion itself would compute its step scalars in
-float32), and fp16 ``x`` with float32 sigmas stays fp16 (k-diffusion's ``to_d`` samplers promote
-their state to the sigmas' dtype there). Churn bounds ``s_tmin``/``s_tmax`` are compared in the
-sigmas' dtype, as k-diffusion does.
+operation) and are at least as close to exact arithmetic as k-diffusion's. Two things follow
+k-diffusion's own arithmetic in the sigmas' dtype instead, because its results hinge on them:
+the ancestral split ``sigma_down, sigma_up`` (in float32, ``sigma_to**2 - sigma_up**2`` cancels:
+``sigma_down`` is off by up to ~1e-3 relative, or exactly 0 where float64 gives ~1e-6, which
+switches k-diffusion to its Euler branch) and the churn test ``s_tmin <= sigmas[i] <= s_tmax``.
+With ``sigmas`` of another dtype than ``x`` the sigmas are read as values: float64 ``x`` with
+float32 sigmas equals k-diffusion with ``sigmas.double()`` except for those two (k-diffusion
+itself would compute all its step scalars in float32, ~1e-7 off), and fp16 ``x`` with float32
+sigmas stays fp16 (k-diffusion's ``to_d`` samplers promote their state to the sigmas' dtype there).
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ from .plan import Plan
 from .rng import expand_seeds
 from .schedules import Discretization, VESchedule
 
-__all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_lms", "sample_dpmpp_2m",
-           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+__all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
+           "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
+           "sample_dpmpp_3m_sde"]
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,6 +78,8 @@ class _SigmaGrid(VESchedule):
     """A VE schedule whose grid is the caller's ``sigmas`` (k-diffusion passes the grid in)."""
 
     grid: Discretization | None = None
+    scalar_dtype: torch.dtype | None = None
+    """The sigmas' dtype: k-diffusion computes ancestral step sizes in it (and branches on them)."""
 
     def discretize(self, steps: int, spacing_default: str = "") -> Discretization:
         """The given sigmas (``steps`` must be their number of steps)."""
@@ -98,10 +104,10 @@ def _check_sigmas(sigmas) -> np.ndarray:
     return sig
 
 
-def _plan(name: str, sig: np.ndarray, **options) -> Plan:
+def _plan(name: str, sig: np.ndarray, scalar_dtype: torch.dtype | None = None, **options) -> Plan:
     grid = Discretization(sigmas=sig, timesteps=sig[:-1], init_sigma=float(sig[0]))
     pos = sig[sig > 0]
-    sch = _SigmaGrid(sigma_min=float(pos.min()), sigma_max=float(pos.max()), grid=grid)
+    sch = _SigmaGrid(sigma_min=float(pos.min()), sigma_max=float(pos.max()), grid=grid, scalar_dtype=scalar_dtype)
     try:
         return samplers.build(name, sch, len(sig) - 1, prediction="x0", **options)
     except ZeroDivisionError as exc:
@@ -121,12 +127,13 @@ def _progress(disable) -> bool:
 
 def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args, callback, disable, backend: str, *,
             churn: tuple[float, ...] | None = None, noise: NoiseSampler | None = None, philox: bool = False,
-            **options) -> torch.Tensor:
+            noise_args: Callable | None = None, **options) -> torch.Tensor:
     """Run sampler ``name`` on k-diffusion's inputs (see the module docstring for the noise rules).
 
     ``churn=(s_churn, s_tmin, s_tmax, s_noise)`` for Karras churn; ``noise`` is called where a
     row draws noise and k-diffusion would call its noise sampler (``sigma_next > 0``); with
-    ``philox`` and no ``noise``, rows draw in-kernel Philox noise.
+    ``philox`` and no ``noise``, rows draw in-kernel Philox noise. ``noise_args(row, sigmas)``
+    gives the two arguments of the noise sampler's call (default ``sigmas[step], sigmas[step + 1]``).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got "
@@ -151,7 +158,7 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
         s_tmin, s_tmax = (float(sigmas.new_tensor(v)) if isinstance(v, (int, float)) and sigmas.is_floating_point()
                           else v for v in (s_tmin, s_tmax))
         options.update(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-    plan = _plan(name, sig, **options)
+    plan = _plan(name, sig, sigmas.dtype if sigmas.is_floating_point() else None, **options)
     rows, B = plan.rows, x.shape[0]
     dev, dt = x.device, x.dtype
     # model times in x's dtype, straight from the plan (float32 rounding of the loop's own table
@@ -181,10 +188,11 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
         r = rows[i]
         if churn is not None and r.stage == 0:
             draw_to(r.step)  # k-diffusion's draw of this step (a no-op if it churned: drawn already)
-        den = model(xx, row_sigma[i].expand(B), **extra)
+        den = model(xx, row_sigma[i].expand(B).clone(), **extra)  # a tensor of its own, as sigma * s_in
         if callback is not None and r.stage == 0:
             s = sigmas[r.step]
-            s_hat = s if r.sigma == sig[r.step] else sigmas.new_tensor(r.sigma)
+            s_hat = s if r.sigma == sig[r.step] else torch.tensor(  # sigmas[i] * (gamma + 1) promotes int sigmas
+                r.sigma, dtype=sigmas.dtype if sigmas.is_floating_point() else torch.get_default_dtype(), device=sigmas.device)
             callback({"x": xx.clone(), "i": r.step, "sigma": s, "sigma_hat": s_hat, "denoised": den})
         return den
 
@@ -194,7 +202,7 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
             return draw_to(r.step + 1)
         if sig[r.step + 1] <= 0:  # k-diffusion skips the draw into sigma = 0 (coefficient 0 here)
             return torch.zeros_like(xx)
-        z = noise(sigmas[r.step], sigmas[r.step + 1])
+        z = noise(*(noise_args(r, sigmas) if noise_args is not None else (sigmas[r.step], sigmas[r.step + 1])))
         if not isinstance(z, torch.Tensor) or z.shape != xx.shape:  # never broadcast
             raise ValueError(f"noise_sampler must return a tensor shaped like x {tuple(xx.shape)}, got "
                              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__} at step {r.step}")
@@ -275,3 +283,40 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     """DPM-Solver++(3M) SDE."""
     return _sample("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, disable, backend, noise=noise_sampler,
                    philox=True, flavor="k-diffusion", eta=eta, s_noise=s_noise)
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, backend: str = "auto") -> torch.Tensor:
+    """Ancestral sampling with DPM-Solver second-order steps."""
+    ns = _default_noise(x) if noise_sampler is None else noise_sampler
+    return _sample("dpm_2_ancestral", model, x, sigmas, extra_args, callback, disable, backend, noise=ns, eta=eta,
+                   s_noise=s_noise)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                              noise_sampler=None, *, backend: str = "auto") -> torch.Tensor:
+    """Ancestral sampling with DPM-Solver++(2S) second-order steps."""
+    ns = _default_noise(x) if noise_sampler is None else noise_sampler
+    return _sample("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, disable, backend, noise=ns, eta=eta,
+                   s_noise=s_noise)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                     noise_sampler=None, r=1 / 2, *, backend: str = "auto") -> torch.Tensor:
+    """DPM-Solver++ (stochastic).
+
+    Without ``noise_sampler`` the two draws of a step are Philox normals combined into the
+    increments of one Brownian motion over ``[sigma_s, sigma]`` and ``[sigma_next, sigma]``, the
+    law of k-diffusion's default ``BrownianTreeNoiseSampler``.
+    """
+
+    def args(row, sig):  # k-diffusion's sigma_fn(t), sigma_fn(s) / sigma_fn(t_next), computed as it does
+        t, t_next = sig[row.step].log().neg(), sig[row.step + 1].log().neg()
+        end = t + (t_next - t) * r if row.stage == 0 else t_next
+        return t.neg().exp(), end.neg().exp()
+
+    return _sample("dpmpp_sde", model, x, sigmas, extra_args, callback, disable, backend, noise=noise_sampler,
+                   philox=True, noise_args=args, eta=eta, s_noise=s_noise, r=r, brownian=noise_sampler is None)

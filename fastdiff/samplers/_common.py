@@ -66,10 +66,23 @@ def euler_update(sigma: float, sigma_next: float) -> tuple[float, float]:
     return r, 1.0 - r
 
 
-def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """``(sigma_down, sigma_up)`` of an ancestral step (k-diffusion's ``get_ancestral_step``)."""
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0, dtype=None) -> tuple[float, float]:
+    """``(sigma_down, sigma_up)`` of an ancestral step (k-diffusion's ``get_ancestral_step``).
+
+    ``dtype`` (a torch dtype, e.g. a schedule's ``scalar_dtype``): compute the split with
+    k-diffusion's expression in that precision, as k-diffusion does on its sigmas tensor. In
+    float32 ``sigma_to**2 - sigma_up**2`` cancels (``sigma_down`` can be off by 1e-3 relative, or
+    exactly 0 where float64 gives ~1e-6, which switches k-diffusion to its Euler branch), and the
+    samplers downstream are sensitive to it: mirroring the library needs its numbers.
+    """
     if not eta:
         return sigma_to, 0.0
+    if dtype is not None:
+        import torch
+
+        f, t = torch.tensor(sigma_from, dtype=dtype), torch.tensor(sigma_to, dtype=dtype)
+        up = min(t, eta * (t**2 * (f**2 - t**2) / f**2) ** 0.5)  # builtin min, as k-diffusion (NaN: sigma_to)
+        return float((t**2 - up**2) ** 0.5), float(up)
     up = min(sigma_to, eta * math.sqrt(max(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2, 0.0)))
     down = math.sqrt(max(sigma_to**2 - up**2, 0.0))
     return down, up

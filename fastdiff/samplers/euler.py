@@ -61,7 +61,7 @@ def euler_ancestral(schedule: Schedule, steps: int, prediction: str, *, eta: flo
     sig, rows = disc.sigmas, []
     for i in range(steps):
         s, s1 = float(sig[i]), float(sig[i + 1])
-        down, up = ancestral_step(s, s1, eta)
+        down, up = ancestral_step(s, s1, eta, getattr(schedule, "scalar_dtype", None))
         cx, cd = euler_update(s, down)
         # diffusers draws noise at every step, also the last (sigma_up = 0 there)
         rows.append(Row(**grid_point(schedule, prediction, s, disc.timesteps[i]), out=combo(x=cx, d=cd, z=up * s_noise),

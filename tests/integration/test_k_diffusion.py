@@ -15,9 +15,10 @@ from fastdiff import k_diffusion as K
 from tests.samplers._harness import NoiseTape, k_problem, k_sampling, rel_err, toy_model
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-FUNCS = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_lms", "sample_dpmpp_2m",
-         "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
-NOISE_SAMPLER = {"sample_euler_ancestral", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"}
+FUNCS = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_lms",
+         "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+NOISE_SAMPLER = {"sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+                 "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"}
 
 
 def karras(n, dtype=torch.float32):
@@ -31,7 +32,7 @@ def run_both(name, model, x, sigmas, seed, **kw):
         rec = {"cb": [], "calls": []}
         extra = {}
         if name in NOISE_SAMPLER:
-            tape = NoiseTape(len(sigmas), shape=x.shape, seed=seed + 5, dtype=x.dtype)
+            tape = NoiseTape(2 * len(sigmas), shape=x.shape, seed=seed + 5, dtype=x.dtype)
 
             def ns(s, s1, _tape=tape, _rec=rec):
                 _rec["calls"].append((float(s), float(s1)))
@@ -74,6 +75,12 @@ CASES = [
     ("sample_dpmpp_2m_sde", {}), ("sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7, "s_noise": 0.9}),
     ("sample_dpmpp_2m_sde", {"eta": 0.0}),
     ("sample_dpmpp_3m_sde", {}), ("sample_dpmpp_3m_sde", {"eta": 0.5}),
+    ("sample_dpm_2_ancestral", {}), ("sample_dpm_2_ancestral", {"eta": 0.6, "s_noise": 0.9}),
+    ("sample_dpm_2_ancestral", {"eta": 2.5}),  # sigma_down = 0: Euler steps without noise
+    ("sample_dpmpp_2s_ancestral", {}), ("sample_dpmpp_2s_ancestral", {"eta": 0.0}),
+    ("sample_dpmpp_2s_ancestral", {"eta": 2.5, "s_noise": 1.1}),
+    ("sample_dpmpp_sde", {}), ("sample_dpmpp_sde", {"eta": 0.4, "s_noise": 0.8, "r": 0.3}),
+    ("sample_dpmpp_sde", {"eta": 0.0, "r": 0.7}), ("sample_dpmpp_sde", {"eta": 3.0}),
 ]
 
 
@@ -106,7 +113,7 @@ def test_matches_k_diffusion_on_a_vp_model_with_extra_args(name, pred, seed):
     assert_same(ours, theirs, torch.float32, f"{name} vp {pred} seed={seed}")
 
 
-@pytest.mark.parametrize("name", ["sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+@pytest.mark.parametrize("name", ["sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
 def test_sde_default_noise_and_brownian_tree_parity(name, seed):
     pytest.importorskip("torchsde")
     ks = k_sampling()
@@ -213,7 +220,7 @@ def test_churn_bounds_compare_in_the_sigmas_dtype(name, seed):
         assert [float(c["sigma_hat"]) for c in ours["cb"]] == pytest.approx([float(c["sigma_hat"]) for c in theirs["cb"]])
 
 
-@pytest.mark.parametrize("name", ["sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+@pytest.mark.parametrize("name", ["sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
 @pytest.mark.parametrize("eta", [1.0, 0.0])
 def test_sde_default_noise_leaves_k_diffusions_rng_state(name, eta, seed):
     """k-diffusion's default BrownianTreeNoiseSampler draws one seed from the global RNG (used or
@@ -254,7 +261,7 @@ def test_half_precision_is_stored_in_x_dtype_and_as_accurate_as_k_diffusion(name
         assert xx.dtype == dtype and s.dtype == dtype
         return f(xx.float(), s.float()).to(dtype)
 
-    tape = NoiseTape(len(sig), shape=x.shape, seed=seed + 5, dtype=dtype)
+    tape = NoiseTape(2 * len(sig), shape=x.shape, seed=seed + 5, dtype=dtype)
     runs = {}
     for key, mod, xx, ss in (("ours", K, x, sig), ("theirs", k_sampling(), x, sig.to(dtype)),
                              ("exact", k_sampling(), x.double(), sig.double())):
@@ -274,17 +281,20 @@ def test_half_precision_is_stored_in_x_dtype_and_as_accurate_as_k_diffusion(name
 
 @pytest.mark.parametrize("name", FUNCS)
 def test_float32_sigmas_with_float64_x_are_values(name, seed):
-    """Mixed dtypes: fastdiff reads sigmas as values and computes every coefficient in float64, so
+    """Mixed dtypes: fastdiff reads sigmas as values and computes the coefficients in float64, so
     ``x`` float64 with float32 sigmas equals k-diffusion with ``sigmas.double()`` (k-diffusion
-    itself would compute its step scalars in float32, ~1e-7 off)."""
+    itself would compute its step scalars in float32, ~1e-7 off), except for the ancestral split,
+    computed as k-diffusion does in the sigmas' dtype (eta=0 here: no split)."""
     f = toy_model(seed)
     sig = karras(7)
     x = _rand_x(seed, dtype=torch.float64, scale=float(sig[0]))
-    tape = NoiseTape(len(sig), shape=x.shape, seed=seed + 5, dtype=torch.float64)
+    tape = NoiseTape(2 * len(sig), shape=x.shape, seed=seed + 5, dtype=torch.float64)
     outs = []
     for mod, ss in ((K, sig), (k_sampling(), sig.double())):
         tape.next = 0
         extra = {"noise_sampler": tape.draw} if name in NOISE_SAMPLER else {}
+        if "eta" in inspect.signature(getattr(K, name)).parameters:
+            extra["eta"] = 0.0
         torch.manual_seed(seed)
         outs.append(getattr(mod, name)(lambda xx, s: f(xx, s), x, ss, disable=True, **extra))
     assert outs[0].dtype == torch.float64
@@ -342,3 +352,85 @@ def test_argument_errors_name_the_argument(seed):
             K.sample_euler_ancestral(den, x, sig, **kw)
     with pytest.raises(ValueError, match="s_churn"):
         K.sample_heun(den, x, sig, s_churn=-1.0)
+
+
+@pytest.mark.parametrize("name", ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"])
+def test_ancestral_branch_decided_in_the_sigmas_dtype(name, seed):
+    """From sigma 536 to 0.0456 the float32 ancestral split gives sigma_down == 0 exactly (float64:
+    ~4e-6): k-diffusion takes its Euler branch there (no second model call; dpm_2_ancestral adds
+    no noise), so must we."""
+    f = toy_model(seed)
+    for dtype in (torch.float32, torch.float64):
+        sig = torch.tensor([536.0317, 0.045609, 0.0], dtype=torch.float32)  # float32 values
+        x = _rand_x(seed, dtype=dtype, scale=float(sig[0]))
+        calls = []
+        ours, theirs = run_both(name, lambda xx, s: calls.append(float(s[0])) or f(xx, s), x, sig, seed)
+        assert calls[:len(calls) // 2] == pytest.approx(calls[len(calls) // 2:], rel=1e-6), "model calls differ"
+        assert ours["calls"] == theirs["calls"], "noise_sampler calls differ"
+        # one step from 536 to 0.0456 cancels ~3 digits: float32 rounding (k-diffusion's own) shows at 1e-5
+        e = rel_err(ours["out"], theirs["out"])
+        assert e <= 1e-4, f"{name} {dtype}: {e:.3g}"
+
+
+def test_dpmpp_sde_default_noise_is_one_brownian_motion(seed):
+    """The two draws of a dpmpp_sde step are increments of one Brownian motion over overlapping
+    intervals (k-diffusion's BrownianTreeNoiseSampler): on Gaussian data the default Philox noise
+    gives the exact output variance, which independent draws would miss by ~30%."""
+    ks = k_sampling()
+    sig = karras(5, torch.float64)
+    S, B, N = 0.5, 2, 30000
+
+    def gauss(mu):
+        return lambda x, s: mu + S * S / (S * S + s.reshape(-1, 1) ** 2) * (x - mu)
+
+    zero, one = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    calls = []
+    A = float(ks.sample_dpmpp_sde(gauss(zero), one, sig, disable=True,
+                                  noise_sampler=lambda s, s1: calls.append((float(s), float(s1))) or zero))
+    c = []
+    for k in range(len(calls)):
+        n = iter(range(len(calls)))
+        c.append(float(ks.sample_dpmpp_sde(gauss(zero), zero, sig, disable=True,
+                                           noise_sampler=lambda s, s1: one if next(n) == k else zero)))
+    var = sum(ci * cj * max(0.0, min(a1, a2) - max(b1, b2)) / math.sqrt((a1 - b1) * (a2 - b2))
+              for ci, (a1, b1) in zip(c, calls) for cj, (a2, b2) in zip(c, calls))
+    x = _rand_x(seed, (B, N), dtype=torch.float64)
+    torch.manual_seed(seed)
+    out = K.sample_dpmpp_sde(gauss(torch.zeros(1, N, dtype=torch.float64)), x, sig, disable=True)
+    noise = (out - A * x) / math.sqrt(var)
+    assert abs(float(noise.mean())) < 6 / math.sqrt(B * N)
+    assert abs(float(noise.var()) - 1) < 6 * math.sqrt(2 / (B * N))
+    assert abs(float((noise[0] * noise[1]).mean())) < 6 / math.sqrt(N)
+
+
+def edm_denoiser(seed, shape):
+    """A denoiser shaped like a trained EDM one: ``c_skip x + c_out F(c_in x, c_noise) + c``, the
+    network ``F`` seeing the noise level through ``log sigma`` (EDM's ``c_noise = log(sigma) / 4``),
+    and a bias ``c`` (a trained denoiser is not exactly the identity at small sigma)."""
+    d = math.prod(shape[1:])
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b = torch.randn(d, generator=g, dtype=torch.float64) * 0.3
+    c = torch.randn(d, generator=g, dtype=torch.float64) * 0.05
+
+    def den(x, sigma):
+        s = sigma.reshape(-1, 1)
+        h = x.reshape(x.shape[0], -1)
+        c_in = 1 / torch.sqrt(1 + s * s)
+        f = torch.tanh(h * c_in @ w.to(x.dtype) + b.to(x.dtype) * torch.sin(s.log()))
+        return (h / (1 + s * s) + s * c_in * f + c.to(x.dtype)).reshape(x.shape)
+
+    return den
+
+
+@pytest.mark.parametrize("name", ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+                                  "sample_dpmpp_sde"])
+def test_ancestral_split_is_k_diffusions_float32_split(name, seed):
+    """k-diffusion computes sigma_down = sqrt(sigma_to**2 - sigma_up**2) on float32 sigmas, where it
+    cancels (1e-3 relative from 1.25 to 0.0106); dpm_2_ancestral's midpoint carries that into the
+    result (~2e-4 with a float64 split). Mirroring k-diffusion means using its split."""
+    sig = torch.tensor([60.03767, 6.1755, 1.24594, 0.01064, 0.0])
+    x = _rand_x(seed, (2, 3, 8, 8), scale=float(sig[0]))
+    ours, theirs = run_both(name, edm_denoiser(seed, x.shape), x, sig, seed)
+    assert rel_err(ours["out"], theirs["out"]) <= 2e-5
+    assert ours["calls"] == theirs["calls"]

@@ -21,8 +21,9 @@ from tests.samplers._harness import k_sampling, patched_randn_like, rel_err
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 SHAPES = [(1,), (3,), (1, 3), (3, 9), (1, 5, 7), (2, 3, 5), (1, 3, 5, 7), (2, 3, 4, 5), (1, 3, 3, 5, 3)]
-SDE = {"sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"}
+SDE = {"sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpmpp_sde"}
 CHURN = {"sample_euler", "sample_heun", "sample_dpm_2"}
+ANCESTRAL = {"sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral"}  # randn_like default
 
 
 def _denoiser(shape, seed, log):
@@ -81,6 +82,8 @@ def _options(rng, name, sig):
         kw["order"] = rng.choice([1, 2, 3, 4, 5])
     if "solver_type" in params:
         kw["solver_type"] = rng.choice(["heun", "midpoint"])
+    if "r" in params:
+        kw["r"] = rng.choice([0.5, rng.uniform(0.1, 0.9)])
     return kw
 
 
@@ -90,7 +93,7 @@ def _run(mod, name, x, sig, kw, extra, use_cb, use_tape, seed, tape_dtype=None):
     if use_tape:
         g = torch.Generator().manual_seed(seed + 3)
         tape = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(tape_dtype or x.dtype).to(x.dtype)
-                for _ in range(len(sig))]
+                for _ in range(2 * len(sig))]
 
         def ns(s, s1):
             log.append(("noise", float(s), float(s1)))
@@ -129,7 +132,7 @@ def _compare(name, ours, theirs, tol):
             assert math.isclose(float(da["sigma_hat"]), float(db["sigma_hat"]), rel_tol=2e-7)
             for k in ("x", "denoised"):
                 assert rel_err(da[k], db[k]) <= tol, f"callback {k} relative error {rel_err(da[k], db[k]):.3g}"
-    if name in CHURN or (name == "sample_euler_ancestral" and not any(e[0] == "noise" for e in la)):
+    if name in CHURN or (name in ANCESTRAL and not any(e[0] == "noise" for e in la)):
         assert torch.equal(ra, rb), "global RNG state afterwards differs"
 
 
@@ -167,7 +170,8 @@ def test_random_case_matches_k_diffusion(case, seed):
             exact = _run(k_sampling(), name, x.double(), sig.double(), kw, extra and {
                 "cond": extra["cond"].double(), "scale": extra["scale"]}, False, use_tape, seed + case, dtype)[0]
         e_ours, e_theirs = rel_err(ours[0], exact), rel_err(theirs[0], exact)
-        assert e_ours <= max(2 * e_theirs, TOL[dtype]), f"{what}: {e}; vs exact {e_ours:.3g} (k-diffusion {e_theirs:.3g})"
+        factor = 2 if x.numel() >= 64 else 5  # a few elements: the ratio of two rounding errors is noisy
+        assert e_ours <= max(factor * e_theirs, TOL[dtype]), f"{what}: {e}; vs exact {e_ours:.3g} (k-diffusion {e_theirs:.3g})"
 
 
 class _Draws:
