@@ -141,7 +141,8 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
     if extra_args is not None and not isinstance(extra_args, Mapping):
-        raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}")
+        raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got "
+                        f"{type(extra_args).__name__}")
     extra = {} if extra_args is None else dict(extra_args)
     sig = _check_sigmas(sigmas)
     seeds = None
@@ -191,8 +192,9 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
         den = model(xx, row_sigma[i].expand(B).clone(), **extra)  # a tensor of its own, as sigma * s_in
         if callback is not None and r.stage == 0:
             s = sigmas[r.step]
-            s_hat = s if r.sigma == sig[r.step] else torch.tensor(  # sigmas[i] * (gamma + 1) promotes int sigmas
-                r.sigma, dtype=sigmas.dtype if sigmas.is_floating_point() else torch.get_default_dtype(), device=sigmas.device)
+            # k-diffusion's sigmas[i] * (gamma + 1): in the sigmas' dtype, int sigmas promoted
+            hat_dtype = sigmas.dtype if sigmas.is_floating_point() else torch.get_default_dtype()
+            s_hat = s if r.sigma == sig[r.step] else torch.tensor(r.sigma, dtype=hat_dtype, device=sigmas.device)
             callback({"x": xx.clone(), "i": r.step, "sigma": s, "sigma_hat": s_hat, "denoised": den})
         return den
 

@@ -38,7 +38,8 @@ def _denoiser(shape, seed, log):
         s = sigma.reshape(-1, 1)
         h = x.reshape(x.shape[0], -1)
         c_in = 1 / torch.sqrt(1 + s * s)
-        out = h / (1 + s * s) + scale * s * c_in * torch.tanh(h * c_in @ w.to(x.dtype) + b.to(x.dtype) * torch.sin(s.log()))
+        net = torch.tanh(h * c_in @ w.to(x.dtype) + b.to(x.dtype) * torch.sin(s.log()))
+        out = h / (1 + s * s) + scale * s * c_in * net
         if cond is not None:
             out = out + 0.2 * c_in * cond.reshape(out.shape)
         return out.reshape(x.shape)
@@ -101,7 +102,8 @@ def _run(mod, name, x, sig, kw, extra, use_cb, use_tape, seed, tape_dtype=None):
 
         args["noise_sampler"] = ns
     if use_cb:
-        args["callback"] = lambda d: log.append(("cb", {k: v.clone() if torch.is_tensor(v) else v for k, v in d.items()}))
+        args["callback"] = lambda d: log.append(("cb", {k: v.clone() if torch.is_tensor(v) else v
+                                                        for k, v in d.items()}))
     x_in, sig_in = x.clone(), sig.clone()
     torch.manual_seed(seed + 2)
     try:
@@ -171,7 +173,8 @@ def test_random_case_matches_k_diffusion(case, seed):
                 "cond": extra["cond"].double(), "scale": extra["scale"]}, False, use_tape, seed + case, dtype)[0]
         e_ours, e_theirs = rel_err(ours[0], exact), rel_err(theirs[0], exact)
         factor = 2 if x.numel() >= 64 else 5  # a few elements: the ratio of two rounding errors is noisy
-        assert e_ours <= max(factor * e_theirs, TOL[dtype]), f"{what}: {e}; vs exact {e_ours:.3g} (k-diffusion {e_theirs:.3g})"
+        assert e_ours <= max(factor * e_theirs, TOL[dtype]), \
+            f"{what}: {e}; vs exact {e_ours:.3g} (k-diffusion {e_theirs:.3g})"
 
 
 class _Draws:
