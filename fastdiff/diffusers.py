@@ -21,8 +21,11 @@ Philox noise inside the kernel, keyed by a seed drawn from torch's global RNG at
 step after ``set_timesteps`` (so ``torch.manual_seed`` still makes runs reproducible, and the
 noise does not depend on the device or the batch size — but it is not the stock scheduler's noise).
 
-``step`` returns ``prev_sample`` only: ``pred_original_sample`` is not computed (that would cost
-an extra pass over the tensor), and the output is a plain ``SchedulerOutput``.
+``step`` returns what diffusers' step returns: its output class (``DDIMSchedulerOutput``, ...) or,
+with ``return_dict=False``, a tuple of the same length. Where that includes ``pred_original_sample``
+(DDPM, DDIM, Euler, Euler ancestral, Heun, LMS) the data estimate is computed only when it is read
+(attribute, key, ``to_tuple``, tuple entry 1): the fused kernel does not write it, so a loop that
+reads ``prev_sample`` only (every pipeline's ``step(...)[0]``) pays one pass over the tensors.
 
 Supported classes, config options and ``step`` arguments are listed in :data:`SUPPORT` (see
 :func:`support_table`). Any other config key or value, or a ``step`` argument the fused step
@@ -47,6 +50,7 @@ import functools
 import inspect
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +161,7 @@ class _Spec:
         check: ``config -> None``, raising ``ValueError`` for a combination of values it refuses.
         note: what :func:`support_table` says about ``check``.
         step_plan: ``step()`` arguments that change the plan through ``adjust`` (any value).
+        x0_float32: diffusers computes ``pred_original_sample`` from the sample upcast to float32.
         plan_key: ``step() arguments -> key`` of the plan they select (``()``: the plain plan).
         adjust: ``(scheduler, plan, dict(key), start) -> plan``: the rows those arguments ask for.
     """
@@ -179,6 +184,7 @@ class _Spec:
     check: Callable[[Mapping], None] | None = None
     note: str = ""
     step_plan: tuple[str, ...] = ()
+    x0_float32: bool = False
     plan_key: Callable[[Mapping], tuple] | None = None
     adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
 
@@ -275,6 +281,7 @@ def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
     pred = _PREDICTION_ALIASES.get(sched.config.prediction_type, sched.config.prediction_type)
     lo, hi = np.float32(s_tmin), np.float32(s_tmax)  # diffusers compares float32 sigmas
     rows = list(plan.rows)
+    churned = {}  # row -> (A, B, c): diffusers' pred_original_sample is A (x + c z) + B m there
     for k, row in enumerate(rows):
         i = start + k
         s32 = sig[i]
@@ -293,9 +300,10 @@ def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
         else:
             a, b = 0.0, 1.0
         cy = r + (1.0 - r) * a
-        cz = cy * s_noise * math.sqrt(s_hat * s_hat - s * s) if gamma > 0 else 0.0
-        rows[k] = dataclasses.replace(row, out=combo(x=cy, e=(1.0 - r) * b, z=cz), noise=gamma > 0)
-    return dataclasses.replace(plan, rows=tuple(rows))
+        c = s_noise * math.sqrt(s_hat * s_hat - s * s) if gamma > 0 else 0.0
+        rows[k] = dataclasses.replace(row, out=combo(x=cy, e=(1.0 - r) * b, z=cy * c), noise=gamma > 0)
+        churned[k] = (a, b, c)
+    return dataclasses.replace(plan, rows=tuple(rows), meta={**plan.meta, "churn_x0": churned})
 
 _PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's second name for "sample"
 
@@ -307,9 +315,9 @@ SUPPORT: dict[str, _Spec] = {
         needs_set_timesteps=True),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_euler_churn,
-        out_dtype="model", predictions=("epsilon", "v_prediction", "sample", "original_sample")),
+        out_dtype="model", x0_float32=True, predictions=("epsilon", "v_prediction", "sample", "original_sample")),
     # diffusers' step raises NotImplementedError for prediction_type="sample"
-    "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_dtype="model",
+    "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_dtype="model", x0_float32=True,
                                              predictions=("epsilon", "v_prediction")),
     "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range")),
     "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock"),
@@ -570,15 +578,19 @@ class _FusedScheduler:
             dt = wide
         xx, mm = x.to(dt).contiguous(), m.to(dt).contiguous()
         z, seeds = self._fd_noise(row, a, mm, m.dtype)
-        out = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
+        out, bound = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
         how = spec.out_dtype(self.config) if callable(spec.out_dtype) else spec.out_dtype
         out = out.to({"model": m.dtype, "sample": x.dtype}.get(how, torch.promote_types(x.dtype, m.dtype)))
         self._fd_after(row, i)
+        out_cls = _output_class(self._fd_stock)
+        if "pred_original_sample" not in {f.name for f in dataclasses.fields(out_cls)}:
+            return out_cls(prev_sample=out) if a.get("return_dict", True) else (out,)
+        # the stock step also returns its data estimate: computed only if read (one more pass)
+        x0 = functools.partial(_data_estimate, row, plan, k, xx, mm, z, bound, x.dtype, m.dtype,
+                               spec.x0_float32, type(self).__name__)
         if not a.get("return_dict", True):
-            return (out,)
-        from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-        return SchedulerOutput(prev_sample=out)
+            return _StepTuple(out, x0)
+        return _lazy_output(out_cls, out, x0)
 
     def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor, model_dtype: torch.dtype):
         """The step's noise: ``(z, None)`` (``z`` in ``m``'s compute dtype) or ``(None, philox seeds)``.
@@ -620,8 +632,9 @@ def _short(v) -> str:
 
 
 def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, hist: list, *, z, seeds,
-             backend: str) -> torch.Tensor:
-    """One fused step of ``row`` from ``x`` with model output ``m`` into a new tensor."""
+             backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused step of ``row`` from ``x`` with model output ``m`` into a new tensor; also the
+    per-sample clip bound the row used (``None`` without clipping)."""
     h_read = tuple(hist[k] for k in row.reads)
     coef = pack_row(row)
     clip = clip_code(row)
@@ -634,6 +647,135 @@ def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, his
     args = StepArgs(x=x, out=out, m=m, coef=coef, row=i, h_read=h_read,
                     h_write=tuple(hist[w.slot] for w in row.writes), s=s, clip=clip, seeds=seeds, z=z)
     ops.step(args, backend)
+    return out, s
+
+
+def _data_estimate(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tensor, z, bound, x_dtype, m_dtype,
+                   upcast32: bool, name: str) -> torch.Tensor:
+    """diffusers' ``pred_original_sample`` of the step row ``k`` of ``plan`` ran (clipped as the row
+    clips it), in the dtype diffusers returns it in."""
+    if plan.prediction == "x0" and row.clip is None:
+        return m.to(m_dtype)  # diffusers hands the model output itself back
+    cdt = torch.float64 if torch.float64 in (x.dtype, m.dtype) else torch.float32
+    xc, mc = x.to(cdt), m.to(cdt)
+    churn = plan.meta.get("churn_x0", {}).get(k)
+    if churn is not None:  # Euler with churn: the estimate of the churned sample y = x + c z
+        a, b, c = churn
+        if c:
+            if z is None:
+                raise ValueError(f"{name}: pred_original_sample of a step with s_churn > 0 needs the step's noise; "
+                                 "pass a generator (without one the noise is drawn inside the fused kernel)")
+            xc = xc + c * z.to(cdt)
+        d = a * xc + b * mc
+    else:
+        d = row.a_x * xc + row.a_e * mc
+    if row.clip is not None:
+        s = bound.to(device=d.device, dtype=cdt).reshape((-1,) + (1,) * (d.dim() - 1))
+        d = torch.minimum(torch.maximum(d, -s), s)
+        if row.clip == "dynamic":
+            d = d / s
+    if plan.prediction == "x0":
+        return d.to(m_dtype)
+    return d.to(torch.promote_types(torch.float32 if upcast32 else x_dtype, m_dtype))
+
+
+def _output_class(cls: type) -> type:
+    """The output dataclass diffusers' ``cls.step`` returns (``<Class>Output`` of its module, else
+    ``SchedulerOutput``)."""
+    import sys
+
+    out = getattr(sys.modules.get(cls.__module__), cls.__name__ + "Output", None)
+    if out is None:
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        out = SchedulerOutput
+    return out
+
+
+class _StepTuple(tuple):
+    """``(prev_sample, pred_original_sample)`` as diffusers' ``step(return_dict=False)`` returns it,
+    with the second entry computed on first access (pipelines read ``[0]`` only)."""
+
+    def __new__(cls, prev: torch.Tensor, x0: Callable[[], torch.Tensor]):
+        t = super().__new__(cls, (prev, None))
+        t._fd_x0 = x0
+        return t
+
+    def _entries(self) -> tuple:
+        if self._fd_x0 is not None:
+            self._fd_value, self._fd_x0 = self._fd_x0(), None
+        return (tuple.__getitem__(self, 0), self._fd_value)
+
+    def __getitem__(self, i):
+        if isinstance(i, int) and i in (0, -2):
+            return tuple.__getitem__(self, 0)
+        return self._entries()[i]
+
+    def __iter__(self):
+        yield tuple.__getitem__(self, 0)
+        yield self._entries()[1]
+
+    def __eq__(self, other):
+        return self._entries() == other
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self) -> str:
+        return repr(self._entries())
+
+    def __reduce__(self):
+        return tuple, (self._entries(),)
+
+    def count(self, value) -> int:
+        return self._entries().count(value)
+
+    def index(self, value, *args) -> int:
+        return self._entries().index(value, *args)
+
+
+_LAZY_OUTPUTS: dict[type, type] = {}
+
+
+def _lazy_output(out_cls: type, prev: torch.Tensor, x0: Callable[[], torch.Tensor]):
+    """An ``out_cls`` (diffusers' step output) whose ``pred_original_sample`` is computed on first
+    access (attribute, key, iteration, ``to_tuple``)."""
+    lazy = _LAZY_OUTPUTS.get(out_cls)
+    if lazy is None:
+        def force(self):
+            fn = self.__dict__.get("_fd_x0")
+            if fn is not None:
+                self.__dict__["_fd_x0"] = None
+                v = fn()
+                self.__dict__["_fd_value"] = v
+                OrderedDict.__setitem__(self, "pred_original_sample", v)
+
+        def getter(self):
+            force(self)
+            return self.__dict__.get("_fd_value")
+
+        def setter(self, v):
+            self.__dict__["_fd_value"] = v
+
+        def forcing(name):
+            base = getattr(out_cls, name)
+
+            def method(self, *args, **kwargs):
+                force(self)
+                return base(self, *args, **kwargs)
+
+            method.__name__ = name
+            return method
+
+        ns = {"__module__": __name__, "__qualname__": out_cls.__qualname__, "__doc__": out_cls.__doc__,
+              "pred_original_sample": property(getter, setter),
+              **{n: forcing(n) for n in ("__getitem__", "keys", "values", "items", "to_tuple", "__iter__", "__len__",
+                                         "__contains__", "__repr__", "__eq__", "get", "__reduce__")}}
+        lazy = _LAZY_OUTPUTS[out_cls] = type(out_cls.__name__, (out_cls,), ns)
+    out = lazy(prev_sample=prev)
+    out.__dict__["_fd_x0"] = x0
     return out
 
 

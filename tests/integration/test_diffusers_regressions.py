@@ -249,3 +249,80 @@ def test_dpmsolver_img2img_and_variance_noise(seed):
             x = s.step(f(x, t.float().expand(2)), t, x, variance_noise=z).prev_sample
         outs.append(x)
     assert rel_err(outs[1], outs[0]) <= TOL
+
+
+# ------------------------------------------------------------------------ step outputs
+
+
+@pytest.mark.parametrize("name, cfg, step_kwargs", [
+    ("DDPMScheduler", {**SD, "clip_sample": True, "clip_sample_range": 0.7}, None),
+    ("DDPMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.3}, None),
+    ("DDIMScheduler", {"prediction_type": "v_prediction"}, {"eta": 0.5}),
+    ("DDIMScheduler", {"prediction_type": "sample", "clip_sample": False}, None),
+    ("EulerDiscreteScheduler", SD, None),
+    ("EulerDiscreteScheduler", {**SD, "prediction_type": "v_prediction"}, {"s_churn": 2.0}),
+    ("EulerAncestralDiscreteScheduler", SD, None),
+    ("HeunDiscreteScheduler", {**SD, "clip_sample": True, "prediction_type": "sample"}, None),
+    ("LMSDiscreteScheduler", {**SD, "prediction_type": "v_prediction"}, None),
+    ("DPMSolverMultistepScheduler", SD, None),
+    ("UniPCMultistepScheduler", SD, None),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, None),
+])
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_step_output_is_diffusers_own(name, cfg, step_kwargs, return_dict, seed):
+    """The output class (or tuple length) of diffusers' step, with pred_original_sample where diffusers
+    returns it (pipelines read it: LEDITS++, SAG; PixArt's one-step path takes step(...)[1])."""
+    cls = getattr(diffusers, name)
+    stock, fused = cls(**cfg), from_diffusers(cls(**cfg))
+    model = toy_model(seed, gain=2.5)
+    x = initial_noise(seed, 1.0)
+    for s in (stock, fused):
+        s.set_timesteps(6)
+    x = x * float(getattr(stock, "init_noise_sigma", 1.0))
+    takes_gen = "generator" in inspect.signature(stock.step).parameters
+    gens = [torch.Generator().manual_seed(seed + 1) for _ in range(2)]
+    for t in stock.timesteps:
+        u = stock.scale_model_input(x, t) if hasattr(stock, "scale_model_input") else x
+        if hasattr(fused, "scale_model_input"):
+            fused.scale_model_input(x, t)
+        m = model(u, t.float().expand(x.shape[0]))
+        outs = [s.step(m, t, x, return_dict=return_dict, **({"generator": g} if takes_gen else {}),
+                       **(step_kwargs or {})) for s, g in zip((stock, fused), gens)]
+        ref, got = outs
+        if return_dict:
+            assert type(got).__name__ == type(ref).__name__ and isinstance(got, type(ref))
+            assert list(got.keys()) == list(ref.keys())
+            pairs = [(got.prev_sample, ref.prev_sample)]
+            if "pred_original_sample" in ref.keys():
+                pairs.append((got.pred_original_sample, ref.pred_original_sample))
+                assert got["pred_original_sample"] is got.pred_original_sample and len(got.to_tuple()) == 2
+        else:
+            assert isinstance(got, tuple) and len(got) == len(ref)
+            a, *rest = got  # unpacking gives every entry
+            assert a is got[0] and all(r is g for r, g in zip(rest, got[1:]))
+            pairs = list(zip(got, ref))
+        for g, r in pairs:
+            assert g.dtype == r.dtype and g.shape == r.shape
+            assert rel_err(g, r) <= TOL
+        x = ref[0] if not return_dict else ref.prev_sample
+
+
+def test_pred_original_sample_is_computed_only_when_read():
+    fu = from_diffusers(diffusers.DDIMScheduler(clip_sample=False))
+    fu.set_timesteps(4)
+    x = torch.randn(1, 2, 3, 3)
+    out = fu.step(torch.randn_like(x), fu.timesteps[0], x)
+    assert out.__dict__["_fd_x0"] is not None and list(out.keys()) == ["prev_sample", "pred_original_sample"]
+    assert out.__dict__["_fd_x0"] is None  # keys() computed it, once
+    tup = fu.step(torch.randn_like(x), fu.timesteps[1], x, return_dict=False)
+    assert tup[0].shape == x.shape and tup._fd_x0 is not None
+
+
+def test_pred_original_sample_of_churn_without_generator_is_refused_clearly():
+    fu = from_diffusers(diffusers.EulerDiscreteScheduler(**SD))
+    fu.set_timesteps(4)
+    x = torch.randn(1, 2, 3, 3)
+    out = fu.step(torch.randn_like(x), fu.timesteps[0], x, s_churn=1.0)  # Philox noise inside the kernel
+    assert torch.isfinite(out.prev_sample).all()
+    with pytest.raises(ValueError, match="pass a generator"):
+        out.pred_original_sample
