@@ -162,6 +162,8 @@ class _Spec:
         note: what :func:`support_table` says about ``check``.
         step_plan: ``step()`` arguments that change the plan through ``adjust`` (any value).
         x0_float32: diffusers computes ``pred_original_sample`` from the sample upcast to float32.
+        build: ``(arrays, prediction, options) -> plan`` where the rows are not a registered
+            sampler's (``None``: build the sampler's plan).
         plan_key: ``step() arguments -> key`` of the plan they select (``()``: the plain plan).
         adjust: ``(scheduler, plan, dict(key), start) -> plan``: the rows those arguments ask for.
     """
@@ -185,6 +187,7 @@ class _Spec:
     note: str = ""
     step_plan: tuple[str, ...] = ()
     x0_float32: bool = False
+    build: Callable[[dict, str, dict], Plan | None] | None = None
     plan_key: Callable[[Mapping], tuple] | None = None
     adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
 
@@ -237,7 +240,10 @@ def _check_flow_sigmas(cfg: Mapping) -> None:
 
 _FLOW_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
               "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction not with use_flow_sigmas=True")
-_DPM_NOTE = _FLOW_NOTE + "; not algorithm_type=sde-dpmsolver with solver_order=3 (diffusers has no such update)"
+_DPM_NOTE = ("variance_type None; " + _FLOW_NOTE
+             + "; not algorithm_type=sde-dpmsolver with solver_order=3 (diffusers has no such update)")
+_UNIPC_NOTE = ("solver_p None; into sigma 0 (final_sigmas_type=zero) only predict_x0=True with a first-order last "
+               "step (lower_order_final=True; diffusers returns NaN otherwise); " + _FLOW_NOTE)
 
 
 def _dpm_slice(cfg: Mapping, start: int, n: int) -> dict:
@@ -253,6 +259,29 @@ def _unipc_slice(cfg: Mapping, start: int, n: int) -> dict:
 _MULTISTEP_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 _EULER_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+
+_TIMESTEP_NOTE = "step(timestep) one of scheduler.timesteps (a run may start at any of them)"
+
+
+def _flow_inverted(arrays: dict, prediction: str, options: dict) -> Plan | None:
+    """FlowMatchEulerDiscreteScheduler with ``invert_sigmas=True``: the sigmas rise from 0 to 1, and
+    diffusers' step is ``x' = x + (s' - s) v`` (``stochastic_sampling``: ``(1 - s') (x - s v) + s' z``),
+    the formulas of the usual direction. Rows of those formulas (the Euler rows of ``flow_euler``
+    divide by ``s``, which starts at 0 here)."""
+    if not options.pop("invert_sigmas", False):
+        return None
+    disc = arrays["disc"]
+    sig, ts, rows = disc.sigmas, disc.timesteps, []
+    for i in range(len(ts)):
+        s, s1 = float(sig[i]), float(sig[i + 1])
+        # the data estimate of the model input (1 - s) x0 + s eps, as diffusers' stochastic step has it
+        point = dict(t=float(ts[i]), sigma=s, in_scale=1.0, a_x=1.0, a_e=-s, alpha_t=1.0 - s, sigma_t=s)
+        if options.get("stochastic_sampling"):
+            rows.append(Row(**point, out=combo(d=1.0 - s1, z=s1), noise=True, step=i))
+        else:
+            rows.append(Row(**point, out=combo(x=1.0, e=s1 - s), step=i))
+    return Plan(tuple(rows), init_scale=disc.init_sigma, sampler="flow_euler", prediction=prediction,
+                steps=len(rows), meta={"invert_sigmas": True})
 
 
 def _euler_churn_key(a: Mapping) -> tuple:
@@ -308,11 +337,12 @@ def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
 _PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's second name for "sample"
 
 SUPPORT: dict[str, _Spec] = {
-    "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False),
+    "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False,
+                           note="variance_type in (fixed_small, fixed_small_log, fixed_large); " + _TIMESTEP_NOTE),
     "DDIMScheduler": _Spec(
         _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP),
         step_options={"eta": "eta", "use_clipped_model_output": "use_clipped_model_output"}, indexed=False,
-        needs_set_timesteps=True),
+        needs_set_timesteps=True, note=_TIMESTEP_NOTE),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_euler_churn,
         out_dtype="model", x0_float32=True, predictions=("epsilon", "v_prediction", "sample", "original_sample")),
@@ -335,9 +365,9 @@ SUPPORT: dict[str, _Spec] = {
          *_THRESH),
         restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True,
         predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample", check=_check_flow_sigmas,
-        note=_FLOW_NOTE),
+        note=_UNIPC_NOTE),
     "FlowMatchEulerDiscreteScheduler": _Spec(
-        _named("flow_euler"), "flow", ("stochastic_sampling",), only={"invert_sigmas": (False,)},
+        _named("flow_euler"), "flow", ("stochastic_sampling", "invert_sigmas"), build=_flow_inverted,
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
         noise_dtype=torch.float32, out_dtype="model", predictions=()),
 }
@@ -503,8 +533,10 @@ class _FusedScheduler:
             options.update(spec.slice_options(cfg, start, start + steps))
         prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
         prediction = _PREDICTION_ALIASES.get(prediction, prediction)
-        plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
-                              **options)
+        plan = spec.build(arrays, prediction, options) if spec.build is not None else None
+        if plan is None:
+            plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
+                                  **options)
         if spec.adjust is not None and any(k in spec.step_plan for k, _ in key):
             plan = spec.adjust(self, plan, dict(key), start)
         want = _host(self.timesteps)[start:].astype(np.float32)

@@ -326,3 +326,27 @@ def test_pred_original_sample_of_churn_without_generator_is_refused_clearly():
     assert torch.isfinite(out.prev_sample).all()
     with pytest.raises(ValueError, match="pass a generator"):
         out.pred_original_sample
+
+
+def test_euler_churn_with_sigma_hat_at_zero_is_refused_clearly():
+    """s_churn = -(len(sigmas) - 1) makes sigma_hat = 0, where diffusers divides by it (NaN)."""
+    fu = from_diffusers(diffusers.EulerDiscreteScheduler(**SD))
+    fu.set_timesteps(2)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="sigma_hat"):
+        fu.step(x, fu.timesteps[0], x, s_churn=-2.0)
+
+
+# ------------------------------------------------------------------------ flow: invert_sigmas
+
+
+@pytest.mark.parametrize("cfg, set_kw", [
+    ({"invert_sigmas": True, "shift": 3.0}, None),
+    ({"invert_sigmas": True, "shift": 1.0, "stochastic_sampling": True}, None),
+    ({"invert_sigmas": True, "use_dynamic_shifting": True, "time_shift_type": "linear"}, {"mu": 0.8}),
+    ({"invert_sigmas": True, "shift": 2.0, "use_karras_sigmas": True}, None),
+])
+def test_flow_invert_sigmas_matches_stock(cfg, set_kw, seed):
+    """invert_sigmas=True (sigmas rise from 0 to 1): diffusers' x + (s' - s) v as rows."""
+    check("FlowMatchEulerDiscreteScheduler", cfg, 10, seed, set_kw=set_kw)
+    check("FlowMatchEulerDiscreteScheduler", cfg, 10, seed, set_kw=set_kw, begin=3)

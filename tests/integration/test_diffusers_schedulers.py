@@ -365,7 +365,7 @@ def test_unsupported_class_is_named():
     ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "v_prediction"}, "v_prediction"),
     ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "predict_x0": False},
      "predict_x0"),
-    ("FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True}, "invert_sigmas=True"),
+    ("EulerAncestralDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type='sample'"),
 ])
 def test_unsupported_config_values_are_named(cls, cfg, match):
     with pytest.raises(ValueError, match=match):
