@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from numpy.polynomial import polynomial as P
 
 from ..plan import MAX_READS, Plan, Row, Write, combo
 from ..schedules import Schedule
@@ -14,18 +13,22 @@ from ._common import grid_point
 def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
     """Adams–Bashforth weights in sigma: ``c_j = ∫_{s_i}^{s_i+1} prod_{k≠j} (τ - s_{i-k})/(s_{i-j} - s_{i-k}) dτ``.
 
-    Exact polynomial integration (diffusers and k-diffusion use ``scipy.integrate.quad``, which is
-    exact for these polynomials of degree < 4 up to rounding).
+    Gauss–Legendre quadrature with ``order`` nodes (exact for these polynomials of degree
+    ``order - 1``) of the product form: no expansion into monomials, whose evaluation cancels
+    badly between close sigmas (1e-8 relative off where the last sigmas differ by 0.3%).
+    diffusers and k-diffusion integrate the same product form with ``scipy.integrate.quad``.
     """
     s = [float(v) for v in sigmas]
+    a, b = s[i], s[i + 1]
+    nodes, weights = np.polynomial.legendre.leggauss(max(order, 1))
+    tau = 0.5 * (b - a) * nodes + 0.5 * (a + b)
     out = []
     for j in range(order):
-        poly = np.array([1.0])
+        basis = np.ones_like(tau)
         for k in range(order):
             if k != j:
-                poly = P.polymul(poly, np.array([-s[i - k], 1.0]) / (s[i - j] - s[i - k]))
-        integ = P.polyint(poly)
-        out.append(float(P.polyval(s[i + 1], integ) - P.polyval(s[i], integ)))
+                basis = basis * (tau - s[i - k]) / (s[i - j] - s[i - k])
+        out.append(float(0.5 * (b - a) * np.dot(weights, basis)))
     return out
 
 
