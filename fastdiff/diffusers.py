@@ -448,9 +448,16 @@ class _FusedScheduler:
 
     # -- set-up --------------------------------------------------------------------------------
 
+    _fd_ready = False  # set once the instance is a complete drop-in (not while diffusers' __init__ runs)
+
     def _fd_init(self, backend: str) -> None:
         self.fastdiff_backend = backend
         self._fd_reset()
+        self._fd_ready = True
+
+    def __reduce__(self):
+        # the class has diffusers' name (pickle would find the stock class by it): rebuild this one
+        return _new_fused, (self._fd_stock,), self.__dict__
 
     def _fd_reset(self) -> None:
         self._fd_plans: dict = {}
@@ -822,11 +829,21 @@ def _fused_class(cls: type) -> type:
     stock_set, stock_step = cls.set_timesteps, cls.step
     step_sig = inspect.signature(stock_step)
 
+    stock_init = cls.__init__
+
+    @functools.wraps(stock_init)
+    def __init__(self, *args, **kwargs):
+        # FusedClass(**config), FusedClass.from_config(...) / from_pretrained(...): a drop-in as well
+        stock_init(self, *args, **kwargs)
+        _check_config(cls.__name__, spec, self.config)
+        self._fd_init("auto")
+
     @functools.wraps(stock_set)
     def set_timesteps(self, *args, **kwargs):
         stock_set(self, *args, **kwargs)
         self._fd_reset()
-        self._fd_plan(0, ())  # build now: a config the rows cannot express fails here, not mid-run
+        if self._fd_ready:  # (diffusers' __init__ sets a grid of its own first: planned when used)
+            self._fd_plan(0, ())  # build now: a config the rows cannot express fails here, not mid-run
 
     @functools.wraps(stock_step)
     def step(self, *args, **kwargs):
@@ -835,12 +852,18 @@ def _fused_class(cls: type) -> type:
         return self._fd_step(bound.arguments)
 
     ns = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_fd_spec": spec, "_fd_stock": cls,
-          "set_timesteps": set_timesteps, "step": step,
+          "__init__": __init__, "set_timesteps": set_timesteps, "step": step,
           "__doc__": f"{cls.__name__} whose step runs fastdiff's fused kernel (see fastdiff.diffusers).\n\n"
                      f"{cls.__doc__ or ''}"}
     fused = type(cls.__name__, (_FusedScheduler, cls), ns)
     _FUSED_CLASSES[cls] = fused
     return fused
+
+
+def _new_fused(stock_cls: type):
+    """An empty instance of the drop-in class of ``stock_cls`` (unpickling fills its state)."""
+    fused = _fused_class(stock_cls)
+    return fused.__new__(fused)
 
 
 def _check_scheduler(scheduler: Any) -> _Spec:

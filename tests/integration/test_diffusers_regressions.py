@@ -350,3 +350,46 @@ def test_flow_invert_sigmas_matches_stock(cfg, set_kw, seed):
     """invert_sigmas=True (sigmas rise from 0 to 1): diffusers' x + (s' - s) v as rows."""
     check("FlowMatchEulerDiscreteScheduler", cfg, 10, seed, set_kw=set_kw)
     check("FlowMatchEulerDiscreteScheduler", cfg, 10, seed, set_kw=set_kw, begin=3)
+
+
+# ------------------------------------------------------------------------ the drop-in class itself
+
+
+@pytest.mark.parametrize("name, cfg", [("DDIMScheduler", {"clip_sample": False}),
+                                       ("LMSDiscreteScheduler", {**SD, "timestep_spacing": "leading", "steps_offset": 1}),
+                                       ("DPMSolverMultistepScheduler", {**SD, "solver_order": 3})])
+def test_drop_in_class_from_config_constructor_and_pickle(name, cfg, seed, tmp_path):
+    """``type(drop_in).from_config(...)`` / ``from_pretrained`` / its constructor (pipelines swap
+    schedulers this way) gave an object without the drop-in's state (AttributeError at step), and
+    pickle found diffusers' class under the drop-in's name (PicklingError)."""
+    import pickle
+
+    stock = getattr(diffusers, name)(**cfg)
+    fu = from_diffusers(stock)
+    fu.save_config(tmp_path)
+    made = [type(fu).from_config(fu.config), type(fu)(**cfg), type(fu).from_pretrained(tmp_path)]
+    model = toy_model(seed)
+    for s in made:
+        public = [{k: v for k, v in c.items() if not k.startswith("_")} for c in (s.config, stock.config)]
+        assert type(s) is type(fu) and public[0] == public[1]
+        ref, got = (_loop(sch, model, initial_noise(seed, 1.0), 8, seed=seed)
+                    for sch in (getattr(diffusers, name)(**cfg), s))
+        assert all(rel_err(g, r) <= TOL for g, r in zip(got, ref))
+    # pickling (and deepcopy) mid-run keeps the run: the history ring and the step index
+    fu.set_timesteps(8)
+    x = initial_noise(seed, 1.0)
+    for t in fu.timesteps[:3]:
+        x = fu.step(model(x, t.float().expand(2)), t, x).prev_sample
+    back = pickle.loads(pickle.dumps(fu))
+    assert type(back) is type(fu)
+    for t in fu.timesteps[3:]:
+        m = model(x, t.float().expand(2))
+        a, b = fu.step(m, t, x).prev_sample, back.step(m, t, x).prev_sample
+        assert torch.equal(a, b)
+        x = a
+
+
+def test_drop_in_class_refuses_unsupported_configs_when_constructed():
+    fused_cls = type(from_diffusers(diffusers.EulerAncestralDiscreteScheduler()))
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        fused_cls(prediction_type="sample")
