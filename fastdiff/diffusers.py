@@ -162,8 +162,8 @@ class _Spec:
         note: what :func:`support_table` says about ``check``.
         step_plan: ``step()`` arguments that change the plan through ``adjust`` (any value).
         x0_float32: diffusers computes ``pred_original_sample`` from the sample upcast to float32.
-        build: ``(arrays, prediction, options) -> plan`` where the rows are not a registered
-            sampler's (``None``: build the sampler's plan).
+        build: ``(scheduler, arrays, prediction, options) -> plan`` where the rows are not (only)
+            a registered sampler's (``None``: build the sampler's plan).
         plan_key: ``step() arguments -> key`` of the plan they select (``()``: the plain plan).
         adjust: ``(scheduler, plan, dict(key), start) -> plan``: the rows those arguments ask for.
     """
@@ -187,7 +187,7 @@ class _Spec:
     note: str = ""
     step_plan: tuple[str, ...] = ()
     x0_float32: bool = False
-    build: Callable[[dict, str, dict], Plan | None] | None = None
+    build: Callable[[Any, dict, str, dict], Plan | None] | None = None
     plan_key: Callable[[Mapping], tuple] | None = None
     adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
 
@@ -260,10 +260,36 @@ _MULTISTEP_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction"
 
 _EULER_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
-_TIMESTEP_NOTE = "step(timestep) one of scheduler.timesteps (a run may start at any of them)"
+
+def _ddpm_learned(sched, arrays: dict, prediction: str, options: dict) -> Plan | None:
+    """DDPMScheduler with ``variance_type="learned"`` / ``"learned_range"`` (DeepFloyd IF): the model
+    output carries the variance in a second set of channels. The mean rows are ``fixed_small``'s with
+    noise coefficient 1; the step passes the noise already scaled by the learned standard deviation,
+    ``exp(0.5 (f log beta + (1 - f) log beta~))`` with ``f = (v + 1) / 2`` (``learned_range``) or
+    ``sqrt(v)`` (``learned``), computed per element from the variance channels ``v`` as diffusers does.
+    The rows record ``(log beta~, log beta)`` per step (``plan.meta["learned_variance"]``)."""
+    vt = options.get("variance_type")
+    if vt not in ("learned", "learned_range"):
+        return None
+    plan = samplers.build("ddpm", sched._fd_schedule(arrays), arrays["steps"], prediction=prediction,
+                          **dict(options, variance_type="fixed_small"))
+    acp, ts = _host(sched.alphas_cumprod), [int(t) for t in arrays["timesteps"]]
+    logs, rows = [], []
+    for i, row in enumerate(plan.rows):
+        t, prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
+        a_t = float(np.float32(acp[t]))
+        a_p = float(np.float32(acp[prev])) if prev >= 0 else 1.0
+        beta = 1.0 - a_t / a_p
+        var = max((1.0 - a_p) / (1.0 - a_t) * beta, 1e-20)
+        logs.append((math.log(var), math.log(beta) if beta > 0 else -math.inf))
+        rows.append(dataclasses.replace(row, out=row.out[:-1] + (1.0,)) if row.noise else row)
+    return dataclasses.replace(plan, rows=tuple(rows), meta={**plan.meta, "learned_variance": (vt, tuple(logs))})
+
+_TIMESTEP_NOTE = ("step(timestep) one of scheduler.timesteps (a run may start at any of them); prediction_type="
+                  "epsilon not where alpha_cumprod = 0 (zero terminal SNR: diffusers divides by 0 there)")
 
 
-def _flow_inverted(arrays: dict, prediction: str, options: dict) -> Plan | None:
+def _flow_inverted(sched, arrays: dict, prediction: str, options: dict) -> Plan | None:
     """FlowMatchEulerDiscreteScheduler with ``invert_sigmas=True``: the sigmas rise from 0 to 1, and
     diffusers' step is ``x' = x + (s' - s) v`` (``stochastic_sampling``: ``(1 - s') (x - s v) + s' z``),
     the formulas of the usual direction. Rows of those formulas (the Euler rows of ``flow_euler``
@@ -337,8 +363,10 @@ def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
 _PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's second name for "sample"
 
 SUPPORT: dict[str, _Spec] = {
-    "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False,
-                           note="variance_type in (fixed_small, fixed_small_log, fixed_large); " + _TIMESTEP_NOTE),
+    "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False, build=_ddpm_learned,
+                           note="variance_type in (fixed_small, fixed_small_log, fixed_large, learned, "
+                                "learned_range: the variance channels of the model output, noise then drawn as "
+                                "diffusers draws it also without a generator); " + _TIMESTEP_NOTE),
     "DDIMScheduler": _Spec(
         _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP),
         step_options={"eta": "eta", "use_clipped_model_output": "use_clipped_model_output"}, indexed=False,
@@ -540,7 +568,7 @@ class _FusedScheduler:
             options.update(spec.slice_options(cfg, start, start + steps))
         prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
         prediction = _PREDICTION_ALIASES.get(prediction, prediction)
-        plan = spec.build(arrays, prediction, options) if spec.build is not None else None
+        plan = spec.build(self, arrays, prediction, options) if spec.build is not None else None
         if plan is None:
             plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
                                   **options)
@@ -599,6 +627,15 @@ class _FusedScheduler:
             raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
                              "call set_timesteps first")
         row = plan.rows[k]
+        learned = plan.meta.get("learned_variance")
+        if learned is not None:  # DDPM learned variances: [mean; variance] channels, as diffusers splits them
+            c = x.shape[1] if x.dim() > 1 else 0
+            if x.dim() < 2 or m.shape[1] != 2 * c:
+                raise ValueError(f"{name}(variance_type={learned[0]!r}).step needs the model output's variance "
+                                 f"channels: model_output.shape[1] == 2 * sample.shape[1], got {tuple(m.shape)} for a "
+                                 f"sample of {tuple(x.shape)}")
+            m, var_out = torch.split(m, c, dim=1)
+            a = dict(a, model_output=m)
         dt = torch.promote_types(x.dtype, m.dtype)
         if run.hist is None:
             if row.stage != 0:
@@ -616,7 +653,18 @@ class _FusedScheduler:
                 run.hist[:] = [t.to(wide) for t in run.hist]
             dt = wide
         xx, mm = x.to(dt).contiguous(), m.to(dt).contiguous()
-        z, seeds = self._fd_noise(row, a, mm, m.dtype)
+        if learned is not None and row.noise:
+            z = draw_noise(tuple(m.shape), a.get("generator"), m.dtype, m.device)  # (torch's RNG without one)
+            lo, hi = learned[1][k]
+            v = var_out.to(torch.float64 if dt == torch.float64 else torch.float32)
+            if learned[0] == "learned_range":
+                f = (v + 1) / 2
+                std = torch.exp(0.5 * (f * hi + (1 - f) * lo))
+            else:
+                std = v**0.5
+            z, seeds = (std * z.to(std.dtype)).to(dt).contiguous(), None
+        else:
+            z, seeds = self._fd_noise(row, a, mm, m.dtype)
         out, bound = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
         how = spec.out_dtype(self.config) if callable(spec.out_dtype) else spec.out_dtype
         out = out.to({"model": m.dtype, "sample": x.dtype}.get(how, torch.promote_types(x.dtype, m.dtype)))

@@ -355,9 +355,10 @@ def test_flow_invert_sigmas_matches_stock(cfg, set_kw, seed):
 # ------------------------------------------------------------------------ the drop-in class itself
 
 
-@pytest.mark.parametrize("name, cfg", [("DDIMScheduler", {"clip_sample": False}),
-                                       ("LMSDiscreteScheduler", {**SD, "timestep_spacing": "leading", "steps_offset": 1}),
-                                       ("DPMSolverMultistepScheduler", {**SD, "solver_order": 3})])
+@pytest.mark.parametrize("name, cfg", [
+    ("DDIMScheduler", {"clip_sample": False}),
+    ("LMSDiscreteScheduler", {**SD, "timestep_spacing": "leading", "steps_offset": 1}),
+    ("DPMSolverMultistepScheduler", {**SD, "solver_order": 3})])
 def test_drop_in_class_from_config_constructor_and_pickle(name, cfg, seed, tmp_path):
     """``type(drop_in).from_config(...)`` / ``from_pretrained`` / its constructor (pipelines swap
     schedulers this way) gave an object without the drop-in's state (AttributeError at step), and
@@ -393,3 +394,54 @@ def test_drop_in_class_refuses_unsupported_configs_when_constructed():
     fused_cls = type(from_diffusers(diffusers.EulerAncestralDiscreteScheduler()))
     with pytest.raises(ValueError, match="prediction_type='sample'"):
         fused_cls(prediction_type="sample")
+
+
+# ------------------------------------------------------------------------ DDPM learned variances
+
+
+def _learned_model(seed, variance_type):
+    f = toy_model(seed)
+
+    def model(u, t):
+        mean = f(u, t)
+        v = torch.tanh(0.4 * u + 0.1)  # in [-1, 1], as learned_range expects
+        return torch.cat([mean, v.abs() * 0.02 if variance_type == "learned" else v], dim=1)
+
+    return model
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+@pytest.mark.parametrize("cfg", [{"prediction_type": "epsilon", "clip_sample": False},
+                                 {"prediction_type": "sample", "clip_sample": True},
+                                 {"prediction_type": "v_prediction", "thresholding": True, "clip_sample": False},
+                                 {"timestep_spacing": "trailing", "clip_sample": False}])
+@pytest.mark.parametrize("with_generator", [True, False])
+def test_ddpm_learned_variance_matches_stock(variance_type, cfg, with_generator, seed):
+    """DeepFloyd IF's DDPMScheduler(variance_type="learned_range"): the model output carries
+    [mean; variance] channels; the learned standard deviation scales the noise per element (without
+    a generator both draw it from torch's global RNG)."""
+    cls = diffusers.DDPMScheduler
+    cfg = {**cfg, "variance_type": variance_type}
+    model = _learned_model(seed, variance_type)
+    trajs = []
+    for s in (cls(**cfg), from_diffusers(cls(**cfg))):
+        s.set_timesteps(10)
+        x = initial_noise(seed, 1.0)
+        g = torch.Generator().manual_seed(seed + 1) if with_generator else None
+        torch.manual_seed(seed + 2)
+        out = []
+        for t in s.timesteps:
+            r = s.step(model(x, t.float().expand(x.shape[0])), t, x, generator=g)
+            x = r.prev_sample
+            out += [x, r.pred_original_sample]
+        trajs.append(out)
+    for i, (g, r) in enumerate(zip(trajs[1], trajs[0])):
+        assert rel_err(g, r) <= TOL, (i, rel_err(g, r))
+
+
+def test_ddpm_learned_variance_needs_the_variance_channels():
+    fu = from_diffusers(diffusers.DDPMScheduler(variance_type="learned_range"))
+    fu.set_timesteps(4)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="variance channels"):
+        fu.step(torch.randn_like(x), fu.timesteps[0], x)

@@ -380,7 +380,7 @@ def test_unknown_config_key_is_named():
 
 
 @pytest.mark.parametrize("cls, cfg, match", [
-    ("DDPMScheduler", {"variance_type": "learned_range"}, "variance_type"),
+    ("DDPMScheduler", {"variance_type": "fixed_large_log"}, "variance_type"),
     ("DPMSolverMultistepScheduler", {"variance_type": "learned_range"}, "variance_type"),
     ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
 ])
