@@ -164,6 +164,7 @@ class _Spec:
         x0_float32: diffusers computes ``pred_original_sample`` from the sample upcast to float32.
         build: ``(scheduler, arrays, prediction, options) -> plan`` where the rows are not (only)
             a registered sampler's (``None``: build the sampler's plan).
+        model_output: ``(config, model_output) -> the part of it the step uses``.
         plan_key: ``step() arguments -> key`` of the plan they select (``()``: the plain plan).
         adjust: ``(scheduler, plan, dict(key), start) -> plan``: the rows those arguments ask for.
     """
@@ -188,6 +189,7 @@ class _Spec:
     step_plan: tuple[str, ...] = ()
     x0_float32: bool = False
     build: Callable[[Any, dict, str, dict], Plan | None] | None = None
+    model_output: Callable[[Mapping, torch.Tensor], torch.Tensor] | None = None
     plan_key: Callable[[Mapping], tuple] | None = None
     adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
 
@@ -240,10 +242,19 @@ def _check_flow_sigmas(cfg: Mapping) -> None:
 
 _FLOW_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
               "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction not with use_flow_sigmas=True")
-_DPM_NOTE = ("variance_type None; " + _FLOW_NOTE
+_DPM_NOTE = ("variance_type learned/learned_range: channels [:3] of an epsilon output, as diffusers slices; "
+             + _FLOW_NOTE
              + "; not algorithm_type=sde-dpmsolver with solver_order=3 (diffusers has no such update)")
 _UNIPC_NOTE = ("solver_p None; into sigma 0 (final_sigmas_type=zero) only predict_x0=True with a first-order last "
                "step (lower_order_final=True; diffusers returns NaN otherwise); " + _FLOW_NOTE)
+
+
+def _dpm_model_output(cfg: Mapping, m: torch.Tensor) -> torch.Tensor:
+    # diffusers' convert_model_output: with a learned variance an epsilon output keeps channels [:3]
+    # (hard-coded: pixel-space models); other prediction types are taken whole
+    if cfg.get("variance_type") in ("learned", "learned_range") and cfg.get("prediction_type", "epsilon") == "epsilon":
+        return m[:, :3]
+    return m
 
 
 def _dpm_slice(cfg: Mapping, start: int, n: int) -> dict:
@@ -381,12 +392,12 @@ SUPPORT: dict[str, _Spec] = {
     "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock"),
     "DPMSolverMultistepScheduler": _Spec(
         _dpm_sampler, "multistep",
-        ("solver_type", "lower_order_final", "euler_at_final", "variance_type", *_THRESH),
+        ("solver_type", "lower_order_final", "euler_at_final", *_THRESH),
         only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"),
-              "solver_order": (1, 2, 3)},
+              "solver_order": (1, 2, 3), "variance_type": (None, "learned", "learned_range")},
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
         slice_options=_dpm_slice, needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
-        check=_check_flow_sigmas, note=_DPM_NOTE),
+        check=_check_flow_sigmas, note=_DPM_NOTE, model_output=_dpm_model_output),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
@@ -627,6 +638,9 @@ class _FusedScheduler:
             raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
                              "call set_timesteps first")
         row = plan.rows[k]
+        if spec.model_output is not None:
+            m = spec.model_output(self.config, m)
+            a = dict(a, model_output=m)
         learned = plan.meta.get("learned_variance")
         if learned is not None:  # DDPM learned variances: [mean; variance] channels, as diffusers splits them
             c = x.shape[1] if x.dim() > 1 else 0

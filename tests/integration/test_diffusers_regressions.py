@@ -445,3 +445,23 @@ def test_ddpm_learned_variance_needs_the_variance_channels():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="variance channels"):
         fu.step(torch.randn_like(x), fu.timesteps[0], x)
+
+
+@pytest.mark.parametrize("algo", ["dpmsolver++", "sde-dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_dpm_learned_variance_keeps_the_first_three_channels(algo, variance_type, seed):
+    """DPMSolverMultistep with a learned variance (pixel-space eps models): diffusers steps with
+    model_output[:, :3]."""
+    cls = diffusers.DPMSolverMultistepScheduler
+    cfg = {**SD, "variance_type": variance_type, "algorithm_type": algo, "final_sigmas_type": "sigma_min"}
+    f = toy_model(seed, shape=(2, 3, 4, 5))
+    outs = []
+    for s in (cls(**cfg), from_diffusers(cls(**cfg))):
+        s.set_timesteps(8)
+        x = initial_noise(seed, 1.0, shape=(2, 3, 4, 5))
+        g = torch.Generator().manual_seed(seed)
+        for t in s.timesteps:
+            m = f(x, t.float().expand(2))
+            x = s.step(torch.cat([m, torch.tanh(m)], dim=1), t, x, generator=g).prev_sample
+        outs.append(x)
+    assert rel_err(outs[1], outs[0]) <= TOL

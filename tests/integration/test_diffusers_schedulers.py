@@ -381,7 +381,7 @@ def test_unknown_config_key_is_named():
 
 @pytest.mark.parametrize("cls, cfg, match", [
     ("DDPMScheduler", {"variance_type": "fixed_large_log"}, "variance_type"),
-    ("DPMSolverMultistepScheduler", {"variance_type": "learned_range"}, "variance_type"),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "lower_order_final": False}, "lower_order_final"),
     ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
 ])
 def test_options_the_rows_cannot_express_fail_at_set_timesteps(cls, cfg, match):
