@@ -1238,6 +1238,10 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     sched = from_diffusers(pipe.scheduler, backend=backend)  # after the pipeline's own set_timesteps
     step_args = {"eta": a["eta"]} if "eta" in a and "eta" in sched._fd_spec.step_options else {}
     plan = sched.fastdiff_plan(0, **step_args)
+    if plan.meta.get("learned_variance") or sched.config.get("variance_type") in ("learned", "learned_range"):
+        raise ValueError(f"fastdiff.diffusers.accelerate: {type(sched).__name__}(variance_type="
+                         f"{sched.config.get('variance_type')!r}) reads variance channels of the model output, which "
+                         "the accelerated loop does not; use a fixed variance type or restore(pipe)")
     if a.get("denoising_end") is not None and 0 < a["denoising_end"] < 1:
         cut = int(round(pipe.scheduler.config.num_train_timesteps * (1 - a["denoising_end"])))
         keep = int((torch.as_tensor(pipe.scheduler.timesteps) >= cut).sum())
