@@ -165,6 +165,7 @@ class _Spec:
         build: ``(scheduler, arrays, prediction, options) -> plan`` where the rows are not (only)
             a registered sampler's (``None``: build the sampler's plan).
         model_output: ``(config, model_output) -> the part of it the step uses``.
+        no_integer_timestep: diffusers' step refuses integer timesteps (indices by mistake).
         plan_key: ``step() arguments -> key`` of the plan they select (``()``: the plain plan).
         adjust: ``(scheduler, plan, dict(key), start) -> plan``: the rows those arguments ask for.
     """
@@ -190,6 +191,7 @@ class _Spec:
     x0_float32: bool = False
     build: Callable[[Any, dict, str, dict], Plan | None] | None = None
     model_output: Callable[[Mapping, torch.Tensor], torch.Tensor] | None = None
+    no_integer_timestep: bool = False
     plan_key: Callable[[Mapping], tuple] | None = None
     adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
 
@@ -384,9 +386,10 @@ SUPPORT: dict[str, _Spec] = {
         needs_set_timesteps=True, note=_TIMESTEP_NOTE),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_euler_churn,
-        out_dtype="model", x0_float32=True, predictions=("epsilon", "v_prediction", "sample", "original_sample")),
+        out_dtype="model", x0_float32=True, no_integer_timestep=True, predictions=("epsilon", "v_prediction", "sample", "original_sample")),
     # diffusers' step raises NotImplementedError for prediction_type="sample"
     "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_dtype="model", x0_float32=True,
+                                             no_integer_timestep=True,
                                              predictions=("epsilon", "v_prediction")),
     "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range")),
     "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock"),
@@ -408,7 +411,7 @@ SUPPORT: dict[str, _Spec] = {
     "FlowMatchEulerDiscreteScheduler": _Spec(
         _named("flow_euler"), "flow", ("stochastic_sampling", "invert_sigmas"), build=_flow_inverted,
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
-        noise_dtype=torch.float32, out_dtype="model", predictions=()),
+        noise_dtype=torch.float32, out_dtype="model", predictions=(), no_integer_timestep=True),
 }
 """Supported diffusers scheduler classes (by name) and how each maps onto a fastdiff sampler."""
 
@@ -608,6 +611,9 @@ class _FusedScheduler:
             if not (val is v or (isinstance(val, (int, float)) and val == v)):
                 raise ValueError(f"{name}.step({k}={_short(val)}) is not supported by the fused step "
                                  f"(supported: {k}={v!r}); use the stock scheduler for it")
+        if spec.no_integer_timestep and isinstance(a["timestep"], (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{name}.step()` "
+                             "is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
         if spec.needs_set_timesteps and self.num_inference_steps is None:
             raise ValueError(f"{name}: number of inference steps is None; call set_timesteps before step")
         key = self._fd_key(a)

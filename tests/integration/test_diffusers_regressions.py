@@ -465,3 +465,16 @@ def test_dpm_learned_variance_keeps_the_first_three_channels(algo, variance_type
             x = s.step(torch.cat([m, torch.tanh(m)], dim=1), t, x, generator=g).prev_sample
         outs.append(x)
     assert rel_err(outs[1], outs[0]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "FlowMatchEulerDiscreteScheduler"])
+@pytest.mark.parametrize("timestep", [lambda ts: 3, lambda ts: torch.tensor(3), lambda ts: ts[0].long()])
+def test_integer_timesteps_are_refused_like_diffusers(name, timestep):
+    """diffusers refuses integer timesteps there (indices from enumerate by mistake); the drop-in
+    stepped on (Euler) or failed with an IndexError (flow)."""
+    fu = from_diffusers(getattr(diffusers, name)())
+    fu.set_timesteps(5)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="integer indices"):
+        fu.step(x, timestep(fu.timesteps), x)
