@@ -386,7 +386,8 @@ SUPPORT: dict[str, _Spec] = {
         needs_set_timesteps=True, note=_TIMESTEP_NOTE),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_euler_churn,
-        out_dtype="model", x0_float32=True, no_integer_timestep=True, predictions=("epsilon", "v_prediction", "sample", "original_sample")),
+        out_dtype="model", x0_float32=True, no_integer_timestep=True,
+        predictions=("epsilon", "v_prediction", "sample", "original_sample")),
     # diffusers' step raises NotImplementedError for prediction_type="sample"
     "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_dtype="model", x0_float32=True,
                                              no_integer_timestep=True,
@@ -612,8 +613,9 @@ class _FusedScheduler:
                 raise ValueError(f"{name}.step({k}={_short(val)}) is not supported by the fused step "
                                  f"(supported: {k}={v!r}); use the stock scheduler for it")
         if spec.no_integer_timestep and isinstance(a["timestep"], (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{name}.step()` "
-                             "is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
+            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             f"`{name}.step()` is not supported. Make sure to pass one of the `scheduler.timesteps` "
+                             "as a timestep.")
         if spec.needs_set_timesteps and self.num_inference_steps is None:
             raise ValueError(f"{name}: number of inference steps is None; call set_timesteps before step")
         key = self._fd_key(a)
