@@ -478,3 +478,44 @@ def test_integer_timesteps_are_refused_like_diffusers(name, timestep):
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match="integer indices"):
         fu.step(x, timestep(fu.timesteps), x)
+
+
+# ------------------------------------------------------------------------ float32 accuracy of the rows
+
+
+@pytest.mark.parametrize("name, cfg, steps", [
+    # Heun's second stage into a small sigma: (x - d) / sigma' with d ~ x, scaled by ~1800
+    ("HeunDiscreteScheduler", {**SD, "beta_start": 0.0001, "beta_end": 0.02, "use_beta_sigmas": True,
+                               "steps_offset": 1}, 2),
+    # Euler from the cosine schedule's sigma ~ 1e4 down to O(1)
+    ("EulerDiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}, 3),
+    # DDIM at t = 999 of the cosine schedule: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), abar ~ 1e-8
+    ("DDIMScheduler", {"beta_schedule": "squaredcos_cap_v2", "clip_sample": False, "timestep_spacing": "trailing"}, 4),
+])
+def test_unclipped_rows_fold_the_data_estimate_in_float64(name, cfg, steps, seed):
+    """``c_x x + c_d d`` with ``d = a_x x + a_e e`` cancelled in float32 where ``c_d a_x ~ -c_x`` is
+    large (errors of 1e-4 against the same run in float64, more than diffusers' own); the rows now
+    carry ``(c_x + c_d a_x) x + c_d a_e e``, multiplied out in float64."""
+    cls = getattr(diffusers, name)
+    f = toy_model(seed, gain=2.5)
+    runs = []
+    for dt, backend in ((torch.float32, "auto"), (torch.float64, "reference")):
+        s = from_diffusers(cls(**cfg), backend=backend)
+        s.set_timesteps(steps)
+        x = initial_noise(seed, float(s.init_noise_sigma)).to(dt)
+        out = []
+        for t in s.timesteps:
+            u = s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x
+            x = s.step(f(u, t.to(dt).expand(2)), t, x).prev_sample
+            out.append(x)
+        runs.append(out)
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert rel_err(a, b) <= 3e-6, (i, rel_err(a, b))
+
+
+def test_model_output_of_another_shape_is_refused_clearly():
+    fu = from_diffusers(diffusers.DPMSolverMultistepScheduler(variance_type="learned"))
+    fu.set_timesteps(4)
+    x = torch.randn(1, 4, 3, 3)  # a 4-channel sample: diffusers keeps channels [:3] of the output
+    with pytest.raises(ValueError, match="does not match sample"):
+        fu.step(torch.randn(1, 8, 3, 3), fu.timesteps[0], x)
