@@ -20,6 +20,8 @@ diffusers would draw from torch's global RNG; the fused step instead generates c
 Philox noise inside the kernel, keyed by a seed drawn from torch's global RNG at the first noisy
 step after ``set_timesteps`` (so ``torch.manual_seed`` still makes runs reproducible, and the
 noise does not depend on the device or the batch size — but it is not the stock scheduler's noise).
+DDPM with a learned variance scales its noise per element before the kernel, so without a
+generator it draws from torch's global RNG exactly as diffusers does.
 
 ``step`` returns what diffusers' step returns: its output class (``DDIMSchedulerOutput``, ...) or,
 with ``return_dict=False``, a tuple of the same length. Where that includes ``pred_original_sample``
