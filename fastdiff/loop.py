@@ -163,7 +163,9 @@ def _run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) ->
     cond_cat = _cat(opts.uncond, opts.cond) if any(guided) and opts.cond is not None else None
 
     # Per-row device tables, built once: no host->device copies inside the loop.
-    ts = torch.tensor([r.t for r in rows], dtype=torch.float64).to(torch.float32).to(dev)
+    # the model's time in float32 (what diffusers and k-diffusion pass), float64 for a float64 state
+    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ts = torch.tensor([r.t for r in rows], dtype=torch.float64).to(t_dtype).to(dev)
     W = torch.tensor(wscale, dtype=torch.float32).to(dev)
     W = W[:, None].expand(len(rows), B).contiguous()
     s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)

@@ -28,7 +28,8 @@ class Recorder:
 
 def manual_cfg(plan, model, x, cond, uncond, w):
     for r in plan.rows:
-        mu, mc = model(x, torch.full((x.shape[0],), r.t), uncond), model(x, torch.full((x.shape[0],), r.t), cond)
+        t = torch.full((x.shape[0],), r.t, dtype=x.dtype)  # the loop's model time: float64 for a float64 state
+        mu, mc = model(x, t, uncond), model(x, t, cond)
         e = mu + w * (mc - mu)
         d = r.a_x * x + r.a_e * e
         x = r.out[0] * x + r.out[1] * d
@@ -118,7 +119,7 @@ def test_generator_noise_is_drawn_like_diffusers():
     g = torch.Generator().manual_seed(seed)
     x = noise * plan.init_scale
     for r in plan.rows:
-        d = m(x, torch.full((2,), r.t, dtype=torch.float32)).double()
+        d = m(x, torch.full((2,), r.t, dtype=x.dtype))  # float64 model time for a float64 state
         z = torch.randn(x.shape, generator=g, dtype=x.dtype)
         x = r.out[0] * x + r.out[1] * d + r.out[-1] * z
     assert torch.allclose(out, x, rtol=1e-10, atol=1e-10)

@@ -48,10 +48,11 @@ def compare_k_diffusion(name: str, kfn: str, steps: int, seed: int, *, predictio
     sch = ve_schedule(grid)
     plan = samplers.build(name, sch, steps, prediction=prediction, **options)
     f = toy_model(seed)
-    # the loop hands the model t in float32 (as diffusers pipelines do); so does this denoiser, so
-    # that float64 runs compare the plan's coefficients, not the model's sensitivity to t rounding
-    den = (lambda x, s: f(x, s.float())) if prediction == "x0" else (
-        lambda x, s: x - s.reshape(-1, 1, 1, 1) * f(x, s.float()))
+    # the loop hands the model t in float32 (as diffusers pipelines do), float64 for a float64 state;
+    # so does this denoiser, so that runs compare the plan's coefficients, not t rounding
+    td = torch.float64 if dtype == torch.float64 else torch.float32
+    den = (lambda x, s: f(x, s.to(td))) if prediction == "x0" else (
+        lambda x, s: x - s.reshape(-1, 1, 1, 1) * f(x, s.to(td)))
     sig = torch.tensor(sch.discretize(steps).sigmas, dtype=torch.float64)
     x = initial_noise(seed, float(sig[0]), dtype=dtype)
     tape, kw = NoiseTape(steps, seed=seed + 7, dtype=dtype), {}

@@ -169,7 +169,7 @@ def test_langevin_row_step_size_is_song_snr_rule_with_guidance_folded_in(seed):
             generator=torch.Generator().manual_seed(seed), guidance=Guidance(scale=w), cond=cond, uncond=uncond,
             classifier=classifier, classifier_scale=scale, classifier_y=y, backend="reference"))
         z = torch.randn(B, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        t = torch.full((B,), sigma)
+        t = torch.full((B,), sigma, dtype=x.dtype)  # the loop's model time: float64 for a float64 state
         eps = f(x, t, uncond) + w * (f(x, t, cond) - f(x, t, uncond))
         uu = x.clone().requires_grad_(True)
         grad = torch.autograd.grad(torch.log_softmax(classifier(uu, t), 1).gather(1, y[:, None]).sum(), uu)[0]
