@@ -62,8 +62,8 @@ def sample(
         model: any callable ``model(x, t)`` / ``model(x, t, cond)`` / ``model(x, t, **cond)``
             returning a tensor shaped like ``x`` (or a diffusers output with ``.sample``, or a tuple).
             ``t`` is a ``[B]`` tensor of model times, float32 (float64 for a float64 ``noise``):
-            diffusers timesteps for VP schedules, sigma for k-style schedules. See :mod:`fastdiff.denoisers` for diffusers and
-            k-diffusion models.
+            diffusers timesteps for VP schedules, sigma for k-style schedules. See
+            :mod:`fastdiff.denoisers` for diffusers and k-diffusion models.
         noise: ``[B, ...]`` floating tensor of unit-variance noise; its dtype is the storage dtype
             of the state. The schedule's initial scale is applied here, ``noise`` is not modified.
         sampler: one of :func:`fastdiff.samplers.available`.
