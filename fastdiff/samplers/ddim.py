@@ -37,10 +37,13 @@ def ddim(schedule: VPSchedule, steps: int, prediction: str, *, eta: float, clip_
         a_t, a_p = float(acp[t]), float(acp[prev]) if prev >= 0 else final
         var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
         std = eta * math.sqrt(var)
-        if 1 - a_p - std * std < 0:
+        # 1 - abar_prev - std^2, factored: exactly >= 0 for eta <= 1 (zero terminal SNR's abar = 0 with
+        # eta = 1 makes it 0, where the unfactored difference may round below 0)
+        rest = (1 - a_p) * ((1 - a_t) - eta * eta * (1 - a_t / a_p)) / (1 - a_t)
+        if rest < 0:
             raise ValueError(f"eta={eta} is too large at step {i}: 1 - abar_prev - std^2 < 0")
         p = vp_point(schedule, prediction, t)
-        c_eps = math.sqrt(1 - a_p - std * std)
+        c_eps = math.sqrt(rest)
         if clip and not use_clipped_model_output:
             # x' = sqrt(a_p) clip(x0) + c_eps * eps(unclipped x0) + std z, eps = b_x x + b_e e
             b_x, b_e = eps_coeffs(prediction, p["alpha_t"], p["sigma_t"])

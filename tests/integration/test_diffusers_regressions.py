@@ -519,3 +519,14 @@ def test_model_output_of_another_shape_is_refused_clearly():
     x = torch.randn(1, 4, 3, 3)  # a 4-channel sample: diffusers keeps channels [:3] of the output
     with pytest.raises(ValueError, match="does not match sample"):
         fu.step(torch.randn(1, 8, 3, 3), fu.timesteps[0], x)
+
+
+def test_ddim_eta_one_on_zero_terminal_snr_is_not_refused(seed):
+    """eta = 1 at zero SNR's abar = 0 makes 1 - abar_prev - std^2 exactly 0; computed as a difference
+    it rounded below 0 on some grids, and the drop-in refused a config diffusers runs."""
+    for cfg, steps in [({"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0005, "beta_end": 0.03,
+                         "timestep_spacing": "trailing", "steps_offset": 1}, 29),
+                       ({"num_train_timesteps": 200, "beta_schedule": "scaled_linear", "timestep_spacing": "linspace",
+                         "steps_offset": 2}, 19)]:
+        cfg = {**cfg, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "clip_sample": False}
+        check("DDIMScheduler", cfg, steps, seed, step_kwargs={"eta": 1.0})
