@@ -64,7 +64,7 @@ from . import ops, samplers
 from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, dynamic_threshold
 from .loop import LoopOptions, draw_noise, run_plan
-from .plan import OP_D, OP_E, OP_X, Plan, Row, check_prediction, combo
+from .plan import MAX_READS, OP_D, OP_E, OP_X, Plan, Row, check_prediction, combo
 from .rng import expand_seeds
 from .samplers._multistep import Grid, log_snr
 from .schedules import Discretization, FlowSchedule, VPSchedule
@@ -395,7 +395,9 @@ SUPPORT: dict[str, _Spec] = {
                                              no_integer_timestep=True,
                                              predictions=("epsilon", "v_prediction")),
     "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range")),
-    "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock"),
+    "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock",
+                                  note=f"step(order) up to {MAX_READS + 1} (a row reads at most {MAX_READS} "
+                                       "earlier derivatives)"),
     "DPMSolverMultistepScheduler": _Spec(
         _dpm_sampler, "multistep",
         ("solver_type", "lower_order_final", "euler_at_final", *_THRESH),
