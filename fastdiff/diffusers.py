@@ -1032,7 +1032,8 @@ class _PipeSpec:
 
 _COMMON = frozenset({"prompt", "height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
                      "num_images_per_prompt", "generator", "latents", "prompt_embeds", "negative_prompt_embeds",
-                     "output_type", "return_dict", "clip_skip", "callback_on_step_end_tensor_inputs"})
+                     "output_type", "return_dict", "clip_skip", "callback_on_step_end",
+                     "callback_on_step_end_tensor_inputs"})
 
 
 def _sd_prepare(pipe, a: dict, do_cfg: bool):
@@ -1300,10 +1301,59 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
         seeds = expand_seeds(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), latents.shape[0])
     guidance = Guidance(gs if do_cfg else None, None, pipe._guidance_rescale if do_cfg else 0.0)
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    latents = latents.contiguous()  # the loop's own state: updated in place, row by row
+    pipe._num_timesteps = len(sched.timesteps)
+    post_step = _step_end_hook(pipe, a, sched.timesteps)
     opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
-                       progress=progress, check_finite=pipe._fd_check_finite)
-    latents = run_plan(plan, model, latents, opts)
+                       progress=progress, check_finite=pipe._fd_check_finite, post_step=post_step)
+    try:
+        latents = run_plan(plan, model, latents, opts)
+    except _Interrupted:  # the callback set pipe._interrupt: the stock loop skips the remaining steps
+        pass
     return spec.finish(pipe, latents, a, extra)
+
+
+class _Interrupted(Exception):
+    """Raised by the step-end hook when a callback sets ``pipe._interrupt`` (stops the loop)."""
+
+
+def _step_end_hook(pipe, a: dict, timesteps) -> Callable | None:
+    """The pipeline's ``callback_on_step_end(pipe, i, t, {"latents": ...})`` as a loop ``post_step``.
+
+    As in the stock loop it runs after every scheduler step, gets the latents after that step and
+    may return new ones (or change them in place); setting ``pipe._interrupt`` skips the remaining
+    steps. Only ``"latents"`` can be a tensor input: the other inputs (prompt embeddings, ...) feed
+    the batched model call, which the accelerated loop prepares once.
+    """
+    cb = a.get("callback_on_step_end")
+    if cb is None:
+        return None
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    names = list(cb.tensor_inputs if isinstance(cb, (PipelineCallback, MultiPipelineCallbacks))
+                 else a.get("callback_on_step_end_tensor_inputs") or [])
+    bad = [k for k in names if k != "latents"]
+    if bad:
+        raise TypeError(f"fastdiff.diffusers.accelerate: callback_on_step_end_tensor_inputs {bad} are not supported "
+                        "by the accelerated loop (only 'latents'); call fastdiff.diffusers.restore(pipe) to use them")
+    allowed = getattr(pipe, "_callback_tensor_inputs", ["latents"])
+
+    def post_step(i: int, x: torch.Tensor) -> None:
+        kwargs = {"latents": x.clone()} if "latents" in names else {}
+        out = cb(pipe, i, timesteps[i], kwargs) or {}
+        changed = sorted(k for k in out if k != "latents" and k in allowed and out[k] is not None)
+        if changed:
+            raise TypeError(f"fastdiff.diffusers.accelerate: callback_on_step_end returned {changed}; the accelerated "
+                            "loop can only take new 'latents'")
+        new = out.get("latents", kwargs.get("latents"))
+        if new is not None:
+            if tuple(new.shape) != tuple(x.shape):
+                raise ValueError(f"callback_on_step_end returned latents of shape {tuple(new.shape)}, "
+                                 f"expected {tuple(x.shape)}")
+            x.copy_(new)
+        if getattr(pipe, "_interrupt", False):
+            raise _Interrupted
+    return post_step
 
 
 _ACCEL_CLASSES: dict[type, type] = {}
@@ -1318,8 +1368,11 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
     synchronisation. The scheduler must be supported by :func:`from_diffusers` (checked now and at
     every call, so a scheduler swapped in later is picked up).
 
-    ``__call__`` keeps its signature; arguments outside the common set (callbacks, IP-adapter
-    images, skip-layer guidance, ...) raise ``TypeError`` naming them unless left at their defaults.
+    ``__call__`` keeps its signature; arguments outside the common set (the deprecated ``callback``,
+    IP-adapter images, skip-layer guidance, ...) raise ``TypeError`` naming them unless left at
+    their defaults. ``callback_on_step_end`` runs after every step as in the stock loop, with
+    ``"latents"`` as its only tensor input (new latents it returns feed the next step, and
+    ``pipe._interrupt`` stops the loop); other tensor inputs raise ``TypeError``.
     Without a ``generator``, solver noise is in-kernel Philox seeded from torch's global RNG
     (``StableDiffusion3Pipeline`` draws from the global RNG as its stock loop does).
 

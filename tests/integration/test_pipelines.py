@@ -188,8 +188,12 @@ def test_unsupported_arguments_and_components_are_named(pipes):
     pipe.scheduler = diffusers.EulerDiscreteScheduler(**SD)
     fdd.accelerate(pipe)
     try:
-        with pytest.raises(TypeError, match="callback_on_step_end"):
-            pipe("x", num_inference_steps=2, callback_on_step_end=lambda *a: {})
+        with pytest.raises(TypeError, match="prompt_embeds"):
+            pipe("x", num_inference_steps=2, callback_on_step_end=lambda *a: {},
+                 callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+        with pytest.raises(TypeError, match="negative_prompt_embeds"):
+            pipe("x", num_inference_steps=2,
+                 callback_on_step_end=lambda p, i, t, kw: {"negative_prompt_embeds": torch.zeros(1)})
         with pytest.raises(TypeError, match="ip_adapter_image_embeds"):
             pipe("x", num_inference_steps=2, ip_adapter_image_embeds=[torch.zeros(1, 1, 4)])
         with pytest.raises(TypeError, match=r"\['callback_steps'\]"):
@@ -223,3 +227,46 @@ def test_bench_pipeline_row():
         tot, mod, rest = (getattr(r, f"{pre}_{k}") for k in ("us_per_step", "model_us_per_step", "sched_us_per_step"))
         assert 0 < mod < tot and rest > 0 and abs(tot - mod - rest) <= 1e-6 * tot
     assert "fastdiff (reference)" in format_row(r) and as_dict(r)["sched_speedup"] > 0
+
+
+@pytest.mark.parametrize("name, cfg", [("DPMSolverMultistepScheduler", {}), ("HeunDiscreteScheduler", {}),
+                                       ("EulerAncestralDiscreteScheduler", {})])
+def test_callback_on_step_end_sees_and_changes_latents_and_interrupts_as_stock(pipes, name, cfg, seed):
+    """The same callback in both loops: same (i, t) calls, same latents seen; latents it returns
+    (or changes in place) feed the next step; pipe._interrupt skips the remaining steps."""
+    pipe = pipes["sd"]
+    scale, stop = 0.5 + torch.rand(()).item(), 3
+
+    def make(seen):
+        def cb(p, i, t, kw):
+            lat = kw["latents"]
+            seen.append((i, float(t), lat.clone()))
+            if i == 1:
+                return {"latents": lat * scale}
+            if i == 2:
+                lat.mul_(1.1)  # in place, not returned: the stock loop keeps it too
+                return {}
+            if i == stop:
+                p._interrupt = True
+            return kw
+        return cb
+
+    runs = []
+    for accelerated in (False, True):
+        pipe.scheduler = getattr(diffusers, name)(**SD, **cfg)
+        if accelerated:
+            fdd.accelerate(pipe)
+        seen = []
+        try:
+            img = pipe(**PROMPT, num_inference_steps=6, generator=_gen(seed), callback_on_step_end=make(seen),
+                       output_type="latent").images
+        finally:
+            if accelerated:
+                fdd.restore(pipe)
+        runs.append((img, seen))
+    (img0, seen0), (img1, seen1) = runs
+    assert [(i, t) for i, t, _ in seen1] == [(i, t) for i, t, _ in seen0]
+    assert len(seen0) == stop + 1 < len(pipe.scheduler.timesteps)  # interrupted before the end
+    for (_, _, a), (_, _, b) in zip(seen1, seen0):
+        assert rel_err(a, b) <= TOL
+    assert rel_err(img1, img0) <= TOL
