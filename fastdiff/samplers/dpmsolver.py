@@ -78,12 +78,13 @@ def _dpmsolver(name: str, schedule, steps: int, prediction: str, order: int, sde
         a0, a1, s0, s1 = grid.alphas[i], grid.alphas[i + 1], grid.stds[i], grid.stds[i + 1]
         cz = 0.0
         if sde:
-            if grid.h(i) < 0:
+            if grid.h(i) < -1e-6:
                 raise ValueError(f"step {i}: the log-SNR decreases (h = {grid.h(i):g} < 0): the SDE step has no real "
                                  "noise coefficient (diffusers takes the square root of a negative number: NaN)")
             w = [2.0 * v for v in w]
-            # sigma' sqrt(e^{2h} - 1), i.e. sqrt((alpha' sigma / alpha)^2 - sigma'^2) (finite into sigma' = 0)
-            cz = s1 * math.sqrt(math.expm1(2.0 * grid.h(i))) if s1 > 0.0 else a1 * s0 / a0
+            # sigma' sqrt(e^{2h} - 1), i.e. sqrt((alpha' sigma / alpha)^2 - sigma'^2) (finite into sigma' = 0);
+            # 0 for a repeated noise level whose float32 sigmas differ in the last bit (h ~ -1e-8)
+            cz = s1 * math.sqrt(max(math.expm1(2.0 * grid.h(i)), 0.0)) if s1 > 0.0 else a1 * s0 / a0
         point = grid.point(i, prediction)
         if clip is None:
             # d is the noise estimate itself
