@@ -105,7 +105,8 @@ def _dpmpp(name: str, schedule, steps: int, prediction: str, order: int, sde: bo
     for i, p in enumerate(orders):
         cx, c = _update(grid, i, p, eta if sde else 0.0, form2, d2)
         s1 = grid.stds[i + 1]
-        cz = s_noise * s1 * math.sqrt(-math.expm1(-2.0 * eta * grid.h(i))) if (sde and s1 > 0.0) else 0.0
+        # (0 on a repeated final sigma whose float32 values differ in the last bit: h ~ -1e-7)
+        cz = s_noise * s1 * math.sqrt(max(-math.expm1(-2.0 * eta * grid.h(i)), 0.0)) if (sde and s1 > 0.0) else 0.0
         # diffusers draws at every step (also into sigma=0); k-diffusion only where it adds noise
         noise = sde and (flavor == "diffusers" or (eta > 0.0 and s1 > 0.0))
         writes = (Write(i % ring, combo(d=1.0)),) if ring and i + 1 < steps else ()

@@ -534,8 +534,10 @@ def test_ddim_eta_one_on_zero_terminal_snr_is_not_refused(seed):
 
 def test_sde_dpmsolver_repeated_final_sigma_has_no_noise(seed):
     """use_lu_lambdas ends on sigma_min twice, the float32 values one bit apart (h ~ -1e-7): diffusers'
-    noise coefficient rounds to 0 there; the drop-in refused the run (square root of h < 0)."""
+    noise coefficient rounds to 0 there; the drop-in refused the run (square root of h < 0: a math
+    domain error for sde-dpmsolver++)."""
     cfg = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 0.0005, "beta_end": 0.012,
            "rescale_betas_zero_snr": True, "prediction_type": "sample", "algorithm_type": "sde-dpmsolver",
            "final_sigmas_type": "sigma_min", "use_lu_lambdas": True}
     check("DPMSolverMultistepScheduler", cfg, 6, seed)
+    check("DPMSolverMultistepScheduler", {**cfg, "algorithm_type": "sde-dpmsolver++"}, 6, seed)
