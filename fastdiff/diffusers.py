@@ -1171,8 +1171,22 @@ def _sd3_prepare(pipe, a: dict, do_cfg: bool):
         negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device, clip_skip=a["clip_skip"],
         num_images_per_prompt=a["num_images_per_prompt"], max_sequence_length=a["max_sequence_length"],
         lora_scale=lora_scale)
-    latents = pipe.prepare_latents(pe.shape[0], pipe.transformer.config.in_channels, h, w, pe.dtype, device,
-                                   a["generator"], a["latents"])
+    # the stock batch: given prompt_embeds are NOT repeated num_images_per_prompt times by SD3's
+    # encode_prompt, while the latents are drawn for batch_size * num_images_per_prompt
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    latents = pipe.prepare_latents(batch * a["num_images_per_prompt"], pipe.transformer.config.in_channels, h, w,
+                                   pe.dtype, device, a["generator"], a["latents"])
+    if pe.shape[0] != latents.shape[0]:
+        raise ValueError(f"fastdiff.diffusers.accelerate: StableDiffusion3Pipeline with prompt_embeds of batch "
+                         f"{pe.shape[0]} and num_images_per_prompt={a['num_images_per_prompt']} gives "
+                         f"{latents.shape[0]} latents: the stock pipeline does not repeat given prompt_embeds (it relies "
+                         "on broadcasting, or fails); the accelerated loop does not broadcast. Repeat the embeddings "
+                         "(prompt_embeds.repeat_interleave(n, 0), and the pooled/negative ones) or restore(pipe)")
     kw = {}
     cfg = pipe.scheduler.config
     if cfg.get("use_dynamic_shifting", None) and a["mu"] is None:
@@ -1276,6 +1290,9 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     do_cfg = pipe.do_classifier_free_guidance
     _check_scheduler(pipe.scheduler)  # before the pipeline touches it
     model, cond, uncond, latents, extra = spec.prepare(pipe, a, do_cfg)
+    if len(pipe.scheduler.timesteps) == 0:  # e.g. custom sigmas=[s]: the stock loop runs no step
+        pipe._num_timesteps = 0
+        return spec.finish(pipe, latents, a, extra)
     sched = from_diffusers(pipe.scheduler, backend=backend)  # after the pipeline's own set_timesteps
     step_args = {"eta": a["eta"]} if "eta" in a and "eta" in sched._fd_spec.step_options else {}
     plan = sched.fastdiff_plan(0, **step_args)
@@ -1283,9 +1300,11 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
         raise ValueError(f"fastdiff.diffusers.accelerate: {type(sched).__name__}(variance_type="
                          f"{sched.config.get('variance_type')!r}) reads variance channels of the model output, which "
                          "the accelerated loop does not; use a fixed variance type or restore(pipe)")
-    if a.get("denoising_end") is not None and 0 < a["denoising_end"] < 1:
-        cut = int(round(pipe.scheduler.config.num_train_timesteps * (1 - a["denoising_end"])))
-        keep = int((torch.as_tensor(pipe.scheduler.timesteps) >= cut).sum())
+    de = a.get("denoising_end")
+    if de is not None and isinstance(de, float) and 0 < de < 1:  # the stock test and cut-off, verbatim
+        n_train = pipe.scheduler.config.num_train_timesteps
+        cut = int(round(n_train - (de * n_train)))
+        keep = len([t for t in pipe.scheduler.timesteps if t >= cut])
         plan = dataclasses.replace(plan, rows=plan.rows[:keep])
     gen = a["generator"]
     noise_dtype = sched._fd_spec.noise_dtype

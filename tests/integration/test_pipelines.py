@@ -270,3 +270,38 @@ def test_callback_on_step_end_sees_and_changes_latents_and_interrupts_as_stock(p
     for (_, _, a), (_, _, b) in zip(seen1, seen0):
         assert rel_err(a, b) <= TOL
     assert rel_err(img1, img0) <= TOL
+
+
+def test_sdxl_denoising_end_cutoff_as_stock(pipes, seed):
+    """denoising_end cuts the timesteps at int(round(N - denoising_end * N)), the stock expression:
+    at 0.1195 that is 880 where N * (1 - denoising_end) rounds to 881, so the step at t = 880 runs."""
+    compare(pipes["sdxl"], diffusers.EulerDiscreteScheduler(**SD), seed, timesteps=[999, 880, 500, 100],
+            denoising_end=0.1195, output_type="latent", **PROMPT)
+
+
+def test_zero_step_run_as_stock(pipes, seed):
+    """sigmas=[s] gives no timestep: the stock loop runs no step and decodes the initial latents."""
+    compare(pipes["sd"], diffusers.EulerDiscreteScheduler(**SD), seed, sigmas=[3.0], output_type="latent", **PROMPT)
+
+
+def test_sd3_prompt_embeds_with_several_images_per_prompt(pipes, seed):
+    """SD3's encode_prompt does not repeat given prompt_embeds num_images_per_prompt times, but draws
+    latents for batch * num_images_per_prompt (the stock loop then broadcasts, or fails): the
+    accelerated call refuses it by name instead of returning a different batch; repeated embeddings run."""
+    pipe = pipes["sd3"]
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pe, ne, pp, npp = pipe.encode_prompt(prompt="a cat", prompt_2=None, prompt_3=None, device="cpu",
+                                         negative_prompt="blurry")
+    fdd.accelerate(pipe)
+    try:
+        with pytest.raises(ValueError, match="num_images_per_prompt=3"):
+            pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
+                 negative_pooled_prompt_embeds=npp, num_images_per_prompt=3, guidance_scale=1.0,
+                 num_inference_steps=2, output_type="latent")
+    finally:
+        fdd.restore(pipe)
+    rep = {k: v.repeat_interleave(3, 0) for k, v in dict(prompt_embeds=pe, pooled_prompt_embeds=pp,
+                                                         negative_prompt_embeds=ne,
+                                                         negative_pooled_prompt_embeds=npp).items()}
+    compare(pipe, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), seed, n_gen=3, global_seed=True,
+            num_inference_steps=3, output_type="latent", **rep)
