@@ -10,7 +10,9 @@ of thumb (scheduler under 1% of the step is healthy, over 5% is not). It can wri
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -117,25 +119,71 @@ class ProfileReport:
 
 
 def load_model(spec: str) -> Callable:
-    """Import ``module:attr`` (a callable model, or a zero-argument factory named ``make_*``)."""
-    if ":" not in spec:
+    """Import ``module:attr`` (a callable model, or a zero-argument factory named ``make_*``;
+    ``attr`` may be dotted). Every failure is a ``ValueError`` naming ``spec``."""
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
         raise ValueError(f"model must be 'module:attr', got {spec!r}")
-    mod, attr = spec.split(":", 1)
-    obj = getattr(importlib.import_module(mod), attr)
-    return obj() if attr.startswith("make_") else obj
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as exc:
+        raise ValueError(f"model {spec!r}: cannot import {mod!r} ({type(exc).__name__}: {exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {spec!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!r} "
+                             f"has no attribute {part!r}")
+        obj = getattr(obj, part)
+    if attr.rsplit(".", 1)[-1].startswith("make_"):
+        obj = obj()
+    if not callable(obj):
+        raise ValueError(f"model {spec!r} is a {type(obj).__name__}, not a callable model(x, t)")
+    return obj
+
+
+def _check_model(fn: Callable, noise: torch.Tensor, t: float) -> None:
+    """Call a user's model once, as the loop will, so that a model that cannot run fails with a
+    ``ValueError`` before anything is timed."""
+    x = noise.clone()
+    tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+    try:
+        out = fn(x, tt)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as such
+        raise ValueError(f"model(x, t) failed on x of shape {tuple(x.shape)} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model(x, t) must return a tensor of x's shape {tuple(x.shape)}, got {got}")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that can hold and return real tensors, else ``ValueError``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"device {str(device)!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device visible")
+    try:
+        (torch.zeros(1, device=dev) + 1).cpu()
+    except Exception as exc:  # noqa: BLE001 - any failure means the device cannot be profiled
+        raise ValueError(f"device {str(device)!r} cannot run tensors here ({type(exc).__name__}: {exc})") from None
+    return dev
+
+
+VARIANTS = ("diffusers", "reference", "fused")
 
 
 def _summarise(name: str, backend: str, timer: RegionTimer, nrows: int, syncs: SyncCounter, note: str = ""):
     use_device = timer.cuda
     per_row = [{p: 0.0 for p in PARTS} for _ in range(nrows)]
-    for row, region, host_s, _start, dev_s in timer.records:
+    for row, region, host_s, _start, dev_s, parent in timer.records:
         if not 0 <= row < nrows:
             continue
-        part = region.split("/")[0]
-        if "/" in region:  # sub-phases of the reference step replace nothing: report them as their part
-            part = region.split("/")[1]
-            per_row[row]["step"] -= dev_s if use_device else host_s
-        per_row[row][part if part in PARTS else "host"] += dev_s if use_device else host_s
+        secs = dev_s if use_device else host_s
+        if parent is not None:  # a region inside another (the reference step's phases, wherever that
+            # step runs: in "step", or in "guidance" for a Langevin corrector's step size) moves its
+            # time out of the enclosing region's part into its own
+            per_row[row][_part(parent)] -= secs
+        per_row[row][_part(region)] += secs
     for i in range(nrows):
         wall = timer.row_walls.get(i, 0.0)
         busy = sum(v for k, v in per_row[i].items() if k != "host")
@@ -147,9 +195,15 @@ def _summarise(name: str, backend: str, timer: RegionTimer, nrows: int, syncs: S
                          sorted(set(syncs.where)), note)
 
 
+def _part(region: str) -> str:
+    """The report column of a region: ``"step/noise"`` -> ``noise``; names outside :data:`PARTS` -> ``host``."""
+    part = region.rsplit("/", 1)[-1]
+    return part if part in PARTS else "host"
+
+
 def _trace(events: list, pid: int, name: str, timer: RegionTimer) -> None:
     events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}})
-    for row, region, host_s, start_s, dev_s in timer.records:
+    for row, region, host_s, start_s, dev_s, _parent in timer.records:
         events.append({"name": region, "ph": "X", "pid": pid, "tid": 0, "ts": start_s * 1e6,
                        "dur": (dev_s if timer.cuda else host_s) * 1e6, "args": {"row": row}})
 
@@ -170,15 +224,18 @@ def _run_diffusers(sampler, schedule_config, steps, model, noise, guidance_scale
     sch = getattr(diffusers, cls_name).from_config({**schedule_config, **extra})
     sch.set_timesteps(steps, device=noise.device)
     timer = RegionTimer(noise.device)
-    x = noise * sch.init_noise_sigma
-    b = noise.shape[0]
+    # as the stock pipelines do: flow-matching schedulers have neither an initial noise scale nor
+    # scale_model_input, and only the stochastic schedulers' step takes a generator
+    x = noise * getattr(sch, "init_noise_sigma", 1.0)
+    scale_input = getattr(sch, "scale_model_input", lambda sample, t: sample)
+    step_kw = {"generator": generator} if "generator" in inspect.signature(sch.step).parameters else {}
     guided = guidance_scale is not None and guidance_scale != 1.0
     cin = torch.cat([uncond, cond]) if guided and cond is not None else cond
     with SyncCounter() as syncs:
         for i, t in enumerate(sch.timesteps):
             timer.start_row(i)
             with timer.region("step"):
-                xin = sch.scale_model_input(torch.cat([x, x]) if guided else x, t)
+                xin = scale_input(torch.cat([x, x]) if guided else x, t)
             with timer.region("model"):
                 tt = t.reshape(1).expand(xin.shape[0]).to(torch.float32)
                 out = model(xin, tt) if cin is None else model(xin, tt, cin)
@@ -187,7 +244,7 @@ def _run_diffusers(sampler, schedule_config, steps, model, noise, guidance_scale
                     u, c = out.chunk(2)
                     out = u + guidance_scale * (c - u)
             with timer.region("step"):
-                x = sch.step(out, t, x, generator=generator).prev_sample
+                x = sch.step(out, t, x, **step_kw).prev_sample
     timer.finish()
     return timer, syncs, len(sch.timesteps)
 
@@ -227,8 +284,19 @@ def profile(
     Returns:
         A :class:`ProfileReport`; ``print(report.table())`` shows it.
     """
-    device = torch.device(device)
+    device = check_device(device)
     shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (batch, *sample_shape) with every size >= 1, got {shape}")
+    variants = tuple(dict.fromkeys(variants))
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"variants must be among {VARIANTS}, got {bad[0] if bad else 'none'}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    fused_name = ops.requested_backend(backend)
     config = dict(schedule) if schedule else schedule_for(sampler)
     plan = make_plan(sampler, steps, config)
     g = torch.Generator().manual_seed(seed)
@@ -249,13 +317,24 @@ def profile(
             cond = torch.ones(shape[0], device=device)
             uncond = torch.zeros(shape[0], device=device)
     else:
-        fn = as_model(load_model(model) if isinstance(model, str) else model)
         if guided:
             raise ValueError("guidance_scale needs the built-in model (or pass guidance_scale=None for your model)")
+        fn = as_model(load_model(model) if isinstance(model, str) else model)
+        _check_model(fn, noise * plan.init_scale, plan.rows[0].t)
     seeds = expand_seeds(seed, shape[0])
     guidance = Guidance(guidance_scale) if guided else None
+    fused_be, fused_skip = None, ""
+    if "fused" in variants:  # before anything runs: a backend asked for by name must run here
+        probe, why = _probe_backend(fused_name, noise)
+        if probe is None and fused_name != "auto":
+            raise ValueError(why)  # "backend NAME was requested but is not available: ..."
+        if probe is None or probe == "reference":
+            fused_skip = ("the reference backend is the reference variant" if fused_name == "reference" else
+                          f"no fused backend available for {device.type} {noise.dtype} tensors "
+                          f"({why or ops.available_backends()})")
+        else:
+            fused_be = probe
     reports, skipped, events = [], {}, []
-    fused_name = ops.requested_backend(backend)
     for vname in variants:
         if vname == "diffusers":
             if sampler not in DIFFUSERS_EQUIVALENT:
@@ -273,19 +352,14 @@ def profile(
                                              cond, uncond, torch.Generator(device).manual_seed(seed))
             rep = _summarise("diffusers scheduler", "diffusers", timer, n, syncs)
         elif vname in ("reference", "fused"):
-            be = "reference" if vname == "reference" else fused_name
-            if vname == "fused":
-                probe = _probe_backend(be, noise)
-                if probe is None or probe == "reference":
-                    skipped[vname] = f"no fused backend available for {device.type} tensors ({ops.available_backends()})"
-                    continue
-                be = probe
+            be = "reference" if vname == "reference" else fused_be
+            if be is None:
+                skipped[vname] = fused_skip
+                continue
             for _ in range(warmup):
                 _run_fastdiff(plan, fn, noise, seeds, be, guidance, cond, uncond)
             timer, syncs = _run_fastdiff(plan, fn, noise, seeds, be, guidance, cond, uncond)
             rep = _summarise(f"fastdiff {be}", be, timer, len(plan.rows), syncs)
-        else:
-            raise ValueError(f"variants must be among ('diffusers', 'reference', 'fused'), got {vname!r}")
         reports.append(rep)
         _trace(events, len(reports), rep.name, timer)
     report = ProfileReport(sampler, steps, shape, str(dtype).replace("torch.", ""), str(device),
@@ -295,8 +369,9 @@ def profile(
     return report
 
 
-def _probe_backend(name: str, noise: torch.Tensor) -> str | None:
-    """Which backend ``name`` resolves to for tensors like ``noise`` (``None`` if it cannot run)."""
+def _probe_backend(name: str, noise: torch.Tensor) -> tuple[str | None, str]:
+    """``(backend, "")``: which backend ``name`` resolves to for tensors like ``noise``; ``(None, why)``
+    if it cannot run them."""
     from .args import N_COEF, StepArgs
 
     x = noise[:1]
@@ -306,7 +381,7 @@ def _probe_backend(name: str, noise: torch.Tensor) -> str | None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ops.resolve(name, args).NAME
-    except RuntimeError:
-        return None
+            return ops.resolve(name, args).NAME, ""
+    except RuntimeError as exc:
+        return None, str(exc)
 

@@ -44,7 +44,10 @@ class SyncCounter(TorchFunctionMode):
 
 
 class RegionTimer:
-    """Per-row, per-region times. ``records`` is a list of ``(row, region, host_s, start_s)``.
+    """Per-row, per-region times. ``records`` is a list of
+    ``[row, region, host_s, start_s, device_s, parent]``, ``parent`` being the name of the region
+    the record ran inside (``None`` at the top level): a region timed inside another is part of
+    that one's time, and a report that shows it separately takes it out of the parent's.
 
     On CUDA the device time of each region is resolved by :meth:`finish` from CUDA events.
     """
@@ -54,7 +57,8 @@ class RegionTimer:
         self.cuda = self.device.type == "cuda"
         self.row = -1
         self.t0 = time.perf_counter()
-        self.records: list[list] = []  # [row, region, host_seconds, start_seconds, device_seconds]
+        self.records: list[list] = []  # [row, region, host_seconds, start_seconds, device_seconds, parent]
+        self._open: list[str] = []  # names of the regions running now, outermost first
         self._events: list[tuple[int, object, object]] = []
         self.row_walls: dict[int, float] = {}
         self._row_start = None
@@ -80,14 +84,17 @@ class RegionTimer:
             ev0 = torch.cuda.Event(enable_timing=True)
             ev1 = torch.cuda.Event(enable_timing=True)
             ev0.record()
+        parent = self._open[-1] if self._open else None
+        self._open.append(name)
         h0 = time.perf_counter()
         token = _ACTIVE.set(self)
         try:
             yield
         finally:
             _ACTIVE.reset(token)
+            self._open.pop()
             h1 = time.perf_counter()
-            rec = [self.row, name, h1 - h0, h0 - self.t0, h1 - h0]
+            rec = [self.row, name, h1 - h0, h0 - self.t0, h1 - h0, parent]
             if self.cuda:
                 ev1.record()
                 self._events.append((len(self.records), ev0, ev1))

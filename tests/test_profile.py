@@ -3,6 +3,7 @@
 import json
 import time
 
+import pytest
 import torch
 
 import fastdiff.profile as prof
@@ -78,3 +79,32 @@ def test_profile_rejects_unknown_variant():
 
     with pytest.raises(ValueError, match="variants"):
         prof.profile(sampler="euler", steps=2, shape=(1, 4), variants=("nope",), warmup=0)
+
+
+def test_parts_of_a_step_run_inside_another_region_are_not_counted_twice():
+    # pc's Langevin corrector runs a reference step inside the loop's "guidance" region (its step
+    # size); that step's phases used to be taken out of "step", which went negative
+    rep = prof.profile(sampler="pc", steps=2, shape=(1, 3), variants=("reference",), warmup=0)
+    for v in rep.variants:
+        assert all(us >= 0.0 for row in v.per_row_us for us in row.values()), v.per_row_us
+        assert abs(sum(v.parts_us.values()) - v.total_us) <= 1e-6 * v.total_us
+
+
+def test_region_timer_records_the_enclosing_region():
+    timer = RegionTimer("cpu")
+    timer.start_row(0)
+    with timer.region("guidance"):
+        with timer.region("step/noise"):
+            pass
+    timer.finish()
+    assert [(r[1], r[5]) for r in timer.records] == [("step/noise", "guidance"), ("guidance", None)]
+
+
+
+@pytest.mark.parametrize("sampler", ["flow_euler", "flow_heun", "heun", "lms", "unipc"])
+def test_diffusers_variant_of_every_mirrored_scheduler_runs(sampler):
+    # flow-matching schedulers have no init_noise_sigma / scale_model_input; Heun, LMS and UniPC's
+    # step() takes no generator: each used to raise
+    pytest.importorskip("diffusers")
+    rep = prof.profile(sampler=sampler, steps=2, shape=(1, 3), variants=("diffusers",), warmup=0)
+    assert [v.name for v in rep.variants] == ["diffusers scheduler"] and rep.variants[0].total_us > 0
