@@ -543,7 +543,7 @@ def write_chart(doc: dict, path: str) -> str:
                  + (f", {m['gpu']}" if m.get("gpu") else ""), fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format="png")  # PNG at exactly this path, whatever its extension
     plt.close(fig)
     return ""
 

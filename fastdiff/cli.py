@@ -1,4 +1,7 @@
-"""The ``fastdiff`` command line: ``info`` and ``bench`` (more commands arrive with later issues)."""
+"""The ``fastdiff`` command line: ``info``, ``bench``, ``sample`` and ``profile``.
+
+A bad argument ends in one line, ``fastdiff CMD: error: ...`` naming the flag, and exit status 2,
+checked before any work is done or any file written; never a traceback."""
 
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"triton: not importable ({type(exc).__name__}: {exc})")
     cuda = torch.cuda.is_available()
     print(f"cuda: {'yes, ' + torch.cuda.get_device_name(0) if cuda else 'no GPU visible'}")
-    print(f"threads: {torch.get_num_threads()}  FASTDIFF_BACKEND={os.environ.get('FASTDIFF_BACKEND', '') or '(unset)'}")
+    env = os.environ.get("FASTDIFF_BACKEND", "")
+    if env and env != "auto" and env not in ops.BACKENDS:
+        env += f" (not a backend: --backend auto will fail; use one of auto, {', '.join(ops.BACKENDS)})"
+    print(f"threads: {torch.get_num_threads()}  FASTDIFF_BACKEND={env or '(unset)'}")
     print("backends:")
     for name, (ok, why) in ops.available_backends().items():
         print(f"  {name:<10} {'available' if ok else 'unavailable':<12} {why}")
@@ -56,20 +62,52 @@ def _bench_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def _names(text: str, flag: str, allowed: tuple[str, ...]) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]`` (empty entries dropped, repeats once), each among ``allowed``;
+    ``None`` for ``""``."""
+    if not text:
+        return None
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"{flag} must be comma-separated names among {', '.join(allowed)}; got {text!r}")
+    return names
+
+
+def _check_bench_args(args: argparse.Namespace) -> None:
+    """The counts of ``fastdiff bench``: each must be >= 1 where given (``--threads``: >= 0)."""
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats), ("--step-repeats", args.step_repeats)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 1 (0: as configured), got {args.threads}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark loops, the fused step against what it replaces, GPU rows and a pipeline: table, JSON, PNG."""
-    from . import bench
+    from . import bench, ops, samplers
 
     try:
+        _check_bench_args(args)
         loop_shape = _shapes(args.shape, "--shape")
-        if loop_shape is not None and len(loop_shape) != 1:
-            raise ValueError(f"--shape takes one shape, got {args.shape!r}")
+        if loop_shape is not None and (len(loop_shape) != 1 or len(loop_shape[0]) < 2):
+            raise ValueError(f"--shape takes one shape of at least 2 sizes (batch, ...), got {args.shape!r}")
         step_shapes = _shapes(args.step_shapes, "--step-shapes")
-        parts = [p for p in args.parts.split(",") if p] if args.parts else list(bench.PARTS)
-        dtypes = [d for d in args.dtypes.split(",") if d] if args.dtypes else None
-        bad = [d for d in dtypes or () if d not in bench.DTYPES]
-        if bad:
-            raise ValueError(f"--dtypes must be among {sorted(bench.DTYPES)}, got {bad}")
+        parts = _names(args.parts, "--parts", bench.PARTS) or list(bench.PARTS)
+        dtypes = _names(args.dtypes, "--dtypes", tuple(bench.DTYPES))
+        names = _names(args.samplers, "--samplers", tuple(samplers.available()))
+        backends = _names(args.backends, "--backends", ops.BACKENDS)
+        for name in backends or ():
+            ok, why = ops.backend_status(name)
+            if not ok:
+                raise ValueError(f"--backends {name}: not available here ({why})")
+        for flag, path in (("--json", args.json), ("--png", args.png if args.json and args.png != "-" else "")):
+            if path:
+                _check_out_file(path, flag)
+        if args.json and not args.png:  # the chart goes next to the JSON: check that path too
+            png = os.path.splitext(args.json)[0] + ".png"
+            if os.path.isdir(png):
+                raise ValueError(f"--json {args.json}: its chart path {png} is a directory; pass --png")
         if args.threads:
             torch.set_num_threads(args.threads)
             from .backends import cpu
@@ -77,8 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if getattr(cpu, "_C", None) is not None:
                 cpu._C.set_num_threads(args.threads)
         over = dict(loop_shape=loop_shape[0] if loop_shape else None, loop_steps=args.steps,
-                    loop_repeats=args.repeats, samplers=args.samplers.split(",") if args.samplers else None,
-                    backends=args.backends.split(",") if args.backends else None, step_shapes=step_shapes,
+                    loop_repeats=args.repeats, samplers=names, backends=backends, step_shapes=step_shapes,
                     sampler_shapes=step_shapes, step_dtypes=dtypes, step_repeats=args.step_repeats,
                     compile=False if args.no_compile else None)
         m = bench.machine()
@@ -100,11 +137,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"FAILED {part}: {err}")
     if args.json:
         png = args.png or os.path.splitext(args.json)[0] + ".png"
-        if png != "-":
-            why = bench.write_chart(doc, png)
-            doc["chart"] = None if why else png
-            print(f"chart skipped: {why}" if why else f"wrote {png}")
-        bench.write_json(doc, args.json)
+        try:
+            if png != "-":
+                why = bench.write_chart(doc, png)
+                doc["chart"] = None if why else png
+                print(f"chart skipped: {why}" if why else f"wrote {png}")
+            bench.write_json(doc, args.json)
+        except OSError as exc:
+            print(f"fastdiff bench: error: cannot write results: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     return 1 if doc["errors"] else 0
 
@@ -146,22 +187,20 @@ give ``null_class`` and ``num_classes`` (``--class``, ``--guidance-scale``) and 
 
 
 def _sample_model(spec: str, shape: tuple[int, ...], schedule, prediction: str):
-    """The model of ``--model``: a name in :data:`SAMPLE_MODELS`, or ``module:attr`` (a callable ``model(x, t)``)."""
-    import importlib
+    """The model of ``--model``: a name in :data:`SAMPLE_MODELS`, or ``module:attr`` (a callable
+    ``model(x, t)``, or a zero-argument factory named ``make_*``, as ``fastdiff profile --model``)."""
+    from .profile import load_model
 
     if spec in SAMPLE_MODELS:
         return SAMPLE_MODELS[spec](shape, schedule, prediction)
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
+    if ":" not in spec or spec.startswith(":") or spec.endswith(":"):
         raise ValueError(f"--model must be one of {sorted(SAMPLE_MODELS)} or module:attr, got {spec!r}")
     if os.getcwd() not in sys.path:  # like `python -m`: modules next to the caller are importable
         sys.path.insert(0, os.getcwd())
-    obj = importlib.import_module(mod_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"--model {spec!r} is a {type(obj).__name__}, not a callable model(x, t)")
-    return obj
+    try:
+        return load_model(spec)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None  # "model ...": the flag's name
 
 
 def _sample_schedule(sampler: str, text: str, default: dict | None = None):
@@ -172,8 +211,23 @@ def _sample_schedule(sampler: str, text: str, default: dict | None = None):
     from . import samplers, schedules
 
     if text:
-        cfg = json.loads(text) if text.lstrip().startswith("{") else json.load(open(text))
-        return schedules.from_config(cfg)
+        try:
+            if text.lstrip()[:1] in ("{", "["):
+                cfg = json.loads(text)
+            else:
+                with open(text) as f:
+                    cfg = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--schedule {text!r} is not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise ValueError(f"--schedule {text}: cannot read it ({exc.strerror or exc}); give JSON text "
+                             "or a .json file") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"--schedule must be a JSON object (a scheduler config), got {type(cfg).__name__}")
+        try:
+            return schedules.from_config(cfg)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"--schedule: {exc}") from None
     if default is not None:
         return schedules.from_config(default)
     kinds = samplers.info(sampler).kinds
@@ -213,10 +267,68 @@ def _check_manifest(args: argparse.Namespace, rank: int) -> None:
         os.replace(tmp, path)
 
 
+def _check_sample_args(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
+    """Refuse, naming the flag, what ``fastdiff sample`` cannot run, before anything is written."""
+    import math
+
+    from . import samplers
+    from .profile import check_device
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be finite, got {args.guidance_scale}")
+    if args.sampler not in samplers.available():
+        raise ValueError(f"--sampler must be one of {', '.join(samplers.available())}; got {args.sampler!r}")
+    _check_backend(args.backend)
+    if args.device:
+        try:
+            check_device(args.device)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None  # "device ...": the flag's name
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a folder (it is created if missing)")
+    if not os.path.exists(args.out):
+        parent = os.path.dirname(os.path.abspath(args.out))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {args.out}: cannot create it ({parent} is not a writable folder)")
+    elif not os.access(args.out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: not writable")
+    if args.grid:
+        _check_out_file(args.grid, "--grid")
+
+
+def _check_sample_run(args: argparse.Namespace, model, shape: tuple[int, ...], dtype: torch.dtype, plan) -> None:
+    """The backend can run these samples, and a ``module:attr`` model can be called, else a
+    ``ValueError`` naming the flag (before ``--out`` is touched)."""
+    from .profile import _check_model, _probe_backend
+
+    device = torch.device(args.device) if args.device else torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or '0')}" if torch.cuda.is_available() else "cpu")
+    x = torch.zeros((1, *shape), dtype=dtype, device=device)
+    name, why = _probe_backend(args.backend, x)
+    if name is None:  # why: "backend 'X' was requested but is not available: ..."
+        raise ValueError(f"{_backend_source(args.backend)}: {why}")
+    if args.model not in SAMPLE_MODELS:
+        try:
+            _check_model(model, x * plan.init_scale, plan.rows[0].t)
+        except ValueError as exc:
+            raise ValueError(f"--model {args.model}: {exc}") from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample ``--num`` seeds into ``--out`` (one file per sample), across every torchrun rank."""
     from . import distributed
     from .api import make_plan
+    from .denoisers import as_model
 
     try:
         defaults = SAMPLE_MODEL_DEFAULTS[args.model]() if args.model in SAMPLE_MODEL_DEFAULTS else {}
@@ -225,24 +337,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 2
     args.shape = args.shape or defaults.get("shape", "2")
     try:
-        shape = tuple(int(s) for s in args.shape.split(","))
-        if not shape or min(shape) < 1:
-            raise ValueError
-    except ValueError:
-        print(f"fastdiff sample: error: --shape must be comma-separated ints >= 1, got {args.shape!r}", file=sys.stderr)
+        shape = _one_shape(args.shape, "--shape")
+    except ValueError as exc:
+        print(f"fastdiff sample: error: {exc}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", "0") or "0")
     try:
-        if args.num < 1:
-            raise ValueError(f"--num must be >= 1, got {args.num}")
+        _check_sample_args(args, shape)
         conds, unconds, guidance = _class_conditions(args, defaults)
         dtype = getattr(torch, args.dtype)
         schedule = _sample_schedule(args.sampler, args.schedule, defaults.get("schedule"))
-        plan = make_plan(args.sampler, args.steps, schedule, args.prediction or None)
+        try:
+            plan = make_plan(args.sampler, args.steps, schedule, args.prediction or None)
+        except ValueError as exc:
+            msg = str(exc)  # "prediction ..." / "sampler ... needs a flow schedule": name the flag
+            raise ValueError(f"--{msg}" if msg.startswith(("prediction ", "sampler ")) else msg) from None
         model = _sample_model(args.model, shape, schedule, plan.prediction)
         grid = args.grid or (os.path.join(args.out, "grid.png") if defaults.get("grid") else "")
         if grid and not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)):
             raise ValueError(f"--grid needs one-channel images (shape H,W or 1,H,W), got --shape {args.shape}")
+        _check_sample_run(args, as_model(model), shape, dtype, plan)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--out {args.out}: cannot create it ({exc.strerror or exc})") from None
         _check_manifest(args, rank)
         seeds = [args.seed + i for i in range(args.num)]
         paths = distributed.sample(model, shape, seeds=seeds, out_dir=args.out, resume=args.resume,
@@ -256,14 +374,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except distributed.RankFailedError as exc:
         print(f"fastdiff sample: error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, ImportError, AttributeError, OSError) as exc:
+    except FloatingPointError as exc:  # loop.NonFiniteError: the model returned NaN or Inf
+        print(f"fastdiff sample: error: --model {args.model}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"fastdiff sample: error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:  # --out holds this run's files and --resume was not given
+        print(f"fastdiff sample: error: {exc}", file=sys.stderr)
+        return 2
+    except (TypeError, ImportError, AttributeError, OSError) as exc:
         print(f"fastdiff sample: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     if rank == 0:
         world = int(os.environ.get("WORLD_SIZE", "1") or "1")
         print(f"fastdiff sample: {len(paths)} samples of shape {shape} in {args.out} "
-              f"({args.sampler}, {args.steps} steps, {world} process{'es' if world > 1 else ''})"
-              + (f"; grid {grid}" if grid else ""))
+              f"({args.sampler}, {args.steps} step{'s' if args.steps != 1 else ''}, "
+              f"{world} process{'es' if world > 1 else ''})" + (f"; grid {grid}" if grid else ""))
     return 0
 
 
@@ -288,23 +415,125 @@ def _class_conditions(args: argparse.Namespace, defaults: dict):
     return conds, torch.full((args.num,), null, dtype=torch.int64), {"guidance_scale": args.guidance_scale}
 
 
+def _backend_source(backend: str) -> str:
+    """What named the backend: ``--backend X``, or ``FASTDIFF_BACKEND=X`` behind ``--backend auto``."""
+    env = os.environ.get("FASTDIFF_BACKEND", "")
+    if (backend or "auto") == "auto" and env and env != "auto":
+        return f"FASTDIFF_BACKEND={env} (what --backend auto uses)"
+    return f"--backend {backend}"
+
+
+def _check_backend(backend: str) -> None:
+    """``--backend`` (or ``FASTDIFF_BACKEND`` behind ``auto``) is a backend name, else ``ValueError``."""
+    from . import ops
+
+    try:
+        ops.requested_backend(backend)
+    except ValueError:
+        raise ValueError(f"{_backend_source(backend)} must be one of auto, {', '.join(ops.BACKENDS)}") from None
+
+
+def _one_shape(text: str, flag: str, min_dims: int = 1) -> tuple[int, ...]:
+    """``"2,4,64,64"`` -> ``(2, 4, 64, 64)``; a ``ValueError`` naming ``flag`` otherwise."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+        if len(shape) < min_dims or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        need = f"at least {min_dims} " if min_dims > 1 else ""
+        raise ValueError(f"{flag} must be {need}comma-separated ints >= 1, got {text!r}") from None
+    return shape
+
+
+def _check_out_file(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, or a file in a
+    folder that cannot be created or written (the folder is created here)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable")
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     """Profile one sampling loop: stock diffusers scheduler vs reference vs fused, part by part."""
     import json
+    import math
 
-    from .profile import profile
+    from .profile import VARIANTS, check_device, load_model, profile
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    scale = None if args.guidance_scale in (None, 1.0) else args.guidance_scale
-    variants = tuple(v for v in args.variants.split(",") if v)
-    rep = profile(args.model or None, sampler=args.sampler, steps=args.steps, shape=shape,
-                  dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
-                  guidance_scale=scale, variants=variants, trace=args.trace or None, warmup=args.warmup)
+    def fail(msg: str) -> int:
+        print(f"fastdiff profile: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        shape = _one_shape(args.shape, "--shape", min_dims=2)
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        from . import samplers
+
+        if args.sampler not in samplers.available():
+            raise ValueError(f"--sampler must be one of {', '.join(samplers.available())}; got {args.sampler!r}")
+        scale = args.guidance_scale
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"--guidance-scale must be finite, got {scale}")
+        if scale is None:  # CFG needs the built-in model's conditioning: default 7.5 there, none for --model
+            scale = 1.0 if args.model else 7.5
+        if args.model and scale != 1.0:
+            raise ValueError(f"--guidance-scale {scale:g} needs the built-in model (its conditioning); "
+                             "with --model leave it out or give 1")
+        scale = None if scale == 1.0 else scale
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad or not variants:
+            raise ValueError(f"--variants must be comma-separated names among {','.join(VARIANTS)}, "
+                             f"got {args.variants!r}")
+        try:
+            check_device(args.device)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None  # "device ...": the flag's name
+        _check_backend(args.backend)
+        model = None
+        if args.model:
+            if os.getcwd() not in sys.path:  # like `python -m` and `sample --model`: modules next to the caller
+                sys.path.insert(0, os.getcwd())
+            try:
+                model = load_model(args.model)
+            except ValueError as exc:
+                raise ValueError(f"--{exc}") from None  # "model ...": the flag's name
+        for flag, path in (("--json", args.json), ("--trace", args.trace)):
+            if path:
+                _check_out_file(path, flag)
+    except ValueError as exc:
+        return fail(str(exc))
+    try:
+        rep = profile(model, sampler=args.sampler, steps=args.steps, shape=shape,
+                      dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
+                      guidance_scale=scale, variants=variants, trace=args.trace or None, warmup=args.warmup)
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("backend "):
+            msg = f"{_backend_source(args.backend)}: {msg}"
+        elif msg.startswith("model"):
+            msg = f"--model {args.model}: {msg}"
+        return fail(msg)
+    except FloatingPointError as exc:  # loop.NonFiniteError: the model returned NaN or Inf
+        return fail(f"--model {args.model or '(built-in)'}: {exc}")
+    except OSError as exc:
+        return fail(f"{type(exc).__name__}: {exc}")
     print(rep.table())
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rep.to_json(), f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(rep.to_json(), f, indent=1)
+        except OSError as exc:
+            return fail(f"--json {args.json}: {exc.strerror or exc}")
         print(f"wrote {args.json}")
     if args.trace:
         print(f"wrote Chrome trace {args.trace}")
@@ -366,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--backend", default="auto", help="the fused backend (auto, cpu, triton, cuda)")
-    pr.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale; 1 disables guidance")
+    pr.add_argument("--guidance-scale", type=float, default=None,
+                    help="CFG scale; 1 disables guidance (default: 7.5 with the built-in model, none with --model)")
     pr.add_argument("--variants", default="diffusers,reference,fused")
     pr.add_argument("--warmup", type=int, default=1)
     pr.add_argument("--trace", default="", help="write a Chrome trace JSON here")
