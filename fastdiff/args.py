@@ -89,3 +89,42 @@ class StepArgs:
     def needs_z2(self) -> bool:
         """Whether the mask blend uses the known-region noise."""
         return self.mask is not None and self.coef[C_KNOWN_S] != 0
+
+
+def element_tensors(args: StepArgs) -> list[torch.Tensor]:
+    """The tensors of ``args`` shaped like ``x`` (inputs and outputs)."""
+    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *args.h_read,
+          *args.h_write]
+    return [t for t in ts if t is not None]
+
+
+def per_sample_tensors(args: StepArgs) -> list[torch.Tensor]:
+    """The ``[B]`` tensors of ``args`` (guidance scale, rescale factor, clip bound, seeds)."""
+    return [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def unsafe_overlap(args: StepArgs) -> bool:
+    """Whether an output overlaps another operand other than as an exact alias (for contiguous tensors).
+
+    An exact alias (same start, dtype and shape: an element tensor written in place) is read and
+    written by the same thread, element for element; any other overlap, and any overlap with a
+    per-sample tensor, would let one thread read what another has already written.
+    """
+    operands = [(t, True) for t in element_tensors(args)] + [(t, False) for t in per_sample_tensors(args)]
+    for o in (args.out, *args.h_write):
+        if not o.numel():
+            continue
+        o0, o1 = _span(o)
+        for t, may_alias in operands:
+            if not t.numel():
+                continue
+            t0, t1 = _span(t)
+            alias = may_alias and t0 == o0 and t.dtype == o.dtype and t.shape == o.shape
+            if t0 < o1 and o0 < t1 and not alias:
+                return True
+    return False

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from .args import N_COEF, StepArgs
+from .args import N_COEF, StepArgs, element_tensors, per_sample_tensors, unsafe_overlap
 from .plan import MAX_READS, MAX_WRITES
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -169,17 +169,11 @@ def _fused_for(name: str, args: StepArgs) -> ModuleType | None:
     return None
 
 
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous()
-
-
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not a.numel() or not b.numel():
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + a.numel() * a.element_size() if a.is_contiguous() else a0 + _reach(a)
-    b1 = b0 + b.numel() * b.element_size() if b.is_contiguous() else b0 + _reach(b)
-    return a0 < b1 and b0 < a1
+    return a0 < b0 + _reach(b) and b0 < a0 + _reach(a)
 
 
 def _reach(t: torch.Tensor) -> int:
@@ -196,27 +190,17 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def needs_staging(args: StepArgs) -> bool:
     """Whether a fused backend needs contiguous copies of ``args``: a non-contiguous tensor, or an
-    output that overlaps another operand other than as the very same contiguous view."""
-    elems = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g,
-             *args.h_read, *args.h_write]
-    elems = [t for t in elems if t is not None]
-    small = [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
-    if not all(_dense(t) for t in elems + small):
+    output that overlaps another operand other than as an exact alias (:func:`fastdiff.args.unsafe_overlap`)."""
+    if not all(t.is_contiguous() for t in element_tensors(args) + per_sample_tensors(args)):
         return True
-    for o in (args.out, *args.h_write):
-        for t in elems:
-            if t is not o and _overlaps(o, t) and not _same_view(o, t):
-                return True
-        for t in small:
-            if _overlaps(o, t):
-                return True
-    return False
+    return unsafe_overlap(args)
 
 
 def stage(args: StepArgs):
     """``(staged, commit)``: ``args`` on contiguous copies (one copy per distinct view, so exact
     aliases stay aliases) with fresh output buffers, and ``commit()`` writing the outputs back."""
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    targets = (args.out, *args.h_write)
 
     def inp(t):
         if t is None:
@@ -225,18 +209,17 @@ def stage(args: StepArgs):
             if src is t or _same_view(src, t):
                 return c
         c = t.contiguous()
-        if c is t and any(_overlaps(o, t) for o in (args.out, *args.h_write)):
+        if c is t and any(_overlaps(o, t) for o in targets):
             c = t.clone()  # an output overlaps it: read from a copy the outputs cannot touch
         copies.append((t, c))
         return c
 
     def fresh(o):
         # an output that is also read (in place, a history slot read and written) starts as that
-        # input's copy; the kernel reads it before writing, element for element
+        # input's copy (a clone: inp() copies every operand an output overlaps); the kernel reads
+        # it before writing, element for element
         for src, c in copies:
             if src is o or _same_view(src, o):
-                if c is src:
-                    c = src.clone()
                 return c
         return torch.empty(o.shape, dtype=o.dtype, device=o.device)
 
@@ -246,17 +229,16 @@ def stage(args: StepArgs):
         w=inp(args.w), r=inp(args.r), s=inp(args.s), clip=args.clip, seeds=inp(args.seeds),
         z=inp(args.z), z2=inp(args.z2), mask=inp(args.mask), known=inp(args.known), g=inp(args.g),
     )
-    outs = [fresh(o) for o in (args.out, *args.h_write)]
+    outs = [fresh(o) for o in targets]
     # two outputs that are the same view share one buffer (the later write wins, as in reference)
     for j in range(1, len(outs)):
         for k in range(j):
-            o_j, o_k = (args.out, *args.h_write)[j], (args.out, *args.h_write)[k]
-            if o_j is o_k or _same_view(o_j, o_k):
+            if targets[j] is targets[k] or _same_view(targets[j], targets[k]):
                 outs[j] = outs[k]
     staged.out, staged.h_write = outs[0], tuple(outs[1:])
 
     def commit() -> None:
-        for o, c in zip((args.out, *args.h_write), outs):
+        for o, c in zip(targets, outs):
             if c is not o:
                 o.copy_(c)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..args import StepArgs
+from ..args import StepArgs, element_tensors, per_sample_tensors, unsafe_overlap
 
 NAME = "cpu"
 
@@ -34,12 +34,6 @@ def available() -> tuple[bool, str]:
     return True, f"C++/OpenMP kernel, SIMD {_C.simd_level()}, {_C.num_threads()} threads"
 
 
-def _element_tensors(args: StepArgs) -> list[torch.Tensor]:
-    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *args.h_read,
-          *args.h_write]
-    return [t for t in ts if t is not None]
-
-
 def supports(args: StepArgs) -> bool:
     """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`, so
     every element tensor has ``x``'s shape and dtype).
@@ -53,28 +47,11 @@ def supports(args: StepArgs) -> bool:
     x = args.x
     if x.device.type != "cpu" or x.dtype not in DTYPE_CODES:
         return False
-    elems = _element_tensors(args)
-    for t in elems:
-        if not t.is_contiguous():
-            return False
-    nbytes = x.numel() * x.element_size()
-    outs = {args.out.data_ptr(), *(h.data_ptr() for h in args.h_write)}
-    if nbytes:
-        for p in {t.data_ptr() for t in elems}:
-            for o in outs:
-                if p != o and p < o + nbytes and o < p + nbytes:
-                    return False
-    for t in (args.w, args.r, args.s, args.seeds):
-        if t is None:
-            continue
-        if not t.is_contiguous() or t.device.type != "cpu":
-            return False
-        p = t.data_ptr()
-        e = p + t.numel() * t.element_size()
-        for o in outs:
-            if nbytes and p < o + nbytes and o < e:
-                return False
-    return True
+    if not all(t.is_contiguous() for t in element_tensors(args)):
+        return False
+    if not all(t.is_contiguous() and t.device.type == "cpu" for t in per_sample_tensors(args)):
+        return False
+    return not unsafe_overlap(args)
 
 
 def _ptr(t: torch.Tensor | None) -> int:

@@ -14,8 +14,7 @@ from types import ModuleType
 
 import torch
 
-from ..args import StepArgs
-from .triton import element_tensors, unsafe_overlap
+from ..args import StepArgs, element_tensors, unsafe_overlap
 
 NAME = "cuda"
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from ..args import StepArgs
+from ..args import StepArgs, element_tensors, unsafe_overlap
 
 NAME = "triton"
 
@@ -60,38 +60,6 @@ def available() -> tuple[bool, str]:
         return True, f"triton {triton.__version__} on CUDA"
     return False, (f"triton {triton.__version__} has no CUDA device here; set TRITON_INTERPRET=1 before "
                    "importing fastdiff to run it on CPU tensors (interpreter, for tests)")
-
-
-def element_tensors(args: StepArgs) -> list[torch.Tensor]:
-    """The tensors of ``args`` shaped like ``x`` (inputs and outputs)."""
-    ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *args.h_read,
-          *args.h_write]
-    return [t for t in ts if t is not None]
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
-
-
-def unsafe_overlap(args: StepArgs) -> bool:
-    """Whether an output overlaps another tensor other than exactly (same start, dtype and shape).
-
-    An exact alias is read and written by the same thread, element for element; any other overlap
-    would let one thread read what another has already written.
-    """
-    others = element_tensors(args) + [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
-    for o in (args.out, *args.h_write):
-        if not o.numel():
-            continue
-        o0, o1 = _span(o)
-        for t in others:
-            if not t.numel():
-                continue
-            t0, t1 = _span(t)
-            if t0 < o1 and o0 < t1 and not (t0 == o0 and t.dtype == o.dtype and t.shape == o.shape):
-                return True
-    return False
 
 
 def supports(args: StepArgs) -> bool:
