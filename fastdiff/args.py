@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import N_OPERANDS, OP_Z, Row
+from .plan import N_OPERANDS, OP_D, OP_E, OP_X, OP_Z, Row
 
 N_COEF = 2 + N_OPERANDS * 3 + 3
 """Packed coefficients: a_x, a_e, out[N_OPERANDS], write0[N_OPERANDS], write1[N_OPERANDS], known_a, known_s, c_g."""
@@ -22,14 +22,37 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def pack_row(row: Row, c_g: float = 0.0) -> tuple[float, ...]:
+def pack_row(row: Row, c_g: float = 0.0, *, fold: bool = False) -> tuple[float, ...]:
     """Pack a row's coefficients in the order kernels read them (see ``N_COEF``).
 
     ``c_g`` is the classifier-guidance coefficient (``e += c_g * g``), decided by the loop.
+    ``fold``: fold an unclipped data estimate into the ``x`` and ``e`` coefficients of ``out`` and
+    of every history write (:func:`fold_estimate`; what the sampling loops run, as it is more
+    accurate); ``a_x``/``a_e`` still give ``d`` itself.
     """
     zero = (0.0,) * N_OPERANDS
-    w = [wr.coef for wr in row.writes] + [zero] * (2 - len(row.writes))
-    return (row.a_x, row.a_e, *row.out, *w[0], *w[1], row.known_a, row.known_s, float(c_g))
+    fold = fold and row.clip is None and not row.snr
+    out = fold_estimate(row.out, row.a_x, row.a_e) if fold else row.out
+    w = [fold_estimate(wr.coef, row.a_x, row.a_e) if fold else wr.coef for wr in row.writes]
+    w += [zero] * (2 - len(row.writes))
+    return (row.a_x, row.a_e, *out, *w[0], *w[1], row.known_a, row.known_s, float(c_g))
+
+
+def fold_estimate(c: tuple[float, ...], a_x: float, a_e: float) -> tuple[float, ...]:
+    """Operand coefficients ``c`` with the data estimate ``d = a_x x + a_e e`` multiplied out:
+    ``c_x x + c_d d + c_e e -> (c_x + c_d a_x) x + (c_e + c_d a_e) e`` (computed in float64).
+
+    ``c_x x + c_d d`` loses digits where ``c_d a_x`` nearly cancels ``c_x`` (Heun's second stage
+    into a small sigma: ``(x - d) / sigma'`` with ``d ~ x``; DDIM or Euler from a huge first sigma);
+    folded on the host the kernel adds two terms instead. Only for an unclipped ``d`` (the clamp is
+    not linear) and not for Langevin rows (whose ``d`` coefficient the loop rescales per sample).
+    """
+    cd = c[OP_D]
+    if cd == 0.0:
+        return tuple(c)
+    c = list(c)
+    c[OP_X], c[OP_E], c[OP_D] = c[OP_X] + cd * a_x, c[OP_E] + cd * a_e, 0.0
+    return tuple(c)
 
 
 def clip_code(row: Row) -> int:

@@ -64,7 +64,7 @@ from . import ops, samplers
 from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, dynamic_threshold
 from .loop import LoopOptions, draw_noise, run_plan
-from .plan import MAX_READS, OP_D, OP_E, OP_X, Plan, Row, check_prediction, combo
+from .plan import MAX_READS, Plan, Row, check_prediction, combo
 from .rng import expand_seeds
 from .samplers._multistep import Grid, log_snr
 from .schedules import Discretization, FlowSchedule, VPSchedule
@@ -593,7 +593,6 @@ class _FusedScheduler:
                                   **options)
         if spec.adjust is not None and any(k in spec.step_plan for k, _ in key):
             plan = spec.adjust(self, plan, dict(key), start)
-        plan = dataclasses.replace(plan, rows=tuple(_fold_estimate(r) for r in plan.rows))
         want = _host(self.timesteps)[start:].astype(np.float32)
         got = np.array([r.t for r in plan.rows]).astype(np.float32)
         if len(got) != len(want) or not np.array_equal(got, want):
@@ -752,7 +751,7 @@ def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, his
     """One fused step of ``row`` from ``x`` with model output ``m`` into a new tensor; also the
     per-sample clip bound the row used (``None`` without clipping)."""
     h_read = tuple(hist[k] for k in row.reads)
-    coef = pack_row(row)
+    coef = pack_row(row, fold=True)
     clip = clip_code(row)
     s = None
     if clip == 1:
@@ -764,31 +763,6 @@ def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, his
                     h_write=tuple(hist[w.slot] for w in row.writes), s=s, clip=clip, seeds=seeds, z=z)
     ops.step(args, backend)
     return out, s
-
-
-def _fold_coefs(c: tuple, a_x: float, a_e: float) -> tuple:
-    # c_x x + c_d (a_x x + a_e e) + c_e e  ->  (c_x + c_d a_x) x + (c_e + c_d a_e) e
-    cd = c[OP_D]
-    if cd == 0.0:
-        return c
-    c = list(c)
-    c[OP_X], c[OP_E], c[OP_D] = c[OP_X] + cd * a_x, c[OP_E] + cd * a_e, 0.0
-    return tuple(c)
-
-
-def _fold_estimate(row: Row) -> Row:
-    """``row`` with its unclipped data estimate folded into the ``x`` and ``e`` coefficients.
-
-    ``c_x x + c_d d`` with ``d = a_x x + a_e e`` loses digits where ``c_d a_x`` nearly cancels
-    ``c_x`` (Heun's second stage into a small sigma: ``(x - d) / sigma'`` with ``d ~ x``; DDIM or
-    Euler from a huge first sigma): multiplied out on the host in float64 the kernel adds two terms
-    instead, as diffusers' own arithmetic (which forms ``x - d`` first) effectively does. Clipped
-    rows keep ``d`` (the clamp is not linear)."""
-    if row.clip is not None or row.snr:
-        return row
-    out = _fold_coefs(row.out, row.a_x, row.a_e)
-    writes = tuple(dataclasses.replace(w, coef=_fold_coefs(w.coef, row.a_x, row.a_e)) for w in row.writes)
-    return dataclasses.replace(row, out=out, writes=writes)
 
 
 def _data_estimate(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tensor, z, bound, x_dtype, m_dtype,

@@ -192,7 +192,7 @@ def _run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) ->
             raise ValueError(f"classifier guidance needs classifier_y, an integer tensor of shape ({B},), got "
                              f"{type(y).__name__ if not isinstance(y, torch.Tensor) else (y.dtype, tuple(y.shape))}")
         y = y.to(device=dev, dtype=torch.int64)
-    packed = [pack_row(r, cg[i] if cg is not None else 0.0) for i, r in enumerate(rows)]
+    packed = [pack_row(r, cg[i] if cg is not None else 0.0, fold=True) for i, r in enumerate(rows)]
     noise_dtype = getattr(torch, plan.noise_dtype) if plan.noise_dtype else x.dtype
 
     it = range(len(rows))
