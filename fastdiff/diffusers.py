@@ -253,6 +253,10 @@ _UNIPC_NOTE = ("solver_p None; into sigma 0 (final_sigmas_type=zero) only predic
                "step (lower_order_final=True; diffusers returns NaN otherwise); " + _FLOW_NOTE)
 
 
+_TIMESTEP_NOTE = ("step(timestep) one of scheduler.timesteps (a run may start at any of them); prediction_type="
+                  "epsilon not where alpha_cumprod = 0 (zero terminal SNR: diffusers divides by 0 there)")
+
+
 def _dpm_model_output(cfg: Mapping, m: torch.Tensor) -> torch.Tensor:
     # diffusers' convert_model_output: with a learned variance an epsilon output keeps channels [:3]
     # (hard-coded: pixel-space models); other prediction types are taken whole
@@ -272,6 +276,7 @@ def _unipc_slice(cfg: Mapping, start: int, n: int) -> dict:
 
 
 _MULTISTEP_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
+_PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's second name for "sample"
 
 _EULER_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
@@ -299,9 +304,6 @@ def _ddpm_learned(sched, arrays: dict, prediction: str, options: dict) -> Plan |
         logs.append((math.log(var), math.log(beta) if beta > 0 else -math.inf))
         rows.append(dataclasses.replace(row, out=row.out[:-1] + (1.0,)) if row.noise else row)
     return dataclasses.replace(plan, rows=tuple(rows), meta={**plan.meta, "learned_variance": (vt, tuple(logs))})
-
-_TIMESTEP_NOTE = ("step(timestep) one of scheduler.timesteps (a run may start at any of them); prediction_type="
-                  "epsilon not where alpha_cumprod = 0 (zero terminal SNR: diffusers divides by 0 there)")
 
 
 def _flow_inverted(sched, arrays: dict, prediction: str, options: dict) -> Plan | None:
@@ -375,7 +377,6 @@ def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
         churned[k] = (a, b, c)
     return dataclasses.replace(plan, rows=tuple(rows), meta={**plan.meta, "churn_x0": churned})
 
-_PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's second name for "sample"
 
 SUPPORT: dict[str, _Spec] = {
     "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False, build=_ddpm_learned,
