@@ -16,6 +16,7 @@ ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 CPU_SOURCES = [
     "csrc/bindings.cpp",
     "csrc/cpu_step.cpp",
+    "csrc/cpu_reduce.cpp",
     "csrc/cpu_step_scalar.cpp",
     "csrc/cpu_step_avx2.cpp",  # compiled for AVX2 by #pragma GCC target, chosen at run time
     "csrc/cpu_step_avx512.cpp",  # likewise for AVX-512F
@@ -31,7 +32,7 @@ ext_modules = [
         CPU_SOURCES,
         include_dirs=["csrc"],
         depends=[f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "step_params.h", "bind_args.h",
-                                       "cpu_step.h", "cpu_kernel.h", "cpu_vec_scalar.h", "cpu_vec_avx2.h",
+                                       "cpu_step.h", "cpu_reduce.h", "cpu_kernel.h", "cpu_vec_scalar.h", "cpu_vec_avx2.h",
                                        "cpu_vec_avx512.h")],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=["-fopenmp"],

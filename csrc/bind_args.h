@@ -1,4 +1,4 @@
-// The Python-side arguments of a plan row (19 pointers as integers, counts, codes, the packed
+// The Python-side arguments of a plan row (21 pointers as integers, counts, codes, the packed
 // coefficients), checked and unpacked into the step_params.h struct. Shared by bindings.cpp
 // (fastdiff._C) and cuda_bindings.cpp (fastdiff._C_cuda): same pointer order, codes and messages.
 // Checks what it can see (counts, codes, null pointers) and names the bad value; the tensors were
@@ -15,12 +15,16 @@
 
 namespace fd_bind {
 
-constexpr int N_PTRS = 19;
-// Order of the pointer list passed to step() (g last: it came with contract v2 of the plan row).
-inline const char* const PTR_NAMES[N_PTRS] = {"x",         "out",       "m",          "m_c",        "h_read[0]",
-                                              "h_read[1]", "h_read[2]", "h_read[3]",  "h_write[0]", "h_write[1]",
-                                              "z",         "z2",        "mask",       "known",      "w",
-                                              "r",         "s",         "seeds",      "g"};
+// Order of the pointer list passed to step(): fastdiff/args.py PTR_NAMES is the source (the
+// extension exports its copy and fastdiff/backends/cpu.py refuses one that differs).
+enum Ptr {
+  P_X, P_OUT, P_M, P_MC, P_H0, P_H1, P_H2, P_H3, P_W0, P_W1, P_Z, P_Z2, P_MASK, P_KNOWN, P_WS, P_R, P_S, P_SEEDS,
+  P_G, P_U, P_FLAG, N_PTRS
+};
+inline const char* const PTR_NAMES[N_PTRS] = {"x",         "out",        "m",          "m_c",   "h_read[0]", "h_read[1]",
+                                              "h_read[2]", "h_read[3]",  "h_write[0]", "h_write[1]", "z", "z2",
+                                              "mask",      "known",      "w",          "r",     "s",     "seeds",
+                                              "g",         "u",          "flag"};
 static_assert(fd_row::N_COEF == fd::N_COEF, "step_params.h and step_math.h disagree on the packed layout");
 
 using Ptrs = std::array<uintptr_t, N_PTRS>;
@@ -33,7 +37,8 @@ inline void need(const Ptrs& p, int i, const char* why) {
 
 /// Range checks of the counts and codes (everything but the pointers).
 inline void check_counts(int64_t numel, int64_t per_sample, int dtype, int n_reads, int n_writes, int clip,
-                         const std::vector<double>& coef) {
+                         const std::vector<double>& coef, int u_copies = 0) {
+  if (u_copies < 0 || u_copies > 2) bad("u_copies must be 0, 1 or 2, got " + std::to_string(u_copies));
   if (numel < 0) bad("numel must be >= 0, got " + std::to_string(numel));
   if (per_sample < 1) bad("per_sample must be >= 1, got " + std::to_string(per_sample));
   if (numel % per_sample)
@@ -48,44 +53,48 @@ inline void check_counts(int64_t numel, int64_t per_sample, int dtype, int n_rea
 
 /// Every pointer the row reads or writes is non-null (after check_counts, for numel > 0).
 inline void check_pointers(const Ptrs& p, int dtype, int n_reads, int n_writes, int clip,
-                           const std::vector<double>& coef) {
-  for (int i : {0, 1, 2}) need(p, i, "always");
-  for (int k = 0; k < n_reads; ++k) need(p, 4 + k, "n_reads");
-  for (int j = 0; j < n_writes; ++j) need(p, 8 + j, "n_writes");
-  const bool cfg = p[3], rescale = p[15], mask = p[12], g = p[18];
-  if (cfg) need(p, 14, "m_c is given");
-  if (clip) need(p, 16, "clip != 0");
-  if (mask) need(p, 13, "mask is given");
+                           const std::vector<double>& coef, int u_copies = 0) {
+  for (int i : {P_X, P_OUT, P_M}) need(p, i, "always");
+  for (int k = 0; k < n_reads; ++k) need(p, P_H0 + k, "n_reads");
+  for (int j = 0; j < n_writes; ++j) need(p, P_W0 + j, "n_writes");
+  const bool cfg = p[P_MC], rescale = p[P_R], mask = p[P_MASK], g = p[P_G];
+  if (cfg) need(p, P_WS, "m_c is given");
+  if (clip) need(p, P_S, "clip != 0");
+  if (mask) need(p, P_KNOWN, "mask is given");
+  if (u_copies) need(p, P_U, "u_copies > 0");
   const fd::StepFlags f =
       dtype == fd::DTYPE_F64
           ? fd::fd_make_flags(fd::fd_unpack_coef<double>(coef.data()), n_reads, n_writes, clip, cfg, rescale, mask, g)
           : fd::fd_make_flags(fd::fd_unpack_coef<float>(coef.data()), n_reads, n_writes, clip, cfg, rescale, mask, g);
-  if ((f.z && !p[10]) || (f.z2 && !p[11])) need(p, 17, "the row draws Philox noise");
+  if ((f.z && !p[P_Z]) || (f.z2 && !p[P_Z2])) need(p, P_SEEDS, "the row draws Philox noise");
 }
 
 /// The element pointers of p into a (h_read / h_write beyond n_reads / n_writes left null).
 inline void set_element_pointers(const Ptrs& p, int n_reads, int n_writes, fd_row::StepRow& a) {
-  a.x = reinterpret_cast<const void*>(p[0]);
-  a.out = reinterpret_cast<void*>(p[1]);
-  a.m = reinterpret_cast<const void*>(p[2]);
-  a.m_c = reinterpret_cast<const void*>(p[3]);
-  for (int k = 0; k < 4; ++k) a.h_read[k] = k < n_reads ? reinterpret_cast<const void*>(p[4 + k]) : nullptr;
-  for (int j = 0; j < 2; ++j) a.h_write[j] = j < n_writes ? reinterpret_cast<void*>(p[8 + j]) : nullptr;
-  a.z = reinterpret_cast<const void*>(p[10]);
-  a.z2 = reinterpret_cast<const void*>(p[11]);
-  a.mask = reinterpret_cast<const void*>(p[12]);
-  a.known = reinterpret_cast<const void*>(p[13]);
-  a.g = reinterpret_cast<const void*>(p[18]);
+  a.x = reinterpret_cast<const void*>(p[P_X]);
+  a.out = reinterpret_cast<void*>(p[P_OUT]);
+  a.m = reinterpret_cast<const void*>(p[P_M]);
+  a.m_c = reinterpret_cast<const void*>(p[P_MC]);
+  for (int k = 0; k < 4; ++k) a.h_read[k] = k < n_reads ? reinterpret_cast<const void*>(p[P_H0 + k]) : nullptr;
+  for (int j = 0; j < 2; ++j) a.h_write[j] = j < n_writes ? reinterpret_cast<void*>(p[P_W0 + j]) : nullptr;
+  a.z = reinterpret_cast<const void*>(p[P_Z]);
+  a.z2 = reinterpret_cast<const void*>(p[P_Z2]);
+  a.mask = reinterpret_cast<const void*>(p[P_MASK]);
+  a.known = reinterpret_cast<const void*>(p[P_KNOWN]);
+  a.g = reinterpret_cast<const void*>(p[P_G]);
 }
 
 /// The whole row: pointers, counts and coefficients (after check_counts and check_pointers).
 inline void set_row(const Ptrs& p, int64_t numel, int64_t per_sample, int n_reads, int n_writes, int clip,
-                    uint32_t row, const std::vector<double>& coef, fd_row::StepRow& a) {
+                    uint32_t row, const std::vector<double>& coef, fd_row::StepRow& a, int u_copies = 0) {
   set_element_pointers(p, n_reads, n_writes, a);
-  a.w = reinterpret_cast<const float*>(p[14]);
-  a.r = reinterpret_cast<const float*>(p[15]);
-  a.s = reinterpret_cast<const float*>(p[16]);
-  a.seeds = reinterpret_cast<const int64_t*>(p[17]);
+  a.w = reinterpret_cast<const float*>(p[P_WS]);
+  a.r = reinterpret_cast<const float*>(p[P_R]);
+  a.s = reinterpret_cast<const float*>(p[P_S]);
+  a.seeds = reinterpret_cast<const int64_t*>(p[P_SEEDS]);
+  a.u = u_copies ? reinterpret_cast<void*>(p[P_U]) : nullptr;
+  a.flag = reinterpret_cast<int32_t*>(p[P_FLAG]);
+  a.u_copies = u_copies;
   a.numel = numel;
   a.per_sample = per_sample;
   a.n_reads = n_reads;
@@ -93,6 +102,13 @@ inline void set_row(const Ptrs& p, int64_t numel, int64_t per_sample, int n_read
   a.clip = clip;
   a.row = row;
   for (int i = 0; i < fd::N_COEF; ++i) a.coef[i] = coef[i];
+}
+
+/// The packed layout by name, as fastdiff/args.py COEF_OFFSETS names it.
+inline std::vector<std::pair<std::string, int>> coef_offsets() {
+  return {{"a_x", fd::C_AX},         {"a_e", fd::C_AE},         {"out", fd::C_OUT}, {"write0", fd::C_W0},
+          {"write1", fd::C_W1},      {"known_a", fd::C_KNOWN_A}, {"known_s", fd::C_KNOWN_S}, {"c_g", fd::C_G},
+          {"u_scale", fd::C_U},      {"n_coef", fd::N_COEF}};
 }
 
 }  // namespace fd_bind

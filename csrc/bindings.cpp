@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bind_args.h"
+#include "cpu_reduce.h"
 #include "cpu_step.h"
 #include "philox.h"
 #include "step_math.h"
@@ -27,17 +28,102 @@ int g_threads = 0;  // 0: follow OpenMP (omp_get_max_threads, i.e. torch.get_num
 int threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 
 void step(const fd_bind::Ptrs& p, int64_t numel, int64_t per_sample, int dtype, int n_reads, int n_writes, int clip,
-          uint32_t row, const std::vector<double>& coef) {
-  fd_bind::check_counts(numel, per_sample, dtype, n_reads, n_writes, clip, coef);
+          uint32_t row, const std::vector<double>& coef, int u_copies) {
+  fd_bind::check_counts(numel, per_sample, dtype, n_reads, n_writes, clip, coef, u_copies);
   if (numel == 0) return;
-  fd_bind::check_pointers(p, dtype, n_reads, n_writes, clip, coef);
+  fd_bind::check_pointers(p, dtype, n_reads, n_writes, clip, coef, u_copies);
   fd_cpu::StepArgs a{};
-  fd_bind::set_row(p, numel, per_sample, n_reads, n_writes, clip, row, coef, a);
+  fd_bind::set_row(p, numel, per_sample, n_reads, n_writes, clip, row, coef, a, u_copies);
   a.dtype = dtype;
   a.num_threads = threads();
   py::gil_scoped_release nogil;
   fd_cpu::step(a);
 }
+
+size_t elem_size(int dtype) { return dtype == fd::DTYPE_F64 ? 8 : dtype == fd::DTYPE_F32 ? 4 : 2; }
+
+/// A prepared sampling loop: every row's arguments checked and packed once (fastdiff/executor.py
+/// builds one per workspace). run(i, m) fills in the model output and runs row i: one call, no
+/// argument conversion, the GIL released. Rows that need a per-sample reduction (guidance rescale,
+/// dynamic thresholding) run it here, just before their step, into their own r / s buffer.
+class Program {
+ public:
+  struct Entry {
+    fd_cpu::StepArgs a;
+    fd_bind::Ptrs p;
+    std::vector<double> coef;
+    int64_t mc_bytes;  // m_c = m + mc_bytes, or -1: no guidance
+    double phi;        // > 0: compute r (guidance rescale) before the step
+    double ratio, max_value;  // ratio > 0: compute s (dynamic threshold) before the step
+  };
+
+  int add(const fd_bind::Ptrs& p, int64_t numel, int64_t per_sample, int dtype, int n_reads, int n_writes, int clip,
+          uint32_t row, const std::vector<double>& coef, int u_copies, int64_t mc_offset, double phi, double ratio,
+          double max_value) {
+    fd_bind::check_counts(numel, per_sample, dtype, n_reads, n_writes, clip, coef, u_copies);
+    if ((mc_offset >= 0) != (p[fd_bind::P_MC] != 0))
+      bad("mc_offset must be >= 0 exactly when m_c is given, got " + std::to_string(mc_offset));
+    if (phi > 0 && (mc_offset < 0 || !p[fd_bind::P_R])) bad("a rescaled row needs m_c and its r buffer");
+    if (ratio > 0 && (clip != fd::CLIP_DYNAMIC || !p[fd_bind::P_S])) bad("a thresholded row needs clip=2 and its s buffer");
+    Entry e{};
+    e.p = p;
+    e.coef = coef;
+    e.mc_bytes = mc_offset < 0 ? -1 : mc_offset * static_cast<int64_t>(elem_size(dtype));
+    e.phi = phi;
+    e.ratio = ratio;
+    e.max_value = max_value;
+    e.a.dtype = dtype;
+    e.a.numel = numel;
+    e.a.per_sample = per_sample;
+    e.a.n_reads = n_reads;
+    e.a.n_writes = n_writes;
+    e.a.clip = clip;
+    e.a.row = row;
+    e.a.u_copies = u_copies;
+    if (numel) fd_bind::check_pointers(p, dtype, n_reads, n_writes, clip, coef, u_copies);
+    fd_bind::set_row(p, numel, per_sample, n_reads, n_writes, clip, row, coef, e.a, u_copies);
+    rows_.push_back(std::move(e));
+    return static_cast<int>(rows_.size()) - 1;
+  }
+
+  /// Point operand `which` (a PTR_NAMES index other than m / m_c) of row i, or of every row for i = -1.
+  void set(int i, int which, uintptr_t v) {
+    if (which < 0 || which >= N_PTRS || which == fd_bind::P_M || which == fd_bind::P_MC)
+      bad("set: which must index PTR_NAMES (not m or m_c, which run() sets), got " + std::to_string(which));
+    const int lo = i < 0 ? 0 : i, hi = i < 0 ? static_cast<int>(rows_.size()) : i + 1;
+    if (i >= static_cast<int>(rows_.size())) bad("set: row " + std::to_string(i) + " out of range");
+    for (int k = lo; k < hi; ++k) {
+      Entry& e = rows_[k];
+      fd_bind::Ptrs p = e.p;
+      p[which] = v;
+      if (e.a.numel)
+        fd_bind::check_pointers(p, e.a.dtype, e.a.n_reads, e.a.n_writes, e.a.clip, e.coef, e.a.u_copies);
+      e.p = p;
+      fd_bind::set_row(p, e.a.numel, e.a.per_sample, e.a.n_reads, e.a.n_writes, e.a.clip, e.a.row, e.coef, e.a,
+                       e.a.u_copies);
+    }
+  }
+
+  void run(int i, uintptr_t m) {
+    if (i < 0 || i >= static_cast<int>(rows_.size())) bad("run: row " + std::to_string(i) + " out of range");
+    if (!m) bad("run: the model output pointer is null");
+    Entry& e = rows_[i];
+    fd_cpu::StepArgs& a = e.a;
+    if (!a.numel) return;
+    a.m = reinterpret_cast<const void*>(m);
+    a.m_c = e.mc_bytes < 0 ? nullptr : reinterpret_cast<const void*>(m + e.mc_bytes);
+    a.num_threads = threads();
+    py::gil_scoped_release nogil;
+    if (e.phi > 0) fd_cpu::rescale(a, e.phi, const_cast<float*>(a.r));
+    if (e.ratio > 0) fd_cpu::threshold(a, e.ratio, e.max_value, const_cast<float*>(a.s));
+    fd_cpu::step(a);
+  }
+
+  int size() const { return static_cast<int>(rows_.size()); }
+
+ private:
+  std::vector<Entry> rows_;
+};
 
 uint64_t as_u64(const py::int_& v) {
   // seeds are 64-bit words: accept any Python int and keep its low 64 bits (two's complement)
@@ -58,12 +144,76 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("DTYPE_F16") = fd::DTYPE_F16;
   mod.attr("DTYPE_BF16") = fd::DTYPE_BF16;
   mod.attr("PTR_NAMES") = py::cast(std::vector<std::string>(PTR_NAMES, PTR_NAMES + N_PTRS));
+  {
+    py::dict offsets;
+    for (const auto& kv : fd_bind::coef_offsets()) offsets[py::str(kv.first)] = kv.second;
+    mod.attr("COEF_OFFSETS") = offsets;
+  }
 
   mod.def("step", &step, py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"),
           py::arg("n_reads"), py::arg("n_writes"), py::arg("clip"), py::arg("row"), py::arg("coef"),
-          "Run one plan row over contiguous buffers. ptrs: 19 addresses in PTR_NAMES order (0 = absent); "
+          py::arg("u_copies") = 0,
+          "Run one plan row over contiguous buffers. ptrs: 21 addresses in PTR_NAMES order (0 = absent); "
           "numel elements, per_sample per batch sample; dtype: DTYPE_* code of every element buffer; "
-          "w, r, s: float32 [B]; seeds: int64 [B]; coef: N_COEF float64 (fastdiff.args.pack_row).");
+          "w, r, s: float32 [B]; seeds: int64 [B]; coef: N_COEF float64 (fastdiff.args.pack_row); "
+          "u_copies: copies of the next model input written to u (0, 1 or 2), flag: int32 set on a non-finite "
+          "model output element.");
+  py::class_<Program>(mod, "Program", "A prepared sampling loop: rows checked and packed once, run(i, m) per row.")
+      .def(py::init<>())
+      .def("add", &Program::add, py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"),
+           py::arg("n_reads"), py::arg("n_writes"), py::arg("clip"), py::arg("row"), py::arg("coef"),
+           py::arg("u_copies"), py::arg("mc_offset"), py::arg("phi") = 0.0, py::arg("ratio") = 0.0,
+           py::arg("max_value") = 1.0,
+           "Add a row (step's arguments; ptrs[m] is a placeholder, ptrs[m_c] non-zero exactly when guided, "
+           "mc_offset: elements from m to m_c in the model output, or -1; phi > 0: guidance rescale into r; "
+           "ratio > 0: dynamic threshold into s). Returns its index.")
+      .def("set", &Program::set, py::arg("i"), py::arg("which"), py::arg("ptr"),
+           "Point operand `which` (PTR_NAMES index) of row i (every row for i = -1) at ptr.")
+      .def("run", &Program::run, py::arg("i"), py::arg("m"),
+           "Run row i with the model output at address m (its conditional half mc_offset elements on).")
+      .def("__len__", &Program::size);
+  mod.def(
+      "first_flag",
+      [](uintptr_t flags, int64_t n) -> int64_t {
+        if (!flags || n < 0) bad("first_flag needs a non-null int32 array and n >= 0");
+        const int32_t* f = reinterpret_cast<const int32_t*>(flags);
+        for (int64_t i = 0; i < n; ++i)
+          if (f[i]) return i;
+        return -1;
+      },
+      py::arg("flags"), py::arg("n"), "Index of the first non-zero entry of an int32 array, or -1.");
+  mod.def(
+      "rescale",
+      [](const fd_bind::Ptrs& p, int64_t numel, int64_t per_sample, int dtype, double phi) {
+        fd_bind::check_counts(numel, per_sample, dtype, 0, 0, 0, std::vector<double>(fd::N_COEF));
+        if (!p[fd_bind::P_M] || !p[fd_bind::P_MC] || !p[fd_bind::P_WS] || !p[fd_bind::P_R])
+          bad("rescale needs m, m_c, w and r");
+        fd_cpu::StepArgs a{};
+        fd_bind::set_row(p, numel, per_sample, 0, 0, 0, 0, std::vector<double>(fd::N_COEF), a);
+        a.dtype = dtype;
+        a.num_threads = threads();
+        py::gil_scoped_release nogil;
+        fd_cpu::rescale(a, phi, const_cast<float*>(a.r));
+      },
+      py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"), py::arg("phi"),
+      "Guidance-rescale factors into r (float32 [B]) from m, m_c, w (step's pointer list).");
+  mod.def(
+      "threshold",
+      [](const fd_bind::Ptrs& p, int64_t numel, int64_t per_sample, int dtype, const std::vector<double>& coef,
+         double ratio, double max_value) {
+        fd_bind::check_counts(numel, per_sample, dtype, 0, 0, fd::CLIP_DYNAMIC, coef);
+        if (!p[fd_bind::P_X] || !p[fd_bind::P_M] || !p[fd_bind::P_S] || (p[fd_bind::P_MC] && !p[fd_bind::P_WS]))
+          bad("threshold needs x, m, s (and w with m_c)");
+        fd_cpu::StepArgs a{};
+        fd_bind::set_row(p, numel, per_sample, 0, 0, fd::CLIP_DYNAMIC, 0, coef, a);
+        a.dtype = dtype;
+        a.num_threads = threads();
+        py::gil_scoped_release nogil;
+        fd_cpu::threshold(a, ratio, max_value, const_cast<float*>(a.s));
+      },
+      py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"), py::arg("coef"), py::arg("ratio"),
+      py::arg("max_value"),
+      "Dynamic-threshold bounds into s (float32 [B]) from the row's x, m, m_c, w, r, g and coef.");
   mod.def("simd_level", [] { return std::string(fd_cpu::level_name(fd_cpu::current_level())); },
           "SIMD level in use: 'avx512', 'avx2' or 'scalar'.");
   mod.def("detected_simd_level", [] { return std::string(fd_cpu::level_name(fd_cpu::detect_level())); },

@@ -37,6 +37,7 @@ struct Io<L, DTYPE_F32> {
   static V load(const S* p) { return L::load_f32(p); }
   static void store(S* p, V v) { L::store_f32(p, v); }
   static V load_t(const T* p) { return L::load_f32(p); }
+  static void store_t(T* p, V v) { L::store_f32(p, v); }
   static V load_noise(const float* p) { return L::load_f32(p); }
 };
 
@@ -49,6 +50,7 @@ struct Io<L, DTYPE_F16> {
   static V load(const S* p) { return L::load_f16(p); }
   static void store(S* p, V v) { L::store_f16(p, v); }
   static V load_t(const T* p) { return L::load_f32(p); }
+  static void store_t(T* p, V v) { L::store_f32(p, v); }
   static V load_noise(const float* p) { return L::load_f32(p); }
 };
 
@@ -61,6 +63,7 @@ struct Io<L, DTYPE_BF16> {
   static V load(const S* p) { return L::load_bf16(p); }
   static void store(S* p, V v) { L::store_bf16(p, v); }
   static V load_t(const T* p) { return L::load_f32(p); }
+  static void store_t(T* p, V v) { L::store_f32(p, v); }
   static V load_noise(const float* p) { return L::load_f32(p); }
 };
 
@@ -73,6 +76,7 @@ struct Io<L, DTYPE_F64> {
   static V load(const S* p) { return L::load_f64(p); }
   static void store(S* p, V v) { L::store_f64(p, v); }
   static V load_t(const T* p) { return L::load_f64(p); }
+  static void store_t(T* p, V v) { L::store_f64(p, v); }
   static V load_noise(const float* p) { return L::load_f32_as_f64(p); }
 };
 
@@ -157,16 +161,19 @@ struct StepKernel {
     const S* h[MAX_READS];
     S* out;
     S* hw[MAX_WRITES];
+    S* u;           // the next model input (f.u_copies copies, u_off elements apart)
+    int64_t u_off;
   };
   struct Bufs {  // per-block buffers, indexed by position in the block
     const T *w, *r, *s;
     const float *z, *z2;
     int pm;  // index mask of w, r, s: 0 when the block lies in one sample (W copies), else -1
+    int32_t* flag;
   };
 
   /// One vector: elements [o, o + W) of the tensors, [lo, lo + W) of the block buffers.
   __attribute__((always_inline)) static inline void vec(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p,
-                                                        int64_t o, const Bufs& bf, int lo) {
+                                                        int64_t o, const Bufs& bf, int lo, V& nf) {
     // Not value-initialised (zeroing the whole struct per vector costs more than the step);
     // members a row does not use are set to 0 so no uninitialised value is ever read.
     StepIn<V> in;
@@ -184,9 +191,27 @@ struct StepKernel {
     in.mask = f.mask ? IO::load(p.mask + o) : zero;
     in.known = f.mask ? IO::load(p.known + o) : zero;
     in.z2 = !f.z2 ? zero : p.z2 ? IO::load(p.z2 + o) : IO::load_noise(bf.z2 + lo);
+    if (f.check) {
+      nf = nf + fd_nonfinite(in.m);
+      if (f.cfg) nf = nf + fd_nonfinite(in.m_c);
+    }
     StepOut<V> r = fd_step_element<V, T>(c, f, in);  // all loads done: outputs may alias inputs
     IO::store(p.out + o, r.x);
     for (int j = 0; j < f.n_writes; ++j) IO::store(p.hw[j] + o, r.h[j]);
+    if (f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale
+      const V u = IO::load(p.out + o) * V(c.u_scale);
+      IO::store(p.u + o, u);
+      if (f.u_copies == 2) IO::store(p.u + p.u_off + o, u);
+    }
+  }
+
+  /// Whether a lane of the accumulator of fd_nonfinite terms is NaN.
+  static bool any_nan(V v) {
+    alignas(64) T buf[W];
+    IO::store_t(buf, v);
+    bool bad = false;
+    for (int q = 0; q < W; ++q) bad = bad || buf[q] != buf[q];
+    return bad;
   }
 
   /// Specialisations of the vector loop: any row, or the common deterministic row (no rescale,
@@ -207,9 +232,11 @@ struct StepKernel {
     // local copies: stores through S* cannot alias them, so pointers and coefficients stay in registers
     const Ptrs p = pp;
     const StepCoef<T> c = cc;
+    V nf(0);
     int i = 0;
-    for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i);
-    if (i < n) tail(c, f, p, i0 + i, n - i, bf, i);
+    for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i, nf);
+    if (i < n) tail(c, f, p, i0 + i, n - i, bf, i, nf);
+    if (f.check && any_nan(nf)) __atomic_store_n(bf.flag, 1, __ATOMIC_RELAXED);
   }
 
   using LoopFn = void (*)(const StepCoef<T>&, StepFlags, const Ptrs&, int64_t, int, const Bufs&);
@@ -230,9 +257,10 @@ struct StepKernel {
   }
 
   /// The last n < W elements, through zero-padded copies so the arithmetic is the full-vector one.
-  static void tail(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t o, int n, const Bufs& bf, int lo) {
+  static void tail(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t o, int n, const Bufs& bf, int lo,
+                   V& nf) {
     constexpr int NIN = 8;  // element inputs besides the history reads
-    S buf[NIN + 1 + MAX_WRITES + MAX_READS][W];
+    S buf[NIN + 2 + MAX_WRITES + MAX_READS][W];
     memset(buf, 0, sizeof buf);
     const S* src[NIN] = {p.x, p.m, p.mc, p.z, p.z2, p.mask, p.known, p.g};
     const S* loc[NIN];
@@ -243,14 +271,16 @@ struct StepKernel {
     S (*const hw)[W] = buf + NIN + 1;               // MAX_WRITES rows
     S (*const hr)[W] = buf + NIN + 1 + MAX_WRITES;  // MAX_READS rows
     static_assert(MAX_WRITES == 2, "Ptrs below lists the write rows");
-    Ptrs lp{loc[0], loc[1], loc[2], loc[3], loc[4], loc[5], loc[6], loc[7], {}, buf[NIN], {hw[0], hw[1]}};
+    S* const ub = buf[NIN + 1 + MAX_WRITES + MAX_READS];
+    Ptrs lp{loc[0], loc[1], loc[2], loc[3], loc[4], loc[5], loc[6], loc[7], {}, buf[NIN], {hw[0], hw[1]}, ub, 0};
     for (int k = 0; k < f.n_reads; ++k) {
       memcpy(hr[k], p.h[k] + o, sizeof(S) * n);
       lp.h[k] = hr[k];
     }
-    vec(c, f, lp, 0, bf, lo);
+    vec(c, f, lp, 0, bf, lo, nf);  // the zero padding is finite: it never sets the flag
     memcpy(p.out + o, buf[NIN], sizeof(S) * n);
     for (int j = 0; j < f.n_writes; ++j) memcpy(p.hw[j] + o, hw[j], sizeof(S) * n);
+    for (int k = 0; k < f.u_copies; ++k) memcpy(p.u + k * p.u_off + o, ub, sizeof(S) * n);
   }
 
   static void fill_param(T* dstbuf, const float* src, int64_t i0, int n, int64_t per_sample) {
@@ -273,7 +303,7 @@ struct StepKernel {
     // One sample's block (the usual case): W copies of each scalar, read at index lo & 0.
     const int64_t b0 = i0 / a.per_sample;
     const bool one = b0 == (i0 + n - 1) / a.per_sample;
-    Bufs bf{wb, rb, sb, zbuf + 4, z2buf + 4, one ? 0 : -1};
+    Bufs bf{wb, rb, sb, zbuf + 4, z2buf + 4, one ? 0 : -1, a.flag};
     if (one) {
       for (int q = 0; q < W; ++q) {
         if (f.cfg) wb[q] = static_cast<T>(a.w[b0]);
@@ -293,7 +323,7 @@ struct StepKernel {
   static void run(const StepArgs_t& a) {
     const StepCoef<T> c = fd_unpack_coef<T>(a.coef);
     const StepFlags f = fd_make_flags(c, a.n_reads, a.n_writes, a.clip, a.m_c != nullptr, a.r != nullptr,
-                                      a.mask != nullptr, a.g != nullptr);
+                                      a.mask != nullptr, a.g != nullptr, a.u ? a.u_copies : 0, a.flag != nullptr);
     Ptrs p{};
     p.x = static_cast<const S*>(a.x);
     p.m = static_cast<const S*>(a.m);
@@ -306,6 +336,8 @@ struct StepKernel {
     for (int k = 0; k < a.n_reads; ++k) p.h[k] = static_cast<const S*>(a.h_read[k]);
     p.out = static_cast<S*>(a.out);
     for (int j = 0; j < a.n_writes; ++j) p.hw[j] = static_cast<S*>(a.h_write[j]);
+    p.u = static_cast<S*>(a.u);
+    p.u_off = a.numel;
     const LoopFn loop_fn = pick_loop(f);
     const int64_t nblk = (a.numel + BLK - 1) / BLK;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)

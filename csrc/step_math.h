@@ -11,6 +11,8 @@
 //   x' = c_x*x + c_d*d (+ c_e*e if c_e != 0) (+ c_{h+k}*h_k for k < n_reads) (+ c_z*z if c_z != 0)
 //   x' = mask*x' + (1 - mask)*(known_a*known + known_s*z2)     (optional; z2 = 0 if known_s == 0)
 //   H[write j] = same combination with the write's coefficients
+//   u[k*numel + i] = u_scale * x'   (k < u_copies; x' as stored, i.e. rounded to the storage type)
+//   *flag = 1 if any m or m_c element read is NaN or Inf                 (optional; never cleared)
 // T is the compute scalar (float for fp16/bf16/fp32 storage, double for fp64); V is T or a SIMD
 // vector of T with operators + - * / (and unary -), fd_vmax/fd_vmin, constructible from a T.
 // Also: fp16 and bf16 <-> float conversions (round to nearest even, as torch's casts) that need
@@ -26,11 +28,14 @@ constexpr int MAX_WRITES = 2;
 // Operands of a combination, as fastdiff/plan.py numbers them: x, d, e, h0..h3, z.
 constexpr int N_OPERANDS = 4 + MAX_READS;
 constexpr int OP_X = 0, OP_D = 1, OP_E = 2, OP_H = 3, OP_Z = 3 + MAX_READS;
-// Packed coefficients (fastdiff/args.py pack_row): a_x, a_e, out, write0, write1, known_a, known_s, c_g.
-constexpr int N_COEF = 5 + 3 * N_OPERANDS;
+// Packed coefficients (fastdiff/args.py, the source of this layout: pack_row and COEF_OFFSETS, which
+// fastdiff/backends/cpu.py checks against COEF_OFFSETS exported by bindings.cpp):
+// a_x, a_e, out, write0, write1, known_a, known_s, c_g, u_scale.
+constexpr int N_COEF = 6 + 3 * N_OPERANDS;
 constexpr int C_AX = 0, C_AE = 1, C_OUT = 2, C_W0 = 2 + N_OPERANDS, C_W1 = 2 + 2 * N_OPERANDS;
 constexpr int C_KNOWN_A = 2 + 3 * N_OPERANDS, C_KNOWN_S = 3 + 3 * N_OPERANDS, C_G = 4 + 3 * N_OPERANDS;
-static_assert(N_COEF == 29 && C_G == N_COEF - 1, "packed layout of fastdiff.args.pack_row");
+constexpr int C_U = 5 + 3 * N_OPERANDS;
+static_assert(N_COEF == 30 && C_U == N_COEF - 1, "packed layout of fastdiff.args.pack_row");
 constexpr int CLIP_NONE = 0, CLIP_STATIC = 1, CLIP_DYNAMIC = 2;
 
 // Storage dtype codes shared with fastdiff/backends/cpu.py.
@@ -91,7 +96,8 @@ struct StepCoef {
   T out[N_OPERANDS];
   T wr[MAX_WRITES][N_OPERANDS];
   T known_a, known_s;
-  T c_g;  // e += c_g * g
+  T c_g;      // e += c_g * g
+  T u_scale;  // u = u_scale * x' (the next row's model input)
 };
 
 /// What a row does, beyond its coefficients.
@@ -106,6 +112,8 @@ struct StepFlags {
   bool e;        // x' or a history write has a non-zero e coefficient
   bool z;        // x' or a history write uses z
   bool z2;       // the mask blend uses z2 (mask && known_s != 0)
+  int u_copies;  // copies of u_scale * x' written to u (0: none)
+  bool check;    // record non-finite model output elements in *flag
 };
 
 /// Unpack the N_COEF packed float64 coefficients (fastdiff.args.pack_row order) into T.
@@ -122,14 +130,17 @@ FD_HD StepCoef<T> fd_unpack_coef(const double* p) {
   c.known_a = static_cast<T>(p[C_KNOWN_A]);
   c.known_s = static_cast<T>(p[C_KNOWN_S]);
   c.c_g = static_cast<T>(p[C_G]);
+  c.u_scale = static_cast<T>(p[C_U]);
   return c;
 }
 
 /// Flags of a row; e/z/z2 are decided on the rounded coefficients, as reference.py does.
 template <class T>
 FD_HD StepFlags fd_make_flags(const StepCoef<T>& c, int n_reads, int n_writes, int clip, bool cfg, bool rescale,
-                              bool mask, bool g) {
+                              bool mask, bool g, int u_copies = 0, bool check = false) {
   StepFlags f;
+  f.u_copies = u_copies;
+  f.check = check;
   f.n_reads = n_reads;
   f.n_writes = n_writes;
   f.clip = clip;
@@ -189,6 +200,13 @@ struct StepOut {
   V x;
   V h[MAX_WRITES];
 };
+
+/// NaN for a non-finite v (inf - inf, NaN - NaN), else 0: summed into an accumulator, it records
+/// whether any element read was non-finite (the build never re-associates or folds v - v).
+template <class V>
+FD_HD V fd_nonfinite(V v) {
+  return v - v;
+}
 
 /// One row for one element (or vector): reads only `in`, so outputs may alias inputs in memory.
 template <class V, class T>

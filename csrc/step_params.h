@@ -8,7 +8,7 @@
 namespace fd_row {
 
 /// Length of the packed coefficients (fd::N_COEF of step_math.h; bind_args.h checks).
-constexpr int N_COEF = 29;
+constexpr int N_COEF = 30;
 
 /// One plan row over contiguous tensors of `numel` elements (`per_sample` per batch sample).
 /// Element pointers share one storage dtype; null means "not given". Outputs may alias inputs
@@ -29,6 +29,9 @@ struct StepRow {
   const float* r;           // [B] guidance-rescale factor or null
   const float* s;           // [B] clip bound (with clip)
   const int64_t* seeds;     // [B] Philox keys (when Philox noise is drawn)
+  void* u;                  // next model input: u_copies * numel elements, or null
+  int32_t* flag;            // set to 1 on a non-finite m / m_c element, or null
+  int u_copies;             // 0, 1 or 2
   int64_t numel;
   int64_t per_sample;
   int n_reads;

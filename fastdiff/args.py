@@ -1,4 +1,11 @@
-"""The arguments of one fused step, as every backend receives them (already validated)."""
+"""The row contract as kernels see it: the packed coefficient layout, the pointer order, and the
+arguments of one fused step as every backend receives them (already validated).
+
+These facts are written here once. The C++ extension (``csrc/step_math.h``, ``csrc/bind_args.h``)
+states the same layout for its own compiler; it exports it (``_C.COEF_OFFSETS``, ``_C.PTR_NAMES``)
+and :mod:`fastdiff.backends.cpu` refuses to load an extension that disagrees. The Triton kernel
+imports the layout from here.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import N_OPERANDS, OP_D, OP_E, OP_X, OP_Z, Row
+from .plan import MAX_READS, MAX_WRITES, N_OPERANDS, OP_D, OP_E, OP_X, OP_Z, Row
 
-N_COEF = 2 + N_OPERANDS * 3 + 3
-"""Packed coefficients: a_x, a_e, out[N_OPERANDS], write0[N_OPERANDS], write1[N_OPERANDS], known_a, known_s, c_g."""
+N_COEF = 2 + N_OPERANDS * 3 + 4
+"""Packed coefficients: a_x, a_e, out[N_OPERANDS], write0[N_OPERANDS], write1[N_OPERANDS], known_a, known_s,
+c_g, u_scale."""
 C_AX, C_AE, C_OUT, C_W0, C_W1 = 0, 1, 2, 2 + N_OPERANDS, 2 + 2 * N_OPERANDS
-C_KNOWN_A, C_KNOWN_S, C_G = 2 + 3 * N_OPERANDS, 3 + 3 * N_OPERANDS, 4 + 3 * N_OPERANDS
+C_KNOWN_A, C_KNOWN_S, C_G, C_U = 2 + 3 * N_OPERANDS, 3 + 3 * N_OPERANDS, 4 + 3 * N_OPERANDS, 5 + 3 * N_OPERANDS
 """Offsets into the packed coefficients."""
+COEF_OFFSETS = {"a_x": C_AX, "a_e": C_AE, "out": C_OUT, "write0": C_W0, "write1": C_W1, "known_a": C_KNOWN_A,
+                "known_s": C_KNOWN_S, "c_g": C_G, "u_scale": C_U, "n_coef": N_COEF}
+"""The layout by name (what the extension exports as ``COEF_OFFSETS``, checked against this)."""
+
+PTR_NAMES = ("x", "out", "m", "m_c", "h_read[0]", "h_read[1]", "h_read[2]", "h_read[3]", "h_write[0]", "h_write[1]",
+             "z", "z2", "mask", "known", "w", "r", "s", "seeds", "g", "u", "flag")
+"""The order of the pointer list the compiled kernels take (:func:`pointers`; 0 = not given)."""
 
 CLIP_NONE, CLIP_STATIC, CLIP_DYNAMIC = 0, 1, 2
 
@@ -22,10 +37,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def pack_row(row: Row, c_g: float = 0.0, *, fold: bool = False) -> tuple[float, ...]:
+def pack_row(row: Row, c_g: float = 0.0, *, fold: bool = False, u_scale: float = 1.0) -> tuple[float, ...]:
     """Pack a row's coefficients in the order kernels read them (see ``N_COEF``).
 
     ``c_g`` is the classifier-guidance coefficient (``e += c_g * g``), decided by the loop.
+    ``u_scale`` is the next row's ``in_scale``: the model input the step writes is ``u_scale * x'``.
     ``fold``: fold an unclipped data estimate into the ``x`` and ``e`` coefficients of ``out`` and
     of every history write (:func:`fold_estimate`; what the sampling loops run, as it is more
     accurate); ``a_x``/``a_e`` still give ``d`` itself.
@@ -35,7 +51,7 @@ def pack_row(row: Row, c_g: float = 0.0, *, fold: bool = False) -> tuple[float, 
     out = fold_estimate(row.out, row.a_x, row.a_e) if fold else row.out
     w = [fold_estimate(wr.coef, row.a_x, row.a_e) if fold else wr.coef for wr in row.writes]
     w += [zero] * (2 - len(row.writes))
-    return (row.a_x, row.a_e, *out, *w[0], *w[1], row.known_a, row.known_s, float(c_g))
+    return (row.a_x, row.a_e, *out, *w[0], *w[1], row.known_a, row.known_s, float(c_g), float(u_scale))
 
 
 def fold_estimate(c: tuple[float, ...], a_x: float, a_e: float) -> tuple[float, ...]:
@@ -81,6 +97,12 @@ class StepArgs:
         g: classifier-guidance gradient (``e += c_g * g``), or ``None``.
         coef: packed float64 coefficients, ``N_COEF`` long.
         row: the Philox counter word for this row.
+        u: the next row's model input, written by the step: ``[k * B, ...]`` (``k`` = 1, or 2 for a
+            guided next row), contiguous, ``x``'s dtype and device, every one of its ``k`` copies of
+            ``x'`` scaled by ``coef[C_U]`` (``x'`` rounded to the storage dtype first, as
+            ``x' * in_scale`` in torch). ``None``: not written.
+        flag: int32 tensor of one element set to 1 when a model output element the step reads
+            (``m``, ``m_c``) is NaN or Inf; never cleared by the step. ``None``: not checked.
     """
 
     x: torch.Tensor
@@ -101,6 +123,13 @@ class StepArgs:
     mask: torch.Tensor | None = None
     known: torch.Tensor | None = None
     g: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    flag: torch.Tensor | None = None
+
+    @property
+    def u_copies(self) -> int:
+        """How many copies of ``u_scale * x'`` the step writes into ``u`` (0 without ``u``)."""
+        return 0 if self.u is None else self.u.shape[0] // self.x.shape[0]
 
     @property
     def needs_z(self) -> bool:
@@ -126,6 +155,24 @@ def per_sample_tensors(args: StepArgs) -> list[torch.Tensor]:
     return [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
 
 
+def output_tensors(args: StepArgs) -> list[torch.Tensor]:
+    """Every tensor the step writes: ``out``, the history writes, the model input ``u`` and ``flag``."""
+    return [args.out, *args.h_write] + [t for t in (args.u, args.flag) if t is not None]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def pointers(args: StepArgs) -> list[int]:
+    """The addresses of ``args``' tensors in ``PTR_NAMES`` order (0 where a tensor is not given)."""
+    hr = [_ptr(h) for h in args.h_read] + [0] * (MAX_READS - len(args.h_read))
+    hw = [_ptr(h) for h in args.h_write] + [0] * (MAX_WRITES - len(args.h_write))
+    return [args.x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
+            _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
+            _ptr(args.seeds), _ptr(args.g), _ptr(args.u), _ptr(args.flag)]
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     start = t.data_ptr()
     return start, start + t.numel() * t.element_size()
@@ -136,18 +183,26 @@ def unsafe_overlap(args: StepArgs) -> bool:
 
     An exact alias (same start, dtype and shape: an element tensor written in place) is read and
     written by the same thread, element for element; any other overlap, and any overlap with a
-    per-sample tensor, would let one thread read what another has already written.
+    per-sample tensor, would let one thread read what another has already written. The model input
+    ``u`` and ``flag`` may overlap nothing else at all (``u`` holds copies at other offsets).
     """
     operands = [(t, True) for t in element_tensors(args)] + [(t, False) for t in per_sample_tensors(args)]
+    extra = [t for t in (args.u, args.flag) if t is not None]
+    for o in extra:
+        for t in [t for t, _ in operands] + [t for t in extra if t is not o]:
+            if _overlap(o, t):
+                return True
     for o in (args.out, *args.h_write):
-        if not o.numel():
-            continue
-        o0, o1 = _span(o)
         for t, may_alias in operands:
-            if not t.numel():
-                continue
-            t0, t1 = _span(t)
-            alias = may_alias and t0 == o0 and t.dtype == o.dtype and t.shape == o.shape
-            if t0 < o1 and o0 < t1 and not alias:
+            alias = may_alias and t.data_ptr() == o.data_ptr() and t.dtype == o.dtype and t.shape == o.shape
+            if not alias and _overlap(o, t):
                 return True
     return False
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.numel() or not b.numel():
+        return False
+    a0, a1 = _span(a)
+    b0, b1 = _span(b)
+    return a0 < b1 and b0 < a1

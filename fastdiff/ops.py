@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from .args import N_COEF, StepArgs, element_tensors, per_sample_tensors, unsafe_overlap
+from .args import N_COEF, StepArgs, element_tensors, output_tensors, per_sample_tensors, unsafe_overlap
 from .plan import MAX_READS, MAX_WRITES
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -127,6 +127,18 @@ def validate(args: StepArgs) -> None:
         if t is not None and (t.shape != (b,) or t.dtype != torch.float32 or t.device != x.device):
             raise ValueError(f"{name} must be a float32 tensor of shape ({b},) on {x.device}, got "
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if args.u is not None:
+        u = args.u
+        if (u.dim() != x.dim() or u.shape[0] not in (b, 2 * b) or u.shape[1:] != x.shape[1:] or u.dtype != x.dtype
+                or u.device != x.device):
+            raise ValueError(f"u (the next model input) must be {x.dtype} of shape ({b}, ...) or ({2 * b}, ...) with "
+                             f"x's trailing shape {tuple(x.shape[1:])} on {x.device}, got {u.dtype} {tuple(u.shape)} "
+                             f"on {u.device}")
+    if args.flag is not None:
+        f = args.flag
+        if f.dtype != torch.int32 or f.numel() != 1 or f.device != x.device:
+            raise ValueError(f"flag must be an int32 tensor of one element on {x.device}, got {f.dtype} "
+                             f"{tuple(f.shape)} on {f.device}")
     if (args.needs_z and args.z is None) or (args.needs_z2 and args.z2 is None):
         s = args.seeds
         if s is None:
@@ -191,7 +203,7 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 def needs_staging(args: StepArgs) -> bool:
     """Whether a fused backend needs contiguous copies of ``args``: a non-contiguous tensor, or an
     output that overlaps another operand other than as an exact alias (:func:`fastdiff.args.unsafe_overlap`)."""
-    if not all(t.is_contiguous() for t in element_tensors(args) + per_sample_tensors(args)):
+    if not all(t.is_contiguous() for t in element_tensors(args) + per_sample_tensors(args) + output_tensors(args)):
         return True
     return unsafe_overlap(args)
 
@@ -201,6 +213,7 @@ def stage(args: StepArgs):
     aliases stay aliases) with fresh output buffers, and ``commit()`` writing the outputs back."""
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     targets = (args.out, *args.h_write)
+    extra = [t for t in (args.u, args.flag) if t is not None]  # written only: fresh buffers (flag keeps its value)
 
     def inp(t):
         if t is None:
@@ -236,11 +249,18 @@ def stage(args: StepArgs):
             if targets[j] is targets[k] or _same_view(targets[j], targets[k]):
                 outs[j] = outs[k]
     staged.out, staged.h_write = outs[0], tuple(outs[1:])
+    extra_copies = [t.clone(memory_format=torch.contiguous_format) for t in extra]
+    staged.u = extra_copies.pop(0) if args.u is not None else None
+    staged.flag = extra_copies.pop(0) if args.flag is not None else None
 
     def commit() -> None:
         for o, c in zip(targets, outs):
             if c is not o:
                 o.copy_(c)
+        if args.u is not None:
+            args.u.copy_(staged.u)
+        if args.flag is not None:
+            args.flag.copy_(staged.flag)
 
     return staged, commit
 

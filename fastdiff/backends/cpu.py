@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import torch
 
-from ..args import StepArgs, element_tensors, per_sample_tensors, unsafe_overlap
+from ..args import COEF_OFFSETS, PTR_NAMES, StepArgs, element_tensors, per_sample_tensors, pointers, unsafe_overlap
 
 NAME = "cpu"
 
+
+def check_layout(module) -> None:
+    """Raise ``ImportError`` unless ``module`` (a compiled extension) states the row layout of
+    :mod:`fastdiff.args`: the same coefficient offsets and pointer order (a stale build would
+    otherwise read every row wrongly)."""
+    got_c, got_p = dict(getattr(module, "COEF_OFFSETS", {})), tuple(getattr(module, "PTR_NAMES", ()))
+    if got_c != COEF_OFFSETS or got_p != PTR_NAMES:
+        raise ImportError(f"{module.__name__} was built for another row layout (coefficients {got_c}, pointers "
+                          f"{list(got_p)}; fastdiff.args has {COEF_OFFSETS}, {list(PTR_NAMES)}): rebuild it with "
+                          "`pip install -e .`")
+
+
 try:
     from .. import _C
-except Exception as _exc:  # not built, or FASTDIFF_CPU_SIMD names a level this CPU lacks
+
+    check_layout(_C)
+except Exception as _exc:  # not built, stale, or FASTDIFF_CPU_SIMD names a level this CPU lacks
     _C = None
     _import_error: Exception | None = _exc
 else:
@@ -54,12 +68,9 @@ def supports(args: StepArgs) -> bool:
     return not unsafe_overlap(args)
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def step(args: StepArgs) -> None:
-    """Execute one row in one pass: writes ``args.out`` and ``args.h_write`` (may alias inputs).
+    """Execute one row in one pass: writes ``args.out``, ``args.h_write``, ``args.u`` and ``args.flag``
+    (``out`` and the history writes may alias inputs).
 
     Callers go through :func:`fastdiff.ops.step`, which validates and checks :func:`supports`.
     """
@@ -67,10 +78,5 @@ def step(args: StepArgs) -> None:
     numel = x.numel()
     if numel == 0:
         return
-    hr = [_ptr(h) for h in args.h_read] + [0] * (4 - len(args.h_read))
-    hw = [_ptr(h) for h in args.h_write] + [0] * (2 - len(args.h_write))
-    ptrs = [x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
-            _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
-            _ptr(args.seeds), _ptr(args.g)]
-    _C.step(ptrs, numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read), len(args.h_write),
-            args.clip, args.row & 0xFFFFFFFF, args.coef)
+    _C.step(pointers(args), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read), len(args.h_write),
+            args.clip, args.row & 0xFFFFFFFF, args.coef, args.u_copies)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from ..args import StepArgs, element_tensors, unsafe_overlap
+from ..args import StepArgs, element_tensors, pointers, unsafe_overlap
 
 NAME = "cuda"
 
@@ -57,19 +57,6 @@ def supports(args: StepArgs) -> bool:
     if not all(t.is_contiguous() and t.device == x.device for t in per_sample):
         return False
     return not unsafe_overlap(args)
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def pointers(args: StepArgs) -> list[int]:
-    """The 19 pointers of ``args`` in the order of ``_C_cuda.step`` (0 where a tensor is not given)."""
-    hr = [_ptr(h) for h in args.h_read] + [0] * (4 - len(args.h_read))
-    hw = [_ptr(h) for h in args.h_write] + [0] * (2 - len(args.h_write))
-    return [args.x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
-            _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
-            _ptr(args.seeds), _ptr(args.g)]
 
 
 def launch(module: ModuleType, args: StepArgs, stream: int, max_blocks: int = 0) -> None:

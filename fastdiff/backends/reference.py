@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_W0, C_W1, StepArgs, compute_dtype
+from ..args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, StepArgs, compute_dtype
 from ..plan import N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
 from ..rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
 from ..timing import active_timer
@@ -97,7 +97,18 @@ def step(args: StepArgs) -> None:
         mk = args.mask.to(dt)
         new_x = mk * new_x + (1 - mk) * (known_a * args.known.to(dt) + known_s * z2)
     writes = [combine(wr_c[j]) for j in range(len(args.h_write))]
+    bad = None
+    if args.flag is not None:  # any model output element read is NaN or Inf
+        bad = ~torch.isfinite(args.m).all()
+        if args.m_c is not None:
+            bad = bad | ~torch.isfinite(args.m_c).all()
     # every input is read above; only now write (outputs may alias inputs)
     args.out.copy_(new_x)
     for h, v in zip(args.h_write, writes):
         h.copy_(v)
+    if args.u is not None:  # the next model input: x' as stored, times the next row's in_scale
+        u = args.out * c[C_U] if dt == torch.float64 else (args.out.to(dt) * c[C_U]).to(args.out.dtype)
+        for k in range(args.u_copies):
+            args.u[k * args.x.shape[0]:(k + 1) * args.x.shape[0]].copy_(u)
+    if bad is not None:
+        args.flag.masked_fill_(bad, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import ops
-from fastdiff.args import C_G, C_OUT, C_W0, N_COEF, StepArgs, pack_row
+from fastdiff.args import C_G, C_OUT, C_U, C_W0, N_COEF, StepArgs, pack_row
 from fastdiff.backends import reference
 from fastdiff.plan import MAX_WRITES, N_OPERANDS, OP_E, OP_Z, Row, combo
 
@@ -49,6 +49,8 @@ def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int, dev
     mask = feat.get("mask")  # None | "plain" | "philox" | "external"
     e_in = feat.get("e")  # None | "out" | "writes" | "all": combinations with a non-zero e coefficient
     g_mode = feat.get("g")  # None | "random" | "zero" (c_g = 0, g still given) | "x" (g is x itself)
+    u_copies = feat.get("u", 0)  # 0 | 1 | 2: copies of the next model input the step writes
+    bad = feat.get("nonfinite")  # None | "m" | "m_c" | "m_inf" | "m_c_inf": one such element in that input
     pool = {"x": field(), "m": field()}
     if g_mode in ("random", "zero"):
         pool["g"] = field()
@@ -63,6 +65,15 @@ def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int, dev
         pool["known"] = field()
         if mask == "external":
             pool["z2"] = field()
+    if bad:
+        key = bad.removesuffix("_inf")
+        flat = pool[key].view(-1)
+        flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = float("inf") if bad.endswith("_inf") else float(
+            "nan")
+    if u_copies:
+        pool["u"] = torch.full((u_copies * shape[0], *shape[1:]), float("nan"), dtype=dtype, device=device)
+    if feat.get("flag"):
+        pool["flag"] = torch.zeros(1, dtype=torch.int32, device=device)
     out_key = "x" if feat.get("in_place") else "out"
     if out_key == "out":
         pool["out"] = torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -92,8 +103,9 @@ def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int, dev
     row = int(torch.randint(0, 2**32, (1,), generator=g))
     known_s = 0.0 if mask in (None, "plain") else float(rnd(1))
     c_g = 0.0 if g_mode == "zero" else float(rnd(1))  # garbage without g
-    coef = (float(rnd(1)), float(rnd(1)), *out_c, *w_c[0], *w_c[1], float(rnd(1)), known_s, c_g)
-    assert len(coef) == N_COEF and coef[C_G] == c_g and coef[C_OUT + OP_E] == out_c[OP_E]
+    u_scale = float(rnd(1)) if feat.get("u_scale") is None else feat["u_scale"]
+    coef = (float(rnd(1)), float(rnd(1)), *out_c, *w_c[0], *w_c[1], float(rnd(1)), known_s, c_g, u_scale)
+    assert len(coef) == N_COEF and coef[C_G] == c_g and coef[C_OUT + OP_E] == out_c[OP_E] and coef[C_U] == u_scale
     assert all(coef[C_W0 + N_OPERANDS * j + OP_Z] == w_c[j][OP_Z] for j in range(MAX_WRITES))
     scal = {
         "w": (rnd(b).abs() * 6).to(device),
@@ -110,9 +122,10 @@ def build(feat: dict, shape: tuple[int, ...], dtype: torch.dtype, seed: int, dev
             r=scal["r"] if feat.get("rescale") else None, s=scal["s"] if feat.get("clip") else None,
             clip=feat.get("clip", 0), seeds=scal["seeds"], z=p.get("z"), z2=p.get("z2"),
             mask=p.get("mask"), known=p.get("known"), g=p["x"] if g_mode == "x" else p.get("g"),
+            u=p.get("u"), flag=p.get("flag"),
         )
 
-    return pool, make_args, [out_key, *write_keys]
+    return pool, make_args, [out_key, *write_keys] + [k for k in ("u", "flag") if k in pool]
 
 
 def check(run, feat: dict, shape, dtype: torch.dtype, device, seed: int = 0) -> None:
@@ -127,7 +140,14 @@ def check(run, feat: dict, shape, dtype: torch.dtype, device, seed: int = 0) -> 
     noise = bool(feat.get("noise")) or feat.get("mask") in ("philox", "external")
     tol = tolerance(dtype, noise)
     for k in pool:
+        if k == "flag":  # exact: 1 where a model output element read is non-finite, else left 0
+            want = 1 if feat.get("nonfinite") else 0
+            assert got[k].tolist() == ref[k].tolist() == [want], f"flag {got[k].tolist()} (reference {ref[k].tolist()})"
+            continue
         a, b = got[k].double(), ref[k].double()
+        if feat.get("nonfinite") and k in outputs:  # NaN/Inf flow into the results: where, not how much
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b)), f"{k}: non-finite elements differ"
+            continue
         if k in outputs:
             assert torch.isfinite(a).all(), f"{k}: the kernel left poisoned or non-finite values"
             err = ((a - b).norm() / b.norm()).item() if b.norm() > 0 else (a - b).norm().item()
@@ -135,7 +155,8 @@ def check(run, feat: dict, shape, dtype: torch.dtype, device, seed: int = 0) -> 
             if dtype in (torch.float16, torch.bfloat16):
                 check_rounding(k, got[k], ref[k])
         else:
-            assert torch.equal(got[k], pool[k]), f"input {k} was modified"
+            same = (got[k] == pool[k]) | (got[k].isnan() & pool[k].isnan())
+            assert same.all(), f"input {k} was modified"
 
 
 def check_tiny_e_coefficient(run, device) -> None:
@@ -200,10 +221,22 @@ FEATURES = {
     "g_cfg_rescale_clip_e": {"g": "random", "e": "all", "cfg": True, "rescale": True, "clip": 1, "reads": 2,
                              "writes": ("h1", "new")},
     "in_place_everything": {"in_place": True, "cfg": True, "rescale": True, "clip": 2, "reads": 4,
-                            "writes": ("h0", "h2"), "mask": "philox", "noise": "philox", "e": "all", "g": "random"},
+                            "writes": ("h0", "h2"), "mask": "philox", "noise": "philox", "e": "all", "g": "random",
+                            "u": 2, "flag": True},
+    # the next model input written by the step (contract v3), and the non-finite flag
+    "u1": {"u": 1},
+    "u1_scale_one_in_place": {"u": 1, "u_scale": 1.0, "in_place": True, "reads": 1, "writes": ("h0",)},
+    "u2_cfg_multistep": {"u": 2, "cfg": True, "reads": 1, "writes": ("new",), "flag": True},
+    "u2_ancestral": {"u": 2, "cfg": True, "noise": "philox", "in_place": True, "flag": True},
+    "u2_mask_external": {"u": 2, "cfg": True, "mask": "external", "noise": "external", "flag": True},
+    "flag_plain": {"flag": True},
+    "flag_nan_m": {"flag": True, "nonfinite": "m", "u": 1},
+    "flag_inf_m": {"flag": True, "nonfinite": "m_inf"},
+    "flag_nan_uncond_half": {"flag": True, "cfg": True, "nonfinite": "m", "u": 2},
+    "flag_inf_cond_half": {"flag": True, "cfg": True, "nonfinite": "m_c_inf", "reads": 2, "writes": ("h1",)},
 }
 EVERYTHING = {"cfg": True, "rescale": True, "clip": 2, "reads": 4, "writes": ("h1", "new"), "mask": "philox",
-              "noise": "philox", "e": "all", "g": "random"}
+              "noise": "philox", "e": "all", "g": "random", "u": 2, "flag": True}
 """Every feature at once, out of place (tests add ``in_place=True``)."""
 
 
@@ -229,7 +262,7 @@ def run_unaligned(args, run, vector_path) -> None:
                  m_c=shift(args.m_c), h_read=tuple(shift(h) for h in args.h_read),
                  h_write=tuple(shift(h) for h in args.h_write), w=args.w, r=args.r, s=args.s, clip=args.clip,
                  seeds=args.seeds, z=shift(args.z), z2=shift(args.z2), mask=shift(args.mask),
-                 known=shift(args.known), g=shift(args.g))
+                 known=shift(args.known), g=shift(args.g), u=shift(args.u), flag=args.flag)
     assert not vector_path(cb.pointers(a))
     run(a)
     for orig, copy in moved.values():

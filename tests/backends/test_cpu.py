@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from fastdiff import ops, rng
-from fastdiff.args import C_KNOWN_S, C_OUT, C_W0, C_W1, N_COEF, StepArgs, pack_row
+from fastdiff.args import C_KNOWN_S, C_OUT, C_W0, C_W1, N_COEF, PTR_NAMES, StepArgs, pack_row
 from fastdiff.backends import cpu, reference
 from fastdiff.plan import OP_Z, Row, Write, combo
 
+from ._cases import FEATURES as SHARED_FEATURES
+from ._cases import check as shared_check
 from ._cases import check_tiny_e_coefficient
 from ._cpu_cases import FEATURES, check_close, check_ulp, clone_pool, kernel_normals, make_case
 
@@ -261,21 +263,26 @@ def test_unsupported_dtype():
 
 def test_extension_argument_errors_name_the_value():
     x = torch.randn(2, 8)
-    assert len(_C.PTR_NAMES) == 19 and _C.PTR_NAMES[18] == "g" and _C.N_COEF == N_COEF == 29
-    ptrs = [x.data_ptr(), x.data_ptr(), x.data_ptr()] + [0] * 16
+    n = len(PTR_NAMES)
+    assert tuple(_C.PTR_NAMES) == PTR_NAMES and _C.N_COEF == N_COEF == 30
+    ptrs = [x.data_ptr(), x.data_ptr(), x.data_ptr()] + [0] * (n - 3)
     coef = [0.0] * N_COEF
     with pytest.raises(ValueError, match="dtype code must be 0..3, got 7"):
         _C.step(ptrs, 16, 8, 7, 0, 0, 0, 0, coef)
     with pytest.raises(ValueError, match="not a multiple of per_sample 5"):
         _C.step(ptrs, 16, 5, 0, 0, 0, 0, 0, coef)
-    with pytest.raises(ValueError, match="coef must have 29 entries, got 25"):
-        _C.step(ptrs, 16, 8, 0, 0, 0, 0, 0, [0.0] * 25)  # a contract-v1 row
+    with pytest.raises(ValueError, match="coef must have 30 entries, got 29"):
+        _C.step(ptrs, 16, 8, 0, 0, 0, 0, 0, [0.0] * 29)  # a contract-v2 row, without u_scale
     with pytest.raises(TypeError):
-        _C.step(ptrs[:18], 16, 8, 0, 0, 0, 0, 0, coef)  # the v1 pointer list, without g
+        _C.step(ptrs[:19], 16, 8, 0, 0, 0, 0, 0, coef)  # the v2 pointer list, without u and flag
     with pytest.raises(ValueError, match=r"h_read\[1\] is required"):
-        _C.step(ptrs[:4] + [x.data_ptr()] + [0] * 14, 16, 8, 0, 2, 0, 0, 0, coef)
+        _C.step(ptrs[:4] + [x.data_ptr()] + [0] * (n - 5), 16, 8, 0, 2, 0, 0, 0, coef)
     with pytest.raises(ValueError, match="w is required"):
-        _C.step(ptrs[:3] + [x.data_ptr()] + [0] * 15, 16, 8, 0, 0, 0, 0, 0, coef)
+        _C.step(ptrs[:3] + [x.data_ptr()] + [0] * (n - 4), 16, 8, 0, 0, 0, 0, 0, coef)
+    with pytest.raises(ValueError, match="u is required"):
+        _C.step(ptrs, 16, 8, 0, 0, 0, 0, 0, coef, 1)
+    with pytest.raises(ValueError, match="u_copies must be 0, 1 or 2, got 3"):
+        _C.step(ptrs, 16, 8, 0, 0, 0, 0, 0, coef, 3)
     noisy = list(coef)
     noisy[C_OUT + OP_Z] = 1.0
     with pytest.raises(ValueError, match="seeds is required"):
@@ -354,3 +361,31 @@ def test_custom_op_rejects_bad_slot(gen):
     x, hist, m, m_c, g, w, seeds, coef = _op_inputs(gen)
     with pytest.raises(ValueError, match="writes has slot 5 but history has 3 tensors"):
         ops.step_op(x, m, coef, history=hist, writes=[5], seeds=seeds)
+
+
+# --- contract v3: the next model input and the non-finite flag, through the shared cases -------------
+
+_V3 = [k for k in SHARED_FEATURES if k.startswith(("u1", "u2", "flag")) or k == "in_place_everything"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", _V3)
+def test_model_input_and_flag_match_reference(name, dtype, level):
+    # shapes whose tails are shorter than one vector and whose blocks straddle samples
+    for shape in ((3, 37), (2, 4, 129), (1, 5)):
+        shared_check(lambda a: ops.step(a, backend="cpu"), SHARED_FEATURES[name], shape, dtype, "cpu",
+                     seed=len(name) + shape[-1])
+
+
+@pytest.mark.parametrize("where", ["m", "m_c"])
+def test_flag_names_a_nonfinite_element_anywhere(where):
+    # every position of a multi-block, multi-thread row: one NaN, alone, is seen
+    x = torch.randn(3, 40_000)
+    for pos in (0, 511, 512, 40_000 - 1, 40_000, 3 * 40_000 - 1):
+        m, m_c = torch.randn(3, 40_000), torch.randn(3, 40_000)
+        (m if where == "m" else m_c).view(-1)[pos] = float("nan")
+        flag = torch.zeros(1, dtype=torch.int32)
+        ops.step(StepArgs(x=x.clone(), out=torch.empty_like(x), m=m, m_c=m_c, w=torch.ones(3), flag=flag,
+                          coef=pack_row(Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.0, a_e=-1.0, out=combo(d=1.0)))),
+                 backend="cpu")
+        assert flag.item() == 1, (where, pos)
