@@ -13,36 +13,32 @@ Three layers, Liger-Kernel style:
 
 ``philox_words`` dumps the raw uint32 Philox stream of the in-kernel generator, for tests.
 
-Packed coefficients (29 float64 values, the layout of ``fastdiff.args.pack_row``)::
+Packed coefficients: ``fastdiff.args.N_COEF`` (30) float64 values in the layout of
+``fastdiff.args.pack_row`` (offsets ``C_*`` there; this module imports them, it keeps no copy)::
 
-    a_x, a_e, out[8], write0[8], write1[8], known_a, known_s, c_g
+    a_x, a_e, out[8], write0[8], write1[8], known_a, known_s, c_g, u_scale
 
-with each 8-vector over the operands ``[x, d, e, h0, h1, h2, h3, z]`` (``e``: the guided model
-output, after rescale and the gradient term ``e += c_g * g``, before clipping touches ``d``).
+with each 8-vector over the operands ``[x, d, e, h0, h1, h2, h3, z]`` (``fastdiff.plan``; ``e``: the
+guided model output, after rescale and the gradient term ``e += c_g * g``, before clipping touches
+``d``). Besides ``x'`` and the history writes, a row may write the next model input
+``u[c*u_stride + i] = u_scale * x'_stored[i]`` for ``c < U_COPIES`` (``x'`` rounded to the storage
+type first, as torch's ``x' * in_scale``) and set ``flag[0] = 1`` where an element of ``m`` or
+``m_c`` is NaN or Inf (never 0; no host sync).
 """
 
 from __future__ import annotations
 
 import array
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_READS = 4
-"""History slots one row may read."""
-MAX_WRITES = 2
-"""History slots one row may write."""
-N_OPERANDS = 4 + MAX_READS
-"""Operands of a combination: x, d, e, h0..h3, z (``fastdiff.plan``)."""
-OP_X, OP_D, OP_E, OP_H, OP_Z = 0, 1, 2, 3, 3 + MAX_READS
-"""Operand positions in a coefficient vector."""
-N_COEF = 5 + 3 * N_OPERANDS
-"""Length of the packed coefficient tuple."""
-C_AX, C_AE, C_OUT, C_W0, C_W1 = 0, 1, 2, 2 + N_OPERANDS, 2 + 2 * N_OPERANDS
-C_KNOWN_A, C_KNOWN_S, C_G = 2 + 3 * N_OPERANDS, 3 + 3 * N_OPERANDS, 4 + 3 * N_OPERANDS
-"""Offsets into the packed coefficients (``fastdiff.args``)."""
+from fastdiff.args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF
+from fastdiff.plan import MAX_READS, MAX_WRITES, N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
+
 MAX_BATCH = 65535
 """Largest batch: the sample index is grid axis 1, which CUDA limits to 65535."""
 
@@ -124,6 +120,16 @@ def _to_storage(v, ST: tl.constexpr):
 
 
 @triton.jit
+def _nonfinite(v, CDT: tl.constexpr):
+    """Whether ``v`` (in the compute type) is NaN or Inf: its exponent bits are all ones (on the
+    bits, so no floating-point folding or fast-math setting can drop the test)."""
+    if CDT == tl.float64:
+        return (v.to(tl.uint64, bitcast=True) & 0x7FF0000000000000) == 0x7FF0000000000000
+    else:
+        return (v.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit
 def _combine(x, d, e, h0, h1, h2, h3, z, cx, cd, ce, c0, c1, c2, c3, cz,
              HAS_E: tl.constexpr, N_READS: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
     """``cx*x + cd*d + ce*e + sum_k ck*hk + cz*z`` in the reference's order of operations
@@ -149,8 +155,8 @@ def _step_kernel(
     x_ptr, out_ptr, m_ptr, mc_ptr,
     h0_ptr, h1_ptr, h2_ptr, h3_ptr, wr0_ptr, wr1_ptr,
     z_ptr, z2_ptr, mask_ptr, known_ptr, g_ptr,
-    w_ptr, r_ptr, s_ptr, seed_ptr,
-    n, row,
+    w_ptr, r_ptr, s_ptr, seed_ptr, u_ptr, flag_ptr,
+    n, row, u_stride,
     a_x: tl.float64, a_e: tl.float64,
     o_x: tl.float64, o_d: tl.float64, o_e: tl.float64, o_0: tl.float64, o_1: tl.float64, o_2: tl.float64,
     o_3: tl.float64, o_z: tl.float64,
@@ -158,17 +164,21 @@ def _step_kernel(
     p_3: tl.float64, p_z: tl.float64,
     q_x: tl.float64, q_d: tl.float64, q_e: tl.float64, q_0: tl.float64, q_1: tl.float64, q_2: tl.float64,
     q_3: tl.float64, q_z: tl.float64,
-    known_a: tl.float64, known_s: tl.float64, c_g: tl.float64,
+    known_a: tl.float64, known_s: tl.float64, c_g: tl.float64, u_scale: tl.float64,
     HAS_CFG: tl.constexpr, HAS_R: tl.constexpr, HAS_G: tl.constexpr, CLIP: tl.constexpr,
     N_READS: tl.constexpr, N_WRITES: tl.constexpr, HAS_MASK: tl.constexpr,
     E_OUT: tl.constexpr, E_WR0: tl.constexpr, E_WR1: tl.constexpr,
-    Z_MODE: tl.constexpr, Z2_MODE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+    Z_MODE: tl.constexpr, Z2_MODE: tl.constexpr, U_COPIES: tl.constexpr, CHECK: tl.constexpr,
+    CDT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One plan row over elements ``[pid0*BLOCK, (pid0+1)*BLOCK)`` of sample ``pid1``.
 
-    Every tensor is contiguous ``[B, n]``. ``*_ptr`` not selected by the constexpr flags are never
-    read (the launcher passes ``x`` for them). All loads precede all stores, so outputs may alias
-    inputs element for element.
+    Every element tensor is contiguous ``[B, n]``; ``u`` holds ``U_COPIES`` (0, 1 or 2) such
+    ``[B, n]`` blocks, ``u_stride`` elements apart (``u_stride`` is the full batch's numel when the
+    launcher runs a slice of it). ``flag`` (int32, one element) is set to 1 with ``CHECK`` where an
+    ``m``/``m_c`` element of this block is non-finite. ``*_ptr`` not selected by the constexpr flags
+    are never read (the launcher passes ``x`` for them). All loads precede all stores, so outputs may
+    alias inputs element for element.
     """
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -181,9 +191,14 @@ def _step_kernel(
 
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CDT)
     e = tl.load(m_ptr + offs, mask=inb, other=0.0).to(CDT)
+    if CHECK:  # masked-off lanes load 0: finite
+        bad = _nonfinite(e, CDT)
     if HAS_CFG:
         w = tl.load(w_ptr + b).to(CDT)
-        e = e + w * (tl.load(mc_ptr + offs, mask=inb, other=0.0).to(CDT) - e)
+        mc = tl.load(mc_ptr + offs, mask=inb, other=0.0).to(CDT)
+        if CHECK:
+            bad = bad | _nonfinite(mc, CDT)
+        e = e + w * (mc - e)
     if HAS_R:
         e = tl.load(r_ptr + b).to(CDT) * e
     if HAS_G:
@@ -242,11 +257,24 @@ def _step_kernel(
     if N_WRITES > 1:
         v1 = _combine(x, d, e, h0, h1, h2, h3, z, q_x, q_d, q_e, q_0, q_1, q_2, q_3, q_z,
                       E_WR1, N_READS, Z_MODE > 0, CDT)
-    tl.store(out_ptr + offs, _to_storage(new_x, out_ptr.dtype.element_ty), mask=inb)
+    x_st = _to_storage(new_x, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, x_st, mask=inb)
     if N_WRITES > 0:
         tl.store(wr0_ptr + offs, _to_storage(v0, wr0_ptr.dtype.element_ty), mask=inb)
     if N_WRITES > 1:
         tl.store(wr1_ptr + offs, _to_storage(v1, wr1_ptr.dtype.element_ty), mask=inb)
+    if U_COPIES > 0:
+        # the next model input from x' as stored (no read back: the rounded value is in registers),
+        # times u_scale in the compute type, rounded to storage: torch's x' * in_scale
+        u = _to_storage(x_st.to(CDT) * tl.full([], u_scale, tl.float64).to(CDT), u_ptr.dtype.element_ty)
+        tl.store(u_ptr + offs, u, mask=inb)
+        if U_COPIES > 1:
+            tl.store(u_ptr + u_stride + offs, u, mask=inb)
+    if CHECK:
+        # one atomic per block that saw a non-finite element (only ever 1 is written, so the
+        # stores of concurrent programs commute); no atomic at all on clean data
+        any_bad = tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0)
+        tl.atomic_max(flag_ptr, 1, mask=any_bad > 0, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["row"])
@@ -281,9 +309,29 @@ def _interpreted(fn) -> bool:
 INTERPRETED = _interpreted(_step_kernel)
 """Whether the kernels were decorated under ``TRITON_INTERPRET=1`` (decided once, at import)."""
 
-_OUTPUTS = ["out_ptr", "wr0_ptr", "wr1_ptr"]
+
+def _coef_params() -> tuple[str, ...]:
+    """The kernel's coefficient parameters in packed order, named from ``fastdiff.args``' offsets."""
+    names = [""] * N_COEF
+    names[C_AX], names[C_AE] = "a_x", "a_e"
+    ops = {OP_X: "x", OP_D: "d", OP_E: "e", OP_Z: "z", **{OP_H + k: str(k) for k in range(MAX_READS)}}
+    for prefix, base in (("o", C_OUT), ("p", C_W0), ("q", C_W1)):
+        for op, suffix in ops.items():
+            names[base + op] = f"{prefix}_{suffix}"
+    names[C_KNOWN_A], names[C_KNOWN_S], names[C_G], names[C_U] = "known_a", "known_s", "c_g", "u_scale"
+    return tuple(names)
+
+
+COEF_PARAMS = _coef_params()
+"""``_step_kernel``'s coefficient parameters, which take the packed tuple positionally."""
+_PARAMS = tuple(inspect.signature(getattr(_step_kernel, "fn", _step_kernel)).parameters)
+if _PARAMS[_PARAMS.index("a_x"):][:N_COEF] != COEF_PARAMS:
+    raise ImportError(f"_step_kernel's coefficient parameters {_PARAMS} do not follow the packed layout of "
+                      f"fastdiff.args {COEF_PARAMS}")
+
+_OUTPUTS = ["out_ptr", "wr0_ptr", "wr1_ptr", "u_ptr", "flag_ptr"]
 _TUNE_KEY = ["n", "HAS_CFG", "HAS_R", "HAS_G", "CLIP", "N_READS", "N_WRITES", "HAS_MASK", "E_OUT", "E_WR0", "E_WR1",
-             "Z_MODE", "Z2_MODE"]
+             "Z_MODE", "Z2_MODE", "U_COPIES", "CHECK"]
 
 if INTERPRETED:
     _tuned = None
@@ -301,7 +349,8 @@ STORAGE_DTYPES = tuple(_CDT)
 """Storage dtypes the kernel handles."""
 
 
-def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, row, coef, flags):
+def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
+            flags):
     b = x.shape[0]
     n = x.numel() // b
     if n == 0:
@@ -315,8 +364,8 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, see
     ptrs = (x, out, m, x if m_c is None else m_c, *reads, *writes,
             x if z is None else z, x if z2 is None else z2,
             x if mask is None else mask, x if known is None else known, x if g is None else g,
-            vec(w), vec(r), vec(s), vec(seeds))
-    scalars = (n, int(row) & 0xFFFFFFFF, *(float(c) for c in coef))
+            vec(w), vec(r), vec(s), vec(seeds), x if u is None else u, x if flag is None else flag)
+    scalars = (n, int(row) & 0xFFFFFFFF, int(u_stride), *(float(c) for c in coef))
     with _on_device(x):
         if INTERPRETED or os.environ.get("FASTDIFF_TRITON_AUTOTUNE", "1") == "0":
             blk = INTERPRET_BLOCK if INTERPRETED else FIXED_BLOCK
@@ -366,19 +415,28 @@ def fused_step(
     mask: torch.Tensor | None = None,
     known: torch.Tensor | None = None,
     g: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    flag: torch.Tensor | None = None,
 ) -> None:
-    """Execute one plan row in one kernel launch; writes ``out`` and ``h_write`` in place.
+    """Execute one plan row in one kernel launch; writes ``out``, ``h_write``, ``u`` and ``flag`` in place.
 
     Args:
         x, out, m, m_c, h_read[k], h_write[j], z, z2, mask, known, g: contiguous tensors shaped like
             ``x`` (``[B, ...]``, ``B <= 65535``), one storage dtype (fp16, bf16, fp32, fp64), one
             device. ``out`` and ``h_write`` may be the same tensors as inputs (in-place).
-        coef: 29 floats, the layout of ``fastdiff.args.pack_row``.
+        coef: ``fastdiff.args.N_COEF`` (30) floats, the layout of ``fastdiff.args.pack_row``.
         row: the Philox counter word of this plan row.
         w, r, s: float32 ``[B]`` guidance scale (with ``m_c``), rescale factor, clip bound.
         clip: 0 none, 1 clamp to ``±s``, 2 clamp and divide by ``s``.
         seeds: int64 ``[B]`` Philox keys, used for ``z``/``z2`` when those are ``None``.
         g: classifier-guidance gradient: ``e += c_g * g`` (even where ``c_g`` is 0, as the reference).
+        u: the next model input, ``u_scale * x'`` (``x'`` as stored, ``u_scale = coef[C_U]``) written
+            ``k`` = 1 or 2 times: a contiguous ``[k*B, ...]`` tensor (the copies back to back), or a
+            ``[k, B, ...]`` view whose copies are each contiguous, ``u.stride(0)`` elements apart
+            (``u_all.view(k, B_all, ...)[:, lo:hi]``: a slice of a larger batch's ``u``).
+            x's dtype and device; may overlap no other tensor.
+        flag: int32 tensor of one element, set to 1 where an element of ``m`` or ``m_c`` is NaN or
+            Inf (never cleared here; no host sync).
 
     The caller validates shapes and dtypes (``fastdiff.ops.validate``); this checks only what the
     kernel itself relies on.
@@ -396,6 +454,10 @@ def fused_step(
     for name, t in _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)})")
+    u_copies, u_stride = _check_u(x, u)
+    if flag is not None and (flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != x.device):
+        raise ValueError(f"flag must be an int32 tensor of one element on {x.device}, got {flag.dtype} "
+                         f"{tuple(flag.shape)} on {flag.device}")
     nw = len(h_write)
     cdt = _CDT[x.dtype]
     need_z = coef[C_OUT + OP_Z] != 0 or any(coef[C_W0 + N_OPERANDS * j + OP_Z] != 0 for j in range(nw))
@@ -425,9 +487,34 @@ def fused_step(
         E_WR1=nw > 1 and e_terms[2],
         Z_MODE=(_Z_EXTERNAL if z is not None else _Z_PHILOX) if need_z else _Z_NONE,
         Z2_MODE=(_Z_EXTERNAL if z2 is not None else _Z_PHILOX) if need_z2 else _Z_NONE,
+        U_COPIES=u_copies,
+        CHECK=flag is not None,
         CDT=cdt,
     )
-    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, row, coef, flags)
+    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
+            flags)
+
+
+def _check_u(x: torch.Tensor, u: torch.Tensor | None) -> tuple[int, int]:
+    """``(copies, stride between copies in elements)`` of the model-input tensor ``u`` (``(0, 0)``
+    without one); raises ``ValueError`` naming ``u`` unless its copies are contiguous ``x``-shaped blocks."""
+    if u is None:
+        return 0, 0
+    b, rest = x.shape[0], tuple(x.shape[1:])
+    if u.dtype != x.dtype or u.device != x.device:
+        raise ValueError(f"u must have x's dtype {x.dtype} and device {x.device}, got {u.dtype} on {u.device}")
+    if u.dim() == x.dim() and u.shape[0] in (b, 2 * b) and tuple(u.shape[1:]) == rest:
+        if not u.is_contiguous():
+            raise ValueError(f"u must be contiguous (got strides {u.stride()} for shape {tuple(u.shape)})")
+        return u.shape[0] // b, x.numel()
+    if u.dim() == x.dim() + 1 and u.shape[0] in (1, 2) and tuple(u.shape[1:]) == tuple(x.shape):
+        if not u[0].is_contiguous():
+            raise ValueError(f"each copy u[c] must be contiguous (got strides {u.stride()} for shape {tuple(u.shape)})")
+        if u.shape[0] == 2 and u.stride(0) < x.numel():
+            raise ValueError(f"the copies of u overlap: stride {u.stride(0)} between copies of {x.numel()} elements")
+        return u.shape[0], u.stride(0) if u.shape[0] == 2 else x.numel()
+    raise ValueError(f"u must have shape ({b}, ...) or ({2 * b}, ...) with x's trailing shape {rest}, or "
+                     f"(k, *x.shape) with k = 1 or 2, got {tuple(u.shape)}")
 
 
 def _nonzero(c: float, cdt) -> bool:

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from ..args import StepArgs, element_tensors, unsafe_overlap
+from ..args import StepArgs, element_tensors, output_tensors, unsafe_overlap
 
 NAME = "triton"
 
@@ -74,23 +74,29 @@ def supports(args: StepArgs) -> bool:
         return False
     if x.dim() < 1 or x.shape[0] < 1:  # batches above MAX_BATCH run in slices (see step)
         return False
-    if not all(t.is_contiguous() for t in element_tensors(args)):
+    if not all(t.is_contiguous() for t in element_tensors(args) + output_tensors(args)):
         return False
     return not unsafe_overlap(args)
 
 
 def step(args: StepArgs) -> None:
-    """Execute one row with one kernel launch: writes ``args.out`` and ``args.h_write``."""
+    """Execute one row with one kernel launch: writes ``args.out``, ``args.h_write``, ``args.u``
+    (the next model input) and ``args.flag`` (set to 1 on non-finite model output)."""
     if not supports(args):
+        tensors = element_tensors(args) + output_tensors(args)
         raise RuntimeError(
             f"triton backend cannot run this step (device {args.x.device.type}, dtype {args.x.dtype}, "
-            f"shape {tuple(args.x.shape)}, contiguous={[t.is_contiguous() for t in element_tensors(args)]})"
+            f"shape {tuple(args.x.shape)}, contiguous={[t.is_contiguous() for t in tensors]})"
         )
     k = kernels()
     b, cap = args.x.shape[0], k.MAX_BATCH
     # The sample index is grid axis 1 (at most MAX_BATCH on CUDA): a larger batch runs as slices
     # along the batch. Every tensor is contiguous [B, ...] and noise is keyed per sample, so each
-    # slice is exactly the batch's rows (and exact aliases stay exact aliases).
+    # slice is exactly the batch's rows (and exact aliases stay exact aliases). The model input u
+    # holds k copies of B rows each: a slice's rows lo..hi of every copy, as a [k, hi-lo, ...] view
+    # whose copies stay B*n elements apart (the kernel takes that stride); flag is shared.
+    k_u = args.u_copies
+    u_all = None if args.u is None else args.u.view(k_u, *args.x.shape)
     for lo in range(0, b, cap):
         hi = min(lo + cap, b)
 
@@ -102,4 +108,5 @@ def step(args: StepArgs) -> None:
             h_read=tuple(keep(h) for h in args.h_read), h_write=tuple(keep(h) for h in args.h_write),
             w=keep(args.w), r=keep(args.r), s=keep(args.s), clip=args.clip, seeds=keep(args.seeds),
             z=keep(args.z), z2=keep(args.z2), mask=keep(args.mask), known=keep(args.known), g=keep(args.g),
+            u=None if u_all is None else u_all[:, lo:hi], flag=args.flag,
         )

@@ -6,7 +6,9 @@ conftest before triton is imported); with a GPU they run compiled on CUDA tensor
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -64,17 +66,108 @@ def test_features_low_precision(feat, dtype):
     check(FEATURES[feat], (5, 2, 3, 7), dtype, seed=7)
 
 
+# --- contract v3: the next model input u and the non-finite flag ------------------------------------
+
+_V3 = [k for k in FEATURES if k.startswith(("u1", "u2", "flag")) or k == "in_place_everything"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", _V3)
+def test_model_input_and_flag_other_dtypes(name, dtype):
+    # fp32 runs in test_every_feature_fp32; a tail past a full block, samples of odd length
+    check(FEATURES[name], (3, BLOCK + 9), dtype, seed=len(name) + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("copies", [1, 2])
+def test_model_input_is_stored_x_times_scale_bit_exact(copies, dtype):
+    """u is x' as stored (rounded to the storage type) times u_scale in the compute type, rounded
+    once more: exactly torch's ``out * in_scale`` on the result, in every copy."""
+    gen = torch.Generator().manual_seed(copies)
+    b, n = 3, 2 * BLOCK + 5
+    x = torch.randn(b, n, generator=gen).to(dtype).to(DEVICE)
+    m = torch.randn(b, n, generator=gen).to(dtype).to(DEVICE)
+    u_scale = 0.7310585786300049  # not representable in float32: rounded first, as the reference does
+    coef = pack_row(Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=0.9, a_e=-0.3, out=combo(x=0.55, d=0.45, e=0.1)),
+                    u_scale=u_scale)
+    out = torch.full_like(x, float("nan"))
+    u = torch.full((copies * b, n), float("nan"), dtype=dtype, device=DEVICE)
+    tb.step(StepArgs(x=x, out=out, m=m, coef=coef, u=u))
+    cdt = fargs.compute_dtype(dtype)
+    scale = u_scale if cdt == torch.float64 else torch.tensor(u_scale, dtype=torch.float32).item()
+    want = (out.to(cdt) * scale).to(dtype)
+    for c in range(copies):
+        assert torch.equal(u[c * b:(c + 1) * b], want), c
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("where", ["m", "m_c"])
+def test_flag_sees_one_nonfinite_element_anywhere(where):
+    # every block boundary and the tail of a multi-block row; x and g are not model output
+    b, n = 3, 2 * BLOCK + 5
+    x = torch.randn(b, n, device=DEVICE)
+    coef = pack_row(Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.0, a_e=-1.0, out=combo(d=1.0)), c_g=0.5)
+    for pos in (0, BLOCK - 1, BLOCK, 2 * BLOCK + 4, n, b * n - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            m, m_c = torch.randn(b, n, device=DEVICE), torch.randn(b, n, device=DEVICE)
+            (m if where == "m" else m_c).view(-1)[pos] = bad
+            flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+            tb.step(StepArgs(x=x, out=torch.empty_like(x), m=m, m_c=m_c, w=torch.ones(b, device=DEVICE), flag=flag,
+                             coef=coef))
+            assert flag.tolist() == [1], (where, pos, bad)
+    # non-finite state or gradient is no model output; a set flag is never cleared
+    y, g = x.clone(), torch.randn(b, n, device=DEVICE)
+    y[1, 7], g[2, 3] = float("nan"), float("inf")
+    for start in (0, 1, 7):
+        flag = torch.full((1,), start, dtype=torch.int32, device=DEVICE)
+        m = torch.randn(b, n, device=DEVICE)
+        tb.step(StepArgs(x=y, out=torch.empty_like(y), m=m, m_c=m.clone(), w=torch.ones(b, device=DEVICE), g=g,
+                         flag=flag, coef=coef))
+        assert flag.tolist() == [start]
+
+
+def test_flag_and_model_input_in_one_launch_through_ops():
+    """ops.step (validation, staging of a non-contiguous u) runs them on the triton backend too."""
+    x = torch.randn(2, 8, device=DEVICE)
+    m = torch.randn(2, 8, device=DEVICE)
+    m[1, 5] = float("nan")
+    coef = pack_row(Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.0, a_e=-1.0, out=combo(x=0.5, d=0.5)), u_scale=2.0)
+    u_t = torch.full((8, 4), float("nan"), device=DEVICE)  # u_t.t() is [4, 8] = 2 copies, not contiguous
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    args = StepArgs(x=x, out=torch.empty_like(x), m=m, coef=coef, u=u_t.t(), flag=flag)
+    assert not tb.supports(args)  # a non-contiguous output is staged, never written through wrongly
+    ops.step(args, backend="triton")
+    assert flag.item() == 1
+    want = args.out * 2.0
+    assert torch.equal(u_t.t()[:2].isnan(), want.isnan()) and torch.equal(u_t.t()[2:].isnan(), want.isnan())
+    fin = want.isfinite()
+    assert torch.equal(u_t.t()[:2][fin], want[fin]) and torch.equal(u_t.t()[2:][fin], want[fin])
+
+
 def test_multi_dim_shape_and_out_of_place_everything():
     check(EVERYTHING, (2, 4, 9, 5), torch.float32, seed=3)
 
 
 def test_packed_layout_is_fastdiff_args():
-    """kernels/step.py does not import fastdiff: its copy of the layout must be the package's."""
-    assert K.N_COEF == N_COEF == 29
-    for name in ("C_AX", "C_AE", "C_OUT", "C_W0", "C_W1", "C_KNOWN_A", "C_KNOWN_S", "C_G"):
-        assert getattr(K, name) == getattr(fargs, name), name
+    """kernels/step.py keeps no copy of the layout: it imports fastdiff.args' and fastdiff.plan's,
+    and names the kernel's positional coefficient parameters from those offsets."""
+    assert K.N_COEF == N_COEF == 30
+    for name in ("N_COEF", "C_AX", "C_AE", "C_OUT", "C_W0", "C_W1", "C_KNOWN_A", "C_KNOWN_S", "C_G", "C_U"):
+        assert getattr(K, name) is getattr(fargs, name), name
     for name in ("N_OPERANDS", "OP_X", "OP_D", "OP_E", "OP_H", "OP_Z", "MAX_READS", "MAX_WRITES"):
-        assert getattr(K, name) == getattr(plan, name), name
+        assert getattr(K, name) is getattr(plan, name), name
+    # not re-declared in the source either (an equal literal would pass the identity checks for small ints)
+    src = inspect.getsource(K)
+    for name in ("N_COEF", "C_AX", "C_AE", "C_OUT", "C_W0", "C_W1", "C_KNOWN_A", "C_KNOWN_S", "C_G", "C_U", "MAX_READS",
+                 "MAX_WRITES", "N_OPERANDS", "OP_X", "OP_D", "OP_E", "OP_H", "OP_Z"):
+        assigned = rf"^{name}\b[^\n]*=|^[A-Z0-9_, ]*\b{name}\b[A-Z0-9_, ]*="  # NAME = ..., A, NAME, B = ...
+        assert not re.search(assigned, src, re.M), f"{name} is redefined"
+    params = list(inspect.signature(K._step_kernel.fn).parameters)
+    i = params.index("a_x")
+    assert tuple(params[i:i + N_COEF]) == K.COEF_PARAMS
+    assert K.COEF_PARAMS[fargs.C_U] == "u_scale" and K.COEF_PARAMS[fargs.C_G] == "c_g"
+    assert K.COEF_PARAMS[fargs.C_W1 + plan.OP_Z] == "q_z" and K.COEF_PARAMS[fargs.C_OUT + plan.OP_H + 3] == "o_3"
+    assert {"U_COPIES", "CHECK"} <= set(K._TUNE_KEY) and {"u_ptr", "flag_ptr"} <= set(K._OUTPUTS)
 
 
 def test_e_coefficient_below_float32_range_is_no_e_term():
@@ -167,8 +260,10 @@ def test_rejects_unsupported_dtype_and_device():
 def test_wrapper_errors_name_the_argument():
     x = torch.randn(2, 8, device=DEVICE)
     zeros = (0.0,) * N_COEF
-    with pytest.raises(ValueError, match="coef must have 29 entries, got 25"):
+    with pytest.raises(ValueError, match="coef must have 30 entries, got 25"):
         K.fused_step(x, x, x, (0.0,) * 25)  # a contract-v1 row
+    with pytest.raises(ValueError, match="coef must have 30 entries, got 29"):
+        K.fused_step(x, x, x, (0.0,) * 29)  # a contract-v2 row, without u_scale
     with pytest.raises(ValueError, match="clip must be 0, 1 or 2, got 5"):
         K.fused_step(x, x, x, zeros, clip=5)
     with pytest.raises(ValueError, match="m_c was given without the guidance scale w"):
@@ -181,6 +276,21 @@ def test_wrapper_errors_name_the_argument():
         K.fused_step(x, x, torch.randn(8, 2, device=DEVICE).t(), zeros)
     with pytest.raises(ValueError, match="g must be contiguous"):
         K.fused_step(x, x, x, zeros, g=torch.randn(8, 2, device=DEVICE).t())
+    out = torch.empty_like(x)
+    with pytest.raises(ValueError, match=r"u must have shape \(2, ...\) or \(4, ...\)"):
+        K.fused_step(x, out, x, zeros, u=torch.empty(6, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="u must have x's dtype"):
+        K.fused_step(x, out, x, zeros, u=torch.empty(2, 8, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="u must be contiguous"):
+        K.fused_step(x, out, x, zeros, u=torch.empty(8, 4, device=DEVICE).t())
+    with pytest.raises(ValueError, match=r"each copy u\[c\] must be contiguous"):
+        K.fused_step(x, out, x, zeros, u=torch.empty(2, 8, 2, device=DEVICE).transpose(1, 2))
+    with pytest.raises(ValueError, match="the copies of u overlap"):
+        K.fused_step(x, out, x, zeros, u=torch.empty(24, device=DEVICE).as_strided((2, 2, 8), (8, 8, 1)))
+    with pytest.raises(ValueError, match="flag must be an int32 tensor of one element"):
+        K.fused_step(x, out, x, zeros, flag=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="flag must be an int32 tensor of one element"):
+        K.fused_step(x, out, x, zeros, flag=torch.zeros(2, dtype=torch.int32, device=DEVICE))
 
 
 def test_ops_dispatch_by_name():
@@ -201,14 +311,19 @@ _COMPILE = textwrap.dedent("""
     from kernels import step as K
     fn = K._step_kernel
     names = list(inspect.signature(fn.fn).parameters)
-    vec = {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "seed_ptr": "*i64"}
+    vec = {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "seed_ptr": "*i64", "flag_ptr": "*i32"}
     for arch in (80, 90):
         for st, cdt in (("fp16", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
             flags = dict(HAS_CFG=True, HAS_R=True, HAS_G=True, CLIP=2, N_READS=4, N_WRITES=2, HAS_MASK=True,
-                         E_OUT=True, E_WR0=True, E_WR1=True, Z_MODE=1, Z2_MODE=1, CDT=cdt, BLOCK=1024)
-            sig = {nm: (vec.get(nm, "*" + st) if nm.endswith("_ptr") else "i32" if nm in ("n", "row")
+                         E_OUT=True, E_WR0=True, E_WR1=True, Z_MODE=1, Z2_MODE=1, U_COPIES=2, CHECK=True, CDT=cdt,
+                         BLOCK=1024)
+            ints = ("n", "row", "u_stride")
+            ptrs = {nm for nm in names if nm.endswith("_ptr")}
+            assert set(names) - set(flags) - set(ints) == ptrs | set(K.COEF_PARAMS)
+            sig = {nm: (vec.get(nm, "*" + st) if nm.endswith("_ptr") else "i32" if nm in ints
                         else "constexpr" if nm in flags else "fp64") for nm in names}
-            attrs = {(i,): [["tt.divisibility", 16]] for i, nm in enumerate(names) if nm.endswith("_ptr") or nm == "n"}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, nm in enumerate(names)
+                     if nm.endswith("_ptr") and nm != "flag_ptr" or nm in ("n", "u_stride")}
             c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags, attrs=attrs),
                                target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
             ptx = c.asm["ptx"]

@@ -29,6 +29,11 @@ def small_cap(monkeypatch):
 @pytest.mark.parametrize("feat", [
     {"cfg": True, "rescale": True, "clip": 2, "noise": "philox", "reads": 2, "writes": ("h1", "new")},
     {"mask": "philox", "noise": "philox", "in_place": True, "writes": ("x",)},
+    # the next model input: every copy's rows lo..hi for a slice lo..hi (copies B rows apart)
+    {"cfg": True, "noise": "philox", "u": 2, "flag": True, "writes": ("new",)},
+    {"u": 1, "u_scale": 1.0, "in_place": True, "flag": True},
+    {"cfg": True, "rescale": True, "clip": 2, "reads": 4, "writes": ("h1", "new"), "mask": "philox", "noise": "philox",
+     "e": "all", "g": "random", "u": 2, "flag": True, "in_place": True},
 ])
 def test_batch_above_the_grid_limit_runs_in_slices(small_cap, feat):
     pool, make_args, outputs = build(feat, (5, 3, 7), torch.float32, 1234, DEVICE)
@@ -40,6 +45,21 @@ def test_batch_above_the_grid_limit_runs_in_slices(small_cap, feat):
     ops.step(a, backend="triton")
     for k in outputs:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6)
+    if "u" in outputs:
+        assert torch.isfinite(got["u"]).all(), "a row of u was left unwritten"
+
+
+@pytest.mark.parametrize("sample", [0, 2, 4])
+def test_flag_from_any_slice(small_cap, sample):
+    # the non-finite model output sits in the first, a middle or the last slice (of 1 sample)
+    pool, make_args, outputs = build({"cfg": True, "u": 2, "flag": True}, (5, 3, 7), torch.float32, 99, DEVICE)
+    pool["m_c"][sample, 1, 4] = float("nan")
+    a = make_args(pool)
+    ops.step(a, backend="triton")
+    assert a.flag.tolist() == [1]
+    u = a.u.view(2, 5, 3, 7)
+    bad = ~torch.isfinite(u)
+    assert bad[:, sample].any() and not torch.cat([bad[:, :sample], bad[:, sample + 1:]], 1).any()
 
 
 def test_sample_with_a_batch_above_the_grid_limit(small_cap):
