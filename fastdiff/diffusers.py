@@ -63,6 +63,7 @@ import torch
 from . import ops, samplers
 from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, dynamic_threshold
+from .executor import StopSampling
 from .loop import LoopOptions, draw_noise, run_plan
 from .plan import MAX_READS, Plan, Row, check_prediction, combo
 from .rng import expand_seeds
@@ -1295,20 +1296,18 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
         seeds = expand_seeds(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), latents.shape[0])
     guidance = Guidance(gs if do_cfg else None, None, pipe._guidance_rescale if do_cfg else 0.0)
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    latents = latents.contiguous()  # the loop's own state: updated in place, row by row
     pipe._num_timesteps = len(sched.timesteps)
     post_step = _step_end_hook(pipe, a, sched.timesteps)
     opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
                        progress=progress, check_finite=pipe._fd_check_finite, post_step=post_step)
-    try:
-        latents = run_plan(plan, model, latents, opts)
-    except _Interrupted:  # the callback set pipe._interrupt: the stock loop skips the remaining steps
-        pass
+    # a callback that sets pipe._interrupt ends the loop there (StopSampling): the latents so far come back
+    latents = run_plan(plan, model, latents, opts, in_place=False)
     return spec.finish(pipe, latents, a, extra)
 
 
-class _Interrupted(Exception):
-    """Raised by the step-end hook when a callback sets ``pipe._interrupt`` (stops the loop)."""
+class _Interrupted(StopSampling):
+    """Raised by the step-end hook when a callback sets ``pipe._interrupt``: the loop returns the
+    latents after that step."""
 
 
 def _step_end_hook(pipe, a: dict, timesteps) -> Callable | None:

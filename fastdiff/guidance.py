@@ -3,7 +3,8 @@
 Everything here is decided per plan row on the host before the loop starts (scales become one
 ``[rows, batch]`` device tensor), except the two per-sample reductions that must see the data:
 the guidance-rescale std ratio and the dynamic-thresholding quantile. Those run on the device,
-before the fused step, and hand it one scalar per sample.
+before the fused step, and hand it one scalar per sample: on CPU tensors as one pass of the
+compiled extension (``_C.rescale``, ``_C.threshold``), elsewhere as torch operations.
 """
 
 from __future__ import annotations
@@ -68,13 +69,44 @@ class Guidance:
         return out
 
 
+def _extension(*tensors: torch.Tensor | None):
+    """The CPU extension when it can read every given tensor as it is (CPU, contiguous, one storage
+    dtype for the element tensors), else ``None``."""
+    from .backends import cpu
+
+    if cpu._C is None:
+        return None
+    ts = [t for t in tensors if t is not None]
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in ts):
+        return None
+    return cpu
+
+
+def _pointers(**named) -> list[int]:
+    from .args import PTR_NAMES
+
+    ptrs = [0] * len(PTR_NAMES)
+    for k, t in named.items():
+        if t is not None:
+            ptrs[PTR_NAMES.index(k)] = t.data_ptr()
+    return ptrs
+
+
 def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: float) -> torch.Tensor:
     """Per-sample factor ``r`` so that ``r * (m_u + w (m_c - m_u))`` is diffusers' rescaled CFG.
 
     ``r = phi * std(m_c) / std(cfg) + (1 - phi)``, std over all but the batch dimension (float32);
-    ``r = 1`` for a sample whose guided output is constant (``std(cfg) = 0``).
+    ``r = 1`` for a sample whose guided output is constant (``std(cfg) = 0``). On CPU tensors the
+    extension computes it in one pass (standard deviations accumulated in float64).
     """
     b = m_c.shape[0]
+    ext = _extension(m_u, m_c, w)
+    if (ext is not None and m_u.shape == m_c.shape and m_u.dtype == m_c.dtype and m_u.dtype in ext.DTYPE_CODES
+            and m_u.numel() and w.dtype == torch.float32 and w.shape == (b,)):
+        r = torch.empty(b, dtype=torch.float32)
+        n = m_u.numel()
+        ext._C.rescale(_pointers(m=m_u, m_c=m_c, w=w, r=r), n, n // b, ext.DTYPE_CODES[m_u.dtype], float(phi))
+        return r
     # flattened per sample: a [B] state has no dims to reduce, and std(dim=()) would reduce the batch
     mu, mc = m_u.float().reshape(b, -1), m_c.float().reshape(b, -1)
     cfg = mu + w.reshape(-1, 1) * (mc - mu)
@@ -84,6 +116,35 @@ def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: f
     # diffusers' 0/0 = NaN, which would silently fill the sample with NaN
     ratio = torch.where(std_g > 0, std_c / std_g, torch.ones_like(std_g))
     return (phi * ratio + (1.0 - phi)).to(torch.float32)
+
+
+def threshold_bound(x: torch.Tensor, m: torch.Tensor, m_c: torch.Tensor | None, w: torch.Tensor | None,
+                    r: torch.Tensor | None, coef, ratio: float, max_value: float,
+                    g: torch.Tensor | None = None) -> torch.Tensor:
+    """A row's dynamic-threshold bounds ``s`` (float32 ``[B]``): :func:`dynamic_threshold` of its
+    data estimate ``d = a_x x + a_e e``, computed as the step computes it (``e`` guided, rescaled by
+    ``r``, plus ``c_g g``; ``coef`` the packed row, :func:`fastdiff.args.pack_row`). On CPU tensors
+    the extension computes ``d`` and selects the quantile in one pass, without sorting."""
+    from .args import C_AE, C_AX, C_G, compute_dtype
+
+    b = x.shape[0]
+    ext = _extension(x, m, m_c, w, r, g)
+    if ext is not None and x.dtype in ext.DTYPE_CODES and x.numel():
+        s = torch.empty(b, dtype=torch.float32)
+        n = x.numel()
+        ext._C.threshold(_pointers(x=x, m=m, m_c=m_c, w=w, r=r, g=g, s=s), n, n // b, ext.DTYPE_CODES[x.dtype],
+                         list(coef), float(ratio), float(max_value))
+        return s
+    dt = compute_dtype(x.dtype)
+    col = (-1,) + (1,) * (x.dim() - 1)
+    e = m.to(dt)
+    if m_c is not None:
+        e = e + w.to(dt).reshape(col) * (m_c.to(dt) - e)
+    if r is not None:
+        e = r.to(dt).reshape(col) * e
+    if g is not None:
+        e = e + coef[C_G] * g.to(dt)
+    return dynamic_threshold(coef[C_AX] * x.to(dt) + coef[C_AE] * e, ratio, max_value)
 
 
 def dynamic_threshold(d: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

@@ -16,55 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .args import StepArgs, clip_code, compute_dtype, pack_row
-from .guidance import Guidance, dynamic_threshold, rescale_factor
+from .args import StepArgs, compute_dtype, pack_row
+from .executor import Call, Executor, NonFiniteError, draw_noise  # noqa: F401  (public here since v1)
+from .guidance import Guidance
 from .plan import Plan, Row, combo, score_coeffs
 from .timing import RegionTimer
 
 ModelFn = Callable[..., torch.Tensor]
 Cond = torch.Tensor | dict | None
-
-
-class NonFiniteError(FloatingPointError):
-    """The model returned NaN or Inf."""
-
-
-def draw_noise(shape, generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Draw standard normals exactly as diffusers' ``randn_tensor`` does for this generator.
-
-    A list of generators draws one sample each; a CPU generator for a CUDA tensor draws on the CPU.
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator list has {len(generator)} entries but the batch has {shape[0]}")
-        parts = [draw_noise((1, *shape[1:]), g, dtype, device) for g in generator]
-        return torch.cat(parts, dim=0)
-    gdev = generator.device if generator is not None else device
-    z = torch.randn(shape, generator=generator, device=gdev, dtype=dtype)
-    return z.to(device)
-
-
-def _cat(a: Cond, b: Cond) -> Cond:
-    if isinstance(a, dict):
-        return {k: _cat(a[k], b[k]) if isinstance(a[k], (torch.Tensor, dict)) else a[k] for k in a}
-    return torch.cat([a, b], dim=0)
-
-
-def _call(model: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    if cond is None:
-        return model(x, t)
-    if isinstance(cond, dict):
-        return model(x, t, **cond)
-    return model(x, t, cond)
-
-
-def _batch_of(c: Cond) -> int | None:
-    if c is None:
-        return None
-    if isinstance(c, dict):
-        sizes = {v.shape[0] for v in c.values() if isinstance(v, torch.Tensor)}
-        return sizes.pop() if len(sizes) == 1 else -1
-    return c.shape[0]
 
 
 @dataclass
@@ -95,16 +54,13 @@ class LoopOptions:
     a graph; multistep history is unaffected (rows read ``x`` and the history ring, not a copy)."""
 
 
-def _no_region(name: str):
-    return nullcontext()
+def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, in_place: bool = True) -> torch.Tensor:
+    """Run every row of ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``) through
+    a prepared :class:`fastdiff.executor.Executor` built for this call.
 
-
-def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> torch.Tensor:
-    """Run every row of ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``).
-
-    ``x`` is updated in place and returned scaled by ``plan.out_scale``, in its own memory layout
-    (strides); the loop itself works on a contiguous state (the layout every fused backend and the
-    per-element Philox counter use), copied back into ``x`` at the end when ``x`` is not contiguous.
+    Returns the final sample scaled by ``plan.out_scale``. With ``in_place`` (the default) it is
+    written into ``x`` (in ``x``'s own memory layout) and ``x`` is returned, unless ``x`` cannot
+    hold it (an expanded view); without, ``x`` is left as it is and a new tensor comes back.
     Sampling is not differentiable: the loop runs under ``torch.no_grad()`` and returns a tensor
     that does not require grad (classifier guidance takes its own gradient).
     Noise comes from ``opts.noise_fn(row_index, x)`` if given, else ``opts.generator`` (drawn like
@@ -115,12 +71,21 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> 
                          f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
     with torch.no_grad():
         user_x = x.detach() if x.requires_grad else x  # same storage: still updated in place
-        # Work on a contiguous state: the fused backends need it, and a non-contiguous one would
-        # otherwise fall back to (or, with backend= named, be refused by) every kernel.
-        work = user_x if user_x.is_contiguous() else user_x.contiguous()
-        out = _run_plan(plan, model, work, opts)
-        if out is user_x:
-            return user_x
+        if opts.cuda_graph:
+            check_graphable(opts, x)
+        ex = Executor(plan, x.shape, x.dtype, x.device, guidance=opts.guidance, backend=opts.backend,
+                      check_finite=opts.check_finite,
+                      classifier_scale=opts.classifier_scale if opts.classifier is not None else None,
+                      masked=opts.mask is not None)
+        call = Call(cond=opts.cond, uncond=opts.uncond, seeds=opts.seeds, generator=opts.generator,
+                    noise_fn=opts.noise_fn, mask=opts.mask, known=opts.known, callback=opts.callback,
+                    progress=opts.progress, timer=opts.timer, classifier=opts.classifier,
+                    classifier_y=opts.classifier_y, post_step=opts.post_step)
+        out = ex.run_graphed(model, user_x, call) if opts.cuda_graph else ex.run(model, user_x, call)
+        if opts.timer is not None:
+            opts.timer.end()
+        if not in_place:
+            return out
         if _writable_in_place(user_x):
             user_x.copy_(out)
             return user_x
@@ -137,176 +102,11 @@ def _writable_in_place(t: torch.Tensor) -> bool:
     return True
 
 
-def _run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions) -> torch.Tensor:
-    if opts.cuda_graph:
-        _check_graphable(opts, x)
-    B = x.shape[0]
-    dev = x.device
-    rows = plan.rows
-    g = opts.guidance or Guidance()
-    wscale = g.scales(plan)
-    guided = [w != 1.0 for w in wscale]
-    if any(guided) and opts.uncond is None:
-        raise ValueError("guidance_scale != 1 needs uncond (the unconditional conditioning)")
-    if any(guided) and g.rescale > 0 and x[0].numel() < 2:
-        raise ValueError(f"guidance_rescale needs at least 2 elements per sample (it is a ratio of per-sample "
-                         f"standard deviations); the state has shape {tuple(x.shape)}")
-    for name, c in (("cond", opts.cond), ("uncond", opts.uncond)):
-        nb = _batch_of(c)
-        if nb is not None and nb != B:
-            raise ValueError(f"{name} has batch {nb} but noise has batch {B}; nothing is broadcast")
-    if opts.cond is not None and opts.uncond is not None and any(guided):
-        if type(opts.cond) is not type(opts.uncond):
-            raise TypeError("cond and uncond must both be tensors or both be dicts")
-        if isinstance(opts.cond, dict) and set(opts.cond) != set(opts.uncond):
-            raise ValueError(f"cond keys {sorted(opts.cond)} differ from uncond keys {sorted(opts.uncond)}")
-    cond_cat = _cat(opts.uncond, opts.cond) if any(guided) and opts.cond is not None else None
-
-    # Per-row device tables, built once: no host->device copies inside the loop.
-    # the model's time in float32 (what diffusers and k-diffusion pass), float64 for a float64 state
-    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ts = torch.tensor([r.t for r in rows], dtype=torch.float64).to(t_dtype).to(dev)
-    W = torch.tensor(wscale, dtype=torch.float32).to(dev)
-    W = W[:, None].expand(len(rows), B).contiguous()
-    s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)
-    hist = [torch.empty_like(x) for _ in range(plan.n_slots)]
-    seeds = None
-    renoise = opts.mask is not None and any(r.known_s != 0 for r in rows)
-    external = opts.noise_fn is not None or opts.generator is not None
-    if (not external and any(r.noise for r in rows)) or (renoise and opts.generator is None):
-        if opts.seeds is None:
-            raise ValueError(f"sampler {plan.sampler!r} draws noise: give seed= or generator=")
-        seeds = torch.as_tensor(opts.seeds, dtype=torch.int64).to(dev)
-        if seeds.shape != (B,):
-            raise ValueError(f"seeds must have one entry per sample ({B}), got shape {tuple(seeds.shape)}")
-    if opts.mask is not None and opts.known is None:
-        raise ValueError("mask needs known (the known image)")
-    mask_t = known_t = None  # contiguous (any layout is accepted; the fused step reads them flat)
-    if opts.mask is not None:
-        mask_t, known_t = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (opts.mask, opts.known))
-    sums = torch.zeros(len(rows), dtype=torch.float32, device=dev) if opts.check_finite else None
-    cg = classifier_coefficients(plan, opts.classifier_scale) if opts.classifier is not None else None
-    if opts.classifier is not None:
-        y = opts.classifier_y
-        if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"classifier guidance needs classifier_y, an integer tensor of shape ({B},), got "
-                             f"{type(y).__name__ if not isinstance(y, torch.Tensor) else (y.dtype, tuple(y.shape))}")
-        y = y.to(device=dev, dtype=torch.int64)
-    packed = [pack_row(r, cg[i] if cg is not None else 0.0, fold=True) for i, r in enumerate(rows)]
-    noise_dtype = getattr(torch, plan.noise_dtype) if plan.noise_dtype else x.dtype
-
-    it = range(len(rows))
-    if opts.progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"fastdiff {plan.sampler}", total=len(rows))
-    tm = opts.timer
-    region = tm.region if tm is not None else _no_region
-    backend = None  # resolved once; the step's tensors are validated whenever their kind changes
-    checked = None
-    all_dims = tuple(range(x.dim()))
-
-    def run_rows(x: torch.Tensor, it) -> None:
-        nonlocal backend, checked
-        for i in it:
-            r = rows[i]
-            if tm is not None:
-                tm.start_row(i)
-            with region("model"):
-                x_in = x * r.in_scale if r.in_scale != 1.0 else x
-                if guided[i]:
-                    cin = cond_cat if cond_cat is not None else opts.uncond
-                    out = _call(model, torch.cat([x_in, x_in], dim=0), ts[i].expand(2 * B), cin)
-                    _check_shape(out, (2 * B, *x.shape[1:]), i, r)
-                    # any layout or dtype the model returns: the step takes x's dtype, contiguous
-                    # (detached: a model may enable grad inside; the step is not differentiable)
-                    out = out.detach().to(x.dtype).contiguous()
-                    m, m_c = out[:B], out[B:]
-                else:
-                    out = _call(model, x_in, ts[i].expand(B), opts.cond)
-                    _check_shape(out, tuple(x.shape), i, r)
-                    out = out.detach()
-                    m, m_c = out.to(x.dtype).contiguous(), None
-            w = W[i] if m_c is not None else None
-            rr = s = None
-            clip = clip_code(r)
-            grad = None
-            with region("guidance"):
-                if cg is not None and cg[i] != 0.0:
-                    grad = classifier_grad(opts.classifier, x_in, ts[i].expand(B), y).to(x.dtype).contiguous()
-                if sums is not None:
-                    torch.sum(out, dim=all_dims, dtype=torch.float32, out=sums[i])
-                if m_c is not None and g.rescale > 0:
-                    rr = rescale_factor(m, m_c, w, g.rescale)
-                if clip == 1:
-                    s = s_static
-                elif clip == 2:
-                    s = dynamic_threshold(_x0(x, m, m_c, w, rr, r), plan.threshold_ratio, plan.threshold_max)
-            z = None
-            if r.noise and (opts.noise_fn is not None or opts.generator is not None):
-                with region("noise"):
-                    if opts.noise_fn is not None:
-                        z = opts.noise_fn(i, x)
-                    else:
-                        z = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev)
-                    z = _external_noise(z, x, i)
-            z2 = None
-            if opts.mask is not None and r.known_s != 0 and opts.generator is not None:
-                with region("noise"):  # the known region's re-noising, drawn after the solver noise
-                    z2 = draw_noise(tuple(x.shape), opts.generator, noise_dtype, dev).to(dtype=x.dtype, device=dev)
-            if opts.callback is not None:
-                x0 = _x0(x, m, m_c, w, rr, r, s, clip)
-            coef = packed[i]
-            if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
-                with region("guidance"):
-                    m, rr, z, coef = langevin_operands(plan, r, i, x, m, m_c, w, rr, grad, packed[i], z, seeds,
-                                                       opts.backend)
-                m_c = w = grad = None
-            args = StepArgs(
-                x=x, out=x, m=m, m_c=m_c, coef=coef, row=i,
-                h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[wr.slot] for wr in r.writes),
-                w=w, r=rr, s=s, clip=clip, seeds=seeds, z=z, z2=z2,
-                mask=mask_t, known=known_t, g=grad,
-            )
-            with region("step"):
-                sig = (m_c is None, rr is None, s is None, z is None, z2 is None, grad is None, len(r.reads), len(r.writes))
-                if sig != checked:
-                    ops.validate(args)
-                    checked = sig
-                if backend is not None and backend.supports(args):
-                    backend.step(args)
-                elif ops.requested_backend(opts.backend) != "reference" and ops.needs_staging(args):
-                    # e.g. a model output that partly overlaps the state: run on contiguous copies
-                    ops.step(args, opts.backend, check=False)
-                else:
-                    backend = ops.resolve(opts.backend, args)
-                    backend.step(args)
-            if opts.post_step is not None:
-                opts.post_step(i, x)
-            if opts.callback is not None:
-                opts.callback(r.step, r.sigma, x, x0)
-
-    if opts.cuda_graph:
-        _run_graphed(run_rows, x, len(rows))
-    else:
-        run_rows(x, it)
-    if tm is not None:
-        tm.end()
-    if sums is not None:
-        bad = ~torch.isfinite(sums)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise NonFiniteError(f"model output has NaN or Inf at step {rows[i].step} (row {i}, sigma {rows[i].sigma:.6g})")
-    if plan.out_scale != 1.0:
-        x.mul_(plan.out_scale)
-    return x
-
-
 class GraphCaptureError(RuntimeError):
     """The sampling loop (model included) could not be captured as a CUDA graph."""
 
 
-def _check_graphable(opts: "LoopOptions", x: torch.Tensor) -> None:
+def check_graphable(opts: "LoopOptions", x: torch.Tensor) -> None:
     """Raise ``ValueError`` listing every reason the loop cannot be captured (before any work)."""
     problems = []
     if x.device.type != "cuda":
@@ -476,24 +276,8 @@ def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, 
     return g.to(x.dtype), k.to(torch.float32).contiguous(), zk.to(x.dtype), coef
 
 
-def _external_noise(z, x: torch.Tensor, i: int) -> torch.Tensor:
-    """``noise_fn``'s tensor for row ``i`` as the step takes it: ``x``'s shape (never broadcast), dtype, device, contiguous."""
-    if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(x.shape):
-        raise ValueError(f"noise_fn must return a tensor of the state's shape {tuple(x.shape)} at row {i}, got "
-                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
-    return z.to(dtype=x.dtype, device=x.device).contiguous()
-
-
-def _check_shape(out, expected, i, r) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model must return a tensor (wrap diffusers/k-diffusion models with fastdiff.denoisers), "
-                        f"got {type(out).__name__}")
-    if tuple(out.shape) != tuple(expected):
-        raise ValueError(f"model output at step {r.step} has shape {tuple(out.shape)}, expected {tuple(expected)}")
-
-
-def _x0(x, m, m_c, w, rr, row, s=None, clip=0) -> torch.Tensor:
-    """The row's data estimate in float32 (for callbacks and the threshold quantile)."""
+def x0_estimate(x, m, m_c, w, rr, row, s=None, clip=0) -> torch.Tensor:
+    """The row's data estimate in float32 (for callbacks)."""
     nd = x.dim()
     e = m.float()
     if m_c is not None:

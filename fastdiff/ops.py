@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -263,6 +264,97 @@ def stage(args: StepArgs):
             args.flag.copy_(staged.flag)
 
     return staged, commit
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared rows: a whole loop's rows validated and resolved once (fastdiff.executor's programs)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A per-sample reduction a prepared row runs just before its step.
+
+    Attributes:
+        rescale: ``> 0``: the guidance-rescale factor with this ``phi`` into the row's ``r``
+            (:func:`fastdiff.guidance.rescale_factor`).
+        threshold_ratio, threshold_max: ``ratio > 0``: the dynamic-threshold bound into the row's
+            ``s`` (:func:`fastdiff.guidance.threshold_bound`).
+    """
+
+    rescale: float = 0.0
+    threshold_ratio: float = 0.0
+    threshold_max: float = 1.0
+
+
+class Program:
+    """Prepared rows run by the backend's ``step`` (reference, triton, cuda, or any fallback).
+
+    ``run(i, m)`` gives row ``i`` its model output ``m`` (``[B, ...]``, or ``[2B, ...]`` for a
+    guided row: unconditional half first), runs its reduction and its step. ``set(i, name, t)``
+    points operand ``name`` (a :class:`fastdiff.args.StepArgs` field) of row ``i`` (every row for
+    ``i = -1``) at ``t``. The rows were validated when prepared; ``run`` checks nothing.
+    """
+
+    run_ptr = None
+
+    def __init__(self, rows: list[StepArgs], reductions: list, step_fn) -> None:
+        self.rows = rows
+        self.reductions = reductions
+        self._step = step_fn
+
+    def run(self, i: int, m: torch.Tensor) -> None:
+        from .guidance import rescale_factor, threshold_bound
+
+        a = self.rows[i]
+        if a.m_c is not None:
+            b = a.x.shape[0]
+            a.m, a.m_c = m[:b], m[b:]
+        else:
+            a.m = m
+        red = self.reductions[i]
+        if red is not None:
+            if red.rescale > 0:
+                a.r.copy_(rescale_factor(a.m, a.m_c, a.w, red.rescale))
+            if red.threshold_ratio > 0:
+                a.s.copy_(threshold_bound(a.x, a.m, a.m_c, a.w, a.r, a.coef, red.threshold_ratio, red.threshold_max,
+                                          g=a.g))
+        self._step(a)
+
+    def set(self, i: int, name: str, t: torch.Tensor | None) -> None:
+        for a in (self.rows if i < 0 else [self.rows[i]]):
+            setattr(a, name, t)
+
+
+def prepare(rows: list[StepArgs], backend: str | None = "auto", reductions: list | None = None):
+    """Validate every row once and pick the backend once: the one dispatch point of a prepared
+    loop (:mod:`fastdiff.executor`), as :func:`step` is for a single row.
+
+    ``rows`` share their buffers (contiguous and non-overlapping but for exact aliases, as the
+    executor allocates them); ``m``/``m_c`` are placeholders that ``run`` replaces. Returns the
+    backend's own program where it has one (``cpu``: the extension's, whose ``run_ptr(i, address)``
+    takes the model output's address), else a :class:`Program` over the backend's ``step``; rows a
+    fused backend cannot run go through :func:`step` (staged copies) one by one.
+    """
+    reductions = list(reductions) if reductions is not None else [None] * len(rows)
+    if len(reductions) != len(rows):
+        raise ValueError(f"reductions has {len(reductions)} entries for {len(rows)} rows")
+    for a, red in zip(rows, reductions):
+        validate(a)
+        if red is not None and ((red.rescale > 0 and (a.m_c is None or a.r is None))
+                                or (red.threshold_ratio > 0 and (a.clip != 2 or a.s is None))):
+            raise ValueError(f"row {a.row}: a rescale reduction needs m_c and r, a threshold one clip=2 and s")
+    if not rows:
+        return Program(rows, reductions, lambda a: None)
+    name = requested_backend(backend)
+    if name == "reference":
+        return Program(rows, reductions, _module("reference").step)
+    mods = {resolve(backend, a) if name != "auto" else (_fused_for("auto", a) or resolve(backend, a)) for a in rows}
+    if len(mods) == 1:
+        mod = mods.pop()
+        if all(mod.supports(a) for a in rows):
+            make = getattr(mod, "prepare", None)
+            return make(rows, reductions) if make is not None else Program(rows, reductions, mod.step)
+    return Program(rows, reductions, lambda a: step(a, backend, check=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,3 +80,34 @@ def step(args: StepArgs) -> None:
         return
     _C.step(pointers(args), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read), len(args.h_write),
             args.clip, args.row & 0xFFFFFFFF, args.coef, args.u_copies)
+
+
+class CpuProgram:
+    """Prepared rows in the extension (``_C.Program``): ``run_ptr(i, address)`` runs row ``i`` with
+    the model output at ``address``, its reduction (guidance rescale, dynamic threshold) and its
+    step in one call (the interface of :class:`fastdiff.ops.Program`)."""
+
+    def __init__(self, rows: list[StepArgs], reductions: list) -> None:
+        self.rows = rows
+        self._c = _C.Program()
+        for a, red in zip(rows, reductions):
+            x = a.x
+            numel = x.numel()
+            self._c.add(pointers(a), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(a.h_read),
+                        len(a.h_write), a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies,
+                        numel if a.m_c is not None else -1, red.rescale if red else 0.0,
+                        red.threshold_ratio if red else 0.0, red.threshold_max if red else 1.0)
+        self.run_ptr = self._c.run
+
+    def run(self, i: int, m: torch.Tensor) -> None:
+        self._c.run(i, m.data_ptr())
+
+    def set(self, i: int, name: str, t: torch.Tensor | None) -> None:
+        self._c.set(i, PTR_NAMES.index(name), 0 if t is None else t.data_ptr())
+        for a in (self.rows if i < 0 else [self.rows[i]]):
+            setattr(a, name, t)
+
+
+def prepare(rows: list[StepArgs], reductions: list) -> CpuProgram:
+    """The extension's prepared program for ``rows`` (validated and supported: :func:`fastdiff.ops.prepare`)."""
+    return CpuProgram(rows, reductions)

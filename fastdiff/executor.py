@@ -1,0 +1,496 @@
+"""The prepared sampling loop: everything that does not depend on the noise, done once.
+
+An :class:`Executor` is built for one plan, state shape, dtype, device, guidance setting and
+backend. It packs every row's coefficients (with the next row's ``in_scale``, so each step writes
+the next model input), allocates the persistent buffers (state, history ring and model input in
+one arena; per-row guidance scales; clip bounds; seeds; the per-row non-finite flags), validates
+every row once and resolves the backend once, into a *program* (:func:`fastdiff.ops.prepare`).
+Calling :meth:`Executor.run` then does, per row, one model call and one extension call:
+
+    out = model(u, t_i[, cond])          # u: the [B] or [2B] model input the previous step wrote
+    program.run(i, out)                  # guidance blend, solver update, noise, mask, next u, flag
+
+and nothing else in the common case (no ``torch.cat``, no scaling pass, no finite-check pass).
+Rows that need host work (a callback, ``post_step``, noise drawn on the host, classifier
+guidance, Langevin step sizes, a timer) take the general path, which runs the same kernel through
+:func:`fastdiff.ops.step` with the same buffers, and rewrites the model input from the state after
+any hook that may have changed it.
+
+Reuse: the returned tensor is always new (the last row writes it); concurrent calls from several
+threads each take their own workspace (buffers and program) from a small pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .args import StepArgs, clip_code, compute_dtype, pack_row
+from .guidance import Guidance, rescale_factor, threshold_bound
+from .plan import Plan
+
+ModelFn = Callable[..., torch.Tensor]
+Cond = torch.Tensor | dict | None
+
+MAX_IDLE_WORKSPACES = 4
+"""Workspaces an executor keeps between calls (more are made for concurrent calls, then dropped)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The model returned NaN or Inf."""
+
+
+class StopSampling(Exception):
+    """Raised by a ``post_step`` or ``callback`` hook to end the loop after the row it ran for: the
+    state after that row is returned (not scaled by ``plan.out_scale``), as a pipeline whose
+    callback sets ``_interrupt`` returns the latents it has."""
+
+
+def draw_noise(shape, generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Draw standard normals exactly as diffusers' ``randn_tensor`` does for this generator.
+
+    A list of generators draws one sample each; a CPU generator for a CUDA tensor draws on the CPU.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator list has {len(generator)} entries but the batch has {shape[0]}")
+        parts = [draw_noise((1, *shape[1:]), g, dtype, device) for g in generator]
+        return torch.cat(parts, dim=0)
+    gdev = generator.device if generator is not None else device
+    z = torch.randn(shape, generator=generator, device=gdev, dtype=dtype)
+    return z.to(device)
+
+
+def cat_cond(a: Cond, b: Cond) -> Cond:
+    """``[a; b]`` along the batch, key by key for dicts (non-tensor entries taken from ``a``)."""
+    if isinstance(a, dict):
+        return {k: cat_cond(a[k], b[k]) if isinstance(a[k], (torch.Tensor, dict)) else a[k] for k in a}
+    return torch.cat([a, b], dim=0)
+
+
+def batch_of(c: Cond) -> int | None:
+    """The batch of a conditioning (``-1`` for a dict whose tensors disagree), ``None`` without one."""
+    if c is None:
+        return None
+    if isinstance(c, dict):
+        sizes = {v.shape[0] for v in c.values() if isinstance(v, torch.Tensor)}
+        return sizes.pop() if len(sizes) == 1 else -1
+    return c.shape[0]
+
+
+def call_model(model: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """``model(x, t)``, ``model(x, t, cond)`` or ``model(x, t, **cond)``."""
+    if cond is None:
+        return model(x, t)
+    if isinstance(cond, dict):
+        return model(x, t, **cond)
+    return model(x, t, cond)
+
+
+@dataclass
+class Call:
+    """What one :meth:`Executor.run` call brings besides the model and the initial state."""
+
+    cond: Cond = None
+    uncond: Cond = None
+    seeds: Sequence[int] | torch.Tensor | None = None
+    generator: torch.Generator | list | None = None
+    noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    mask: torch.Tensor | None = None
+    known: torch.Tensor | None = None
+    callback: Callable | None = None
+    progress: bool = False
+    timer: object | None = None
+    classifier: Callable | None = None
+    classifier_y: torch.Tensor | None = None
+    post_step: Callable[[int, torch.Tensor], None] | None = None
+
+
+class _Workspace:
+    """One set of persistent buffers and the program that points at them."""
+
+    def __init__(self, ex: "Executor") -> None:
+        B, N = ex.shape[0], ex.numel
+        dev, dt = ex.device, ex.dtype
+        n_u = 2 if any(ex.guided) else 1
+        # state, history ring and model input in one allocation: a model output inside it (a model
+        # that returns its input, or a view of it) is found with one range test
+        self.arena = torch.empty((1 + ex.plan.n_slots + n_u) * N, dtype=dt, device=dev)
+        views = self.arena.view(1 + ex.plan.n_slots + n_u, *ex.shape)
+        self.x = views[0]
+        self.hist = [views[1 + k] for k in range(ex.plan.n_slots)]
+        self.u = views[1 + ex.plan.n_slots:].reshape(n_u * B, *ex.shape[1:])
+        start = self.arena.data_ptr()
+        self.span = (start, start + self.arena.numel() * self.arena.element_size())
+        self.flags = torch.zeros(len(ex.rows), dtype=torch.int32, device=dev) if ex.check_finite else None
+        self.r = torch.ones(B, dtype=torch.float32, device=dev)
+        self.s = torch.ones(B, dtype=torch.float32, device=dev)
+        self.seeds = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.rows = [self._args(ex, i) for i in range(len(ex.rows))]
+        self.program = ops.prepare(self.rows, ex.backend, ex.reductions)
+        self.run_ptr = getattr(self.program, "run_ptr", None)  # the extension's own run(i, address)
+        self.masked_with = None
+
+    def _args(self, ex: "Executor", i: int) -> StepArgs:
+        r = ex.rows[i]
+        B = ex.shape[0]
+        guided = ex.guided[i]
+        nxt = i + 1 < len(ex.rows)
+        clip = clip_code(r)
+        return StepArgs(
+            x=self.x, out=self.x, m=self.x, m_c=self.x if guided else None, coef=ex.packed[i], row=i,
+            h_read=tuple(self.hist[k] for k in r.reads), h_write=tuple(self.hist[w.slot] for w in r.writes),
+            w=ex.W[i] if guided else None, r=self.r if guided and ex.guidance.rescale > 0 else None,
+            s=ex.s_static if clip == 1 else self.s if clip == 2 else None, clip=clip, seeds=self.seeds,
+            mask=self.x if ex.masked else None, known=self.x if ex.masked else None,
+            u=self.u[: (2 if ex.guided[i + 1] else 1) * B] if nxt else None,
+            flag=self.flags[i:i + 1] if self.flags is not None else None,
+        )
+
+    def model_input(self, ex: "Executor", i: int) -> torch.Tensor:
+        """Row ``i``'s model input (the view of ``u`` the previous step wrote)."""
+        return self.u[: (2 if ex.guided[i] else 1) * ex.shape[0]]
+
+    def write_input(self, ex: "Executor", i: int, x: torch.Tensor) -> None:
+        """Write row ``i``'s model input from the state ``x``, as the step would (``x * in_scale``)."""
+        B = ex.shape[0]
+        torch.mul(x, ex.rows[i].in_scale, out=self.u[:B])
+        if ex.guided[i]:
+            self.u[B:2 * B].copy_(self.u[:B])
+
+
+class Executor:
+    """A prepared sampling loop for one plan (see the module docstring).
+
+    Args:
+        plan: the rows to run.
+        shape, dtype, device: of the state ``[B, ...]``; a call with another raises, naming it.
+        guidance: classifier-free guidance settings (scales per row are fixed here).
+        backend: ``auto`` or a backend name (``FASTDIFF_BACKEND`` is read here, once).
+        check_finite: record non-finite model outputs in the kernel and raise
+            :class:`NonFiniteError` naming the first step after the loop.
+        classifier_scale: the classifier-guidance scale, or ``None`` for no classifier guidance.
+        masked: the calls bring ``mask`` and ``known`` (inpainting rows).
+    """
+
+    def __init__(self, plan: Plan, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str, *,
+                 guidance: Guidance | None = None, backend: str = "auto", check_finite: bool = True,
+                 classifier_scale: float | None = None, masked: bool = False) -> None:
+        self.plan = plan
+        self.rows = plan.rows
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if not dtype.is_floating_point or len(self.shape) < 1 or self.shape[0] < 1:
+            raise ValueError(f"the state must be a floating [B, ...] tensor with B >= 1, got {dtype} {self.shape}")
+        self.numel = 1
+        for s in self.shape:
+            self.numel *= s
+        B, dev = self.shape[0], self.device
+        self.guidance = guidance or Guidance()
+        self.backend = ops.requested_backend(backend)
+        self.check_finite = bool(check_finite)
+        self.masked = bool(masked)
+        self.classifier_scale = classifier_scale
+        wscale = self.guidance.scales(plan)
+        self.guided = [w != 1.0 for w in wscale] + [False]  # one past the end: no next row
+        if self.guidance.rescale > 0 and any(self.guided) and self.numel // B < 2:
+            raise ValueError(f"guidance_rescale needs at least 2 elements per sample (it is a ratio of per-sample "
+                             f"standard deviations); the state has shape {self.shape}")
+        if classifier_scale is not None:
+            from .loop import classifier_coefficients
+
+            self.cg = classifier_coefficients(plan, classifier_scale)
+        else:
+            self.cg = [0.0] * len(self.rows)
+        n = len(self.rows)
+        self.packed = [pack_row(r, self.cg[i], fold=True, u_scale=self.rows[i + 1].in_scale if i + 1 < n else 1.0)
+                       for i, r in enumerate(self.rows)]
+        # the model's time in float32 (what diffusers and k-diffusion pass), float64 for a float64 state
+        t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        ts = torch.tensor([r.t for r in self.rows], dtype=torch.float64).to(t_dtype).to(dev)
+        self.t_in = [ts[i].expand((2 if self.guided[i] else 1) * B) for i in range(n)]
+        self.W = torch.tensor(wscale, dtype=torch.float32).to(dev)[:, None].expand(n, B).contiguous()
+        self.s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)
+        self.reductions = [self._reduction(i) for i in range(n)]
+        self.noise_dtype = getattr(torch, plan.noise_dtype) if plan.noise_dtype else dtype
+        self._idle: list[_Workspace] = []
+        self._lock = threading.Lock()
+        self._idle.append(_Workspace(self))  # build (and validate) one now: errors surface here
+
+    def _reduction(self, i: int) -> ops.Reduction | None:
+        r = self.rows[i]
+        phi = self.guidance.rescale if self.guided[i] else 0.0
+        dyn = clip_code(r) == 2 and not r.snr
+        if not phi and not dyn:
+            return None
+        p = self.plan
+        return ops.Reduction(rescale=phi, threshold_ratio=p.threshold_ratio if dyn else 0.0,
+                             threshold_max=p.threshold_max)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def _workspace(self) -> _Workspace:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _Workspace(self)
+
+    def _release(self, ws: _Workspace) -> None:
+        with self._lock:
+            if len(self._idle) < MAX_IDLE_WORKSPACES:
+                self._idle.append(ws)
+
+    def check_state(self, x: torch.Tensor, name: str = "noise") -> None:
+        """Raise, naming what differs, unless ``x`` has this executor's shape, dtype and device."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but this sampler was prepared for {self.shape}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but this sampler was prepared for {self.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but this sampler was prepared for {self.device}")
+
+    def run(self, model: ModelFn, x: torch.Tensor, call: Call | None = None) -> torch.Tensor:
+        """Run every row from the initial state ``x`` (already scaled by ``plan.init_scale``; not
+        modified) and return the final sample, scaled by ``plan.out_scale``, in a new contiguous tensor."""
+        call = call or Call()
+        self.check_state(x, "the initial state")
+        B = self.shape[0]
+        with torch.no_grad():
+            cond_cat, seeds = self._check_call(call)
+            ws = self._workspace()
+            try:
+                return self._run(ws, model, x, call, cond_cat, seeds, B)
+            finally:
+                self._release(ws)
+
+    def _check_call(self, call: Call):
+        B = self.shape[0]
+        dev = self.device
+        any_guided = any(self.guided)
+        if any_guided and call.uncond is None:
+            raise ValueError("guidance_scale != 1 needs uncond (the unconditional conditioning)")
+        for name, c in (("cond", call.cond), ("uncond", call.uncond)):
+            nb = batch_of(c)
+            if nb is not None and nb != B:
+                raise ValueError(f"{name} has batch {nb} but noise has batch {B}; nothing is broadcast")
+        if call.cond is not None and call.uncond is not None and any_guided:
+            if type(call.cond) is not type(call.uncond):
+                raise TypeError("cond and uncond must both be tensors or both be dicts")
+            if isinstance(call.cond, dict) and set(call.cond) != set(call.uncond):
+                raise ValueError(f"cond keys {sorted(call.cond)} differ from uncond keys {sorted(call.uncond)}")
+        cond_cat = None
+        if any_guided:
+            cond_cat = cat_cond(call.uncond, call.cond) if call.cond is not None else call.uncond
+        if (call.mask is not None) != self.masked:
+            raise ValueError("this sampler was prepared " + ("for" if self.masked else "without") +
+                             " inpainting (mask and known); the call " + ("lacks" if self.masked else "gives") + " them")
+        if call.mask is not None and call.known is None:
+            raise ValueError("mask needs known (the known image)")
+        if (call.classifier is not None) != (self.classifier_scale is not None):
+            raise ValueError("this sampler was prepared " + ("with" if self.classifier_scale is not None else "without")
+                             + " classifier guidance; give classifier= exactly then")
+        if call.classifier is not None:
+            y = call.classifier_y
+            if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"classifier guidance needs classifier_y, an integer tensor of shape ({B},), got "
+                                 f"{type(y).__name__ if not isinstance(y, torch.Tensor) else (y.dtype, tuple(y.shape))}")
+        external = call.noise_fn is not None or call.generator is not None
+        renoise = self.masked and any(r.known_s != 0 for r in self.rows)
+        seeds = None
+        if (not external and any(r.noise for r in self.rows)) or (renoise and call.generator is None):
+            if call.seeds is None:
+                raise ValueError(f"sampler {self.plan.sampler!r} draws noise: give seed= or generator=")
+            seeds = torch.as_tensor(call.seeds, dtype=torch.int64)
+            if seeds.shape != (B,):
+                raise ValueError(f"seeds must have one entry per sample ({B}), got shape {tuple(seeds.shape)}")
+            seeds = seeds.to(dev)
+        return cond_cat, seeds
+
+    def _run(self, ws: _Workspace, model, x, call: Call, cond_cat, seeds, B) -> torch.Tensor:
+        rows, n, guided = self.rows, len(self.rows), self.guided
+        dev = self.device
+        result = torch.empty(self.shape, dtype=self.dtype, device=dev)
+        prog = ws.program
+        if n == 0:
+            result.copy_(x)
+            return result.mul_(self.plan.out_scale) if self.plan.out_scale != 1.0 else result
+        prog.set(n - 1, "out", result)
+        if seeds is not None:
+            ws.seeds.copy_(seeds)
+        mask_t = known_t = None
+        if self.masked:
+            mask_t = call.mask.to(dtype=self.dtype, device=dev).contiguous()
+            known_t = call.known.to(dtype=self.dtype, device=dev).contiguous()
+            prog.set(-1, "mask", mask_t)
+            prog.set(-1, "known", known_t)
+        if ws.flags is not None:
+            ws.flags.zero_()
+        state = ws.x
+        state.copy_(x)
+        ws.write_input(self, 0, state)
+        conds = [cond_cat if guided[i] else call.cond for i in range(n)]
+        y = call.classifier_y.to(device=dev, dtype=torch.int64) if call.classifier is not None else None
+        hooks = (call.callback is not None or call.post_step is not None or call.timer is not None
+                 or call.noise_fn is not None or call.generator is not None)
+        host = [hooks or (call.classifier is not None and self.cg[i] != 0.0) or bool(r.snr)
+                for i, r in enumerate(rows)]
+        it = range(n)
+        if call.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=f"fastdiff {self.plan.sampler}", total=n)
+        run_ptr, run = ws.run_ptr, prog.run
+        lo, hi = ws.span
+        dt, shapes = self.dtype, [(2 * B if guided[i] else B, *self.shape[1:]) for i in range(n)]
+        dev_index = -1 if dev.type == "cpu" else (dev.index if dev.index is not None else torch.cuda.current_device())
+        t_in = self.t_in
+        for i in it:
+            if host[i]:
+                try:
+                    self._general_row(ws, i, model, call, conds[i], y, mask_t, known_t, result)
+                except StopSampling:
+                    if i < n - 1:
+                        result.copy_(state)
+                    self._finish(ws)
+                    return result
+                continue
+            out = call_model(model, ws.model_input(self, i), t_in[i], conds[i])
+            if (type(out) is not torch.Tensor or out.dtype != dt or out.shape != shapes[i] or not out.is_contiguous()
+                    or out.get_device() != dev_index):
+                out = self._normalise(out, i)
+            p = out.data_ptr()
+            if lo <= p < hi:  # the model returned (a view of) its input: the step writes there
+                out = out.clone()
+                p = out.data_ptr()
+            if run_ptr is not None:
+                run_ptr(i, p)
+            else:
+                run(i, out)
+        self._finish(ws)
+        if self.plan.out_scale != 1.0:
+            result.mul_(self.plan.out_scale)
+        return result
+
+    def _normalise(self, out, i: int) -> torch.Tensor:
+        """A model output as the step takes it: a tensor of the row's shape (never broadcast), the
+        state's dtype and device, contiguous, detached."""
+        r = self.rows[i]
+        want = (2 * self.shape[0] if self.guided[i] else self.shape[0], *self.shape[1:])
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model must return a tensor (wrap diffusers/k-diffusion models with fastdiff.denoisers), "
+                            f"got {type(out).__name__}")
+        if tuple(out.shape) != want:
+            raise ValueError(f"model output at step {r.step} has shape {tuple(out.shape)}, expected {want}")
+        # any layout or dtype the model returns (detached: a model may enable grad inside)
+        return out.detach().to(dtype=self.dtype, device=self.device).contiguous()
+
+    def _finish(self, ws: _Workspace) -> None:
+        if ws.flags is None:
+            return
+        if ws.flags.device.type == "cpu":
+            from .backends import cpu
+
+            if cpu._C is not None:
+                i = cpu._C.first_flag(ws.flags.data_ptr(), ws.flags.numel())
+            else:
+                nz = ws.flags.nonzero()
+                i = int(nz[0, 0]) if nz.numel() else -1
+        else:  # one host sync, after the loop
+            nz = ws.flags.nonzero()
+            i = int(nz[0, 0]) if nz.numel() else -1
+        if i >= 0:
+            r = self.rows[i]
+            raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
+
+    # -- the general path: rows with host work -------------------------------------------------
+
+    def _general_row(self, ws: _Workspace, i: int, model, call: Call, cond, y, mask_t, known_t, result) -> None:
+        from .loop import classifier_grad, langevin_operands, x0_estimate
+
+        r = self.rows[i]
+        B = self.shape[0]
+        n = len(self.rows)
+        x = ws.x
+        target = result if i == n - 1 else x
+        tm = call.timer
+        region = tm.region if tm is not None else _no_region
+        if tm is not None:
+            tm.start_row(i)
+        with region("model"):
+            out = call_model(model, ws.model_input(self, i), self.t_in[i], cond)
+            out = self._normalise(out, i)
+            if ws.span[0] <= out.data_ptr() < ws.span[1]:
+                out = out.clone()
+            m, m_c = (out[:B], out[B:]) if self.guided[i] else (out, None)
+        a = ws.rows[i]
+        w = a.w
+        rr = s = None
+        clip = a.clip
+        grad = None
+        with region("guidance"):
+            if call.classifier is not None and self.cg[i] != 0.0:
+                x_in = x * r.in_scale  # from the state: the model may have written into its input
+                grad = classifier_grad(call.classifier, x_in, self.t_in[i][:B], y).to(self.dtype).contiguous()
+            if m_c is not None and self.guidance.rescale > 0:
+                rr = rescale_factor(m, m_c, w, self.guidance.rescale)
+            if clip == 1:
+                s = self.s_static
+            elif clip == 2:
+                s = threshold_bound(x, m, m_c, w, rr, a.coef, self.plan.threshold_ratio, self.plan.threshold_max,
+                                    g=grad)
+        z = None
+        if r.noise and (call.noise_fn is not None or call.generator is not None):
+            with region("noise"):
+                if call.noise_fn is not None:
+                    z = call.noise_fn(i, x)
+                else:
+                    z = draw_noise(self.shape, call.generator, self.noise_dtype, self.device)
+                z = _external_noise(z, x, i)
+        z2 = None
+        if mask_t is not None and r.known_s != 0 and call.generator is not None:
+            with region("noise"):  # the known region's re-noising, drawn after the solver noise
+                z2 = draw_noise(self.shape, call.generator, self.noise_dtype, self.device).to(dtype=self.dtype)
+        x0 = x0_estimate(x, m, m_c, w, rr, r, s, clip) if call.callback is not None else None
+        coef = a.coef
+        if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
+            with region("guidance"):
+                m, rr, z, coef = langevin_operands(self.plan, r, i, x, m, m_c, w, rr, grad, coef, z, ws.seeds,
+                                                   self.backend)
+            m_c = w = grad = None
+        args = StepArgs(x=x, out=target, m=m, m_c=m_c, coef=coef, row=i, h_read=a.h_read, h_write=a.h_write,
+                        w=w, r=rr, s=s, clip=clip, seeds=ws.seeds, z=z, z2=z2, mask=mask_t, known=known_t, g=grad,
+                        u=a.u, flag=a.flag)
+        with region("step"):
+            ops.step(args, self.backend)
+        if call.post_step is not None:
+            call.post_step(i, target)
+        if call.callback is not None:
+            call.callback(r.step, r.sigma, target, x0)
+        if (call.post_step is not None or call.callback is not None) and i + 1 < n:
+            ws.write_input(self, i + 1, target)  # the hooks may have changed the state
+
+
+def _no_region(name: str):
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _external_noise(z, x: torch.Tensor, i: int) -> torch.Tensor:
+    """``noise_fn``'s tensor for row ``i`` as the step takes it: ``x``'s shape (never broadcast), dtype, device, contiguous."""
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != tuple(x.shape):
+        raise ValueError(f"noise_fn must return a tensor of the state's shape {tuple(x.shape)} at row {i}, got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    return z.to(dtype=x.dtype, device=x.device).contiguous()
+
+
+__all__ = ["Executor", "Call", "NonFiniteError", "StopSampling", "draw_noise"]
