@@ -4,6 +4,8 @@
 // the kernel's own indexing (grid-stride loop, chunks, tails) is what the test exercises.
 // Threads never run concurrently: __syncthreads() is a no-op, which is exact for a kernel whose
 // shared memory is written by thread 0 before the barrier and only read after it.
+// 16-byte loads and stores check their alignment (fd_emu::check_aligned16) and throw where the
+// device would fault.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -12,6 +14,8 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include <stdexcept>
 
 #include "step_math.h"
 
@@ -63,6 +67,13 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
 }
 
 namespace fd_emu {
+
+/// A 128-bit load or store must be 16-byte aligned: on the device a misaligned one faults
+/// (cudaErrorMisalignedAddress); here it throws, so tests see the kernel's alignment decisions.
+inline void check_aligned16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) & 15u)
+    throw std::runtime_error("misaligned address: a 16-byte access not on a 16-byte boundary (emulated fault)");
+}
 
 /// `FD_LAUNCH(k, grid, block, stream)(args...)`: run k(args...) for every block and thread.
 template <class K>

@@ -13,6 +13,13 @@
 // of its chunk before it stores anything, so out == x, and a history slot both read and written,
 // are safe.
 //
+// Contract v3 extras, in a second instantiation of the kernel (EXTRA = true) so that a row without
+// them runs the v2 code unchanged (same registers): u, the next model input (u_copies copies of
+// u_scale * x' as stored), is written after out, from the rounded x' still in registers; each copy
+// takes a 16-byte store where its own start is aligned (UCopies, set at launch), else element
+// stores, so an unaligned u never sends the other operands to the scalar path. The flag: each
+// thread sums fd_nonfinite(m) (and of m_c) over its elements and, if the sum is NaN, stores 1.
+//
 // Compiled as plain C++ with -DFD_CUDA_EMU (cuda_emu.h), the same kernel runs on the CPU with
 // blockIdx/threadIdx loops; tests use that to check the indexing without a GPU.
 #if defined(FD_CUDA_EMU)
@@ -89,6 +96,9 @@ FD_DEV void load_pack(const void* ptr, int64_t base, Pack<S>& o) {
 #if defined(__CUDA_ARCH__)
     *reinterpret_cast<uint4*>(o.v) = *reinterpret_cast<const uint4*>(src);
 #else
+#if defined(FD_CUDA_EMU)
+    fd_emu::check_aligned16(src);
+#endif
     memcpy(o.v, src, sizeof(o.v));
 #endif
   } else {
@@ -99,13 +109,18 @@ FD_DEV void load_pack(const void* ptr, int64_t base, Pack<S>& o) {
   }
 }
 
+/// Elements [base, base + N) of `o` to `ptr`: one 128-bit store when N is a whole chunk and `vec`
+/// (the caller's promise that ptr + base is 16-byte aligned), else element stores.
 template <int N, class S>
-FD_DEV void store_pack(void* ptr, int64_t base, const Pack<S>& o) {
+FD_DEV void store_pack(void* ptr, int64_t base, const Pack<S>& o, bool vec = true) {
   S* dst = static_cast<S*>(ptr) + base;
-  if (N == Pack<S>::VEC) {
+  if (N == Pack<S>::VEC && vec) {
 #if defined(__CUDA_ARCH__)
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(o.v);
 #else
+#if defined(FD_CUDA_EMU)
+    fd_emu::check_aligned16(dst);
+#endif
     memcpy(dst, o.v, sizeof(o.v));
 #endif
   } else {
@@ -115,6 +130,15 @@ FD_DEV void store_pack(void* ptr, int64_t base, const Pack<S>& o) {
     for (int k = 0; k < N; ++k) dst[k] = o.v[k];
   }
 }
+
+/// The copies of u a row writes, worked out at launch: their starts (ptr[1] = ptr[0] + numel
+/// elements, a kernel parameter rather than a per-thread product: at 128 registers for 16-bit
+/// storage that address is what made ptxas spill), and bit k of vec set when copy k starts 16-byte
+/// aligned, so that the vector path stores it 16 bytes at a time (else element by element).
+struct UCopies {
+  void* ptr[2];
+  int vec;
+};
 
 /// Per-sample state of the element being processed: scalars and the cached Philox group.
 template <class T>
@@ -141,8 +165,11 @@ FD_DEV float pick(const float (&n)[4], int64_t i) {
 }
 
 /// Elements [base, base + N) of the flat tensor (N = VEC for a chunk, 1 on the scalar path).
-template <int N, class S>
-FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base) {
+/// EXTRA: the row may write u and check the model output (f.u_copies, f.check; uc: where the copies
+/// of u start and which take 16-byte stores); nf accumulates fd_nonfinite of every m / m_c read.
+template <int N, class S, bool EXTRA>
+FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base,
+                typename Storage<S>::T& nf, const UCopies& uc) {
   using T = typename Storage<S>::T;
   using St = Storage<S>;
   const bool z_ext = p.z != nullptr, z2_ext = p.z2 != nullptr;
@@ -185,6 +212,10 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
     in.x = St::load(x.v[k]);
     in.m = St::load(m.v[k]);
     if (f.cfg) in.m_c = St::load(mc.v[k]);
+    if (EXTRA && f.check) {
+      nf = nf + fd::fd_nonfinite(in.m);
+      if (f.cfg) nf = nf + fd::fd_nonfinite(in.m_c);
+    }
     if (f.g) in.g = St::load(static_cast<const S*>(p.g)[base + k]);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -226,21 +257,33 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
   store_pack<N>(p.out, base, ox);
   if (f.n_writes > 0) store_pack<N>(p.h_write[0], base, oh[0]);
   if (f.n_writes > 1) store_pack<N>(p.h_write[1], base, oh[1]);
+  if (EXTRA && f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < N; ++k) ox.v[k] = St::store(St::load(ox.v[k]) * c.u_scale);  // ox is stored: reuse it
+    store_pack<N>(uc.ptr[0], base, ox, uc.vec & 1);
+    if (f.u_copies == 2) store_pack<N>(uc.ptr[1], base, ox, (uc.vec & 2) != 0);
+  }
 }
 
-template <class S>
-__global__ void __launch_bounds__(THREADS) step_kernel(const StepParams p, int64_t n_chunks) {
+/// EXTRA = false: the v2 row (u and flag ignored); true: also u (p.u_copies copies) and flag.
+template <class S, bool EXTRA>
+__global__ void __launch_bounds__(THREADS) step_kernel(const StepParams p, int64_t n_chunks, const UCopies uc) {
   using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
   __shared__ StepCoef<T> c;
   if (threadIdx.x == 0) c = fd::fd_unpack_coef<T>(p.coef);
   __syncthreads();
   const StepFlags f = fd::fd_make_flags<T>(c, p.n_reads, p.n_writes, p.clip, p.m_c != nullptr, p.r != nullptr,
-                                           p.mask != nullptr, p.g != nullptr);
+                                           p.mask != nullptr, p.g != nullptr, EXTRA && p.u ? p.u_copies : 0,
+                                           EXTRA && p.flag != nullptr);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S>(p, c, f, ch * VEC);
-  for (int64_t i = n_chunks * VEC + tid; i < p.numel; i += stride) run<1, S>(p, c, f, i);
+  T nf(0);  // NaN once any m / m_c element this thread read is NaN or +-Inf
+  for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S, EXTRA>(p, c, f, ch * VEC, nf, uc);
+  for (int64_t i = n_chunks * VEC + tid; i < p.numel; i += stride) run<1, S, EXTRA>(p, c, f, i, nf, uc);
+  if (EXTRA && f.check && nf != nf) *p.flag = 1;  // never 0: other threads, and earlier rows, may have set it
 }
 
 __global__ void __launch_bounds__(THREADS)
@@ -254,6 +297,17 @@ __global__ void __launch_bounds__(THREADS)
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+/// Where the copies of u start (k < u_copies, numel elements apart) and which start 16-byte aligned:
+/// those take 16-byte stores on the vector path (the other operands decide that path, vector_path()).
+UCopies u_copies_of(const StepParams& p, size_t elem) {
+  UCopies uc{{nullptr, nullptr}, 0};
+  for (int k = 0; p.u && k < p.u_copies && k < 2; ++k) {
+    uc.ptr[k] = static_cast<char*>(p.u) + static_cast<size_t>(k) * static_cast<size_t>(p.numel) * elem;
+    if (aligned16(uc.ptr[k])) uc.vec |= 1 << k;
+  }
+  return uc;
+}
 
 int blocks_cap(int max_blocks) {
   if (max_blocks > 0) return max_blocks;
@@ -281,16 +335,24 @@ const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_block
   const int64_t n_chunks = vector_path(p) ? p.numel / VEC : 0;
   const int64_t work = n_chunks + (p.numel - n_chunks * VEC);
   const int64_t blocks = grid_for(work, max_blocks);
+  const bool extra = (p.u && p.u_copies > 0) || p.flag;
   cudaGetLastError();  // an earlier, unrelated error must not be reported as ours
-  FD_LAUNCH(step_kernel<S>, static_cast<unsigned>(blocks), THREADS, stream)(p, n_chunks);
+  if (extra)
+    FD_LAUNCH((step_kernel<S, true>), static_cast<unsigned>(blocks), THREADS, stream)(p, n_chunks,
+                                                                                     u_copies_of(p, sizeof(S)));
+  else
+    FD_LAUNCH((step_kernel<S, false>), static_cast<unsigned>(blocks), THREADS, stream)(p, n_chunks, UCopies{});
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace
 
+int u_vector(const StepParams& p, int elem_size) { return u_copies_of(p, static_cast<size_t>(elem_size)).vec; }
+
 bool vector_path(const StepParams& p) {
-  // g is read element by element (see run()): its alignment does not matter
+  // g is read element by element (see run()) and each copy of u is stored by the vector path with
+  // 16-byte or element stores as its own alignment allows (u_copies_of): neither decides here
   const void* ptrs[] = {p.x, p.out, p.m, p.m_c, p.h_read[0], p.h_read[1], p.h_read[2], p.h_read[3],
                         p.h_write[0], p.h_write[1], p.z, p.z2, p.mask, p.known};
   for (const void* q : ptrs)

@@ -23,7 +23,13 @@ const char* launch_step(const StepParams& p, int dtype, uintptr_t stream, int ma
 const char* launch_bits(uint32_t* out, const int64_t* seeds, int64_t batch, int64_t groups, uint32_t row,
                         uint32_t stream_id, uintptr_t stream);
 
-/// Whether the vectorised (16-byte) path applies: every pointer the row touches is 16-byte aligned.
+/// Whether the vectorised (16-byte) path applies: every element operand the row reads or writes is
+/// 16-byte aligned, g and u aside (g is read element by element; u, see u_vector, is stored by the
+/// vector path in 16-byte or element stores, copy by copy).
 bool vector_path(const StepParams& p);
+
+/// Bit k set when copy k < p.u_copies of u (elem_size-byte elements, p.numel apart) starts 16-byte
+/// aligned, so that the vector path stores it 16 bytes at a time; 0 without u.
+int u_vector(const StepParams& p, int elem_size);
 
 }  // namespace fd_cuda

@@ -1,18 +1,114 @@
-"""``fastdiff.sample``: sample any PyTorch denoiser with a fused step per model evaluation."""
+"""``fastdiff.sample`` and ``fastdiff.Sampler``: sample any PyTorch denoiser with a fused step per
+model evaluation.
+
+``Sampler`` is the prepared form: built once for a sampler, schedule, guidance setting, state
+shape, dtype and device (plan, packed rows, persistent buffers, backend), then called with noise
+as often as needed. ``sample`` keeps such prepared loops in a small cache keyed by everything but
+the model, the noise and the per-call inputs, so repeated calls with one configuration pay the
+preparation once (:data:`CACHE_SIZE` entries, least recently used dropped; :func:`clear_cache`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import samplers
+from . import ops, samplers
 from .denoisers import as_model
+from .executor import Call, Executor
 from .guidance import Guidance, Scale
-from .loop import LoopOptions, run_plan
 from .plan import Plan, check_prediction
 from .rng import expand_seeds
+
+CACHE_SIZE = 8
+"""Prepared loops ``fastdiff.sample`` keeps (each holds its plan and one state-sized buffer set:
+state, history ring, model input)."""
+
+_cache: OrderedDict = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _freeze(v):
+    """A hashable stand-in for an option value that compares equal exactly when the values do."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+        return (type(v).__name__, v)
+    if isinstance(v, (list, tuple)):
+        return ("seq", tuple(_freeze(e) for e in v))
+    if isinstance(v, dict) or hasattr(v, "items") and callable(v.items):
+        return ("map", tuple(sorted((str(k), _freeze(e)) for k, e in v.items())))
+    if isinstance(v, np.ndarray):
+        return ("nd", str(v.dtype), v.shape, v.tobytes())
+    if isinstance(v, np.generic):
+        return ("np", str(v.dtype), v.item())
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu" or v.numel() > 1 << 16:
+            raise _Uncacheable
+        return ("t", str(v.dtype), tuple(v.shape), v.detach().contiguous().numpy().tobytes()
+                if v.dtype != torch.bfloat16 else v.float().numpy().tobytes())
+    if isinstance(v, Plan):
+        return ("plan", id(v), v)  # identity (the plan is kept alive by the key)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return ("dc", type(v).__qualname__, tuple((f.name, _freeze(getattr(v, f.name)))
+                                                  for f in dataclasses.fields(v)))
+    try:
+        hash(v)
+    except TypeError:
+        raise _Uncacheable from None
+    return ("obj", v)  # functions, callables: by identity, kept alive by the key
+
+
+class _Prepared:
+    """Everything of a configuration but the model: its plan(s) and executors (one per variant:
+    plain, inpainting)."""
+
+    def __init__(self, build: Callable[[], Plan], shape, dtype, device, guidance: Guidance, backend: str,
+                 check_finite: bool, classifier_scale: float | None, cuda_graph: bool) -> None:
+        self.plan = build()
+        self.kw = dict(guidance=guidance, backend=backend, check_finite=check_finite,
+                       classifier_scale=classifier_scale)
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
+        self.cuda_graph = cuda_graph
+        self._executors: dict[bool, Executor] = {}
+        self._lock = threading.Lock()
+
+    def executor(self, masked: bool) -> Executor:
+        ex = self._executors.get(masked)
+        if ex is None:
+            with self._lock:
+                ex = self._executors.get(masked)
+                if ex is None:
+                    plan = self.plan
+                    if masked:
+                        from .tasks import with_known_region
+
+                        plan = with_known_region(plan)
+                    ex = Executor(plan, self.shape, self.dtype, self.device, masked=masked, **self.kw)
+                    self._executors[masked] = ex
+        return ex
+
+
+def _plan_builder(sampler, steps, schedule, prediction, start, options) -> Callable[[], Plan]:
+    if start is not None:
+        from .tasks import plan_from_step
+
+        return lambda: plan_from_step(sampler, steps, start, schedule, prediction, **options)
+    return lambda: make_plan(sampler, steps, schedule, prediction, **options)
 
 
 def make_plan(sampler: str, steps: int, schedule: Any = None, prediction: str | None = None, **options) -> Plan:
@@ -96,8 +192,8 @@ def sample(
             noise, no ``callback``/``progress``/``post_step``/classifier guidance, and must not be
             called inside another graph capture (``ValueError`` listing every cause); raises
             :class:`fastdiff.loop.GraphCaptureError` naming the first error when the model cannot
-            be captured (host syncs such as ``.item()``). Costs one extra (eager) pass and one
-            capture per call: the graph is not kept between calls.
+            be captured (host syncs such as ``.item()``). The graph is captured on the first call
+            and replayed by later calls of the same configuration (see :class:`Sampler`).
         plan: a prebuilt :class:`~fastdiff.plan.Plan` (then ``sampler``, ``steps``, ``schedule``,
             ``prediction`` and sampler options are not used).
         classifier: classifier guidance (Dhariwal & Nichol 2021): a differentiable noise-conditional
@@ -125,56 +221,188 @@ def sample(
     Returns:
         The final sample, shaped and typed like ``noise``.
     """
+    _check_noise(noise)
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
+    if image is None and (strength is not None or start_step is not None):
+        raise ValueError("strength/start_step start part-way from an image: give image=")
+    start = None
+    if plan is None:
+        if image is not None:
+            from .tasks import resolve_start
+
+            start = resolve_start(steps, strength, start_step)
+        elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    elif sampler_options:
+        raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
+    elif strength is not None or start_step is not None:
+        raise ValueError("strength/start_step are ignored when plan= is given (build it with "
+                         "fastdiff.tasks.plan_from_step)")
+    if (mask is None) != (known is None):
+        raise ValueError("mask and known go together (inpainting): give both or neither")
+    if mask is not None:
+        mask, known = _inpaint_tensors(mask, known, noise)
+    guidance = Guidance(guidance_scale, guidance_interval, guidance_rescale)
+    backend = ops.requested_backend(backend)
+    if cuda_graph:
+        _graph_check(noise, generator=generator, callback=callback, post_step=post_step, classifier=classifier,
+                     progress=progress, cond=cond, uncond=uncond, mask=mask, known=known)
+    cls_scale = float(classifier_scale) if classifier is not None else None
+    config = (sampler, steps, schedule, prediction, sampler_options, start, plan, guidance, backend, bool(check_finite),
+              bool(cuda_graph), cls_scale, tuple(noise.shape), noise.dtype, noise.device)
+    prepared = _lookup(config, lambda: _Prepared(
+        (lambda p=plan: p) if plan is not None else _plan_builder(sampler, steps, schedule, prediction, start,
+                                                                 sampler_options),
+        noise.shape, noise.dtype, noise.device, guidance, backend, check_finite, cls_scale, cuda_graph))
+    return _call(prepared, as_model(model), noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
+                 callback=callback, progress=progress, classifier=classifier, classifier_y=classifier_y,
+                 mask=mask, known=known, image=image, post_step=post_step)
+
+
+def _check_noise(noise) -> None:
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if not noise.is_floating_point():
         raise TypeError(f"noise must have a floating dtype, got {noise.dtype}")
     if noise.dim() < 1 or noise.shape[0] < 1:
         raise ValueError(f"noise must be [B, ...] with B >= 1, got shape {tuple(noise.shape)}")
-    if seed is not None and generator is not None:
-        raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
-    if image is None and (strength is not None or start_step is not None):
-        raise ValueError("strength/start_step start part-way from an image: give image=")
-    if plan is None:
-        if image is not None:
-            from .tasks import plan_from_step, resolve_start
 
-            plan = plan_from_step(sampler, steps, resolve_start(steps, strength, start_step), schedule, prediction,
-                                  **sampler_options)
-        else:
-            plan = make_plan(sampler, steps, schedule, prediction, **sampler_options)
-    elif sampler_options:
-        raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
-    elif strength is not None or start_step is not None:
-        raise ValueError("strength/start_step are ignored when plan= is given (build it with "
-                         "fastdiff.tasks.plan_from_step)")
+
+def _graph_check(noise: torch.Tensor, **call) -> None:
+    from .graphs import check_graphable
+
+    check_graphable(noise.device, **call)
+
+
+def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:
+    """The cached prepared loop of ``config``, built (and cached, if its options can be keyed) on a miss."""
+    try:
+        key = _freeze(config)
+        hash(key)
+    except (_Uncacheable, TypeError):
+        return build()
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    prepared = build()  # outside the lock: building may take a while and may raise
+    with _cache_lock:
+        _cache[key] = prepared
+        _cache.move_to_end(key)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return prepared
+
+
+def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seed, generator, cond, uncond, callback,
+          progress, classifier, classifier_y, mask, known, image, post_step) -> torch.Tensor:
+    if prepared.cuda_graph:
+        _graph_check(noise, generator=generator, callback=callback, post_step=post_step, classifier=classifier,
+                     progress=progress, cond=cond, uncond=uncond, mask=mask, known=known)
+    ex = prepared.executor(mask is not None)
+    ex.check_state(noise)
     b = noise.shape[0]
-    if (mask is None) != (known is None):
-        raise ValueError("mask and known go together (inpainting): give both or neither")
-    if mask is not None:
-        from .tasks import with_known_region
-
-        mask, known = _inpaint_tensors(mask, known, noise)
-        plan = with_known_region(plan)
     seeds = None
     if generator is None:
         if seed is None:
             seed = [int(s) for s in torch.randint(0, 2**62, (b,), dtype=torch.int64)]
         seeds = expand_seeds(seed, b)
-    opts = LoopOptions(
-        guidance=Guidance(guidance_scale, guidance_interval, guidance_rescale),
-        cond=cond, uncond=uncond, seeds=seeds, generator=generator, backend=backend,
-        callback=callback, progress=progress, check_finite=check_finite, cuda_graph=cuda_graph,
-        classifier=classifier, classifier_scale=classifier_scale, classifier_y=classifier_y,
-        mask=mask, known=known, post_step=post_step,
-    )
-    if image is not None:
-        from .tasks import noised_state
+    call = Call(cond=cond, uncond=uncond, seeds=seeds, generator=generator, callback=callback, progress=progress,
+                classifier=classifier, classifier_y=classifier_y, mask=mask, known=known, post_step=post_step)
+    with torch.no_grad():
+        if image is not None:
+            from .tasks import noised_state
 
-        x = noised_state(plan, image, noise)
-    else:
-        x = noise * plan.init_scale
-    return run_plan(plan, as_model(model), x, opts)
+            x = noised_state(ex.plan, image, noise)
+        else:
+            x = noise * ex.plan.init_scale
+    if prepared.cuda_graph:
+        return ex.run_graphed(model, x, call)
+    return ex.run(model, x, call)
+
+
+class Sampler:
+    """A prepared sampler: the plan, packed rows, persistent buffers and backend of one
+    configuration, built once and called with noise as often as needed (what :func:`sample` keeps
+    in its cache, with the model held here).
+
+    Build-time arguments are :func:`sample`'s (``sampler``, ``steps``, ``schedule``, ``prediction``,
+    guidance, ``backend``, ``check_finite``, ``cuda_graph``, ``plan``, ``classifier`` and
+    ``classifier_scale``, ``strength``/``start_step`` for img2img, sampler options) plus the state's
+    ``shape``, ``dtype`` and ``device``; call-time arguments are the noise and :func:`sample`'s
+    per-call ones (``cond``, ``uncond``, ``seed``/``generator``, ``callback``, ``progress``, ``mask``
+    and ``known``, ``image``, ``classifier_y``, ``post_step``). A call with noise of another shape,
+    dtype or device raises, naming it. Every call returns a new tensor; concurrent calls from
+    several threads are safe (each takes its own buffers).
+
+    Example::
+
+        s = fastdiff.Sampler(unet_fn, sampler="dpmpp_2m", steps=30, schedule=cfg, guidance_scale=7.5,
+                             shape=(1, 4, 64, 64))
+        for seed in range(100):
+            img = s(torch.randn(1, 4, 64, 64), cond=emb, uncond=neg, seed=seed)
+    """
+
+    def __init__(self, model: Callable, *, shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", sampler: str = "dpmpp_2m", steps: int = 30, schedule: Any = None,
+                 prediction: str | None = None, guidance_scale: Scale = None,
+                 guidance_interval: tuple[float, float] | None = None, guidance_rescale: float = 0.0,
+                 backend: str = "auto", check_finite: bool = True, cuda_graph: bool = False, plan: Plan | None = None,
+                 classifier: Callable | None = None, classifier_scale: float = 1.0, strength: float | None = None,
+                 start_step: int | None = None, **sampler_options) -> None:
+        self.model = as_model(model)
+        self.classifier = classifier
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 1 or shape[0] < 1:
+            raise ValueError(f"shape must be (B, ...) with B >= 1, got {shape}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        start = None
+        if plan is None:
+            if strength is not None or start_step is not None:
+                from .tasks import resolve_start
+
+                start = resolve_start(steps, strength, start_step)
+            elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        elif sampler_options or strength is not None or start_step is not None:
+            raise ValueError("plan= was given: sampler options, strength and start_step are not used with it")
+        self.img2img = start is not None
+        self.prepared = _Prepared(
+            (lambda p=plan: p) if plan is not None else _plan_builder(sampler, steps, schedule, prediction, start,
+                                                                     sampler_options),
+            shape, dtype, device, Guidance(guidance_scale, guidance_interval, guidance_rescale),
+            ops.requested_backend(backend), check_finite,
+            float(classifier_scale) if classifier is not None else None, cuda_graph)
+        self.prepared.executor(False)  # prepared (and checked) now
+
+    @property
+    def plan(self) -> Plan:
+        """The plan this sampler runs (without inpainting rows)."""
+        return self.prepared.plan
+
+    def __call__(self, noise: torch.Tensor, *, cond: torch.Tensor | dict | None = None,
+                 uncond: torch.Tensor | dict | None = None, seed: int | Sequence[int] | None = None,
+                 generator: torch.Generator | list | None = None, callback: Callable | None = None,
+                 progress: bool = False, mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                 image: torch.Tensor | None = None, classifier_y: torch.Tensor | None = None,
+                 post_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Sample from unit-variance ``noise`` (shaped, typed and placed as prepared); see :func:`sample`."""
+        _check_noise(noise)
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
+        if self.img2img != (image is not None):
+            raise ValueError("this sampler was prepared with strength/start_step: give image=" if self.img2img
+                             else "image= starts part-way: prepare the Sampler with strength= or start_step=")
+        if (mask is None) != (known is None):
+            raise ValueError("mask and known go together (inpainting): give both or neither")
+        if mask is not None:
+            mask, known = _inpaint_tensors(mask, known, noise)
+        return _call(self.prepared, self.model, noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
+                     callback=callback, progress=progress, classifier=self.classifier, classifier_y=classifier_y,
+                     mask=mask, known=known, image=image, post_step=post_step)
 
 
 def _inpaint_tensors(mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor):

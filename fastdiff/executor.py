@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .args import StepArgs, clip_code, compute_dtype, pack_row
+from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, rescale_factor, threshold_bound
 from .plan import Plan
 
@@ -222,6 +222,8 @@ class Executor:
         self.noise_dtype = getattr(torch, plan.noise_dtype) if plan.noise_dtype else dtype
         self._idle: list[_Workspace] = []
         self._lock = threading.Lock()
+        self._graph_lock = threading.Lock()
+        self._graph: _GraphState | None = None
         self._idle.append(_Workspace(self))  # build (and validate) one now: errors surface here
 
     def _reduction(self, i: int) -> ops.Reduction | None:
@@ -316,52 +318,67 @@ class Executor:
         return cond_cat, seeds
 
     def _run(self, ws: _Workspace, model, x, call: Call, cond_cat, seeds, B) -> torch.Tensor:
-        rows, n, guided = self.rows, len(self.rows), self.guided
-        dev = self.device
-        result = torch.empty(self.shape, dtype=self.dtype, device=dev)
-        prog = ws.program
+        n = len(self.rows)
+        result = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if n == 0:
             result.copy_(x)
             return result.mul_(self.plan.out_scale) if self.plan.out_scale != 1.0 else result
-        prog.set(n - 1, "out", result)
-        if seeds is not None:
-            ws.seeds.copy_(seeds)
-        mask_t = known_t = None
-        if self.masked:
-            mask_t = call.mask.to(dtype=self.dtype, device=dev).contiguous()
-            known_t = call.known.to(dtype=self.dtype, device=dev).contiguous()
-            prog.set(-1, "mask", mask_t)
-            prog.set(-1, "known", known_t)
+        mask_t, known_t = self._bind(ws, result, seeds, call)
         if ws.flags is not None:
             ws.flags.zero_()
-        state = ws.x
-        state.copy_(x)
-        ws.write_input(self, 0, state)
-        conds = [cond_cat if guided[i] else call.cond for i in range(n)]
-        y = call.classifier_y.to(device=dev, dtype=torch.int64) if call.classifier is not None else None
-        hooks = (call.callback is not None or call.post_step is not None or call.timer is not None
-                 or call.noise_fn is not None or call.generator is not None)
-        host = [hooks or (call.classifier is not None and self.cg[i] != 0.0) or bool(r.snr)
-                for i, r in enumerate(rows)]
+        ws.x.copy_(x)
+        ws.write_input(self, 0, ws.x)
+        conds = [cond_cat if g else call.cond for g in self.guided[:n]]
         it = range(n)
         if call.progress:
             from tqdm.auto import tqdm
 
             it = tqdm(it, desc=f"fastdiff {self.plan.sampler}", total=n)
-        run_ptr, run = ws.run_ptr, prog.run
+        try:
+            self._rows(ws, model, conds, call, mask_t, known_t, result, it)
+        except StopSampling as stop:
+            if stop.args and stop.args[0] < n - 1:
+                result.copy_(ws.x)
+            self._finish(ws)
+            return result
+        self._finish(ws)
+        if self.plan.out_scale != 1.0:
+            result.mul_(self.plan.out_scale)
+        return result
+
+    def _bind(self, ws: _Workspace, result: torch.Tensor, seeds, call: Call):
+        """Point the program at this call's result, seeds, mask and known."""
+        ws.program.set(len(self.rows) - 1, "out", result)
+        if seeds is not None:
+            ws.seeds.copy_(seeds)
+        mask_t = known_t = None
+        if self.masked:
+            mask_t = call.mask.to(dtype=self.dtype, device=self.device).contiguous()
+            known_t = call.known.to(dtype=self.dtype, device=self.device).contiguous()
+            ws.program.set(-1, "mask", mask_t)
+            ws.program.set(-1, "known", known_t)
+        return mask_t, known_t
+
+    def _rows(self, ws: _Workspace, model, conds, call: Call, mask_t, known_t, result, it) -> None:
+        """Every row: the fast path (one model call, one program run) unless the row has host work."""
+        rows, n, B = self.rows, len(self.rows), self.shape[0]
+        y = call.classifier_y.to(device=self.device, dtype=torch.int64) if call.classifier is not None else None
+        hooks = (call.callback is not None or call.post_step is not None or call.timer is not None
+                 or call.noise_fn is not None or call.generator is not None)
+        host = [hooks or (call.classifier is not None and self.cg[i] != 0.0) or bool(r.snr)
+                for i, r in enumerate(rows)]
+        run_ptr, run = ws.run_ptr, ws.program.run
         lo, hi = ws.span
-        dt, shapes = self.dtype, [(2 * B if guided[i] else B, *self.shape[1:]) for i in range(n)]
-        dev_index = -1 if dev.type == "cpu" else (dev.index if dev.index is not None else torch.cuda.current_device())
+        dt = self.dtype
+        shapes = [(2 * B if self.guided[i] else B, *self.shape[1:]) for i in range(n)]
+        dev_index = -1 if self.device.type == "cpu" else self.device.index
         t_in = self.t_in
         for i in it:
             if host[i]:
                 try:
                     self._general_row(ws, i, model, call, conds[i], y, mask_t, known_t, result)
-                except StopSampling:
-                    if i < n - 1:
-                        result.copy_(state)
-                    self._finish(ws)
-                    return result
+                except StopSampling as stop:
+                    raise StopSampling(i) from stop
                 continue
             out = call_model(model, ws.model_input(self, i), t_in[i], conds[i])
             if (type(out) is not torch.Tensor or out.dtype != dt or out.shape != shapes[i] or not out.is_contiguous()
@@ -375,11 +392,38 @@ class Executor:
                 run_ptr(i, p)
             else:
                 run(i, out)
-        self._finish(ws)
-        if self.plan.out_scale != 1.0:
-            result.mul_(self.plan.out_scale)
-        return result
 
+    # -- CUDA graphs ---------------------------------------------------------------------------
+
+    def run_graphed(self, model: ModelFn, x: torch.Tensor, call: Call | None = None, cuda=None) -> torch.Tensor:
+        """:meth:`run` as the replay of one CUDA graph of the whole loop, captured on the first call
+        and again only when the model or the conditioning's structure changed (see
+        :mod:`fastdiff.graphs`). Returns a new tensor (a copy of the graph's static result).
+        Concurrent calls take turns. ``cuda`` replaces ``torch.cuda`` (tests of the control flow)."""
+        from . import graphs
+
+        call = call or Call()
+        self.check_state(x, "the initial state")
+        if cuda is None:  # (a stand-in for torch.cuda runs on CPU tensors)
+            graphs.check_graphable(self.device, generator=call.generator, noise_fn=call.noise_fn,
+                                   callback=call.callback, post_step=call.post_step, timer=call.timer,
+                                   classifier=call.classifier, progress=call.progress, cond=call.cond,
+                                   uncond=call.uncond, mask=call.mask, known=call.known)
+        with torch.no_grad():
+            cond_cat, seeds = self._check_call(call)
+            with self._graph_lock:
+                g = self._graph
+                key = (graphs.model_key(model), graphs.structure(call.cond), graphs.structure(call.uncond))
+                if g is None or g.key != key:
+                    self._graph = None  # the old graph (and its pool) go before the new capture
+                    g = self._graph = _GraphState(self, model, call, cond_cat, key)
+                    g.load(x, seeds, call, cond_cat)
+                    g.graph = graphs.capture(g.body, self.device, cuda)
+                else:
+                    g.load(x, seeds, call, cond_cat)
+                g.graph.replay()
+                self._finish(g.ws)
+                return g.result.clone()
     def _normalise(self, out, i: int) -> torch.Tensor:
         """A model output as the step takes it: a tensor of the row's shape (never broadcast), the
         state's dtype and device, contiguous, detached."""
@@ -477,6 +521,69 @@ class Executor:
             call.callback(r.step, r.sigma, target, x0)
         if (call.post_step is not None or call.callback is not None) and i + 1 < n:
             ws.write_input(self, i + 1, target)  # the hooks may have changed the state
+
+
+class _GraphState:
+    """A captured loop: its own workspace, the static inputs it reads and the result it writes."""
+
+    def __init__(self, ex: Executor, model, call: Call, cond_cat, key) -> None:
+        from . import graphs
+
+        self.key = key
+        self.chain = graphs.model_chain(model)  # the graph reads the model's memory: keep it alive
+        self.ws = ws = _Workspace(ex)
+        self.x0 = torch.empty(ex.shape, dtype=ex.dtype, device=ex.device)
+        self.result = torch.empty(ex.shape, dtype=ex.dtype, device=ex.device)
+        self.cond_cat = graphs.static_copy(cond_cat)
+        B = ex.shape[0]
+        if call.cond is None:
+            self.cond = None
+        elif cond_cat is not None:  # the unguided rows' cond: the second half of [uncond; cond]
+            self.cond = _halves(self.cond_cat, B)
+        else:
+            self.cond = graphs.static_copy(call.cond)
+        self.mask = self.known = None
+        if ex.masked:
+            self.mask = torch.empty(ex.shape, dtype=ex.dtype, device=ex.device)
+            self.known = torch.empty(ex.shape, dtype=ex.dtype, device=ex.device)
+            ws.program.set(-1, "mask", self.mask)
+            ws.program.set(-1, "known", self.known)
+        ws.program.set(len(ex.rows) - 1, "out", self.result)
+        n = len(ex.rows)
+        conds = [self.cond_cat if g else self.cond for g in ex.guided[:n]]
+
+        def body() -> None:
+            if ws.flags is not None:
+                ws.flags.zero_()
+            ws.x.copy_(self.x0)
+            ws.write_input(ex, 0, ws.x)
+            ex._rows(ws, model, conds, Call(), self.mask, self.known, self.result, range(n))
+            if ex.plan.out_scale != 1.0:
+                self.result.mul_(ex.plan.out_scale)
+
+        self.body = body
+        self.graph = None
+
+    def load(self, x, seeds, call: Call, cond_cat) -> None:
+        """Copy one call's inputs into the static buffers the graph reads."""
+        from . import graphs
+
+        self.x0.copy_(x)
+        if seeds is not None:
+            self.ws.seeds.copy_(seeds)
+        graphs.load(self.cond_cat, cond_cat)
+        if cond_cat is None:
+            graphs.load(self.cond, call.cond)
+        if self.mask is not None:
+            self.mask.copy_(call.mask)
+            self.known.copy_(call.known)
+
+
+def _halves(c, b: int):
+    """The second half (rows ``b:``) of every tensor of a ``[uncond; cond]`` conditioning."""
+    if isinstance(c, dict):
+        return {k: _halves(v, b) for k, v in c.items()}
+    return c[b:] if isinstance(c, torch.Tensor) else c
 
 
 def _no_region(name: str):

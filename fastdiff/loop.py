@@ -1,23 +1,24 @@
-"""The sampling loop: model -> (guidance reductions) -> one fused step per plan row.
+"""The sampling loop's entry point for a plan (:func:`run_plan`, :class:`LoopOptions`) and the
+row-level pieces of guidance the loop computes on the host side of a row: classifier-guidance
+coefficients and gradients, Langevin step sizes, the data estimate handed to callbacks.
 
-Everything the loop needs per row is prepared before the first model call: timesteps, guidance
-scales and static clip bounds live in device tensors indexed by row, history buffers are
-allocated once and the state is updated in place. So the loop performs no host-device
-synchronisation on CUDA (non-finite model outputs are recorded on the device and reported, with
-the step, after the loop).
+The loop itself is :class:`fastdiff.executor.Executor`: everything it needs per row is prepared
+before the first model call (timesteps, guidance scales and clip bounds in device tensors indexed
+by row, persistent buffers, the backend), so it performs no host-device synchronisation on CUDA
+(non-finite model outputs are recorded by the kernel and reported, with the step, after the loop).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import graphs, ops
 from .args import StepArgs, compute_dtype, pack_row
 from .executor import Call, Executor, NonFiniteError, draw_noise  # noqa: F401  (public here since v1)
+from .graphs import GraphCaptureError  # noqa: F401
 from .guidance import Guidance
 from .plan import Plan, Row, combo, score_coeffs
 from .timing import RegionTimer
@@ -102,94 +103,12 @@ def _writable_in_place(t: torch.Tensor) -> bool:
     return True
 
 
-class GraphCaptureError(RuntimeError):
-    """The sampling loop (model included) could not be captured as a CUDA graph."""
-
-
-def check_graphable(opts: "LoopOptions", x: torch.Tensor) -> None:
-    """Raise ``ValueError`` listing every reason the loop cannot be captured (before any work)."""
-    problems = []
-    if x.device.type != "cuda":
-        problems.append(f"needs CUDA tensors, got noise on {x.device}")
-    host = {"generator": opts.generator, "noise_fn": opts.noise_fn, "callback": opts.callback,
-            "post_step": opts.post_step, "timer": opts.timer, "classifier": opts.classifier}
-    bad = [k for k, v in host.items() if v is not None] + (["progress"] if opts.progress else [])
-    if bad:
-        problems.append(f"cannot capture {', '.join(bad)} (host-side work inside the loop); use seed= (in-kernel "
-                        "Philox noise) and no per-step Python hooks")
-    # A tensor on another device would be copied to x's device inside the graph: a pageable
-    # host-to-device copy cannot be captured, and a cross-device copy runs outside the graph.
-    for name, c in (("cond", opts.cond), ("uncond", opts.uncond), ("mask", opts.mask), ("known", opts.known)):
-        items = c.items() if isinstance(c, dict) else [(None, c)]
-        for key, t in items:
-            if isinstance(t, torch.Tensor) and t.device != x.device:
-                label = name if key is None else f"{name}[{key!r}]"
-                problems.append(f"needs {label} on {x.device}, got {t.device}")
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        problems.append("was called while a CUDA graph is being captured (its warm-up pass and set-up copies "
-                        "would be recorded into that graph)")
-    if problems:
-        raise ValueError("cuda_graph=True " + "; ".join(problems) + " (or use cuda_graph=False)")
-
-
-GRAPH_WARMUP_PASSES = 1
-"""Eager passes of the whole loop before the capture. One suffices: every row runs, so every model
-call variant (guided ``2B`` and unguided ``B`` batches), every kernel specialisation and Triton
-autotuning key, cuBLAS/cuDNN handle and workspace on the capture stream is initialised once."""
-
-
-def _run_graphed(run_rows: Callable, x: torch.Tensor, n: int, cuda=None) -> None:
-    """Warm the loop up on a copy (lazy initialisation, autotuning), capture it, replay it once.
-
-    PyTorch's rules for ``torch.cuda.graph`` (CUDA semantics, "CUDA Graphs") and how they are met:
-
-    - warm-up on a side stream before capture: ``GRAPH_WARMUP_PASSES`` eager passes on a copy of
-      ``x`` on the stream ``side``, which waits for the caller's stream first; the caller's stream
-      waits for ``side`` after;
-    - the capture runs on that same stream (``stream=side``), so per-stream lazy state (cuBLAS /
-      hipBLASLt handles and workspaces) created by the warm-up is reused and nothing is created
-      inside the capture;
-    - every tensor the graph reads or writes outside its private pool (``x``, history ring, seeds,
-      per-row tables, conditioning) is allocated before the capture and outlives the replay;
-    - everything runs with ``x``'s device current (the capture stream and every launch on it);
-    - nothing runs during the capture, so ``x`` still holds the initial state when it is replayed,
-      on the caller's current stream;
-    - a failed capture raises :class:`GraphCaptureError` naming the first error (not the one
-      ``capture_end`` raises after it) and leaves the caller's stream current.
-
-    ``cuda`` is ``torch.cuda`` (replaceable to test this control flow without a GPU).
-    """
-    cuda = torch.cuda if cuda is None else cuda
-    with cuda.device(x.device):
-        caller = cuda.current_stream(x.device)
-        side = cuda.Stream(device=x.device)
-        warm = torch.empty_like(x)
-        side.wait_stream(caller)
-        with cuda.stream(side):
-            for _ in range(GRAPH_WARMUP_PASSES):
-                warm.copy_(x)
-                run_rows(warm, range(n))
-        caller.wait_stream(side)
-        del warm
-        graph = cuda.CUDAGraph()
-        first: list[BaseException] = []
-        try:
-            # the outer context restores the caller's stream even when the capture fails: when
-            # capture_end() raises, torch.cuda.graph's __exit__ leaves the capture stream current
-            with cuda.stream(caller), cuda.graph(graph, stream=side):
-                try:
-                    run_rows(x, range(n))
-                except BaseException as exc:  # the root cause; ending the capture raises its own error
-                    first.append(exc)
-                    raise
-        except Exception as exc:  # the model (or an option) did something a graph cannot record
-            cause = first[0] if first else exc
-            raise GraphCaptureError(
-                f"the sampling loop could not be captured as one CUDA graph: {type(cause).__name__}: {cause}. "
-                "The model must not synchronise with the host (.item(), .cpu(), printing tensors, "
-                "data-dependent shapes), copy from host memory or allocate outside PyTorch; run with "
-                "cuda_graph=False") from cause
-        graph.replay()
+def check_graphable(opts: LoopOptions, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` listing every reason ``opts`` cannot run as one CUDA graph (before any work)."""
+    graphs.check_graphable(x.device, generator=opts.generator, noise_fn=opts.noise_fn, callback=opts.callback,
+                           post_step=opts.post_step, timer=opts.timer, classifier=opts.classifier,
+                           progress=opts.progress, cond=opts.cond, uncond=opts.uncond, mask=opts.mask,
+                           known=opts.known)
 
 
 def classifier_coefficients(plan: Plan, scale: float) -> list[float]:

@@ -117,3 +117,43 @@ def test_graph_on_a_module_with_trainable_parameters():
     graphed = fastdiff.sample(lambda x, t: lin(x), noise, cuda_graph=True, **kw)
     assert not graphed.requires_grad
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)  # cuBLAS may pick another kernel under capture
+
+
+@needs_gpu
+def test_repeated_calls_capture_once_and_replay_with_new_inputs(monkeypatch):
+    from fastdiff import graphs
+
+    captures = []
+    real = graphs.capture
+    monkeypatch.setattr(graphs, "capture", lambda *a, **k: (captures.append(1), real(*a, **k))[1])
+    fastdiff.clear_cache()
+    lin = torch.nn.Linear(8, 8).cuda()
+
+    def model(x, t, c):
+        return torch.tanh(lin(x)) + 0.1 * c
+
+    kw = dict(sampler="dpmpp_2m_sde", steps=6, guidance_scale=3.0)
+    for k in range(3):
+        noise = torch.randn(2, 8, device="cuda")
+        cond, uncond = torch.randn(2, 8, device="cuda"), torch.randn(2, 8, device="cuda")
+        eager = fastdiff.sample(model, noise, seed=[k, k + 1], cond=cond, uncond=uncond, **kw)
+        graphed = fastdiff.sample(model, noise, seed=[k, k + 1], cond=cond, uncond=uncond, cuda_graph=True, **kw)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    assert len(captures) == 1
+    lin.weight = torch.nn.Parameter(lin.weight.detach() * 0.5)  # replaced, not updated in place: recaptured
+    noise = torch.randn(2, 8, device="cuda")
+    eager = fastdiff.sample(model, noise, seed=[5, 6], cond=cond, uncond=uncond, **kw)
+    graphed = fastdiff.sample(model, noise, seed=[5, 6], cond=cond, uncond=uncond, cuda_graph=True, **kw)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    assert len(captures) == 2
+
+
+@needs_gpu
+def test_prepared_sampler_graph_replays_faster_than_it_captures():
+    # not a timing assertion: only that the second call does not capture (no warm-up pass)
+    s = fastdiff.Sampler(_model, shape=(2, 4, 8, 8), device="cuda", sampler="euler_ancestral", steps=5,
+                         cuda_graph=True)
+    a = s(torch.randn(2, 4, 8, 8, device="cuda"), seed=[1, 2])
+    g = s.prepared.executor(False)._graph
+    b = s(torch.randn(2, 4, 8, 8, device="cuda"), seed=[1, 2])
+    assert s.prepared.executor(False)._graph is g and not torch.equal(a, b)

@@ -1,8 +1,11 @@
-"""The control flow of ``cuda_graph=True`` on CPU: argument checks and the warm-up / capture /
-replay sequence of ``fastdiff.loop._run_graphed`` against a recording stand-in for ``torch.cuda``.
+"""The control flow of ``cuda_graph=True`` on CPU: argument checks, the warm-up / capture sequence
+of ``fastdiff.graphs.capture`` and the capture-once, replay-many logic of
+``Executor.run_graphed``, against a recording stand-in for ``torch.cuda`` whose "replay" runs the
+captured loop body again (on CPU tensors).
 
 Nothing here runs a CUDA graph (tests/test_cuda_graph.py does, on a GPU): it checks the order of
-calls PyTorch's CUDA-graph rules ask for, which streams they use, and the errors.
+calls PyTorch's CUDA-graph rules ask for, which streams they use, the errors, that inputs reach the
+static buffers a graph reads, and when a graph is captured again.
 """
 
 from contextlib import contextmanager
@@ -11,7 +14,9 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import loop
+from fastdiff import graphs, loop
+from fastdiff.executor import Call, Executor
+from fastdiff.guidance import Guidance
 from fastdiff.loop import GraphCaptureError, LoopOptions
 
 from ._plans import edm_euler
@@ -44,6 +49,7 @@ class FakeCuda:
         class CUDAGraph:
             def replay(self):
                 fake.log.append(("replay", fake.current))
+                self.fd_body()  # what the recorded graph would do
 
         self.Stream, self.CUDAGraph, self._caller = Stream, CUDAGraph, Caller()
 
@@ -78,68 +84,130 @@ class FakeCuda:
             self.current = prev
 
 
-def _recording_rows(fake, x, fail_in=None):
+def _recording_body(fake, fail_in=None):
     calls = []
 
-    def run_rows(state, it):
+    def body():
         mode = "capture" if fake.capturing else "eager"
-        calls.append((mode, fake.current, state is x, state.clone(), list(it)))
-        fake.log.append(("run_rows", mode, fake.current))
+        calls.append((mode, fake.current))
+        fake.log.append(("body", mode, fake.current))
         if fail_in == mode:
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-        if mode == "eager":
-            state.add_(1.0)  # the warm-up works on a copy: x must not see this
 
-    return run_rows, calls
+    return body, calls
 
 
-def test_warm_up_once_on_a_side_stream_then_capture_on_it_then_replay_on_the_caller_stream():
+def test_warm_up_once_on_a_side_stream_then_capture_on_it_and_nothing_replayed():
     fake = FakeCuda()
-    x = torch.randn(2, 3)
-    x0 = x.clone()
-    run_rows, calls = _recording_rows(fake, x)
-    loop._run_graphed(run_rows, x, 4, cuda=fake)
-    assert [c[0] for c in calls] == ["eager"] * loop.GRAPH_WARMUP_PASSES + ["capture"]
-    assert loop.GRAPH_WARMUP_PASSES == 1
-    warm, cap = calls[0], calls[-1]
-    assert not warm[2] and torch.equal(warm[3], x0)  # a copy of the initial state
-    assert cap[2] and torch.equal(cap[3], x0)  # x itself, untouched by the warm-up
-    assert warm[4] == cap[4] == [0, 1, 2, 3]  # every row, both times
-    side = warm[1]
-    assert side.startswith("side") and cap[1] == side  # capture on the warm-up stream
+    body, calls = _recording_body(fake)
+    graph = graphs.capture(body, torch.device("cpu"), cuda=fake)
+    assert [c[0] for c in calls] == ["eager"] * graphs.GRAPH_WARMUP_PASSES + ["capture"]
+    assert graphs.GRAPH_WARMUP_PASSES == 1
+    side = calls[0][1]
+    assert side.startswith("side") and calls[-1][1] == side  # capture on the warm-up stream
     events = [e for e in fake.log if e[0] != "device"]
     assert events == [
         ("new_stream", side, "cpu"),
-        ("wait", side, "caller"),  # the side stream waits for the caller's work (x, tables)
-        ("run_rows", "eager", side),
+        ("wait", side, "caller"),  # the side stream waits for the caller's work (static inputs, tables)
+        ("body", "eager", side),
         ("wait", "caller", side),  # and the caller waits for the warm-up
         ("capture_begin", side),
-        ("run_rows", "capture", side),
+        ("body", "capture", side),
         ("capture_end",),
-        ("replay", "caller"),
     ]
-    assert fake.log[0] == ("device", "cpu")  # everything under x's device
+    assert fake.log[0] == ("device", "cpu")  # everything under the device
+    assert graph.fd_body is body and fake.current == "caller"
 
 
 def test_capture_failure_names_the_root_cause_not_the_end_of_capture_error():
     fake = FakeCuda(end_error=RuntimeError("CUDA error: operation failed due to a previous error during capture"))
-    x = torch.randn(2, 3)
-    run_rows, calls = _recording_rows(fake, x, fail_in="capture")
+    body, calls = _recording_body(fake, fail_in="capture")
     with pytest.raises(GraphCaptureError, match="operation not permitted when stream is capturing") as info:
-        loop._run_graphed(run_rows, x, 2, cuda=fake)
+        graphs.capture(body, torch.device("cpu"), cuda=fake)
     assert "previous error during capture" not in str(info.value)
-    assert ("replay", "caller") not in fake.log
     assert fake.current == "caller"  # the caller's stream is current again
 
 
 def test_warm_up_errors_are_not_reported_as_capture_errors():
     fake = FakeCuda()
-    x = torch.randn(2, 3)
-    run_rows, calls = _recording_rows(fake, x, fail_in="eager")
+    body, calls = _recording_body(fake, fail_in="eager")
     with pytest.raises(RuntimeError) as info:
-        loop._run_graphed(run_rows, x, 2, cuda=fake)
+        graphs.capture(body, torch.device("cpu"), cuda=fake)
     assert not isinstance(info.value, GraphCaptureError)
     assert not any(e[0] == "capture_begin" for e in fake.log)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, t, c):
+        return torch.tanh(self.lin(x)) * 0.5 + c[:, :1] * 0.1 + 0.01 * t[:, None]
+
+
+def _executor(plan, **kw):
+    return Executor(plan, (3, 4), torch.float32, "cpu", guidance=Guidance(2.5), **kw)
+
+
+def _captures(fake):
+    return sum(1 for e in fake.log if e[0] == "capture_begin")
+
+
+def test_graph_captured_once_and_replayed_with_each_calls_inputs():
+    plan = fastdiff.make_plan("dpmpp_2m_sde", 6)
+    net = _Net()
+    ex = _executor(plan)
+    fake = FakeCuda()
+    results = []
+    for k in range(3):  # new noise, seeds and conditioning each call
+        x = torch.randn(3, 4) * plan.init_scale
+        c, u = torch.randn(3, 2), torch.randn(3, 2)
+        call = dict(cond=c, uncond=u, seeds=[k, k + 1, k + 2])
+        got = ex.run_graphed(net, x, Call(**call), cuda=fake)
+        want = ex.run(net, x, Call(**call))
+        assert torch.equal(got, want), k
+        results.append(got)
+    assert _captures(fake) == 1 and sum(1 for e in fake.log if e[0] == "replay") == 3
+    assert not any(r is ex._graph.result for r in results)  # copies, never the static buffer
+    assert not torch.equal(results[0], results[1])
+
+
+def test_graph_recaptured_when_the_model_or_conditioning_changes():
+    plan = fastdiff.make_plan("euler_ancestral", 4)
+    net = _Net()
+    ex = _executor(plan)
+    fake = FakeCuda()
+    x = torch.randn(3, 4) * plan.init_scale
+
+    def run(model, c, u):
+        got = ex.run_graphed(model, x, Call(cond=c, uncond=u, seeds=[1, 2, 3]), cuda=fake)
+        assert torch.equal(got, ex.run(model, x, Call(cond=c, uncond=u, seeds=[1, 2, 3])))
+
+    c, u = torch.randn(3, 2), torch.randn(3, 2)
+    run(net, c, u)
+    run(fastdiff.denoisers.as_model(net), c, u)  # a fresh wrapper of the same module: the same model
+    assert _captures(fake) == 1
+    with torch.no_grad():
+        net.lin.weight.mul_(0.5)  # updated in place: the graph reads the new values
+    run(net, c, u)
+    assert _captures(fake) == 1
+    net.lin.weight = torch.nn.Parameter(net.lin.weight.detach() * 2)  # replaced: captured again
+    run(net, c, u)
+    assert _captures(fake) == 2
+    run(_Net(), c, u)  # another model
+    assert _captures(fake) == 3
+    run(net, torch.randn(3, 5), torch.randn(3, 5))  # conditioning of another shape
+    assert _captures(fake) == 4
+
+
+def test_graphed_state_shape_dtype_device_refused_by_name():
+    ex = _executor(fastdiff.make_plan("euler", 3))
+    fake = FakeCuda()
+    for bad, what in ((torch.randn(2, 4), "shape"), (torch.randn(3, 4, dtype=torch.float64), "dtype")):
+        with pytest.raises(ValueError, match=what):
+            ex.run_graphed(_Net(), bad, Call(cond=torch.randn(3, 2), uncond=torch.randn(3, 2)), cuda=fake)
+    assert _captures(fake) == 0
 
 
 def test_graphable_check_lists_every_cause_before_any_work():
@@ -164,6 +232,6 @@ def test_graphable_check_names_conditioning_on_another_device():
     opts = LoopOptions(cond={"emb": torch.randn(2, 4, device="meta"), "n": 3}, uncond=torch.randn(2, 4, device="meta"),
                        cuda_graph=True)
     with pytest.raises(ValueError) as info:
-        loop._check_graphable(opts, x)
+        loop.check_graphable(opts, x)
     msg = str(info.value)
     assert "needs cond['emb'] on cpu, got meta" in msg and "needs uncond on cpu, got meta" in msg

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..args import COEF_OFFSETS, PTR_NAMES, StepArgs, element_tensors, per_sample_tensors, pointers, unsafe_overlap
+from ..args import (COEF_OFFSETS, PTR_NAMES, StepArgs, element_tensors, output_tensors, per_sample_tensors, pointers,
+                    unsafe_overlap)
 
 NAME = "cpu"
 
@@ -52,16 +53,16 @@ def supports(args: StepArgs) -> bool:
     """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`, so
     every element tensor has ``x``'s shape and dtype).
 
-    Needs: the extension, CPU tensors, a supported dtype, every tensor contiguous (element tensors
-    and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that overlap an element tensor only
-    exactly (same start) and no per-sample tensor at all.
+    Needs: the extension, CPU tensors, a supported dtype, every tensor contiguous (element tensors,
+    the outputs ``u`` and ``flag``, and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that
+    overlap an element tensor only exactly (same start) and no per-sample tensor at all.
     """
     if _C is None:
         return False
     x = args.x
     if x.device.type != "cpu" or x.dtype not in DTYPE_CODES:
         return False
-    if not all(t.is_contiguous() for t in element_tensors(args)):
+    if not all(t.is_contiguous() for t in element_tensors(args) + output_tensors(args)):
         return False
     if not all(t.is_contiguous() and t.device.type == "cpu" for t in per_sample_tensors(args)):
         return False

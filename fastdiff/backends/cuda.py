@@ -15,12 +15,15 @@ from types import ModuleType
 import torch
 
 from ..args import StepArgs, element_tensors, pointers, unsafe_overlap
+from .cpu import check_layout
 
 NAME = "cuda"
 
 try:
     from .. import _C_cuda
-except Exception as _exc:  # not built here (no nvcc or CPU-only torch), or a broken build
+
+    check_layout(_C_cuda)
+except Exception as _exc:  # not built here (no nvcc or CPU-only torch), stale, or a broken build
     _C_cuda = None
     _import_error: Exception | None = _exc
 else:
@@ -43,8 +46,9 @@ def available() -> tuple[bool, str]:
 def supports(args: StepArgs) -> bool:
     """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`).
 
-    Needs: the extension, CUDA tensors, a supported dtype, every tensor contiguous (element tensors
-    and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that alias inputs only exactly.
+    Needs: the extension, CUDA tensors, a supported dtype, every tensor contiguous (element tensors,
+    the model input ``u``, and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that alias
+    inputs only exactly.
     """
     if _C_cuda is None:
         return False
@@ -52,7 +56,7 @@ def supports(args: StepArgs) -> bool:
     if x.device.type != "cuda" or x.dtype not in DTYPE_CODES:
         return False
     per_sample = [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
-    if not all(t.is_contiguous() for t in element_tensors(args)):
+    if not all(t.is_contiguous() for t in element_tensors(args) + ([args.u] if args.u is not None else [])):
         return False
     if not all(t.is_contiguous() and t.device == x.device for t in per_sample):
         return False
@@ -66,11 +70,13 @@ def launch(module: ModuleType, args: StepArgs, stream: int, max_blocks: int = 0)
     if numel == 0:
         return
     module.step(pointers(args), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read),
-                len(args.h_write), args.clip, args.row & 0xFFFFFFFF, list(args.coef), stream, max_blocks)
+                len(args.h_write), args.clip, args.row & 0xFFFFFFFF, list(args.coef), stream, max_blocks,
+                args.u_copies)
 
 
 def step(args: StepArgs) -> None:
-    """Execute one row in one kernel launch on the current stream of ``args.x``'s device.
+    """Execute one row in one kernel launch on the current stream of ``args.x``'s device: writes
+    ``args.out``, ``args.h_write``, ``args.u`` and sets ``args.flag`` (never clears it; no host sync).
 
     Callers go through :func:`fastdiff.ops.step`, which validates and checks :func:`supports`.
     """
@@ -94,3 +100,43 @@ def philox_words(seeds: torch.Tensor, row: int, stream: int, numel: int) -> torc
         _C_cuda.bits(out.data_ptr(), seeds.data_ptr(), seeds.shape[0], groups, int(row) & 0xFFFFFFFF, int(stream),
                      torch.cuda.current_stream(seeds.device).cuda_stream)
     return out.to(torch.int64) & 0xFFFFFFFF
+
+
+class CudaProgram:
+    """Prepared rows in the extension (``_C_cuda.Program``): ``run(i, m)`` launches row ``i`` with
+    the model output ``m`` on the current stream, one call with two integers (the interface of
+    :class:`fastdiff.ops.Program`). Per-sample reductions (guidance rescale, dynamic threshold) run
+    as torch operations into the row's ``r``/``s`` just before it."""
+
+    def __init__(self, rows: list[StepArgs], reductions: list, module: ModuleType | None = None) -> None:
+        from ..ops import Program
+
+        self.rows = rows
+        self._py = Program(rows, reductions, lambda a: None)  # its run() does the reductions
+        self._reduce = [red is not None for red in reductions]
+        self._c = (module or _C_cuda).Program()
+        for a in rows:
+            x = a.x
+            numel = x.numel()
+            self._c.add(pointers(a), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(a.h_read),
+                        len(a.h_write), a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies,
+                        numel if a.m_c is not None else -1)
+        dev = rows[0].x.device
+        self.stream = lambda: torch.cuda.current_stream(dev).cuda_stream
+        """The stream to launch on (the current one; replaceable to run the CPU emulation in tests)."""
+
+    def run(self, i: int, m: torch.Tensor) -> None:
+        if self._reduce[i]:
+            self._py.run(i, m)
+        self._c.run(i, m.data_ptr(), self.stream())
+
+    def set(self, i: int, name: str, t: torch.Tensor | None) -> None:
+        from ..args import PTR_NAMES
+
+        self._c.set(i, PTR_NAMES.index(name), 0 if t is None else t.data_ptr())
+        self._py.set(i, name, t)
+
+
+def prepare(rows: list[StepArgs], reductions: list) -> CudaProgram:
+    """The extension's prepared program for ``rows`` (validated and supported: :func:`fastdiff.ops.prepare`)."""
+    return CudaProgram(rows, reductions)

@@ -4,12 +4,16 @@ fastdiff/backends/cuda.py's pointer marshalling, compared with ``reference``.
 
 The grid is capped to a few blocks so the grid-stride loop wraps; sizes are odd so that chunks
 straddle samples and Philox groups and the scalar tail is exercised; offset views force the
-unaligned (all-scalar) path. The GPU itself is exercised by tests/backends/test_gpu.py.
+unaligned (all-scalar) path, and a u moved on its own keeps the others on the vector path. The
+prepared-program entry point (``_C_cuda.Program``) is compared with ``step``. The GPU itself is
+exercised by tests/backends/test_gpu.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -20,11 +24,14 @@ import pytest
 import torch
 
 from fastdiff import rng
-from fastdiff.args import C_OUT, N_COEF, StepArgs
+from fastdiff.args import C_AE, C_AX, C_OUT, C_U, N_COEF, PTR_NAMES, StepArgs, pointers
 from fastdiff.backends import cuda as cb
-from fastdiff.plan import OP_Z
+from fastdiff.backends import reference
+from fastdiff.plan import OP_D, OP_X, OP_Z
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient, run_unaligned
+from ._cases import EVERYTHING, FEATURES, SEEDS, build, check, check_tiny_e_coefficient, run_unaligned
+
+P = {name: i for i, name in enumerate(PTR_NAMES)}
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
@@ -77,11 +84,14 @@ def test_unaligned_pointers_take_the_scalar_path(emu, dtype):
     buf = torch.randn(3 * 37 + 1).to(dtype)
     x = buf[1:].view(3, 37)  # contiguous, but 2-8 bytes past a 16-byte boundary
     assert x.is_contiguous() and x.data_ptr() % 16
-    ptrs = [x.data_ptr()] * 3 + [0] * 16
+    ptrs = [x.data_ptr()] * 3 + [0] * 18
     assert not emu.vector_path(ptrs)
-    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 18)
-    # g is read element by element, so its alignment alone does not force the scalar path
-    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 17 + [x.data_ptr()])
+    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 20)
+    # g is read element by element, and u is stored copy by copy as its own alignment allows, so
+    # neither's alignment forces the scalar path on the other operands
+    aligned = [torch.empty(4).data_ptr()] + [0] * 20
+    for name in ("g", "u"):
+        assert emu.vector_path([x.data_ptr() if i == P[name] else q for i, q in enumerate(aligned)])
 
     def run(args):  # every element tensor moved 1 element past a 16-byte boundary
         run_unaligned(args, lambda a: cb.launch(emu, a, stream=0, max_blocks=2), emu.vector_path)
@@ -109,9 +119,8 @@ def test_bit_identical_to_the_cpu_kernel(emu, name, dtype):
     on_emu = {k: v.clone() for k, v in pool.items()}
     cpu.step(make_args(on_cpu))
     cb.launch(emu, make_args(on_emu), stream=0, max_blocks=2)
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[pool["x"].element_size()]
-    for k in outputs:
-        a, b = on_emu[k].view(bits), on_cpu[k].view(bits)
+    for k in outputs:  # out, history writes, u (its own dtype's bits) and flag
+        a, b = _bits(on_emu[k]), _bits(on_cpu[k])
         assert torch.equal(a, b), f"{k}: emulated CUDA and cpu differ in {int((a != b).sum())} elements"
 
 
@@ -145,14 +154,20 @@ def test_normals_match_rng_and_the_cpu_kernel(emu):
 
 def test_binding_errors_name_the_value(emu):
     x = torch.zeros(2, 4)
-    ptrs = [x.data_ptr()] * 3 + [0] * 16
+    ptrs = [x.data_ptr()] * 3 + [0] * 18
     coef = [0.0] * N_COEF
     with pytest.raises(ValueError, match="dtype code must be 0..3, got 7"):
         emu.step(ptrs, 8, 4, 7, 0, 0, 0, 0, coef, 0)
-    with pytest.raises(ValueError, match="coef must have 29 entries, got 25"):
-        emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, [0.0] * 25, 0)  # a contract-v1 row
+    with pytest.raises(ValueError, match=f"coef must have {N_COEF} entries, got 29"):
+        emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, [0.0] * 29, 0)  # a contract-v2 row
     with pytest.raises(TypeError):
-        emu.step(ptrs[:18], 8, 4, 0, 0, 0, 0, 0, coef, 0)  # the v1 pointer list, without g
+        emu.step(ptrs[:19], 8, 4, 0, 0, 0, 0, 0, coef, 0)  # the v2 pointer list, without u and flag
+    with pytest.raises(ValueError, match="u_copies must be 0, 1 or 2, got 3"):
+        emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 0, u_copies=3)
+    with pytest.raises(ValueError, match=r"u is required \(u_copies > 0\)"):
+        emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 0, 0, 1)
+    with pytest.raises(ValueError, match="max_blocks must be >= 0, got -1"):
+        emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 0, -1)
     with pytest.raises(ValueError, match="numel 9 is not a multiple of per_sample 4"):
         emu.step(ptrs, 9, 4, 0, 0, 0, 0, 0, coef, 0)
     with pytest.raises(ValueError, match=r"h_read\[0\] is required"):
@@ -161,3 +176,229 @@ def test_binding_errors_name_the_value(emu):
     noisy[C_OUT + OP_Z] = 1.0
     with pytest.raises(ValueError, match="seeds is required"):
         emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, noisy, 0)
+
+
+def test_the_extension_states_the_row_layout_of_fastdiff_args(emu):
+    from fastdiff.backends.cpu import check_layout
+
+    check_layout(emu)  # what fastdiff.backends.cuda checks when it imports the real _C_cuda
+    assert emu.N_COEF == N_COEF
+
+
+# --- contract v3: the next model input u and the non-finite flag ----------------------------------
+
+
+def _elem(dtype):
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(4, 16), (3, 37)], ids=str)
+@pytest.mark.parametrize("shift_u", [False, True])
+def test_u_alignment_is_decided_per_copy(emu, dtype, shape, shift_u):
+    """Every operand aligned but u (moved one element), or u aligned but its second copy not (an odd
+    numel): the others stay on the 16-byte path, each copy of u takes 16-byte stores exactly where
+    it starts aligned, and every combination is right (4 x 16 and 3 x 37 cover all four)."""
+    es = _elem(dtype)
+
+    def run(args):
+        u = args.u
+        if shift_u:
+            buf = torch.empty(u.numel() + 1, dtype=u.dtype)
+            u = buf[1:].view(u.shape)
+        a = dataclasses.replace(args, u=u)
+        ptrs = pointers(a)
+        assert emu.vector_path(ptrs)
+        numel = a.x.numel()
+        want = [(u.data_ptr() + k * numel * es) % 16 == 0 for k in range(a.u_copies)]
+        assert emu.u_vector(ptrs, numel, cb.DTYPE_CODES[dtype], a.u_copies) == want
+        assert want[0] != shift_u
+        cb.launch(emu, a, stream=0, max_blocks=2)
+        if shift_u:
+            args.u.copy_(u)
+
+    check(run, dict(EVERYTHING, in_place=True), shape, dtype, "cpu", seed=shape[1] + shift_u)
+    check(run, FEATURES["u2_cfg_multistep"], shape, dtype, "cpu", seed=shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_flag_finds_one_bad_element_anywhere_and_is_never_cleared(emu, dtype):
+    """One NaN / Inf in m or m_c at the first element, inside a 16-byte chunk, in the last chunk and
+    in the scalar tail, with one thread doing everything and with the grid-stride loop: flag is 1.
+    A finite row leaves a flag that is already 1 at 1 (the loop sets it; the kernel never clears)."""
+    b, n = 3, 37  # numel 111: the last 111 % VEC elements take the scalar path
+    numel = b * n
+    for pos in (0, 5, numel - 9, numel - 1):
+        for key, bad in (("m", float("nan")), ("m_c", float("inf")), ("m", float("-inf"))):
+            for max_blocks in (1, 0):
+                x = torch.randn(b, n).to(dtype)
+                m, m_c = torch.randn_like(x), torch.randn_like(x)
+                (m if key == "m" else m_c).view(-1)[pos] = bad
+                flag = torch.zeros(1, dtype=torch.int32)
+                coef = [0.0] * N_COEF
+                coef[C_OUT] = 1.0
+                args = StepArgs(x=x, out=torch.empty_like(x), m=m, m_c=m_c, w=torch.ones(b), coef=tuple(coef),
+                                flag=flag)
+                cb.launch(emu, args, stream=0, max_blocks=max_blocks)
+                assert flag.item() == 1, (pos, key, bad, max_blocks)
+    x = torch.randn(b, n).to(dtype)
+    flag = torch.ones(1, dtype=torch.int32)
+    coef = [0.0] * N_COEF
+    coef[C_OUT] = 1.0
+    cb.launch(emu, StepArgs(x=x, out=torch.empty_like(x), m=x.clone(), coef=tuple(coef), flag=flag), stream=0,
+              max_blocks=2)
+    assert flag.item() == 1
+    # m_c without guidance is not read: a NaN there is not the row's model output
+    flag.zero_()
+    m = torch.randn_like(x)
+    cb.launch(emu, StepArgs(x=x, out=torch.empty_like(x), m=m, coef=tuple(coef), flag=flag), stream=0)
+    assert flag.item() == 0
+
+
+# --- _C_cuda.Program: prepared rows, run(i, m, stream) --------------------------------------------
+
+
+def _model_output(a):
+    """m and m_c as one buffer (the model's batched output) and the offset of m_c in it, or -1."""
+    if a.m_c is None:
+        return a.m.clone().view(-1), -1
+    return torch.cat([a.m.reshape(-1), a.m_c.reshape(-1)]), a.m.numel()
+
+
+def _add(prog, a, mc_offset, placeholder, **kw):
+    """Add row `a` to `prog` with m (and m_c) pointing at `placeholder`, which run() must replace."""
+    ptrs = pointers(a)
+    ptrs[P["m"]] = placeholder.data_ptr()
+    ptrs[P["m_c"]] = placeholder.data_ptr() if a.m_c is not None else 0
+    numel = a.x.numel()
+    return prog.add(ptrs, numel, numel // a.x.shape[0], cb.DTYPE_CODES[a.x.dtype], len(a.h_read), len(a.h_write),
+                    a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies, mc_offset, **kw)
+
+
+def _bits(t):
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["plain", "in_place_everything", "u2_cfg_multistep", "flag_nan_uncond_half",
+                                  "flag_inf_cond_half", "reads4_writes_read_and_x", "g_cfg_rescale_clip_e"])
+@pytest.mark.parametrize("shape", [(3, 37), (2, 64)], ids=str)
+def test_program_equals_step(emu, dtype, name, shape):
+    """A row added to a Program and run with the model output at m (m_c mc_offset elements on) writes
+    the bits step writes with the same arguments; the placeholder m given to add() (NaN) is never read."""
+    pool, make_args, outputs = build(FEATURES[name], shape, dtype, 3, "cpu")
+    want = {k: v.clone() for k, v in pool.items()}
+    cb.launch(emu, make_args(want), stream=0, max_blocks=2)
+    got = {k: v.clone() for k, v in pool.items()}
+    a = make_args(got)
+    mo, mc_offset = _model_output(a)
+    placeholder = torch.full_like(mo, float("nan"))
+    prog = emu.Program(max_blocks=2)
+    assert len(prog) == 0 and prog.max_blocks == 2
+    i = _add(prog, a, mc_offset, placeholder)
+    assert i == 0 and len(prog) == 1
+    prog.run(i, mo.data_ptr(), 0)
+    for k in outputs:
+        assert torch.equal(_bits(got[k]), _bits(want[k])), f"{name}: {k} differs from step"
+
+
+def test_program_runs_rows_in_turn_and_set_repoints_operands(emu):
+    """Two rows (a guided one writing u twice, then a plain one writing it once); set() moves row 1's
+    out, and every row's u and flag (i = -1); run() takes each row's model output as it comes."""
+    torch.manual_seed(0)
+    b, n = 2, 45
+    x0 = torch.randn(b, n)
+    m0, m1 = torch.randn(2 * b, n), torch.randn(b, n)  # row 0's model output is guided (2 halves)
+    w = torch.full((b,), 3.0)
+
+    def coef(c_x, c_d, u_scale):  # x' = c_x x + c_d d, d = x - 0.5 e; u = u_scale x'
+        c = [0.0] * N_COEF
+        c[C_AX], c[C_AE], c[C_OUT + OP_X], c[C_OUT + OP_D], c[C_U] = 1.0, -0.5, c_x, c_d, u_scale
+        return tuple(c)
+
+    x1, x2 = torch.full_like(x0, float("nan")), torch.full_like(x0, float("nan"))
+    u_a, u_b = torch.full((2 * b, n), 7.0), torch.full((2 * b, n), float("nan"))
+    flag_a, flag_b = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    rows = [StepArgs(x=x0, out=x1, m=m0[:b], m_c=m0[b:], w=w, coef=coef(0.7, 0.2, 1.5), u=u_a, flag=flag_a),
+            StepArgs(x=x1, out=x2, m=m1, coef=coef(0.9, -0.4, 0.5), u=u_a[:b], flag=flag_a)]
+    prog = emu.Program()
+    placeholder = torch.full((2 * b * n,), float("nan"))
+    assert [_add(prog, rows[0], b * n, placeholder), _add(prog, rows[1], -1, placeholder)] == [0, 1]
+    assert len(prog) == 2
+    x2_moved = torch.full_like(x0, float("nan"))
+    prog.set(1, P["out"], x2_moved.data_ptr())
+    prog.set(-1, P["u"], u_b.data_ptr())
+    prog.set(-1, P["flag"], flag_b.data_ptr())
+    m1.view(-1)[11] = float("nan")
+    prog.run(0, m0.data_ptr(), 0)
+    prog.run(1, m1.data_ptr(), 0)
+
+    want = []  # the same rows through the reference
+    x = x0
+    for a in rows:
+        out, u, flag = torch.empty_like(x0), torch.empty(a.u.shape), torch.zeros(1, dtype=torch.int32)
+        reference.step(dataclasses.replace(a, x=x, out=out, u=u, flag=flag))
+        want.append((out, u, flag))
+        x = out
+    assert torch.allclose(x1, want[0][0], rtol=1e-6, atol=1e-6)
+    assert torch.isnan(x2).all(), "row 1 wrote its old out after set() moved it"
+    assert torch.equal(x2_moved.isnan(), want[1][0].isnan()) and x2_moved.isnan().sum() == 1
+    assert torch.allclose(x2_moved.nan_to_num(0.0), want[1][0].nan_to_num(0.0), rtol=1e-6, atol=1e-6)
+    assert (u_a == 7.0).all(), "u was written at its old address after set(-1, u)"
+    assert torch.allclose(u_b[:b].nan_to_num(0.0), want[1][1].nan_to_num(0.0), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(u_b[b:], want[0][1][b:], rtol=1e-6, atol=1e-6)  # row 1 writes one copy only
+    assert [flag_a.item(), flag_b.item()] == [0, 1] and [f.item() for _, _, f in want] == [0, 1]
+
+
+def test_program_errors_name_the_argument(emu):
+    x = torch.zeros(2, 4)
+    p = x.data_ptr()
+    ptrs = [p] * 3 + [0] * 18
+    coef = [0.0] * N_COEF
+    prog = emu.Program()
+    args = (ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 0, -1)
+    with pytest.raises(ValueError, match=r"phi must be 0 on CUDA .* got 0\.5"):
+        prog.add(*args, phi=0.5)
+    with pytest.raises(ValueError, match=r"ratio must be 0 on CUDA .* got 0\.9"):
+        prog.add(*args, ratio=0.9)
+    with pytest.raises(ValueError, match="phi must be 0"):
+        prog.add(*args, phi=math.nan)
+    with pytest.raises(ValueError, match="mc_offset must be >= 0 exactly when m_c is given, got 8"):
+        prog.add(ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 0, 8)
+    with pytest.raises(ValueError, match="u_copies must be 0, 1 or 2, got 3"):
+        prog.add(ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 3, -1)
+    with pytest.raises(ValueError, match=r"u is required \(u_copies > 0\)"):
+        prog.add(ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 1, -1)
+    with pytest.raises(ValueError, match=f"coef must have {N_COEF} entries, got 29"):
+        prog.add(ptrs, 8, 4, 0, 0, 0, 0, 0, coef[:29], 0, -1)
+    with pytest.raises(ValueError, match="dtype code must be 0..3, got 9"):
+        prog.add(ptrs, 8, 4, 9, 0, 0, 0, 0, coef, 0, -1)
+    with pytest.raises(TypeError):
+        prog.add(ptrs[:19], 8, 4, 0, 0, 0, 0, 0, coef, 0, -1)
+    assert len(prog) == 0, "a refused row was added"
+    assert prog.add(*args, max_value=5.0) == 0  # max_value goes with ratio, which is 0: ignored
+    with pytest.raises(ValueError, match="set: which must index PTR_NAMES .* got 2"):
+        prog.set(0, P["m"], p)
+    with pytest.raises(ValueError, match="got 3"):
+        prog.set(0, P["m_c"], p)
+    with pytest.raises(ValueError, match="got 21"):
+        prog.set(0, len(PTR_NAMES), p)
+    with pytest.raises(ValueError, match="set: row 1 out of range"):
+        prog.set(1, P["out"], p)
+    with pytest.raises(ValueError, match="set: row -2 out of range"):
+        prog.set(-2, P["out"], p)
+    with pytest.raises(ValueError, match=r"out is required \(always\)"):
+        prog.set(-1, P["out"], 0)
+    with pytest.raises(ValueError, match="run: row 1 out of range"):
+        prog.run(1, p, 0)
+    with pytest.raises(ValueError, match="run: row -1 out of range"):
+        prog.run(-1, p, 0)
+    with pytest.raises(ValueError, match="model output pointer m is null"):
+        prog.run(0, 0, 0)
+    with pytest.raises(ValueError, match="max_blocks must be >= 0, got -1"):
+        emu.Program(max_blocks=-1)
+    out = torch.full_like(x, float("nan"))
+    prog.set(0, P["out"], out.data_ptr())  # the refused set(-1, out, 0) above left the row as it was
+    m = torch.ones_like(x)
+    prog.run(0, m.data_ptr(), 0)  # coef all 0: x' = 0
+    assert (out == 0).all()

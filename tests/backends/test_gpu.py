@@ -1,5 +1,6 @@
 """GPU backends on CUDA tensors: ``triton`` and ``cuda`` equal ``reference`` across dtypes and odd
-shapes; the Philox stream is the same on cpu, triton and cuda. Skipped without a GPU.
+shapes; the Philox stream is the same on cpu, triton and cuda; contract v3 (the model input u and
+the non-finite flag) and ``_C_cuda.Program`` on the device. Skipped without a GPU.
 
 Set ``FASTDIFF_TRITON_AUTOTUNE=0`` to compile each Triton variant once with a fixed block instead
 of tuning it (what benchmarks/gpu_check.py does, to keep a GPU session short); one test below
@@ -8,17 +9,20 @@ always runs the autotuner, whose trial runs must restore in-place outputs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from fastdiff import ops, rng
-from fastdiff.args import N_COEF, StepArgs, pack_row
+from fastdiff.args import C_OUT, N_COEF, StepArgs, pack_row, pointers
 from fastdiff.backends import cuda as cb
 from fastdiff.backends import reference
 from fastdiff.backends import triton as tb
 from fastdiff.plan import Row, combo
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check, check_tiny_e_coefficient, run_unaligned
+from ._cases import EVERYTHING, FEATURES, SEEDS, build, check, check_tiny_e_coefficient, run_unaligned
+from .test_cuda_emu import P, _add, _bits, _model_output
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU tests need one")
 
@@ -192,3 +196,133 @@ def test_cuda_step_equals_cpu_step_bitwise(dtype):
     bits = {2: torch.int16, 4: torch.int32}[pool["x"].element_size()]  # signs of zeros too
     for k in outputs:
         assert torch.equal(on_gpu[k].cpu().view(bits), on_cpu[k].view(bits)), f"{k}: cuda and cpu differ"
+
+
+# --- contract v3 and the prepared program on the device ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_u_copies_take_16_byte_stores_where_each_is_aligned(dtype):
+    """u moved one element (the other operands aligned), or u aligned with an odd numel (its second
+    copy not): the vector path stays on, each copy is stored as its alignment allows (a 16-byte
+    store at a misaligned address would fault), and the results equal reference."""
+    _backend("cuda")
+    mod = cb._C_cuda
+    es = torch.empty(0, dtype=dtype).element_size()
+    for shape in ((4, 16), (3, 37), (2, 4099)):
+        for shift_u in (False, True):
+            def run(args):
+                u = args.u
+                if shift_u:
+                    u = torch.empty(u.numel() + 1, dtype=u.dtype, device=u.device)[1:].view(u.shape)
+                a = dataclasses.replace(args, u=u)
+                ptrs = pointers(a)
+                numel = a.x.numel()
+                assert mod.vector_path(ptrs)
+                want = [(u.data_ptr() + k * numel * es) % 16 == 0 for k in range(a.u_copies)]
+                assert mod.u_vector(ptrs, numel, cb.DTYPE_CODES[dtype], a.u_copies) == want
+                assert cb.supports(a)
+                cb.step(a)
+                if shift_u:
+                    args.u.copy_(u)
+            check(run, dict(EVERYTHING, in_place=True), shape, dtype, "cuda", seed=shape[1] + shift_u)
+            check(run, FEATURES["u2_cfg_multistep"], shape, dtype, "cuda", seed=shape[1])
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_flag_is_set_without_a_host_sync_and_never_cleared(dtype):
+    """One NaN / Inf anywhere in m or m_c (first element, a 16-byte chunk, the scalar tail) sets the
+    flag in the same stream order as the step, also inside a CUDA graph; a finite row leaves 1."""
+    _backend("cuda")
+    b, n = 3, 10007
+    coef = [0.0] * N_COEF
+    coef[C_OUT] = 1.0
+    x = torch.randn(b, n, device="cuda").to(dtype)
+    m, m_c = torch.randn_like(x), torch.randn_like(x)
+    w = torch.ones(b, device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(x)
+    args = StepArgs(x=x, out=out, m=m, m_c=m_c, w=w, coef=tuple(coef), flag=flag)
+    for pos in (0, 4099, b * n - 1):
+        for t, bad in ((m, float("nan")), (m_c, float("inf")), (m, float("-inf"))):
+            flag.zero_()
+            t.view(-1)[pos] = bad
+            cb.step(args)
+            t.view(-1)[pos] = 0.0
+            assert flag.item() == 1, (pos, bad)
+    cb.step(args)  # finite: the 1 stays
+    assert flag.item() == 1
+    flag.zero_()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        cb.step(args)
+    g.replay()
+    assert flag.item() == 0
+    m.view(-1)[77] = float("nan")
+    g.replay()
+    assert flag.item() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["in_place_everything", "u2_cfg_multistep", "flag_nan_uncond_half", "u1",
+                                  "reads4_writes_read_and_x"])
+def test_cuda_program_equals_step(dtype, name):
+    """A Program row run with the model output at m (m_c mc_offset elements on) writes what step
+    writes, bit for bit; the NaN placeholder given to add() is never read."""
+    _backend("cuda")
+    pool, make_args, outputs = build(FEATURES[name], (3, 4099), dtype, 3, "cuda")
+    want = {k: v.clone() for k, v in pool.items()}
+    cb.step(make_args(want))
+    got = {k: v.clone() for k, v in pool.items()}
+    a = make_args(got)
+    mo, mc_offset = _model_output(a)
+    placeholder = torch.full_like(mo, float("nan"))
+    prog = cb._C_cuda.Program()
+    i = _add(prog, a, mc_offset, placeholder)
+    prog.run(i, mo.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    for k in outputs:
+        assert torch.equal(_bits(got[k]), _bits(want[k])), f"{name}: {k} differs from step"
+
+
+def test_cuda_program_on_a_side_stream_in_a_graph_and_with_set():
+    """Program.run launches on the stream it is given (a side stream, a graph capture: no host sync),
+    set() re-points an operand; phi / ratio are refused by name (the reductions stay in torch)."""
+    _backend("cuda")
+    pool, make_args, outputs = build(FEATURES["u2_ancestral"], (2, 3 * 4096 + 5), torch.float16, 5, "cuda")
+    want = {k: v.clone() for k, v in pool.items()}
+    cb.step(make_args(want))
+    torch.cuda.synchronize()
+    got = {k: v.clone() for k, v in pool.items()}
+    a = make_args(got)
+    mo, mc_offset = _model_output(a)
+    placeholder = torch.full_like(mo, float("nan"))
+    prog = cb._C_cuda.Program(max_blocks=3)
+    with pytest.raises(ValueError, match="phi must be 0"):
+        _add(prog, a, mc_offset, placeholder, phi=0.7)
+    with pytest.raises(ValueError, match="ratio must be 0"):
+        _add(prog, a, mc_offset, placeholder, ratio=0.995)
+    i = _add(prog, a, mc_offset, placeholder)
+    u_moved = torch.full_like(got["u"], float("nan"))
+    prog.set(i, P["u"], u_moved.data_ptr())
+    x0 = got["x"].clone()  # the row is in place: rerun it from x0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        prog.run(i, mo.data_ptr(), side.cuda_stream)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.isnan(got["u"]).all(), "u written at its old address after set()"
+    assert torch.equal(_bits(u_moved), _bits(want["u"])) and torch.equal(_bits(got["x"]), _bits(want["x"]))
+    g = torch.cuda.CUDAGraph()
+    got["x"].copy_(x0)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        prog.run(i, mo.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    got["x"].copy_(x0)
+    u_moved.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(u_moved), _bits(want["u"])) and torch.equal(_bits(got["x"]), _bits(want["x"]))
+    assert got["flag"].item() == 0
