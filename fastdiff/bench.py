@@ -5,6 +5,9 @@ Parts (``--parts``; all by default, ``gpu`` only where CUDA is visible):
 ``loop``      whole ``fastdiff.sample`` runs on the built-in Gaussian-mixture model, per sampler and
               backend; the model's own time is measured separately (wall clock around each call),
               so ``sampler_us_per_step`` is what the sampler adds per step — the part fastdiff replaces.
+``floor``     whole CFG loops with a zero-cost model per sampler and shape: repeated ``fastdiff.sample``
+              calls against the loop's memory floor, the stock diffusers loop and k-diffusion
+              (:func:`fastdiff.bench_loop.bench_floor`).
 ``step``      one CFG DPM-Solver++(2M) step on CPU by every method: reference, diffusers' CFG blend +
               scheduler step, ``torch.compile`` of the reference step, the fused ``cpu`` kernel, and
               the kernel through ``ops.step`` (:func:`fastdiff.bench_step.bench_case`).
@@ -58,6 +61,14 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   step), the same for the accelerated pipeline (``fused_us_per_step``, ``fused_model_us_per_step``,
   ``fused_sched_us_per_step``, ``fused_sched_share``), and ``sched_speedup``
   (``stock_sched_us_per_step`` over ``fused_sched_us_per_step``).
+* ``floor`` rows (µs per solver step, 30 steps of CFG 7.5 with a zero-cost model): ``sampler``,
+  ``shape``, ``dtype``, ``steps``, ``rows``, ``fastdiff_us`` (repeated ``fastdiff.sample`` calls),
+  ``fastdiff_cold_us`` (the first call after ``clear_cache``), ``diffusers_us`` and
+  ``k_diffusion_us`` (the stock loops; ``null`` where the library lacks the sampler),
+  ``bytes_per_step`` (what the fused loop must move), ``copy_gb_s`` (torch ``copy_`` of that many
+  bytes, same run), ``floor_us`` (their quotient), ``x_floor`` (``fastdiff_us`` over it),
+  ``vs_diffusers`` and ``vs_k_diffusion`` (their time over fastdiff's), ``ops_per_row`` (torch
+  operations fastdiff issues per row outside the model).
 
 The PNG (``--png``, default: the JSON path with ``.png``) plots the speedup over ``reference`` of
 each fused backend per sampler and shape, the fused step against each method it replaces, the loop's
@@ -77,20 +88,26 @@ import torch
 
 from . import ops, samplers
 from .api import make_plan, sample
+from .bench_loop import SAMPLERS as FLOOR_SAMPLERS
+from .bench_loop import SHAPES as FLOOR_SHAPES
+from .bench_loop import bench_floor
 from .bench_step import (DTYPES, GPU_SHAPES, GPU_VARIANTS, SHAPES, bench_case, bench_gpu, bench_samplers,
                          dtype_name, gpu_copy_gbps, machine, schedule_for)
 from .models import GaussianMixture
 from .schedules import from_config, is_schedule
 
-PARTS = ("loop", "step", "samplers", "gpu", "pipeline")
+PARTS = ("loop", "floor", "step", "samplers", "gpu", "pipeline")
 SCHEMA = 1
 FIELDS = {
-    "top": ("schema", "command", "quick", "machine", "settings", "parts", "loop", "step", "samplers", "gpu",
+    "top": ("schema", "command", "quick", "machine", "settings", "parts", "loop", "floor", "step", "samplers", "gpu",
             "pipeline", "skipped", "errors", "elapsed_s", "chart"),
     "machine": ("cpu", "cores", "torch", "torch_threads", "simd", "kernel_threads", "gpu", "loadavg_start",
                 "loadavg_end"),
     "loop": ("sampler", "backend", "shape", "dtype", "steps", "rows", "us_per_step", "model_us_per_step",
              "sampler_us_per_step", "vs_reference"),
+    "floor": ("sampler", "shape", "dtype", "steps", "rows", "fastdiff_us", "fastdiff_cold_us", "diffusers_us",
+              "k_diffusion_us", "bytes_per_step", "copy_gb_s", "floor_us", "x_floor", "vs_diffusers", "vs_k_diffusion",
+              "ops_per_row"),
     "step": ("shape", "dtype", "method", "us", "us_best", "gb_s", "min_bytes", "copy_gb_s", "copy_2t_gb_s",
              "copy_1t_gb_s", "copy_one_tensor_gb_s", "frac_of_copy", "frac_of_copy_best", "cpu_speedup",
              "cpu_speedup_best", "vs_reference", "vs_reference_best", "compile_s"),
@@ -226,6 +243,9 @@ def settings(quick: bool, **over) -> dict:
     """What each part runs: the quick or full defaults, with the non-``None`` entries of ``over`` applied."""
     s = {
         "loop_shape": [16, 4, 32, 32], "loop_steps": 4 if quick else 20, "loop_repeats": 1 if quick else 3,
+        "floor_samplers": ["dpmpp_2m", "euler_ancestral"] if quick else None,
+        "floor_shapes": [[1, 4, 8, 8], [1, 4, 64, 64]] if quick else [list(x) for x in FLOOR_SHAPES],
+        "floor_steps": 10 if quick else 30, "floor_repeats": 2 if quick else 5,
         "samplers": None, "backends": None,
         "step_shapes": [[1, 4, 64, 64]] if quick else [list(x) for x in SHAPES],
         "step_dtypes": ["fp32"] if quick else ["fp32", "fp16"], "step_repeats": 5 if quick else 25,
@@ -261,6 +281,12 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
             f"best of {s['loop_repeats']}")
         return loop_rows(bench_loop(s["samplers"], s["backends"], s["loop_shape"], s["loop_steps"],
                                     s["loop_repeats"], progress=progress))
+
+    def do_floor():
+        names = s["floor_samplers"] or s["samplers"] or list(FLOOR_SAMPLERS)
+        log(f"floor: CFG loops with a zero-cost model, {len(names)} samplers x {len(s['floor_shapes'])} shapes, "
+            f"{s['floor_steps']} steps, fp32, best of {s['floor_repeats']} round-robin rounds")
+        return bench_floor(names, s["floor_shapes"], s["floor_steps"], s["floor_repeats"], progress=progress)
 
     def do_step():
         log(f"step: CFG DPM++(2M) step by method, {len(s['step_shapes'])} shapes x {s['step_dtypes']}, "
@@ -315,7 +341,7 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
                 bar.close()
         return as_dict(row)
 
-    jobs = {"loop": do_loop, "step": do_step, "samplers": do_samplers, "gpu": do_gpu, "pipeline": do_pipeline}
+    jobs = {"loop": do_loop, "floor": do_floor, "step": do_step, "samplers": do_samplers, "gpu": do_gpu, "pipeline": do_pipeline}
     for part in parts:
         why = _why_skip(part)
         if why:
@@ -370,6 +396,17 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         out.append((f"Sampling loop, Gaussian-mixture model, shape {tuple(r0['shape'])}, {r0['dtype']} (µs per step)",
                     ["sampler", "backend", "steps", "rows", "µs/step", "model", "sampler", "vs ref"], rows,
                     "sampler = step minus model: what fastdiff replaces; vs ref = reference's sampler part / this"))
+    if doc.get("floor"):
+        rows = [[r["sampler"], _shape(r["shape"]), _f(r["fastdiff_us"]), _f(r["fastdiff_cold_us"]),
+                 _f(r["diffusers_us"]), _f(r["k_diffusion_us"]), _f(r["floor_us"]), _x(r["x_floor"]),
+                 _x(r["vs_diffusers"]), _x(r["vs_k_diffusion"]), _f(r["ops_per_row"], ".0f")] for r in doc["floor"]]
+        r0 = doc["floor"][0]
+        out.append((f"Whole CFG loop, zero-cost model, {r0['steps']} steps, {r0['dtype']} (µs per step)",
+                    ["sampler", "shape", "fastdiff", "cold", "diffusers", "k-diff", "floor", "x floor", "x diffusers",
+                     "x k-diff", "ops/row"], rows,
+                    "fastdiff: repeated fastdiff.sample calls; cold: the first, preparation included; floor: bytes "
+                    "the fused loop moves / copy_ bandwidth of as many bytes (same run); x diffusers, x k-diff: "
+                    "their time / fastdiff's; ops/row: torch ops fastdiff issues per row outside the model"))
     if doc.get("step"):
         rows = []
         for r in doc["step"]:

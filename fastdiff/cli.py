@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions and backends").set_defaults(fn=cmd_info)
     b = sub.add_parser("bench", help="loops, the fused step vs what it replaces, GPU rows, a pipeline: table, JSON, PNG")
     b.add_argument("--quick", action="store_true", help="a smoke run (under a minute on 2 cores)")
-    b.add_argument("--parts", default="", help="comma-separated parts among loop,step,samplers,gpu,pipeline (default: all)")
+    b.add_argument("--parts", default="", help="comma-separated parts among loop,floor,step,samplers,gpu,pipeline (default: all)")
     b.add_argument("--shape", default="", help="loop noise shape, comma-separated (default 16,4,32,32)")
     b.add_argument("--steps", type=int, default=None, help="loop steps (default 20; 4 with --quick)")
     b.add_argument("--repeats", type=int, default=None, help="timed loop runs; each model call and each stretch between calls keeps its minimum (default 3; 1 with --quick)")

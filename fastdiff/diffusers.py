@@ -62,7 +62,7 @@ import torch
 
 from . import ops, samplers
 from .args import StepArgs, clip_code, pack_row
-from .guidance import Guidance, dynamic_threshold
+from .guidance import Guidance, threshold_bound
 from .executor import StopSampling
 from .loop import LoopOptions, draw_noise, run_plan
 from .plan import MAX_READS, Plan, Row, check_prediction, combo
@@ -759,7 +759,7 @@ def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, his
     if clip == 1:
         s = torch.full((x.shape[0],), float(plan.clip_range), dtype=torch.float32, device=x.device)
     elif clip == 2:
-        s = dynamic_threshold(row.a_x * x.float() + row.a_e * m.float(), plan.threshold_ratio, plan.threshold_max)
+        s = threshold_bound(x, m, None, None, None, coef, plan.threshold_ratio, plan.threshold_max)
     out = torch.empty_like(x)
     args = StepArgs(x=x, out=out, m=m, coef=coef, row=i, h_read=h_read,
                     h_write=tuple(hist[w.slot] for w in row.writes), s=s, clip=clip, seeds=seeds, z=z)

@@ -131,6 +131,7 @@ class _Workspace:
         self.s = torch.ones(B, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(B, dtype=torch.int64, device=dev)
         self.rows = [self._args(ex, i) for i in range(len(ex.rows))]
+        self.inputs = [self.u[: (2 if g else 1) * B] for g in ex.guided[:len(ex.rows)]]  # each row's model input
         self.program = ops.prepare(self.rows, ex.backend, ex.reductions)
         self.run_ptr = getattr(self.program, "run_ptr", None)  # the extension's own run(i, address)
         self.masked_with = None
@@ -153,7 +154,7 @@ class _Workspace:
 
     def model_input(self, ex: "Executor", i: int) -> torch.Tensor:
         """Row ``i``'s model input (the view of ``u`` the previous step wrote)."""
-        return self.u[: (2 if ex.guided[i] else 1) * ex.shape[0]]
+        return self.inputs[i]
 
     def write_input(self, ex: "Executor", i: int, x: torch.Tensor) -> None:
         """Write row ``i``'s model input from the state ``x``, as the step would (``x * in_scale``)."""
@@ -372,7 +373,7 @@ class Executor:
         dt = self.dtype
         shapes = [(2 * B if self.guided[i] else B, *self.shape[1:]) for i in range(n)]
         dev_index = -1 if self.device.type == "cpu" else self.device.index
-        t_in = self.t_in
+        t_in, inputs = self.t_in, ws.inputs
         for i in it:
             if host[i]:
                 try:
@@ -380,7 +381,7 @@ class Executor:
                 except StopSampling as stop:
                     raise StopSampling(i) from stop
                 continue
-            out = call_model(model, ws.model_input(self, i), t_in[i], conds[i])
+            out = call_model(model, inputs[i], t_in[i], conds[i])
             if (type(out) is not torch.Tensor or out.dtype != dt or out.shape != shapes[i] or not out.is_contiguous()
                     or out.get_device() != dev_index):
                 out = self._normalise(out, i)

@@ -215,7 +215,7 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
         seeds = expand_seeds(seed, B)
     opts = LoopOptions(seeds=seeds, noise_fn=noise_fn if use_fn else None, backend=backend, progress=_progress(disable),
                        check_finite=False)
-    return run_plan(plan, f, x, opts)
+    return run_plan(plan, f, x, opts, in_place=False)  # x is our own copy: the result comes back new
 
 
 def _default_noise(x: torch.Tensor) -> NoiseSampler:

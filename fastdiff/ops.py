@@ -348,12 +348,11 @@ def prepare(rows: list[StepArgs], backend: str | None = "auto", reductions: list
     name = requested_backend(backend)
     if name == "reference":
         return Program(rows, reductions, _module("reference").step)
-    mods = {resolve(backend, a) if name != "auto" else (_fused_for("auto", a) or resolve(backend, a)) for a in rows}
-    if len(mods) == 1:
-        mod = mods.pop()
-        if all(mod.supports(a) for a in rows):
-            make = getattr(mod, "prepare", None)
-            return make(rows, reductions) if make is not None else Program(rows, reductions, mod.step)
+    # the first row picks the backend (resolve warns or raises as for one step); the others must suit it
+    mod = resolve(backend, rows[0]) if name != "auto" else (_fused_for("auto", rows[0]) or resolve(backend, rows[0]))
+    if all(mod.supports(a) for a in rows[1:]):
+        make = getattr(mod, "prepare", None)
+        return make(rows, reductions) if make is not None else Program(rows, reductions, mod.step)
     return Program(rows, reductions, lambda a: step(a, backend, check=False))
 
 

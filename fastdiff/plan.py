@@ -15,10 +15,15 @@ model evaluation followed by one fused, element-wise step. For element ``i`` of 
     x' = out · v                            # solver update
     x' = mask*x' + (1-mask)*(known_a*known + known_s*z2)   # optional; z2 = Philox stream 1
     H[writes[j].slot] = writes[j].coef · v  # history ring written for later rows
+    u  = in_scale' * x'  (once, or twice: [u; u]) # the next row's model input, written by the same pass
+    flag |= any non-finite m, m_c read           # recorded by the kernel, reported after the loop
 
 ``H`` is a ring of ``plan.n_slots`` history buffers shaped like ``x``. A kernel reads every input
 of an element before writing any output of it, so ``x'`` may overwrite ``x`` and a written slot
-may also be read in the same row.
+may also be read in the same row. ``in_scale'`` is the next row's ``in_scale`` and ``u`` holds two
+copies when the next row is guided (the model is called once on ``[uncond; cond]``); the loop
+(:mod:`fastdiff.executor`) packs it with the row (:func:`fastdiff.args.pack_row`), so one model
+call and one kernel run per row is all the loop does.
 
 All coefficients are float64 host scalars computed once when the plan is built; kernels compute
 in float32 (float64 for float64 storage). The model is called as

@@ -15,11 +15,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import os
-import sys
 import types
 
 import torch
@@ -112,40 +109,14 @@ def diffusers_loop(scheduler, model, x: torch.Tensor, steps: int, *, generator=N
     return traj
 
 
-_K_PKG = "_fastdiff_kdiffusion_stub"
-
-
 def _k_module(name: str) -> types.ModuleType:
-    full = f"{_K_PKG}.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
+    from fastdiff.bench_loop import k_module
+
+    mod = k_module(name)
+    if mod is None:
         import pytest
 
         pytest.skip("k-diffusion is not installed")
-    root = list(spec.submodule_search_locations)[0]
-    if _K_PKG not in sys.modules:
-        pkg = types.ModuleType(_K_PKG)
-        pkg.__path__ = []  # a namespace with only what we put in it
-        utils = types.ModuleType(f"{_K_PKG}.utils")
-
-        def append_dims(x, target_dims):
-            """k-diffusion's utils.append_dims."""
-            dims = target_dims - x.ndim
-            if dims < 0:
-                raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
-            return x[(...,) + (None,) * dims]
-
-        utils.append_dims = append_dims
-        pkg.utils = utils
-        sys.modules[_K_PKG] = pkg
-        sys.modules[f"{_K_PKG}.utils"] = utils
-    mspec = importlib.util.spec_from_file_location(full, os.path.join(root, f"{name}.py"))
-    mod = importlib.util.module_from_spec(mspec)
-    sys.modules[full] = mod
-    mspec.loader.exec_module(mod)
-    setattr(sys.modules[_K_PKG], name, mod)
     return mod
 
 
