@@ -459,6 +459,8 @@ class Executor:
     # -- the general path: rows with host work -------------------------------------------------
 
     def _general_row(self, ws: _Workspace, i: int, model, call: Call, cond, y, mask_t, known_t, result) -> None:
+        """Row ``i`` with host work around it: the same program run, with the operands drawn or
+        computed on the host (external noise, the classifier gradient) pointed at for this row only."""
         from .loop import classifier_grad, langevin_operands, x0_estimate
 
         r = self.rows[i]
@@ -485,13 +487,14 @@ class Executor:
             if call.classifier is not None and self.cg[i] != 0.0:
                 x_in = x * r.in_scale  # from the state: the model may have written into its input
                 grad = classifier_grad(call.classifier, x_in, self.t_in[i][:B], y).to(self.dtype).contiguous()
-            if m_c is not None and self.guidance.rescale > 0:
-                rr = rescale_factor(m, m_c, w, self.guidance.rescale)
-            if clip == 1:
-                s = self.s_static
-            elif clip == 2:
-                s = threshold_bound(x, m, m_c, w, rr, a.coef, self.plan.threshold_ratio, self.plan.threshold_max,
-                                    g=grad)
+            if call.callback is not None or r.snr:  # the program computes its own r and s for its step
+                if m_c is not None and self.guidance.rescale > 0:
+                    rr = rescale_factor(m, m_c, w, self.guidance.rescale)
+                if clip == 1:
+                    s = self.s_static
+                elif clip == 2:
+                    s = threshold_bound(x, m, m_c, w, rr, a.coef, self.plan.threshold_ratio,
+                                        self.plan.threshold_max, g=grad)
         z = None
         if r.noise and (call.noise_fn is not None or call.generator is not None):
             with region("noise"):
@@ -500,22 +503,33 @@ class Executor:
                 else:
                     z = draw_noise(self.shape, call.generator, self.noise_dtype, self.device)
                 z = _external_noise(z, x, i)
+                if ws.span[0] <= z.data_ptr() < ws.span[1]:  # noise_fn handed back one of our buffers
+                    z = z.clone()
         z2 = None
         if mask_t is not None and r.known_s != 0 and call.generator is not None:
             with region("noise"):  # the known region's re-noising, drawn after the solver noise
                 z2 = draw_noise(self.shape, call.generator, self.noise_dtype, self.device).to(dtype=self.dtype)
+                z2 = z2.contiguous()
         x0 = x0_estimate(x, m, m_c, w, rr, r, s, clip) if call.callback is not None else None
-        coef = a.coef
         if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
             with region("guidance"):
-                m, rr, z, coef = langevin_operands(self.plan, r, i, x, m, m_c, w, rr, grad, coef, z, ws.seeds,
+                m, rr, z, coef = langevin_operands(self.plan, r, i, x, m, m_c, w, rr, grad, a.coef, z, ws.seeds,
                                                    self.backend)
-            m_c = w = grad = None
-        args = StepArgs(x=x, out=target, m=m, m_c=m_c, coef=coef, row=i, h_read=a.h_read, h_write=a.h_write,
-                        w=w, r=rr, s=s, clip=clip, seeds=ws.seeds, z=z, z2=z2, mask=mask_t, known=known_t, g=grad,
-                        u=a.u, flag=a.flag)
-        with region("step"):
-            ops.step(args, self.backend)
+            args = StepArgs(x=x, out=target, m=m, coef=coef, row=i, h_read=a.h_read, h_write=a.h_write, r=rr, s=s,
+                            clip=clip, seeds=ws.seeds, z=z, z2=z2, mask=mask_t, known=known_t, u=a.u, flag=a.flag)
+            with region("step"):
+                ops.step(args, self.backend)
+        else:
+            extra = [(k, v) for k, v in (("z", z), ("z2", z2), ("g", grad)) if v is not None]
+            prog = ws.program
+            for k, v in extra:
+                prog.set(i, k, v)
+            try:
+                with region("step"):
+                    prog.run(i, out)
+            finally:
+                for k, _ in extra:
+                    prog.set(i, k, None)
         if call.post_step is not None:
             call.post_step(i, target)
         if call.callback is not None:
