@@ -80,12 +80,40 @@ struct Io<L, DTYPE_F64> {
   static V load_noise(const float* p) { return L::load_f32_as_f64(p); }
 };
 
-/// Philox noise for a run of consecutive flat elements, W groups per Philox call.
+/// Philox noise for a run of consecutive flat elements.
+///
+/// Runs of at least NG1 groups of one sample (the usual case: a block inside one sample) take the
+/// level's noise_groups: NG (then NG1) consecutive groups per call with the key and the
+/// group-independent counter words folded into scalars, written straight into the buffer. A run's
+/// last call is moved back to end at the run's last group (it rewrites some groups with the same
+/// values). Shorter runs (small samples, a sample boundary just inside a block) go through the
+/// general path: W groups of any samples per Philox call, with per-lane keys.
 template <class L>
 struct NoiseGen {
   using VF = typename L::VF;
   using VU = typename L::VU;
   static constexpr int W = L::W;
+  static constexpr int NG = L::NG;    // groups per call of the fast path
+  static constexpr int NG1 = L::NG1;  // its smaller call, for short runs and run ends
+
+  /// One sample's Philox key schedule (round r adds r * (W0, W1)) and the counter words that do
+  /// not depend on the group: what the levels' noise_groups folds into scalars.
+  struct Key {
+    uint64_t seed;
+    uint32_t k0[10], k1[10];
+    uint32_t row, stream;
+    uint32_t h1r, l1r;  // row * M1: high and low halves (round 0)
+    Key(uint64_t s, uint32_t r, uint32_t st) : seed(s), row(r), stream(st) {
+      uint32_t a = static_cast<uint32_t>(s), b = static_cast<uint32_t>(s >> 32);
+      for (int q = 0; q < 10; ++q) {
+        k0[q] = a;
+        k1[q] = b;
+        a += PHILOX_W0;
+        b += PHILOX_W1;
+      }
+      fd_mulhilo(PHILOX_M1, r, h1r, l1r);
+    }
+  };
 
   /// Normals of flat elements [i0, i0 + n) into zb[0..n). zb must be writable on [-3, n + 3):
   /// whole groups are written, and a later group overwrites the spill of an earlier one.
@@ -99,8 +127,24 @@ struct NoiseGen {
     while (t < n) {
       int64_t len = per_sample - j < n - t ? per_sample - j : n - t;
       uint64_t seed = static_cast<uint64_t>(seeds[b]);
-      int64_t g_end = (j + len - 1) / 4 + 1;
-      for (int64_t g = j / 4; g < g_end; ++g) {
+      int64_t g_beg = j / 4, g_end = (j + len - 1) / 4 + 1;
+      int64_t g = g_beg;
+      // the fast path: one seed, consecutive groups, no wrap of the low counter word inside the run
+      if (g_end - g_beg >= NG1 && (static_cast<uint64_t>(g_beg) >> 32) == (static_cast<uint64_t>(g_end - 1) >> 32)) {
+        if (cnt) {  // pending groups first: their spill must not overwrite what follows
+          pad(klo, khi, glo, ghi, cnt);
+          flush(zb, klo, khi, glo, ghi, dst, cnt, row, stream);
+          cnt = 0;
+        }
+        const Key key(seed, row, stream);
+        float* const base = zb + (t - j);  // group q of the sample at base + 4q
+        for (; g + NG <= g_end; g += NG) L::template noise_groups<NG>(base + 4 * g, key, static_cast<uint64_t>(g));
+        for (; g < g_end; g += NG1) {  // the last call ends at the run's last group (rewriting some)
+          const int64_t q = g + NG1 <= g_end ? g : g_end - NG1;
+          L::template noise_groups<NG1>(base + 4 * q, key, static_cast<uint64_t>(q));
+        }
+      }
+      for (; g < g_end; ++g) {
         klo[cnt] = static_cast<uint32_t>(seed);
         khi[cnt] = static_cast<uint32_t>(seed >> 32);
         glo[cnt] = static_cast<uint32_t>(static_cast<uint64_t>(g));
@@ -116,9 +160,13 @@ struct NoiseGen {
       j = 0;
     }
     if (cnt) {
-      for (int l = cnt; l < W; ++l) klo[l] = khi[l] = glo[l] = ghi[l] = 0;
+      pad(klo, khi, glo, ghi, cnt);
       flush(zb, klo, khi, glo, ghi, dst, cnt, row, stream);
     }
+  }
+
+  static void pad(uint32_t* klo, uint32_t* khi, uint32_t* glo, uint32_t* ghi, int cnt) {
+    for (int l = cnt; l < W; ++l) klo[l] = khi[l] = glo[l] = ghi[l] = 0;
   }
 
   /// The four words of W groups.
@@ -131,15 +179,12 @@ struct NoiseGen {
     fd_philox4x32_10<VU>(c0, c1, c2, c3, L::load_u32(klo), L::load_u32(khi));
   }
 
-  static void flush(float* zb, const uint32_t* klo, const uint32_t* khi, const uint32_t* glo, const uint32_t* ghi,
-                    const int64_t* dst, int cnt, uint32_t row, uint32_t stream) {
-    VU u0, u1, u2, u3;
-    words(klo, khi, glo, ghi, row, stream, u0, u1, u2, u3);
-    VF n0, n1, n2, n3;
-    fd_box_muller<VF, VU>(u0, u1, n0, n1);
-    fd_box_muller<VF, VU>(u2, u3, n2, n3);
+  /// The general path (out of line: the cold path of fill).
+  __attribute__((noinline)) static void flush(float* zb, const uint32_t* klo, const uint32_t* khi, const uint32_t* glo,
+                                              const uint32_t* ghi, const int64_t* dst, int cnt, uint32_t row,
+                                              uint32_t stream) {
     alignas(64) float tmp[4 * W];
-    L::store_interleave4(tmp, n0, n1, n2, n3);
+    L::noise_lanes(tmp, klo, khi, glo, ghi, row, stream);
     if (dst[cnt - 1] == dst[0] + 4 * (cnt - 1)) {  // consecutive groups: one copy
       memcpy(zb + dst[0], tmp, sizeof(float) * 4 * cnt);
     } else {  // sample boundaries inside: in order, so a later group overwrites a spill

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "step_math.h"
+#include "philox.h"
 
 namespace fd {
 
@@ -26,12 +27,27 @@ struct LevelScalar {
   static VD load_f32_as_f64(const float* p) { return static_cast<double>(*p); }
   static VU load_u32(const uint32_t* p) { return *p; }
   static void store_u32(uint32_t* p, VU v) { *p = v; }
-  /// d[4*l + k] = n_k[l]: the normals of W groups in element order.
-  static void store_interleave4(float* d, VF n0, VF n1, VF n2, VF n3) {
-    d[0] = n0;
-    d[1] = n1;
-    d[2] = n2;
-    d[3] = n3;
+  /// Groups per noise_groups call.
+  static constexpr int NG = 1;
+  static constexpr int NG1 = 1;
+  /// fd_philox_group_normals, written out so that the compiler sees the two Box-Muller pairs
+  /// side by side (it may run them as one 2-lane SSE computation: the same IEEE operations).
+  static void group_normals(float* d, uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+    fd_philox4x32_10<uint32_t>(c0, c1, c2, c3, k0, k1);
+    fd_box_muller<float, uint32_t>(c0, c1, d[0], d[1]);
+    fd_box_muller<float, uint32_t>(c2, c3, d[2], d[3]);
+  }
+  /// Normals of group g of one sample (key k, a NoiseGen::Key) into d[0..4).
+  template <int G, class NK>
+  static void noise_groups(float* d, const NK& k, uint64_t g) {
+    static_assert(G == 1, "one group per call");
+    group_normals(d, k.k0[0], k.k1[0], static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), k.row, k.stream);
+  }
+  /// The general path: the normals of the group of key (klo, khi) and counter (glo, ghi, row,
+  /// stream) into d[0..4).
+  static void noise_lanes(float* d, const uint32_t* klo, const uint32_t* khi, const uint32_t* glo,
+                          const uint32_t* ghi, uint32_t row, uint32_t stream) {
+    group_normals(d, *klo, *khi, *glo, *ghi, row, stream);
   }
 };
 
