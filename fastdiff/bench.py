@@ -65,7 +65,7 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   ``shape``, ``dtype``, ``steps``, ``rows``, ``fastdiff_us`` (repeated ``fastdiff.sample`` calls),
   ``fastdiff_cold_us`` (the first call after ``clear_cache``), ``diffusers_us`` and
   ``k_diffusion_us`` (the stock loops; ``null`` where the library lacks the sampler),
-  ``bytes_per_step`` (what the fused loop must move), ``copy_gb_s`` (torch ``copy_`` of that many
+  ``bytes_per_step`` (what the fused loop must move), ``copy_gb_s`` (torch ``copy_`` of one row's
   bytes, same run), ``floor_us`` (their quotient), ``x_floor`` (``fastdiff_us`` over it),
   ``vs_diffusers`` and ``vs_k_diffusion`` (their time over fastdiff's), ``ops_per_row`` (torch
   operations fastdiff issues per row outside the model).
@@ -243,7 +243,7 @@ def settings(quick: bool, **over) -> dict:
     """What each part runs: the quick or full defaults, with the non-``None`` entries of ``over`` applied."""
     s = {
         "loop_shape": [16, 4, 32, 32], "loop_steps": 4 if quick else 20, "loop_repeats": 1 if quick else 3,
-        "floor_samplers": ["dpmpp_2m", "euler_ancestral"] if quick else None,
+        "floor_samplers": None,
         "floor_shapes": [[1, 4, 8, 8], [1, 4, 64, 64]] if quick else [list(x) for x in FLOOR_SHAPES],
         "floor_steps": 10 if quick else 30, "floor_repeats": 2 if quick else 5,
         "samplers": None, "backends": None,
@@ -283,7 +283,8 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
                                     s["loop_repeats"], progress=progress))
 
     def do_floor():
-        names = s["floor_samplers"] or s["samplers"] or list(FLOOR_SAMPLERS)
+        names = s["floor_samplers"] or s["samplers"] or (["dpmpp_2m", "euler_ancestral"] if quick
+                                                         else list(FLOOR_SAMPLERS))
         log(f"floor: CFG loops with a zero-cost model, {len(names)} samplers x {len(s['floor_shapes'])} shapes, "
             f"{s['floor_steps']} steps, fp32, best of {s['floor_repeats']} round-robin rounds")
         return bench_floor(names, s["floor_shapes"], s["floor_steps"], s["floor_repeats"], progress=progress)
@@ -405,7 +406,7 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                     ["sampler", "shape", "fastdiff", "cold", "diffusers", "k-diff", "floor", "x floor", "x diffusers",
                      "x k-diff", "ops/row"], rows,
                     "fastdiff: repeated fastdiff.sample calls; cold: the first, preparation included; floor: bytes "
-                    "the fused loop moves / copy_ bandwidth of as many bytes (same run); x diffusers, x k-diff: "
+                    "the fused loop moves / copy_ bandwidth at one row's bytes (same run); x diffusers, x k-diff: "
                     "their time / fastdiff's; ops/row: torch ops fastdiff issues per row outside the model"))
     if doc.get("step"):
         rows = []

@@ -3,8 +3,9 @@
 
 Every loop runs ``steps`` solver steps of classifier-free guidance (scale 7.5) with a *zero-cost*
 model: it returns a tensor made once, so what is timed is the loop around the model, the part a
-sampler library owns. Per sampler and shape, measured round-robin in one run (one run of each
-method per round, the best round kept):
+sampler library owns. Per sampler and shape, measured round-robin in one run (one sample of each
+method per round, each sample as many whole loops as last about :data:`SAMPLE_S`; the best round
+kept):
 
 - ``fastdiff``: repeated ``fastdiff.sample`` calls (its prepared loop reused); ``fastdiff_cold``:
   the first call after :func:`fastdiff.clear_cache` (the preparation included);
@@ -12,8 +13,8 @@ method per round, the best round kept):
   ``scale_model_input``, the CFG blend, ``scheduler.step``);
 - ``k-diffusion``: its sampler with a CFG-wrapped denoiser (``torch.cat``, the blend), where it has
   the sampler;
-- ``copy``: torch's ``copy_`` of a float32 tensor that moves as many bytes as one step of the loop
-  (half read, half written), for the machine's bandwidth at the loop's working-set size.
+- ``copy``: torch's ``copy_`` of a float32 tensor that moves as many bytes as one row of the loop
+  (half read, half written), for the machine's bandwidth at the size the loop streams at a time.
 
 The loop's memory floor is the bytes the fused loop must move per step (each row reads the state,
 its history slots and the model output, both halves under guidance, and writes the state, its
@@ -35,6 +36,8 @@ SHAPES = [(1, 4, 8, 8), (1, 4, 64, 64), (16, 4, 32, 32), (16, 4, 128, 128)]
 SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_ancestral", "ddim", "unipc", "heun")
 """Samplers of the full run (deterministic and stochastic, multistep and two-stage)."""
 GUIDANCE = 7.5
+SAMPLE_S = 0.02
+"""Each timed sample of a method runs whole loops for about this long (short loops are repeated)."""
 SD_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 DIFFUSERS = {
@@ -42,13 +45,19 @@ DIFFUSERS = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
 }
-"""The stock diffusers scheduler (class name, config over :data:`SD_CONFIG`) each sampler mirrors."""
+"""The stock diffusers scheduler (class name, config over :data:`SD_CONFIG`) each sampler mirrors; fastdiff
+runs the same config (:func:`config_for`). DDIM and DDPM as Stable Diffusion configures them (no clipping)."""
+
+
+def config_for(sampler: str) -> dict:
+    """The scheduler config both fastdiff and the stock loop run for ``sampler``."""
+    return {**SD_CONFIG, **DIFFUSERS.get(sampler, ("", {}))[1]}
 K_DIFFUSION = {"dpmpp_2m": "sample_dpmpp_2m", "dpmpp_2m_sde": "sample_dpmpp_2m_sde", "euler": "sample_euler",
                "euler_ancestral": "sample_euler_ancestral", "heun": "sample_heun", "lms": "sample_lms"}
 """The k-diffusion sampler function each sampler mirrors (where k-diffusion has one)."""
@@ -61,11 +70,11 @@ def _diffusers_loop(sampler: str, shape, steps: int, out: torch.Tensor) -> Calla
         return None
     if sampler not in DIFFUSERS:
         return None
-    cls_name, extra = DIFFUSERS[sampler]
-    cls = getattr(diffusers, cls_name)
+    cls = getattr(diffusers, DIFFUSERS[sampler][0])
+    cfg = config_for(sampler)
 
     def run(noise: torch.Tensor) -> torch.Tensor:
-        sch = cls(**SD_CONFIG, **extra)
+        sch = cls(**cfg)
         sch.set_timesteps(steps)
         gen = torch.Generator().manual_seed(0)
         x = noise * sch.init_noise_sigma
@@ -164,7 +173,7 @@ def _fastdiff_loop(sampler: str, shape, steps: int, out: torch.Tensor, cold: boo
     def run(noise: torch.Tensor) -> torch.Tensor:
         if cold:
             fastdiff.clear_cache()
-        return fastdiff.sample(model, noise, sampler=sampler, steps=steps, schedule=SD_CONFIG,
+        return fastdiff.sample(model, noise, sampler=sampler, steps=steps, schedule=config_for(sampler),
                                guidance_scale=GUIDANCE, cond=cond, uncond=cond, seed=0)
 
     return run
@@ -177,7 +186,7 @@ def loop_bytes(sampler: str, shape, steps: int, dtype: torch.dtype = torch.float
     from .executor import Executor
     from .guidance import Guidance
 
-    plan = make_plan(sampler, steps, SD_CONFIG)
+    plan = make_plan(sampler, steps, config_for(sampler))
     ex = Executor(plan, shape, dtype, "cpu", guidance=Guidance(GUIDANCE))
     ws = ex._idle[0]
     elem = torch.empty((), dtype=dtype).element_size()
@@ -214,12 +223,13 @@ def ops_per_row(sampler: str, shape, steps: int = 10) -> float:
     noise = torch.randn(shape)
     counts, rows = [], []
     for n in (steps, 2 * steps):
-        kw = dict(sampler=sampler, steps=n, schedule=SD_CONFIG, guidance_scale=GUIDANCE, cond=cond, uncond=cond, seed=0)
+        kw = dict(sampler=sampler, steps=n, schedule=config_for(sampler), guidance_scale=GUIDANCE, cond=cond,
+                  uncond=cond, seed=0)
         fastdiff.sample(lambda x, t, c: out, noise, **kw)  # prepared (and cached) outside the count
         with Count() as c:
             fastdiff.sample(lambda x, t, c: out, noise, **kw)
         counts.append(c.n)
-        rows.append(len(make_plan(sampler, n, SD_CONFIG).rows))
+        rows.append(len(make_plan(sampler, n, config_for(sampler)).rows))
     return (counts[1] - counts[0]) / (rows[1] - rows[0])
 
 
@@ -243,24 +253,30 @@ def bench_floor(sampler_names: Sequence[str] = SAMPLERS, shapes: Sequence[Sequen
                    "k_diffusion": _k_diffusion_loop(sampler, shape, steps, out)}
         methods = {k: v for k, v in methods.items() if v is not None}
         nbytes, nrows = loop_bytes(sampler, shape, steps)
-        # the copy moves what one step of the loop moves (half read, half written): the bandwidth of
-        # memory at the loop's working-set size, not of a cache-resident state-sized copy
-        n_copy = max(1, nbytes // 8)
+        # the copy moves what one row of the loop moves (half read, half written): the bandwidth of
+        # memory at the working-set size the loop streams at a time, measured like the loops
+        n_copy = max(1, nbytes * steps // nrows // 8)
         src, dst = torch.randn(n_copy), torch.empty(n_copy)
-        reps = max(1, 20_000_000 // n_copy)
+        reps = max(4, 40_000_000 // n_copy)
 
         def copy(src=src, dst=dst, reps=reps):
             for _ in range(reps):
                 dst.copy_(src)
 
-        for fn in methods.values():  # warm-up (allocations, the cache, lazy imports)
+        calls = {}
+        for name, fn in methods.items():  # warm-up (allocations, the cache, lazy imports), then calibrate
             fn(noise)
+            t0 = time.perf_counter()
+            fn(noise)
+            calls[name] = max(1, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-6)))
         best = {k: float("inf") for k in (*methods, "copy")}
         for _ in range(max(1, repeats)):
             for name, fn in methods.items():
+                k = calls[name]
                 t0 = time.perf_counter()
-                fn(noise)
-                best[name] = min(best[name], time.perf_counter() - t0)
+                for _ in range(k):
+                    fn(noise)
+                best[name] = min(best[name], (time.perf_counter() - t0) / k)
             t0 = time.perf_counter()
             copy()
             best["copy"] = min(best["copy"], (time.perf_counter() - t0) / reps)

@@ -67,7 +67,7 @@ def test_quick_completes(quick):
     assert rc == 0, text
     assert doc["quick"] is True
     assert doc["errors"] == {}
-    ran = {"loop", "step", "samplers", "pipeline"} | ({"gpu"} if torch.cuda.is_available() else set())
+    ran = {"loop", "floor", "step", "samplers", "pipeline"} | ({"gpu"} if torch.cuda.is_available() else set())
     assert ran <= set(doc["elapsed_s"])
     if not torch.cuda.is_available():
         assert doc["gpu"] is None and "gpu" in doc["skipped"]
@@ -80,7 +80,7 @@ def test_json_has_the_documented_fields(quick):
     assert set(bench.FIELDS["machine"]) <= set(doc["machine"])
     assert doc["command"].startswith("fastdiff bench --quick")
     assert {(r["sampler"], r["backend"]) for r in doc["loop"]} >= {("euler", "reference"), ("dpmpp_2m", "reference")}
-    for section in ("loop", "step", "samplers"):
+    for section in ("loop", "floor", "step", "samplers"):
         assert doc[section], section
         for r in doc[section]:
             _has_fields(r, section)
@@ -89,6 +89,20 @@ def test_json_has_the_documented_fields(quick):
     ok = [r for r in doc["step"] if "error" not in r]
     assert ok and all(r["copy_gb_s"] > 0 and 0 < r["frac_of_copy"] for r in ok)
     assert all(r["shape"] == [2, 4, 8, 8] for r in doc["step"] + doc["samplers"])
+    floor = doc["floor"]
+    assert {r["sampler"] for r in floor} == {"euler", "dpmpp_2m"}  # --samplers applies
+    for r in floor:  # the stock loops ran beside fastdiff; the floor is bytes over a measured bandwidth
+        assert r["diffusers_us"] > 0 and r["k_diffusion_us"] > 0 and r["fastdiff_us"] > 0
+        assert r["floor_us"] == pytest.approx(r["bytes_per_step"] / (r["copy_gb_s"] * 1e3))
+        assert r["vs_diffusers"] == pytest.approx(r["diffusers_us"] / r["fastdiff_us"])
+        n = 1
+        for v in r["shape"]:
+            n *= v
+        per_row = r["bytes_per_step"] * r["steps"] / r["rows"] / n  # bytes per element
+        # guided fp32 rows: read x, both model halves (and a history slot), write x, 2 model inputs (and a slot);
+        # the first row reads no history and the last writes no model input
+        lo, hi = (24, 32) if r["sampler"] == "dpmpp_2m" else (20, 24)
+        assert lo <= per_row <= hi, per_row
     assert set(bench.FIELDS["pipeline"]) <= set(doc["pipeline"])
     if doc["gpu"] is not None:
         assert set(bench.FIELDS["gpu"]) <= set(doc["gpu"])
@@ -114,7 +128,8 @@ def test_png_is_written(quick):
 
 def test_table_prints(quick):
     _, text, doc, _ = quick
-    for title in ("Sampling loop", "One CFG DPM++(2M) step", "Fused step per sampler", "StableDiffusionPipeline"):
+    for title in ("Sampling loop", "Whole CFG loop", "One CFG DPM++(2M) step", "Fused step per sampler",
+                  "StableDiffusionPipeline"):
         assert title in text
     for word in ("euler", "dpmpp_2m", "reference", "cpu+dispatch", "compiled", "diffusers", "µs/step", "vs ref"):
         assert word in text
