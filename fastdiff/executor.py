@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,7 @@ class _Workspace:
         self.inputs = [self.u[: (2 if g else 1) * B] for g in ex.guided[:len(ex.rows)]]  # each row's model input
         self.program = ops.prepare(self.rows, ex.backend, ex.reductions)
         self.run_ptr = getattr(self.program, "run_ptr", None)  # the extension's own run(i, address)
-        self.masked_with = None
+        self.done = None  # CUDA: (stream, event) after the last call's work
 
     def _args(self, ex: "Executor", i: int) -> StepArgs:
         r = ex.rows[i]
@@ -241,11 +242,21 @@ class Executor:
 
     def _workspace(self) -> _Workspace:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return _Workspace(self)
+            ws = self._idle.pop() if self._idle else None
+        if ws is None:
+            return _Workspace(self)
+        if ws.done is not None:  # CUDA: the last call's work on another stream must finish first
+            stream = torch.cuda.current_stream(self.device)
+            if stream != ws.done[0]:
+                stream.wait_event(ws.done[1])
+        return ws
 
     def _release(self, ws: _Workspace) -> None:
+        if self.device.type == "cuda":  # the work this call queued still uses the buffers
+            stream = torch.cuda.current_stream(self.device)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            ws.done = (stream, ev)
         with self._lock:
             if len(self._idle) < MAX_IDLE_WORKSPACES:
                 self._idle.append(ws)
@@ -267,7 +278,8 @@ class Executor:
         call = call or Call()
         self.check_state(x, "the initial state")
         B = self.shape[0]
-        with torch.no_grad():
+        on = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with torch.no_grad(), on:  # launches go to the executor's device whichever is current
             cond_cat, seeds = self._check_call(call)
             ws = self._workspace()
             try:
@@ -602,8 +614,6 @@ def _halves(c, b: int):
 
 
 def _no_region(name: str):
-    from contextlib import nullcontext
-
     return nullcontext()
 
 
