@@ -181,7 +181,9 @@ def sample(
             Exclusive with ``seed``. With neither, seeds are drawn from torch's global RNG.
         backend: ``auto``, ``reference``, ``cpu``, ``triton`` or ``cuda`` (``FASTDIFF_BACKEND``
             overrides ``auto``).
-        callback: ``callback(step, sigma, x, x0)`` after every model evaluation.
+        callback: ``callback(step, sigma, x, x0)`` after every model evaluation, with that step's
+            own state ``x`` (a copy: keeping it is safe, changing it changes nothing) and data
+            estimate ``x0``. To change the state, use ``post_step``.
         progress: show a tqdm progress bar.
         check_finite: raise :class:`fastdiff.loop.NonFiniteError` naming the step if the model
             returns NaN/Inf (checked on the device; reported after the loop).

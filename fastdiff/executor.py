@@ -544,10 +544,10 @@ class Executor:
                     prog.set(i, k, None)
         if call.post_step is not None:
             call.post_step(i, target)
-        if call.callback is not None:
-            call.callback(r.step, r.sigma, target, x0)
-        if (call.post_step is not None or call.callback is not None) and i + 1 < n:
-            ws.write_input(self, i + 1, target)  # the hooks may have changed the state
+        if call.callback is not None:  # this step's own state, as diffusers' and k-diffusion's callbacks get
+            call.callback(r.step, r.sigma, target.clone(), x0)
+        if call.post_step is not None and i + 1 < n:
+            ws.write_input(self, i + 1, target)  # the hook may have changed the state
 
 
 class _GraphState:

@@ -296,3 +296,14 @@ def test_at_most_two_torch_ops_per_row(sampler, inpaint):
     per_row, per_call = _ops_per_row(sampler, inpaint)
     assert per_row <= 2, per_row
     assert per_call <= 40, per_call  # set-up: noise scaling, seeds, conditioning, the first model input
+
+
+def test_callback_gets_each_steps_own_state():
+    noise, c, _ = _inputs()
+    kept = []
+    out = fastdiff.sample(_model, noise, sampler="euler", steps=5, cond=c, seed=0,
+                          callback=lambda step, sigma, x, x0: kept.append(x))
+    assert len(kept) == 5 and torch.equal(kept[-1], out)
+    assert all(not torch.equal(a, b) for a, b in zip(kept, kept[1:]))  # not five references to one state
+    kept[2].fill_(1e6)  # changing a kept state changes nothing
+    assert torch.equal(fastdiff.sample(_model, noise, sampler="euler", steps=5, cond=c, seed=0), out)
