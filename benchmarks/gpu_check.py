@@ -17,7 +17,11 @@ budget is spent; a summary table is always printed at the end:
    median kernel time (triton.testing.do_bench, cold L2); ``wall_us`` is the host-side time per
    step of 200 back-to-back steps (what a sampling loop sees, Python dispatch included). GB/s
    counts the bytes one fused step must move (6 tensors: x, m_u, m_c, h read; x, h written).
-   The timing code is :func:`fastdiff.bench_step.bench_gpu` (also the ``gpu`` part of ``fastdiff bench``).
+   The timing code is :func:`fastdiff.bench_step.bench_gpu` (also the ``gpu`` part of ``fastdiff bench``);
+5. the whole loop: 30 CFG steps with a zero-cost model (DPM++(2M), Euler ancestral) at (1,4,64,64)
+   and (16,4,128,128) fp32: repeated ``fastdiff.sample`` calls eager and with ``cuda_graph=True``
+   (captured on the first call, replayed after), against the stock diffusers loop, µs per step of
+   wall time with the device synchronised at the end of each loop.
 
 Results go to ``$OUT/gpu_check.json`` when ``OUT`` is set (else ``bench-results/gpu_check.json``).
 """
@@ -46,6 +50,7 @@ class Report:
         self.tests: dict = {}
         self.copy_gbps: float | None = None
         self.rows: list[dict] = []
+        self.loops: list[dict] = []
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.t0)
@@ -89,7 +94,8 @@ def part_tests(rep: Report) -> None:
     env = dict(os.environ, FASTDIFF_TRITON_AUTOTUNE="0", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "tests/backends/test_gpu.py", "tests/backends/test_triton.py"]
+           "tests/backends/test_gpu.py", "tests/backends/test_triton.py", "tests/test_cuda_graph.py",
+           "tests/test_executor.py"]
     timeout = max(30.0, min(300.0, rep.left() - 150))  # leave time for the timings
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -125,6 +131,61 @@ def part_timings(rep: Report) -> None:
                          time_left=rep.left, on_row=lambda r: print(json.dumps(r), flush=True), progress=False)
 
 
+def part_loop(rep: Report) -> None:
+    import torch
+
+    import fastdiff
+    from fastdiff.bench_loop import DIFFUSERS, GUIDANCE, config_for
+
+    import diffusers
+
+    def timed(fn, n=10):
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best / 30 * 1e6
+
+    for sampler in ("dpmpp_2m", "euler_ancestral"):
+        cfg = config_for(sampler)
+        cls = getattr(diffusers, DIFFUSERS[sampler][0])
+        for shape in ((1, 4, 64, 64), (16, 4, 128, 128)):
+            out = torch.randn(2 * shape[0], *shape[1:], device="cuda")
+            cond = torch.zeros(shape[0], 1, device="cuda")
+            noise = torch.randn(shape, device="cuda")
+
+            def model(x, t, c):
+                return out
+
+            def fd(graph):
+                return lambda: fastdiff.sample(model, noise, sampler=sampler, steps=30, schedule=cfg,
+                                               guidance_scale=GUIDANCE, cond=cond, uncond=cond, seed=0,
+                                               cuda_graph=graph)
+
+            def stock():
+                sch = cls(**cfg)
+                sch.set_timesteps(30)
+                x = noise * sch.init_noise_sigma
+                for t in sch.timesteps:
+                    sch.scale_model_input(torch.cat([x] * 2), t)
+                    u, c = out.chunk(2)
+                    x = sch.step(u + GUIDANCE * (c - u), t, x).prev_sample
+                return x
+
+            row = {"loop": sampler, "shape": list(shape), "eager_us": timed(fd(False)), "graph_us": timed(fd(True)),
+                   "diffusers_us": timed(stock, 5)}
+            row["graph_vs_diffusers"] = row["diffusers_us"] / row["graph_us"]
+            row["eager_vs_diffusers"] = row["diffusers_us"] / row["eager_us"]
+            print(json.dumps(row), flush=True)
+            rep.loops.append(row)
+            if rep.left() < 10:
+                return
+
+
 def summary(rep: Report) -> str:
     lines = ["", "=" * 100, "fastdiff gpu_check summary", "=" * 100]
     lines.append(f"device: {rep.env.get('device')}  torch {rep.env.get('torch')}  triton {rep.env.get('triton')}  "
@@ -149,6 +210,10 @@ def summary(rep: Report) -> str:
             frac = f"{100 * r['frac_of_copy']:.0f}%" if "frac_of_copy" in r else ""
             lines.append(f"{r['variant']:14s} {r['dtype']:8s} {shape:18s} {r['provider']:26s} "
                          f"{r['device_us']:10.1f} {r['wall_us']:10.1f} {r['gb_s']:8.0f} {frac:>8s}")
+    for r in rep.loops:
+        lines.append(f"loop {r['loop']:16s} {'x'.join(map(str, r['shape'])):14s} eager {r['eager_us']:8.1f} "
+                     f"graph {r['graph_us']:8.1f} diffusers {r['diffusers_us']:8.1f} us/step "
+                     f"(graph {r['graph_vs_diffusers']:.1f}x, eager {r['eager_vs_diffusers']:.1f}x diffusers)")
     return "\n".join(lines)
 
 
@@ -169,6 +234,7 @@ def main() -> int:
         if not a.skip_tests:
             rep.part("tests", part_tests, need=60)
         rep.part("copy", part_copy)
+        rep.part("loop", part_loop, need=30)
         rep.part("timings", part_timings, need=20)
     finally:
         print(summary(rep), flush=True)
@@ -177,7 +243,7 @@ def main() -> int:
             os.makedirs(out_dir, exist_ok=True)
             with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
                 json.dump({"env": rep.env, "parts": rep.parts, "tests": rep.tests, "copy_gbps": rep.copy_gbps,
-                           "rows": rep.rows, "errors": rep.errors}, f, indent=1)
+                           "rows": rep.rows, "loops": rep.loops, "errors": rep.errors}, f, indent=1)
         except OSError as exc:
             print(f"could not write results: {exc}", flush=True)
     return 0 if not rep.errors else 1

@@ -109,10 +109,10 @@ class Program {
 
   void run(int i, uintptr_t m) {
     if (i < 0 || i >= static_cast<int>(rows_.size())) bad("run: row " + std::to_string(i) + " out of range");
-    if (!m) bad("run: the model output pointer is null");
     Entry& e = rows_[i];
     fd_cpu::StepArgs& a = e.a;
-    if (!a.numel) return;
+    if (!a.numel) return;  // an empty tensor may have no memory at all
+    if (!m) bad("run: the model output pointer is null");
     a.m = reinterpret_cast<const void*>(m);
     a.m_c = e.mc_bytes < 0 ? nullptr : reinterpret_cast<const void*>(m + e.mc_bytes);
     a.num_threads = threads();

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,8 +27,10 @@ from .plan import Plan, check_prediction
 from .rng import expand_seeds
 
 CACHE_SIZE = 8
-"""Prepared loops ``fastdiff.sample`` keeps (each holds its plan and one state-sized buffer set:
-state, history ring, model input)."""
+"""Prepared loops ``fastdiff.sample`` keeps. Each holds its plan and a buffer set (state, history
+ring, model input: ``2 + n_slots`` to ``3 + n_slots`` times the state's size) per caller running at
+once, two of them kept between calls (``executor.MAX_IDLE_WORKSPACES``); a configuration with a
+callable ``guidance_scale`` or a scheduler object as ``schedule`` is prepared on every call."""
 
 _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
@@ -44,13 +46,28 @@ class _Uncacheable(Exception):
     pass
 
 
+class _Identity:
+    """Hashes and compares by the identity of the object it holds (and keeps it alive)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+
 def _freeze(v):
     """A hashable stand-in for an option value that compares equal exactly when the values do."""
     if v is None or isinstance(v, (bool, int, float, str, bytes, torch.dtype, torch.device)):
         return (type(v).__name__, v)
     if isinstance(v, (list, tuple)):
         return ("seq", tuple(_freeze(e) for e in v))
-    if isinstance(v, dict) or hasattr(v, "items") and callable(v.items):
+    if isinstance(v, Mapping):  # dicts, diffusers' FrozenDict configs
         return ("map", tuple(sorted((str(k), _freeze(e)) for k, e in v.items())))
     if isinstance(v, np.ndarray):
         return ("nd", str(v.dtype), v.shape, v.tobytes())
@@ -62,15 +79,13 @@ def _freeze(v):
         return ("t", str(v.dtype), tuple(v.shape), v.detach().contiguous().numpy().tobytes()
                 if v.dtype != torch.bfloat16 else v.float().numpy().tobytes())
     if isinstance(v, Plan):
-        return ("plan", id(v), v)  # identity (the plan is kept alive by the key)
+        return ("plan", _Identity(v))  # by identity, kept alive by the key (hashing every row would cost)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return ("dc", type(v).__qualname__, tuple((f.name, _freeze(getattr(v, f.name)))
                                                   for f in dataclasses.fields(v)))
-    try:
-        hash(v)
-    except TypeError:
-        raise _Uncacheable from None
-    return ("obj", v)  # functions, callables: by identity, kept alive by the key
+    # anything else (a callable guidance scale, which may return other values on the next call; a
+    # scheduler object; ...) is not keyed: that call prepares its loop afresh
+    raise _Uncacheable
 
 
 class _Prepared:
@@ -282,7 +297,7 @@ def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:
     try:
         key = _freeze(config)
         hash(key)
-    except (_Uncacheable, TypeError):
+    except Exception:  # noqa: BLE001 - an option that cannot be keyed (or whose attributes raise): no caching
         return build()
     with _cache_lock:
         hit = _cache.get(key)
@@ -337,7 +352,8 @@ class Sampler:
     per-call ones (``cond``, ``uncond``, ``seed``/``generator``, ``callback``, ``progress``, ``mask``
     and ``known``, ``image``, ``classifier_y``, ``post_step``). A call with noise of another shape,
     dtype or device raises, naming it. Every call returns a new tensor; concurrent calls from
-    several threads are safe (each takes its own buffers).
+    several threads are safe (each takes its own buffers). A callable ``guidance_scale`` is
+    evaluated once, when the sampler is built.
 
     Example::
 

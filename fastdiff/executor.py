@@ -22,6 +22,7 @@ threads each take their own workspace (buffers and program) from a small pool.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -37,8 +38,25 @@ from .plan import Plan
 ModelFn = Callable[..., torch.Tensor]
 Cond = torch.Tensor | dict | None
 
-MAX_IDLE_WORKSPACES = 4
+MAX_IDLE_WORKSPACES = 2
 """Workspaces an executor keeps between calls (more are made for concurrent calls, then dropped)."""
+
+def _normal_tensors(fn):
+    """Run ``fn`` outside inference mode: buffers made for later calls must be normal tensors (an
+    inference tensor cannot be updated outside ``torch.inference_mode``), whichever mode the first
+    call came in."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+"""How many tensors share a storage (torch's own count): tells whether a model kept its input."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -46,9 +64,18 @@ class NonFiniteError(FloatingPointError):
 
 
 class StopSampling(Exception):
-    """Raised by a ``post_step`` or ``callback`` hook to end the loop after the row it ran for: the
-    state after that row is returned (not scaled by ``plan.out_scale``), as a pipeline whose
-    callback sets ``_interrupt`` returns the latents it has."""
+    """Raised by a ``post_step`` or ``callback`` hook to end the loop after the row it ran for (the
+    state after that row is returned, not scaled by ``plan.out_scale``), as a pipeline whose
+    callback sets ``_interrupt`` returns the latents it has; raised by the model, the state before
+    that row's step is returned."""
+
+
+class _Stopped(Exception):
+    """The loop stopped after ``done`` rows (internal)."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(done)
+        self.done = done
 
 
 def draw_noise(shape, generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -114,28 +141,59 @@ class Call:
 class _Workspace:
     """One set of persistent buffers and the program that points at them."""
 
+    @_normal_tensors
     def __init__(self, ex: "Executor") -> None:
         B, N = ex.shape[0], ex.numel
         dev, dt = ex.device, ex.dtype
-        n_u = 2 if any(ex.guided) else 1
-        # state, history ring and model input in one allocation: a model output inside it (a model
-        # that returns its input, or a view of it) is found with one range test
-        self.arena = torch.empty((1 + ex.plan.n_slots + n_u) * N, dtype=dt, device=dev)
-        views = self.arena.view(1 + ex.plan.n_slots + n_u, *ex.shape)
+        # state and history ring in one allocation: a model output inside it (a view of a buffer the
+        # step writes) is found with one range test; the model input u is an allocation of its own,
+        # so that it can be given up to a model that keeps it (see renew_input)
+        self.arena = torch.empty((1 + ex.plan.n_slots) * N, dtype=dt, device=dev)
+        views = self.arena.view(1 + ex.plan.n_slots, *ex.shape)
         self.x = views[0]
         self.hist = [views[1 + k] for k in range(ex.plan.n_slots)]
-        self.u = views[1 + ex.plan.n_slots:].reshape(n_u * B, *ex.shape[1:])
         start = self.arena.data_ptr()
         self.span = (start, start + self.arena.numel() * self.arena.element_size())
         self.flags = torch.zeros(len(ex.rows), dtype=torch.int32, device=dev) if ex.check_finite else None
         self.r = torch.ones(B, dtype=torch.float32, device=dev)
         self.s = torch.ones(B, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(B, dtype=torch.int64, device=dev)
+        self._new_input(ex)
         self.rows = [self._args(ex, i) for i in range(len(ex.rows))]
-        self.inputs = [self.u[: (2 if g else 1) * B] for g in ex.guided[:len(ex.rows)]]  # each row's model input
         self.program = ops.prepare(self.rows, ex.backend, ex.reductions)
         self.run_ptr = getattr(self.program, "run_ptr", None)  # the extension's own run(i, address)
         self.done = None  # CUDA: (stream, event) after the last call's work
+        self.base = self.input_users()
+        self.refs = sys.getrefcount(self.inputs[0])  # the list's own reference, and getrefcount's
+
+    def _new_input(self, ex: "Executor") -> None:
+        B = ex.shape[0]
+        n_u = 2 if any(ex.guided) else 1
+        self.u = torch.empty((n_u * B, *ex.shape[1:]), dtype=ex.dtype, device=ex.device)
+        start = self.u.data_ptr()
+        self.uspan = (start, start + self.u.numel() * self.u.element_size())
+        self.u_storage = self.u.untyped_storage()
+        self.inputs = [self.u[: (2 if g else 1) * B] for g in ex.guided[:len(ex.rows)]]  # each row's model input
+
+    def input_users(self) -> int:
+        """How many tensors use the model input's memory (0 where torch cannot say)."""
+        return _use_count(self.u_storage._cdata) if _use_count is not None else 0
+
+    def input_kept(self, i: int) -> bool:
+        """Whether the model kept row ``i``'s input: the tensor it was given (one more reference to
+        it) or a view of its memory (one more tensor on it)."""
+        return sys.getrefcount(self.inputs[i]) != self.refs or _use_count(self.u_storage._cdata) != self.base
+
+    @_normal_tensors
+    def renew_input(self, ex: "Executor") -> None:
+        """Give the model input buffer up (the model kept it, or a view of it: what it keeps must stay
+        what it was given, as with diffusers and k-diffusion, which pass a new tensor every step)
+        and point the rows at a new one, holding what the step wrote for the next row."""
+        self._new_input(ex)  # nothing to copy: the next step writes the whole next input
+        for i, a in enumerate(self.rows):
+            if a.u is not None:
+                self.program.set(i, "u", self.u[: a.u.shape[0]])
+        self.base = self.input_users()
 
     def _args(self, ex: "Executor", i: int) -> StepArgs:
         r = ex.rows[i]
@@ -149,7 +207,7 @@ class _Workspace:
             w=ex.W[i] if guided else None, r=self.r if guided and ex.guidance.rescale > 0 else None,
             s=ex.s_static if clip == 1 else self.s if clip == 2 else None, clip=clip, seeds=self.seeds,
             mask=self.x if ex.masked else None, known=self.x if ex.masked else None,
-            u=self.u[: (2 if ex.guided[i + 1] else 1) * B] if nxt else None,
+            u=self.u[: (2 if ex.guided[i + 1] else 1) * B] if nxt else None,  # renew_input re-points it
             flag=self.flags[i:i + 1] if self.flags is not None else None,
         )
 
@@ -179,6 +237,7 @@ class Executor:
         masked: the calls bring ``mask`` and ``known`` (inpainting rows).
     """
 
+    @_normal_tensors
     def __init__(self, plan: Plan, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str, *,
                  guidance: Guidance | None = None, backend: str = "auto", check_finite: bool = True,
                  classifier_scale: float | None = None, masked: bool = False) -> None:
@@ -216,8 +275,9 @@ class Executor:
                        for i, r in enumerate(self.rows)]
         # the model's time in float32 (what diffusers and k-diffusion pass), float64 for a float64 state
         t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        ts = torch.tensor([r.t for r in self.rows], dtype=torch.float64).to(t_dtype).to(dev)
-        self.t_in = [ts[i].expand((2 if self.guided[i] else 1) * B) for i in range(n)]
+        self.t_src = torch.tensor([r.t for r in self.rows], dtype=torch.float64).to(t_dtype).to(dev)
+        self.t_table = self.t_src.clone()  # what the model gets views of: restored every call
+        self.t_in = [self.t_table[i].expand((2 if self.guided[i] else 1) * B) for i in range(n)]
         self.W = torch.tensor(wscale, dtype=torch.float32).to(dev)[:, None].expand(n, B).contiguous()
         self.s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)
         self.reductions = [self._reduction(i) for i in range(n)]
@@ -283,7 +343,7 @@ class Executor:
             cond_cat, seeds = self._check_call(call)
             ws = self._workspace()
             try:
-                return self._run(ws, model, x, call, cond_cat, seeds, B)
+                return _in_layout_of(x, self._run(ws, model, x, call, cond_cat, seeds, B))
             finally:
                 self._release(ws)
 
@@ -339,6 +399,7 @@ class Executor:
         mask_t, known_t = self._bind(ws, result, seeds, call)
         if ws.flags is not None:
             ws.flags.zero_()
+        self.t_table.copy_(self.t_src)  # a model may write into its time tensor
         ws.x.copy_(x)
         ws.write_input(self, 0, ws.x)
         conds = [cond_cat if g else call.cond for g in self.guided[:n]]
@@ -349,8 +410,8 @@ class Executor:
             it = tqdm(it, desc=f"fastdiff {self.plan.sampler}", total=n)
         try:
             self._rows(ws, model, conds, call, mask_t, known_t, result, it)
-        except StopSampling as stop:
-            if stop.args and stop.args[0] < n - 1:
+        except _Stopped as stop:  # the state after the rows done (the last row writes the result itself)
+            if stop.done < n:
                 result.copy_(ws.x)
             self._finish(ws)
             return result
@@ -372,8 +433,10 @@ class Executor:
             ws.program.set(-1, "known", known_t)
         return mask_t, known_t
 
-    def _rows(self, ws: _Workspace, model, conds, call: Call, mask_t, known_t, result, it) -> None:
-        """Every row: the fast path (one model call, one program run) unless the row has host work."""
+    def _rows(self, ws: _Workspace, model, conds, call: Call, mask_t, known_t, result, it,
+              graphed: bool = False) -> None:
+        """Every row: the fast path (one model call, one program run) unless the row has host work.
+        Raises :class:`_Stopped` with the number of rows done when a hook or the model stops the loop."""
         rows, n, B = self.rows, len(self.rows), self.shape[0]
         y = call.classifier_y.to(device=self.device, dtype=torch.int64) if call.classifier is not None else None
         hooks = (call.callback is not None or call.post_step is not None or call.timer is not None
@@ -385,22 +448,31 @@ class Executor:
         dt = self.dtype
         shapes = [(2 * B if self.guided[i] else B, *self.shape[1:]) for i in range(n)]
         dev_index = -1 if self.device.type == "cpu" else self.device.index
-        t_in, inputs = self.t_in, ws.inputs
+        t_in = self.t_in
+        watch = _use_count is not None and not graphed  # a graph's buffers are static by design
         for i in it:
             if host[i]:
                 try:
-                    self._general_row(ws, i, model, call, conds[i], y, mask_t, known_t, result)
+                    self._general_row(ws, i, model, call, conds[i], y, mask_t, known_t, result, watch)
                 except StopSampling as stop:
-                    raise StopSampling(i) from stop
+                    raise _Stopped(i + 1 if stop.args == ("after",) else i) from stop
                 continue
-            out = call_model(model, inputs[i], t_in[i], conds[i])
+            try:
+                out = call_model(model, ws.inputs[i], t_in[i], conds[i])
+            except StopSampling as stop:  # raised by the model itself: the state before this row
+                raise _Stopped(i) from stop
             if (type(out) is not torch.Tensor or out.dtype != dt or out.shape != shapes[i] or not out.is_contiguous()
                     or out.get_device() != dev_index):
                 out = self._normalise(out, i)
             p = out.data_ptr()
-            if lo <= p < hi:  # the model returned (a view of) its input: the step writes there
+            if lo <= p < hi or ws.uspan[0] <= p < ws.uspan[1]:  # (a view of) a buffer the step writes
                 out = out.clone()
                 p = out.data_ptr()
+            elif not p and out.numel():
+                raise ValueError(f"model output at step {self.rows[i].step} has no memory (a {out.device} tensor); "
+                                 f"expected a tensor on {self.device}")
+            if watch and ws.input_kept(i):
+                ws.renew_input(self)  # the model kept its input: the step must not overwrite it
             if run_ptr is not None:
                 run_ptr(i, p)
             else:
@@ -436,7 +508,7 @@ class Executor:
                     g.load(x, seeds, call, cond_cat)
                 g.graph.replay()
                 self._finish(g.ws)
-                return g.result.clone()
+                return _in_layout_of(x, g.result.clone())
     def _normalise(self, out, i: int) -> torch.Tensor:
         """A model output as the step takes it: a tensor of the row's shape (never broadcast), the
         state's dtype and device, contiguous, detached."""
@@ -470,7 +542,8 @@ class Executor:
 
     # -- the general path: rows with host work -------------------------------------------------
 
-    def _general_row(self, ws: _Workspace, i: int, model, call: Call, cond, y, mask_t, known_t, result) -> None:
+    def _general_row(self, ws: _Workspace, i: int, model, call: Call, cond, y, mask_t, known_t, result,
+                     watch: bool) -> None:
         """Row ``i`` with host work around it: the same program run, with the operands drawn or
         computed on the host (external noise, the classifier gradient) pointed at for this row only."""
         from .loop import classifier_grad, langevin_operands, x0_estimate
@@ -487,8 +560,11 @@ class Executor:
         with region("model"):
             out = call_model(model, ws.model_input(self, i), self.t_in[i], cond)
             out = self._normalise(out, i)
-            if ws.span[0] <= out.data_ptr() < ws.span[1]:
+            p = out.data_ptr()
+            if ws.span[0] <= p < ws.span[1] or ws.uspan[0] <= p < ws.uspan[1]:
                 out = out.clone()
+            if watch and ws.input_kept(i):
+                ws.renew_input(self)  # the model kept its input: the step must not overwrite it
             m, m_c = (out[:B], out[B:]) if self.guided[i] else (out, None)
         a = ws.rows[i]
         w = a.w
@@ -500,13 +576,14 @@ class Executor:
                 x_in = x * r.in_scale  # from the state: the model may have written into its input
                 grad = classifier_grad(call.classifier, x_in, self.t_in[i][:B], y).to(self.dtype).contiguous()
             if call.callback is not None or r.snr:  # the program computes its own r and s for its step
+                ext = self.backend != "reference"  # the reference backend: plain torch throughout
                 if m_c is not None and self.guidance.rescale > 0:
-                    rr = rescale_factor(m, m_c, w, self.guidance.rescale)
+                    rr = rescale_factor(m, m_c, w, self.guidance.rescale, extension=ext)
                 if clip == 1:
                     s = self.s_static
                 elif clip == 2:
                     s = threshold_bound(x, m, m_c, w, rr, a.coef, self.plan.threshold_ratio,
-                                        self.plan.threshold_max, g=grad)
+                                        self.plan.threshold_max, g=grad, extension=ext)
         z = None
         if r.noise and (call.noise_fn is not None or call.generator is not None):
             with region("noise"):
@@ -515,7 +592,8 @@ class Executor:
                 else:
                     z = draw_noise(self.shape, call.generator, self.noise_dtype, self.device)
                 z = _external_noise(z, x, i)
-                if ws.span[0] <= z.data_ptr() < ws.span[1]:  # noise_fn handed back one of our buffers
+                if ws.span[0] <= z.data_ptr() < ws.span[1] or ws.uspan[0] <= z.data_ptr() < ws.uspan[1]:
+                    # noise_fn handed back (a view of) a buffer the step writes
                     z = z.clone()
         z2 = None
         if mask_t is not None and r.known_s != 0 and call.generator is not None:
@@ -542,10 +620,13 @@ class Executor:
             finally:
                 for k, _ in extra:
                     prog.set(i, k, None)
-        if call.post_step is not None:
-            call.post_step(i, target)
-        if call.callback is not None:  # this step's own state, as diffusers' and k-diffusion's callbacks get
-            call.callback(r.step, r.sigma, target.clone(), x0)
+        try:
+            if call.post_step is not None:
+                call.post_step(i, target)
+            if call.callback is not None:  # this step's own state, as diffusers' and k-diffusion's callbacks get
+                call.callback(r.step, r.sigma, target.clone(), x0)
+        except StopSampling as stop:
+            raise StopSampling("after") from stop
         if call.post_step is not None and i + 1 < n:
             ws.write_input(self, i + 1, target)  # the hook may have changed the state
 
@@ -553,6 +634,7 @@ class Executor:
 class _GraphState:
     """A captured loop: its own workspace, the static inputs it reads and the result it writes."""
 
+    @_normal_tensors
     def __init__(self, ex: Executor, model, call: Call, cond_cat, key) -> None:
         from . import graphs
 
@@ -582,9 +664,10 @@ class _GraphState:
         def body() -> None:
             if ws.flags is not None:
                 ws.flags.zero_()
+            ex.t_table.copy_(ex.t_src)
             ws.x.copy_(self.x0)
             ws.write_input(ex, 0, ws.x)
-            ex._rows(ws, model, conds, Call(), self.mask, self.known, self.result, range(n))
+            ex._rows(ws, model, conds, Call(), self.mask, self.known, self.result, range(n), graphed=True)
             if ex.plan.out_scale != 1.0:
                 self.result.mul_(ex.plan.out_scale)
 
@@ -604,6 +687,15 @@ class _GraphState:
         if self.mask is not None:
             self.mask.copy_(call.mask)
             self.known.copy_(call.known)
+
+
+def _in_layout_of(x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` (contiguous) in ``x``'s memory layout where ``x`` is dense in another (channels_last,
+    permuted), as torch's element-wise operations keep it."""
+    if x.is_contiguous():
+        return result
+    out = torch.empty_like(x)  # preserve_format: x's strides when x is dense, else contiguous
+    return result if out.is_contiguous() else out.copy_(result)
 
 
 def _halves(c, b: int):

@@ -92,15 +92,17 @@ def _pointers(**named) -> list[int]:
     return ptrs
 
 
-def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: float) -> torch.Tensor:
+def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: float,
+                   extension: bool = True) -> torch.Tensor:
     """Per-sample factor ``r`` so that ``r * (m_u + w (m_c - m_u))`` is diffusers' rescaled CFG.
 
     ``r = phi * std(m_c) / std(cfg) + (1 - phi)``, std over all but the batch dimension (float32);
     ``r = 1`` for a sample whose guided output is constant (``std(cfg) = 0``). On CPU tensors the
-    extension computes it in one pass (standard deviations accumulated in float64).
+    extension computes it in one pass (standard deviations accumulated in float64) unless
+    ``extension`` is false (the reference backend's plain torch).
     """
     b = m_c.shape[0]
-    ext = _extension(m_u, m_c, w)
+    ext = _extension(m_u, m_c, w) if extension else None
     if (ext is not None and m_u.shape == m_c.shape and m_u.dtype == m_c.dtype and m_u.dtype in ext.DTYPE_CODES
             and m_u.numel() and w.dtype == torch.float32 and w.shape == (b,)):
         r = torch.empty(b, dtype=torch.float32)
@@ -120,15 +122,16 @@ def rescale_factor(m_u: torch.Tensor, m_c: torch.Tensor, w: torch.Tensor, phi: f
 
 def threshold_bound(x: torch.Tensor, m: torch.Tensor, m_c: torch.Tensor | None, w: torch.Tensor | None,
                     r: torch.Tensor | None, coef, ratio: float, max_value: float,
-                    g: torch.Tensor | None = None) -> torch.Tensor:
+                    g: torch.Tensor | None = None, extension: bool = True) -> torch.Tensor:
     """A row's dynamic-threshold bounds ``s`` (float32 ``[B]``): :func:`dynamic_threshold` of its
     data estimate ``d = a_x x + a_e e``, computed as the step computes it (``e`` guided, rescaled by
     ``r``, plus ``c_g g``; ``coef`` the packed row, :func:`fastdiff.args.pack_row`). On CPU tensors
-    the extension computes ``d`` and selects the quantile in one pass, without sorting."""
+    the extension computes ``d`` and selects the quantile in one pass, without sorting, unless
+    ``extension`` is false (the reference backend's plain torch)."""
     from .args import C_AE, C_AX, C_G, compute_dtype
 
     b = x.shape[0]
-    ext = _extension(x, m, m_c, w, r, g)
+    ext = _extension(x, m, m_c, w, r, g) if extension else None
     if ext is not None and x.dtype in ext.DTYPE_CODES and x.numel():
         s = torch.empty(b, dtype=torch.float32)
         n = x.numel()

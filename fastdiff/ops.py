@@ -297,10 +297,11 @@ class Program:
 
     run_ptr = None
 
-    def __init__(self, rows: list[StepArgs], reductions: list, step_fn) -> None:
+    def __init__(self, rows: list[StepArgs], reductions: list, step_fn, extension: bool = True) -> None:
         self.rows = rows
         self.reductions = reductions
         self._step = step_fn
+        self.extension = extension  # False: the reductions in plain torch (the reference backend)
 
     def run(self, i: int, m: torch.Tensor) -> None:
         from .guidance import rescale_factor, threshold_bound
@@ -314,10 +315,10 @@ class Program:
         red = self.reductions[i]
         if red is not None:
             if red.rescale > 0:
-                a.r.copy_(rescale_factor(a.m, a.m_c, a.w, red.rescale))
+                a.r.copy_(rescale_factor(a.m, a.m_c, a.w, red.rescale, extension=self.extension))
             if red.threshold_ratio > 0:
                 a.s.copy_(threshold_bound(a.x, a.m, a.m_c, a.w, a.r, a.coef, red.threshold_ratio, red.threshold_max,
-                                          g=a.g))
+                                          g=a.g, extension=self.extension))
         self._step(a)
 
     def set(self, i: int, name: str, t: torch.Tensor | None) -> None:
@@ -347,7 +348,7 @@ def prepare(rows: list[StepArgs], backend: str | None = "auto", reductions: list
         return Program(rows, reductions, lambda a: None)
     name = requested_backend(backend)
     if name == "reference":
-        return Program(rows, reductions, _module("reference").step)
+        return Program(rows, reductions, _module("reference").step, extension=False)
     # the first row picks the backend (resolve warns or raises as for one step); the others must suit it
     mod = resolve(backend, rows[0]) if name != "auto" else (_fused_for("auto", rows[0]) or resolve(backend, rows[0]))
     if all(mod.supports(a) for a in rows[1:]):

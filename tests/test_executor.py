@@ -307,3 +307,122 @@ def test_callback_gets_each_steps_own_state():
     assert all(not torch.equal(a, b) for a, b in zip(kept, kept[1:]))  # not five references to one state
     kept[2].fill_(1e6)  # changing a kept state changes nothing
     assert torch.equal(fastdiff.sample(_model, noise, sampler="euler", steps=5, cond=c, seed=0), out)
+
+
+# ------------------------------------------------------------------------------------------
+# found by a hostile review of the prepared loop
+
+
+def test_a_call_under_inference_mode_does_not_break_later_calls():
+    noise, c, u = _inputs()
+    kw = dict(sampler="dpmpp_2m", steps=4, cond=c, seed=0, guidance_scale=2.0, uncond=u)
+    fastdiff.clear_cache()
+    with torch.inference_mode():
+        a = fastdiff.sample(_model, noise, **kw)
+    b = fastdiff.sample(_model, noise, **kw)  # the same (cached) configuration, outside inference mode
+    with torch.no_grad():
+        c2 = fastdiff.sample(_model, noise, **kw)
+    assert torch.equal(a, b) and torch.equal(b, c2)
+    with torch.inference_mode():
+        s = fastdiff.Sampler(_model, shape=noise.shape, sampler="euler", steps=3)
+    assert torch.isfinite(s(noise, cond=c)).all()
+
+
+def test_a_diffusers_scheduler_object_as_schedule():
+    diffusers = pytest.importorskip("diffusers")
+    noise, c, _ = _inputs()
+    sch = diffusers.DDIMScheduler(clip_sample=False)
+    a = fastdiff.sample(_model, noise, sampler="ddim", steps=4, schedule=sch, cond=c, seed=0)
+    b = fastdiff.sample(_model, noise, sampler="ddim", steps=4, schedule=dict(sch.config), cond=c, seed=0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_that_keeps_its_inputs_keeps_what_it_was_given(backend):
+    noise, c, u = _inputs()
+    for guided in (False, True):
+        kept, copies = [], []
+
+        def model(x, t, cc):
+            kept.append(x)  # as a forward hook that stashes inputs would
+            copies.append(x.clone())
+            return _model(x, t, cc)
+
+        kw = dict(guidance_scale=3.0, uncond=u) if guided else {}
+        out = fastdiff.sample(model, noise, sampler="euler", steps=5, cond=c, seed=0, backend=backend, **kw)
+        assert len(kept) == 5 and all(torch.equal(a, b) for a, b in zip(kept, copies))
+        assert torch.equal(out, fastdiff.sample(_model, noise, sampler="euler", steps=5, cond=c, seed=0,
+                                                backend=backend, **kw))
+
+
+def test_a_model_that_writes_into_its_time_tensor_spoils_only_that_call():
+    noise, c, _ = _inputs(b=1)
+    seen = []
+
+    def model(x, t, cc):
+        seen.append(float(t[0]))
+        t.mul_(2)
+        return _model(x, t, cc)
+
+    for _ in range(3):
+        fastdiff.sample(model, noise, sampler="euler", steps=3, cond=c, seed=0)
+    assert seen[:3] == seen[3:6] == seen[6:]
+
+
+def test_a_stateful_guidance_scale_callable_is_asked_on_every_call():
+    noise, c, u = _inputs()
+
+    class Scale:
+        w = 2.0
+
+        def __call__(self, step, sigma):
+            return self.w
+
+    sc = Scale()
+    a = fastdiff.sample(_model, noise, sampler="euler", steps=4, cond=c, uncond=u, guidance_scale=sc, seed=0)
+    sc.w = 8.0
+    b = fastdiff.sample(_model, noise, sampler="euler", steps=4, cond=c, uncond=u, guidance_scale=sc, seed=0)
+    assert torch.equal(b, fastdiff.sample(_model, noise, sampler="euler", steps=4, cond=c, uncond=u,
+                                          guidance_scale=8.0, seed=0))
+    assert not torch.equal(a, b)
+
+
+def test_stop_sampling_raised_by_the_model_returns_the_state_before_that_row():
+    noise, c, _ = _inputs()
+    plan = fastdiff.make_plan("euler", 6)
+    states = []
+    fastdiff.sample(_model, noise, plan=plan, cond=c, seed=0, callback=lambda s, sg, x, x0: states.append(x))
+    for msg in ((), ("a message",)):
+        calls = []
+
+        def model(x, t, cc):
+            calls.append(1)
+            if len(calls) == 4:
+                raise StopSampling(*msg)
+            return _model(x, t, cc)
+
+        assert torch.equal(fastdiff.sample(model, noise, plan=plan, cond=c, seed=0), states[2])
+
+    def hook(i, x):
+        if i == 1:
+            raise StopSampling("enough")
+
+    assert torch.equal(fastdiff.sample(_model, noise, plan=plan, cond=c, seed=0, post_step=hook), states[1])
+
+
+def test_empty_samples_and_layouts():
+    for backend in BACKENDS:
+        out = fastdiff.sample(lambda x, t: x * 0.5, torch.randn(2, 0), sampler="euler", steps=3, seed=0,
+                              backend=backend)
+        assert out.shape == (2, 0)
+    noise = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    out = fastdiff.sample(lambda x, t: torch.tanh(x), noise, sampler="euler", steps=3, seed=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, fastdiff.sample(lambda x, t: torch.tanh(x), noise.contiguous(), sampler="euler", steps=3,
+                                            seed=0))
+
+
+def test_a_model_output_without_memory_is_refused_by_name():
+    with pytest.raises((ValueError, RuntimeError), match="meta"):
+        fastdiff.sample(lambda x, t: torch.empty(x.shape, device="meta"), torch.randn(2, 4), sampler="euler",
+                        steps=2, seed=0)

@@ -94,7 +94,7 @@ class CpuProgram:
         for a, red in zip(rows, reductions):
             x = a.x
             numel = x.numel()
-            self._c.add(pointers(a), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(a.h_read),
+            self._c.add(pointers(a), numel, max(1, numel // x.shape[0]), DTYPE_CODES[x.dtype], len(a.h_read),
                         len(a.h_write), a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies,
                         numel if a.m_c is not None else -1, red.rescale if red else 0.0,
                         red.threshold_ratio if red else 0.0, red.threshold_max if red else 1.0)

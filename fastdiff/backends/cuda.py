@@ -118,7 +118,7 @@ class CudaProgram:
         for a in rows:
             x = a.x
             numel = x.numel()
-            self._c.add(pointers(a), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(a.h_read),
+            self._c.add(pointers(a), numel, max(1, numel // x.shape[0]), DTYPE_CODES[x.dtype], len(a.h_read),
                         len(a.h_write), a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies,
                         numel if a.m_c is not None else -1)
         dev = rows[0].x.device
