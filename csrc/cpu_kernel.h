@@ -259,9 +259,11 @@ struct StepKernel {
     return bad;
   }
 
-  /// Specialisations of the vector loop: any row, or the common deterministic row (no rescale,
-  /// clip, mask, noise or gradient term; guidance may be on) without or with e in a combination.
-  enum Mode { GENERAL = 0, PLAIN = 1, PLAIN_E = 2 };
+  /// Specialisations of the vector loop: any row; the common deterministic row (no rescale,
+  /// clip, mask, noise or gradient term; guidance may be on) without or with e in a combination;
+  /// that row with a clip (DDIM/DDPM with clip_sample or thresholding); that row with noise
+  /// (ancestral and SDE samplers). The flags a mode rules out are constants in its code.
+  enum Mode { GENERAL = 0, PLAIN = 1, PLAIN_E = 2, CLIP = 3, NOISE = 4, N_MODES = 5 };
 
   /// The vector loop of a block, with the read/write counts as constants so that the operands
   /// stay in registers (fully unrolled combinations).
@@ -270,9 +272,10 @@ struct StepKernel {
     f.n_reads = NR;
     f.n_writes = NW;
     if (MODE != GENERAL) {
-      f.rescale = f.mask = f.z = f.z2 = f.g = false;
-      f.clip = CLIP_NONE;
-      f.e = MODE == PLAIN_E;  // PLAIN: no e term in the code at all
+      f.rescale = f.mask = f.z2 = f.g = false;
+      if (MODE != CLIP) f.clip = CLIP_NONE;
+      if (MODE != NOISE) f.z = false;
+      if (MODE == PLAIN || MODE == PLAIN_E) f.e = MODE == PLAIN_E;  // PLAIN: no e term in the code at all
     }
     // local copies: stores through S* cannot alias them, so pointers and coefficients stay in registers
     const Ptrs p = pp;
@@ -293,11 +296,15 @@ struct StepKernel {
    {loop<2, 0, M>, loop<2, 1, M>, loop<2, 2, M>},                                \
    {loop<3, 0, M>, loop<3, 1, M>, loop<3, 2, M>},                                \
    {loop<4, 0, M>, loop<4, 1, M>, loop<4, 2, M>}}
-    static const LoopFn table[3][MAX_READS + 1][MAX_WRITES + 1] = {FD_LOOPS(GENERAL), FD_LOOPS(PLAIN),
-                                                                   FD_LOOPS(PLAIN_E)};
+    static const LoopFn table[N_MODES][MAX_READS + 1][MAX_WRITES + 1] = {
+        FD_LOOPS(GENERAL), FD_LOOPS(PLAIN), FD_LOOPS(PLAIN_E), FD_LOOPS(CLIP), FD_LOOPS(NOISE)};
 #undef FD_LOOPS
-    const bool plain = !f.rescale && !f.clip && !f.mask && !f.z && !f.z2 && !f.g;
-    const int mode = !plain ? GENERAL : f.e ? PLAIN_E : PLAIN;
+    const bool simple = !f.rescale && !f.mask && !f.z2 && !f.g;
+    const int mode = !simple               ? GENERAL
+                     : !f.clip && !f.z     ? (f.e ? PLAIN_E : PLAIN)
+                     : f.clip && !f.z      ? CLIP
+                     : !f.clip             ? NOISE
+                                           : GENERAL;
     return table[mode][f.n_reads][f.n_writes];
   }
 
