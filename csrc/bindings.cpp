@@ -1,6 +1,7 @@
 // fastdiff._C: the CPU step kernel on raw pointers (no torch headers). fastdiff/backends/cpu.py
 // validates tensors (dtype, shape, device, contiguity, aliasing) before pointers cross over;
 // this file re-checks what it can see (counts, codes, null pointers) and names the bad value.
+#include <math.h>
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -55,11 +56,13 @@ class Program {
     int64_t mc_bytes;  // m_c = m + mc_bytes, or -1: no guidance
     double phi;        // > 0: compute r (guidance rescale) before the step
     double ratio, max_value;  // ratio > 0: compute s (dynamic threshold) before the step
+    double snr, l_x, l_e;     // snr > 0: a Langevin corrector row (run_langevin)
+    bool batch_norm;          // its norms averaged over the batch (else per sample)
   };
 
   int add(const fd_bind::Ptrs& p, int64_t numel, int64_t per_sample, int dtype, int n_reads, int n_writes, int clip,
           uint32_t row, const std::vector<double>& coef, int u_copies, int64_t mc_offset, double phi, double ratio,
-          double max_value) {
+          double max_value, double snr, double l_x, double l_e, bool batch_norm) {
     fd_bind::check_counts(numel, per_sample, dtype, n_reads, n_writes, clip, coef, u_copies);
     if ((mc_offset >= 0) != (p[fd_bind::P_MC] != 0))
       bad("mc_offset must be >= 0 exactly when m_c is given, got " + std::to_string(mc_offset));
@@ -72,6 +75,12 @@ class Program {
     e.phi = phi;
     e.ratio = ratio;
     e.max_value = max_value;
+    if (snr < 0 || snr != snr) bad("snr must be >= 0, got " + std::to_string(snr));
+    if (snr > 0 && (clip || n_writes)) bad("a Langevin row has no clip and no history writes");
+    e.snr = snr;
+    e.l_x = l_x;
+    e.l_e = l_e;
+    e.batch_norm = batch_norm;
     e.a.dtype = dtype;
     e.a.numel = numel;
     e.a.per_sample = per_sample;
@@ -119,7 +128,64 @@ class Program {
     py::gil_scoped_release nogil;
     if (e.phi > 0) fd_cpu::rescale(a, e.phi, const_cast<float*>(a.r));
     if (e.ratio > 0) fd_cpu::threshold(a, e.ratio, e.max_value, const_cast<float*>(a.s));
+    if (e.snr > 0) {
+      run_langevin(e);
+      return;
+    }
     fd_cpu::step(a);
+  }
+
+  /// A Langevin corrector row (Song et al. 2021, Algorithm 5): x' = x + k g + sqrt(2 k) z with the
+  /// score g = l_x x + l_e e and k[b] = 2 (snr ||z[b]|| / ||g[b]||)^2 (norms averaged over the batch
+  /// with batch_norm). One pass for the norms (langevin_norms), then the step sample by sample, each
+  /// with its own coefficients: d = g (a_x = l_x, a_e = l_e), x' = x + k d + sqrt(2k) z, the noise
+  /// the row's own (per-sample Philox keys and counters do not depend on the batch).
+  void run_langevin(const Entry& e) {
+    const fd_cpu::StepArgs& a = e.a;
+    const int64_t B = a.numel / a.per_sample, ps = a.per_sample;
+    std::vector<double> g2(B), z2(B), k(B);
+    fd_cpu::langevin_norms(a, e.l_x, e.l_e, g2.data(), z2.data());
+    double gm = 0, zm = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      gm += sqrt(g2[b]) / B;
+      zm += sqrt(z2[b]) / B;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const double gn = e.batch_norm ? gm : sqrt(g2[b]), zn = e.batch_norm ? zm : sqrt(z2[b]);
+      const double q = e.snr * zn / gn;
+      k[b] = 2 * q * q;
+    }
+    const int64_t bytes = ps * static_cast<int64_t>(elem_size(a.dtype));
+    auto at = [bytes](const void* p, int64_t b) -> void* {
+      return p ? static_cast<char*>(const_cast<void*>(p)) + b * bytes : nullptr;
+    };
+    for (int64_t b = 0; b < B; ++b) {
+      fd_cpu::StepArgs s = a;
+      s.x = at(a.x, b);
+      s.out = at(a.out, b);
+      s.m = at(a.m, b);
+      s.m_c = at(a.m_c, b);
+      for (int r = 0; r < a.n_reads; ++r) s.h_read[r] = at(a.h_read[r], b);
+      s.z = at(a.z, b);
+      s.z2 = at(a.z2, b);
+      s.mask = at(a.mask, b);
+      s.known = at(a.known, b);
+      s.g = at(a.g, b);
+      s.u = at(a.u, b);
+      s.u_stride = a.numel;  // the copies of u stay the whole batch apart
+      s.w = a.w ? a.w + b : nullptr;
+      s.r = a.r ? a.r + b : nullptr;
+      s.s = a.s ? a.s + b : nullptr;
+      s.seeds = a.seeds ? a.seeds + b : nullptr;
+      s.numel = ps;
+      s.coef[fd::C_AX] = e.l_x;
+      s.coef[fd::C_AE] = e.l_e;
+      for (int q = 0; q < fd::N_OPERANDS; ++q) s.coef[fd::C_OUT + q] = 0.0;
+      s.coef[fd::C_OUT + fd::OP_X] = 1.0;
+      s.coef[fd::C_OUT + fd::OP_D] = k[b];
+      s.coef[fd::C_OUT + fd::OP_Z] = sqrt(2 * k[b]);
+      fd_cpu::step(s);
+    }
   }
 
   int size() const { return static_cast<int>(rows_.size()); }
@@ -166,10 +232,12 @@ PYBIND11_MODULE(_C, mod) {
       .def("add", &Program::add, py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"),
            py::arg("n_reads"), py::arg("n_writes"), py::arg("clip"), py::arg("row"), py::arg("coef"),
            py::arg("u_copies"), py::arg("mc_offset"), py::arg("phi") = 0.0, py::arg("ratio") = 0.0,
-           py::arg("max_value") = 1.0,
+           py::arg("max_value") = 1.0, py::arg("snr") = 0.0, py::arg("l_x") = 0.0, py::arg("l_e") = 0.0,
+           py::arg("batch_norm") = true,
            "Add a row (step's arguments; ptrs[m] is a placeholder, ptrs[m_c] non-zero exactly when guided, "
            "mc_offset: elements from m to m_c in the model output, or -1; phi > 0: guidance rescale into r; "
-           "ratio > 0: dynamic threshold into s). Returns its index.")
+           "ratio > 0: dynamic threshold into s; snr > 0: a Langevin corrector row with score coefficients "
+           "l_x, l_e, its norms batch means with batch_norm). Returns its index.")
       .def("set", &Program::set, py::arg("i"), py::arg("which"), py::arg("ptr"),
            "Point operand `which` (PTR_NAMES index) of row i (every row for i = -1) at ptr.")
       .def("run", &Program::run, py::arg("i"), py::arg("m"),

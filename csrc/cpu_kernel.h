@@ -389,7 +389,7 @@ struct StepKernel {
     p.out = static_cast<S*>(a.out);
     for (int j = 0; j < a.n_writes; ++j) p.hw[j] = static_cast<S*>(a.h_write[j]);
     p.u = static_cast<S*>(a.u);
-    p.u_off = a.numel;
+    p.u_off = a.u_stride ? a.u_stride : a.numel;
     const LoopFn loop_fn = pick_loop(f);
     const int64_t nblk = (a.numel + BLK - 1) / BLK;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)

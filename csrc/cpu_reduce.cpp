@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "philox.h"
 #include "step_math.h"
 
 namespace fd_cpu {
@@ -132,7 +133,50 @@ void threshold_t(const StepArgs& a, double ratio, double max_value, float* s) {
   }
 }
 
+template <class S, class T>
+void langevin_t(const StepArgs& a, double l_x, double l_e, double* g2, double* z2) {
+  const int64_t B = a.numel / a.per_sample, ps = a.per_sample;
+  const StepCoef<T> c = fd::fd_unpack_coef<T>(a.coef);
+  const T lx = static_cast<T>(l_x), le = static_cast<T>(l_e);
+#pragma omp parallel for schedule(dynamic) num_threads(a.num_threads) if (a.numel >= (1 << 16) && a.num_threads > 1)
+  for (int64_t b = 0; b < B; ++b) {
+    const T w = a.m_c ? static_cast<T>(a.w[b]) : T(0), rr = a.r ? static_cast<T>(a.r[b]) : T(1);
+    double gg = 0, zz = 0;
+    for (int64_t j = 0; j < ps; ++j) {
+      const int64_t i = b * ps + j;
+      T e = ld<S, T>(a.m, i);
+      if (a.m_c) e = fd::fd_guidance(e, ld<S, T>(a.m_c, i), w);
+      if (a.r) e = rr * e;
+      if (a.g) e = e + c.c_g * ld<S, T>(a.g, i);
+      const T g = l_x == 0.0 ? le * e : lx * ld<S, T>(a.x, i) + le * e;  // eps / score models: no x term
+      gg += static_cast<double>(g) * static_cast<double>(g);
+    }
+    if (a.z) {
+      for (int64_t j = 0; j < ps; ++j) {
+        const double z = static_cast<double>(ld<S, T>(a.z, b * ps + j));
+        zz += z * z;
+      }
+    } else {  // the noise the step draws, through the kernel's own generator
+      std::vector<float> n(static_cast<size_t>(ps));
+      normals(n.data(), a.seeds + b, 1, ps, a.row, fd::STREAM_MAIN, 1);
+      for (float v : n) zz += static_cast<double>(v) * static_cast<double>(v);
+    }
+    g2[b] = gg;
+    z2[b] = zz;
+  }
+}
+
 }  // namespace
+
+void langevin_norms(const StepArgs& a, double l_x, double l_e, double* g2, double* z2) {
+  switch (a.dtype) {
+    case fd::DTYPE_F32: langevin_t<float, float>(a, l_x, l_e, g2, z2); break;
+    case fd::DTYPE_F64: langevin_t<double, double>(a, l_x, l_e, g2, z2); break;
+    case fd::DTYPE_F16: langevin_t<Half, float>(a, l_x, l_e, g2, z2); break;
+    case fd::DTYPE_BF16: langevin_t<BF16, float>(a, l_x, l_e, g2, z2); break;
+    default: break;
+  }
+}
 
 void rescale(const StepArgs& a, double phi, float* r) {
   switch (a.dtype) {

@@ -13,4 +13,9 @@ void rescale(const StepArgs& a, double phi, float* r);
 /// with a.r applied where given).
 void threshold(const StepArgs& a, double ratio, double max_value, float* s);
 
+/// Langevin corrector row: per sample the squared norms of the score g = l_x x + l_e e (e the
+/// row's guided model output, rescaled by a.r, plus c_g g_cls) and of the row's noise (a.z, or
+/// its Philox noise: stream 0 at a.row) into g2[B] and z2[B], accumulated in float64.
+void langevin_norms(const StepArgs& a, double l_x, double l_e, double* g2, double* z2);
+
 }  // namespace fd_cpu

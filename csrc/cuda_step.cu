@@ -303,7 +303,8 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 UCopies u_copies_of(const StepParams& p, size_t elem) {
   UCopies uc{{nullptr, nullptr}, 0};
   for (int k = 0; p.u && k < p.u_copies && k < 2; ++k) {
-    uc.ptr[k] = static_cast<char*>(p.u) + static_cast<size_t>(k) * static_cast<size_t>(p.numel) * elem;
+    const int64_t stride = p.u_stride ? p.u_stride : p.numel;  // u_stride: a row run sample by sample
+    uc.ptr[k] = static_cast<char*>(p.u) + static_cast<size_t>(k) * static_cast<size_t>(stride) * elem;
     if (aligned16(uc.ptr[k])) uc.vec |= 1 << k;
   }
   return uc;

@@ -32,6 +32,7 @@ struct StepRow {
   void* u;                  // next model input: u_copies * numel elements, or null
   int32_t* flag;            // set to 1 on a non-finite m / m_c element, or null
   int u_copies;             // 0, 1 or 2
+  int64_t u_stride;         // elements from one copy of u to the next (0: numel)
   int64_t numel;
   int64_t per_sample;
   int n_reads;

@@ -12,7 +12,7 @@ Calling :meth:`Executor.run` then does, per row, one model call and one extensio
 
 and nothing else in the common case (no ``torch.cat``, no scaling pass, no finite-check pass).
 Rows that need host work (a callback, ``post_step``, noise drawn on the host, classifier
-guidance, Langevin step sizes, a timer) take the general path, which runs the same kernel through
+guidance, a timer) take the general path, which runs the same kernel through
 :func:`fastdiff.ops.step` with the same buffers, and rewrites the model input from the state after
 any hook that may have changed it.
 
@@ -33,7 +33,7 @@ import torch
 from . import ops
 from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, rescale_factor, threshold_bound
-from .plan import Plan
+from .plan import Plan, score_coeffs
 
 ModelFn = Callable[..., torch.Tensor]
 Cond = torch.Tensor | dict | None
@@ -292,11 +292,15 @@ class Executor:
         r = self.rows[i]
         phi = self.guidance.rescale if self.guided[i] else 0.0
         dyn = clip_code(r) == 2 and not r.snr
-        if not phi and not dyn:
+        if not phi and not dyn and not r.snr:
             return None
         p = self.plan
+        l_x = l_e = 0.0
+        if r.snr:
+            l_x, l_e = score_coeffs(r.a_x, r.a_e, r.alpha_t, r.sigma_t, r.in_scale)
         return ops.Reduction(rescale=phi, threshold_ratio=p.threshold_ratio if dyn else 0.0,
-                             threshold_max=p.threshold_max)
+                             threshold_max=p.threshold_max, snr=r.snr, l_x=l_x, l_e=l_e,
+                             batch_norm=p.snr_norm == "batch")
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -437,12 +441,11 @@ class Executor:
               graphed: bool = False) -> None:
         """Every row: the fast path (one model call, one program run) unless the row has host work.
         Raises :class:`_Stopped` with the number of rows done when a hook or the model stops the loop."""
-        rows, n, B = self.rows, len(self.rows), self.shape[0]
+        n, B = len(self.rows), self.shape[0]
         y = call.classifier_y.to(device=self.device, dtype=torch.int64) if call.classifier is not None else None
         hooks = (call.callback is not None or call.post_step is not None or call.timer is not None
                  or call.noise_fn is not None or call.generator is not None)
-        host = [hooks or (call.classifier is not None and self.cg[i] != 0.0) or bool(r.snr)
-                for i, r in enumerate(rows)]
+        host = [hooks or (call.classifier is not None and self.cg[i] != 0.0) for i in range(n)]
         run_ptr, run = ws.run_ptr, ws.program.run
         lo, hi = ws.span
         dt = self.dtype
@@ -546,7 +549,7 @@ class Executor:
                      watch: bool) -> None:
         """Row ``i`` with host work around it: the same program run, with the operands drawn or
         computed on the host (external noise, the classifier gradient) pointed at for this row only."""
-        from .loop import classifier_grad, langevin_operands, x0_estimate
+        from .loop import classifier_grad, x0_estimate
 
         r = self.rows[i]
         B = self.shape[0]
@@ -575,7 +578,7 @@ class Executor:
             if call.classifier is not None and self.cg[i] != 0.0:
                 x_in = x * r.in_scale  # from the state: the model may have written into its input
                 grad = classifier_grad(call.classifier, x_in, self.t_in[i][:B], y).to(self.dtype).contiguous()
-            if call.callback is not None or r.snr:  # the program computes its own r and s for its step
+            if call.callback is not None:  # (the program computes its own r and s for its step)
                 ext = self.backend != "reference"  # the reference backend: plain torch throughout
                 if m_c is not None and self.guidance.rescale > 0:
                     rr = rescale_factor(m, m_c, w, self.guidance.rescale, extension=ext)
@@ -601,25 +604,16 @@ class Executor:
                 z2 = draw_noise(self.shape, call.generator, self.noise_dtype, self.device).to(dtype=self.dtype)
                 z2 = z2.contiguous()
         x0 = x0_estimate(x, m, m_c, w, rr, r, s, clip) if call.callback is not None else None
-        if r.snr:  # Langevin corrector: its step size is a per-sample reduction (langevin_operands)
-            with region("guidance"):
-                m, rr, z, coef = langevin_operands(self.plan, r, i, x, m, m_c, w, rr, grad, a.coef, z, ws.seeds,
-                                                   self.backend)
-            args = StepArgs(x=x, out=target, m=m, coef=coef, row=i, h_read=a.h_read, h_write=a.h_write, r=rr, s=s,
-                            clip=clip, seeds=ws.seeds, z=z, z2=z2, mask=mask_t, known=known_t, u=a.u, flag=a.flag)
-            with region("step"):
-                ops.step(args, self.backend)
-        else:
-            extra = [(k, v) for k, v in (("z", z), ("z2", z2), ("g", grad)) if v is not None]
-            prog = ws.program
-            for k, v in extra:
-                prog.set(i, k, v)
-            try:
-                with region("step"):
-                    prog.run(i, out)
-            finally:
-                for k, _ in extra:
-                    prog.set(i, k, None)
+        extra = [(k, v) for k, v in (("z", z), ("z2", z2), ("g", grad)) if v is not None]
+        prog = ws.program
+        for k, v in extra:
+            prog.set(i, k, v)
+        try:
+            with region("step"):  # a Langevin row's step sizes included (a per-sample reduction)
+                prog.run(i, out)
+        finally:
+            for k, _ in extra:
+                prog.set(i, k, None)
         try:
             if call.post_step is not None:
                 call.post_step(i, target)

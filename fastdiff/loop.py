@@ -156,15 +156,25 @@ _NOISE_ROW = Row(t=0.0, sigma=0.0, in_scale=1.0, a_x=0.0, a_e=0.0, out=combo(z=1
 
 
 def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, seeds, backend: str = "auto"):
-    """Operands of a Langevin corrector row (``row.snr > 0``, see :mod:`fastdiff.plan`).
+    """Operands of a Langevin corrector row (``row.snr > 0``, see :mod:`fastdiff.plan`) in torch:
+    :func:`langevin_step_operands` with the row's score coefficients and ``plan.snr_norm``."""
+    l_x, l_e = score_coeffs(row.a_x, row.a_e, row.alpha_t, row.sigma_t, row.in_scale)
+    return langevin_step_operands(x, m, m_c, w, rr, grad, coef, z, seeds, i, l_x, l_e, row.snr,
+                                  plan.snr_norm == "batch", lambda a: ops.step(a, backend))
+
+
+def langevin_step_operands(x, m, m_c, w, rr, grad, coef, z, seeds, i: int, l_x: float, l_e: float, snr: float,
+                           batch_norm: bool, step: Callable[[StepArgs], None]):
+    """Operands of a Langevin corrector row in torch (the CPU extension runs such a row itself:
+    ``_C.Program``'s ``run_langevin``).
 
     Computes the score ``g = l_x x + l_e e`` of the fully guided model output (``l`` from
     :func:`fastdiff.plan.score_coeffs`), draws ``z`` where the kernel would (Philox stream 0 at
-    this row, unless given), and the step ``k[b] = 2 (snr ||z[b]|| / ||g[b]||)^2`` with norms per
-    sample or their batch means (``plan.snr_norm``), in the order diffusers' ``step_correct`` uses.
-    Returns ``(m, r, z, coef)`` for the kernel: ``m = g``, ``r = k`` (float32 ``[B]``),
-    ``z = sqrt(2k) z`` and ``coef`` without the classifier term (``g`` already holds it), so the
-    row's ``out = combo(x=1, e=1, z=1)`` gives ``x' = x + k g + sqrt(2k) z``.
+    row ``i``, through ``step``, unless given), and the step ``k[b] = 2 (snr ||z[b]|| / ||g[b]||)^2``
+    with norms per sample or their batch means (``batch_norm``), in the order diffusers'
+    ``step_correct`` uses. Returns ``(m, r, z, coef)`` for the kernel: ``m = g``, ``r = k`` (float32
+    ``[B]``), ``z = sqrt(2k) z`` and ``coef`` without the classifier term (``g`` already holds it),
+    so the row's ``out = combo(x=1, e=1, z=1)`` gives ``x' = x + k g + sqrt(2k) z``.
     """
     from .args import C_G
 
@@ -178,18 +188,17 @@ def langevin_operands(plan: Plan, row, i: int, x, m, m_c, w, rr, grad, coef, z, 
         e = rr.to(dt).reshape(col) * e
     if grad is not None:
         e = e + coef[C_G] * grad.to(dt)
-    l_x, l_e = score_coeffs(row.a_x, row.a_e, row.alpha_t, row.sigma_t, row.in_scale)
     g = l_e * e if l_x == 0.0 else l_x * x.to(dt) + l_e * e
     if z is None:  # the row's Philox noise, drawn by the step backend itself (x' = z): one fast pass
         buf = torch.zeros_like(x)  # finite operands: 0 * x must be 0
-        ops.step(StepArgs(x=buf, out=buf, m=buf, coef=pack_row(_NOISE_ROW), row=i, seeds=seeds), backend)
+        step(StepArgs(x=buf, out=buf, m=buf, coef=pack_row(_NOISE_ROW), row=i, seeds=seeds))
         z = buf
     z = z.to(dt)
     g_norm = torch.linalg.vector_norm(g.reshape(b, -1), dim=-1)
     z_norm = torch.linalg.vector_norm(z.reshape(b, -1), dim=-1)
-    if plan.snr_norm == "batch":
+    if batch_norm:
         g_norm, z_norm = g_norm.mean().expand(b), z_norm.mean().expand(b)
-    k = (row.snr * z_norm / g_norm) ** 2 * 2
+    k = (snr * z_norm / g_norm) ** 2 * 2
     zk = ((k * 2) ** 0.5).reshape(col) * z
     coef = coef[:C_G] + (0.0,) + coef[C_G + 1:]
     return g.to(x.dtype), k.to(torch.float32).contiguous(), zk.to(x.dtype), coef

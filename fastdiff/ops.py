@@ -279,11 +279,19 @@ class Reduction:
             (:func:`fastdiff.guidance.rescale_factor`).
         threshold_ratio, threshold_max: ``ratio > 0``: the dynamic-threshold bound into the row's
             ``s`` (:func:`fastdiff.guidance.threshold_bound`).
+        snr, l_x, l_e, batch_norm: ``snr > 0``: a Langevin corrector row (:mod:`fastdiff.plan`)
+            whose score is ``g = l_x x + l_e e``; its step size ``k = 2 (snr |z| / |g|)^2`` per
+            sample, the norms averaged over the batch with ``batch_norm``
+            (:func:`fastdiff.loop.langevin_step_operands`).
     """
 
     rescale: float = 0.0
     threshold_ratio: float = 0.0
     threshold_max: float = 1.0
+    snr: float = 0.0
+    l_x: float = 0.0
+    l_e: float = 0.0
+    batch_norm: bool = True
 
 
 class Program:
@@ -314,12 +322,28 @@ class Program:
             a.m = m
         red = self.reductions[i]
         if red is not None:
+            if red.snr > 0:
+                self._langevin(a, red)
+                return
             if red.rescale > 0:
                 a.r.copy_(rescale_factor(a.m, a.m_c, a.w, red.rescale, extension=self.extension))
             if red.threshold_ratio > 0:
                 a.s.copy_(threshold_bound(a.x, a.m, a.m_c, a.w, a.r, a.coef, red.threshold_ratio, red.threshold_max,
                                           g=a.g, extension=self.extension))
         self._step(a)
+
+    def _langevin(self, a: StepArgs, red: Reduction) -> None:
+        from dataclasses import replace
+
+        from .guidance import rescale_factor
+        from .loop import langevin_step_operands
+
+        rr = None
+        if red.rescale > 0:
+            rr = rescale_factor(a.m, a.m_c, a.w, red.rescale, extension=self.extension)
+        m, k, z, coef = langevin_step_operands(a.x, a.m, a.m_c, a.w, rr, a.g, a.coef, a.z, a.seeds, a.row, red.l_x,
+                                               red.l_e, red.snr, red.batch_norm, self._step)
+        self._step(replace(a, m=m, m_c=None, w=None, r=k, z=z, g=None, coef=coef))
 
     def set(self, i: int, name: str, t: torch.Tensor | None) -> None:
         for a in (self.rows if i < 0 else [self.rows[i]]):

@@ -426,3 +426,46 @@ def test_a_model_output_without_memory_is_refused_by_name():
     with pytest.raises((ValueError, RuntimeError), match="meta"):
         fastdiff.sample(lambda x, t: torch.empty(x.shape, device="meta"), torch.randn(2, 4), sampler="euler",
                         steps=2, seed=0)
+
+
+def _score_model(x, t):
+    return -x / (1.0 + t.reshape(-1, *[1] * (x.dim() - 1)) ** 2)  # the score of N(0, (1 + sigma^2) I)
+
+
+@pytest.mark.parametrize("snr_norm", ["batch", "sample"])
+@pytest.mark.parametrize("external", [False, True])
+def test_langevin_rows_run_in_the_extension_as_in_torch(snr_norm, external):
+    if not ops.backend_status("cpu")[0]:
+        pytest.skip("no cpu backend")
+    from fastdiff.loop import LoopOptions, run_plan
+
+    plan = fastdiff.make_plan("pc", 4, prediction="score")
+    import dataclasses
+
+    plan = dataclasses.replace(plan, snr_norm=snr_norm)
+    x = torch.randn(3, 2, 9, 7) * plan.init_scale
+    g = torch.Generator().manual_seed(5)
+    noise = [torch.randn(3, 2, 9, 7, generator=g) for _ in plan.rows]
+    kw = dict(noise_fn=lambda i, xx: noise[i]) if external else dict(seeds=[4, 5, 6])
+    ref = run_plan(plan, _score_model, x.clone(), LoopOptions(backend="reference", **kw))
+    got = run_plan(plan, _score_model, x.clone(), LoopOptions(backend="cpu", **kw))
+    assert ((got - ref).norm() / ref.norm()) < 1e-5
+    if snr_norm == "sample" and not external:  # a sample's result does not depend on the batch
+        alone = run_plan(plan, _score_model, x[1:2].clone(), LoopOptions(backend="cpu", seeds=[5]))
+        assert torch.equal(alone[0], got[1])
+
+
+def test_langevin_rows_issue_no_torch_ops():
+    if not ops.backend_status("cpu")[0]:
+        pytest.skip("no cpu backend")
+    x = torch.randn(2, 3, 5, 7)
+    score = -0.5 * torch.randn(2, 3, 5, 7)
+    counts = []
+    for steps in (3, 6):
+        kw = dict(sampler="pc", steps=steps, prediction="score", seed=0)
+        fastdiff.sample(lambda u, t: score, x, **kw)
+        with _CountOps() as c:
+            fastdiff.sample(lambda u, t: score, x, **kw)
+        counts.append((len(c.ops), len(fastdiff.make_plan("pc", steps, prediction="score").rows)))
+    per_row = (counts[1][0] - counts[0][0]) / (counts[1][1] - counts[0][1])
+    assert per_row <= 2, per_row

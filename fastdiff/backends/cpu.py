@@ -97,7 +97,9 @@ class CpuProgram:
             self._c.add(pointers(a), numel, max(1, numel // x.shape[0]), DTYPE_CODES[x.dtype], len(a.h_read),
                         len(a.h_write), a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies,
                         numel if a.m_c is not None else -1, red.rescale if red else 0.0,
-                        red.threshold_ratio if red else 0.0, red.threshold_max if red else 1.0)
+                        red.threshold_ratio if red else 0.0, red.threshold_max if red else 1.0,
+                        red.snr if red else 0.0, red.l_x if red else 0.0, red.l_e if red else 0.0,
+                        red.batch_norm if red else True)
         self.run_ptr = self._c.run
 
     def run(self, i: int, m: torch.Tensor) -> None:

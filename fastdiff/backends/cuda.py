@@ -113,7 +113,9 @@ class CudaProgram:
 
         self.rows = rows
         self._py = Program(rows, reductions, lambda a: None)  # its run() does the reductions
+        self._whole = Program(rows, reductions, step)  # a Langevin row: operands in torch, then step()
         self._reduce = [red is not None for red in reductions]
+        self._langevin = [red is not None and red.snr > 0 for red in reductions]  # run whole by _py (torch + step)
         self._c = (module or _C_cuda).Program()
         for a in rows:
             x = a.x
@@ -126,6 +128,9 @@ class CudaProgram:
         """The stream to launch on (the current one; replaceable to run the CPU emulation in tests)."""
 
     def run(self, i: int, m: torch.Tensor) -> None:
+        if self._langevin[i]:
+            self._whole.run(i, m)
+            return
         if self._reduce[i]:
             self._py.run(i, m)
         self._c.run(i, m.data_ptr(), self.stream())
