@@ -109,6 +109,16 @@ float quantile(std::vector<T>& v, double q) {
   return static_cast<float>(res);
 }
 
+/// The row's e at element i: the model output, guided by w, rescaled by rr, plus c_g g (as the step).
+template <class S, class T>
+inline T guided(const StepArgs& a, const StepCoef<T>& c, int64_t i, T w, T rr) {
+  T e = ld<S, T>(a.m, i);
+  if (a.m_c) e = fd::fd_guidance(e, ld<S, T>(a.m_c, i), w);
+  if (a.r) e = rr * e;
+  if (a.g) e = e + c.c_g * ld<S, T>(a.g, i);
+  return e;
+}
+
 template <class S, class T>
 void threshold_t(const StepArgs& a, double ratio, double max_value, float* s) {
   const int64_t B = a.numel / a.per_sample, ps = a.per_sample;
@@ -120,10 +130,7 @@ void threshold_t(const StepArgs& a, double ratio, double max_value, float* s) {
     const T w = a.m_c ? static_cast<T>(a.w[b]) : T(0), rr = a.r ? static_cast<T>(a.r[b]) : T(1);
     for (int64_t j = 0; j < ps; ++j) {
       const int64_t i = b * ps + j;
-      T e = ld<S, T>(a.m, i);
-      if (a.m_c) e = fd::fd_guidance(e, ld<S, T>(a.m_c, i), w);
-      if (a.r) e = rr * e;
-      if (a.g) e = e + c.c_g * ld<S, T>(a.g, i);
+      const T e = guided<S, T>(a, c, i, w, rr);
       const T d = c.a_x * ld<S, T>(a.x, i) + c.a_e * e;
       v[static_cast<size_t>(j)] = d < T(0) ? -d : d;
     }
@@ -144,10 +151,7 @@ void langevin_t(const StepArgs& a, double l_x, double l_e, double* g2, double* z
     double gg = 0, zz = 0;
     for (int64_t j = 0; j < ps; ++j) {
       const int64_t i = b * ps + j;
-      T e = ld<S, T>(a.m, i);
-      if (a.m_c) e = fd::fd_guidance(e, ld<S, T>(a.m_c, i), w);
-      if (a.r) e = rr * e;
-      if (a.g) e = e + c.c_g * ld<S, T>(a.g, i);
+      const T e = guided<S, T>(a, c, i, w, rr);
       const T g = l_x == 0.0 ? le * e : lx * ld<S, T>(a.x, i) + le * e;  // eps / score models: no x term
       gg += static_cast<double>(g) * static_cast<double>(g);
     }

@@ -227,6 +227,21 @@ struct LevelAvx2 {
   /// Groups per noise_groups call: NG (the main loop) or NG1 (short runs and run ends).
   static constexpr int NG = 16;
   static constexpr int NG1 = 8;
+  /// Box-Muller of the Philox words of K vectors of groups, stored in element order into d.
+  template <int K>
+  static void store_normals(float* d, const Philox4x64 (&s)[K]) {
+    VU8 ur[K], ut[K];
+    VF8 rc[K], rs[K];
+    for (int v = 0; v < K; ++v) {
+      ur[v] = _mm256_blend_epi32(s[v].c0, _mm256_shuffle_epi32(s[v].c2, 0xA0), 0xAA);
+      ut[v] = _mm256_blend_epi32(s[v].c1, _mm256_shuffle_epi32(s[v].c3, 0xA0), 0xAA);
+    }
+    fd_box_muller8n<K>(ur, ut, rc, rs);
+    for (int v = 0; v < K; ++v) {
+      _mm256_storeu_ps(d + 16 * v, _mm256_unpacklo_ps(rc[v].v, rs[v].v));
+      _mm256_storeu_ps(d + 16 * v + 8, _mm256_unpackhi_ps(rc[v].v, rs[v].v));
+    }
+  }
   /// Normals of the G consecutive groups g..g+G-1 of one sample (key k, a NoiseGen::Key) into
   /// d[0..4G), in element order. The low counter words of the groups must not wrap (the caller
   /// checks).
@@ -240,17 +255,7 @@ struct LevelAvx2 {
     for (int v = 0; v < K; ++v) c0[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(glo + 4u * v)), off);
     Philox4x64 s[K];
     fd_philox4x64<K>(s, c0, static_cast<uint32_t>(g >> 32), k);
-    VU8 ur[K], ut[K];
-    VF8 rc[K], rs[K];
-    for (int v = 0; v < K; ++v) {
-      ur[v] = _mm256_blend_epi32(s[v].c0, _mm256_shuffle_epi32(s[v].c2, 0xA0), 0xAA);
-      ut[v] = _mm256_blend_epi32(s[v].c1, _mm256_shuffle_epi32(s[v].c3, 0xA0), 0xAA);
-    }
-    fd_box_muller8n<K>(ur, ut, rc, rs);
-    for (int v = 0; v < K; ++v) {
-      _mm256_storeu_ps(d + 16 * v, _mm256_unpacklo_ps(rc[v].v, rs[v].v));
-      _mm256_storeu_ps(d + 16 * v + 8, _mm256_unpackhi_ps(rc[v].v, rs[v].v));
-    }
+    store_normals<K>(d, s);
   }
   /// Words q[G(i)] (G as in noise_groups), one per 64-bit lane i.
   static __m256i load_lanes(const uint32_t* q) {
@@ -289,17 +294,7 @@ struct LevelAvx2 {
         s[v].c3 = p0;
       }
     }
-    VU8 ur[K], ut[K];
-    VF8 rc[K], rs[K];
-    for (int v = 0; v < K; ++v) {
-      ur[v] = _mm256_blend_epi32(s[v].c0, _mm256_shuffle_epi32(s[v].c2, 0xA0), 0xAA);
-      ut[v] = _mm256_blend_epi32(s[v].c1, _mm256_shuffle_epi32(s[v].c3, 0xA0), 0xAA);
-    }
-    fd_box_muller8n<K>(ur, ut, rc, rs);
-    for (int v = 0; v < K; ++v) {
-      _mm256_storeu_ps(d + 16 * v, _mm256_unpacklo_ps(rc[v].v, rs[v].v));
-      _mm256_storeu_ps(d + 16 * v + 8, _mm256_unpackhi_ps(rc[v].v, rs[v].v));
-    }
+    store_normals<K>(d, s);
   }
 };
 

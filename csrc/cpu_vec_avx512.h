@@ -248,6 +248,21 @@ struct LevelAvx512 {
   /// Groups per noise_groups call: NG (the main loop) or NG1 (short runs and run ends).
   static constexpr int NG = 32;
   static constexpr int NG1 = 8;
+  /// Box-Muller of the Philox words of K vectors of groups, stored in element order into d.
+  template <int K>
+  static void store_normals(float* d, const Philox8x64 (&s)[K]) {
+    VU16 ur[K], ut[K];
+    VF16 rc[K], rs[K];
+    for (int v = 0; v < K; ++v) {
+      ur[v] = _mm512_mask_shuffle_epi32(s[v].c0, 0xAAAA, s[v].c2, static_cast<_MM_PERM_ENUM>(0xA0));
+      ut[v] = _mm512_mask_shuffle_epi32(s[v].c1, 0xAAAA, s[v].c3, static_cast<_MM_PERM_ENUM>(0xA0));
+    }
+    fd_box_muller16n<K>(ur, ut, rc, rs);
+    for (int v = 0; v < K; ++v) {
+      _mm512_storeu_ps(d + 32 * v, _mm512_unpacklo_ps(rc[v].v, rs[v].v));
+      _mm512_storeu_ps(d + 32 * v + 16, _mm512_unpackhi_ps(rc[v].v, rs[v].v));
+    }
+  }
   /// Normals of the G consecutive groups g..g+G-1 of one sample (key k, a NoiseGen::Key) into
   /// d[0..4G), in element order. The low counter words of the groups must not wrap (the caller
   /// checks).
@@ -263,17 +278,7 @@ struct LevelAvx512 {
     for (int v = 0; v < K; ++v) c0[v] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(glo + 8u * v)), off);
     Philox8x64 s[K];
     fd_philox8x64<K>(s, c0, static_cast<uint32_t>(g >> 32), k);
-    VU16 ur[K], ut[K];
-    VF16 rc[K], rs[K];
-    for (int v = 0; v < K; ++v) {
-      ur[v] = _mm512_mask_shuffle_epi32(s[v].c0, 0xAAAA, s[v].c2, static_cast<_MM_PERM_ENUM>(0xA0));
-      ut[v] = _mm512_mask_shuffle_epi32(s[v].c1, 0xAAAA, s[v].c3, static_cast<_MM_PERM_ENUM>(0xA0));
-    }
-    fd_box_muller16n<K>(ur, ut, rc, rs);
-    for (int v = 0; v < K; ++v) {
-      _mm512_storeu_ps(d + 32 * v, _mm512_unpacklo_ps(rc[v].v, rs[v].v));
-      _mm512_storeu_ps(d + 32 * v + 16, _mm512_unpackhi_ps(rc[v].v, rs[v].v));
-    }
+    store_normals<K>(d, s);
   }
   /// Words q[G(i)] (G as in noise_groups), one per 64-bit lane i.
   static __m512i load_lanes(const uint32_t* q) {
@@ -313,17 +318,7 @@ struct LevelAvx512 {
         s[v].c3 = p0;
       }
     }
-    VU16 ur[K], ut[K];
-    VF16 rc[K], rs[K];
-    for (int v = 0; v < K; ++v) {
-      ur[v] = _mm512_mask_shuffle_epi32(s[v].c0, 0xAAAA, s[v].c2, static_cast<_MM_PERM_ENUM>(0xA0));
-      ut[v] = _mm512_mask_shuffle_epi32(s[v].c1, 0xAAAA, s[v].c3, static_cast<_MM_PERM_ENUM>(0xA0));
-    }
-    fd_box_muller16n<K>(ur, ut, rc, rs);
-    for (int v = 0; v < K; ++v) {
-      _mm512_storeu_ps(d + 32 * v, _mm512_unpacklo_ps(rc[v].v, rs[v].v));
-      _mm512_storeu_ps(d + 32 * v + 16, _mm512_unpackhi_ps(rc[v].v, rs[v].v));
-    }
+    store_normals<K>(d, s);
   }
 };
 

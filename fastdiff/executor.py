@@ -136,6 +136,10 @@ class Call:
     classifier: Callable | None = None
     classifier_y: torch.Tensor | None = None
     post_step: Callable[[int, torch.Tensor], None] | None = None
+    """``post_step(i, x)`` runs after row ``i``'s fused step (before ``callback``) and may change
+    the state ``x`` IN PLACE (it must not replace it): a hook for projections that are not
+    element-wise (ILVR super-resolution). It runs on the host every row, so it is not captured in
+    a graph; multistep history is unaffected (rows read ``x`` and the history ring, not a copy)."""
 
 
 class _Workspace:

@@ -139,15 +139,23 @@ def threshold_bound(x: torch.Tensor, m: torch.Tensor, m_c: torch.Tensor | None, 
                          list(coef), float(ratio), float(max_value))
         return s
     dt = compute_dtype(x.dtype)
-    col = (-1,) + (1,) * (x.dim() - 1)
+    e = guided_output(m, m_c, w, r, g, coef[C_G], dt)
+    return dynamic_threshold(coef[C_AX] * x.to(dt) + coef[C_AE] * e, ratio, max_value)
+
+
+def guided_output(m: torch.Tensor, m_c: torch.Tensor | None, w: torch.Tensor | None, r: torch.Tensor | None,
+                  g: torch.Tensor | None, c_g: float, dt: torch.dtype) -> torch.Tensor:
+    """The step's ``e`` in torch, in the compute dtype ``dt``: ``m`` blended with ``m_c`` by ``w``
+    (per sample), times ``r``, plus ``c_g g`` (each where given), in the kernels' order."""
+    col = (-1,) + (1,) * (m.dim() - 1)
     e = m.to(dt)
     if m_c is not None:
         e = e + w.to(dt).reshape(col) * (m_c.to(dt) - e)
     if r is not None:
         e = r.to(dt).reshape(col) * e
     if g is not None:
-        e = e + coef[C_G] * g.to(dt)
-    return dynamic_threshold(coef[C_AX] * x.to(dt) + coef[C_AE] * e, ratio, max_value)
+        e = e + c_g * g.to(dt)
+    return e
 
 
 def dynamic_threshold(d: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

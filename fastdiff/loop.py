@@ -10,7 +10,7 @@ by row, persistent buffers, the backend), so it performs no host-device synchron
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,40 +19,25 @@ from . import graphs, ops
 from .args import StepArgs, compute_dtype, pack_row
 from .executor import Call, Executor, NonFiniteError, draw_noise  # noqa: F401  (public here since v1)
 from .graphs import GraphCaptureError  # noqa: F401
-from .guidance import Guidance
+from .guidance import Guidance, guided_output
 from .plan import Plan, Row, combo, score_coeffs
-from .timing import RegionTimer
 
 ModelFn = Callable[..., torch.Tensor]
 Cond = torch.Tensor | dict | None
 
 
 @dataclass
-class LoopOptions:
-    """Options of :func:`run_plan` (see there)."""
+class LoopOptions(Call):
+    """Options of :func:`run_plan` (see there): one call's inputs (:class:`fastdiff.executor.Call`:
+    ``cond``, ``uncond``, ``seeds``, ``generator``, ``noise_fn``, ``mask``, ``known``, ``callback``,
+    ``progress``, ``timer``, ``classifier``, ``classifier_y``, ``post_step``) and how to prepare the
+    loop for it."""
 
     guidance: Guidance | None = None
-    cond: Cond = None
-    uncond: Cond = None
-    seeds: Sequence[int] | torch.Tensor | None = None
-    generator: torch.Generator | list | None = None
-    noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None
-    mask: torch.Tensor | None = None
-    known: torch.Tensor | None = None
     backend: str = "auto"
-    callback: Callable | None = None
-    progress: bool = False
     check_finite: bool = True
-    timer: RegionTimer | None = None
     cuda_graph: bool = False
-    classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     classifier_scale: float = 1.0
-    classifier_y: torch.Tensor | None = None
-    post_step: Callable[[int, torch.Tensor], None] | None = None
-    """``post_step(i, x)`` runs after row ``i``'s fused step (before ``callback``) and may change
-    the state ``x`` IN PLACE (it must not replace it): a hook for projections that are not
-    element-wise (ILVR super-resolution). It runs on the host every row, so it is not captured in
-    a graph; multistep history is unaffected (rows read ``x`` and the history ring, not a copy)."""
 
 
 def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, in_place: bool = True) -> torch.Tensor:
@@ -78,11 +63,7 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, 
                       check_finite=opts.check_finite,
                       classifier_scale=opts.classifier_scale if opts.classifier is not None else None,
                       masked=opts.mask is not None)
-        call = Call(cond=opts.cond, uncond=opts.uncond, seeds=opts.seeds, generator=opts.generator,
-                    noise_fn=opts.noise_fn, mask=opts.mask, known=opts.known, callback=opts.callback,
-                    progress=opts.progress, timer=opts.timer, classifier=opts.classifier,
-                    classifier_y=opts.classifier_y, post_step=opts.post_step)
-        out = ex.run_graphed(model, user_x, call) if opts.cuda_graph else ex.run(model, user_x, call)
+        out = ex.run_graphed(model, user_x, opts) if opts.cuda_graph else ex.run(model, user_x, opts)
         if opts.timer is not None:
             opts.timer.end()
         if not in_place:
@@ -181,13 +162,7 @@ def langevin_step_operands(x, m, m_c, w, rr, grad, coef, z, seeds, i: int, l_x: 
     dt = compute_dtype(x.dtype)
     b, nd = x.shape[0], x.dim()
     col = (-1,) + (1,) * (nd - 1)
-    e = m.to(dt)
-    if m_c is not None:
-        e = e + w.to(dt).reshape(col) * (m_c.to(dt) - e)
-    if rr is not None:
-        e = rr.to(dt).reshape(col) * e
-    if grad is not None:
-        e = e + coef[C_G] * grad.to(dt)
+    e = guided_output(m, m_c, w, rr, grad, coef[C_G], dt)
     g = l_e * e if l_x == 0.0 else l_x * x.to(dt) + l_e * e
     if z is None:  # the row's Philox noise, drawn by the step backend itself (x' = z): one fast pass
         buf = torch.zeros_like(x)  # finite operands: 0 * x must be 0
