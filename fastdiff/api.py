@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ops, samplers
+from . import ops, samplers, validate
 from .denoisers import as_model
 from .executor import Call, Executor
 from .guidance import Guidance, Scale
@@ -128,8 +128,7 @@ def _plan_builder(sampler, steps, schedule, prediction, start, options) -> Calla
 
 def make_plan(sampler: str, steps: int, schedule: Any = None, prediction: str | None = None, **options) -> Plan:
     """Build the plan ``fastdiff.sample`` would run (see :func:`fastdiff.samplers.build`)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    validate.steps(steps)
     if prediction is not None:
         prediction = check_prediction(prediction)
     return samplers.build(sampler, schedule, steps, prediction=prediction, **options)
@@ -238,19 +237,20 @@ def sample(
     Returns:
         The final sample, shaped and typed like ``noise``.
     """
-    _check_noise(noise)
-    if seed is not None and generator is not None:
-        raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
+    seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
+                                 guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                                 guidance_rescale=guidance_rescale, callback=callback, post_step=post_step,
+                                 classifier=classifier, classifier_scale=classifier_scale, classifier_y=classifier_y,
+                                 mask=mask, known=known, image=image, plan=plan, check_finite=check_finite)
     if image is None and (strength is not None or start_step is not None):
         raise ValueError("strength/start_step start part-way from an image: give image=")
     start = None
     if plan is None:
+        validate.steps(steps)
         if image is not None:
             from .tasks import resolve_start
 
             start = resolve_start(steps, strength, start_step)
-        elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     elif sampler_options:
         raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
     elif strength is not None or start_step is not None:
@@ -272,18 +272,9 @@ def sample(
         (lambda p=plan: p) if plan is not None else _plan_builder(sampler, steps, schedule, prediction, start,
                                                                  sampler_options),
         noise.shape, noise.dtype, noise.device, guidance, backend, check_finite, cls_scale, cuda_graph))
-    return _call(prepared, as_model(model), noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
+    return _call(prepared, as_model(model), noise, seeds=seeds, generator=generator, cond=cond, uncond=uncond,
                  callback=callback, progress=progress, classifier=classifier, classifier_y=classifier_y,
                  mask=mask, known=known, image=image, post_step=post_step)
-
-
-def _check_noise(noise) -> None:
-    if not isinstance(noise, torch.Tensor):
-        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-    if not noise.is_floating_point():
-        raise TypeError(f"noise must have a floating dtype, got {noise.dtype}")
-    if noise.dim() < 1 or noise.shape[0] < 1:
-        raise ValueError(f"noise must be [B, ...] with B >= 1, got shape {tuple(noise.shape)}")
 
 
 def _graph_check(noise: torch.Tensor, **call) -> None:
@@ -313,7 +304,7 @@ def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:
     return prepared
 
 
-def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seed, generator, cond, uncond, callback,
+def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seeds, generator, cond, uncond, callback,
           progress, classifier, classifier_y, mask, known, image, post_step) -> torch.Tensor:
     if prepared.cuda_graph:
         _graph_check(noise, generator=generator, callback=callback, post_step=post_step, classifier=classifier,
@@ -321,11 +312,8 @@ def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seed, ge
     ex = prepared.executor(mask is not None)
     ex.check_state(noise)
     b = noise.shape[0]
-    seeds = None
-    if generator is None:
-        if seed is None:
-            seed = [int(s) for s in torch.randint(0, 2**62, (b,), dtype=torch.int64)]
-        seeds = expand_seeds(seed, b)
+    if generator is None and seeds is None:  # neither: seeds from torch's global RNG
+        seeds = expand_seeds([int(s) for s in torch.randint(0, 2**62, (b,), dtype=torch.int64)], b)
     call = Call(cond=cond, uncond=uncond, seeds=seeds, generator=generator, callback=callback, progress=progress,
                 classifier=classifier, classifier_y=classifier_y, mask=mask, known=known, post_step=post_step)
     with torch.no_grad():
@@ -371,20 +359,29 @@ class Sampler:
                  classifier: Callable | None = None, classifier_scale: float = 1.0, strength: float | None = None,
                  start_step: int | None = None, **sampler_options) -> None:
         self.model = as_model(model)
+        validate.hook("classifier", classifier)
         self.classifier = classifier
-        shape = tuple(int(s) for s in shape)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            raise TypeError(f"shape must be a sequence of ints (B, ...), got {shape!r}")
+        shape = tuple(validate.integer(f"shape[{i}]", s, lo=0) for i, s in enumerate(shape))
         if len(shape) < 1 or shape[0] < 1:
             raise ValueError(f"shape must be (B, ...) with B >= 1, got {shape}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        validate.check_guidance_scale(guidance_scale)
+        validate.check_guidance_interval(guidance_interval)
+        validate.real("guidance_rescale", guidance_rescale, lo=0.0, hi=1.0)
+        if classifier is not None:
+            validate.real("classifier_scale", classifier_scale, float32=True)
+        if plan is not None and not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a fastdiff.plan.Plan (fastdiff.make_plan builds one), got {plan!r}")
         start = None
         if plan is None:
+            validate.steps(steps)
             if strength is not None or start_step is not None:
                 from .tasks import resolve_start
 
                 start = resolve_start(steps, strength, start_step)
-            elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-                raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         elif sampler_options or strength is not None or start_step is not None:
             raise ValueError("plan= was given: sampler options, strength and start_step are not used with it")
         self.img2img = start is not None
@@ -408,9 +405,9 @@ class Sampler:
                  image: torch.Tensor | None = None, classifier_y: torch.Tensor | None = None,
                  post_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Sample from unit-variance ``noise`` (shaped, typed and placed as prepared); see :func:`sample`."""
-        _check_noise(noise)
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
+        seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
+                                     callback=callback, post_step=post_step, classifier_y=classifier_y, mask=mask,
+                                     known=known, image=image, check_finite=self.prepared.kw["check_finite"])
         if self.img2img != (image is not None):
             raise ValueError("this sampler was prepared with strength/start_step: give image=" if self.img2img
                              else "image= starts part-way: prepare the Sampler with strength= or start_step=")
@@ -418,7 +415,7 @@ class Sampler:
             raise ValueError("mask and known go together (inpainting): give both or neither")
         if mask is not None:
             mask, known = _inpaint_tensors(mask, known, noise)
-        return _call(self.prepared, self.model, noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
+        return _call(self.prepared, self.model, noise, seeds=seeds, generator=generator, cond=cond, uncond=uncond,
                      callback=callback, progress=progress, classifier=self.classifier, classifier_y=classifier_y,
                      mask=mask, known=known, image=image, post_step=post_step)
 

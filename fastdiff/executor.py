@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import ops, validate
 from .args import StepArgs, clip_code, pack_row
 from .guidance import Guidance, rescale_factor, threshold_bound
 from .plan import Plan, score_coeffs
@@ -98,16 +98,6 @@ def cat_cond(a: Cond, b: Cond) -> Cond:
     if isinstance(a, dict):
         return {k: cat_cond(a[k], b[k]) if isinstance(a[k], (torch.Tensor, dict)) else a[k] for k in a}
     return torch.cat([a, b], dim=0)
-
-
-def batch_of(c: Cond) -> int | None:
-    """The batch of a conditioning (``-1`` for a dict whose tensors disagree), ``None`` without one."""
-    if c is None:
-        return None
-    if isinstance(c, dict):
-        sizes = {v.shape[0] for v in c.values() if isinstance(v, torch.Tensor)}
-        return sizes.pop() if len(sizes) == 1 else -1
-    return c.shape[0]
 
 
 def call_model(model: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -359,12 +349,12 @@ class Executor:
         B = self.shape[0]
         dev = self.device
         any_guided = any(self.guided)
-        if any_guided and call.uncond is None:
-            raise ValueError("guidance_scale != 1 needs uncond (the unconditional conditioning)")
-        for name, c in (("cond", call.cond), ("uncond", call.uncond)):
-            nb = batch_of(c)
-            if nb is not None and nb != B:
-                raise ValueError(f"{name} has batch {nb} but noise has batch {B}; nothing is broadcast")
+        validate.guided_needs_cond(any_guided, call.cond, call.uncond)
+        validate.conditioning("cond", call.cond, B)
+        validate.conditioning("uncond", call.uncond, B)
+        validate.check_generator(call.generator, B)
+        for name in ("callback", "post_step", "classifier", "noise_fn"):
+            validate.hook(name, getattr(call, name))
         if call.cond is not None and call.uncond is not None and any_guided:
             if type(call.cond) is not type(call.uncond):
                 raise TypeError("cond and uncond must both be tensors or both be dicts")

@@ -37,12 +37,14 @@ class Guidance:
     rescale: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.rescale) <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.rescale!r}")
-        if self.interval is not None:
-            lo, hi = self.interval
-            if not lo <= hi:
-                raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with lo <= hi, got {self.interval!r}")
+        from . import validate
+
+        validate.check_guidance_scale(self.scale)
+        if isinstance(self.scale, torch.Tensor):  # one number, or one per step: as Python floats
+            sc = self.scale.tolist()
+            object.__setattr__(self, "scale", tuple(sc) if isinstance(sc, list) else sc)
+        validate.check_guidance_interval(self.interval)
+        validate.real("guidance_rescale", self.rescale, lo=0.0, hi=1.0)
 
     def scales(self, plan: Plan) -> list[float]:
         """Guidance scale for every row of ``plan`` (1.0 where guidance is off)."""
@@ -56,7 +58,9 @@ class Guidance:
             if sc is None:
                 w = 1.0
             elif callable(sc):
-                w = float(sc(r.step, r.sigma))
+                from . import validate
+
+                w = validate.real(f"guidance_scale({r.step}, {r.sigma:g})", sc(r.step, r.sigma), float32=True)
             elif isinstance(sc, Sequence):
                 w = float(sc[r.step])
             else:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import graphs, ops
+from . import graphs, ops, validate
 from .args import StepArgs, compute_dtype, pack_row
 from .executor import Call, Executor, NonFiniteError, draw_noise  # noqa: F401  (public here since v1)
 from .graphs import GraphCaptureError  # noqa: F401
@@ -125,8 +125,10 @@ def classifier_grad(classifier: Callable, u: torch.Tensor, t: torch.Tensor, y: t
         if y.is_inference():
             y = y.clone()
         logits = classifier(uu, t)
-        if logits.dim() != 2 or logits.shape[0] != u.shape[0]:
-            raise ValueError(f"classifier must return logits [B, classes], got shape {tuple(logits.shape)}")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != u.shape[0]:
+            raise ValueError(f"classifier must return logits [B, classes], got "
+                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        validate.check_classes(y, logits.shape[1])
         logp = torch.log_softmax(logits.to(uu.dtype), dim=1).gather(1, y[:, None]).sum()
         (g,) = torch.autograd.grad(logp, uu)
     return g

@@ -151,7 +151,7 @@ def test_prepared_sampler_refuses_another_shape_dtype_or_device_by_name():
         s(torch.randn(3, 3, 5, 7), cond=torch.randn(3, 2))
     with pytest.raises(ValueError, match="noise has dtype torch.float64 but this sampler was prepared for torch.float32"):
         s(noise.double(), cond=c)
-    with pytest.raises(ValueError, match="noise is on meta"):
+    with pytest.raises(ValueError, match="noise is a meta tensor"):
         s(noise.to("meta"), cond=c)
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         fastdiff.Sampler(_model, shape=(2, 3), dtype=torch.int64)
@@ -248,7 +248,7 @@ def test_executor_checks_its_call():
         ex.run(lambda u, t, c: u, x, Call(cond=torch.randn(2, 1), seeds=[1, 2]))
     with pytest.raises(ValueError, match="draws noise: give seed"):
         ex.run(lambda u, t, c: u, x, Call(cond=torch.randn(2, 1), uncond=torch.randn(2, 1)))
-    with pytest.raises(ValueError, match="cond has batch 3 but noise has batch 2"):
+    with pytest.raises(ValueError, match=r"cond must be \[B, ...\] with B = 2"):
         ex.run(lambda u, t, c: u, x, Call(cond=torch.randn(3, 1), uncond=torch.randn(3, 1), seeds=[1, 2]))
     with pytest.raises(ValueError, match="prepared without inpainting"):
         ex.run(lambda u, t, c: u, x, Call(cond=torch.randn(2, 1), uncond=torch.randn(2, 1), seeds=[1, 2],

@@ -150,7 +150,7 @@ def test_bad_inputs_name_the_argument():
     m = lambda x, t, c=None: x  # noqa: E731
     with pytest.raises(TypeError, match="noise must have a floating dtype"):
         fastdiff.sample(m, torch.ones(2, 3, dtype=torch.int64), plan=plan)
-    with pytest.raises(ValueError, match="uncond has batch 3 but noise has batch 2"):
+    with pytest.raises(ValueError, match=r"uncond must be \[B, ...\] with B = 2 .* got shape \(3, 1\)"):
         fastdiff.sample(m, torch.randn(2, 3), plan=plan, guidance_scale=2.0, cond=torch.randn(2, 1),
                         uncond=torch.randn(3, 1))
     with pytest.raises(ValueError, match="needs uncond"):
@@ -159,7 +159,7 @@ def test_bad_inputs_name_the_argument():
         fastdiff.sample(lambda x, t: torch.zeros(2, 4), torch.randn(2, 3), plan=plan)
     with pytest.raises(ValueError, match="backend must be one of"):
         fastdiff.sample(m, torch.randn(2, 3), plan=plan, backend="metal")
-    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1000000\], got 0"):
         fastdiff.make_plan("euler", 0)
     with pytest.raises(ValueError, match="either seed"):
         fastdiff.sample(m, torch.randn(2, 3), plan=plan, seed=1, generator=torch.Generator())
