@@ -244,6 +244,44 @@ PYBIND11_MODULE(_C, mod) {
            "Run row i with the model output at address m (its conditional half mc_offset elements on).")
       .def("__len__", &Program::size);
   mod.def(
+      "all_finite",
+      [](uintptr_t ptr, int64_t numel, int dtype) -> bool {
+        if (!ptr && numel) bad("all_finite needs a non-null pointer");
+        if (numel < 0 || dtype < fd::DTYPE_F32 || dtype > fd::DTYPE_BF16) bad("all_finite: bad numel or dtype code");
+        py::gil_scoped_release nogil;
+        bool ok = true;
+        // exponent bits all ones = Inf or NaN, per storage type; a plain loop the compiler vectorises
+        switch (dtype) {
+          case fd::DTYPE_F32: {
+            const uint32_t* p = reinterpret_cast<const uint32_t*>(ptr);
+            uint32_t bad_any = 0;
+#pragma omp parallel for reduction(| : bad_any) num_threads(threads()) if (numel >= (1 << 20))
+            for (int64_t i = 0; i < numel; ++i) bad_any |= (p[i] & 0x7F800000u) == 0x7F800000u;
+            ok = !bad_any;
+            break;
+          }
+          case fd::DTYPE_F64: {
+            const uint64_t* p = reinterpret_cast<const uint64_t*>(ptr);
+            uint64_t bad_any = 0;
+#pragma omp parallel for reduction(| : bad_any) num_threads(threads()) if (numel >= (1 << 20))
+            for (int64_t i = 0; i < numel; ++i) bad_any |= (p[i] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
+            ok = !bad_any;
+            break;
+          }
+          default: {  // fp16: exponent 0x7C00; bf16: 0x7F80
+            const uint16_t* p = reinterpret_cast<const uint16_t*>(ptr);
+            const uint16_t e = dtype == fd::DTYPE_F16 ? 0x7C00u : 0x7F80u;
+            uint32_t bad_any = 0;
+#pragma omp parallel for reduction(| : bad_any) num_threads(threads()) if (numel >= (1 << 20))
+            for (int64_t i = 0; i < numel; ++i) bad_any |= (p[i] & e) == e;
+            ok = !bad_any;
+          }
+        }
+        return ok;
+      },
+      py::arg("ptr"), py::arg("numel"), py::arg("dtype"),
+      "Whether no element of a contiguous buffer of DTYPE_* `dtype` is NaN or Inf (one pass).");
+  mod.def(
       "first_flag",
       [](uintptr_t flags, int64_t n) -> int64_t {
         if (!flags || n < 0) bad("first_flag needs a non-null int32 array and n >= 0");

@@ -61,10 +61,19 @@ class _Identity:
         return isinstance(other, _Identity) and other.obj is self.obj
 
 
+_SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
+
+
 def _freeze(v):
     """A hashable stand-in for an option value that compares equal exactly when the values do."""
-    if v is None or isinstance(v, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+    if type(v) in _SCALARS:
         return (type(v).__name__, v)
+    if isinstance(v, Mapping) and all(type(e) in _SCALARS for e in v.values()):  # a config: flat, one pass
+        return ("map", tuple(sorted((str(k), type(e).__name__, e) for k, e in v.items())))
+    if type(v) in (tuple, list) and all(type(e) in _SCALARS for e in v):  # a shape, a scale list
+        return ("seq", tuple((type(e).__name__, e) for e in v))
+    if isinstance(v, Guidance):
+        return ("guidance", _freeze(v.scale), _freeze(v.interval), _freeze(v.rescale))
     if isinstance(v, (list, tuple)):
         return ("seq", tuple(_freeze(e) for e in v))
     if isinstance(v, Mapping):  # dicts, diffusers' FrozenDict configs

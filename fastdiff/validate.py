@@ -77,8 +77,17 @@ def state(name: str, x) -> torch.Tensor:
 
 
 def finite(name: str, t: torch.Tensor) -> None:
-    """Raise naming ``name`` where ``t`` holds NaN or Inf (one pass; a host sync on a GPU)."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    """Raise naming ``name`` where ``t`` holds NaN or Inf (one pass: the CPU extension's for a
+    contiguous CPU tensor, else torch's, with a host sync on a GPU)."""
+    if not t.numel() or not t.is_floating_point():
+        return
+    from .backends import cpu
+
+    if cpu._C is not None and t.device.type == "cpu" and t.is_contiguous() and t.dtype in cpu.DTYPE_CODES:
+        ok = cpu._C.all_finite(t.data_ptr(), t.numel(), cpu.DTYPE_CODES[t.dtype])
+    else:
+        ok = bool(torch.isfinite(t).all())
+    if not ok:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
