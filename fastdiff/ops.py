@@ -106,6 +106,8 @@ def validate(args: StepArgs) -> None:
         raise ValueError(f"coef must have {N_COEF} entries, got {len(args.coef)}")
     if len(args.h_read) > MAX_READS or len(args.h_write) > MAX_WRITES:
         raise ValueError(f"at most {MAX_READS} history reads and {MAX_WRITES} writes per row")
+    if isinstance(args.clip, bool) or args.clip not in (0, 1, 2):
+        raise ValueError(f"clip must be 0 (none), 1 (static) or 2 (dynamic), got {args.clip!r}")
     named = [("out", args.out), ("m", args.m), ("m_c", args.m_c), ("z", args.z), ("z2", args.z2),
              ("mask", args.mask), ("known", args.known), ("g", args.g)]
     named += [(f"h_read[{i}]", h) for i, h in enumerate(args.h_read)]
@@ -156,6 +158,11 @@ def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> No
     operands and ``args`` has others (transposed, channels_last, sliced or expanded views, outputs
     partly overlapping inputs), the row runs on contiguous copies and the outputs are copied back,
     ``out`` first and then ``h_write`` in order, as ``reference`` writes them.
+
+    ``check=False`` skips :func:`validate` entirely (shapes, dtypes, devices, the per-sample
+    tensors' lengths, the clip code, the coefficient count): only for rows that were validated
+    already, as :func:`prepare` does for the executor's. A row that was not may make a fused
+    backend read or write out of bounds.
     """
     if check:
         validate(args)

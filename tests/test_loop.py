@@ -179,3 +179,17 @@ def test_static_and_dynamic_clip_rows():
             s = dynamic_threshold(e, 0.9, 2.5)[:, None]
             want = torch.minimum(torch.maximum(e, -s), s) / s
         assert torch.allclose(out, want, atol=1e-6)
+
+
+def test_step_refuses_a_bad_clip_code_on_every_backend():
+    from fastdiff import ops
+    from fastdiff.args import StepArgs, pack_row
+
+    x = torch.randn(2, 8)
+    row = Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(d=1.0))
+    for backend in ("reference", "cpu"):
+        if not ops.backend_status(backend)[0]:
+            continue
+        for clip in (3, -1, True):
+            with pytest.raises(ValueError, match="clip must be 0"):
+                ops.step(StepArgs(x=x, out=x.clone(), m=x, coef=pack_row(row), clip=clip, s=torch.ones(2)), backend)

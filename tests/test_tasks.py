@@ -406,7 +406,10 @@ def test_ilvr_final_low_frequencies_equal_the_low_res_image(sampler, seed):
     y = torch.randn(2, 3, 4, 5, generator=g)
     out = tasks.super_resolution(_elementwise, y, factor=f, sampler=sampler, steps=8, seed=seed, backend="reference")
     assert out.shape == (2, 3, 8, 10)
-    assert torch.allclose(F.avg_pool2d(out, f), y, atol=1e-5, rtol=1e-5)
+    # exact but for float32 rounding of x - up(down(x)) + up(y), which scales with |x| (Euler can end at
+    # |x| ~ 400 here: 1.5e-5 off, seed 625721980)
+    tol = 1e-5 * (1 + y.abs()) + 4 * torch.finfo(torch.float32).eps * out.abs().max()
+    assert ((F.avg_pool2d(out, f) - y).abs() <= tol).all()
     # bilinear up: down(up(y)) != y, so only close; still far closer than without the projection
     bil = tasks.super_resolution(_elementwise, y, factor=f, up="bilinear", sampler=sampler, steps=8, seed=seed,
                                  backend="reference")
