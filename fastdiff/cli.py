@@ -276,14 +276,20 @@ def _check_sample_args(args: argparse.Namespace, shape: tuple[int, ...]) -> None
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    from .validate import FLOAT32_MAX, MAX_STEPS, SEED_RANGE
+
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {args.steps}")
+    if not (SEED_RANGE[0] <= args.seed and args.seed + args.num - 1 < SEED_RANGE[1]):
+        raise ValueError(f"--seed must leave every sample's seed (--seed + i for i < --num) a 64-bit word in "
+                         f"[{SEED_RANGE[0]}, {SEED_RANGE[1] - 1}], got --seed {args.seed} with --num {args.num}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
-    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
-        raise ValueError(f"--guidance-scale must be finite, got {args.guidance_scale}")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale)
+                                                and abs(args.guidance_scale) <= FLOAT32_MAX):
+        raise ValueError(f"--guidance-scale must be finite (within float32), got {args.guidance_scale}")
     if args.sampler not in samplers.available():
         raise ValueError(f"--sampler must be one of {', '.join(samplers.available())}; got {args.sampler!r}")
     _check_backend(args.backend)

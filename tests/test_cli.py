@@ -107,7 +107,12 @@ SAMPLE = ["sample", "-n", "1", "--steps", "1"]
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (["--steps", "0"], ["--steps must be >= 1"]),
+    (["--steps", "0"], ["--steps must be in [1, 1000000]"]),
+    (["--steps", "1000000000000"], ["--steps must be in [1, 1000000]"]),
+    (["--seed", "18446744073709551616"], ["--seed", "64-bit word"]),
+    (["--seed", "18446744073709551615", "-n", "2"], ["--seed", "--num 2"]),
+    (["--seed", "-9223372036854775809"], ["--seed"]),
+    (["--guidance-scale", "1e308"], ["--guidance-scale", "float32"]),
     (["--batch-size", "0"], ["--batch-size must be >= 1"]),
     (["--timeout", "nan"], ["--timeout"]),
     (["--sampler", "bogus"], ["--sampler", "'bogus'"]),
