@@ -104,6 +104,29 @@ inline void set_row(const Ptrs& p, int64_t numel, int64_t per_sample, int n_read
   for (int i = 0; i < fd::N_COEF; ++i) a.coef[i] = coef[i];
 }
 
+/// A prepared program's `set`: point operand `which` (a PTR_NAMES index; m and m_c are run()'s) of
+/// row i, or of every row for i = -1, at v. Every row is checked first, so a refused pointer changes
+/// no row. Entry holds `p` (Ptrs), `coef` and `a` (a StepRow); dtype_of(entry) is its dtype code.
+template <class Entry, class DtypeOf>
+void repoint(std::vector<Entry>& rows, int i, int which, uintptr_t v, DtypeOf dtype_of) {
+  const int n = static_cast<int>(rows.size());
+  if (which < 0 || which >= N_PTRS || which == P_M || which == P_MC)
+    bad("set: which must index PTR_NAMES (not m or m_c, which run() sets), got " + std::to_string(which));
+  if (i < -1 || i >= n) bad("set: row " + std::to_string(i) + " out of range");
+  const int lo = i < 0 ? 0 : i, hi = i < 0 ? n : i + 1;
+  for (int k = lo; k < hi; ++k) {
+    const Entry& e = rows[k];
+    Ptrs p = e.p;
+    p[which] = v;
+    if (e.a.numel) check_pointers(p, dtype_of(e), e.a.n_reads, e.a.n_writes, e.a.clip, e.coef, e.a.u_copies);
+  }
+  for (int k = lo; k < hi; ++k) {
+    Entry& e = rows[k];
+    e.p[which] = v;
+    set_row(e.p, e.a.numel, e.a.per_sample, e.a.n_reads, e.a.n_writes, e.a.clip, e.a.row, e.coef, e.a, e.a.u_copies);
+  }
+}
+
 /// The packed layout by name, as fastdiff/args.py COEF_OFFSETS names it.
 inline std::vector<std::pair<std::string, int>> coef_offsets() {
   return {{"a_x", fd::C_AX},         {"a_e", fd::C_AE},         {"out", fd::C_OUT}, {"write0", fd::C_W0},

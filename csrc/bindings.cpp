@@ -41,6 +41,17 @@ void step(const fd_bind::Ptrs& p, int64_t numel, int64_t per_sample, int dtype, 
   fd_cpu::step(a);
 }
 
+/// Whether any of `numel` words at `ptr` has all the bits of `exp` set (a plain loop the compiler
+/// vectorises; both threads for large buffers).
+template <class U>
+bool any_exponent_max(uintptr_t ptr, int64_t numel, U exp) {
+  const U* p = reinterpret_cast<const U*>(ptr);
+  int hit = 0;
+#pragma omp parallel for reduction(| : hit) num_threads(threads()) if (numel >= (1 << 20))
+  for (int64_t i = 0; i < numel; ++i) hit |= (p[i] & exp) == exp;
+  return hit != 0;
+}
+
 size_t elem_size(int dtype) { return dtype == fd::DTYPE_F64 ? 8 : dtype == fd::DTYPE_F32 ? 4 : 2; }
 
 /// A prepared sampling loop: every row's arguments checked and packed once (fastdiff/executor.py
@@ -97,23 +108,7 @@ class Program {
 
   /// Point operand `which` (a PTR_NAMES index other than m / m_c) of row i, or of every row for i = -1.
   void set(int i, int which, uintptr_t v) {
-    if (which < 0 || which >= N_PTRS || which == fd_bind::P_M || which == fd_bind::P_MC)
-      bad("set: which must index PTR_NAMES (not m or m_c, which run() sets), got " + std::to_string(which));
-    if (i < -1 || i >= static_cast<int>(rows_.size())) bad("set: row " + std::to_string(i) + " out of range");
-    const int lo = i < 0 ? 0 : i, hi = i < 0 ? static_cast<int>(rows_.size()) : i + 1;
-    for (int k = lo; k < hi; ++k) {  // check every row first: a refused pointer changes nothing
-      const Entry& e = rows_[k];
-      fd_bind::Ptrs p = e.p;
-      p[which] = v;
-      if (e.a.numel)
-        fd_bind::check_pointers(p, e.a.dtype, e.a.n_reads, e.a.n_writes, e.a.clip, e.coef, e.a.u_copies);
-    }
-    for (int k = lo; k < hi; ++k) {
-      Entry& e = rows_[k];
-      e.p[which] = v;
-      fd_bind::set_row(e.p, e.a.numel, e.a.per_sample, e.a.n_reads, e.a.n_writes, e.a.clip, e.a.row, e.coef, e.a,
-                       e.a.u_copies);
-    }
+    fd_bind::repoint(rows_, i, which, v, [](const Entry& e) { return e.a.dtype; });
   }
 
   void run(int i, uintptr_t m) {
@@ -249,35 +244,12 @@ PYBIND11_MODULE(_C, mod) {
         if (!ptr && numel) bad("all_finite needs a non-null pointer");
         if (numel < 0 || dtype < fd::DTYPE_F32 || dtype > fd::DTYPE_BF16) bad("all_finite: bad numel or dtype code");
         py::gil_scoped_release nogil;
-        bool ok = true;
-        // exponent bits all ones = Inf or NaN, per storage type; a plain loop the compiler vectorises
-        switch (dtype) {
-          case fd::DTYPE_F32: {
-            const uint32_t* p = reinterpret_cast<const uint32_t*>(ptr);
-            uint32_t bad_any = 0;
-#pragma omp parallel for reduction(| : bad_any) num_threads(threads()) if (numel >= (1 << 20))
-            for (int64_t i = 0; i < numel; ++i) bad_any |= (p[i] & 0x7F800000u) == 0x7F800000u;
-            ok = !bad_any;
-            break;
-          }
-          case fd::DTYPE_F64: {
-            const uint64_t* p = reinterpret_cast<const uint64_t*>(ptr);
-            uint64_t bad_any = 0;
-#pragma omp parallel for reduction(| : bad_any) num_threads(threads()) if (numel >= (1 << 20))
-            for (int64_t i = 0; i < numel; ++i) bad_any |= (p[i] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
-            ok = !bad_any;
-            break;
-          }
-          default: {  // fp16: exponent 0x7C00; bf16: 0x7F80
-            const uint16_t* p = reinterpret_cast<const uint16_t*>(ptr);
-            const uint16_t e = dtype == fd::DTYPE_F16 ? 0x7C00u : 0x7F80u;
-            uint32_t bad_any = 0;
-#pragma omp parallel for reduction(| : bad_any) num_threads(threads()) if (numel >= (1 << 20))
-            for (int64_t i = 0; i < numel; ++i) bad_any |= (p[i] & e) == e;
-            ok = !bad_any;
-          }
+        switch (dtype) {  // exponent bits all ones: Inf or NaN, per storage type
+          case fd::DTYPE_F32: return !any_exponent_max<uint32_t>(ptr, numel, 0x7F800000u);
+          case fd::DTYPE_F64: return !any_exponent_max<uint64_t>(ptr, numel, 0x7FF0000000000000ull);
+          case fd::DTYPE_F16: return !any_exponent_max<uint16_t>(ptr, numel, 0x7C00u);
+          default: return !any_exponent_max<uint16_t>(ptr, numel, 0x7F80u);  // bf16
         }
-        return ok;
       },
       py::arg("ptr"), py::arg("numel"), py::arg("dtype"),
       "Whether no element of a contiguous buffer of DTYPE_* `dtype` is NaN or Inf (one pass).");

@@ -84,23 +84,7 @@ class Program {
 
   /// Point operand `which` (a PTR_NAMES index other than m / m_c) of row i, or of every row for i = -1.
   void set(int i, int which, uintptr_t v) {
-    if (which < 0 || which >= N_PTRS || which == fd_bind::P_M || which == fd_bind::P_MC)
-      bad("set: which must index PTR_NAMES (not m or m_c, which run() sets), got " + std::to_string(which));
-    if (i < -1 || i >= size()) bad("set: row " + std::to_string(i) + " out of range");
-    const int lo = i < 0 ? 0 : i, hi = i < 0 ? size() : i + 1;
-    for (int k = lo; k < hi; ++k) {  // check every row first: a refused pointer changes no row
-      const Entry& e = rows_[k];
-      fd_bind::Ptrs p = e.p;
-      p[which] = v;
-      if (e.a.numel)
-        fd_bind::check_pointers(p, e.dtype, e.a.n_reads, e.a.n_writes, e.a.clip, e.coef, e.a.u_copies);
-    }
-    for (int k = lo; k < hi; ++k) {
-      Entry& e = rows_[k];
-      e.p[which] = v;
-      fd_bind::set_row(e.p, e.a.numel, e.a.per_sample, e.a.n_reads, e.a.n_writes, e.a.clip, e.a.row, e.coef, e.a,
-                       e.a.u_copies);
-    }
+    fd_bind::repoint(rows_, i, which, v, [](const Entry& e) { return e.dtype; });
   }
 
   void run(int i, uintptr_t m, uintptr_t stream) {

@@ -271,9 +271,6 @@ def sample(
         mask, known = _inpaint_tensors(mask, known, noise)
     guidance = Guidance(guidance_scale, guidance_interval, guidance_rescale)
     backend = ops.requested_backend(backend)
-    if cuda_graph:
-        _graph_check(noise, generator=generator, callback=callback, post_step=post_step, classifier=classifier,
-                     progress=progress, cond=cond, uncond=uncond, mask=mask, known=known)
     cls_scale = float(classifier_scale) if classifier is not None else None
     config = (sampler, steps, schedule, prediction, sampler_options, start, plan, guidance, backend, bool(check_finite),
               bool(cuda_graph), cls_scale, tuple(noise.shape), noise.dtype, noise.device)
@@ -284,12 +281,6 @@ def sample(
     return _call(prepared, as_model(model), noise, seeds=seeds, generator=generator, cond=cond, uncond=uncond,
                  callback=callback, progress=progress, classifier=classifier, classifier_y=classifier_y,
                  mask=mask, known=known, image=image, post_step=post_step)
-
-
-def _graph_check(noise: torch.Tensor, **call) -> None:
-    from .graphs import check_graphable
-
-    check_graphable(noise.device, **call)
 
 
 def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:
@@ -315,9 +306,6 @@ def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:
 
 def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seeds, generator, cond, uncond, callback,
           progress, classifier, classifier_y, mask, known, image, post_step) -> torch.Tensor:
-    if prepared.cuda_graph:
-        _graph_check(noise, generator=generator, callback=callback, post_step=post_step, classifier=classifier,
-                     progress=progress, cond=cond, uncond=uncond, mask=mask, known=known)
     ex = prepared.executor(mask is not None)
     ex.check_state(noise)
     b = noise.shape[0]
@@ -332,7 +320,7 @@ def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seeds, g
             x = noised_state(ex.plan, image, noise)
         else:
             x = noise * ex.plan.init_scale
-    if prepared.cuda_graph:
+    if prepared.cuda_graph:  # refuses what a graph cannot capture before any model call
         return ex.run_graphed(model, x, call)
     return ex.run(model, x, call)
 

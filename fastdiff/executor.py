@@ -2,9 +2,10 @@
 
 An :class:`Executor` is built for one plan, state shape, dtype, device, guidance setting and
 backend. It packs every row's coefficients (with the next row's ``in_scale``, so each step writes
-the next model input), allocates the persistent buffers (state, history ring and model input in
-one arena; per-row guidance scales; clip bounds; seeds; the per-row non-finite flags), validates
-every row once and resolves the backend once, into a *program* (:func:`fastdiff.ops.prepare`).
+the next model input), allocates the persistent buffers (state and history ring in one arena, the
+model input in an allocation of its own; per-row guidance scales; clip bounds; seeds; the per-row
+non-finite flags), validates every row once and resolves the backend once, into a *program*
+(:func:`fastdiff.ops.prepare`).
 Calling :meth:`Executor.run` then does, per row, one model call and one extension call:
 
     out = model(u, t_i[, cond])          # u: the [B] or [2B] model input the previous step wrote
@@ -12,9 +13,9 @@ Calling :meth:`Executor.run` then does, per row, one model call and one extensio
 
 and nothing else in the common case (no ``torch.cat``, no scaling pass, no finite-check pass).
 Rows that need host work (a callback, ``post_step``, noise drawn on the host, classifier
-guidance, a timer) take the general path, which runs the same kernel through
-:func:`fastdiff.ops.step` with the same buffers, and rewrites the model input from the state after
-any hook that may have changed it.
+guidance, a timer) take the general path, which runs the same program with that row's extra
+operands pointed at for it alone, and rewrites the model input from the state after a
+``post_step`` that may have changed it.
 
 Reuse: the returned tensor is always new (the last row writes it); concurrent calls from several
 threads each take their own workspace (buffers and program) from a small pool.
@@ -173,16 +174,11 @@ class _Workspace:
         """How many tensors use the model input's memory (0 where torch cannot say)."""
         return _use_count(self.u_storage._cdata) if _use_count is not None else 0
 
-    def input_kept(self, i: int) -> bool:
-        """Whether the model kept row ``i``'s input: the tensor it was given (one more reference to
-        it) or a view of its memory (one more tensor on it)."""
-        return sys.getrefcount(self.inputs[i]) != self.refs or _use_count(self.u_storage._cdata) != self.base
-
     @_normal_tensors
     def renew_input(self, ex: "Executor") -> None:
         """Give the model input buffer up (the model kept it, or a view of it: what it keeps must stay
         what it was given, as with diffusers and k-diffusion, which pass a new tensor every step)
-        and point the rows at a new one, holding what the step wrote for the next row."""
+        and point the rows at a new one, which the next step fills."""
         self._new_input(ex)  # nothing to copy: the next step writes the whole next input
         for i, a in enumerate(self.rows):
             if a.u is not None:
@@ -201,13 +197,16 @@ class _Workspace:
             w=ex.W[i] if guided else None, r=self.r if guided and ex.guidance.rescale > 0 else None,
             s=ex.s_static if clip == 1 else self.s if clip == 2 else None, clip=clip, seeds=self.seeds,
             mask=self.x if ex.masked else None, known=self.x if ex.masked else None,
-            u=self.u[: (2 if ex.guided[i + 1] else 1) * B] if nxt else None,  # renew_input re-points it
+            # the view row i writes: a tensor object of its own, not inputs[i + 1], whose reference
+            # count Executor._taken reads (renew_input re-points it)
+            u=self.u[: (2 if ex.guided[i + 1] else 1) * B] if nxt else None,
             flag=self.flags[i:i + 1] if self.flags is not None else None,
         )
 
-    def model_input(self, ex: "Executor", i: int) -> torch.Tensor:
-        """Row ``i``'s model input (the view of ``u`` the previous step wrote)."""
-        return self.inputs[i]
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` starts inside a buffer the step writes (state, history ring, model input)."""
+        p = t.data_ptr()
+        return self.span[0] <= p < self.span[1] or self.uspan[0] <= p < self.uspan[1]
 
     def write_input(self, ex: "Executor", i: int, x: torch.Tensor) -> None:
         """Write row ``i``'s model input from the state ``x``, as the step would (``x * in_scale``)."""
@@ -441,12 +440,12 @@ class Executor:
                  or call.noise_fn is not None or call.generator is not None)
         host = [hooks or (call.classifier is not None and self.cg[i] != 0.0) for i in range(n)]
         run_ptr, run = ws.run_ptr, ws.program.run
-        lo, hi = ws.span
         dt = self.dtype
         shapes = [(2 * B if self.guided[i] else B, *self.shape[1:]) for i in range(n)]
         dev_index = -1 if self.device.type == "cpu" else self.device.index
         t_in = self.t_in
         watch = _use_count is not None and not graphed  # a graph's buffers are static by design
+        taken = self._taken
         for i in it:
             if host[i]:
                 try:
@@ -461,15 +460,7 @@ class Executor:
             if (type(out) is not torch.Tensor or out.dtype != dt or out.shape != shapes[i] or not out.is_contiguous()
                     or out.get_device() != dev_index):
                 out = self._normalise(out, i)
-            p = out.data_ptr()
-            if lo <= p < hi or ws.uspan[0] <= p < ws.uspan[1]:  # (a view of) a buffer the step writes
-                out = out.clone()
-                p = out.data_ptr()
-            elif not p and out.numel():
-                raise ValueError(f"model output at step {self.rows[i].step} has no memory (a {out.device} tensor); "
-                                 f"expected a tensor on {self.device}")
-            if watch and ws.input_kept(i):
-                ws.renew_input(self)  # the model kept its input: the step must not overwrite it
+            out, p = taken(ws, out, i, watch)
             if run_ptr is not None:
                 run_ptr(i, p)
             else:
@@ -506,6 +497,7 @@ class Executor:
                 g.graph.replay()
                 self._finish(g.ws)
                 return _in_layout_of(x, g.result.clone())
+
     def _normalise(self, out, i: int) -> torch.Tensor:
         """A model output as the step takes it: a tensor of the row's shape (never broadcast), the
         state's dtype and device, contiguous, detached."""
@@ -519,18 +511,32 @@ class Executor:
         # any layout or dtype the model returns (detached: a model may enable grad inside)
         return out.detach().to(dtype=self.dtype, device=self.device).contiguous()
 
+    def _taken(self, ws: _Workspace, out: torch.Tensor, i: int, watch: bool) -> tuple[torch.Tensor, int]:
+        """Row ``i``'s (normalised) model output as the step may read it, and its address; the model
+        input made safe from the step. An output inside a buffer the step writes is copied, one
+        without memory refused; where the model kept its input (the tensor it was given: one more
+        reference to it; or a view of its memory: one more tensor on it), the workspace gets a new
+        input buffer, so the step cannot overwrite what the model keeps. On every row's hot path:
+        written out, no further calls."""
+        p = out.data_ptr()
+        if ws.span[0] <= p < ws.span[1] or ws.uspan[0] <= p < ws.uspan[1]:  # (a view of) a buffer the step writes
+            out = out.clone()
+            p = out.data_ptr()
+        elif not p and out.numel():
+            raise ValueError(f"model output at step {self.rows[i].step} has no memory (a {out.device} tensor); "
+                             f"expected a tensor on {self.device}")
+        if watch and (sys.getrefcount(ws.inputs[i]) != ws.refs or _use_count(ws.u_storage._cdata) != ws.base):
+            ws.renew_input(self)
+        return out, p
+
     def _finish(self, ws: _Workspace) -> None:
         if ws.flags is None:
             return
-        if ws.flags.device.type == "cpu":
-            from .backends import cpu
+        from .backends import cpu
 
-            if cpu._C is not None:
-                i = cpu._C.first_flag(ws.flags.data_ptr(), ws.flags.numel())
-            else:
-                nz = ws.flags.nonzero()
-                i = int(nz[0, 0]) if nz.numel() else -1
-        else:  # one host sync, after the loop
+        if ws.flags.device.type == "cpu" and cpu._C is not None:
+            i = cpu._C.first_flag(ws.flags.data_ptr(), ws.flags.numel())
+        else:  # on a GPU: one host sync, after the loop
             nz = ws.flags.nonzero()
             i = int(nz[0, 0]) if nz.numel() else -1
         if i >= 0:
@@ -555,13 +561,8 @@ class Executor:
         if tm is not None:
             tm.start_row(i)
         with region("model"):
-            out = call_model(model, ws.model_input(self, i), self.t_in[i], cond)
-            out = self._normalise(out, i)
-            p = out.data_ptr()
-            if ws.span[0] <= p < ws.span[1] or ws.uspan[0] <= p < ws.uspan[1]:
-                out = out.clone()
-            if watch and ws.input_kept(i):
-                ws.renew_input(self)  # the model kept its input: the step must not overwrite it
+            out = call_model(model, ws.inputs[i], self.t_in[i], cond)
+            out, _ = self._taken(ws, self._normalise(out, i), i, watch)
             m, m_c = (out[:B], out[B:]) if self.guided[i] else (out, None)
         a = ws.rows[i]
         w = a.w
@@ -589,8 +590,7 @@ class Executor:
                 else:
                     z = draw_noise(self.shape, call.generator, self.noise_dtype, self.device)
                 z = _external_noise(z, x, i)
-                if ws.span[0] <= z.data_ptr() < ws.span[1] or ws.uspan[0] <= z.data_ptr() < ws.uspan[1]:
-                    # noise_fn handed back (a view of) a buffer the step writes
+                if ws.holds(z):  # noise_fn handed back (a view of) a buffer the step writes
                     z = z.clone()
         z2 = None
         if mask_t is not None and r.known_s != 0 and call.generator is not None:

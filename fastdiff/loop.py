@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import graphs, ops, validate
+from . import ops, validate
 from .args import StepArgs, compute_dtype, pack_row
 from .executor import Call, Executor, NonFiniteError, draw_noise  # noqa: F401  (public here since v1)
 from .graphs import GraphCaptureError  # noqa: F401
@@ -57,8 +57,6 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, 
                          f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
     with torch.no_grad():
         user_x = x.detach() if x.requires_grad else x  # same storage: still updated in place
-        if opts.cuda_graph:
-            check_graphable(opts, x)
         ex = Executor(plan, x.shape, x.dtype, x.device, guidance=opts.guidance, backend=opts.backend,
                       check_finite=opts.check_finite,
                       classifier_scale=opts.classifier_scale if opts.classifier is not None else None,
@@ -82,14 +80,6 @@ def _writable_in_place(t: torch.Tensor) -> bool:
             return False
         extent += (size - 1) * stride
     return True
-
-
-def check_graphable(opts: LoopOptions, x: torch.Tensor) -> None:
-    """Raise ``ValueError`` listing every reason ``opts`` cannot run as one CUDA graph (before any work)."""
-    graphs.check_graphable(x.device, generator=opts.generator, noise_fn=opts.noise_fn, callback=opts.callback,
-                           post_step=opts.post_step, timer=opts.timer, classifier=opts.classifier,
-                           progress=opts.progress, cond=opts.cond, uncond=opts.uncond, mask=opts.mask,
-                           known=opts.known)
 
 
 def classifier_coefficients(plan: Plan, scale: float) -> list[float]:

@@ -26,15 +26,21 @@ def _what(v) -> str:
     return f"{type(v).__name__} {r[:60] + '...' if len(r) > 60 else r}"
 
 
+def _number(name: str, v, kind: type, what: str, dtype_ok):
+    """``v`` itself if it is a ``kind`` number (a bool is not), or the value of a one-element tensor
+    whose dtype passes ``dtype_ok`` (never a bool tensor); else a TypeError naming ``name``."""
+    if isinstance(v, kind) and not isinstance(v, bool):
+        return v
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and dtype_ok(v.dtype):
+        return v.item()
+    raise TypeError(f"{name} must be {what}, got {_what(v)}")
+
+
 def real(name: str, v, *, lo: float | None = None, hi: float | None = None, finite: bool = True,
          float32: bool = False) -> float:
     """``v`` as a float: a real number (not a bool, not a string), finite unless ``finite`` is false,
     within ``[lo, hi]``, and representable in float32 where ``float32`` (what kernels compute in)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool:
-            v = v.item()
-        else:
-            raise TypeError(f"{name} must be a real number, got {_what(v)}")
+    v = _number(name, v, numbers.Real, "a real number", lambda dt: not dt.is_complex)
     f = float(v)
     if math.isnan(f) or (finite and math.isinf(f)):
         raise ValueError(f"{name} must be a finite number, got {f}")
@@ -47,11 +53,7 @@ def real(name: str, v, *, lo: float | None = None, hi: float | None = None, fini
 
 def integer(name: str, v, *, lo: int | None = None, hi: int | None = None) -> int:
     """``v`` as an int: an integral number (not a bool, not a float such as 1.5, not a string)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point and v.dtype != torch.bool:
-            v = v.item()
-        else:
-            raise TypeError(f"{name} must be an int, got {_what(v)}")
+    v = _number(name, v, numbers.Integral, "an int", lambda dt: not dt.is_floating_point and not dt.is_complex)
     i = int(v)
     if (lo is not None and i < lo) or (hi is not None and i > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {i}")

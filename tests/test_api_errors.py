@@ -179,3 +179,18 @@ def test_valid_edge_values_still_run():
         fastdiff.sample(_Model(), base["noise"], seed=0, guidance_scale=scale, **kw)
     fastdiff.sample(_Model(), base["noise"], seed=0, guidance_scale=2.0, guidance_interval=(0.0, float("inf")), **kw)
     assert validate.seeds(2**64 - 1, 1) == [-1]  # an unsigned 64-bit word, kept as its int64 bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_the_input_scan_finds_nan_and_inf_in_every_dtype(dtype):
+    for n in (7, 3 * (1 << 20) + 5):  # one thread, and the parallel scan
+        x = torch.randn(n).to(dtype)
+        x[x.abs() > 3] = 0  # finite, but large values of each dtype stay
+        x[0] = torch.finfo(dtype).max
+        validate.finite("noise", x)
+        for pos in (0, n // 2, n - 1):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                y = x.clone()
+                y[pos] = bad
+                with pytest.raises(ValueError, match="noise contains NaN or Inf"):
+                    validate.finite("noise", y)
