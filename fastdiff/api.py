@@ -246,11 +246,10 @@ def sample(
     Returns:
         The final sample, shaped and typed like ``noise``.
     """
-    seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
-                                 guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                                 guidance_rescale=guidance_rescale, callback=callback, post_step=post_step,
-                                 classifier=classifier, classifier_scale=classifier_scale, classifier_y=classifier_y,
-                                 mask=mask, known=known, image=image, plan=plan, check_finite=check_finite)
+    seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond, callback=callback,
+                                 post_step=post_step, classifier=classifier, classifier_scale=classifier_scale,
+                                 classifier_y=classifier_y, mask=mask, known=known, image=image, plan=plan,
+                                 check_finite=check_finite)
     if image is None and (strength is not None or start_step is not None):
         raise ValueError("strength/start_step start part-way from an image: give image=")
     start = None
@@ -365,9 +364,7 @@ class Sampler:
             raise ValueError(f"shape must be (B, ...) with B >= 1, got {shape}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        validate.check_guidance_scale(guidance_scale)
-        validate.check_guidance_interval(guidance_interval)
-        validate.real("guidance_rescale", guidance_rescale, lo=0.0, hi=1.0)
+        guidance = Guidance(guidance_scale, guidance_interval, guidance_rescale)  # (it checks its settings)
         if classifier is not None:
             validate.real("classifier_scale", classifier_scale, float32=True)
         if plan is not None and not isinstance(plan, Plan):
@@ -385,8 +382,7 @@ class Sampler:
         self.prepared = _Prepared(
             (lambda p=plan: p) if plan is not None else _plan_builder(sampler, steps, schedule, prediction, start,
                                                                      sampler_options),
-            shape, dtype, device, Guidance(guidance_scale, guidance_interval, guidance_rescale),
-            ops.requested_backend(backend), check_finite,
+            shape, dtype, device, guidance, ops.requested_backend(backend), check_finite,
             float(classifier_scale) if classifier is not None else None, cuda_graph)
         self.prepared.executor(False)  # prepared (and checked) now
 

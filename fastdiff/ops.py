@@ -221,7 +221,6 @@ def stage(args: StepArgs):
     aliases stay aliases) with fresh output buffers, and ``commit()`` writing the outputs back."""
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     targets = (args.out, *args.h_write)
-    extra = [t for t in (args.u, args.flag) if t is not None]  # written only: fresh buffers (flag keeps its value)
 
     def inp(t):
         if t is None:
@@ -257,9 +256,9 @@ def stage(args: StepArgs):
             if targets[j] is targets[k] or _same_view(targets[j], targets[k]):
                 outs[j] = outs[k]
     staged.out, staged.h_write = outs[0], tuple(outs[1:])
-    extra_copies = [t.clone(memory_format=torch.contiguous_format) for t in extra]
-    staged.u = extra_copies.pop(0) if args.u is not None else None
-    staged.flag = extra_copies.pop(0) if args.flag is not None else None
+    # written only (the flag keeping its value): contiguous copies the outputs cannot touch
+    staged.u = args.u.clone(memory_format=torch.contiguous_format) if args.u is not None else None
+    staged.flag = args.flag.clone(memory_format=torch.contiguous_format) if args.flag is not None else None
 
     def commit() -> None:
         for o, c in zip(targets, outs):

@@ -188,13 +188,12 @@ def check_guidance_interval(v) -> None:
         raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with lo <= hi, got {tuple(v)!r}")
 
 
-def sample_args(noise, *, seed=None, generator=None, cond=None, uncond=None, guidance_scale=None,
-                guidance_interval=None, guidance_rescale=0.0, callback=None, post_step=None, classifier=None,
-                classifier_scale=1.0, classifier_y=None, mask=None, known=None, image=None, plan=None,
-                check_finite: bool = True) -> list[int] | None:
+def sample_args(noise, *, seed=None, generator=None, cond=None, uncond=None, callback=None, post_step=None,
+                classifier=None, classifier_scale=1.0, classifier_y=None, mask=None, known=None, image=None,
+                plan=None, check_finite: bool = True) -> list[int] | None:
     """Every per-call argument of ``fastdiff.sample`` / a ``fastdiff.Sampler`` call, checked before any
-    work. Returns the seeds expanded per sample (``None`` with a generator, or with neither: then the
-    caller draws them)."""
+    work (the guidance settings check themselves: :class:`fastdiff.guidance.Guidance`). Returns the
+    seeds expanded per sample (``None`` with a generator, or with neither: then the caller draws them)."""
     from .plan import Plan
 
     state("noise", noise)
@@ -205,9 +204,6 @@ def sample_args(noise, *, seed=None, generator=None, cond=None, uncond=None, gui
     check_generator(generator, b)
     conditioning("cond", cond, b)
     conditioning("uncond", uncond, b)
-    check_guidance_scale(guidance_scale)
-    check_guidance_interval(guidance_interval)
-    real("guidance_rescale", guidance_rescale, lo=0.0, hi=1.0)
     for name, fn in (("callback", callback), ("post_step", post_step), ("classifier", classifier)):
         hook(name, fn)
     if classifier is not None:
