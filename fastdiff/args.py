@@ -173,6 +173,20 @@ def pointers(args: StepArgs) -> list[int]:
             _ptr(args.seeds), _ptr(args.g), _ptr(args.u), _ptr(args.flag)]
 
 
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+"""Storage dtype -> the compiled kernels' dtype code (``DTYPE_*`` of csrc/step_math.h)."""
+
+
+def kernel_args(args: StepArgs) -> tuple:
+    """The leading arguments every compiled entry point takes for a row (``_C.step``,
+    ``_C_cuda.step``, both ``Program.add``): pointers, ``numel``, elements per sample, dtype code,
+    read and write counts, clip code, the Philox row word and the packed coefficients."""
+    x = args.x
+    numel = x.numel()
+    return (pointers(args), numel, max(1, numel // x.shape[0]), DTYPE_CODES[x.dtype], len(args.h_read),
+            len(args.h_write), args.clip, args.row & 0xFFFFFFFF, list(args.coef))
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     start = t.data_ptr()
     return start, start + t.numel() * t.element_size()

@@ -74,8 +74,8 @@ class Guidance:
 
 
 def _extension(*tensors: torch.Tensor | None):
-    """The CPU extension when it can read every given tensor as it is (CPU, contiguous, one storage
-    dtype for the element tensors), else ``None``."""
+    """The CPU backend module when its extension is built and every given tensor is a contiguous CPU
+    tensor, else ``None`` (callers check the dtypes themselves)."""
     from .backends import cpu
 
     if cpu._C is None:

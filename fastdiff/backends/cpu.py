@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..args import (COEF_OFFSETS, PTR_NAMES, StepArgs, element_tensors, output_tensors, per_sample_tensors, pointers,
-                    unsafe_overlap)
+from ..args import (COEF_OFFSETS, DTYPE_CODES, PTR_NAMES, StepArgs, element_tensors, kernel_args,  # noqa: F401
+                    output_tensors, per_sample_tensors, unsafe_overlap)
 
 NAME = "cpu"
 
@@ -37,8 +37,6 @@ except Exception as _exc:  # not built, stale, or FASTDIFF_CPU_SIMD names a leve
 else:
     _import_error = None
 
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-"""Storage dtype -> the kernel's dtype code (csrc/step_math.h ``DTYPE_*``)."""
 
 
 def available() -> tuple[bool, str]:
@@ -79,24 +77,20 @@ def step(args: StepArgs) -> None:
     numel = x.numel()
     if numel == 0:
         return
-    _C.step(pointers(args), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read), len(args.h_write),
-            args.clip, args.row & 0xFFFFFFFF, args.coef, args.u_copies)
+    _C.step(*kernel_args(args), args.u_copies)
 
 
 class CpuProgram:
     """Prepared rows in the extension (``_C.Program``): ``run_ptr(i, address)`` runs row ``i`` with
-    the model output at ``address``, its reduction (guidance rescale, dynamic threshold) and its
-    step in one call (the interface of :class:`fastdiff.ops.Program`)."""
+    the model output at ``address``, its reduction (guidance rescale, dynamic threshold, Langevin
+    step sizes) and its step in one call (the interface of :class:`fastdiff.ops.Program`)."""
 
     def __init__(self, rows: list[StepArgs], reductions: list) -> None:
         self.rows = rows
         self._c = _C.Program()
         for a, red in zip(rows, reductions):
-            x = a.x
-            numel = x.numel()
-            self._c.add(pointers(a), numel, max(1, numel // x.shape[0]), DTYPE_CODES[x.dtype], len(a.h_read),
-                        len(a.h_write), a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies,
-                        numel if a.m_c is not None else -1, red.rescale if red else 0.0,
+            self._c.add(*kernel_args(a), a.u_copies, a.x.numel() if a.m_c is not None else -1,
+                        red.rescale if red else 0.0,
                         red.threshold_ratio if red else 0.0, red.threshold_max if red else 1.0,
                         red.snr if red else 0.0, red.l_x if red else 0.0, red.l_e if red else 0.0,
                         red.batch_norm if red else True)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from ..args import StepArgs, element_tensors, pointers, unsafe_overlap
+from ..args import DTYPE_CODES, StepArgs, element_tensors, kernel_args, pointers, unsafe_overlap  # noqa: F401
 from .cpu import check_layout
 
 NAME = "cuda"
@@ -29,8 +29,6 @@ except Exception as _exc:  # not built here (no nvcc or CPU-only torch), stale, 
 else:
     _import_error = None
 
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-"""Storage dtype -> the kernel's dtype code (csrc/step_math.h ``DTYPE_*``)."""
 
 
 def available() -> tuple[bool, str]:
@@ -69,9 +67,7 @@ def launch(module: ModuleType, args: StepArgs, stream: int, max_blocks: int = 0)
     numel = x.numel()
     if numel == 0:
         return
-    module.step(pointers(args), numel, numel // x.shape[0], DTYPE_CODES[x.dtype], len(args.h_read),
-                len(args.h_write), args.clip, args.row & 0xFFFFFFFF, list(args.coef), stream, max_blocks,
-                args.u_copies)
+    module.step(*kernel_args(args), stream, max_blocks, args.u_copies)
 
 
 def step(args: StepArgs) -> None:
@@ -118,11 +114,7 @@ class CudaProgram:
         self._langevin = [red is not None and red.snr > 0 for red in reductions]  # run whole by _py (torch + step)
         self._c = (module or _C_cuda).Program()
         for a in rows:
-            x = a.x
-            numel = x.numel()
-            self._c.add(pointers(a), numel, max(1, numel // x.shape[0]), DTYPE_CODES[x.dtype], len(a.h_read),
-                        len(a.h_write), a.clip, a.row & 0xFFFFFFFF, list(a.coef), a.u_copies,
-                        numel if a.m_c is not None else -1)
+            self._c.add(*kernel_args(a), a.u_copies, a.x.numel() if a.m_c is not None else -1)
         dev = rows[0].x.device
         self.stream = lambda: torch.cuda.current_stream(dev).cuda_stream
         """The stream to launch on (the current one; replaceable to run the CPU emulation in tests)."""
