@@ -137,6 +137,7 @@ def _plan_builder(sampler, steps, schedule, prediction, start, options) -> Calla
 
 def make_plan(sampler: str, steps: int, schedule: Any = None, prediction: str | None = None, **options) -> Plan:
     """Build the plan ``fastdiff.sample`` would run (see :func:`fastdiff.samplers.build`)."""
+    validate.plan_args(sampler, schedule)
     validate.steps(steps)
     if prediction is not None:
         prediction = check_prediction(prediction)
@@ -250,6 +251,10 @@ def sample(
                                  post_step=post_step, classifier=classifier, classifier_scale=classifier_scale,
                                  classifier_y=classifier_y, mask=mask, known=known, image=image, plan=plan,
                                  check_finite=check_finite)
+    for name, v in (("progress", progress), ("check_finite", check_finite), ("cuda_graph", cuda_graph)):
+        validate.flag(name, v)
+    if plan is None:
+        validate.plan_args(sampler, schedule)
     if image is None and (strength is not None or start_step is not None):
         raise ValueError("strength/start_step start part-way from an image: give image=")
     start = None
@@ -365,6 +370,8 @@ class Sampler:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         guidance = Guidance(guidance_scale, guidance_interval, guidance_rescale)  # (it checks its settings)
+        for name, v in (("check_finite", check_finite), ("cuda_graph", cuda_graph)):
+            validate.flag(name, v)
         if classifier is not None:
             validate.real("classifier_scale", classifier_scale, float32=True)
         if plan is not None and not isinstance(plan, Plan):
@@ -398,6 +405,7 @@ class Sampler:
                  image: torch.Tensor | None = None, classifier_y: torch.Tensor | None = None,
                  post_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Sample from unit-variance ``noise`` (shaped, typed and placed as prepared); see :func:`sample`."""
+        validate.flag("progress", progress)
         seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond,
                                      callback=callback, post_step=post_step, classifier_y=classifier_y, mask=mask,
                                      known=known, image=image, check_finite=self.prepared.kw["check_finite"])

@@ -65,6 +65,31 @@ def steps(v) -> int:
     return integer("steps", v, lo=1, hi=MAX_STEPS)
 
 
+def flag(name: str, v) -> bool:
+    """A yes/no option: a bool (or numpy bool, or the ints 0 and 1); a string such as ``"no"`` is
+    refused, not taken as true."""
+    if isinstance(v, bool):
+        return v
+    if type(v).__name__ == "bool_" or (isinstance(v, numbers.Integral) and v in (0, 1)):
+        return bool(v)
+    raise TypeError(f"{name} must be True or False, got {_what(v)}")
+
+
+def plan_args(sampler, schedule) -> None:
+    """``sampler`` is a name and ``schedule`` is something a plan can be built on: ``None``, a
+    fastdiff schedule, a diffusers config (a mapping) or an object with a ``config`` mapping (a
+    diffusers scheduler)."""
+    from .schedules import is_schedule
+
+    if not isinstance(sampler, str):
+        raise TypeError(f"sampler must be a sampler name (a str, see fastdiff.samplers.available()), got {_what(sampler)}")
+    if schedule is None or is_schedule(schedule) or isinstance(schedule, Mapping) \
+            or isinstance(getattr(schedule, "config", None), Mapping):
+        return
+    raise TypeError(f"schedule must be a fastdiff schedule, a diffusers scheduler config (a dict) or a diffusers "
+                    f"scheduler, got {_what(schedule)}")
+
+
 def state(name: str, x) -> torch.Tensor:
     """A ``[B, ...]`` floating tensor with data (not a meta tensor), ``B >= 1``."""
     if not isinstance(x, torch.Tensor):
@@ -236,6 +261,6 @@ def check_classes(classifier_y: torch.Tensor, n_classes: int) -> None:
                          f"{n_classes} logits), got values from {int(classifier_y.min())} to {int(classifier_y.max())}")
 
 
-__all__ = ["real", "integer", "steps", "state", "finite", "seeds", "check_generator", "conditioning", "hook",
+__all__ = ["real", "integer", "steps", "flag", "plan_args", "state", "finite", "seeds", "check_generator", "conditioning", "hook",
            "check_guidance_scale", "check_guidance_interval", "sample_args", "guided_needs_cond", "check_classes",
            "MAX_STEPS", "SEED_RANGE"]

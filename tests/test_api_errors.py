@@ -79,6 +79,19 @@ BAD = [
     ("steps", 0, ValueError, "steps"),
     ("steps", 2.5, TypeError, "steps"),
     ("steps", "10", TypeError, "steps"),
+    ("sampler", 5, TypeError, "sampler"),
+    ("sampler", None, TypeError, "sampler"),
+    ("sampler", "bogus", ValueError, "unknown sampler 'bogus'"),
+    ("schedule", 5, TypeError, "schedule"),
+    ("schedule", "scaled_linear", TypeError, "schedule"),
+    ("schedule", [0.1, 0.2], TypeError, "schedule"),
+    ("prediction", "foo", ValueError, "prediction"),
+    ("backend", "foo", ValueError, "backend"),
+    ("check_finite", "no", TypeError, "check_finite"),
+    ("check_finite", None, TypeError, "check_finite"),
+    ("cuda_graph", "yes", TypeError, "cuda_graph"),
+    ("progress", "yes", TypeError, "progress"),
+    ("progress", 2, TypeError, "progress"),
 ]
 
 
@@ -94,7 +107,8 @@ def test_bad_argument_refused_by_name_before_any_work(arg, value, exc, text, ent
         kw.pop("seed")
     if arg == "plan":
         kw.pop("sampler"), kw.pop("steps")
-    build = ("steps", "plan", "guidance_scale", "guidance_interval", "guidance_rescale", "classifier")
+    build = ("steps", "plan", "guidance_scale", "guidance_interval", "guidance_rescale", "classifier", "schedule",
+             "prediction", "backend", "check_finite", "cuda_graph")
     with pytest.raises(exc, match=text.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
         if entry == "sample":
             fastdiff.sample(model, base["noise"], **kw)
