@@ -235,6 +235,9 @@ def sample_args(noise, *, seed=None, generator=None, cond=None, uncond=None, cal
         real("classifier_scale", classifier_scale, float32=True)
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a fastdiff.plan.Plan (fastdiff.make_plan builds one), got {_what(plan)}")
+    for name, t in (("mask", mask), ("known", known), ("image", image), ("classifier_y", classifier_y)):
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            raise ValueError(f"{name} is a meta tensor (shape only, no data); give a tensor on a real device")
     if check_finite:  # a NaN in an input is the input's fault, not the model's: say so before the loop
         finite("noise", noise)
         for name, t in (("mask", mask), ("known", known), ("image", image)):

@@ -208,3 +208,23 @@ def test_the_input_scan_finds_nan_and_inf_in_every_dtype(dtype):
                 y[pos] = bad
                 with pytest.raises(ValueError, match="noise contains NaN or Inf"):
                     validate.finite("noise", y)
+
+
+@pytest.mark.parametrize("arg", ["noise", "cond", "uncond", "mask", "known", "image", "classifier_y"])
+def test_meta_tensors_are_refused_by_name(arg):
+    """The public API refuses tensors without data by name (internal tests may drive the loop on meta)."""
+    base = _base()
+    model = _Model()
+    kw = dict(noise=base["noise"], sampler="euler_ancestral", steps=3, seed=0)
+    meta = {"classifier_y": torch.empty(B, dtype=torch.int64, device="meta")}.get(
+        arg, torch.empty(SHAPE if arg in ("noise", "mask", "known", "image") else (B, 5), device="meta"))
+    if arg in ("mask", "known"):
+        kw.update(mask=torch.ones(SHAPE), known=torch.zeros(SHAPE))
+    if arg == "image":
+        kw["strength"] = 0.5
+    if arg == "classifier_y":
+        kw["classifier"] = lambda u, t: u.flatten(1)[:, :3]
+    kw[arg] = meta
+    with pytest.raises(ValueError, match=f"{arg} is a meta tensor"):
+        fastdiff.sample(model, **kw)
+    assert model.calls == 0
