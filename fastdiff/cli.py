@@ -204,8 +204,9 @@ def _sample_model(spec: str, shape: tuple[int, ...], schedule, prediction: str):
 
 
 def _sample_schedule(sampler: str, text: str, default: dict | None = None):
-    """``--schedule``: a diffusers scheduler config as JSON text or a JSON file; default: the model's
-    (``default``), else the sampler's."""
+    """``(schedule, config)`` of ``--schedule``: a diffusers scheduler config as JSON text or a JSON
+    file; default: the model's (``default``), else the sampler's (then ``config`` is ``None``). The
+    config is what the resume manifest records: the file's content, not its path."""
     import json
 
     from . import samplers, schedules
@@ -225,46 +226,15 @@ def _sample_schedule(sampler: str, text: str, default: dict | None = None):
         if not isinstance(cfg, dict):
             raise ValueError(f"--schedule must be a JSON object (a scheduler config), got {type(cfg).__name__}")
         try:
-            return schedules.from_config(cfg)
+            return schedules.from_config(cfg), cfg
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"--schedule: {exc}") from None
     if default is not None:
-        return schedules.from_config(default)
+        return schedules.from_config(default), default
     kinds = samplers.info(sampler).kinds
     if "vp" in kinds:
-        return schedules.from_config({})
-    return schedules.FlowSchedule() if "flow" in kinds else schedules.VESchedule()
-
-
-_MANIFEST = "fastdiff-sample.json"
-_MANIFEST_KEYS = ("model", "sampler", "steps", "schedule", "prediction", "shape", "num", "seed", "dtype", "backend",
-                  "label", "guidance_scale")
-
-
-def _check_manifest(args: argparse.Namespace, rank: int) -> None:
-    """Refuse an --out that holds a run with other settings; rank 0 records this run's settings.
-
-    Race-free without a barrier: ranks only compare, and rank 0 writes (atomically) only a file
-    that is absent, with the content every rank expects.
-    """
-    import json
-
-    path = os.path.join(args.out, _MANIFEST)
-    mine = {k: getattr(args, k) for k in _MANIFEST_KEYS}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"--out {args.out} holds a run with other settings ("
-                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                             + "); choose another --out")
-    elif rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(mine, f, indent=1)
-        os.replace(tmp, path)
+        return schedules.from_config({}), None
+    return (schedules.FlowSchedule() if "flow" in kinds else schedules.VESchedule()), None
 
 
 def _check_sample_args(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
@@ -330,11 +300,45 @@ def _check_sample_run(args: argparse.Namespace, model, shape: tuple[int, ...], d
             raise ValueError(f"--model {args.model}: {exc}") from None
 
 
+_RUN_FLAGS = ("model", "sampler", "steps", "prediction", "shape", "num", "seed", "dtype", "backend", "label",
+              "guidance_scale")
+"""The flags of ``fastdiff sample`` that determine the samples, recorded (with ``--schedule``'s
+content) in the ``run`` part of the resume manifest (:mod:`fastdiff.manifest`)."""
+_FLAG_NAMES = {"label": "--class"}
+
+
+def _builtin_model_id(name: str) -> str | None:
+    """The manifest's model identity of a built-in model (its weights' SHA-256 where it has weights);
+    ``None`` for a ``module:attr`` model, which the manifest identifies by its tensors."""
+    if name == "digits":
+        from .zoo import digits
+
+        return f"fastdiff.zoo.digits denoiser, weights sha256 {digits.weights_sha256('denoiser')}"
+    if name in SAMPLE_MODELS:
+        return f"fastdiff built-in {name} (exact, no weights)"
+    return None
+
+
+def _manifest_message(out: str, exc: ManifestError) -> str:
+    """The manifest refusal in the command line's words: the differing flags (the plan and the other
+    recorded settings follow from them), else every recorded difference."""
+    flags = [(p.split(".", 2), a, b) for p, a, b in exc.differences if p.startswith("run.")]
+    if not flags:
+        return str(exc).replace(f"out_dir {out!r}", f"--out {out}").replace("out_dir", "--out")
+    parts = []
+    for (_, key, *sub), a, b in flags:
+        flag = _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+        parts.append(f"{flag}{' ' + sub[0] if sub else ''} was {a!r}, now {b!r}")
+    return (f"--out {out} holds samples of a run with other settings ({'; '.join(parts)}); choose another --out, "
+            "or resume with the recorded settings")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample ``--num`` seeds into ``--out`` (one file per sample), across every torchrun rank."""
     from . import distributed
     from .api import make_plan
     from .denoisers import as_model
+    from .manifest import ManifestError
 
     try:
         defaults = SAMPLE_MODEL_DEFAULTS[args.model]() if args.model in SAMPLE_MODEL_DEFAULTS else {}
@@ -352,7 +356,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _check_sample_args(args, shape)
         conds, unconds, guidance = _class_conditions(args, defaults)
         dtype = getattr(torch, args.dtype)
-        schedule = _sample_schedule(args.sampler, args.schedule, defaults.get("schedule"))
+        schedule, schedule_config = _sample_schedule(args.sampler, args.schedule, defaults.get("schedule"))
         try:
             plan = make_plan(args.sampler, args.steps, schedule, args.prediction or None)
         except ValueError as exc:
@@ -367,12 +371,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             os.makedirs(args.out, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"--out {args.out}: cannot create it ({exc.strerror or exc})") from None
-        _check_manifest(args, rank)
         seeds = [args.seed + i for i in range(args.num)]
+        run = {k: getattr(args, k) for k in _RUN_FLAGS}
+        run["schedule"] = schedule_config if schedule_config is not None else "(the sampler's default)"
         paths = distributed.sample(model, shape, seeds=seeds, out_dir=args.out, resume=args.resume,
                                    batch_size=args.batch_size, dtype=dtype, device=args.device or None,
                                    timeout=args.timeout, plan=plan, backend=args.backend,
-                                   conds=conds, unconds=unconds, **guidance)
+                                   conds=conds, unconds=unconds, model_id=_builtin_model_id(args.model),
+                                   record=run, **guidance)
         if grid and rank == 0:
             from .zoo import png
 
@@ -380,6 +386,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except distributed.RankFailedError as exc:
         print(f"fastdiff sample: error: {exc}", file=sys.stderr)
         return 1
+    except ManifestError as exc:  # --out holds samples of another run
+        print(f"fastdiff sample: error: {_manifest_message(args.out, exc)}", file=sys.stderr)
+        return 2
     except FloatingPointError as exc:  # loop.NonFiniteError: the model returned NaN or Inf
         print(f"fastdiff sample: error: --model {args.model}: {exc}", file=sys.stderr)
         return 1

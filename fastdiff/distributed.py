@@ -39,6 +39,7 @@ import io
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import api
+from . import api, manifest
 from .rng import _signed64, randn
 
 LOST_GRACE_S = 2.0
@@ -132,6 +133,8 @@ def sample(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     timeout: float = 1800.0,
+    model_id: str | None = None,
+    record: Mapping[str, Any] | None = None,
     **sample_kwargs: Any,
 ) -> torch.Tensor | list[str] | None:
     """Sample a global batch across all ranks; the result equals one process sampling it all.
@@ -154,8 +157,13 @@ def sample(
         out_dir: if given, every sample is written, as soon as its chunk is done, to
             :func:`sample_path` (``torch.save`` of a dict, written to a temporary file in
             ``out_dir`` and renamed, so a file is complete or absent).
-        resume: with ``out_dir``: skip samples whose file exists. Without it, existing sample
-            files are an error.
+        resume: with ``out_dir``: skip samples whose file exists and holds this sample (it is loaded
+            and its index, seed, shape and dtype checked; a file that cannot be loaded is sampled
+            again, with a warning; one that holds another sample is an error). Without it, existing
+            sample files are an error. Either way the folder's manifest (:mod:`fastdiff.manifest`,
+            written before the first sample) must record the same settings as this call whenever the
+            folder holds sample files: a :class:`fastdiff.manifest.ManifestError` names each setting
+            that differs.
         batch_size: most samples per :func:`fastdiff.sample` call on one rank (default: the rank's
             whole share). Failures are checked and files written after each such chunk.
         gather: without ``out_dir``: ``"all"`` returns ``[N, ...]`` on every rank, ``"rank0"`` on
@@ -165,6 +173,12 @@ def sample(
             is available, else CPU).
         timeout: seconds a rank waits for the others at a chunk boundary or gather before it
             gives up and names the ranks that did not arrive. Must exceed the longest chunk.
+        model_id: with ``out_dir``: names the model and its weights in the manifest (e.g.
+            ``"sd15 ema, weights sha256 ..."``); default: the SHA-256 of an ``nn.Module``'s state dict
+            (computed once per call), or a function's name and the modules, tensors and numbers it
+            closes over.
+        record: with ``out_dir``: more settings to record in the manifest and compare on resume
+            (a JSON-like mapping; the command line records its flags here).
         **sample_kwargs: every other argument of :func:`fastdiff.sample` (``sampler``, ``steps``,
             ``schedule``, ``guidance_scale``, ``plan``, ``backend``, ...); not ``seed``,
             ``generator``, ``cond`` or ``uncond``.
@@ -191,6 +205,10 @@ def sample(
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder of per-sample files to resume)")
+    if model_id is not None and (not isinstance(model_id, str) or not model_id):
+        raise TypeError(f"model_id must be a non-empty string naming the model and its weights, got {model_id!r}")
+    if record is not None and not isinstance(record, Mapping):
+        raise TypeError(f"record must be a mapping of settings to record in the manifest, got {type(record).__name__}")
     if isinstance(noise, torch.Tensor):
         if noise.dim() < 1 or noise.shape[0] != n:
             raise ValueError(f"noise tensor must be [N, ...] with N = len(seeds) = {n}, got shape {tuple(noise.shape)}")
@@ -206,13 +224,13 @@ def sample(
 
     grp = _Group.create(device, timeout)
     result = _run(grp, model, noise, shape, dtype, device, seeds, conds, unconds, out_dir, resume, batch_size,
-                  gather, sample_kwargs)
+                  gather, sample_kwargs, model_id, record)
     grp.close()  # only on success: after a failure the process is expected to exit
     return result
 
 
 def _run(grp, model, noise, shape, dtype, device, seeds, conds, unconds, out_dir, resume, batch_size, gather,
-         kwargs):
+         kwargs, model_id=None, record=None):
     n = len(seeds)
     mine = shard(n, grp.rank, grp.world)
     bs = batch_size or max(len(shard(n, 0, grp.world)), 1)
@@ -221,7 +239,12 @@ def _run(grp, model, noise, shape, dtype, device, seeds, conds, unconds, out_dir
     todo = set(mine)
     with grp.stage("setup"):
         if out_dir is not None:
-            todo = set(_prepare_dir(out_dir, mine, seeds, n, resume))
+            os.makedirs(out_dir, exist_ok=True)
+            doc = manifest.build(seeds=seeds, shape=shape, dtype=dtype, device=device,
+                                 noise=noise if isinstance(noise, torch.Tensor) else None, model=model,
+                                 model_id=model_id, conds=conds, unconds=unconds, settings=kwargs, run=record)
+            manifest.check(out_dir, doc, write=grp.rank == 0)
+            todo = set(_prepare_dir(out_dir, mine, seeds, n, resume, shape, dtype))
     local = []
     for c in range(n_chunks):
         with grp.stage(f"chunk {c}"):
@@ -267,9 +290,10 @@ def _select(c, idx: list[int], device):
     return torch.stack([torch.as_tensor(it) for it in items]).to(device)
 
 
-def _prepare_dir(out_dir, mine: range, seeds: list[int], n: int, resume: bool) -> list[int]:
-    """Create ``out_dir``, drop this rank's stale temporary files, return the indices still to do."""
-    os.makedirs(out_dir, exist_ok=True)
+def _prepare_dir(out_dir, mine: range, seeds: list[int], n: int, resume: bool, shape: tuple[int, ...],
+                 dtype: torch.dtype) -> list[int]:
+    """Drop this rank's stale temporary files, verify its existing sample files, return the indices
+    still to do (see ``resume`` in :func:`sample`)."""
     names = {os.path.basename(sample_path(out_dir, i, seeds[i], n)) for i in mine}
     for entry in os.listdir(out_dir):
         if entry.startswith(".") and entry.endswith(".tmp") and entry[1:].split(".pt.", 1)[0] + ".pt" in names:
@@ -279,7 +303,27 @@ def _prepare_dir(out_dir, mine: range, seeds: list[int], n: int, resume: bool) -
         raise FileExistsError(f"out_dir {os.fspath(out_dir)!r} already holds {len(done)} of this rank's sample "
                               f"files (e.g. {os.path.basename(sample_path(out_dir, done[0], seeds[done[0]], n))}); "
                               f"pass resume=True (--resume) to keep them and sample only the missing ones")
-    skip = set(done)
+    skip = set()
+    for i in done:
+        path = sample_path(out_dir, i, seeds[i], n)
+        try:
+            got = load_sample(path)
+        except Exception as exc:  # noqa: BLE001 - empty, truncated or corrupt: not a sample, sample it again
+            warnings.warn(f"{path} cannot be loaded ({type(exc).__name__}); it is sampled again", stacklevel=4)
+            os.remove(path)
+            continue
+        x = got.get("sample") if isinstance(got, dict) else None
+        want = {"index": i, "seed": seeds[i] & 0xFFFFFFFFFFFFFFFF}
+        bad = [f"{k} {got.get(k)!r} (expected {v!r})" for k, v in want.items()
+               if isinstance(got, dict) and got.get(k) != v]
+        if not isinstance(x, torch.Tensor):
+            bad.append("no sample tensor")
+        elif tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+            bad.append(f"a {x.dtype} sample of shape {tuple(x.shape)} (expected {dtype} {tuple(shape)})")
+        if bad:
+            raise ValueError(f"out_dir file {path} is not this run's sample {i}: it holds {', '.join(bad)}; "
+                             "remove it, or choose another out_dir")
+        skip.add(i)
     return [i for i in mine if i not in skip]
 
 

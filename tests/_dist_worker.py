@@ -59,6 +59,8 @@ def model(x, t, cond=None):
 
 
 _default = make_model()
+MODEL_ID = "tests._dist_worker: exact 4-component Gaussian mixture, x0 on Karras sigmas"
+"""The model's name in resume manifests: the failure knobs in its closure do not change its samples."""
 
 
 def run(cfg: dict) -> None:
@@ -71,7 +73,7 @@ def run(cfg: dict) -> None:
     out = distributed.sample(
         m, shape, seeds=seeds, conds=conds, out_dir=cfg.get("out_dir"), resume=cfg.get("resume", False),
         batch_size=cfg.get("batch_size"), gather=cfg.get("gather", "all"), timeout=cfg.get("timeout", 30.0),
-        plan=edm_euler_ancestral(cfg.get("steps", 4)), backend="reference",
+        plan=edm_euler_ancestral(cfg.get("steps", 4)), backend="reference", model_id=MODEL_ID,
     )
     if cfg.get("result") and isinstance(out, torch.Tensor):
         torch.save(out, cfg["result"].format(rank=int(os.environ.get("RANK", "0"))))

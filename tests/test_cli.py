@@ -127,6 +127,18 @@ SAMPLE = ["sample", "-n", "1", "--steps", "1"]
     (["--model", "no_such_module_fd:f"], ["--model", "cannot import"]),
     (["--model", "torch:tanh"], ["--model torch:tanh", "model(x, t) failed"]),
     (["--model", f"{__name__}:_bad_shape", "--shape", "3"], ["--model", "shape (1, 3)"]),
+    (["-n", "0"], ["--num must be >= 1"]),
+    (["--shape", "0"], ["--shape must be", "ints >= 1"]),
+    (["--shape", "a,b"], ["--shape must be"]),
+    (["--model", "digits", "--class", "10"], ["--class must be in 0..9"]),
+    (["--model", "digits", "--guidance-scale", "3"], ["--guidance-scale needs --class"]),
+    (["--model", "digits", "--shape", "3"], ["--model digits samples shape 1,8,8"]),
+    (["--model", "digits", "--prediction", "v"], ["--model digits predicts eps"]),
+    (["--class", "3"], ["--class and --guidance-scale need a class-conditional"]),
+    (["--model", ":f"], ["--model must be one of"]),
+    (["--guidance-scale", "nan"], ["--guidance-scale must be finite"]),
+    (["--timeout", "-1"], ["--timeout"]),
+    (["--schedule", '{"num_train_timesteps": 0}'], ["--schedule"]),
 ])
 def test_sample_bad_arguments_touch_nothing(tmp_path, capsys, extra, needles):
     out = tmp_path / "out"

@@ -21,7 +21,7 @@ from fastdiff import distributed as D
 from fastdiff import ops
 from fastdiff.cli import main as cli_main
 
-from ._dist_worker import SHAPE, make_model
+from ._dist_worker import MODEL_ID, SHAPE, make_model
 from ._plans import edm_euler_ancestral
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +163,8 @@ def test_out_dir_writes_one_atomic_file_per_sample_and_resume_skips_existing(tmp
     for i, p in enumerate(paths):
         rec = D.load_sample(p)
         assert rec["index"] == i and rec["seed"] == SEEDS7[i] and torch.equal(rec["sample"], ref[i])
-    assert sorted(os.listdir(d)) == sorted(os.path.basename(p) for p in paths)  # no temporary files left
+    # no temporary files left; the manifest records the settings
+    assert sorted(os.listdir(d)) == sorted([D.manifest.FILE, *(os.path.basename(p) for p in paths)])
     before = files_of(d)
 
     with pytest.raises(FileExistsError, match="already holds 7 of this rank's sample files.*resume=True"):
@@ -252,7 +253,8 @@ def test_three_ranks_uneven_split_and_more_ranks_than_samples_are_bit_identical(
 @pytest.fixture(scope="module")
 def single_process_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("single")
-    D.sample(make_model(), SHAPE, seeds=SEEDS7, out_dir=d, plan=edm_euler_ancestral(STEPS), backend="reference")
+    D.sample(make_model(), SHAPE, seeds=SEEDS7, out_dir=d, plan=edm_euler_ancestral(STEPS), backend="reference",
+             model_id=MODEL_ID)
     return files_of(d)
 
 
@@ -282,7 +284,7 @@ def test_failed_rank_is_named_on_every_rank_and_resume_completes_identically(
     # the layout does not depend on the world size: resume with another one
     if resume_world == 1:
         D.sample(make_model(), SHAPE, seeds=SEEDS7, out_dir=d, resume=True, plan=edm_euler_ancestral(STEPS),
-                 backend="reference")
+                 backend="reference", model_id=MODEL_ID)
     else:
         results, _ = launch(resume_world, {**cfg, "resume": True, "fail": {}})
         assert [rc for rc, _ in results] == [0] * resume_world, results
@@ -319,7 +321,7 @@ def test_cli_single_process_resume_and_manifest(tmp_path, capsys):
     assert cli_main(CLI + ["--out", d, "--resume"]) == 0
     assert files_of(d) == files
     assert cli_main(CLI[:6] + ["7"] + CLI[7:] + ["--out", d, "--resume"]) == 2
-    assert "holds a run with other settings (steps was 6, now 7)" in capsys.readouterr().err
+    assert "holds samples of a run with other settings (--steps was 6, now 7)" in capsys.readouterr().err
     assert cli_main(["sample", "--model", "nope", "--out", str(tmp_path / "x")]) == 2
     from fastdiff.cli import SAMPLE_MODELS
 
