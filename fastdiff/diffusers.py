@@ -31,7 +31,13 @@ reads ``prev_sample`` only (every pipeline's ``step(...)[0]``) pays one pass ove
 
 Supported classes, config options and ``step`` arguments are listed in :data:`SUPPORT` (see
 :func:`support_table`). Any other config key or value, or a ``step`` argument the fused step
-cannot honour, raises ``ValueError`` naming it. The one fallback: ``LMSDiscreteScheduler`` runs
+cannot honour, raises ``ValueError`` naming it. ``step``'s ``model_output``, ``timestep`` and
+``sample`` are checked before anything runs: what diffusers' own step accepts is accepted with the
+same result (a model output that broadcasts against the sample, 0-d tensors, a one-element timestep
+tensor, a numpy model output in the classes whose arithmetic takes one); what makes it fail with an
+unrelated error (a string or a list, several timesteps, a first timestep not in
+``scheduler.timesteps``, shapes that do not broadcast, tensors on two devices) raises a
+``TypeError`` / ``ValueError`` naming the argument. The one fallback: ``LMSDiscreteScheduler`` runs
 that start later than step 0 (``set_begin_index``, img2img) use diffusers' own step, with a
 warning, because diffusers' LMS then truncates its coefficient set in a way no plan row expresses.
 
@@ -51,6 +57,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -171,6 +178,12 @@ class _Spec:
         no_integer_timestep: diffusers' step refuses integer timesteps (indices by mistake).
         plan_key: ``step() arguments -> key`` of the plan they select (``()``: the plain plan).
         adjust: ``(scheduler, plan, dict(key), start) -> plan``: the rows those arguments ask for.
+        array_model_output: diffusers' step also takes a numpy ``model_output`` (its arithmetic
+            mixes it with tensors); the drop-in converts it (elsewhere diffusers' step fails, and
+            the drop-in refuses it by name).
+        noise_shape: the shape diffusers draws a step's noise in: ``model_output`` (the model
+            output's own, which broadcasts against the sample), ``sample``, or ``broadcast`` (of the
+            two); a callable ``config -> one of those`` where it depends on the config.
     """
 
     sampler: Callable[[Mapping], str]
@@ -197,6 +210,8 @@ class _Spec:
     no_integer_timestep: bool = False
     plan_key: Callable[[Mapping], tuple] | None = None
     adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
+    array_model_output: bool = False
+    noise_shape: str | Callable[[Mapping], str] = "model_output"
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -223,6 +238,12 @@ def _dpm_out_dtype(cfg: Mapping) -> str:
     else:
         own = cfg.get("prediction_type") == "sample"
     return "model" if own else "promote"
+
+
+def _dpm_noise_shape(cfg: Mapping) -> str:
+    # diffusers draws the SDE noise in the shape of the CONVERTED model output: the model output itself
+    # where that is the estimate (as for the output dtype), else computed with the sample (broadcast)
+    return "model_output" if _dpm_out_dtype(cfg) == "model" else "broadcast"
 
 
 def _check_flow_sigmas(cfg: Mapping) -> None:
@@ -387,7 +408,7 @@ SUPPORT: dict[str, _Spec] = {
     "DDIMScheduler": _Spec(
         _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP),
         step_options={"eta": "eta", "use_clipped_model_output": "use_clipped_model_output"}, indexed=False,
-        needs_set_timesteps=True, note=_TIMESTEP_NOTE),
+        needs_set_timesteps=True, note=_TIMESTEP_NOTE, array_model_output=True),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_euler_churn,
         out_dtype="model", x0_float32=True, no_integer_timestep=True,
@@ -396,8 +417,10 @@ SUPPORT: dict[str, _Spec] = {
     "EulerAncestralDiscreteScheduler": _Spec(_named("euler_ancestral"), "sigmas", out_dtype="model", x0_float32=True,
                                              no_integer_timestep=True,
                                              predictions=("epsilon", "v_prediction")),
-    "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range")),
+    "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range"),
+                                   array_model_output=True),
     "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock",
+                                  array_model_output=True,
                                   note=f"step(order) up to {MAX_READS + 1} (a row reads at most {MAX_READS} "
                                        "earlier derivatives)"),
     "DPMSolverMultistepScheduler": _Spec(
@@ -407,18 +430,20 @@ SUPPORT: dict[str, _Spec] = {
               "solver_order": (1, 2, 3), "variance_type": (None, "learned", "learned_range")},
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
         slice_options=_dpm_slice, needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
-        check=_check_flow_sigmas, note=_DPM_NOTE, model_output=_dpm_model_output),
+        check=_check_flow_sigmas, note=_DPM_NOTE, model_output=_dpm_model_output, array_model_output=True,
+        noise_shape=_dpm_noise_shape),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
          *_THRESH),
         restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True,
         predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample", check=_check_flow_sigmas,
-        note=_UNIPC_NOTE),
+        note=_UNIPC_NOTE, array_model_output=True),
     "FlowMatchEulerDiscreteScheduler": _Spec(
         _named("flow_euler"), "flow", ("stochastic_sampling", "invert_sigmas"), build=_flow_inverted,
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
-        noise_dtype=torch.float32, out_dtype="model", predictions=(), no_integer_timestep=True),
+        noise_dtype=torch.float32, out_dtype="model", predictions=(), no_integer_timestep=True,
+        noise_shape="sample"),
 }
 """Supported diffusers scheduler classes (by name) and how each maps onto a fastdiff sampler."""
 
@@ -563,7 +588,12 @@ class _FusedScheduler:
     def _fd_schedule(self, arrays: dict):
         if self._fd_spec.grid == "flow":
             return _OwnFlow(num_train_timesteps=int(self.config.num_train_timesteps), arrays=arrays)
-        return _OwnVP(betas=_host(self.betas), alphas_cumprod=_host(self.alphas_cumprod), arrays=arrays)
+        acp = _host(self.alphas_cumprod)
+        # trained_betas longer than num_train_timesteps: diffusers keeps them all, and DDIM's step jumps
+        # num_train_timesteps // steps, not len(betas) // steps
+        T = int(self.config.num_train_timesteps)
+        return _OwnVP(betas=_host(self.betas), alphas_cumprod=acp, arrays=arrays,
+                      train_timesteps=T if 2 <= T < len(acp) else None)
 
     def _fd_plan(self, start: int, key: tuple) -> _Run:
         spec = self._fd_spec
@@ -582,6 +612,12 @@ class _FusedScheduler:
             return run
         cfg = self.config
         arrays, steps = self._fd_arrays(start)
+        if spec.grid == "timesteps" and len(arrays["timesteps"]):
+            n, top = len(self.alphas_cumprod), int(np.max(arrays["timesteps"]))
+            if top >= n:  # diffusers' own step would index alphas_cumprod[top] and fail with an IndexError
+                raise ValueError(f"{name}: timestep {top} has no beta: trained_betas has {n} entries but "
+                                 f"num_train_timesteps is {cfg.num_train_timesteps}; give a beta for every training "
+                                 "timestep")
         options = {k: cfg[k] for k in spec.options if k in cfg}
         options.update(spec.fixed)
         options.update({spec.step_options[k]: v for k, v in key if k in spec.step_options})
@@ -610,9 +646,62 @@ class _FusedScheduler:
 
     # -- step ----------------------------------------------------------------------------------
 
+    def _fd_args(self, a: dict) -> dict:
+        """``step``'s ``model_output``, ``timestep`` and ``sample`` checked before anything runs: where
+        diffusers' own step fails on them with an unrelated error, a ``TypeError`` / ``ValueError``
+        naming the argument; what it accepts passes (a numpy model output where its arithmetic takes
+        one, a zero-dimensional CPU tensor beside a tensor on another device)."""
+        spec = self._fd_spec
+        name = type(self).__name__
+        m, t, x = a["model_output"], a["timestep"], a["sample"]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}.step: sample must be a torch.Tensor, got {type(x).__name__} {_short(x)}")
+        if isinstance(m, np.ndarray) and spec.array_model_output:
+            try:
+                m = torch.as_tensor(m, device=x.device)
+            except (TypeError, RuntimeError) as exc:
+                raise TypeError(f"{name}.step: model_output must be a tensor of numbers, got a numpy array of "
+                                f"dtype {m.dtype} ({exc})") from None
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name}.step: model_output must be a torch.Tensor, got {type(m).__name__} {_short(m)}")
+        if m.device != x.device:
+            if m.dim() == 0 and m.device.type == "cpu":  # a CPU scalar mixes with any device, as in torch
+                m = m.to(x.device)
+            elif x.dim() == 0 and x.device.type == "cpu":
+                x = x.to(m.device)
+            else:
+                raise ValueError(f"{name}.step: model_output is on {m.device} but sample is on {x.device}")
+        if isinstance(t, (torch.Tensor, np.ndarray)):
+            if isinstance(t, np.ndarray):
+                n, real = t.size, t.dtype.kind in "iuf"
+            else:
+                n, real = t.numel(), not (t.dtype == torch.bool or t.is_complex())
+            if n != 1:
+                raise ValueError(f"{name}.step: timestep must be one value (one of scheduler.timesteps), got a "
+                                 f"{type(t).__name__} of shape {tuple(t.shape)}")
+            if not real:
+                raise TypeError(f"{name}.step: timestep must be a real number (one of scheduler.timesteps), got a "
+                                f"{t.dtype} {type(t).__name__}")
+        elif not isinstance(t, numbers.Real):
+            raise TypeError(f"{name}.step: timestep must be a number or a one-element tensor (one of "
+                            f"scheduler.timesteps), got {type(t).__name__} {_short(t)}")
+        return dict(a, model_output=m, sample=x)
+
+    def _fd_shape(self, m: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the step's result: ``model_output`` and ``sample`` broadcast together, as
+        diffusers' arithmetic does (usually they are equal), else a ``ValueError`` naming both."""
+        if m.shape == x.shape:
+            return tuple(x.shape)
+        try:
+            return tuple(torch.broadcast_shapes(m.shape, x.shape))
+        except RuntimeError:
+            raise ValueError(f"{type(self).__name__}.step: model_output {tuple(m.shape)} does not match sample "
+                             f"{tuple(x.shape)} (nor broadcasts against it, as diffusers' step would need)") from None
+
     def _fd_step(self, a: dict):
         spec = self._fd_spec
         name = type(self).__name__
+        a = self._fd_args(a)
         for k, v in spec.step_only.items():
             val = a.get(k)
             if not (val is v or (isinstance(val, (int, float)) and val == v)):
@@ -629,7 +718,14 @@ class _FusedScheduler:
         run = self._fd_run
         if spec.indexed:
             if self.step_index is None:
-                self._init_step_index(timestep)  # diffusers' bookkeeping: begin_index or timestep lookup
+                if getattr(self, "begin_index", None) is None and np.ndim(timestep) > 1:  # diffusers' lookup fails
+                    raise ValueError(f"{name}.step: timestep must be a single value of shape () or (1,) (one of "
+                                     f"scheduler.timesteps), got shape {tuple(np.shape(timestep))}")
+                try:
+                    self._init_step_index(timestep)  # diffusers' bookkeeping: begin_index or timestep lookup
+                except IndexError:  # diffusers' lookup found no such timestep (its error names nothing)
+                    raise ValueError(f"{name}.step(timestep={_short(timestep)}): the first step of a run needs one "
+                                     "of scheduler.timesteps (its position is looked up by value)") from None
             i = self.step_index
             if run is None:
                 run = self._fd_run = self._fd_plan(i, key)
@@ -639,7 +735,7 @@ class _FusedScheduler:
         else:
             if run is None or run.key != key:
                 run = self._fd_run = self._fd_plan(0, key)
-            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else np.asarray(timestep).reshape(-1)[0])
             if t not in run.index:
                 raise ValueError(f"{name}.step(timestep={t:g}): the fused step needs one of scheduler.timesteps")
             i = run.index[t]
@@ -656,25 +752,30 @@ class _FusedScheduler:
             m = spec.model_output(self.config, m)
             a = dict(a, model_output=m)
         learned = plan.meta.get("learned_variance")
-        if learned is None and m.shape != x.shape:
-            raise ValueError(f"{name}.step: model_output {tuple(m.shape)} does not match sample {tuple(x.shape)}")
         if learned is not None:  # DDPM learned variances: [mean; variance] channels, as diffusers splits them
             c = x.shape[1] if x.dim() > 1 else 0
-            if x.dim() < 2 or m.shape[1] != 2 * c:
+            if x.dim() < 2 or m.dim() < 2 or m.shape[1] != 2 * c:
                 raise ValueError(f"{name}(variance_type={learned[0]!r}).step needs the model output's variance "
                                  f"channels: model_output.shape[1] == 2 * sample.shape[1], got {tuple(m.shape)} for a "
                                  f"sample of {tuple(x.shape)}")
             m, var_out = torch.split(m, c, dim=1)
             a = dict(a, model_output=m)
+        shape = self._fd_shape(m, x)  # the result's shape
+        work = shape if shape else (1,)  # the kernel's: a batch dimension (diffusers also takes 0-d tensors)
+        how = spec.noise_shape(self.config) if callable(spec.noise_shape) else spec.noise_shape
+        draw = {"model_output": tuple(m.shape), "sample": tuple(x.shape)}.get(how, shape)  # diffusers' noise shape
+        if row.noise and a.get("variance_noise") is None and not draw:
+            raise ValueError(f"{name}.step: this step draws noise, which diffusers draws per batch row: the "
+                             f"{how.replace('_', ' ')} needs a batch dimension (got a 0-d tensor)")
         dt = torch.promote_types(x.dtype, m.dtype)
         if run.hist is None:
             if row.stage != 0:
                 raise ValueError(f"{name}: a run cannot start at step index {i}, the second stage of a solver step")
-            run.hist = [torch.zeros(x.shape, dtype=dt, device=x.device) for _ in range(plan.n_slots)]
+            run.hist = [torch.zeros(work, dtype=dt, device=x.device) for _ in range(plan.n_slots)]
         elif run.hist:
             h = run.hist[0]
-            if h.shape != x.shape or h.device != x.device:
-                raise ValueError(f"{name}.step: sample changed to {tuple(x.shape)} on {x.device} in the middle of a "
+            if h.shape != work or h.device != x.device:
+                raise ValueError(f"{name}.step: sample changed to {shape} on {x.device} in the middle of a "
                                  f"run (was {tuple(h.shape)} on {h.device}); call set_timesteps to start a new run")
             # the dtype may change mid-run (diffusers casts prev_sample to a half-precision model output's
             # dtype): compute in the wider of the two, as diffusers mixes the history it keeps with the new one
@@ -682,9 +783,11 @@ class _FusedScheduler:
             if wide != h.dtype:
                 run.hist[:] = [t.to(wide) for t in run.hist]
             dt = wide
-        xx, mm = x.to(dt).contiguous(), m.to(dt).contiguous()
+        xx = x.to(dt).expand(shape).reshape(work).contiguous()
+        mm = m.to(dt).expand(shape).reshape(work).contiguous()
         if learned is not None and row.noise:
-            z = draw_noise(tuple(m.shape), a.get("generator"), m.dtype, m.device)  # (torch's RNG without one)
+            gen = a.get("generator")  # (torch's RNG without one)
+            z = draw_noise(tuple(m.shape), gen if gen is None else _generator(name, gen), m.dtype, m.device)
             lo, hi = learned[1][k]
             v = var_out.to(torch.float64 if dt == torch.float64 else torch.float32)
             if learned[0] == "learned_range":
@@ -692,40 +795,53 @@ class _FusedScheduler:
                 std = torch.exp(0.5 * (f * hi + (1 - f) * lo))
             else:
                 std = v**0.5
-            z, seeds = (std * z.to(std.dtype)).to(dt).contiguous(), None
+            z, seeds = (std * z.to(std.dtype)).to(dt).expand(shape).reshape(work).contiguous(), None
         else:
-            z, seeds = self._fd_noise(row, a, mm, m.dtype)
+            z, seeds = self._fd_noise(row, a, mm, m.dtype, draw, shape)
         out, bound = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
         how = spec.out_dtype(self.config) if callable(spec.out_dtype) else spec.out_dtype
         out = out.to({"model": m.dtype, "sample": x.dtype}.get(how, torch.promote_types(x.dtype, m.dtype)))
+        out = out.reshape(shape)
         self._fd_after(row, i)
         out_cls = _output_class(self._fd_stock)
         if "pred_original_sample" not in {f.name for f in dataclasses.fields(out_cls)}:
             return out_cls(prev_sample=out) if a.get("return_dict", True) else (out,)
         # the stock step also returns its data estimate: computed only if read (one more pass)
-        x0 = functools.partial(_data_estimate, row, plan, k, xx, mm, z, bound, x.dtype, m.dtype,
-                               spec.x0_float32, type(self).__name__)
+        x0 = functools.partial(_reshaped, shape, functools.partial(
+            _data_estimate, row, plan, k, xx, mm, z, bound, x.dtype, m.dtype, spec.x0_float32, type(self).__name__))
         if not a.get("return_dict", True):
             return _StepTuple(out, x0)
         return _lazy_output(out_cls, out, x0)
 
-    def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor, model_dtype: torch.dtype):
-        """The step's noise: ``(z, None)`` (``z`` in ``m``'s compute dtype) or ``(None, philox seeds)``.
+    def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor, model_dtype: torch.dtype,
+                  draw: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None):
+        """The step's noise: ``(z, None)`` (``z`` in ``m``'s compute dtype and shape) or ``(None, philox seeds)``.
 
         diffusers draws in the dtype of the model output AS GIVEN (``model_dtype``, which may be
-        narrower than the compute dtype of a float32 sample), or in float32 (``noise_dtype``).
+        narrower than the compute dtype of a float32 sample), or in float32 (``noise_dtype``), and in
+        the shape ``draw`` (usually ``m``'s), broadcast to the result's ``shape``.
         """
         if not row.noise:
             return None, None
+        name = type(self).__name__
+        draw = tuple(m.shape) if draw is None else draw
+        shape = tuple(m.shape) if shape is None else shape
         nd = self._fd_spec.noise_dtype
         ext = a.get("variance_noise")
         if ext is not None:
+            if not isinstance(ext, torch.Tensor):
+                raise TypeError(f"{name}.step: variance_noise must be a torch.Tensor, got {type(ext).__name__}")
             ext = ext.to(device=m.device, dtype=nd) if nd is not None else ext.to(device=m.device)
-            return ext.to(m.dtype).contiguous(), None
+            try:
+                ext = ext.expand(shape)
+            except RuntimeError:
+                raise ValueError(f"{name}.step: variance_noise {tuple(ext.shape)} does not broadcast to the sample's "
+                                 f"shape {shape}") from None
+            return ext.to(m.dtype).reshape(m.shape).contiguous(), None
         gen = a.get("generator")
         if gen is not None:
-            z = draw_noise(tuple(m.shape), gen, nd or model_dtype, m.device)
-            return z.to(m.dtype).contiguous(), None
+            z = draw_noise(draw, _generator(name, gen), nd or model_dtype, m.device)
+            return z.to(m.dtype).expand(shape).reshape(m.shape).contiguous(), None
         b = m.shape[0]
         if self._fd_seed is None:
             self._fd_seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
@@ -745,7 +861,24 @@ class _FusedScheduler:
 
 
 def _short(v) -> str:
-    return f"<tensor {tuple(v.shape)}>" if isinstance(v, torch.Tensor) else repr(v)
+    if isinstance(v, torch.Tensor):  # its value only where reading it costs nothing (a CPU scalar)
+        one = v.numel() == 1 and v.device.type == "cpu" and not v.is_complex()
+        return f"{v.item()!r}" if one else f"<tensor {tuple(v.shape)}>"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _generator(name: str, gen):
+    """``step(generator=...)`` where noise is drawn: a ``torch.Generator`` or a list of them (per sample)."""
+    gens = gen if isinstance(gen, (list, tuple)) else [gen]
+    if not gens or not all(isinstance(g, torch.Generator) for g in gens):
+        raise TypeError(f"{name}.step: generator must be a torch.Generator (or a list of them, one per sample), "
+                        f"got {_short(gen)}")
+    return gen
+
+
+def _reshaped(shape: tuple[int, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return fn().reshape(shape)
 
 
 def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, hist: list, *, z, seeds,

@@ -31,7 +31,9 @@ exactly as diffusers does, then stored as float64), ``train_sigmas``, ``log_sigm
 
 Pure grid functions for samplers with their own grids (DPM-Solver, UniPC):
 :func:`spaced_timesteps`, :func:`karras_sigmas`, :func:`exponential_sigmas`, :func:`ve_sigmas`,
-:func:`shift_flow_sigmas`, :func:`vp_betas`, :func:`rescale_betas_zero_snr`.
+:func:`shift_flow_sigmas`, :func:`vp_betas`, :func:`rescale_betas_zero_snr`;
+:func:`check_trained_betas` refuses malformed ``trained_betas`` by name (diffusers takes them and
+fails later, or samples NaN).
 
 :func:`from_config` reads a diffusers scheduler config (dict or ``scheduler.config``). Keys are
 sorted into schedule keys (consumed here), sampler keys (:data:`SAMPLER_CONFIG_KEYS`, kept in
@@ -210,9 +212,9 @@ def shift_flow_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
 def vp_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 0.0001,
              beta_end: float = 0.02, trained_betas=None) -> torch.Tensor:
     """Betas exactly as diffusers computes them: a float32 tensor ``[num_train_timesteps]``."""
-    T = int(num_train_timesteps)
     if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float32)
+        return check_trained_betas(trained_betas)
+    T = int(num_train_timesteps)
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
     if beta_schedule == "scaled_linear":
@@ -267,6 +269,9 @@ class VPSchedule:
         final_sigma: ``zero`` or ``sigma_min`` (diffusers' ``final_sigmas_type``).
         rho: Karras rho (diffusers fixes 7).
         options: sampler options from a diffusers config (see module docstring).
+        train_timesteps: diffusers' ``num_train_timesteps`` where it is smaller than ``len(betas)``
+            (``trained_betas`` longer than it: diffusers keeps every beta, and spaces its timestep
+            grids over the first ``num_train_timesteps``); ``None``: ``len(betas)``.
     """
 
     betas: np.ndarray
@@ -279,12 +284,18 @@ class VPSchedule:
     final_sigma: str = "zero"
     rho: float = 7.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    train_timesteps: int | None = None
 
     kind = "vp"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", _frozen(self.betas))
         object.__setattr__(self, "alphas_cumprod", _frozen(self.alphas_cumprod))
+        if self.train_timesteps is not None:
+            n = _check_train_timesteps(self.train_timesteps, "train_timesteps")
+            if n > len(self.betas):
+                raise ValueError(f"train_timesteps={n} is more than the {len(self.betas)} betas")
+            object.__setattr__(self, "train_timesteps", n)
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if self.sigma_grid not in SIGMA_GRIDS:
@@ -303,8 +314,9 @@ class VPSchedule:
 
     @property
     def num_train_timesteps(self) -> int:
-        """Number of training timesteps ``T``."""
-        return len(self.betas)
+        """Number of training timesteps ``T`` (diffusers' ``num_train_timesteps``): ``len(betas)``, or
+        ``train_timesteps`` where the betas run longer."""
+        return self.train_timesteps if self.train_timesteps is not None else len(self.betas)
 
     @property
     def train_sigmas(self) -> np.ndarray:
@@ -329,7 +341,7 @@ class VPSchedule:
         """
         t = _host(t)
         tt = np.asarray(t, dtype=np.float64)
-        T = self.num_train_timesteps
+        T = len(self.alphas_cumprod)  # every training step has a beta (diffusers' grids may reach past T)
         if np.any(tt < 0) or np.any(tt > T - 1) or not np.all(np.isfinite(tt)):
             raise ValueError(f"t must be within [0, {T - 1}], got {t!r}")
         lo = np.floor(tt).astype(np.int64)
@@ -544,22 +556,89 @@ def is_schedule(obj: Any) -> bool:
     return isinstance(obj, (VPSchedule, VESchedule, FlowSchedule))
 
 
-def vp(beta_schedule: str = "linear", *, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
+def _check_train_timesteps(value: Any, name: str = "num_train_timesteps") -> int:
+    """``value`` as an int >= 2 (an int, or a float holding one, as JSON configs may), else ``ValueError``."""
+    ok = not isinstance(value, bool) and (
+        isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer()))
+    if not ok or int(value) < 2:
+        raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+    return int(value)
+
+
+def check_trained_betas(trained_betas: Any) -> torch.Tensor:
+    """``trained_betas`` as diffusers reads them (``torch.tensor(trained_betas, dtype=torch.float32)``),
+    refused by name unless they are a non-empty 1-D sequence of numbers in ``(0, 1]``.
+
+    ``1`` is allowed: zero terminal SNR ends on it. diffusers itself takes any array: strings and
+    2-D arrays fail later with unrelated errors, and NaN, zero, negative or > 1 betas give NaN or
+    meaningless samples.
+    """
+    if isinstance(trained_betas, (str, bytes)) or not hasattr(trained_betas, "__len__"):
+        raise TypeError(f"trained_betas must be a 1-D sequence of numbers (betas in (0, 1]), got "
+                        f"{type(trained_betas).__name__} {_short(trained_betas)}")
+    try:
+        if isinstance(trained_betas, torch.Tensor):
+            if trained_betas.is_complex():
+                raise TypeError("complex")
+            betas = trained_betas.detach().to("cpu", torch.float32)
+        else:
+            betas = torch.tensor(trained_betas, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"trained_betas must be a 1-D sequence of numbers (betas in (0, 1]), got "
+                        f"{_short(trained_betas)} ({' '.join(str(exc).split())})") from None
+    if betas.dim() != 1:
+        raise ValueError(f"trained_betas must be 1-D, got shape {tuple(betas.shape)}")
+    if betas.numel() == 0:
+        raise ValueError("trained_betas is empty: give one beta per training timestep")
+    bad = ~((betas > 0) & (betas <= 1))  # NaN compares False: bad
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"trained_betas[{i}] = {float(betas[i]):g}: betas must lie in (0, 1] "
+                         f"({int(bad.sum())} of {betas.numel()} do not)")
+    return betas
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def vp(beta_schedule: str = "linear", *, num_train_timesteps: int | None = None, beta_start: float = 0.0001,
        beta_end: float = 0.02, trained_betas=None, rescale_betas_zero_snr: bool = False,
        **grid) -> VPSchedule:
     """A :class:`VPSchedule` from diffusers' beta arguments; ``grid`` sets the grid fields
     (``spacing``, ``steps_offset``, ``sigma_grid``, ``sigma_min``, ``sigma_max``, ``final_sigma``,
-    ``rho``, ``options``)."""
-    if isinstance(num_train_timesteps, bool) or int(num_train_timesteps) < 2:
-        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
-    betas = vp_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-    if trained_betas is not None and betas.dim() != 1:
-        raise ValueError(f"trained_betas must be 1-D, got shape {tuple(betas.shape)}")
-    if not bool(((betas > 0) & (betas <= 1)).all()):
-        raise ValueError("betas must lie in (0, 1]")
+    ``rho``, ``options``).
+
+    ``num_train_timesteps``: ``None`` means 1000, or ``len(trained_betas)`` when those are given.
+    With both, as in a diffusers config: fewer betas than ``num_train_timesteps`` raise
+    ``ValueError`` (diffusers indexes a beta per training timestep: its DDPM/DDIM step fails with
+    an ``IndexError``, its Euler-type and multistep grids clamp or turn NaN); more are kept, as
+    diffusers keeps them, with the grids spaced over ``num_train_timesteps`` (``train_timesteps``).
+    """
+    if trained_betas is not None:
+        betas = check_trained_betas(trained_betas)
+        n = betas.numel()
+        if n < 2:
+            raise ValueError(f"trained_betas must have at least 2 entries (one per training timestep), got {n}")
+        T = n if num_train_timesteps is None else _check_train_timesteps(num_train_timesteps)
+        if n < T:
+            raise ValueError(f"trained_betas has {n} entries but num_train_timesteps is {T}: diffusers needs a "
+                             f"beta for every training timestep 0..{T - 1} (its DDPM/DDIM step fails with an "
+                             f"IndexError, its other schedulers clamp or give NaN); give {T} betas or "
+                             f"num_train_timesteps={n}")
+    else:
+        T = 1000 if num_train_timesteps is None else _check_train_timesteps(num_train_timesteps)
+        betas = vp_betas(beta_schedule, T, beta_start, beta_end)
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError(f"betas must lie in (0, 1]: beta_schedule={beta_schedule!r} with beta_start="
+                             f"{beta_start!r}, beta_end={beta_end!r} gives betas from {float(betas.min()):g} to "
+                             f"{float(betas.max()):g}")
     if rescale_betas_zero_snr:
         betas = _rescale(betas)
     acp = torch.cumprod(1.0 - betas, dim=0)
+    if T != len(betas):
+        grid = {**grid, "train_timesteps": T}
     return VPSchedule(betas=betas.double().numpy(), alphas_cumprod=acp.double().numpy(), **grid)
 
 
@@ -631,7 +710,7 @@ def from_config(config: Any) -> Schedule:
     if bs not in BETA_SCHEDULES and grid.get("trained_betas") is None:
         raise ValueError(f"config key beta_schedule={bs!r} is not supported (supported: {BETA_SCHEDULES})")
     return vp(
-        bs, num_train_timesteps=int(grid.get("num_train_timesteps", 1000)),
+        bs, num_train_timesteps=grid.get("num_train_timesteps", 1000),
         beta_start=float(grid.get("beta_start", 0.0001)), beta_end=float(grid.get("beta_end", 0.02)),
         trained_betas=grid.get("trained_betas"), rescale_betas_zero_snr=bool(grid.get("rescale_betas_zero_snr")),
         spacing=grid.get("timestep_spacing"), steps_offset=int(grid.get("steps_offset") or 0),

@@ -3,10 +3,14 @@
 One pass over memory per row, noise generated in the kernel, no allocation per step. Takes CPU
 tensors in float32, float64, float16 or bfloat16 that are contiguous and either identical to or
 disjoint from one another in memory; anything else is reported unsupported (dispatch then uses
-``reference``), never read wrongly. ``FASTDIFF_CPU_SIMD=scalar|avx2|avx512`` forces a SIMD level.
+``reference``), never read wrongly. ``FASTDIFF_CPU_SIMD=scalar|avx2|avx512`` forces a SIMD level;
+any other value, or a level this CPU lacks, makes asking for this backend (by name, or through
+``auto`` on CPU tensors) raise a ``ValueError`` naming the variable (:func:`check_config`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,6 +31,23 @@ def check_layout(module) -> None:
                           "`pip install -e .`")
 
 
+SIMD_LEVELS = ("scalar", "avx2", "avx512")
+"""The values ``FASTDIFF_CPU_SIMD`` may take (unset or empty: the best level this CPU supports)."""
+SIMD_ENV = "FASTDIFF_CPU_SIMD"
+
+
+def _simd_setting_error(exc: Exception | None) -> str | None:
+    """What is wrong with a ``FASTDIFF_CPU_SIMD`` that is not a level, or names one this CPU lacks (the
+    extension refuses to import then, saying so); ``None`` if the setting is fine."""
+    value = os.environ.get(SIMD_ENV, "")
+    allowed = f"one of {', '.join(SIMD_LEVELS)} (or unset it: the best level this CPU supports)"
+    if value and value not in SIMD_LEVELS:
+        return f"{SIMD_ENV} must be {allowed}, got {value!r}"
+    if value and exc is not None and SIMD_ENV in str(exc):
+        return f"{SIMD_ENV}={value!r} names a SIMD level this CPU cannot run ({exc}); set it to {allowed}"
+    return None
+
+
 try:
     from .. import _C
 
@@ -36,11 +57,25 @@ except Exception as _exc:  # not built, stale, or FASTDIFF_CPU_SIMD names a leve
     _import_error: Exception | None = _exc
 else:
     _import_error = None
+_config_error = _simd_setting_error(_import_error)
 
+
+def check_config() -> None:
+    """Raise the ``ValueError`` of an invalid ``FASTDIFF_CPU_SIMD`` (not one of :data:`SIMD_LEVELS`, or a
+    level this CPU lacks), naming the variable and the allowed values.
+
+    :func:`fastdiff.ops.resolve` calls it whenever this backend is asked for by name or considered
+    by ``auto``: a bad setting is refused, never a silent fall-back to ``reference``. Importing
+    fastdiff still works, and :func:`available` reports the same message.
+    """
+    if _config_error is not None:
+        raise ValueError(_config_error)
 
 
 def available() -> tuple[bool, str]:
     """``(True, details)`` when the extension is importable, else ``(False, why)``."""
+    if _config_error is not None:
+        return False, _config_error
     if _C is None:
         return False, (f"the extension fastdiff._C did not import ({type(_import_error).__name__}: {_import_error}); "
                        "build it with `pip install -e .`")

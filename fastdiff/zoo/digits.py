@@ -3,7 +3,10 @@
 Three small networks, trained by ``scripts/train_digits.py`` on the CPU in minutes, with weights
 committed under ``fastdiff/zoo/weights/`` (safetensors, float16, upcast to float32 on load; the
 weights are the trained float32 ones rounded once, and every quality number was measured with the
-rounded ones):
+rounded ones). Each ``{name}.json`` records its weights file's SHA-256 (``sha256``); the loaders
+verify it, and a missing, corrupt, truncated or mismatched file raises
+:class:`fastdiff.zoo.WeightsError` naming the file and how to restore or retrain it
+(:func:`weights_sha256` gives the verified digest):
 
 - :class:`Denoiser` ``model(x, t, cond) -> eps``: noise-conditional, class-conditional with label
   dropout, so :data:`NULL` (a learned "no class" token) gives the unconditional model and
@@ -23,6 +26,8 @@ Loading needs ``safetensors`` and nothing else; only :func:`load_data` needs sci
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -32,19 +37,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import WeightsError  # noqa: F401  (raised here; also fastdiff.zoo.WeightsError)
+
 SHAPE = (1, 8, 8)
 """Shape of one digit image."""
 NUM_CLASSES = 10
 NULL = 10
 """Class index of the learned "no class" token: the unconditional model."""
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+"""Where the loaders look by default (the committed weights)."""
+_PACKAGE_WEIGHTS = WEIGHTS_DIR
 TEST_SIZE = 360
 """Digits held out (the first ``TEST_SIZE`` of a fixed permutation) from every model's training."""
-
-_DEFAULT_SCHEDULE = {
-    "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
-    "prediction_type": "epsilon", "clip_sample": False,
-}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -157,43 +161,169 @@ _CLASSES = {"denoiser": Denoiser, "noisy_classifier": NoisyClassifier, "feature_
 # ----------------------------------------------------------------------------- weights
 
 
-def save(model: nn.Module, name: str, info: dict[str, Any], weights_dir: str = WEIGHTS_DIR) -> str:
-    """Write ``{name}.safetensors`` (float16) and ``{name}.json`` (architecture + ``info``); returns the path."""
-    from safetensors.torch import save_file
+def _check_name(name: str) -> type:
+    if name not in _CLASSES:
+        raise ValueError(f"name must be one of {sorted(_CLASSES)}, got {name!r}")
+    return _CLASSES[name]
 
+
+def _paths(name: str, weights_dir: str | None) -> tuple[str, str]:
+    """``({name}.json, {name}.safetensors)`` under ``weights_dir`` (default :data:`WEIGHTS_DIR`)."""
+    d = weights_dir or WEIGHTS_DIR
+    return os.path.join(d, f"{name}.json"), os.path.join(d, f"{name}.safetensors")
+
+
+def _fix(name: str, weights_dir: str | None) -> str:
+    """How to get good files back: restore the committed ones, or retrain (``scripts/train_digits.py``)."""
+    d = os.path.abspath(weights_dir or WEIGHTS_DIR)
+    train = f"python scripts/train_digits.py --only {name}"
+    if d == _PACKAGE_WEIGHTS:
+        rel = f"fastdiff/zoo/weights/{name}"
+        return (f"restore the committed files with `git checkout -- {rel}.safetensors {rel}.json` (or reinstall "
+                f"fastdiff), or retrain them with `{train}`")
+    return f"retrain them with `{train} --out {d}` (or copy both files from fastdiff/zoo/weights/)"
+
+
+def _json_error(name: str, weights_dir: str | None, problem: str) -> WeightsError:
+    return WeightsError(_paths(name, weights_dir)[0], problem, _fix(name, weights_dir))
+
+
+def _weights_error(name: str, weights_dir: str | None, problem: str) -> WeightsError:
+    return WeightsError(_paths(name, weights_dir)[1], problem, _fix(name, weights_dir))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def save(model: nn.Module, name: str, info: dict[str, Any], weights_dir: str | None = None) -> str:
+    """Write ``{name}.safetensors`` (float16) and ``{name}.json`` (class, architecture, the weights'
+    ``sha256``, and ``info``) under ``weights_dir`` (default :data:`WEIGHTS_DIR`); returns the weights path."""
+    from safetensors.torch import save
+
+    weights_dir = weights_dir or WEIGHTS_DIR
     os.makedirs(weights_dir, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    path = os.path.join(weights_dir, f"{name}.safetensors")
-    save_file(tensors, path)
-    with open(os.path.join(weights_dir, f"{name}.json"), "w") as f:
-        json.dump({"class": type(model).__name__, "arch": model.arch, **info}, f, indent=1, sort_keys=True)
+    data = save(tensors)  # hashed as written: the recorded digest is of these very bytes
+    json_path, path = _paths(name, weights_dir)
+    with open(path, "wb") as f:
+        f.write(data)
+    record = {**info, "class": type(model).__name__, "arch": model.arch, "sha256": hashlib.sha256(data).hexdigest()}
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
         f.write("\n")
     return path
 
 
-def read_config(name: str, weights_dir: str = WEIGHTS_DIR) -> dict:
-    """The JSON written next to ``{name}.safetensors`` (architecture, schedule, training record)."""
-    path = os.path.join(weights_dir, f"{name}.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no weights config {path!r}: run scripts/train_digits.py to create it")
-    with open(path) as f:
-        return json.load(f)
+def read_config(name: str, weights_dir: str | None = None) -> dict:
+    """The JSON written next to ``{name}.safetensors`` (class, architecture, ``sha256``, schedule, training
+    record), as a dict. Raises :class:`WeightsError` if it is missing, unreadable or not a JSON object."""
+    path = _paths(name, weights_dir)[0]
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise _json_error(name, weights_dir, "the config file is missing") from None
+    except OSError as exc:
+        raise _json_error(name, weights_dir, f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _json_error(name, weights_dir, f"is not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(cfg, dict):
+        raise _json_error(name, weights_dir, f"must hold a JSON object, got a {type(cfg).__name__}")
+    return cfg
+
+
+def _config(name: str, weights_dir: str | None) -> dict:
+    """:func:`read_config`, with the keys loading needs checked: ``class``, ``arch`` (the constructor's
+    arguments, positive ints) and ``sha256`` (64 hex digits)."""
+    cls = _check_name(name)
+    cfg = read_config(name, weights_dir)
+    missing = [k for k in ("class", "arch", "sha256") if k not in cfg]
+    if missing:
+        raise _json_error(name, weights_dir, f"has no {', '.join(map(repr, missing))} key (written by "
+                                             "fastdiff.zoo.digits.save)")
+    if cfg["class"] != cls.__name__:
+        raise _json_error(name, weights_dir, f"records class {cfg['class']!r}, but {name} is a {cls.__name__}")
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    arch = cfg["arch"]
+    if not isinstance(arch, dict) or set(arch) != params:
+        raise _json_error(name, weights_dir, f"'arch' must be an object with exactly the keys {sorted(params)}, "
+                                             f"got {arch!r}")
+    bad = {k: v for k, v in arch.items() if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 16}
+    if bad:
+        raise _json_error(name, weights_dir, f"'arch' values must be ints in 1..65536, got {bad}")
+    digest = cfg["sha256"]
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise _json_error(name, weights_dir, f"'sha256' must be 64 lowercase hex digits, got {digest!r}")
+    return cfg
+
+
+def _verified_bytes(name: str, weights_dir: str | None, cfg: dict) -> tuple[bytes, str]:
+    """The bytes of ``{name}.safetensors`` and their SHA-256, which must be the one ``cfg`` records."""
+    path = _paths(name, weights_dir)[1]
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise _weights_error(name, weights_dir, "the weights file is missing") from None
+    except OSError as exc:
+        raise _weights_error(name, weights_dir, f"cannot be read ({exc.strerror or exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != cfg["sha256"]:
+        raise _weights_error(name, weights_dir, f"SHA-256 {digest} ({len(data)} bytes) is not the {cfg['sha256']} "
+                                                f"recorded in {name}.json: the file is corrupt, truncated or from "
+                                                "another training run")
+    return data, digest
+
+
+def weights_sha256(name: str, weights_dir: str | None = None) -> str:
+    """The SHA-256 (hex) of ``{name}.safetensors``, verified against the one its JSON records.
+
+    ``name``: ``denoiser``, ``noisy_classifier`` or ``feature_classifier``. Raises
+    :class:`WeightsError` (naming the file) if either file is missing or malformed, or the digests differ.
+    """
+    return _verified_bytes(name, weights_dir, _config(name, weights_dir))[1]
 
 
 def _load(name: str, weights_dir: str | None, device) -> nn.Module:
-    from safetensors.torch import load_file
+    """Model ``name`` from its verified weights: any problem is one :class:`WeightsError` naming the file."""
+    from safetensors.torch import load
 
-    weights_dir = weights_dir or WEIGHTS_DIR
-    cfg = read_config(name, weights_dir)
-    model = _CLASSES[name](**cfg["arch"])
-    state = load_file(os.path.join(weights_dir, f"{name}.safetensors"))
+    cls = _check_name(name)
+    cfg = _config(name, weights_dir)
+    data, _ = _verified_bytes(name, weights_dir, cfg)
+    try:
+        state = load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError (and anything else): a bad file
+        raise _weights_error(name, weights_dir, f"is not a readable safetensors file "
+                                                f"({type(exc).__name__}: {_one_line(exc)})") from None
+    with torch.device("meta"):  # the shapes the architecture expects, without allocating it
+        want = {k: tuple(v.shape) for k, v in cls(**cfg["arch"]).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        shapes = [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                 f"shapes {shapes[:3]}" if shapes else ""]
+        raise _weights_error(name, weights_dir, f"tensors do not fit the architecture in {name}.json "
+                                                f"({'; '.join(p for p in parts if p)})")
+    bad = sorted(k for k, v in state.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all()))
+    if bad:
+        raise _weights_error(name, weights_dir, f"tensors {bad[:3]} are not finite floating-point values")
+    model = cls(**cfg["arch"])
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     model.config = cfg
     return model.to(device or "cpu").eval().requires_grad_(False)
 
 
 def load_denoiser(weights_dir: str | None = None, device: torch.device | str | None = None) -> Denoiser:
-    """The trained :class:`Denoiser`, eval mode, float32, no parameter gradients; ``.config`` holds its JSON."""
+    """The trained :class:`Denoiser`, eval mode, float32, no parameter gradients; ``.config`` holds its JSON.
+
+    Raises :class:`WeightsError` if its files are missing, corrupt or do not match (see :func:`weights_sha256`).
+    """
     return _load("denoiser", weights_dir, device)
 
 
@@ -209,11 +339,12 @@ def load_feature_classifier(weights_dir: str | None = None,
 
 
 def schedule_config(weights_dir: str | None = None) -> dict:
-    """The diffusers scheduler config the denoiser was trained under (pass it as ``schedule=``)."""
-    try:
-        return dict(read_config("denoiser", weights_dir or WEIGHTS_DIR)["schedule"])
-    except FileNotFoundError:
-        return dict(_DEFAULT_SCHEDULE)
+    """The diffusers scheduler config the denoiser was trained under (pass it as ``schedule=``), from
+    ``denoiser.json``. Raises :class:`WeightsError` if that file is missing or has no ``schedule`` object."""
+    sched = read_config("denoiser", weights_dir).get("schedule")
+    if not isinstance(sched, dict):
+        raise _json_error("denoiser", weights_dir, f"has no 'schedule' object (got {sched!r})")
+    return dict(sched)
 
 
 # ----------------------------------------------------------------------------- data and training

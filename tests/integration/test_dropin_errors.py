@@ -1,0 +1,314 @@
+"""Malformed ``step`` arguments of the drop-in schedulers, compared with the stock diffusers ones.
+
+The rule: where the stock step fails with an unrelated error (``AttributeError: 'bool' object has
+no attribute 'nonzero'`` for a string timestep, ``IndexError`` for a timestep not in the schedule,
+``RuntimeError`` for shapes that do not broadcast), the drop-in raises a ``TypeError`` /
+``ValueError`` naming the argument, before any state changes; where the stock step accepts an
+input (model output and sample that broadcast, 0-d tensors, a numpy model output in the classes
+whose arithmetic takes one, a one-element timestep tensor), the drop-in accepts it and returns
+the stock step's result. One documented difference: ``DDIMScheduler`` steps from ANY integer
+timestep, the drop-in only from one of ``scheduler.timesteps`` (a plan row per timestep).
+
+What stock 0.42 raises for each refused case is asserted alongside (the reason for the refusal).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from tests.samplers._harness import rel_err
+
+diffusers = pytest.importorskip("diffusers")
+from fastdiff.diffusers import SUPPORT, from_diffusers  # noqa: E402
+
+CLASSES = list(SUPPORT)
+X_SHAPE = (2, 3, 4, 4)
+TOL = 1e-5
+
+
+def _pair(name: str, cfg: dict | None = None, steps: int = 5):
+    cls = getattr(diffusers, name)
+    stock, fused = cls(**(cfg or {})), from_diffusers(cls(**(cfg or {})))
+    stock.set_timesteps(steps)
+    fused.set_timesteps(steps)
+    return stock, fused
+
+
+def _x(seed: int = 0, shape=X_SHAPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _kw(sched, seed: int | None = None) -> dict:
+    ok = seed is not None and "generator" in inspect.signature(sched.step).parameters
+    return {"generator": torch.Generator().manual_seed(seed)} if ok else {}
+
+
+def _run(sched, mshape, xshape, step_kwargs=None, seed=0, numpy_m=False, steps=4):
+    """A short diffusers loop with a model output of ``mshape`` for a sample of ``xshape``; the states."""
+    sched.set_timesteps(steps)
+    kw = {**_kw(sched, seed), **(step_kwargs or {})}
+    x = _x(seed, xshape) * float(getattr(sched, "init_noise_sigma", 1.0))
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for t in sched.timesteps:
+        u = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        m = 0.3 * torch.tanh(u.mean() + torch.randn(mshape, generator=g))
+        r = sched.step(m.numpy() if numpy_m else m, t, x, **kw)
+        x = r.prev_sample
+        out.append(x)
+    return out
+
+
+def _same_run(stock_out, fused_out):
+    assert len(stock_out) == len(fused_out)
+    for i, (a, b) in enumerate(zip(fused_out, stock_out)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape, a.dtype, b.dtype)
+        assert rel_err(a, b) <= TOL, (i, rel_err(a, b))
+
+
+# ------------------------------------------------------------------ refused by name
+
+MALFORMED = [
+    # (id, (timesteps, x) -> (model_output, timestep, sample), exception, argument named)
+    ("timestep-str", lambda ts, x: (x, "x", x), TypeError, "timestep"),
+    ("timestep-none", lambda ts, x: (x, None, x), TypeError, "timestep"),
+    ("timestep-list", lambda ts, x: (x, [float(ts[0])], x), TypeError, "timestep"),
+    ("timestep-two-values", lambda ts, x: (x, ts[:2], x), ValueError, "timestep"),
+    ("timestep-batch", lambda ts, x: (x, ts[0].expand(2), x), ValueError, "timestep"),
+    ("model-output-str", lambda ts, x: ("abc", ts[0], x), TypeError, "model_output"),
+    ("model-output-none", lambda ts, x: (None, ts[0], x), TypeError, "model_output"),
+    ("model-output-list", lambda ts, x: (x.tolist(), ts[0], x), TypeError, "model_output"),
+    ("sample-str", lambda ts, x: (x, ts[0], "abc"), TypeError, "sample"),
+    ("sample-none", lambda ts, x: (x, ts[0], None), TypeError, "sample"),
+    ("sample-numpy", lambda ts, x: (x, ts[0], x.numpy()), TypeError, "sample"),
+    ("shapes-do-not-broadcast", lambda ts, x: (torch.randn(2, 3, 4, 5), ts[0], x), ValueError, "model_output"),
+    ("model-output-on-meta", lambda ts, x: (x.to("meta"), ts[0], x), ValueError, "model_output is on meta"),
+]
+
+
+@pytest.mark.parametrize("case, make, exc, arg", MALFORMED, ids=[m[0] for m in MALFORMED])
+@pytest.mark.parametrize("name", CLASSES)
+def test_malformed_arguments_are_refused_by_name(name, case, make, exc, arg):
+    stock, fused = _pair(name)
+    x = _x()
+    with pytest.raises(Exception) as stock_err:  # noqa: PT011 - stock fails too, with an unrelated error
+        stock.step(*make(stock.timesteps, x))
+    assert stock_err.type is not exc or arg not in str(stock_err.value)  # ... that does not name the argument
+    with pytest.raises(exc) as info:
+        fused.step(*make(fused.timesteps, x))
+    msg = str(info.value)
+    assert arg in msg and name in msg, msg
+    # refused before any work: the run still starts at step 0 and matches the stock run
+    f = _run(fused, X_SHAPE, X_SHAPE)
+    _same_run(_run(getattr(diffusers, name)(), X_SHAPE, X_SHAPE), f)
+
+
+@pytest.mark.parametrize("name", [n for n in CLASSES if SUPPORT[n].indexed
+                                  and n not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")])
+@pytest.mark.parametrize("shift", [0.5, float("nan")])
+def test_first_timestep_not_in_the_schedule_is_refused(name, shift):
+    """Stock looks the first step's position up by value and fails with an IndexError naming nothing."""
+    stock, fused = _pair(name)
+    x = _x()
+    t = float(stock.timesteps[0]) + shift
+    with pytest.raises(IndexError):
+        stock.step(x, t, x)
+    with pytest.raises(ValueError, match=r"timestep=.*one of scheduler.timesteps"):
+        fused.step(x, t, x)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_multistep_unknown_first_timestep_is_the_last_step_as_in_stock(name):
+    """diffusers' DPM-Solver and UniPC take a timestep they do not know as the last step; so does the drop-in."""
+    stock, fused = _pair(name)
+    x = _x()
+    t = float(stock.timesteps[0]) + 0.5
+    a, b = stock.step(x, t, x).prev_sample, fused.step(x, t, x).prev_sample
+    assert stock.step_index == fused.step_index
+    assert rel_err(b, a) <= TOL
+
+
+@pytest.mark.parametrize("timestep", [lambda ts: int(ts[1]) - 1, lambda ts: float("nan")])
+def test_ddpm_timestep_not_in_the_schedule_is_refused(timestep):
+    stock, fused = _pair("DDPMScheduler")
+    x = _x()
+    with pytest.raises(IndexError):
+        stock.step(x, timestep(stock.timesteps), x)
+    with pytest.raises(ValueError, match=r"DDPMScheduler.step\(timestep=.*one of scheduler.timesteps"):
+        fused.step(x, timestep(fused.timesteps), x)
+
+
+def test_ddim_off_grid_integer_timestep_is_the_documented_difference():
+    stock, fused = _pair("DDIMScheduler")
+    x = _x()
+    t = int(stock.timesteps[1]) - 1
+    stock.step(x, t, x)  # diffusers steps from any integer timestep
+    with pytest.raises(ValueError, match=r"DDIMScheduler.step\(timestep=.*one of scheduler.timesteps"):
+        fused.step(x, t, x)
+    assert "one of scheduler.timesteps" in SUPPORT["DDIMScheduler"].note
+
+
+# ------------------------------------------------------------------ accepted as stock accepts
+
+NOISY = [
+    ("DDPMScheduler", {}, {}),
+    ("DDIMScheduler", {}, {"eta": 1.0}),
+    ("EulerDiscreteScheduler", {}, {"s_churn": 1.0}),
+    ("EulerAncestralDiscreteScheduler", {}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "prediction_type": "sample"}, {}),
+    ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, {}),
+]
+RUNS = [(n, {}, {}) for n in CLASSES] + NOISY
+
+
+@pytest.mark.parametrize("mshape, xshape", [((1, 3, 4, 4), (2, 3, 4, 4)), ((3, 4, 4), (2, 3, 4, 4)),
+                                            ((2, 3, 4, 4), (1, 3, 4, 4)), ((2, 1, 4, 4), (2, 3, 4, 4))],
+                         ids=["batch-1-output", "fewer-dims-output", "batch-1-sample", "one-channel-output"])
+@pytest.mark.parametrize("name, cfg, step_kwargs", RUNS, ids=[f"{n}-{c}-{k}" for n, c, k in RUNS])
+def test_broadcasting_shapes_run_as_in_stock(name, cfg, step_kwargs, mshape, xshape):
+    """diffusers' arithmetic broadcasts the model output against the sample (and draws noise in the
+    model output's, the sample's or the broadcast shape); the drop-in computes the same."""
+    cls = getattr(diffusers, name)
+    _same_run(_run(cls(**cfg), mshape, xshape, step_kwargs), _run(from_diffusers(cls(**cfg)), mshape, xshape,
+                                                                  step_kwargs))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_zero_dimensional_tensors_as_in_stock(name):
+    """0-d sample and model output: deterministic steps run (as in stock); a step that draws noise
+    is refused by name where stock fails in its noise draw (which reads a batch size)."""
+    cls = getattr(diffusers, name)
+    try:
+        ref = _run(cls(), (), ())
+    except IndexError:
+        ref = None
+    if ref is None or name == "UniPCMultistepScheduler":
+        # UniPC's stock step fails on 0-d tensors inside its corrector (a dimension error); the drop-in
+        # runs them (nothing is drawn, nothing is ambiguous): more lenient, never different
+        if ref is None and name != "UniPCMultistepScheduler":
+            with pytest.raises(ValueError, match="draws noise.*batch dimension"):
+                _run(from_diffusers(cls()), (), ())
+        return
+    _same_run(ref, _run(from_diffusers(cls()), (), ()))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_numpy_model_output_as_in_stock(name):
+    cls = getattr(diffusers, name)
+    if SUPPORT[name].array_model_output:
+        _same_run(_run(cls(), X_SHAPE, X_SHAPE, numpy_m=True), _run(from_diffusers(cls()), X_SHAPE, X_SHAPE,
+                                                                    numpy_m=True))
+        return
+    with pytest.raises((TypeError, AttributeError)):  # stock: to() / randn() of a numpy dtype
+        _run(cls(), X_SHAPE, X_SHAPE, numpy_m=True)
+    with pytest.raises(TypeError, match=f"{name}.step: model_output must be a torch.Tensor"):
+        _run(from_diffusers(cls()), X_SHAPE, X_SHAPE, numpy_m=True)
+
+
+FORMS = {"shape-1": lambda t: t.reshape(1), "float": lambda t: float(t), "numpy-float": lambda t: np.float64(t),
+         "numpy-0d": lambda t: np.array(float(t)), "numpy-shape-1": lambda t: np.array([float(t)])}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("name", CLASSES)
+def test_one_value_timestep_forms_as_in_stock(name, form):
+    stock, fused = _pair(name)
+    x = _x()
+    t = stock.timesteps[0]
+    try:
+        a = stock.step(x, FORMS[form](t), x, **_kw(stock, 0)).prev_sample
+    except IndexError:
+        # stock DDPM/DDIM index alphas_cumprod with the value as given (a float fails); the drop-in
+        # takes the value (one of scheduler.timesteps): more lenient, never a different step
+        assert not SUPPORT[name].indexed and form in ("float", "numpy-float", "numpy-0d", "numpy-shape-1")
+        fused.step(x, FORMS[form](t), x, **_kw(fused, 0))
+        return
+    b = fused.step(x, FORMS[form](t), x, **_kw(fused, 0)).prev_sample
+    assert rel_err(b, a) <= TOL
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_two_dimensional_one_value_timestep(name):
+    """Shape (1, 1): DDPM and DDIM use the value (so does the drop-in); the others look the first
+    step up with it and fail (``RuntimeError: a Tensor with 2 elements``): refused by name."""
+    stock, fused = _pair(name)
+    x = _x()
+    t = stock.timesteps[0].reshape(1, 1)
+    if not SUPPORT[name].indexed:
+        a = stock.step(x, t, x, **_kw(stock, 0)).prev_sample
+        assert rel_err(fused.step(x, t, x, **_kw(fused, 0)).prev_sample, a) <= TOL
+        return
+    with pytest.raises(RuntimeError):
+        stock.step(x, t, x)
+    with pytest.raises(ValueError, match=rf"{name}.step: timestep must be a single value of shape \(\) or \(1,\)"):
+        fused.step(x, t, x)
+    fused.step(x, t.reshape(1), x, **_kw(fused, 0))  # refused before any work: the run starts as usual
+    fused.step(x, t, x, **_kw(fused, 0))  # later steps ignore the value, as diffusers' do
+
+
+# ------------------------------------------------------------------ other step arguments
+
+
+def test_generator_of_the_wrong_type_is_refused_where_noise_is_drawn():
+    stock, fused = _pair("DDPMScheduler")
+    x = _x()
+    with pytest.raises(AttributeError):  # stock: 'int' object has no attribute 'device'
+        stock.step(x, stock.timesteps[0], x, generator=5)
+    with pytest.raises(TypeError, match=r"DDPMScheduler.step: generator must be a torch.Generator"):
+        fused.step(x, fused.timesteps[0], x, generator=5)
+    # no noise drawn (DDIM, eta = 0): stock never reads the generator, nor does the drop-in
+    stock, fused = _pair("DDIMScheduler")
+    a = stock.step(x, stock.timesteps[0], x, generator=5).prev_sample
+    assert rel_err(fused.step(x, fused.timesteps[0], x, generator=5).prev_sample, a) <= TOL
+
+
+@pytest.mark.parametrize("name, cfg, kw", [("DDIMScheduler", {}, {"eta": 1.0}),
+                                           ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {})])
+def test_variance_noise_is_checked_by_name_and_broadcasts_as_in_stock(name, cfg, kw):
+    x = _x()
+    stock, fused = _pair(name, cfg)
+    with pytest.raises(Exception):  # noqa: PT011,B017 - stock: an unrelated error from its arithmetic
+        stock.step(x, stock.timesteps[0], x, variance_noise="abc", **kw)
+    with pytest.raises(TypeError, match=f"{name}.step: variance_noise must be a torch.Tensor"):
+        fused.step(x, fused.timesteps[0], x, variance_noise="abc", **kw)
+    stock, fused = _pair(name, cfg)
+    with pytest.raises(ValueError, match=r"variance_noise \(2, 3, 4, 5\) does not broadcast"):
+        fused.step(x, fused.timesteps[0], x, variance_noise=torch.randn(2, 3, 4, 5), **kw)
+    z = torch.randn(1, 3, 4, 4)  # broadcasts over the batch, as diffusers' arithmetic does
+    a = stock.step(x, stock.timesteps[0], x, variance_noise=z, **kw).prev_sample
+    b = fused.step(x, fused.timesteps[0], x, variance_noise=z, **kw).prev_sample
+    assert rel_err(b, a) <= TOL
+
+
+# ------------------------------------------------------------------ trained_betas and num_train_timesteps
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+def test_trained_betas_shorter_than_num_train_timesteps_refused_at_set_timesteps(name):
+    """Stock builds the grid and fails at the first step with an IndexError; the drop-in refuses
+    when set_timesteps builds its plan, naming trained_betas."""
+    betas = np.linspace(1e-4, 0.02, 10).tolist()
+    cls = getattr(diffusers, name)
+    stock = cls(trained_betas=betas)
+    stock.set_timesteps(5)
+    x = _x()
+    with pytest.raises(IndexError):
+        stock.step(x, stock.timesteps[0], x)
+    fused = from_diffusers(cls(trained_betas=betas))
+    with pytest.raises(ValueError, match="trained_betas has 10 entries but num_train_timesteps is 1000"):
+        fused.set_timesteps(5)
+
+
+@pytest.mark.parametrize("name, step_kwargs", [("DDIMScheduler", {}), ("DDIMScheduler", {"eta": 0.5}),
+                                               ("DDPMScheduler", {})])
+def test_trained_betas_longer_than_num_train_timesteps_run_as_in_stock(name, step_kwargs):
+    """diffusers keeps every beta and jumps num_train_timesteps // steps; the drop-in jumped len(betas) // steps."""
+    betas = np.linspace(1e-4, 0.02, 1200).tolist()
+    cls = getattr(diffusers, name)
+    _same_run(_run(cls(trained_betas=betas), X_SHAPE, X_SHAPE, step_kwargs),
+              _run(from_diffusers(cls(trained_betas=betas)), X_SHAPE, X_SHAPE, step_kwargs))
