@@ -230,7 +230,10 @@ def test_dpmsolver_noise_prediction_matches_stock(algo, order, solver_type, pred
 ])
 def test_dpmsolver_options_match_stock(cfg, seed):
     cfg = {**SD, "final_sigmas_type": "sigma_min", **cfg}
-    check("DPMSolverMultistepScheduler", cfg, 12, seed, gain=2.5 if cfg.get("thresholding") else 1.0)
+    # thresholding's quantile makes the last steps sensitive to rounding (1 seed in ~40 gave 1.04e-5 against
+    # the stock, while 10x closer to the fp64 run): judged against fp64 there, as check(truth64=) explains
+    thr = bool(cfg.get("thresholding"))
+    check("DPMSolverMultistepScheduler", cfg, 12, seed, gain=2.5 if thr else 1.0, truth64=thr)
 
 
 def test_dpmsolver_img2img_and_variance_noise(seed):
