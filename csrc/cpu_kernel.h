@@ -242,12 +242,12 @@ struct StepKernel {
     }
     StepOut<V> r = fd_step_element<V, T>(c, f, in);  // all loads done: outputs may alias inputs
     IO::store(p.out + o, r.x);
-    for (int j = 0; j < f.n_writes; ++j) IO::store(p.hw[j] + o, r.h[j]);
-    if (f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale
-      const V u = IO::load(p.out + o) * V(c.u_scale);
+    if (f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale,
+      const V u = IO::load(p.out + o) * V(c.u_scale);  // read before any history write aliasing out
       IO::store(p.u + o, u);
       if (f.u_copies == 2) IO::store(p.u + p.u_off + o, u);
     }
+    for (int j = 0; j < f.n_writes; ++j) IO::store(p.hw[j] + o, r.h[j]);
   }
 
   /// Whether a lane of the accumulator of fd_nonfinite terms is NaN.

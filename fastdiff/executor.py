@@ -442,7 +442,7 @@ class Executor:
         run_ptr, run = ws.run_ptr, ws.program.run
         dt = self.dtype
         shapes = [(2 * B if self.guided[i] else B, *self.shape[1:]) for i in range(n)]
-        dev_index = -1 if self.device.type == "cpu" else self.device.index
+        dev = self.device
         t_in = self.t_in
         watch = _use_count is not None and not graphed  # a graph's buffers are static by design
         taken = self._taken
@@ -457,8 +457,10 @@ class Executor:
                 out = call_model(model, ws.inputs[i], t_in[i], conds[i])
             except StopSampling as stop:  # raised by the model itself: the state before this row
                 raise _Stopped(i) from stop
+            # the whole device, not its index: get_device() is -1 for cpu and meta alike and 0 for cuda:0,
+            # xpu:0 and mps:0, so another device's memory would reach the kernel as a raw pointer
             if (type(out) is not torch.Tensor or out.dtype != dt or out.shape != shapes[i] or not out.is_contiguous()
-                    or out.get_device() != dev_index):
+                    or out.device != dev):
                 out = self._normalise(out, i)
             out, p = taken(ws, out, i, watch)
             if run_ptr is not None:
@@ -508,7 +510,11 @@ class Executor:
                             f"got {type(out).__name__}")
         if tuple(out.shape) != want:
             raise ValueError(f"model output at step {r.step} has shape {tuple(out.shape)}, expected {want}")
-        # any layout or dtype the model returns (detached: a model may enable grad inside)
+        if out.layout != torch.strided or out.device.type == "meta":  # no memory the step could read
+            what = "has no memory" if out.device.type == "meta" else f"is a {out.layout} tensor"
+            raise ValueError(f"model output at step {r.step} is on {out.device} and {what}; expected a dense "
+                             f"tensor on {self.device}")
+        # any layout, dtype or device the model returns (detached: a model may enable grad inside)
         return out.detach().to(dtype=self.dtype, device=self.device).contiguous()
 
     def _taken(self, ws: _Workspace, out: torch.Tensor, i: int, watch: bool) -> tuple[torch.Tensor, int]:

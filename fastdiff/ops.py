@@ -9,6 +9,7 @@ asked for by name that cannot run raises instead.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -64,10 +65,20 @@ def requested_backend(backend: str | None = "auto") -> str:
     return name
 
 
+def _check_configured(name: str) -> None:
+    """Raise the ``ValueError`` of a backend whose configuration is invalid (``cpu``: a bad
+    ``FASTDIFF_CPU_SIMD``): asked for by name or considered by ``auto``, it is refused, not skipped."""
+    check = getattr(_module(name), "check_config", None)
+    if check is not None:
+        check()
+
+
 def resolve(backend: str | None, args: StepArgs) -> ModuleType:
-    """The backend module that will run ``args``."""
+    """The backend module that will run ``args``; a ``ValueError`` if that backend (or one ``auto``
+    considers) is misconfigured (see :func:`_check_configured`)."""
     name = requested_backend(backend)
     if name != "auto":
+        _check_configured(name)
         ok, why = backend_status(name)
         if not ok:
             raise RuntimeError(f"backend {name!r} was requested but is not available: {why}")
@@ -80,6 +91,7 @@ def resolve(backend: str | None, args: StepArgs) -> ModuleType:
         return mod
     reasons = []
     for cand in _AUTO_ORDER.get(args.x.device.type, ()):
+        _check_configured(cand)
         ok, why = backend_status(cand)
         if ok and _module(cand).supports(args):
             return _module(cand)
@@ -95,60 +107,189 @@ def resolve(backend: str | None, args: StepArgs) -> ModuleType:
     return _module("reference")
 
 
+_ROW_LIMIT = 1 << 32
+_ELEMENT_FIELDS = ("out", "m", "m_c", "z", "z2", "mask", "known", "g")
+_PER_SAMPLE_FIELDS = ("w", "r", "s", "seeds")
+
+
+def _not_a_tensor(args: StepArgs) -> TypeError | None:
+    """A ``TypeError`` naming the first tensor argument of ``args`` that is not a tensor (or ``None``)."""
+    fields = [(n, getattr(args, n)) for n in ("x", *_ELEMENT_FIELDS, *_PER_SAMPLE_FIELDS, "u", "flag")]
+    fields += [(f"{n}[{i}]", t) for n in ("h_read", "h_write") for i, t in enumerate(getattr(args, n))]
+    for name, t in fields:
+        if not isinstance(t, torch.Tensor) and (t is not None or name in ("x", "out", "m") or "[" in name):
+            return TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return None
+
+
+def _check_coef(coef) -> None:
+    try:
+        n = len(coef)
+    except TypeError:
+        raise TypeError(f"coef must be a sequence of {N_COEF} numbers, got {type(coef).__name__}") from None
+    if n != N_COEF:
+        raise ValueError(f"coef must have {N_COEF} entries, got {n}")
+    try:
+        if all(map(math.isfinite, coef)):  # the common case: one pass in C
+            return
+    except TypeError:
+        pass
+    for i, c in enumerate(coef):
+        if isinstance(c, (str, bytes)) or not hasattr(c, "__float__"):
+            raise TypeError(f"coef[{i}] must be a real number, got {type(c).__name__} {c!r}")
+        if not math.isfinite(c):
+            raise ValueError(f"coef[{i}] must be finite, got {c!r}")
+
+
 def validate(args: StepArgs) -> None:
-    """Check every tensor of a step (device, dtype, shape, contiguity) before any backend sees it."""
+    """Check every argument of a step before any backend sees it, naming the first bad one.
+
+    ``x`` a floating tensor with a non-empty batch; every element tensor (``out``, ``m``, ``m_c``,
+    ``z``, ``z2``, ``mask``, ``known``, ``g``, ``h_read[k]``, ``h_write[j]``) of ``x``'s shape, dtype
+    and device; ``w``/``r``/``s`` float32 and ``seeds`` int64 of shape ``(B,)`` on that device,
+    wherever given (``w`` with ``m_c``, ``s`` with a clip and ``seeds`` for Philox noise are
+    required); ``u``/``flag`` as :class:`fastdiff.args.StepArgs` says; ``coef`` ``N_COEF`` finite
+    real numbers; ``row`` an int in ``[0, 2**32)`` (the Philox counter word, as every backend takes
+    it); ``clip`` the int 0, 1 or 2; at most ``MAX_READS`` history reads and ``MAX_WRITES`` writes;
+    no output (``out``, ``h_write[j]``, ``u``) whose elements share memory (an expanded view), nor
+    one that requires grad while grad mode is on (the fused kernels write memory autograd does not
+    see; ``reference`` would refuse a leaf). Strides and overlap between different tensors are not
+    errors: :func:`step` stages such rows. Raises ``TypeError`` for something that is not a tensor
+    (or a number) where one belongs, a non-int ``row`` and an element tensor of another dtype;
+    ``ValueError`` for anything else. Every backend gets the same checks: they run before one is
+    chosen.
+    """
+    try:
+        _validate(args)
+    except AttributeError:  # an argument that is not a tensor (or a tuple of them)
+        err = _not_a_tensor(args)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _validate(args: StepArgs) -> None:
     x = args.x
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-    if len(args.coef) != N_COEF:
-        raise ValueError(f"coef must have {N_COEF} entries, got {len(args.coef)}")
+    _check_coef(args.coef)
+    row, clip = args.row, args.clip
+    if type(row) is not int:
+        raise TypeError(f"row must be an int (the Philox counter word), got {type(row).__name__} {row!r}")
+    if not 0 <= row < _ROW_LIMIT:
+        raise ValueError(f"row must be in [0, 2**32) (the Philox counter word), got {row}")
+    for name, seq in (("h_read", args.h_read), ("h_write", args.h_write)):
+        if type(seq) not in (tuple, list):
+            raise TypeError(f"{name} must be a tuple of tensors, got {type(seq).__name__}")
     if len(args.h_read) > MAX_READS or len(args.h_write) > MAX_WRITES:
-        raise ValueError(f"at most {MAX_READS} history reads and {MAX_WRITES} writes per row")
-    if isinstance(args.clip, bool) or args.clip not in (0, 1, 2):
-        raise ValueError(f"clip must be 0 (none), 1 (static) or 2 (dynamic), got {args.clip!r}")
+        raise ValueError(f"at most {MAX_READS} history reads and {MAX_WRITES} writes per row, got h_read with "
+                         f"{len(args.h_read)} and h_write with {len(args.h_write)} tensors")
+    if type(clip) is not int or clip not in (0, 1, 2):
+        raise ValueError(f"clip must be 0 (none), 1 (static) or 2 (dynamic), got {clip!r}")
     named = [("out", args.out), ("m", args.m), ("m_c", args.m_c), ("z", args.z), ("z2", args.z2),
              ("mask", args.mask), ("known", args.known), ("g", args.g)]
     named += [(f"h_read[{i}]", h) for i, h in enumerate(args.h_read)]
     named += [(f"h_write[{i}]", h) for i, h in enumerate(args.h_write)]
+    shape, dtype, dev = x.shape, x.dtype, x.device
     for name, t in named:
         if t is None:
+            if name in ("out", "m") or name.startswith("h_"):
+                raise TypeError(f"{name} must be a torch.Tensor, got None")
             continue
-        if t.shape != x.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.shape != shape or t.dtype != dtype or t.device != dev:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.shape != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but x has shape {tuple(shape)}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {dtype}")
+            raise ValueError(f"{name} is on {t.device} but x is on {dev}")
     if args.known is None and args.mask is not None:
         raise ValueError("mask was given without known")
-    b = x.shape[0]
-    for name, t, need in (("w", args.w, args.m_c is not None), ("r", args.r, False), ("s", args.s, args.clip != 0)):
-        if need and t is None:
-            raise ValueError(f"{name} is required for this row")
-        if t is not None and (t.shape != (b,) or t.dtype != torch.float32 or t.device != x.device):
-            raise ValueError(f"{name} must be a float32 tensor of shape ({b},) on {x.device}, got "
+    b = shape[0]
+    for name, t, need in (("w", args.w, args.m_c is not None), ("r", args.r, False), ("s", args.s, clip != 0),
+                          ("seeds", args.seeds, False)):
+        if t is None:
+            if need:
+                raise ValueError(f"{name} is required for this row")
+            continue
+        want = torch.int64 if name == "seeds" else torch.float32
+        if t.shape != (b,) or t.dtype != want or t.device != dev:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            kind = "an int64" if want is torch.int64 else "a float32"
+            raise ValueError(f"{name} must be {kind} tensor of shape ({b},) on {dev}, got "
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
-    if args.u is not None:
-        u = args.u
-        if (u.dim() != x.dim() or u.shape[0] not in (b, 2 * b) or u.shape[1:] != x.shape[1:] or u.dtype != x.dtype
-                or u.device != x.device):
-            raise ValueError(f"u (the next model input) must be {x.dtype} of shape ({b}, ...) or ({2 * b}, ...) with "
-                             f"x's trailing shape {tuple(x.shape[1:])} on {x.device}, got {u.dtype} {tuple(u.shape)} "
-                             f"on {u.device}")
-    if args.flag is not None:
-        f = args.flag
-        if f.dtype != torch.int32 or f.numel() != 1 or f.device != x.device:
-            raise ValueError(f"flag must be an int32 tensor of one element on {x.device}, got {f.dtype} "
-                             f"{tuple(f.shape)} on {f.device}")
-    if (args.needs_z and args.z is None) or (args.needs_z2 and args.z2 is None):
-        s = args.seeds
-        if s is None:
-            raise ValueError("this row draws noise: give seeds (Philox) or an external noise tensor")
-        if s.shape != (b,) or s.dtype != torch.int64 or s.device != x.device:
-            raise ValueError(f"seeds must be an int64 tensor of shape ({b},) on {x.device}, got "
-                             f"{s.dtype} {tuple(s.shape)} on {s.device}")
+    u, f = args.u, args.flag
+    for name, t in (("u", u), ("flag", f)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if u is not None and (u.dim() != x.dim() or u.shape[0] not in (b, 2 * b) or u.shape[1:] != shape[1:]
+                          or u.dtype != dtype or u.device != dev):
+        raise ValueError(f"u (the next model input) must be {dtype} of shape ({b}, ...) or ({2 * b}, ...) with "
+                         f"x's trailing shape {tuple(shape[1:])} on {dev}, got {u.dtype} {tuple(u.shape)} "
+                         f"on {u.device}")
+    if f is not None and (f.dtype != torch.int32 or f.numel() != 1 or f.device != dev):
+        raise ValueError(f"flag must be an int32 tensor of one element on {dev}, got {f.dtype} "
+                         f"{tuple(f.shape)} on {f.device}")
+    grad = torch.is_grad_enabled()
+    for name, t in (("out", args.out), *((f"h_write[{i}]", h) for i, h in enumerate(args.h_write)), ("u", u)):
+        if t is None:
+            continue
+        # a contiguous tensor's elements are distinct; only a strided one can repeat memory
+        if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{name} is written but several of its elements share memory (strides "
+                             f"{t.stride()}: an expanded view); give a tensor whose elements are distinct")
+        if grad and t.requires_grad:  # the fused kernels write memory, unseen by autograd
+            raise ValueError(f"{name} requires grad: the step writes it in place and is not differentiable; "
+                             "run it under torch.no_grad() or write into a tensor that does not require grad")
+    if ((args.needs_z and args.z is None) or (args.needs_z2 and args.z2 is None)) and args.seeds is None:
+        raise ValueError("this row draws noise: give seeds (Philox) or an external noise tensor")
+
+
+def check_extents(args: StepArgs) -> None:
+    """The checks that keep every backend within the memory of the tensors it is given: constant
+    work per tensor (about 0.2 us each; 3 us for a guided multistep row with its model input and
+    flag); :func:`step` runs them even with ``check=False``. Raises what :func:`validate` raises,
+    naming the argument.
+
+    Checks that every element tensor (``out``, ``m``, ``m_c``, ``z``, ``z2``, ``mask``, ``known``,
+    ``g``, ``h_read[k]``, ``h_write[j]``) has ``x``'s element count, dtype and device; ``w``/``r``/``s``
+    float32 and ``seeds`` int64 with ``B`` elements, ``u`` ``x``'s dtype with 1 or 2 times ``x``'s
+    elements (as its batch says) and ``flag`` one int32 element, all on ``x``'s device; at most
+    ``MAX_READS``/``MAX_WRITES`` history tensors, ``N_COEF`` coefficients and a clip code 0, 1 or 2.
+    """
+    try:
+        ok = _extents_ok(args)
+    except (AttributeError, TypeError, IndexError):  # not a tensor where one belongs, and the like
+        ok = False
+    if not ok:
+        validate(args)  # raises, naming the argument
+        raise ValueError("a step argument has the wrong size, dtype or device (fastdiff.ops.check_extents)")
+
+
+def _extents_ok(args: StepArgs) -> bool:
+    x = args.x
+    hr, hw, clip, n = args.h_read, args.h_write, args.clip, x.numel()
+    if not (len(hr) <= MAX_READS and len(hw) <= MAX_WRITES and len(args.coef) == N_COEF and type(clip) is int
+            and 0 <= clip <= 2 and x.dim() > 0):
+        return False
+    dt, dev = x.dtype, x.device
+    for t in (args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *hr, *hw):
+        if t is not None and t is not x and (t.numel() != n or t.dtype is not dt or t.device != dev):
+            return False
+    b, f32 = x.shape[0], torch.float32
+    for t, want in ((args.w, f32), (args.r, f32), (args.s, f32), (args.seeds, torch.int64)):
+        if t is not None and (t.numel() != b or t.dtype is not want or t.device != dev):
+            return False
+    u, f = args.u, args.flag
+    if u is not None:
+        k = u.shape[0] // b if b and u.dim() else 0
+        if not (k in (1, 2) and u.numel() == k * n and u.dtype is dt and u.device == dev):
+            return False
+    return f is None or (f.numel() == 1 and f.dtype is torch.int32 and f.device == dev)
 
 
 def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> None:
@@ -159,25 +300,43 @@ def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> No
     partly overlapping inputs), the row runs on contiguous copies and the outputs are copied back,
     ``out`` first and then ``h_write`` in order, as ``reference`` writes them.
 
-    ``check=False`` skips :func:`validate` entirely (shapes, dtypes, devices, the per-sample
-    tensors' lengths, the clip code, the coefficient count): only for rows that were validated
-    already, as :func:`prepare` does for the executor's. A row that was not may make a fused
-    backend read or write out of bounds.
+    ``check=True`` runs :func:`validate`: a bad argument raises, naming it, before any tensor is
+    written. ``check=False`` is for rows validated already: it skips the checks of values and
+    layouts (finite coefficients, ``row`` and clip ranges, negated views, outputs that are expanded,
+    need grad or overlap inputs) but still runs :func:`check_extents` (element counts, dtypes and
+    devices: about 3 us for a guided multistep row), so no argument can make a kernel read or write
+    outside its tensors. The executor's prepared rows skip even those (their tensors are its own).
     """
+    negated = False
     if check:
         validate(args)
+        negated = _any_negated(args)
+    else:
+        check_extents(args)
+    _run(args, backend, negated)
+
+
+def _run(args: StepArgs, backend: str | None, negated: bool = False) -> None:
+    """:func:`step` after its checks (the executor's prepared rows come here directly)."""
     name = requested_backend(backend)
     if name != "reference":
-        mod = _fused_for(name, args)
+        mod = _fused_for(name, args) if not negated else None
         if mod is not None:  # the common case: the inputs as they are
             mod.step(args)
             return
-        if needs_staging(args):
+        if negated or needs_staging(args):
             staged, commit = stage(args)
             resolve(backend, staged).step(staged)
             commit()
             return
     resolve(backend, args).step(args)
+
+
+def _any_negated(args: StepArgs) -> bool:
+    """Whether a tensor of ``args`` is a negated view (``torch._neg_view``, the ``.imag`` of a
+    conjugated complex tensor): its memory holds the negated values, which a fused kernel reading
+    the pointer would take as they are; :func:`stage` resolves such views."""
+    return any(t.is_neg() for t in element_tensors(args) + per_sample_tensors(args) + output_tensors(args))
 
 
 def _fused_for(name: str, args: StepArgs) -> ModuleType | None:
@@ -205,7 +364,7 @@ def _reach(t: torch.Tensor) -> int:
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
-            and a.stride() == b.stride())
+            and a.stride() == b.stride() and a.is_neg() == b.is_neg())
 
 
 def needs_staging(args: StepArgs) -> bool:
@@ -228,7 +387,7 @@ def stage(args: StepArgs):
         for src, c in copies:
             if src is t or _same_view(src, t):
                 return c
-        c = t.contiguous()
+        c = t.resolve_neg().contiguous()  # a negated view's values, not its memory
         if c is t and any(_overlaps(o, t) for o in targets):
             c = t.clone()  # an output overlaps it: read from a copy the outputs cannot touch
         copies.append((t, c))
@@ -384,7 +543,7 @@ def prepare(rows: list[StepArgs], backend: str | None = "auto", reductions: list
     if all(mod.supports(a) for a in rows[1:]):
         make = getattr(mod, "prepare", None)
         return make(rows, reductions) if make is not None else Program(rows, reductions, mod.step)
-    return Program(rows, reductions, lambda a: step(a, backend, check=False))
+    return Program(rows, reductions, lambda a: _run(a, backend))
 
 
 # ---------------------------------------------------------------------------------------------

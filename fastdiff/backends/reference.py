@@ -7,8 +7,8 @@ from contextlib import nullcontext
 
 import torch
 
-from ..args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, StepArgs, compute_dtype
-from ..plan import N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
+from ..args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF, StepArgs, compute_dtype
+from ..plan import MAX_READS, MAX_WRITES, N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
 from ..rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
 from ..timing import active_timer
 
@@ -49,8 +49,45 @@ def _no_region(name: str):
     return nullcontext()
 
 
+def check_codes(args: StepArgs) -> None:
+    """Refuse what the compiled backends' argument unpacking refuses (``csrc/bind_args.h``:
+    ``check_counts`` and ``check_pointers``), with the same messages, so that this backend called
+    directly (past :func:`fastdiff.ops.validate`) is no more lenient than ``cpu`` or ``cuda``: the
+    clip code, the coefficient count, the history and model-input counts, and the operands a row
+    needs (``w`` with ``m_c``, ``s`` with a clip, ``known`` with ``mask``, seeds or ``z``/``z2``
+    for the noise it draws). Constant work; no tensor data is read."""
+    clip, n_reads, n_writes = args.clip, len(args.h_read), len(args.h_write)
+    u_copies = args.u_copies
+    if not 0 <= u_copies <= 2:
+        raise ValueError(f"u_copies must be 0, 1 or 2, got {u_copies}")
+    if n_reads > MAX_READS:
+        raise ValueError(f"n_reads must be 0..{MAX_READS}, got {n_reads}")
+    if n_writes > MAX_WRITES:
+        raise ValueError(f"n_writes must be 0..{MAX_WRITES}, got {n_writes}")
+    if type(clip) is not int or clip not in (0, 1, 2):
+        raise ValueError(f"clip must be 0, 1 or 2, got {clip!r}")
+    if len(args.coef) != N_COEF:
+        raise ValueError(f"coef must have {N_COEF} entries, got {len(args.coef)}")
+    if not args.x.numel():
+        return
+    for name, t, why in (("x", args.x, "always"), ("out", args.out, "always"), ("m", args.m, "always"),
+                         *((f"h_read[{k}]", h, "n_reads") for k, h in enumerate(args.h_read)),
+                         *((f"h_write[{j}]", h, "n_writes") for j, h in enumerate(args.h_write)),
+                         ("w", args.w, "m_c is given" if args.m_c is not None else None),
+                         ("s", args.s, "clip != 0" if clip else None),
+                         ("known", args.known, "mask is given" if args.mask is not None else None)):
+        if why is not None and t is None:
+            raise ValueError(f"{name} is required ({why}) but its pointer is null")
+    if ((args.needs_z and args.z is None) or (args.needs_z2 and args.z2 is None)) and args.seeds is None:
+        raise ValueError("seeds is required (the row draws Philox noise) but its pointer is null")
+
+
 def step(args: StepArgs) -> None:
-    """Execute one row: writes ``args.out`` and ``args.h_write`` (which may alias inputs)."""
+    """Execute one row: writes ``args.out`` and ``args.h_write`` (which may alias inputs).
+
+    Checks what the compiled backends check on their own (:func:`check_codes`); the tensors
+    themselves are :func:`fastdiff.ops.validate`'s."""
+    check_codes(args)
     dt = compute_dtype(args.x.dtype)
     c = _round(args.coef, dt)  # coefficients rounded like kernels do
     a_x, a_e = c[C_AX], c[C_AE]
@@ -104,10 +141,13 @@ def step(args: StepArgs) -> None:
             bad = bad | ~torch.isfinite(args.m_c).all()
     # every input is read above; only now write (outputs may alias inputs)
     args.out.copy_(new_x)
+    u = None
+    if args.u is not None:  # the next model input: x' as stored (before any history write that may
+        # alias out), times the next row's in_scale
+        u = args.out * c[C_U] if dt == torch.float64 else (args.out.to(dt) * c[C_U]).to(args.out.dtype)
     for h, v in zip(args.h_write, writes):
         h.copy_(v)
-    if args.u is not None:  # the next model input: x' as stored, times the next row's in_scale
-        u = args.out * c[C_U] if dt == torch.float64 else (args.out.to(dt) * c[C_U]).to(args.out.dtype)
+    if u is not None:
         for k in range(args.u_copies):
             args.u[k * args.x.shape[0]:(k + 1) * args.x.shape[0]].copy_(u)
     if bad is not None:
