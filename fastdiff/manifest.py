@@ -7,8 +7,9 @@ file. It holds a canonical description (:func:`describe`) of:
 - ``fastdiff``: the version (informational) and :data:`NUMERICS`, the number of the arithmetic
   that turns settings into samples. A run with another fastdiff version is accepted when
   ``NUMERICS`` is the same (the samples cannot differ) and refused when it is not;
-- ``samples``: the number of samples, their seeds (a digest), the shape, dtype, device type and the
-  global noise tensor's content when one is given;
+- ``samples``: the number of samples, their seeds (a digest), the shape, dtype, device type, the
+  backend the run resolves to (``auto`` included) and the global noise tensor's content when one
+  is given;
 - ``model``: the caller's ``model_id`` when given, else the model's identity: the SHA-256 of an
   ``nn.Module``'s state dict (parameters and buffers, computed once per call), or for a plain
   function its qualified name plus the identity of the modules, tensors and numbers it closes over;
@@ -177,15 +178,17 @@ def seeds_digest(seeds: Sequence[int]) -> str:
 
 def build(*, seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype, device: torch.device,
           noise: torch.Tensor | None, model: Any, model_id: str | None, conds: Any, unconds: Any,
-          settings: Mapping[str, Any], run: Mapping[str, Any] | None = None) -> dict:
-    """The manifest of one run (JSON-compatible, normalised as it reads back)."""
+          settings: Mapping[str, Any], run: Mapping[str, Any] | None = None, backend: str | None = None) -> dict:
+    """The manifest of one run (JSON-compatible, normalised as it reads back). ``backend``: the
+    backend the run resolves to (``auto`` may resolve differently on another machine, and backends
+    agree to rounding, not bit for bit, for every sampler)."""
     from . import __version__
 
     doc = {
         "format": FORMAT,
         "fastdiff": {"version": __version__, "numerics": NUMERICS},
         "samples": {"n": len(seeds), "seeds_sha256": seeds_digest(seeds), "shape": list(shape), "dtype": str(dtype),
-                    "device": torch.device(device).type, "noise": describe(noise)},
+                    "device": torch.device(device).type, "noise": describe(noise), "backend": backend},
         "model": model_identity(model, model_id),
         "conds": describe(conds),
         "unconds": describe(unconds),

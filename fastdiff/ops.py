@@ -141,6 +141,16 @@ def _check_coef(coef) -> None:
             raise ValueError(f"coef[{i}] must be finite, got {c!r}")
 
 
+def backend_for(backend: str | None, like: torch.Tensor) -> str:
+    """The name of the backend that ``backend`` (``auto`` included) resolves to for rows of tensors
+    shaped, typed and placed like ``like`` (``[B, ...]``); ``RuntimeError`` if none can run them,
+    ``ValueError`` for a bad or misconfigured name. ``auto``'s fallback warning is not issued here."""
+    x = like[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return resolve(backend, StepArgs(x=x, out=x, m=x, coef=(0.0,) * N_COEF)).NAME
+
+
 def validate(args: StepArgs) -> None:
     """Check every argument of a step before any backend sees it, naming the first bad one.
 

@@ -372,16 +372,8 @@ def profile(
 def _probe_backend(name: str, noise: torch.Tensor) -> tuple[str | None, str]:
     """``(backend, "")``: which backend ``name`` resolves to for tensors like ``noise``; ``(None, why)``
     if it cannot run them."""
-    from .args import N_COEF, StepArgs
-
-    x = noise[:1]
-    args = StepArgs(x=x, out=x, m=x, coef=(0.0,) * N_COEF)
     try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ops.resolve(name, args).NAME, ""
+        return ops.backend_for(name, noise), ""
     except RuntimeError as exc:
         return None, str(exc)
 

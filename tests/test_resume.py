@@ -188,3 +188,16 @@ def test_cli_killed_part_way_then_resumed_is_byte_identical(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert files_of(d) == files_of(ref)
+
+
+def test_the_backend_auto_resolves_to_is_recorded(tmp_path, monkeypatch):
+    from fastdiff import ops
+
+    if not ops.backend_status("cpu")[0]:
+        pytest.skip("no cpu backend: auto is reference here")
+    d = str(tmp_path / "o")
+    _run(d, backend="auto")
+    assert json.load(open(os.path.join(d, manifest.FILE)))["samples"]["backend"] == "cpu"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")  # auto now resolves to another backend
+    with pytest.raises(ManifestError, match=r"samples\.backend was 'cpu', now 'reference'"):
+        _run(d, backend="auto", resume=True)
