@@ -16,8 +16,10 @@ verify it, and a missing, corrupt, truncated or mismatched file raises
 - :class:`NoisyClassifier` ``clf(x_t, t) -> logits [B, 10]``: p(y | x_t, t) on the model input
   ``x_t = alpha_t x0 + sigma_t eps``, differentiable w.r.t. ``x_t`` (classifier guidance).
 - :class:`FeatureClassifier` ``clf(x) -> logits [B, 10]`` on clean digits; ``clf.features(x)``
-  is its penultimate layer ``[B, 64]``, the feature space of the Fréchet distance in
-  ``scripts/digits_quality.py``.
+  is its penultimate layer ``[B, 64]``, the feature space of the metrics in
+  ``scripts/digits_quality.py`` (:func:`frechet_distance`, :func:`kid`, :func:`precision_recall`,
+  :func:`density_coverage`). It trains on the ``feature`` split only, disjoint from the ``test``
+  digits (the metrics' reference) and the ``floor`` digits (their real-data floor): see :func:`load_data`.
 
 Pixels are scaled to [-1, 1] (``v / 8 - 1`` for sklearn's 0..16 values); images are ``[B, 1, 8, 8]``.
 Loading needs ``safetensors`` and nothing else; only :func:`load_data` needs scikit-learn (the
@@ -48,7 +50,12 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 """Where the loaders look by default (the committed weights)."""
 _PACKAGE_WEIGHTS = WEIGHTS_DIR
 TEST_SIZE = 360
-"""Digits held out (the first ``TEST_SIZE`` of a fixed permutation) from every model's training."""
+"""Digits held out (the first ``TEST_SIZE`` of a fixed permutation) from every model's training: the
+reference set of the sample-quality metrics."""
+FLOOR_SIZE = 720
+"""Training digits (the next ``FLOOR_SIZE`` of the permutation) the feature classifier never sees: the
+real-data floor of the sample-quality metrics is drawn from them (the denoiser and the noise-conditional
+classifier do train on them)."""
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -110,11 +117,11 @@ class Denoiser(nn.Module):
 class NoisyClassifier(nn.Module):
     """p(y | x_t, t): logits ``[B, 10]`` from a noisy model input ``x_t`` ``[B, 1, 8, 8]`` and ``t`` ``[B]``.
 
-    Same trunk as :class:`Denoiser` (residual MLP, FiLM on the time embedding), smaller.
+    Same trunk as :class:`Denoiser` (residual MLP, FiLM on the time embedding), same width and depth.
     Differentiable w.r.t. ``x_t`` (classifier guidance calls it under autograd).
     """
 
-    def __init__(self, width: int = 128, blocks: int = 2, emb: int = 64, ratio: int = 2, t_dim: int = 64):
+    def __init__(self, width: int = 192, blocks: int = 3, emb: int = 64, ratio: int = 2, t_dim: int = 64):
         super().__init__()
         self.arch = {"width": width, "blocks": blocks, "emb": emb, "ratio": ratio, "t_dim": t_dim}
         self.t_dim = t_dim
@@ -353,8 +360,17 @@ def schedule_config(weights_dir: str | None = None) -> dict:
 def load_data(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's bundled digits (no download): ``(x [N, 1, 8, 8] float32 in [-1, 1], y [N] int64)``.
 
-    ``split``: ``train`` (1437 digits), ``test`` (the :data:`TEST_SIZE` = 360 held out by a fixed
-    permutation) or ``all`` (1797). Needs scikit-learn (``pip install fastdiff[train]``).
+    ``split``, all cut from one fixed permutation of the 1797 digits:
+
+    - ``test``: the first :data:`TEST_SIZE` = 360, held out from every model (the metrics' reference set);
+    - ``train``: the other 1437 (the denoiser and the noise-conditional classifier train on them),
+      itself cut in two disjoint parts:
+    - ``floor``: its first :data:`FLOOR_SIZE` = 720, which the feature classifier never sees (the
+      real-data floor of the metrics is drawn from them);
+    - ``feature``: the remaining 717, the feature classifier's training set;
+    - ``all``: the 1797 in sklearn's order.
+
+    Needs scikit-learn (``pip install fastdiff[train]``).
     """
     try:
         from sklearn.datasets import load_digits
@@ -366,9 +382,11 @@ def load_data(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     if split == "all":
         return x, y
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    idx = perm[:TEST_SIZE] if split == "test" else perm[TEST_SIZE:]
+    cuts = {"test": (0, TEST_SIZE), "train": (TEST_SIZE, len(y)), "floor": (TEST_SIZE, TEST_SIZE + FLOOR_SIZE),
+            "feature": (TEST_SIZE + FLOOR_SIZE, len(y))}
+    if split not in cuts:
+        raise ValueError(f"split must be one of {sorted([*cuts, 'all'])}, got {split!r}")
+    idx = perm[slice(*cuts[split])]
     return x[idx], y[idx]
 
 
@@ -401,3 +419,73 @@ def noisy_classifier_loss(model: NoisyClassifier, x0: torch.Tensor, y: torch.Ten
     """Cross-entropy of p(y | x_t, t) at a uniform random training step per sample."""
     xt, t, _ = noisy(x0, acp, generator)
     return F.cross_entropy(model(xt, t), y)
+
+
+# ----------------------------------------------------------------------------- sample-quality metrics
+# Feature-space metrics between a set of real features ``[N, d]`` and generated ones ``[M, d]``
+# (``scripts/digits_quality.py`` uses :meth:`FeatureClassifier.features`). Computed in float64.
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula):
+    ``||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2)``, by symmetric eigendecompositions.
+
+    Biased at small sample sizes (it grows as the sets shrink), so compare only values computed with
+    the same numbers of samples."""
+    a, b = real.to(torch.float64), fake.to(torch.float64)
+    mu1, mu2, c1, c2 = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(c1)
+    s1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    m = s1 @ c2 @ s1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + torch.trace(c1) + torch.trace(c2) - 2 * tr_sqrt)
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, degree: int = 3) -> float:
+    """Kernel Inception Distance (Bińkowski et al. 2018): the unbiased estimate of the squared MMD with
+    the polynomial kernel ``k(x, y) = (x.y / d + 1) ** degree``, over all pairs of the two sets.
+
+    Unbiased at any sample size (its expectation is 0 when both sets come from one distribution, so
+    it can come out slightly negative), unlike :func:`frechet_distance`."""
+    a, b = real.to(torch.float64), fake.to(torch.float64)
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    if n < 2 or m < 2:
+        raise ValueError(f"kid needs at least 2 samples in each set, got {n} and {m}")
+    kaa = (a @ a.T / d + 1) ** degree
+    kbb = (b @ b.T / d + 1) ** degree
+    kab = (a @ b.T / d + 1) ** degree
+    saa = (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
+    sbb = (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
+    return float(saa + sbb - 2 * kab.mean())
+
+
+def _kth_nn_radius(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of each row of ``f`` to its ``k``-th nearest other row."""
+    if f.shape[0] <= k:
+        raise ValueError(f"need more than k={k} samples, got {f.shape[0]}")
+    d = torch.cdist(f, f)
+    return d.kthvalue(k + 1, dim=1).values  # k + 1: the point itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of
+    balls around its points reaching their ``k``-th nearest neighbour; precision is the share of
+    generated points inside the real manifold (fidelity), recall the share of real points inside the
+    generated one (diversity: it drops when guidance collapses the samples onto few modes)."""
+    a, b = real.to(torch.float64), fake.to(torch.float64)
+    ra, rb = _kth_nn_radius(a, k), _kth_nn_radius(b, k)
+    d = torch.cdist(b, a)  # [M, N]
+    precision = (d <= ra[None, :]).any(1).double().mean()
+    recall = (d.T <= rb[None, :]).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020), with the real points' ``k``-th nearest-neighbour
+    balls: density counts how many real balls hold each generated point (about 1 for matching sets,
+    above 1 when samples crowd where real data is dense), coverage is the share of real points whose
+    ball holds at least one generated point (diversity, robust to outliers)."""
+    a, b = real.to(torch.float64), fake.to(torch.float64)
+    ra = _kth_nn_radius(a, k)
+    inside = torch.cdist(b, a) <= ra[None, :]  # [M, N]
+    return float(inside.double().sum() / (k * b.shape[0])), float(inside.any(0).double().mean())
