@@ -15,6 +15,12 @@ the state taken from any parameterization (:func:`fastdiff.plan.score_coeffs`):
 The last step, to the end of the grid, adds no noise (Song et al.'s ``denoise``; diffusers' score-SDE
 pipeline returns ``prev_sample_mean``): on VE it is Tweedie's ``x + sigma^2 g = E[x0 | x]``.
 
+``pc``'s Langevin corrector is Song et al.'s Algorithm 4 (VE) / 5 (VP): ``x' = x + e g + sqrt(2e) z``
+with ``e = 2 alpha_i (snr ||z|| / ||g||)^2``, ``alpha_i = 1`` on VE and ``1 - beta_i`` on VP, ``beta_i``
+the training schedule's discrete beta at the level's timestep (their code's
+``alpha = 1 - beta[timestep]``). A plan's Langevin row computes ``2 (r ||z|| / ||g||)^2``
+(:mod:`fastdiff.plan`), so the row carries ``r = snr sqrt(alpha_i)``.
+
 Grids are the schedule's own (``schedule.discretize``). With ``sampling_eps`` a VE schedule with
 ``sigma_grid="exponential"`` uses Song et al.'s (and diffusers') grid instead: times
 ``t_i = linspace(1, sampling_eps, N)``, the model called at ``sigma(t_i) = sigma_min (sigma_max /
@@ -115,14 +121,33 @@ def predictor_out(kind: str, p: dict, lv: Level, ode: bool, noise: bool) -> tupl
     return combo(x=1.0 + drift + c * l_x, e=c * l_e, z=z)
 
 
+def corrector_alpha(schedule, lv: Level) -> float:
+    """Song et al.'s ``alpha_i`` of the Langevin corrector (Algorithm 5) at level ``lv``: 1 on VE
+    (Algorithm 4); on VP ``1 - beta_i``, the training schedule's discrete beta at the level's timestep
+    (their code: ``alpha = 1 - beta[timestep]``, the timestep truncated to an integer as ``.long()`` does)."""
+    if schedule.kind == "ve":
+        return 1.0
+    return 1.0 - float(schedule.betas[int(lv.t)])
+
+
+def corrector_row(schedule, p: dict, lv: Level, snr: float, step: int, stage: int) -> Row:
+    """One Langevin corrector step ``x' = x + e_i g + sqrt(2 e_i) z``, ``e_i = 2 alpha_i (snr ||z|| / ||g||)^2``
+    (Song et al. 2021, Algorithms 4/5): a Langevin row (:mod:`fastdiff.plan`, ``k = 2 (r ||z|| / ||g||)^2``)
+    with ``r = snr sqrt(alpha_i)``. Where ``alpha_i = 0`` (a beta of 1) the step is 0: the row keeps ``x``
+    and still consumes its draw of noise."""
+    r = snr * math.sqrt(corrector_alpha(schedule, lv))
+    if r == 0.0:
+        return Row(**p, out=combo(x=1.0), noise=True, step=step, stage=stage)
+    return Row(**p, out=combo(x=1.0, e=1.0, z=1.0), noise=True, snr=r, step=step, stage=stage)
+
+
 def _plan(name: str, schedule, steps: int, prediction: str, sampling_eps, *, ode: bool, correct_steps: int = 0,
           snr: float = 0.0, snr_norm: str = "batch") -> Plan:
     lvs, init = levels(schedule, steps, sampling_eps)
     rows = []
     for i, lv in enumerate(lvs):
         p = point(schedule, prediction, lv)
-        for j in range(correct_steps):
-            rows.append(Row(**p, out=combo(x=1.0, e=1.0, z=1.0), noise=True, snr=snr, step=i, stage=j))
+        rows += [corrector_row(schedule, p, lv, snr, i, j) for j in range(correct_steps)]
         noise = not ode and i + 1 < steps
         rows.append(Row(**p, out=predictor_out(schedule.kind, p, lv, ode, noise), noise=noise, step=i,
                         stage=correct_steps))
@@ -153,7 +178,14 @@ def pf_ode(schedule, steps: int, prediction: str, *, sampling_eps) -> Plan:
           options={"snr": 0.15, "correct_steps": 1, "sampling_eps": None, "snr_norm": "batch"})
 def pc(schedule, steps: int, prediction: str, *, snr: float, correct_steps: int, sampling_eps,
        snr_norm: str) -> Plan:
-    """Predictor-corrector sampling: Langevin corrector then reverse-SDE predictor per level (Song et al. 2021, Alg. 2/3)."""
+    """Predictor-corrector sampling: Langevin corrector then reverse-SDE predictor per level (Song et al. 2021, Alg. 2/3).
+
+    Per level, ``correct_steps`` Langevin corrector steps (Algorithm 4 on VE, 5 on VP), each
+    ``x' = x + e g + sqrt(2 e) z`` with ``e = 2 alpha_i (snr ||z|| / ||g||)^2`` (norms averaged over the
+    batch, or per sample with ``snr_norm="sample"``), ``alpha_i = 1`` on VE and ``1 - beta_i`` on VP
+    (:func:`corrector_alpha`), then the reverse-diffusion predictor step of ``sde_ve`` / ``sde_vp``.
+    On VE with ``sampling_eps`` this is diffusers' ``ScoreSdeVeScheduler`` step for step.
+    """
     snr = check_number("snr", snr, 0.0)
     if isinstance(correct_steps, bool) or not isinstance(correct_steps, int) or correct_steps < 0:
         raise ValueError(f"correct_steps must be an int >= 0, got {correct_steps!r}")

@@ -1,5 +1,6 @@
-"""Langevin dynamics (``sgld``, ``annealed_langevin``): the stationary law on a known Gaussian,
-annealed Langevin on a Gaussian mixture, the plan's step sizes, and fused == reference."""
+"""Langevin dynamics (``sgld``, ``annealed_langevin``): the plans (NCSN's ladder and steps, sgld's
+defaults), annealed Langevin on a Gaussian mixture, and fused == reference. Exact laws on Gaussians
+and sliced W2 on the ring: ``test_langevin_exact.py``."""
 
 import math
 
@@ -14,55 +15,51 @@ from fastdiff.plan import OP_E, OP_X, OP_Z
 from ._harness import assert_close_traj, initial_noise, ours
 
 
-@pytest.mark.parametrize("kind, pred", [("ve", "score"), ("ve", "x0"), ("ve", "eps"), ("vp", "eps"), ("vp", "v")])
-def test_sgld_reaches_the_noisy_gaussian(kind, pred, seed):
-    """Data ``N(mu, s^2)``: at noise level sigma the model input ``u = alpha x0 + sigma_t eps`` has law
-    ``N(alpha mu, V)``, ``V = alpha^2 s^2 + sigma_t^2``, and Langevin dynamics with the exact score
-    (from a score model or derived from a denoiser) targets it. With step ``a`` the chain
-    ``u' - m = (1 - a/(2V)) (u - m) + sqrt(a) z`` is stationary at ``N(m, V / (1 - a/(4V)))``:
-    checked to 5 standard errors over 65536 independent chains, and the continuous law within that
-    O(a) bias."""
-    g = torch.Generator().manual_seed(seed)
-    D, B, s = 16, 4096, 0.5
-    mu = torch.randn(1, D, generator=g, dtype=torch.float64)
-    gm = GaussianMixture(mu, [s])
-    sch = schedules.VESchedule(sigma_min=0.01, sigma_max=10.0) if kind == "ve" else schedules.from_config({})
-    sigma = 0.5
-    alpha = 1.0 if kind == "ve" else 1 / math.sqrt(1 + sigma**2)
-    V = alpha**2 * s**2 + (sigma * alpha) ** 2
-    a = 0.1 * V
-    steps = 300  # contraction (1 - a/(2V))^300 = 0.95^300 = 2e-7
-    plan = samplers.build("sgld", sch, steps, prediction=pred, sigma=sigma, step_size=a)
-    assert plan.meta["step_size"] == a and len(plan.rows) == steps
-    f = gm.model(sch.alpha_sigma, pred, times=[plan.rows[0].t])
-    x = torch.randn(B, D, generator=g) * plan.init_scale
-    out = run_plan(plan, f, x, LoopOptions(seeds=torch.arange(B) + seed)).double()
-    dev = out - alpha * mu
-    n = B * D
-    mean, var = float(dev.mean()), float((dev**2).mean())
-    v_disc = V / (1 - a / (4 * V))
-    assert abs(mean) < 5 * math.sqrt(v_disc / n), (mean, v_disc)
-    se = v_disc * math.sqrt(2 / n)
-    assert abs(var - v_disc) < 5 * se, (var, v_disc, se)
-    assert abs(var - V) < (v_disc - V) + 5 * se, (var, V)
-
-
 def test_annealed_langevin_plan_follows_ncsn():
     sch = schedules.VESchedule(sigma_min=0.01, sigma_max=1.0, sigma_grid="exponential")
     plan = samplers.build("annealed_langevin", sch, 10, n_steps_each=7, step_lr=2e-5)
-    assert len(plan.rows) == 10 * 7 + 1 and plan.steps == 10 and plan.init_scale == 1.0
-    sig = [float(v) for v in sch.discretize(10).sigmas[:10]]
+    # N(0, 1 + sigma_1^2): unit-scale data under the first level's noise (was sigma_max = 1 before the ladder rework)
+    assert len(plan.rows) == 10 * 7 + 1 and plan.steps == 10 and plan.init_scale == pytest.approx(math.sqrt(2))
+    sig = [float(v) for v in sch.discretize(10).sigmas[:10]]  # an exponential VE grid is NCSN's ladder
+    assert plan.meta["sigmas"] == pytest.approx(sig, rel=1e-12)
     for r in plan.rows[:-1]:
         si = sig[r.step]
         a = 2e-5 * si**2 / sig[-1] ** 2  # Song & Ermon's alpha_i = eps sigma_i^2 / sigma_L^2
-        assert r.noise and r.t == si and r.out[OP_Z] == pytest.approx(math.sqrt(a), rel=1e-12)
+        assert r.noise and r.t == pytest.approx(si, rel=1e-12) and r.out[OP_Z] == pytest.approx(math.sqrt(a), rel=1e-12)
         assert r.out[OP_X] == 1.0 and r.out[OP_E] == pytest.approx(a / 2, rel=1e-12)  # score model: x + a/2 g
     last = plan.rows[-1]  # the final denoising: Tweedie's E[x0 | x] at the last level
-    assert not last.noise and last.sigma == sig[-1] and last.out[1] == 1.0 and sum(map(abs, last.out)) == 1.0
+    assert not last.noise and last.sigma == pytest.approx(sig[-1])
+    assert last.out[1] == 1.0 and sum(map(abs, last.out)) == 1.0
     no_denoise = samplers.build("annealed_langevin", sch, 10, n_steps_each=7, step_lr=2e-5, denoise=False)
     assert no_denoise.rows == plan.rows[:-1]
     default = samplers.build("annealed_langevin", sch, 10, n_steps_each=7)
     assert default.rows[-2].out[OP_Z] == pytest.approx(math.sqrt(0.2) * sig[-1], rel=1e-12)
+
+
+def test_annealed_langevin_ladder_is_geometric_on_any_schedule():
+    """NCSN's geometric ladder whatever the schedule's own grid (a Karras VE grid; a VP schedule's
+    timestep grid, whose last jump at 20 steps was 0.18 -> 0.01): on VP from the last training step's
+    sigma (157) to the first's (0.01), the model queried at the timestep of each sigma, seeing
+    ``x / sqrt(1 + sigma^2)``."""
+    karras = schedules.VESchedule(sigma_min=0.002, sigma_max=80.0)
+    sig = samplers.build("annealed_langevin", karras, 20, n_steps_each=1, denoise=False).meta["sigmas"]
+    assert sig == pytest.approx([80.0 * (0.002 / 80.0) ** (i / 19) for i in range(20)], rel=1e-12)
+    vp = schedules.from_config({})
+    plan = samplers.build("annealed_langevin", vp, 20, prediction="eps", n_steps_each=2)
+    sig = plan.meta["sigmas"]
+    assert sig[0] == float(vp.train_sigmas[-1]) and sig[-1] == pytest.approx(float(vp.train_sigmas[0]), rel=1e-12)
+    ratios = [a / b for a, b in zip(sig, sig[1:])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-9)
+    for r in plan.rows:
+        s = sig[r.step]
+        assert r.sigma == s and r.t == pytest.approx(float(vp.sigma_to_t(s)), abs=1e-9)
+        assert r.in_scale == pytest.approx(1 / math.sqrt(1 + s * s), rel=1e-12)
+        a, sd = vp.alpha_sigma(r.t)
+        assert sd / a == pytest.approx(s, rel=1e-6)  # the model's noise level is the ladder's
+    assert plan.rows[0].t == pytest.approx(999.0) and plan.rows[-1].t == pytest.approx(0.0, abs=1e-9)
+    assert plan.init_scale == pytest.approx(math.sqrt(1 + sig[0] ** 2))
+    short = samplers.build("annealed_langevin", vp, 5, sigma_max=2.0, sigma_min=0.05).meta["sigmas"]
+    assert short[0] == 2.0 and short[-1] == pytest.approx(0.05, rel=1e-12)
 
 
 @pytest.mark.parametrize("pred", ["score", "x0"])
@@ -110,14 +107,24 @@ def test_fused_cpu_equals_reference(name, kind, pred, opts, noise, seed):
 
 
 def test_sgld_defaults():
-    ve = schedules.VESchedule(sigma_min=0.02, sigma_max=10.0)
-    plan = samplers.build("sgld", ve, 4)
-    r = plan.rows[0]
-    assert r.t == r.sigma == 0.02 and plan.meta["step_size"] == pytest.approx(0.1 * 0.02**2)
-    assert plan.init_scale == pytest.approx(math.sqrt(1 + 0.02**2))
+    """sigma and the step from the number of steps: a = sigma^2, sigma^2 = 6 / (steps - 6), within the
+    schedule's range (the old default, the schedule's smallest sigma with a = 0.1 sigma^2, left 200
+    steps 0.992 correlated with the initial noise); then Tweedie's E[x0 | x]."""
     vp = schedules.from_config({})
-    r = samplers.build("sgld", vp, 4, prediction="eps").rows[0]
-    assert r.sigma == float(vp.train_sigmas[0]) and r.t == pytest.approx(0.0, abs=1e-9)
+    for steps, sigma in [(30, 0.5), (200, math.sqrt(6 / 194)), (1000, math.sqrt(6 / 994))]:
+        plan = samplers.build("sgld", vp, steps, prediction="eps")
+        r = plan.rows[0]
+        assert plan.meta["sigma"] == pytest.approx(sigma, rel=1e-12) and r.sigma == plan.meta["sigma"]
+        assert plan.meta["step_size"] == pytest.approx(sigma**2, rel=1e-12)
+        assert r.t == pytest.approx(float(vp.sigma_to_t(sigma)))
+        assert r.in_scale == pytest.approx(1 / math.sqrt(1 + sigma**2))
+        assert plan.init_scale == pytest.approx(math.sqrt(1 + sigma**2))
+        assert len(plan.rows) == steps + 1 and plan.rows[-1].out[1] == 1.0 and not plan.rows[-1].noise
+    ve = schedules.VESchedule(sigma_min=0.02, sigma_max=10.0)
+    assert samplers.build("sgld", ve, 6).meta["sigma"] == 10.0  # no noise level mixes in 6 steps: the prior's
+    assert samplers.build("sgld", ve.replace(sigma_min=0.3), 100).meta["sigma"] == 0.3  # not below the smallest
+    assert samplers.build("sgld", ve, 30, sigma=0.3).meta["step_size"] == pytest.approx(0.09)
+    assert len(samplers.build("sgld", ve, 30, denoise=False).rows) == 30
 
 
 @pytest.mark.parametrize("call, match", [
@@ -127,6 +134,9 @@ def test_sgld_defaults():
     (lambda: samplers.build("annealed_langevin", None, 5, n_steps_each=0), "n_steps_each"),
     (lambda: samplers.build("annealed_langevin", None, 5, step_lr=-1e-5), "step_lr"),
     (lambda: samplers.build("annealed_langevin", schedules.FlowSchedule(), 5), "flow schedule"),
+    (lambda: samplers.build("annealed_langevin", None, 5, sigma_min=0.0), "sigma_min"),
+    (lambda: samplers.build("annealed_langevin", None, 5, sigma_max=math.inf), "sigma_max"),
+    (lambda: samplers.build("annealed_langevin", None, 5, sigma_min=2.0, sigma_max=1.0), "sigma_min <= sigma_max"),
 ])
 def test_errors_name_the_bad_argument(call, match):
     with pytest.raises(ValueError, match=match):
