@@ -108,8 +108,10 @@ class Row:
         alpha_t, sigma_t: the model input is ``u = alpha_t * x0 + sigma_t * eps`` at this row
             (``None`` where a sampler does not say); the loop needs them for classifier guidance
             (Tweedie: ``E[x0 | u, y] = E[x0 | u] + sigma_t**2 / alpha_t * grad log p(y | u)``).
-        snr: ``> 0`` makes this a Langevin corrector row with that signal-to-noise ratio (see the
-            module docstring); needs ``noise``, ``alpha_t``/``sigma_t`` and ``out = combo(x=1, e=1, z=1)``.
+        snr: ``> 0`` makes this a Langevin corrector row whose step is ``2 (snr ‖z‖/‖g‖)²`` (see the
+            module docstring): the sampler's signal-to-noise ratio, times any factor it folds in
+            (``pc`` on VP carries ``snr·√α_i``, Song et al.'s ``α_i = 1 − β_i``); needs ``noise``,
+            ``alpha_t``/``sigma_t`` and ``out = combo(x=1, e=1, z=1)``.
     """
 
     t: float
