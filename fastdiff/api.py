@@ -200,7 +200,8 @@ def sample(
         guidance_rescale: diffusers' ``guidance_rescale`` (0 = off).
         cond, uncond: conditioning for the model (tensor or dict of tensors), batch ``B`` each.
         seed: int (sample ``b`` gets ``seed + b``) or one int per sample: in-kernel Philox noise,
-            identical across devices, backends and batch sizes.
+            bit-identical on the reference, cpu and cuda backends and at any batch size (triton:
+            to a few float32 ulps; see the README's Reproducibility).
         generator: a ``torch.Generator`` (or one per sample): noise drawn as diffusers draws it.
             Exclusive with ``seed``. With neither, seeds are drawn from torch's global RNG.
         backend: ``auto``, ``reference``, ``cpu``, ``triton`` or ``cuda`` (``FASTDIFF_BACKEND``

@@ -1,21 +1,32 @@
 """Counter-based noise: Philox4x32-10 and Box–Muller in plain torch (the reference stream).
 
-Every backend reproduces this stream bit for bit (the uint32 words) and to float rounding (the
-normals). Element ``j`` of sample ``b`` at plan row ``row`` and noise stream ``stream`` is::
+Element ``j`` of sample ``b`` at plan row ``row`` and noise stream ``stream`` is::
 
     key     = (seed[b] & 0xFFFFFFFF, seed[b] >> 32)
     counter = (g & 0xFFFFFFFF, g >> 32, row, stream)      with g = j // 4
     u0..u3  = philox4x32_10(counter, key)
     f(u)    = ((u >> 9) * 2 + 1) * 2**-24                  # exact float32 in (0, 1)
-    n0, n1  = sqrt(-2 ln f(u0)) * (cos, sin)(2π f(u1))
-    n2, n3  = sqrt(-2 ln f(u2)) * (cos, sin)(2π f(u3))
+    n0, n1  = sqrt(-2 ln f(u0)) * (cos, sin)(f(u1) * float(2π))
+    n2, n3  = sqrt(-2 ln f(u2)) * (cos, sin)(f(u3) * float(2π))
     z       = n[j % 4]
 
-Noise therefore depends only on (seed, row, stream, element): the same seed gives the same
-sample at any batch size, position in the batch, device or backend. Arithmetic is float32.
+Arithmetic is float32 and fully specified: ``ln``, ``sin`` and ``cos`` are the Cephes polynomials
+of ``csrc/philox.h``, written here as the same float32 operations in the same order, none fused
+(:func:`log_f32`, :func:`sincos_f32`; the C++ build has ``-ffp-contract=off``, nvcc
+``--fmad=false``), and ``sqrt`` is correctly rounded (:func:`sqrt_rn`). torch's own ``log``, ``sin``,
+``cos`` and CPU ``sqrt`` round differently from the kernels and from each other across devices.
+So the ``reference``, ``cpu`` (every SIMD level) and ``cuda`` backends draw bit-identical normals,
+and the uint32 words are bit-identical on every backend. The ``triton`` kernel computes
+``ln``/``sin``/``cos`` with libdevice (``__nv_logf``/``__nv_sinf``/``__nv_cosf``, flush-to-zero)
+and differs within :data:`TRITON_NORMAL_TOL`.
+
+Noise depends only on (seed, row, stream, element): the same seed gives the same noise at any
+batch size and position in the batch, on any device.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 
@@ -29,6 +40,12 @@ STREAM_MAIN = 0
 """Stream of the solver noise ``z``."""
 STREAM_KNOWN = 1
 """Stream of the noise ``z2`` that re-noises the known region under a mask."""
+TRITON_NORMAL_TOL = 4 * 2.0**-23
+"""The ``triton`` backend's normals ``z'`` differ from this stream's ``z`` by at most
+``TRITON_NORMAL_TOL * max(|z|, 1)`` (its libdevice ``logf``/``sinf``/``cosf`` round differently from
+the Cephes polynomials). Measured on 16.8M normals through a CPU build of Triton's own libdevice
+(tests/test_reproducibility.py): 12% of elements differ, by at most 3 ulp, 7.2e-7 absolute,
+2.7 * 2**-23 scaled; tests/backends/test_gpu.py asserts the bound on the GPU."""
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,11 +78,96 @@ def uniform01(u: torch.Tensor) -> torch.Tensor:
     return ((u >> 9) * 2 + 1).to(torch.float32) * (2.0**-24)
 
 
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (a C++ ``F(...f)`` literal), as a Python float."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+# The float32 constants of csrc/philox.h, each rounded as the C++ literal is.
+_SQRT_HALF = _f32(0.707106781186547524)
+_LOG_P = tuple(_f32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
+                                 1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
+                                 3.3333331174e-1))
+_LOG_Q1 = _f32(-2.12194440e-4)
+_LOG_Q2 = 0.693359375
+_FOUR_OVER_PI = _f32(1.27323954473516)
+_DP1, _DP2, _DP3 = 0.78515625, _f32(2.4187564849853515625e-4), _f32(3.77489497744594108e-8)
+_COS_P = tuple(_f32(c) for c in (2.443315711809948e-5, -1.388731625493765e-3, 4.166664568298827e-2))
+_SIN_P = tuple(_f32(c) for c in (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1))
+_TWO_PI_F = _f32(TWO_PI)  # csrc/philox.h's TWO_PI_F
+_MANT_MASK = 0x807FFFFF - (1 << 32)  # sign and mantissa bits, as an int32
+
+
+def log_f32(x: torch.Tensor) -> torch.Tensor:
+    """Natural log of positive normal float32 values, bit for bit ``fd_log`` of ``csrc/philox.h``
+    (Cephes ``logf``): the same float32 operations in the same order, none fused."""
+    b = x.view(torch.int32)
+    e = (b >> 23) - 126  # x = m * 2**e with m in [0.5, 1)
+    m = ((b & _MANT_MASK) | 0x3F000000).view(torch.float32)
+    lt = m < _SQRT_HALF  # then e -= 1, t = 2m - 1; else t = m - 1
+    e = e - lt.to(torch.int32)
+    t = (m + torch.where(lt, m, 0.0)) - 1.0
+    fe = e.to(torch.float32)
+    z = t * t
+    y = t * _LOG_P[0] + _LOG_P[1]
+    for c in _LOG_P[2:]:
+        y = y * t + c
+    y = y * t * z
+    y = y + fe * _LOG_Q1
+    y = y - z * 0.5
+    r = t + y
+    return r + fe * _LOG_Q2
+
+
+def sincos_f32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sin x, cos x)`` of float32 ``0 <= x < 2**15``, bit for bit ``fd_sincos`` of
+    ``csrc/philox.h`` (Cephes ``sinf``/``cosf``, octant reduction by a 3-part Cody–Waite split)."""
+    j = (x * _FOUR_OVER_PI).to(torch.int32)  # truncation, as the C++ float -> int32
+    j = (j + 1) & -2
+    y = j.to(torch.float32)
+    x = ((x - y * _DP1) - y * _DP2) - y * _DP3
+    neg_s = (j & 4) != 0
+    neg_c = ((j - 2) & 4) == 0
+    swap = (j & 2) != 0  # the roles of the sin and cos polynomials swap
+    z = x * x
+    pc = z * _COS_P[0] + _COS_P[1]
+    pc = pc * z + _COS_P[2]
+    pc = pc * z * z - z * 0.5 + 1.0
+    ps = z * _SIN_P[0] + _SIN_P[1]
+    ps = ps * z + _SIN_P[2]
+    ps = ps * z * x + x
+    s = torch.where(swap, pc, ps)
+    c = torch.where(swap, ps, pc)
+    return torch.where(neg_s, -s, s), torch.where(neg_c, -c, c)  # a sign flip is exact
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root of positive normal float32 values (IEEE ``sqrtf``, as
+    the C++ kernels and CUDA's ``sqrt.rn`` compute it). torch's CPU ``sqrt`` need not be (torch
+    2.13's AVX-512 kernel misses the last bit for ~15% of inputs), so: the float64 root rounded to
+    float32, then moved
+    by one ulp where an exact float64 test against the two neighbouring midpoints says so (a
+    midpoint has 25 significant bits, its square 50: exact in float64). Devices without float64
+    (MPS) fall back to torch's float32 ``sqrt``."""
+    if x.device.type == "mps":  # pragma: no cover - no float64 there
+        return torch.sqrt(x)
+    x64 = x.double()
+    s = torch.sqrt(x64).float()
+    s64 = s.double()
+    up = torch.nextafter(s, torch.full_like(s, float("inf")))
+    dn = torch.nextafter(s, torch.zeros_like(s))
+    mid_up = (s64 + up.double()) * 0.5
+    mid_dn = (s64 + dn.double()) * 0.5
+    s = torch.where(mid_up * mid_up < x64, up, s)
+    return torch.where(mid_dn * mid_dn > x64, dn, s)
+
+
 def box_muller(u0: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two standard normals (float32) from two uint32 words."""
-    r = torch.sqrt(-2.0 * torch.log(uniform01(u0)))
-    theta = uniform01(u1) * TWO_PI
-    return r * torch.cos(theta), r * torch.sin(theta)
+    """Two standard normals (float32) from two uint32 words, bit for bit ``fd_box_muller``."""
+    r = sqrt_rn(log_f32(uniform01(u0)) * -2.0)
+    theta = uniform01(u1) * _TWO_PI_F
+    s, c = sincos_f32(theta)
+    return r * c, r * s
 
 
 def _seed_tensor(seeds, device) -> torch.Tensor:

@@ -71,3 +71,46 @@ def test_expand_seeds_errors():
         rng.expand_seeds([1, 2], 3)
     with pytest.raises(TypeError, match="seed"):
         rng.expand_seeds(True, 3)
+
+
+# --- the normal transform: the float32 arithmetic of csrc/philox.h, in torch -----------------------------
+
+
+def _ulp_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |got - exact| in float32 ulps of the exact value."""
+    _, e = torch.frexp(exact.abs().clamp_min(2.0**-126))
+    return float(((got.double() - exact).abs() / torch.ldexp(torch.ones_like(exact), e - 24)).max())
+
+
+def test_sqrt_rn_is_correctly_rounded():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    x = torch.ldexp(torch.rand(1_000_000, generator=g) + 0.5, torch.randint(-100, 100, (1_000_000,), generator=g))
+    u = torch.randint(0, 2**32, (1_000_000,), generator=g)
+    x = torch.cat([x, rng.log_f32(rng.uniform01(u)) * -2.0, torch.tensor([2.0**-126, 1.0, 2.0, 3.0, 33.27106])])
+    want = torch.from_numpy(np.sqrt(x.numpy()))  # IEEE sqrtss/sqrtps
+    assert torch.equal(rng.sqrt_rn(x), want)
+
+
+def test_log_and_sincos_are_accurate():
+    u = torch.cat([torch.randint(0, 2**32, (1_000_000,), generator=torch.Generator().manual_seed(1)),
+                   torch.tensor([0, 511, 512, 2**31, 2**32 - 512, 2**32 - 1])])
+    f = rng.uniform01(u)
+    assert _ulp_error(rng.log_f32(f), torch.log(f.double())) <= 1.0
+    theta = f * rng._TWO_PI_F
+    s, c = rng.sincos_f32(theta)
+    assert _ulp_error(s, torch.sin(theta.double())) <= 2.0
+    assert _ulp_error(c, torch.cos(theta.double())) <= 2.0
+
+
+def test_box_muller_edge_words_reach_the_tails():
+    # f(0) = 2**-24 (the largest radius), f(2**32 - 1) = 1 - 2**-24 (the smallest); angles 0+ and 2π-
+    edges = torch.tensor([0, 1, 511, 512, 2**31 - 1, 2**31, 2**32 - 513, 2**32 - 512, 2**32 - 1])
+    u0, u1 = edges[:, None].expand(9, 9).reshape(-1), edges[None, :].expand(9, 9).reshape(-1)
+    n0, n1 = rng.box_muller(u0, u1)
+    r = torch.sqrt(-2 * torch.log(rng.uniform01(u0).double()))
+    theta = (rng.uniform01(u1) * rng._TWO_PI_F).double()  # the angle is rounded to float32 by specification
+    for got, want in ((n0, r * torch.cos(theta)), (n1, r * torch.sin(theta))):
+        assert float(((got.double() - want).abs() / want.abs().clamp_min(1.0)).max()) <= 4 * 2.0**-23
+    rmax = math.sqrt(-2 * math.log(2.0**-24))
+    assert abs(float(torch.maximum(n0.abs(), n1.abs()).max()) - rmax) <= 1e-6 * rmax
