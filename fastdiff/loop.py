@@ -90,7 +90,7 @@ def classifier_coefficients(plan: Plan, scale: float) -> list[float]:
     ``eps - sqrt(1 - abar) * s * grad`` for eps models), with the scale ``s`` as inverse temperature.
     """
     out = []
-    eps_estimate = plan.meta.get("estimate") == "eps"
+    eps_estimate = plan.estimate == "eps"
     for r in plan.rows:
         if r.alpha_t is None or r.sigma_t is None:
             raise ValueError(f"sampler {plan.sampler!r} does not give alpha_t/sigma_t on its rows; "

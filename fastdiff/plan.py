@@ -176,6 +176,9 @@ class Plan:
         noise_dtype: with a generator, draw noise in this dtype (then cast to the state's), as
             the mirrored library does (diffusers' DPM-Solver SDE always draws float32); ``None``
             draws in the state's dtype.
+        estimate: what the rows' ``d = a_x * x + a_e * e`` estimates: ``"x0"`` (the data, every
+            sampler but two) or ``"eps"`` (the noise: diffusers' noise-space DPM-Solver and UniPC
+            with ``predict_x0=False``); classifier guidance shifts it accordingly.
         snr_norm: ``"batch"`` or ``"sample"``: Langevin rows (``Row.snr > 0``) take the batch
             means of the score and noise norms (Song et al., diffusers) or each sample's own
             (results independent of the batch).
@@ -194,6 +197,7 @@ class Plan:
     threshold_max: float = 1.0
     noise_dtype: str | None = None
     snr_norm: str = "batch"
+    estimate: str = "x0"
     meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -203,6 +207,8 @@ class Plan:
                     raise ValueError(f"row at step {r.step} addresses slot {s}; plan has {self.n_slots} slots")
         if self.snr_norm not in ("batch", "sample"):
             raise ValueError(f"Plan.snr_norm must be 'batch' or 'sample', got {self.snr_norm!r}")
+        if self.estimate not in ("x0", "eps"):
+            raise ValueError(f"Plan.estimate must be 'x0' or 'eps', got {self.estimate!r}")
 
     def __len__(self) -> int:
         return len(self.rows)

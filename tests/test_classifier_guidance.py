@@ -80,13 +80,13 @@ def test_classifier_guidance_argument_errors():
 
 
 def test_eps_estimate_plans_shift_eps_by_minus_sigma_grad():
-    # UniPC with predict_x0=False carries eps in d (plan.meta["estimate"] == "eps"): guidance must
+    # UniPC with predict_x0=False carries eps in d (plan.estimate == "eps"): guidance must
     # give eps - sigma * s * grad, the eps of Tweedie's conditional mean
     gm = GaussianMixture.default((4,), components=3, seed=1)
     alpha, sigma, scale = 0.7, (1 - 0.49) ** 0.5, 2.5
     row = Row(t=0.5, sigma=sigma / alpha, in_scale=1.0, a_x=0.0, a_e=1.0, out=combo(d=1.0), alpha_t=alpha,
               sigma_t=sigma)
-    plan = Plan((row,), init_scale=1.0, steps=1, prediction="eps", meta={"estimate": "eps"})
+    plan = Plan((row,), init_scale=1.0, steps=1, prediction="eps", estimate="eps")
     ab = (torch.tensor(alpha, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
     model = gm.model(lambda t: (ab[0].expand(t.shape), ab[1].expand(t.shape)), "eps")
     u = torch.randn(5, 4, dtype=torch.float64)

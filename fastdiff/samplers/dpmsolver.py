@@ -12,7 +12,7 @@ with ``c_1 = h phi_1(h) / 2`` (``solver_type="midpoint"``, second order) or ``h 
 (``"heun"``, and every third-order step). diffusers has no third-order SDE update (its step fails),
 so ``dpmsolver_3m_sde`` does not exist.
 
-The row's estimate is the noise (``plan.meta["estimate"] == "eps"``) unless ``thresholding``:
+The row's estimate is the noise (``plan.estimate == "eps"``) unless ``thresholding``:
 diffusers then thresholds the data estimate and converts it back, ``eps = (x - alpha clip(x0)) /
 sigma``, so the row clips ``d = x0`` and uses that combination of ``x`` and ``d``.
 """
@@ -98,9 +98,10 @@ def _dpmsolver(name: str, schedule, steps: int, prediction: str, order: int, sde
         writes = (Write(i % ring, combo(x=eps.get("x", 0.0), d=eps["d"])),) if ring and i + 1 < steps else ()
         rows.append(Row(**point, out=out, reads=tuple((i - k) % ring for k in range(1, p)), writes=writes, clip=clip,
                         noise=sde, step=i))
-    meta = {"flavor": "diffusers", "orders": orders, "estimate": "eps" if clip is None else "x0"}
+    meta = {"flavor": "diffusers", "orders": orders}
     return Plan(tuple(rows), init_scale=grid.init_scale, n_slots=ring, sampler=name, prediction=prediction,
-                steps=steps, meta=meta, noise_dtype="float32" if sde else None, **plan_kw)
+                steps=steps, meta=meta, noise_dtype="float32" if sde else None,
+                estimate="eps" if clip is None else "x0", **plan_kw)
 
 
 @register("dpmsolver_1", kinds=("vp",), options=_OPTIONS)

@@ -8,7 +8,7 @@ corrected ``x_i^c`` back to slot 0 and ``d_i`` to the ring, and moves the state 
 predictor output. (The model saw the uncorrected ``x_i``, exactly as in diffusers.)
 
 With ``predict_x0=False`` the estimates are noise estimates (diffusers' ``convert_model_output``
-returns eps then): ``d = a_x x + a_e e`` is eps (``plan.meta["estimate"] == "eps"``), while
+returns eps then): ``d = a_x x + a_e e`` is eps (``plan.estimate == "eps"``), while
 ``alpha_t``/``sigma_t`` still describe the model input.
 
 Order 3 corrects with ``C`` and three earlier estimates: four history reads, the contract's limit.
@@ -133,7 +133,8 @@ def unipc(schedule, steps: int, prediction: str, *, solver_order: int, solver_ty
             point = dict(grid.point(i, prediction), a_x=a_x, a_e=a_e)
         rows.append(Row(**point, out=_combo(out, keys), reads=tuple(reads), writes=tuple(writes), clip=clip, step=i))
     return Plan(tuple(rows), init_scale=grid.init_scale, n_slots=1 + ring, sampler="unipc", prediction=prediction,
-                steps=steps, meta={"orders": orders, "estimate": "x0" if predict_x0 else "eps"}, **plan_kw)
+                steps=steps, meta={"orders": orders},
+                estimate="x0" if predict_x0 else "eps", **plan_kw)
 
 
 def _combo(vec: dict, keys: list) -> tuple[float, ...]:

@@ -209,7 +209,7 @@ def test_drop_in_rows_carry_alpha_t_sigma_t(case):
     fu.set_timesteps(kw.get("steps", 12), **(kw.get("set_kw") or {}))
     step_args = {k: v for k, v in (kw.get("step_kwargs") or {}).items() if k in fu._fd_spec.step_options}
     plan = fu.fastdiff_plan(0, **step_args)
-    coeffs = eps_coeffs if plan.meta.get("estimate") == "eps" else x0_coeffs
+    coeffs = eps_coeffs if plan.estimate == "eps" else x0_coeffs
     for r in plan.rows:
         assert r.alpha_t is not None and r.sigma_t is not None and r.alpha_t >= 0 and r.sigma_t >= 0
         a_x, a_e = coeffs(plan.prediction, r.alpha_t, r.sigma_t, r.in_scale)

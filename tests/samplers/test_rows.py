@@ -85,7 +85,7 @@ def test_rows_carry_alpha_t_sigma_t_consistent_with_coefficients_and_schedule(na
     for what, sch, exact, plan, opts in _plans(name):
         kinds_built.add(sch.kind)
         variants_built.add(repr(opts))
-        estimate = plan.meta.get("estimate", "x0")
+        estimate = plan.estimate
         assert all(r.alpha_t is not None and r.sigma_t is not None for r in plan.rows), (name, what)
         sched_a, sched_s = (np.atleast_1d(v) for v in sch.alpha_sigma(np.array([r.t for r in plan.rows])))
         ks = np.array([r.sigma_t / r.alpha_t if r.alpha_t > 0 else 1e30 for r in plan.rows])
