@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ops, samplers, validate
+from . import ops, validate
 from .denoisers import as_model
 from .executor import Call, Executor
 from .guidance import Guidance, Scale
-from .plan import Plan, check_prediction
+from .plan import Plan
+from .plans import make_plan, noised_state, plan_from_step, resolve_start, with_known_region
 from .rng import expand_seeds
 
 CACHE_SIZE = 8
@@ -119,8 +120,6 @@ class _Prepared:
                 if ex is None:
                     plan = self.plan
                     if masked:
-                        from .tasks import with_known_region
-
                         plan = with_known_region(plan)
                     ex = Executor(plan, self.shape, self.dtype, self.device, masked=masked, **self.kw)
                     self._executors[masked] = ex
@@ -129,19 +128,8 @@ class _Prepared:
 
 def _plan_builder(sampler, steps, schedule, prediction, start, options) -> Callable[[], Plan]:
     if start is not None:
-        from .tasks import plan_from_step
-
         return lambda: plan_from_step(sampler, steps, start, schedule, prediction, **options)
     return lambda: make_plan(sampler, steps, schedule, prediction, **options)
-
-
-def make_plan(sampler: str, steps: int, schedule: Any = None, prediction: str | None = None, **options) -> Plan:
-    """Build the plan ``fastdiff.sample`` would run (see :func:`fastdiff.samplers.build`)."""
-    validate.plan_args(sampler, schedule)
-    validate.steps(steps)
-    if prediction is not None:
-        prediction = check_prediction(prediction)
-    return samplers.build(sampler, schedule, steps, prediction=prediction, **options)
 
 
 def sample(
@@ -262,8 +250,6 @@ def sample(
     if plan is None:
         validate.steps(steps)
         if image is not None:
-            from .tasks import resolve_start
-
             start = resolve_start(steps, strength, start_step)
     elif sampler_options:
         raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
@@ -320,8 +306,6 @@ def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seeds, g
                 classifier=classifier, classifier_y=classifier_y, mask=mask, known=known, post_step=post_step)
     with torch.no_grad():
         if image is not None:
-            from .tasks import noised_state
-
             x = noised_state(ex.plan, image, noise)
         else:
             x = noise * ex.plan.init_scale
@@ -381,8 +365,6 @@ class Sampler:
         if plan is None:
             validate.steps(steps)
             if strength is not None or start_step is not None:
-                from .tasks import resolve_start
-
                 start = resolve_start(steps, strength, start_step)
         elif sampler_options or strength is not None or start_step is not None:
             raise ValueError("plan= was given: sampler options, strength and start_step are not used with it")

@@ -73,6 +73,7 @@ from .guidance import Guidance, threshold_bound
 from .executor import StopSampling
 from .loop import LoopOptions, draw_noise, run_plan
 from .plan import MAX_READS, Plan, Row, check_prediction, combo
+from .plans import OwnGrid
 from .rng import expand_seeds
 from .samplers._multistep import Grid, log_snr
 from .schedules import Discretization, FlowSchedule, VPSchedule
@@ -82,36 +83,13 @@ __all__ = ["from_diffusers", "accelerate", "restore", "support_table", "SUPPORT"
 # ------------------------------------------------------------------------------------- schedules
 
 
-class _OwnGrid:
-    """A schedule whose grid is given as arrays: the diffusers scheduler's own ``set_timesteps``."""
-
-    def _own(self, steps: int, what: str):
-        value = self.arrays[what]
-        n = self.arrays["steps"]
-        if steps != n:
-            raise ValueError(f"this schedule holds the scheduler's own grid of {n} steps; {steps} were asked for")
-        return value
-
-    def discretize(self, steps: int, spacing_default: str = "") -> Discretization:
-        """The scheduler's own sigmas and timesteps."""
-        return self._own(steps, "disc")
-
-    def timesteps(self, steps: int, spacing_default: str = "") -> np.ndarray:
-        """The scheduler's own integer timesteps (DDPM, DDIM)."""
-        return self._own(steps, "timesteps")
-
-    def own_multistep_grid(self, steps: int) -> Grid:
-        """The multistep grid from the scheduler's own sigmas (DPM-Solver, UniPC)."""
-        return self._own(steps, "grid")
-
-
 @dataclass(frozen=True, eq=False)
-class _OwnVP(_OwnGrid, VPSchedule):
+class _OwnVP(OwnGrid, VPSchedule):
     arrays: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
-class _OwnFlow(_OwnGrid, FlowSchedule):
+class _OwnFlow(OwnGrid, FlowSchedule):
     arrays: Mapping[str, Any] = field(default_factory=dict)
 
 

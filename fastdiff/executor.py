@@ -258,7 +258,7 @@ class Executor:
             raise ValueError(f"guidance_rescale needs at least 2 elements per sample (it is a ratio of per-sample "
                              f"standard deviations); the state has shape {self.shape}")
         if classifier_scale is not None:
-            from .loop import classifier_coefficients
+            from .row_terms import classifier_coefficients
 
             self.cg = classifier_coefficients(plan, classifier_scale)
         else:
@@ -555,7 +555,7 @@ class Executor:
                      watch: bool) -> None:
         """Row ``i`` with host work around it: the same program run, with the operands drawn or
         computed on the host (external noise, the classifier gradient) pointed at for this row only."""
-        from .loop import classifier_grad, x0_estimate
+        from .row_terms import classifier_grad, x0_estimate
 
         r = self.rows[i]
         B = self.shape[0]

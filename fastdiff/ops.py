@@ -457,7 +457,7 @@ class Reduction:
         snr, l_x, l_e, batch_norm: ``snr > 0``: a Langevin corrector row (:mod:`fastdiff.plan`)
             whose score is ``g = l_x x + l_e e``; its step size ``k = 2 (snr |z| / |g|)^2`` per
             sample, the norms averaged over the batch with ``batch_norm``
-            (:func:`fastdiff.loop.langevin_step_operands`).
+            (:func:`fastdiff.row_terms.langevin_step_operands`).
     """
 
     rescale: float = 0.0
@@ -511,7 +511,7 @@ class Program:
         from dataclasses import replace
 
         from .guidance import rescale_factor
-        from .loop import langevin_step_operands
+        from .row_terms import langevin_step_operands
 
         rr = None
         if red.rescale > 0:

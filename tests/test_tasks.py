@@ -362,7 +362,7 @@ def test_repaint_jumps_keep_forward_marginals(name, seed):
     n, j, r = 12, 3, 3
     base = fastdiff.make_plan(name, n, prediction="x0")
     plan = tasks.repaint_plan(base, j, r)
-    levels = tasks._levels_after(plan)
+    levels = tasks.levels_after(plan)
     x = torch.randn(4, 4000, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * plan.init_scale
     x += c * plan.rows[0].alpha_t / plan.rows[0].in_scale
     seen = []
