@@ -29,7 +29,7 @@ import torch
 from fastdiff import schedules as S
 from fastdiff.samplers._multistep import multistep_grid
 
-diffusers = pytest.importorskip("diffusers")
+from ._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 LIN = np.linspace(1e-4, 0.02, 1000)
 

@@ -8,7 +8,7 @@ import torch
 
 from fastdiff import schedules as S
 
-diffusers = pytest.importorskip("diffusers")
+from ._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 VP_CONFIGS = [
     {},
@@ -177,7 +177,7 @@ def test_flow_alpha_sigma():
 
 
 def test_rescale_zero_snr_matches_diffusers():
-    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+    rescale_zero_terminal_snr = pytest.importorskip("diffusers.schedulers.scheduling_ddim").rescale_zero_terminal_snr
 
     b = S.vp_betas("scaled_linear", 1000, 0.00085, 0.012)
     assert torch.equal(S.rescale_betas_zero_snr(b.clone()), rescale_zero_terminal_snr(b.clone()))
@@ -233,8 +233,6 @@ def test_bad_arguments_name_themselves():
 def test_stock_scheduler_configs_are_accepted(cls_name):
     # users pass pipe.scheduler.config as is: every stock default config must load (flow keys that
     # VP schedulers carry at their off values included), and turning a refused option on must raise
-    import diffusers
-
     cfg = getattr(diffusers, cls_name)().config
     s = S.from_config(cfg)
     assert s.kind == ("flow" if cls_name.startswith("FlowMatch") else "vp")

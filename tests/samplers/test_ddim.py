@@ -8,7 +8,7 @@ from fastdiff.plan import OP_E
 from ._harness import (SD, compare_with_diffusers, diffusers_loop, gaussian_order, initial_noise, ours, rel_err,
                        toy_model)
 
-diffusers = pytest.importorskip("diffusers")
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 GRIDS = [
     {**SD, "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False},

@@ -6,7 +6,7 @@ from fastdiff import samplers
 
 from ._harness import SD, compare_with_diffusers, toy_model
 
-diffusers = pytest.importorskip("diffusers")
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 GRIDS = [
     {**SD, "timestep_spacing": "leading", "steps_offset": 1},

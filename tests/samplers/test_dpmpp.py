@@ -13,7 +13,7 @@ from ._harness import (SD, NoiseTape, assert_close_traj, initial_noise, k_sampli
                        per_step, toy_model)
 from ._multistep import compare_diffusers, compare_k_diffusion, convergence_slope, ve_schedule
 
-diffusers = pytest.importorskip("diffusers")
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 DPM = diffusers.DPMSolverMultistepScheduler
 
 GRIDS = [

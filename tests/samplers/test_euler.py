@@ -8,7 +8,7 @@ from fastdiff import samplers, schedules
 from ._harness import (SD, NoiseTape, assert_close_traj, compare_with_diffusers, initial_noise, k_problem, k_sampling,
                        k_states, ours, patched_randn_like, per_step, gaussian_order)
 
-diffusers = pytest.importorskip("diffusers")
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 GRIDS = [
     {**SD, "timestep_spacing": "leading", "steps_offset": 1},

@@ -6,7 +6,7 @@ from fastdiff import samplers, schedules
 
 from ._harness import compare_with_diffusers, gaussian_order
 
-diffusers = pytest.importorskip("diffusers")
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 CONFIGS = [{}, {"shift": 3.0}, {"shift": 3.0, "use_karras_sigmas": True}, {"shift": 2.0, "use_exponential_sigmas": True},
            {"shift": 1.5, "shift_terminal": 0.05}]

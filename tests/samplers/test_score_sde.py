@@ -14,7 +14,7 @@ from fastdiff.plan import Plan, Row, combo
 
 from ._harness import assert_close_traj, gaussian_order, initial_noise, ours, rel_err, toy_model
 
-diffusers = pytest.importorskip("diffusers")
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 SHAPE = (2, 3, 4, 5)
 

@@ -9,7 +9,7 @@ from fastdiff.plan import MAX_READS, MAX_WRITES
 from ._harness import SD, assert_close_traj, diffusers_loop, initial_noise, ours, toy_model
 from ._multistep import compare_diffusers, convergence_slope, ve_schedule
 
-diffusers = pytest.importorskip("diffusers")
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 UNIPC = diffusers.UniPCMultistepScheduler
 
 GRIDS = [
