@@ -2,7 +2,9 @@
 
 The rank, world size and rendezvous come from the environment, as torchrun sets them. The config
 says what to sample (one call, or several ``jobs`` in turn, to start fewer processes) and,
-optionally, on which rank and model call to fail (raise, SIGKILL or hang).
+optionally, on which rank and model call to fail (raise, SIGKILL, SIGSTOP or hang). Like a user's
+script, it reports a :class:`~fastdiff.distributed.RankFailedError` in one line on stderr and exits
+with status 1.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def make_model(shape=SHAPE, fail_rank: int = -1, fail_call: int = -1, how: str =
     float64 matmuls round differently with the batch size and even with the row's memory
     alignment, which would break bit-identity for reasons that have nothing to do with sharding.
     A per-sample condition ``c`` adds ``0.1 * c`` to the output. On rank ``fail_rank``, model call
-    number ``fail_call`` (counting from 0) raises, SIGKILLs the process or hangs (``how``).
+    number ``fail_call`` (counting from 0) raises, SIGKILLs the process, SIGSTOPs it (every thread
+    stops, its connections stay open: a hung host; it first writes ``time.monotonic()`` to the file
+    ``DIST_WORKER_MARK`` names, if set) or sleeps for 10 minutes (``how``: ``"raise"``, ``"kill"``,
+    ``"stop"``, ``"hang"``).
     """
     gm = GaussianMixture.default(shape, components=4)
     exact = gm.model(lambda t: (torch.ones_like(t), t), "x0")
@@ -41,9 +46,14 @@ def make_model(shape=SHAPE, fail_rank: int = -1, fail_call: int = -1, how: str =
         if rank == fail_rank and calls[0] == fail_call:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if how == "stop":
+                if os.environ.get("DIST_WORKER_MARK"):  # when it stopped, for the tests' time bound
+                    with open(os.environ["DIST_WORKER_MARK"], "w") as f:
+                        f.write(repr(time.monotonic()))
+                os.kill(os.getpid(), signal.SIGSTOP)
             if how == "hang":
                 time.sleep(600)
-            raise ValueError(f"injected failure at model call {fail_call}")
+            raise ValueError(f"injected failure at model call {fail_call}\n(a second line: reports show the first)")
         calls[0] += 1
         out = torch.cat([exact(x[i:i + 1].clone(), t[i:i + 1].clone()) for i in range(x.shape[0])])
         if cond is not None:
@@ -59,6 +69,17 @@ def model(x, t, cond=None):
 
 
 _default = make_model()
+
+
+def make_env_model():
+    """``fastdiff sample --model tests._dist_worker:make_env_model``: the test model for ``--shape``
+    3,4, failing as ``DIST_WORKER_FAIL`` says (``"RANK,CALL,HOW"``, see :func:`make_model`; the
+    command line's own probe of the model is call 0)."""
+    spec = os.environ.get("DIST_WORKER_FAIL", "")
+    if not spec:
+        return make_model()
+    rank, call, how = spec.split(",")
+    return make_model(SHAPE, int(rank), int(call), how)
 MODEL_ID = "tests._dist_worker: exact 4-component Gaussian mixture, x0 on Karras sigmas"
 """The model's name in resume manifests: the failure knobs in its closure do not change its samples."""
 
@@ -79,11 +100,19 @@ def run(cfg: dict) -> None:
         torch.save(out, cfg["result"].format(rank=int(os.environ.get("RANK", "0"))))
 
 
-def main(cfg: dict) -> None:
-    """Run ``cfg``, or each of ``cfg["jobs"]`` (merged over ``cfg``) in turn, in one process."""
-    for job in cfg.pop("jobs", [{}]):
-        run({**cfg, **job})
+def main(cfg: dict) -> int:
+    """Run ``cfg``, or each of ``cfg["jobs"]`` (merged over ``cfg``) in turn, in one process.
+
+    Returns the exit status: 0, or 1 after printing a ``RankFailedError`` as one line.
+    """
+    try:
+        for job in cfg.pop("jobs", [{}]):
+            run({**cfg, **job})
+    except distributed.RankFailedError as exc:
+        print(f"RankFailedError: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    sys.exit(main(json.loads(sys.argv[1])))

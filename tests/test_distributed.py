@@ -1,8 +1,11 @@
 """fastdiff.distributed: sharding, bit-identity with one process, failure propagation, resume, CLI.
 
 Multi-process tests start real gloo ranks on loopback (MASTER_ADDR=127.0.0.1, a free port) as
-subprocesses of ``tests/_dist_worker.py`` (or torchrun for the CLI), each under a timeout, so a
-hang fails the test instead of hanging CI.
+subprocesses of ``tests/_dist_worker.py`` or of the command line (or torchrun), each under a
+timeout, so a hang fails the test instead of hanging CI. A failed peer (raised, SIGKILLed, or
+SIGSTOPped: a hung host whose connections stay open) must make every surviving rank exit with
+status 1, by itself (no signal, no abort), within ``timeout`` plus :data:`EXIT_MARGIN_S`, with one
+line on stderr naming the peer.
 """
 
 import json
@@ -27,6 +30,10 @@ from ._plans import edm_euler_ancestral
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS7 = [11, 2**63 + 5, 3, 2**40, 7, 0, 99]  # includes a seed >= 2**63 (negative as int64)
 STEPS = 4
+EXIT_MARGIN_S = 25.0
+"""Survivors of a stopped rank exit within ``timeout`` + this many seconds of the stop: the rest of
+their own chunk, the store's reply limit when the stopped rank hosts the store, the interpreter's
+exit -- on two busy cores (typically 1-4 s in all)."""
 
 
 def reference(seeds, conds=None, shape=SHAPE):
@@ -49,39 +56,59 @@ def rank_env(rank: int, world: int, port: int) -> dict:
     return env
 
 
-def launch(world: int, cfg: dict, timeout: float = 40.0, kill_after: float | None = None):
-    """Run ``world`` ranks of the worker; returns ``[(returncode, stderr)]`` and the wall time.
+def run_ranks(world: int, argv: list[str], timeout: float = 40.0, hung: set[int] = frozenset(),
+              env: dict | None = None):
+    """Start ``world`` processes of ``argv`` as ranks 0..world-1 of one loopback job.
 
-    With ``kill_after``, ranks still running that long after the first one exited are killed
-    (the hung rank of the hang test) and reported with returncode None.
+    Returns ``[(returncode, stderr)]``, the wall time and each rank's exit time (``time.monotonic()``
+    when it was seen to exit). Ranks in ``hung`` are expected never to finish: once every other rank
+    has exited they are killed and reported with returncode ``None``. A rank still running after
+    ``timeout`` seconds fails the test.
     """
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._dist_worker", json.dumps(cfg)], cwd=ROOT,
-                              env=rank_env(r, world, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for r in range(world)]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env={**rank_env(r, world, port), **(env or {})},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
     t0 = time.monotonic()
-    first_exit, killed = None, set()
+    exits: list[float | None] = [None] * world
+    killed = set()
     try:
-        while any(p.poll() is None for p in procs):
+        while True:
             now = time.monotonic()
-            if first_exit is None and any(p.poll() is not None for p in procs):
-                first_exit = now
-            if now - t0 > timeout:
-                raise AssertionError(f"ranks still running after {timeout}s: a hang")
-            if kill_after is not None and first_exit is not None and now - first_exit > kill_after:
+            for r, p in enumerate(procs):
+                if exits[r] is None and p.poll() is not None:
+                    exits[r] = now
+            if all(exits[r] is not None for r in range(world) if r not in hung):
                 break
-            time.sleep(0.05)
+            if now - t0 > timeout:
+                raise AssertionError(f"ranks {[r for r in range(world) if exits[r] is None]} still running after "
+                                     f"{timeout}s: a hang")
+            time.sleep(0.02)
         wall = time.monotonic() - t0
     finally:
         for r, p in enumerate(procs):
             if p.poll() is None:
-                p.kill()
+                p.kill()  # SIGKILL ends a SIGSTOPped process too
                 killed.add(r)
     results = []
     for r, p in enumerate(procs):
         err = p.communicate(timeout=10)[1]
         results.append((None if r in killed else p.returncode, err))
+    return results, wall, exits
+
+
+def launch(world: int, cfg: dict, timeout: float = 40.0, hung: set[int] = frozenset(), env: dict | None = None):
+    """Run ``world`` ranks of the worker (see :func:`run_ranks`); ``[(returncode, stderr)]`` and the wall time."""
+    results, wall, _ = run_ranks(world, [sys.executable, "-m", "tests._dist_worker", json.dumps(cfg)], timeout, hung,
+                                 env)
     return results, wall
+
+
+def assert_one_error_line(err: str, want: str) -> None:
+    """``err`` (a survivor's stderr) is one line, and it holds ``want``: no traceback, no abort, no warnings."""
+    assert "Traceback" not in err and "terminate called" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n" + err[-3000:]
+    assert want in lines[0], f"{want!r} not in {lines[0]!r}"
 
 
 def files_of(d):
@@ -270,13 +297,12 @@ def test_failed_rank_is_named_on_every_rank_and_resume_completes_identically(
         if how == "kill" and r == bad:
             assert rc == -9
             continue
-        assert rc not in (0, None), f"rank {r} exited {rc}"
-        assert "RankFailedError" in err, err[-2000:]
+        assert rc == 1, f"rank {r} exited {rc}: {err[-2000:]}"
         if how == "raise":
             want = f"rank {bad} failed during chunk 1; every rank stops. rank {bad}: ValueError: injected failure"
-            assert want in err
         else:  # rank 0 hosts the store (no torchrun agent here): its death is inferred from that
-            assert f"rank {bad} stopped responding during chunk 1" in err
+            want = f"rank {bad} stopped responding during chunk 1"
+        assert_one_error_line(err, "RankFailedError: " + want)
     written = files_of(d)
     assert 0 < len(written) < 7
     for name, data in written.items():  # what was written is complete and exactly right
@@ -294,12 +320,79 @@ def test_failed_rank_is_named_on_every_rank_and_resume_completes_identically(
 def test_hung_rank_times_out_and_is_named():
     cfg = {"seeds": SEEDS7, "steps": STEPS, "batch_size": 1, "timeout": 3,
            "fail": {"rank": 1, "call": 1, "how": "hang"}}
-    results, wall = launch(2, cfg, kill_after=0.5)
+    results, wall = launch(2, cfg, hung={1})
     assert results[1][0] is None  # the hung rank was still hanging; the test killed it
     rc, err = results[0]
-    assert rc not in (0, None)
-    assert "rank 1 stopped responding during chunk 0 (died, or hung past timeout=3s;" in err, err[-2000:]
+    assert rc == 1, err[-2000:]
+    assert_one_error_line(err, "rank 1 stopped responding during chunk 0 (died, or hung past timeout=3s;")
     assert wall < 30
+
+
+def stop_mark(tmp_path) -> tuple[dict, str]:
+    mark = str(tmp_path / "stopped-at")
+    return {"DIST_WORKER_MARK": mark}, mark
+
+
+def assert_survivors_exit_in_time(results, exits, bad: int, mark: str, timeout: float) -> None:
+    """Every rank but ``bad`` exited with status 1 within ``timeout`` + EXIT_MARGIN_S of ``bad``'s stop."""
+    assert results[bad][0] is None, f"rank {bad} was to stay stopped, it exited {results[bad][0]}"
+    stopped_at = float(open(mark).read())
+    for r, (rc, err) in enumerate(results):
+        if r == bad:
+            continue
+        assert rc == 1, f"rank {r} exited {rc} (not 1 by itself: a signal or an abort): {err[-2000:]}"
+        took = exits[r] - stopped_at
+        assert took < timeout + EXIT_MARGIN_S, f"rank {r} exited {took:.1f}s after rank {bad} stopped"
+
+
+@pytest.mark.parametrize("world,bad", [(2, 1), (3, 2), (2, 0)])
+def test_stopped_rank_is_named_and_every_survivor_exits_with_status_1(tmp_path, world, bad):
+    # A real SIGSTOP (every thread of the rank stops and its sockets stay open, as on a hung host).
+    # Rank 0 hosts the store: its survivors find the store unresponsive and name rank 0.
+    # Used to end in SIGABRT ("terminate called without an active exception") at the survivor's exit:
+    # gloo's worker thread ended the timed-out collective during interpreter shutdown.
+    env, mark = stop_mark(tmp_path)
+    cfg = {"seeds": SEEDS7, "steps": STEPS, "batch_size": 1, "timeout": 3,
+           "fail": {"rank": bad, "call": STEPS + 1, "how": "stop"}}
+    argv = [sys.executable, "-m", "tests._dist_worker", json.dumps(cfg)]
+    results, _, exits = run_ranks(world, argv, hung={bad}, env=env)
+    assert_survivors_exit_in_time(results, exits, bad, mark, 3)
+    want = (f"rank {bad} stopped responding during chunk 1 (died, or hung past timeout=3s;" if bad != 0 else
+            "rank 0 stopped responding during chunk 1 (died or hung: the store it hosts is unreachable)")
+    for r, (_, err) in enumerate(results):
+        if r != bad:
+            assert_one_error_line(err, f"RankFailedError: {want}")
+            assert f"this is rank {r}." in err
+
+
+def test_library_after_a_failure_leaves_no_gloo_thread_and_can_sample_alone(tmp_path):
+    # After RankFailedError, the failed group's worker threads are joined (nothing of it runs at
+    # the interpreter's exit) and the process can go on: a world-of-one call still works.
+    env, mark = stop_mark(tmp_path)
+    script = (
+        "import json, os, sys, threading, torch\n"
+        "from fastdiff import distributed as D\n"
+        "from tests._dist_worker import make_model, SHAPE\n"
+        "from tests._plans import edm_euler_ancestral\n"
+        "ok, stops = make_model(), make_model(SHAPE, 1, 1, 'stop')\n"
+        "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+        "kw = dict(plan=edm_euler_ancestral(2), backend='reference')\n"
+        "D.sample(ok, SHAPE, seeds=[1, 2], timeout=3, **kw)  # a successful call: the groups are set up\n"
+        "before = threads()\n"
+        "try:\n"
+        "    D.sample(stops, SHAPE, seeds=[1, 2], timeout=3, batch_size=1, **kw)\n"
+        "except D.RankFailedError as exc:\n"
+        "    print(f'RankFailedError: {exc}', file=sys.stderr)\n"
+        "after = threads()\n"
+        "assert after <= before, (before, after)\n"
+        "os.environ['WORLD_SIZE'] = '1'\n"
+        "torch.distributed.destroy_process_group()\n"
+        "out = D.sample(ok, SHAPE, seeds=[1, 2], **kw)\n"
+        "assert out.shape == (2, *SHAPE)\n"
+        "sys.exit(1)\n")
+    results, _, exits = run_ranks(2, [sys.executable, "-c", script], hung={1}, env=env)
+    assert_survivors_exit_in_time(results, exits, 1, mark, 3)
+    assert_one_error_line(results[0][1], "RankFailedError: rank 1 stopped responding during chunk 0")
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -352,3 +445,27 @@ def test_cli_under_torchrun_matches_single_process(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "20 samples of shape (2,) in" in p.stdout and "2 processes" in p.stdout
     assert files_of(two) == files_of(one)
+
+
+
+CLI_FAIL = ["sample", "--model", "tests._dist_worker:make_env_model", "--sampler", "euler_ancestral", "--steps", "3",
+            "--shape", "3,4", "-n", "6", "--batch-size", "1", "--backend", "reference", "--timeout", "3"]
+# The command line probes the model once (call 0); then 3 calls per sample: call 5 is in chunk 1.
+
+
+@pytest.mark.parametrize("how,bad", [("stop", 1), ("stop", 0), ("raise", 1)])
+def test_cli_failed_rank_gives_one_error_line_and_status_1_on_every_survivor(tmp_path, how, bad):
+    env, mark = stop_mark(tmp_path)
+    env["DIST_WORKER_FAIL"] = f"{bad},5,{how}"
+    argv = [sys.executable, "-m", "fastdiff"] + CLI_FAIL + ["--out", str(tmp_path / "out")]
+    results, _, exits = run_ranks(2, argv, hung={bad} if how == "stop" else set(), env=env)
+    if how == "stop":
+        assert_survivors_exit_in_time(results, exits, bad, mark, 3)
+        want = ("fastdiff sample: error: rank 1 stopped responding during chunk 1 (died, or hung past timeout=3s;"
+                if bad == 1 else "fastdiff sample: error: rank 0 stopped responding during chunk 1 (died or hung:")
+        assert_one_error_line(results[1 - bad][1], want)
+    else:  # the raising rank stops too: both exit 1 with the same line
+        for rc, err in results:
+            assert rc == 1, err[-2000:]
+            assert_one_error_line(err, f"fastdiff sample: error: rank {bad} failed during chunk 1; every rank stops. "
+                                       f"rank {bad}: ValueError: injected failure at model call 5")
