@@ -223,17 +223,21 @@ def save(model: nn.Module, name: str, info: dict[str, Any], weights_dir: str | N
     return path
 
 
+def _read(path: str, error, what: str) -> bytes:
+    """The bytes of ``path``; ``error(why)`` (a :class:`WeightsError`) raised if it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise error(f"{what} is missing") from None
+    except OSError as exc:
+        raise error(f"cannot be read ({exc.strerror or exc})") from None
+
+
 def read_config(name: str, weights_dir: str | None = None) -> dict:
     """The JSON written next to ``{name}.safetensors`` (class, architecture, ``sha256``, schedule, training
     record), as a dict. Raises :class:`WeightsError` if it is missing, unreadable or not a JSON object."""
-    path = _paths(name, weights_dir)[0]
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise _json_error(name, weights_dir, "the config file is missing") from None
-    except OSError as exc:
-        raise _json_error(name, weights_dir, f"cannot be read ({exc.strerror or exc})") from None
+    raw = _read(_paths(name, weights_dir)[0], lambda why: _json_error(name, weights_dir, why), "the config file")
     try:
         cfg = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -270,14 +274,7 @@ def _config(name: str, weights_dir: str | None) -> dict:
 
 def _verified_bytes(name: str, weights_dir: str | None, cfg: dict) -> tuple[bytes, str]:
     """The bytes of ``{name}.safetensors`` and their SHA-256, which must be the one ``cfg`` records."""
-    path = _paths(name, weights_dir)[1]
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise _weights_error(name, weights_dir, "the weights file is missing") from None
-    except OSError as exc:
-        raise _weights_error(name, weights_dir, f"cannot be read ({exc.strerror or exc})") from None
+    data = _read(_paths(name, weights_dir)[1], lambda why: _weights_error(name, weights_dir, why), "the weights file")
     digest = hashlib.sha256(data).hexdigest()
     if digest != cfg["sha256"]:
         raise _weights_error(name, weights_dir, f"SHA-256 {digest} ({len(data)} bytes) is not the {cfg['sha256']} "
