@@ -6,9 +6,16 @@ The top-level ``kernels/`` folder (Triton kernels) is installed as ``fastdiff.ke
 import os
 import shutil
 import subprocess
+from multiprocessing.pool import ThreadPool
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from setuptools.modified import newer_group  # setuptools >= 69
+except ImportError:  # pyproject.toml allows setuptools >= 64
+    from distutils.dep_util import newer_group
 
 # compile the sources in parallel (NPY_NUM_BUILD_JOBS=N to choose; default: all cores)
 ParallelCompile("NPY_NUM_BUILD_JOBS").install()
@@ -17,10 +24,18 @@ CPU_SOURCES = [
     "csrc/bindings.cpp",
     "csrc/cpu_step.cpp",
     "csrc/cpu_reduce.cpp",
-    "csrc/cpu_step_scalar.cpp",
-    "csrc/cpu_step_avx2.cpp",  # compiled for AVX2 by #pragma GCC target, chosen at run time
-    "csrc/cpu_step_avx512.cpp",  # likewise for AVX-512F
 ]
+
+CPU_LEVEL_SOURCE = "csrc/cpu_step_level.cpp"
+CPU_LEVELS = {
+    "scalar": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
+}
+"""The CPU kernel's SIMD levels: CPU_LEVEL_SOURCE is compiled once per level, with -DFD_LEVEL=<level>
+and the level's flags, into the entry points step_<level>, normals_<level> and bits_<level> of
+csrc/cpu_step.h; csrc/cpu_step.cpp picks one at run time (FASTDIFF_CPU_SIMD, or the best the CPU
+supports). Only those objects carry AVX code; the rest of the extension runs on any x86-64."""
 
 # -ffp-contract=off: no FMA contraction, so every SIMD level (and the reference backend's
 # operation order) gives the same bits. Never -march=native: the level is picked at run time.
@@ -42,15 +57,50 @@ ext_modules = [
         "fastdiff._C",
         CPU_SOURCES,
         include_dirs=["csrc"],
-        depends=[f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "step_params.h", "bind_args.h",
-                                       "cpu_step.h", "cpu_reduce.h", "cpu_kernel.h", "cpu_vec_scalar.h", "cpu_vec_avx2.h",
-                                       "cpu_vec_avx512.h")],
+        depends=[CPU_LEVEL_SOURCE] + [f"csrc/{h}" for h in (
+            "fd_common.h", "philox.h", "step_math.h", "step_params.h", "bind_args.h", "cpu_step.h", "cpu_reduce.h",
+            "cpu_kernel.h", "cpu_vec_scalar.h", "cpu_vec_simd.h")],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=CPU_LINK_FLAGS,
         cxx_std=17,
     ),
 ]
 
+
+def with_cpu_levels(base):
+    """``base`` (a build_ext class) that also compiles CPU_LEVEL_SOURCE once per CPU_LEVELS entry, with
+    fastdiff._C's own flags, and links the objects into fastdiff._C whenever that extension is rebuilt.
+    The levels compile (up to NPY_NUM_BUILD_JOBS at a time) while build_ext compiles CPU_SOURCES; the
+    link waits for them."""
+
+    class BuildExtCpuLevels(base):
+        def build_extension(self, ext):
+            if ext.name != "fastdiff._C" or not (
+                    self.force or newer_group(ext.sources + ext.depends, self.get_ext_fullpath(ext.name), "newer")):
+                return super().build_extension(ext)
+
+            def compile_level(level):
+                return self.compiler.compile(
+                    [CPU_LEVEL_SOURCE], output_dir=os.path.join(self.build_temp, f"level-{level}"),
+                    macros=ext.define_macros + [("FD_LEVEL", level)], include_dirs=ext.include_dirs,
+                    debug=self.debug, extra_postargs=ext.extra_compile_args + CPU_LEVELS[level], depends=ext.depends)
+
+            jobs = int(os.environ.get("NPY_NUM_BUILD_JOBS", 0)) or os.cpu_count() or 1
+            with ThreadPool(min(jobs, len(CPU_LEVELS))) as pool:
+                levels = pool.map_async(compile_level, list(CPU_LEVELS)[::-1])  # the widest (slowest) first
+                link = self.compiler.link_shared_object
+
+                def link_with_levels(objects, *args, **kwargs):
+                    return link(objects + [o for objs in levels.get() for o in objs], *args, **kwargs)
+
+                self.compiler.link_shared_object = link_with_levels
+                try:
+                    super().build_extension(ext)
+                finally:
+                    del self.compiler.link_shared_object  # the class's method again
+                    levels.wait()
+
+    return BuildExtCpuLevels
 
 
 # --- CUDA extension fastdiff._C_cuda: only where nvcc and a CUDA-enabled torch both exist ---------
@@ -136,11 +186,10 @@ def cuda_extension():
     return ext, BuildExtCuda
 
 
-cmdclass = {}
 _cuda_ext, _cuda_build_ext = cuda_extension() if not SANITIZE else (None, None)
 if _cuda_ext is not None:
     ext_modules.append(_cuda_ext)
-    cmdclass["build_ext"] = _cuda_build_ext
+cmdclass = {"build_ext": with_cpu_levels(_cuda_build_ext or build_ext)}
 
 packages = find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernels"]
 
