@@ -2,13 +2,14 @@
 // AVX-512F (16 / 8 lanes), whichever the -m flags of the translation unit enable (setup.py compiles
 // cpu_step_level.cpp once per level). Included inside an anonymous namespace (see cpu_kernel.h).
 //
-// The vectors are GCC vector extensions of the register width, so arithmetic, logic, shifts and
-// int -> float conversions are the compiler's operators, defined once for both levels; GCC expands
-// them to the instructions the intrinsics name (and fuses three-input logic into vpternlogd on
-// AVX-512). Intrinsics whose names differ only in the width prefix are written FD_MM(op). What
-// really differs per level is the one section marked "level-specific" below: how a lane condition
-// is held and used (AVX-512 mask registers, AVX2 blend vectors), blends of 32-bit lanes (Philox's
-// 64-bit products), the 32 -> 16-bit narrowing of bf16 stores and the half register of fp16/bf16.
+// The vectors are GCC vector extensions of the register width (Vec<T>), so the operators of
+// fd_common.h's vector contract are written once for both levels: + - * / & | ^ ~ as GCC's own
+// vector operators (what the intrinsics for them expand to), the rest through the intrinsics whose
+// names differ only in the width prefix, written FD_MM(op). What really differs per level is in the
+// two sections marked "level-specific": negation, how a lane condition is held and used (AVX-512
+// mask registers, AVX2 blend vectors), three-input logic (vpternlogd), blends of 32-bit lanes
+// (Philox's 64-bit products), the lane order of the general noise path's loads, the 32 -> 16-bit
+// narrowing of bf16 stores and the half-width register of the fp16/bf16 loads.
 //
 // Every operation is the IEEE operation the scalar level performs (no FMA: the build uses
 // -ffp-contract=off), so results are bit-identical across levels.
@@ -64,17 +65,16 @@ inline raw_t<uint32_t> splat(uint32_t c) { return (raw_t<uint32_t>)FD_MM(set1_ep
 // choices for the kernel's loops (and so their measured speed) what they were.
 inline raw_t<uint32_t> shl(raw_t<uint32_t> a, int n) { return (raw_t<uint32_t>)FD_MM(slli_epi32)((RegI)a, n); }
 inline raw_t<uint32_t> shr(raw_t<uint32_t> a, int n) { return (raw_t<uint32_t>)FD_MM(srli_epi32)((RegI)a, n); }
-// maxps/minps: b when either is NaN, as fd_common.h's scalar fd_vmax/fd_vmin
+// maxps/minps: b when either is NaN, as fd_common.h's scalar fd_vmax/fd_vmin.
 inline raw_t<float> vmax(raw_t<float> a, raw_t<float> b) { return FD_MM(max_ps)(a, b); }
 inline raw_t<double> vmax(raw_t<double> a, raw_t<double> b) { return FD_MM(max_pd)(a, b); }
 inline raw_t<float> vmin(raw_t<float> a, raw_t<float> b) { return FD_MM(min_ps)(a, b); }
 inline raw_t<double> vmin(raw_t<double> a, raw_t<double> b) { return FD_MM(min_pd)(a, b); }
+// ---- level-specific: negation (the sign bit flipped; AVX-512F has only the integer xor) -------------
 #if FD_SIMD_BITS == 512
-// (level-specific) the sign bit flipped: AVX-512F has only the integer xor (vpxord)
 inline raw_t<float> neg(raw_t<float> a) { return (raw_t<float>)((raw_t<uint32_t>)a ^ 0x80000000u); }
 inline raw_t<double> neg(raw_t<double> a) { return (raw_t<double>)((raw_t<uint64_t>)a ^ 0x8000000000000000u); }
 #else
-// (level-specific) the sign bit flipped by the float-domain xor (vxorps)
 inline raw_t<float> neg(raw_t<float> a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
 inline raw_t<double> neg(raw_t<double> a) { return _mm256_xor_pd(a, _mm256_set1_pd(-0.0)); }
 #endif
@@ -126,7 +126,7 @@ inline UR lo_to_hi(UR a) { return (UR)FD_MM(slli_epi64)((RegI)a, 32); }
 /// 64-bit lanes: the products of the low words of a and b (pmuludq).
 inline UR mul_even(UR a, UR b) { return (UR)FD_MM(mul_epu32)((RegI)a, (RegI)b); }
 
-// ---- level-specific ------------------------------------------------------------------------------
+// ---- level-specific: conditions, blends, ternary logic, fp16/bf16 -----------------------------------
 // HalfI: the integer register of half the width (W 16-bit lanes); F16_ROUND: vcvtps2ph's rounding.
 // Mask: a condition per 32-bit lane, made by cmp_mask (a compare, _CMP_* predicate P) or bit_mask
 // (bit b of j) and used by dec_where (a - 1 where set), add_where (a + b where set), select (b where
@@ -141,24 +141,26 @@ template <int P>
 inline Mask cmp_mask(VF a, VF b) {
   return _mm512_cmp_ps_mask(a.v, b.v, P);
 }
-inline Mask bit_mask(VU j, int b) { return _mm512_test_epi32_mask((__m512i)j.v, (__m512i)VU(1u << b).v); }
+inline Mask bit_mask(VU j, int b) { return _mm512_test_epi32_mask((RegI)j.v, (RegI)VU(1u << b).v); }
 inline Mask mask_xor(Mask a, Mask b) { return _kxor_mask16(a, b); }
 inline VU dec_where(VU a, Mask m) {
-  return (VU::R)_mm512_mask_sub_epi32((__m512i)a.v, m, (__m512i)a.v, (__m512i)VU(1u).v);
+  return (VU::R)_mm512_mask_sub_epi32((RegI)a.v, m, (RegI)a.v, (RegI)VU(1u).v);
 }
 inline VF add_where(VF a, Mask m, VF b) { return _mm512_mask_add_ps(a.v, m, a.v, b.v); }
 inline VF select(Mask m, VF a, VF b) { return _mm512_mask_blend_ps(m, a.v, b.v); }
 inline VU select(Mask m, VU a, VU b) { return (VU::R)_mm512_mask_blend_epi32(m, (RegI)a.v, (RegI)b.v); }
 inline VF flip_sign(VF a, Mask m) {
-  const __m512i x = (__m512i)a.v;
-  return (VF::R)_mm512_mask_xor_epi32(x, m, x, (__m512i)VU(0x80000000u).v);
+  const RegI x = (RegI)a.v;
+  return (VF::R)_mm512_mask_xor_epi32(x, m, x, (RegI)VU(0x80000000u).v);
 }
 inline UR blend_odd(UR a, UR b) { return (UR)_mm512_mask_blend_epi32(0xAAAA, (RegI)a, (RegI)b); }
 inline UR pack_lo32(UR a, UR b) {
   return (UR)_mm512_mask_shuffle_epi32((RegI)a, 0xAAAA, (RegI)b, static_cast<_MM_PERM_ENUM>(0xA0));
 }
-inline HalfI narrow16(VU a) { return _mm512_cvtepi32_epi16((__m512i)a.v); }
-inline VU and_or(VU a, VU b, VU c) { return (VU::R)_mm512_ternarylogic_epi32((RegI)a.v, (RegI)b.v, (RegI)c.v, 0xEA); }
+inline HalfI narrow16(VU a) { return _mm512_cvtepi32_epi16((RegI)a.v); }
+inline VU and_or(VU a, VU b, VU c) {  // (a & b) | c
+  return (VU::R)_mm512_ternarylogic_epi32((RegI)a.v, (RegI)b.v, (RegI)c.v, 0xEA);
+}
 inline UR xor3(UR a, UR b, UR c) { return (UR)_mm512_ternarylogic_epi32((RegI)a, (RegI)b, (RegI)c, 0x96); }
 inline UR load_lanes(const uint32_t* q) {
   const __m256i g = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -188,7 +190,7 @@ inline VF flip_sign(VF a, Mask m) {
 inline UR blend_odd(UR a, UR b) { return (UR)_mm256_blend_epi32((RegI)a, (RegI)b, 0xAA); }
 inline UR pack_lo32(UR a, UR b) { return blend_odd(a, (UR)_mm256_shuffle_epi32((RegI)b, 0xA0)); }
 inline HalfI narrow16(VU a) {
-  const __m256i p = _mm256_packus_epi32((__m256i)a.v, (__m256i)a.v);  // lanes 0-3, 0-3 | 4-7, 4-7
+  const __m256i p = _mm256_packus_epi32((RegI)a.v, (RegI)a.v);  // lanes 0-3, 0-3 | 4-7, 4-7
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08));
 }
 inline VU and_or(VU a, VU b, VU c) { return (a & b) | c; }
@@ -221,7 +223,6 @@ inline UR lane_groups() {
   for (int i = 0; i < VQ; ++i) r[2 * i] = lane_group(i);
   return r;
 }
-
 
 /// fd_box_muller<VF, VU> on N vectors at once: the same IEEE float operations in the same order
 /// (so the same bits), with
@@ -358,9 +359,7 @@ struct LevelSimd {
   static VF load_f32(const float* p) { return vload<VF::R>(p); }
   static void store_f32(float* p, VF v) { vstore(p, v.v); }
   static VF load_f16(const uint16_t* p) { return FD_MM(cvtph_ps)(vload<HalfI>(p)); }
-  static void store_f16(uint16_t* p, VF v) {
-    vstore(p, FD_MM(cvtps_ph)(v.v, F16_ROUND));
-  }
+  static void store_f16(uint16_t* p, VF v) { vstore(p, FD_MM(cvtps_ph)(v.v, F16_ROUND)); }
   static VF load_bf16(const uint16_t* p) {
     return fd_from_bits(VU((VU::R)FD_MM(cvtepu16_epi32)(vload<HalfI>(p))) << 16);
   }
