@@ -83,7 +83,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import api, manifest, ops
+from . import api, manifest, ops, validate
 from .rng import _signed64, randn
 
 LOST_GRACE_S = 2.0
@@ -1009,20 +1009,10 @@ def _check_batch(name: str, c, n: int) -> None:
     ``TypeError``/``ValueError`` naming the place. Nothing is copied or changed."""
     if c is None:
         return
-    if isinstance(c, torch.Tensor):
-        if c.dim() < 1 or c.shape[0] != n:
-            raise ValueError(f"{name} must have one entry per seed ({n}), got shape {tuple(c.shape)}")
-        if c.is_meta:
-            raise ValueError(f"{name} is a meta tensor (shape only, no data)")
-    elif isinstance(c, Mapping):
-        for k, v in c.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{name} keys are keyword arguments of the model and must be strings, got {k!r}")
-            if isinstance(v, (torch.Tensor, Mapping)):
-                _check_batch(f"{name}[{k!r}]", v, n)
-            elif isinstance(v, (list, tuple)):
-                raise TypeError(f"{name}[{k!r}] is a {type(v).__name__}: per-sample values must be an [N, ...] "
-                                f"tensor (a {type(v).__name__} would reach every chunk whole, not split by sample)")
+    if isinstance(c, (torch.Tensor, Mapping)):
+        validate.conditioning(name, c, n, expect=f"have one entry per seed ({n})",
+                              split_lists="per-sample values must be an [N, ...] tensor (a {} would reach every "
+                                          "chunk whole, not split by sample)")
     elif isinstance(c, Sequence) and not isinstance(c, (str, bytes)):
         if len(c) != n:
             raise ValueError(f"{name} has {len(c)} entries but seeds has {n}")

@@ -157,15 +157,19 @@ def check_generator(gen, batch: int) -> None:
     raise TypeError(f"generator must be a torch.Generator or a list of them (one per sample), got {_what(gen)}")
 
 
-def conditioning(name: str, c, batch: int) -> None:
+def conditioning(name: str, c, batch: int, *, expect: str | None = None, split_lists: str | None = None) -> None:
     """``None``, a ``[B, ...]`` tensor, or a mapping of keyword arguments whose tensors are ``[B, ...]``
-    (other values, such as ints or nested mappings, are passed as they are)."""
+    (other values, such as ints or nested mappings, are passed as they are).
+
+    ``expect``: what a tensor's shape must be, as the message says it (default: ``[B, ...]`` with
+    the noise's batch). ``split_lists``: when given, a list or tuple among a mapping's values is
+    refused with this reason (``fastdiff.distributed`` splits tensors by sample, not lists)."""
     if c is None:
         return
     if isinstance(c, torch.Tensor):
         if c.dim() < 1 or c.shape[0] != batch:
-            raise ValueError(f"{name} must be [B, ...] with B = {batch} (the noise's batch; nothing is broadcast), "
-                             f"got shape {tuple(c.shape)}")
+            want = expect or f"be [B, ...] with B = {batch} (the noise's batch; nothing is broadcast)"
+            raise ValueError(f"{name} must {want}, got shape {tuple(c.shape)}")
         if c.is_meta:
             raise ValueError(f"{name} is a meta tensor (shape only, no data)")
         return
@@ -174,7 +178,9 @@ def conditioning(name: str, c, batch: int) -> None:
             if not isinstance(k, str):
                 raise TypeError(f"{name} keys are keyword arguments of the model and must be strings, got {k!r}")
             if isinstance(v, (torch.Tensor, Mapping)):
-                conditioning(f"{name}[{k!r}]", v, batch)
+                conditioning(f"{name}[{k!r}]", v, batch, expect=expect, split_lists=split_lists)
+            elif split_lists is not None and isinstance(v, (list, tuple)):
+                raise TypeError(f"{name}[{k!r}] is a {type(v).__name__}: {split_lists.format(type(v).__name__)}")
         return
     raise TypeError(f"{name} must be a tensor [B, ...] or a dict of keyword arguments, got {_what(c)}")
 
