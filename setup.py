@@ -196,8 +196,8 @@ packages = find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernel
 setup(
     packages=packages,
     package_dir={"fastdiff": "fastdiff", "fastdiff.kernels": "kernels"},
-    # the trained weights of fastdiff.zoo (safetensors + their JSON configs) ship with the package
-    package_data={"fastdiff.zoo": ["weights/*.safetensors", "weights/*.json"]},
+    # the trained weights of fastdiff.models.zoo (safetensors + their JSON configs) ship with the package
+    package_data={"fastdiff.models.zoo": ["weights/*.safetensors", "weights/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,6 +1,6 @@
 """One solver step on CPU: fastdiff's fused kernel against what it replaces, in one process.
 
-A thin script over :func:`fastdiff.bench_step.bench_case` (the same measurement is the ``step`` part
+A thin script over :func:`fastdiff.bench.step.bench_case` (the same measurement is the ``step`` part
 of ``fastdiff bench``). Row: DPM-Solver++(2M)-like with classifier-free guidance:
 ``e = m_u + w (m_c - m_u)``, ``d = a_x x + a_e e``, ``x' = c_x x + c_d d + c_h h0``, ``h1 = d``;
 the state is updated in place.
@@ -10,7 +10,7 @@ Methods, per shape and dtype:
   diffusers      the pipeline's CFG blend + DPMSolverMultistepScheduler.step (diffusers' own)
   compiled       torch.compile of the reference step (compile time reported separately)
   cpu            the fused kernel (fastdiff.backends.cpu.step on prepared arguments)
-  cpu+dispatch   the same through fastdiff.ops.step (validation + backend choice), as the loop calls it
+  cpu+dispatch   the same through fastdiff.runtime.ops.step (validation + backend choice), as the loop calls it
 
 Reports the median µs per step (and the best sample), GB/s counting minimum bytes (each input
 read once, each output written once), the copy bandwidth measured in the same run (best sample of
@@ -32,7 +32,7 @@ import os
 import torch
 
 from fastdiff.bench import print_tables
-from fastdiff.bench_step import DTYPES, SHAPES, bench_case, machine
+from fastdiff.bench.step import DTYPES, SHAPES, bench_case, machine
 from fastdiff.backends import cpu
 
 

@@ -76,7 +76,7 @@ def _opt(config, name):
 
 def need_backend(name: str) -> None:
     """Skip the test when ``name`` cannot run here (the reason is the backend's own)."""
-    from fastdiff import ops
+    from fastdiff.runtime import ops
 
     ok, why = ops.backend_status(name)
     if not ok:

@@ -17,7 +17,7 @@ budget is spent; a summary table is always printed at the end:
    median kernel time (triton.testing.do_bench, cold L2); ``wall_us`` is the host-side time per
    step of 200 back-to-back steps (what a sampling loop sees, Python dispatch included). GB/s
    counts the bytes one fused step must move (6 tensors: x, m_u, m_c, h read; x, h written).
-   The timing code is :func:`fastdiff.bench_step.bench_gpu` (also the ``gpu`` part of ``fastdiff bench``);
+   The timing code is :func:`fastdiff.bench.step.bench_gpu` (also the ``gpu`` part of ``fastdiff bench``);
 5. the whole loop: 30 CFG steps with a zero-cost model (DPM++(2M), Euler ancestral) at (1,4,64,64)
    and (16,4,128,128) fp32: repeated ``fastdiff.sample`` calls eager and with ``cuda_graph=True``
    (captured on the first call, replayed after), against the stock diffusers loop, µs per step of
@@ -83,7 +83,7 @@ def part_env(rep: Report) -> None:
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, sms=p.multi_processor_count, mem_gib=round(p.total_memory / 2**30, 1),
                    capability=f"{p.major}.{p.minor}")
-    from fastdiff import ops
+    from fastdiff.runtime import ops
 
     env["backends"] = {k: {"ok": ok, "why": why} for k, (ok, why) in ops.available_backends().items()}
     rep.env = env
@@ -113,7 +113,7 @@ def part_tests(rep: Report) -> None:
 
 
 def part_copy(rep: Report) -> None:
-    from fastdiff.bench_step import gpu_copy_gbps
+    from fastdiff.bench.step import gpu_copy_gbps
 
     rep.copy_gbps = gpu_copy_gbps()
     print(f"device copy bandwidth: {rep.copy_gbps:.0f} GB/s (read + write)", flush=True)
@@ -122,7 +122,7 @@ def part_copy(rep: Report) -> None:
 def part_timings(rep: Report) -> None:
     import torch
 
-    from fastdiff.bench_step import GPU_SHAPES, GPU_VARIANTS, bench_gpu, gpu_providers
+    from fastdiff.bench.step import GPU_SHAPES, GPU_VARIANTS, bench_gpu, gpu_providers
 
     _, missing = gpu_providers()
     for name, why in missing.items():
@@ -135,7 +135,7 @@ def part_loop(rep: Report) -> None:
     import torch
 
     import fastdiff
-    from fastdiff.bench_loop import DIFFUSERS, GUIDANCE, config_for
+    from fastdiff.bench.loop import DIFFUSERS, GUIDANCE, config_for
 
     import diffusers
 

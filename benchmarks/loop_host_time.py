@@ -21,7 +21,7 @@ import time
 import torch
 
 import fastdiff
-from fastdiff.denoisers import as_model
+from fastdiff.models.denoisers import as_model
 
 SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 

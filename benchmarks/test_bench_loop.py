@@ -2,7 +2,7 @@
 
 The Gaussian-mixture model is the default model of ``fastdiff bench`` (exact for its schedule, cheap,
 so the loop's own cost shows); the tiny UNet is the offline ``UNet2DConditionModel`` of
-:mod:`fastdiff.bench_pipeline` under classifier-free guidance (a real model call per step, batched
+:mod:`fastdiff.bench.pipeline` under classifier-free guidance (a real model call per step, batched
 ``[uncond; cond]``). Grouped per model and sampler so the backends sit side by side.
 """
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fastdiff import make_plan, sample, samplers
-from fastdiff.bench_step import schedule_for
+from fastdiff.bench.step import schedule_for
 from fastdiff.models import GaussianMixture
-from fastdiff.schedules import from_config, is_schedule
+from fastdiff.core.schedules import from_config, is_schedule
 
 from .conftest import LOOP_SHAPE, LOOP_STEPS, UNET_LATENT, UNET_SAMPLERS, UNET_STEPS, need_backend
 
@@ -40,8 +40,8 @@ def test_loop_gmm(bench, sampler, backend):
 @pytest.fixture(scope="module")
 def tiny_unet():
     pytest.importorskip("diffusers")
-    from fastdiff.bench_pipeline import tiny_unet as build
-    from fastdiff.denoisers import from_diffusers
+    from fastdiff.bench.pipeline import tiny_unet as build
+    from fastdiff.models.denoisers import from_diffusers
 
     return from_diffusers(build(sample_size=UNET_LATENT))
 

@@ -1,7 +1,7 @@
-"""Fused step per sampler x backend x shape x dtype: one real plan row through ``fastdiff.ops.step``.
+"""Fused step per sampler x backend x shape x dtype: one real plan row through ``fastdiff.runtime.ops.step``.
 
 The row is the middle row of ``fastdiff.make_plan(sampler, 10, ...)`` with classifier-free
-guidance (:func:`fastdiff.bench_step.plan_row_args`); the step runs as the loop runs it, validated
+guidance (:func:`fastdiff.bench.step.plan_row_args`); the step runs as the loop runs it, validated
 once and then dispatched with ``check=False``. Benchmarks are grouped per sampler, shape and dtype,
 so pytest-benchmark's table and ``compare`` put the backends of one case side by side.
 """
@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdiff import ops, samplers
-from fastdiff.bench_step import dtype_name, plan_row_args, step_bytes
+from fastdiff.runtime import ops
+from fastdiff import samplers
+from fastdiff.bench.step import dtype_name, plan_row_args, step_bytes
 
 from .conftest import STEP_DTYPES, STEP_SHAPES, device_backends, need_backend
 

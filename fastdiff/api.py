@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ops, validate
-from .denoisers import as_model
-from .executor import Call, Executor
-from .guidance import Guidance, Scale
-from .plan import Plan
-from .plans import make_plan, noised_state, plan_from_step, resolve_start, with_known_region
-from .rng import expand_seeds
+from .runtime import ops
+from .core import validate
+from .models.denoisers import as_model
+from .runtime.executor import Call, Executor
+from .core.guidance import Guidance, Scale
+from .core.plan import Plan
+from .samplers.plans import make_plan, noised_state, plan_from_step, resolve_start, with_known_region
+from .core.rng import expand_seeds
 
 CACHE_SIZE = 8
 """Prepared loops ``fastdiff.sample`` keeps. Each holds its plan and a buffer set (state, history
@@ -171,7 +172,7 @@ def sample(
             returning a tensor shaped like ``x`` (or a diffusers output with ``.sample``, or a tuple).
             ``t`` is a ``[B]`` tensor of model times, float32 (float64 for a float64 ``noise``):
             diffusers timesteps for VP schedules, sigma for k-style schedules. See
-            :mod:`fastdiff.denoisers` for diffusers and k-diffusion models.
+            :mod:`fastdiff.models.denoisers` for diffusers and k-diffusion models.
         noise: ``[B, ...]`` floating tensor of unit-variance noise; its dtype is the storage dtype
             of the state. The schedule's initial scale is applied here, ``noise`` is not modified.
         sampler: one of :func:`fastdiff.samplers.available`.
@@ -198,7 +199,7 @@ def sample(
             own state ``x`` (a copy: keeping it is safe, changing it changes nothing) and data
             estimate ``x0``. To change the state, use ``post_step``.
         progress: show a tqdm progress bar.
-        check_finite: raise :class:`fastdiff.loop.NonFiniteError` naming the step if the model
+        check_finite: raise :class:`fastdiff.runtime.loop.NonFiniteError` naming the step if the model
             returns NaN/Inf (checked on the device; reported after the loop).
         cuda_graph: capture the whole loop (model included) as ONE CUDA graph and replay it: after
             an eager warm-up pass (lazy initialisation, Triton autotuning), every model call,
@@ -206,10 +207,10 @@ def sample(
             CUDA tensors (conditioning, ``mask`` and ``known`` on the noise's device) and ``seed=``
             noise, no ``callback``/``progress``/``post_step``/classifier guidance, and must not be
             called inside another graph capture (``ValueError`` listing every cause); raises
-            :class:`fastdiff.loop.GraphCaptureError` naming the first error when the model cannot
+            :class:`fastdiff.runtime.loop.GraphCaptureError` naming the first error when the model cannot
             be captured (host syncs such as ``.item()``). The graph is captured on the first call
             and replayed by later calls of the same configuration (see :class:`Sampler`).
-        plan: a prebuilt :class:`~fastdiff.plan.Plan` (then ``sampler``, ``steps``, ``schedule``,
+        plan: a prebuilt :class:`~fastdiff.core.plan.Plan` (then ``sampler``, ``steps``, ``schedule``,
             ``prediction`` and sampler options are not used).
         classifier: classifier guidance (Dhariwal & Nichol 2021): a differentiable noise-conditional
             classifier ``classifier(u, t) -> logits [B, classes]`` on the model input ``u``. The
@@ -360,7 +361,7 @@ class Sampler:
         if classifier is not None:
             validate.real("classifier_scale", classifier_scale, float32=True)
         if plan is not None and not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a fastdiff.plan.Plan (fastdiff.make_plan builds one), got {plan!r}")
+            raise TypeError(f"plan must be a fastdiff.core.plan.Plan (fastdiff.make_plan builds one), got {plan!r}")
         start = None
         if plan is None:
             validate.steps(steps)

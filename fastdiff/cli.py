@@ -15,7 +15,8 @@ import torch
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, the backends available and why the others are not."""
-    from . import __version__, ops
+    from . import __version__
+    from .runtime import ops
 
     print(f"fastdiff {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     try:
@@ -85,7 +86,8 @@ def _check_bench_args(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark loops, the fused step against what it replaces, GPU rows and a pipeline: table, JSON, PNG."""
-    from . import bench, ops, samplers
+    from . import bench, samplers
+    from .runtime import ops
 
     try:
         _check_bench_args(args)
@@ -161,8 +163,8 @@ def _gmm_model(shape: tuple[int, ...], schedule, prediction: str):
 
 
 def _digits_model(shape: tuple[int, ...], schedule, prediction: str):
-    """The trained class-conditional digits denoiser (:mod:`fastdiff.zoo.digits`), eps under its own schedule."""
-    from .zoo import digits
+    """The trained class-conditional digits denoiser (:mod:`fastdiff.models.zoo.digits`), eps under its own schedule."""
+    from .models.zoo import digits
 
     if shape != digits.SHAPE:
         raise ValueError(f"--model digits samples shape {','.join(map(str, digits.SHAPE))}, got --shape "
@@ -173,7 +175,7 @@ def _digits_model(shape: tuple[int, ...], schedule, prediction: str):
 
 
 def _digits_defaults() -> dict:
-    from .zoo import digits
+    from .models.zoo import digits
 
     return {"shape": ",".join(map(str, digits.SHAPE)), "schedule": digits.schedule_config(),
             "null_class": digits.NULL, "num_classes": digits.NUM_CLASSES, "grid": True}
@@ -189,7 +191,7 @@ give ``null_class`` and ``num_classes`` (``--class``, ``--guidance-scale``) and 
 def _sample_model(spec: str, shape: tuple[int, ...], schedule, prediction: str):
     """The model of ``--model``: a name in :data:`SAMPLE_MODELS`, or ``module:attr`` (a callable
     ``model(x, t)``, or a zero-argument factory named ``make_*``, as ``fastdiff profile --model``)."""
-    from .profile import load_model
+    from .bench.profile import load_model
 
     if spec in SAMPLE_MODELS:
         return SAMPLE_MODELS[spec](shape, schedule, prediction)
@@ -209,7 +211,8 @@ def _sample_schedule(sampler: str, text: str, default: dict | None = None):
     config is what the resume manifest records: the file's content, not its path."""
     import json
 
-    from . import samplers, schedules
+    from . import samplers
+    from .core import schedules
 
     if text:
         try:
@@ -242,11 +245,11 @@ def _check_sample_args(args: argparse.Namespace, shape: tuple[int, ...]) -> None
     import math
 
     from . import samplers
-    from .profile import check_device
+    from .bench.profile import check_device
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    from .validate import FLOAT32_MAX, MAX_STEPS, SEED_RANGE
+    from .core.validate import FLOAT32_MAX, MAX_STEPS, SEED_RANGE
 
     if not 1 <= args.steps <= MAX_STEPS:
         raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {args.steps}")
@@ -285,7 +288,7 @@ def _check_sample_args(args: argparse.Namespace, shape: tuple[int, ...]) -> None
 def _check_sample_run(args: argparse.Namespace, model, shape: tuple[int, ...], dtype: torch.dtype, plan) -> None:
     """The backend can run these samples, and a ``module:attr`` model can be called, else a
     ``ValueError`` naming the flag (before ``--out`` is touched)."""
-    from .profile import _check_model, _probe_backend
+    from .bench.profile import _check_model, _probe_backend
 
     device = torch.device(args.device) if args.device else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or '0')}" if torch.cuda.is_available() else "cpu")
@@ -303,7 +306,7 @@ def _check_sample_run(args: argparse.Namespace, model, shape: tuple[int, ...], d
 _RUN_FLAGS = ("model", "sampler", "steps", "prediction", "shape", "num", "seed", "dtype", "backend", "label",
               "guidance_scale")
 """The flags of ``fastdiff sample`` that determine the samples, recorded (with ``--schedule``'s
-content) in the ``run`` part of the resume manifest (:mod:`fastdiff.manifest`)."""
+content) in the ``run`` part of the resume manifest (:mod:`fastdiff.distributed.manifest`)."""
 _FLAG_NAMES = {"label": "--class"}
 
 
@@ -311,9 +314,9 @@ def _builtin_model_id(name: str) -> str | None:
     """The manifest's model identity of a built-in model (its weights' SHA-256 where it has weights);
     ``None`` for a ``module:attr`` model, which the manifest identifies by its tensors."""
     if name == "digits":
-        from .zoo import digits
+        from .models.zoo import digits
 
-        return f"fastdiff.zoo.digits denoiser, weights sha256 {digits.weights_sha256('denoiser')}"
+        return f"fastdiff.models.zoo.digits denoiser, weights sha256 {digits.weights_sha256('denoiser')}"
     if name in SAMPLE_MODELS:
         return f"fastdiff built-in {name} (exact, no weights)"
     return None
@@ -337,8 +340,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Sample ``--num`` seeds into ``--out`` (one file per sample), across every torchrun rank."""
     from . import distributed
     from .api import make_plan
-    from .denoisers import as_model
-    from .manifest import ManifestError
+    from .models.denoisers import as_model
+    from .distributed.manifest import ManifestError
 
     try:
         defaults = SAMPLE_MODEL_DEFAULTS[args.model]() if args.model in SAMPLE_MODEL_DEFAULTS else {}
@@ -380,7 +383,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                    conds=conds, unconds=unconds, model_id=_builtin_model_id(args.model),
                                    record=run, **guidance)
         if grid and rank == 0:
-            from .zoo import png
+            from .models.zoo import png
 
             png.write_png(grid, png.grid(torch.stack([distributed.load_sample(q)["sample"] for q in paths])))
     except distributed.RankFailedError as exc:
@@ -440,7 +443,7 @@ def _backend_source(backend: str) -> str:
 
 def _check_backend(backend: str) -> None:
     """``--backend`` (or ``FASTDIFF_BACKEND`` behind ``auto``) is a backend name, else ``ValueError``."""
-    from . import ops
+    from .runtime import ops
 
     try:
         ops.requested_backend(backend)
@@ -479,7 +482,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from .profile import VARIANTS, check_device, load_model, profile
+    from .bench.profile import VARIANTS, check_device, load_model, profile
 
     def fail(msg: str) -> int:
         print(f"fastdiff profile: error: {msg}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Code written for k-diffusion switches by changing an import::
 
-    from fastdiff import k_diffusion as K        # was: import k_diffusion.sampling as K
+    from fastdiff import k_diffusion as K  # was: import k_diffusion.sampling as K
     x = K.sample_dpmpp_2m(denoiser, noise * sigmas[0], sigmas, extra_args={"cond": c})
 
 Conventions are k-diffusion's: ``model(x, sigma * s_in, **extra_args)`` is a denoiser returning
@@ -61,10 +61,10 @@ import numpy as np
 import torch
 
 from . import samplers
-from .loop import LoopOptions, run_plan
-from .plan import Plan
-from .rng import expand_seeds
-from .schedules import Discretization, VESchedule
+from .runtime.loop import LoopOptions, run_plan
+from .core.plan import Plan
+from .core.rng import expand_seeds
+from .core.schedules import Discretization, VESchedule
 
 __all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
            "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",

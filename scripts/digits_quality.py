@@ -3,7 +3,7 @@
     python scripts/digits_quality.py                 # about 5 minutes on one core
     python scripts/digits_quality.py --quick         # a smoke run in under a minute
 
-Data (:func:`fastdiff.zoo.digits.load_data`): the reference set is the 360 ``test`` digits, which no
+Data (:func:`fastdiff.models.zoo.digits.load_data`): the reference set is the 360 ``test`` digits, which no
 model ever trained on. Features are the 64-d penultimate layer of the clean-digit classifier, trained
 on the ``feature`` split (717 training digits) only; the ``floor`` split (720 other training digits,
 which the feature classifier never saw) gives the real-data floor. The denoiser and the
@@ -50,10 +50,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fastdiff  # noqa: E402
-from fastdiff import schedules  # noqa: E402
+from fastdiff.core import schedules  # noqa: E402
 from fastdiff.distributed import initial_noise  # noqa: E402
 from fastdiff.models import GaussianMixture  # noqa: E402
-from fastdiff.zoo import digits as D  # noqa: E402
+from fastdiff.models.zoo import digits as D  # noqa: E402
 
 SAMPLERS = ["ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "ddpm"]
 NFES = [5, 10, 20, 50, 1000]

@@ -16,7 +16,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from fastdiff.zoo import digits as D  # noqa: E402
+from fastdiff.models.zoo import digits as D  # noqa: E402
 
 PATH = os.path.join(ROOT, "tests", "zoo", "digits_reference.safetensors")
 

@@ -1,4 +1,4 @@
-"""Train the digits models of :mod:`fastdiff.zoo.digits` on the CPU and write their weights.
+"""Train the digits models of :mod:`fastdiff.models.zoo.digits` on the CPU and write their weights.
 
     python scripts/train_digits.py                      # all three, about 13 minutes on one core
     python scripts/train_digits.py --only noisy_classifier   # about 5 minutes
@@ -8,7 +8,7 @@
 Writes ``{name}.safetensors`` (float16) and ``{name}.json`` (architecture, schedule, training
 record: seed, steps, seconds, final loss, held-out metrics) to ``fastdiff/zoo/weights/`` (or
 ``--out``). Data: scikit-learn's bundled digits (needs ``pip install '.[train]'``; nothing is
-downloaded), the fixed splits of :func:`fastdiff.zoo.digits.load_data`: the denoiser and the
+downloaded), the fixed splits of :func:`fastdiff.models.zoo.digits.load_data`: the denoiser and the
 noise-conditional classifier train on the 1437 ``train`` digits, the feature classifier (the
 sample-quality metrics' feature space) on its 717-digit ``feature`` part only, so that neither the 360
 ``test`` digits (the metrics' reference, never trained on) nor the 720 ``floor`` digits (their
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fastdiff.zoo import digits as D  # noqa: E402
+from fastdiff.models.zoo import digits as D  # noqa: E402
 
 SCHEDULE = {
     "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,

@@ -2,7 +2,7 @@
 
 import math
 
-from fastdiff.plan import Plan, Row, combo
+from fastdiff.core.plan import Plan, Row, combo
 
 
 def edm_euler(steps: int, sigma_max: float = 10.0, sigma_min: float = 0.05, rho: float = 7.0) -> Plan:

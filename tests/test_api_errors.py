@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import validate
+from fastdiff.core import validate
 
 B, SHAPE = 2, (2, 3, 4, 4)
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.loop import LoopOptions, classifier_coefficients, run_plan
+from fastdiff.runtime.loop import LoopOptions, classifier_coefficients, run_plan
 from fastdiff.models import GaussianMixture
-from fastdiff.plan import Plan, Row, combo, x0_coeffs
+from fastdiff.core.plan import Plan, Row, combo, x0_coeffs
 
 
 def _x0_row(pred, alpha, sigma):
@@ -53,7 +53,7 @@ def test_scale_is_an_inverse_temperature_and_combines_with_cfg():
     c1 = classifier_coefficients(plan, 1.0)
     c3 = classifier_coefficients(plan, 3.0)
     assert all(abs(b - 3 * a) <= 1e-12 * abs(b) for a, b in zip(c1, c3))
-    sched = fastdiff.schedules.from_config({"clip_sample": False})
+    sched = fastdiff.core.schedules.from_config({"clip_sample": False})
     model = gm.model(sched.alpha_sigma, "eps")
 
     def classifier(u, t):

@@ -80,7 +80,7 @@ def test_profile_bad_output_paths(tmp_path, capsys):
 
 
 def test_profile_backend_not_available_here(capsys, monkeypatch):
-    from fastdiff import ops
+    from fastdiff.runtime import ops
 
     if ops.backend_status("triton")[0]:
         pytest.skip("triton runs here")
@@ -162,7 +162,7 @@ def test_sample_nan_model_is_one_line(tmp_path, capsys):
 
 
 def test_sample_backend_not_available_here(tmp_path, capsys):
-    from fastdiff import ops
+    from fastdiff.runtime import ops
 
     if ops.backend_status("cuda")[0]:
         pytest.skip("the cuda backend runs here")
@@ -207,7 +207,7 @@ def test_bench_bad_output_paths(tmp_path, capsys):
 
 
 def test_bench_unavailable_backend_is_an_argument_error(capsys):
-    from fastdiff import ops
+    from fastdiff.runtime import ops
 
     if ops.backend_status("triton")[0]:
         pytest.skip("triton runs here")

@@ -1,4 +1,4 @@
-"""The row contract is written once: fastdiff.args states the packed coefficient layout and the
+"""The row contract is written once: fastdiff.core.args states the packed coefficient layout and the
 pointer order; every compiled or generated copy (the CPU extension, the CUDA extension built for
 the CPU emulation, the Triton kernel) is checked against it, and a build that disagrees is refused."""
 
@@ -10,9 +10,9 @@ import types
 
 import pytest
 
-from fastdiff import args
+from fastdiff.core import args
 from fastdiff.backends import cpu
-from fastdiff.plan import MAX_READS, MAX_WRITES, N_OPERANDS
+from fastdiff.core.plan import MAX_READS, MAX_WRITES, N_OPERANDS
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 

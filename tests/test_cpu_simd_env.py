@@ -21,7 +21,7 @@ _API = r"""
 import json, sys, warnings
 import torch
 import fastdiff
-from fastdiff import ops
+from fastdiff.runtime import ops
 calls = []
 def model(x, t):
     calls.append(1)
@@ -133,6 +133,6 @@ def test_cli_sample_auto_refuses_with_one_line(tmp_path):
 
 
 def test_import_and_reference_are_unaffected():
-    r = _run("import fastdiff, fastdiff.ops, fastdiff.backends.cpu as c; print(c.available()[0])", [],
+    r = _run("import fastdiff, fastdiff.runtime.ops, fastdiff.backends.cpu as c; print(c.available()[0])", [],
              FASTDIFF_CPU_SIMD="bogus")
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

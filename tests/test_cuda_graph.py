@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.loop import GraphCaptureError
+from fastdiff.runtime.loop import GraphCaptureError
 
 from ._plans import edm_euler, edm_euler_ancestral
 
@@ -121,7 +121,7 @@ def test_graph_on_a_module_with_trainable_parameters():
 
 @needs_gpu
 def test_repeated_calls_capture_once_and_replay_with_new_inputs(monkeypatch):
-    from fastdiff import graphs
+    from fastdiff.runtime import graphs
 
     captures = []
     real = graphs.capture

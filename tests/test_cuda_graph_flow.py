@@ -1,5 +1,5 @@
 """The control flow of ``cuda_graph=True`` on CPU: argument checks, the warm-up / capture sequence
-of ``fastdiff.graphs.capture`` and the capture-once, replay-many logic of
+of ``fastdiff.runtime.graphs.capture`` and the capture-once, replay-many logic of
 ``Executor.run_graphed``, against a recording stand-in for ``torch.cuda`` whose "replay" runs the
 captured loop body again (on CPU tensors).
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import graphs
-from fastdiff.executor import Call, Executor
-from fastdiff.guidance import Guidance
-from fastdiff.loop import GraphCaptureError
+from fastdiff.runtime import graphs
+from fastdiff.runtime.executor import Call, Executor
+from fastdiff.core.guidance import Guidance
+from fastdiff.runtime.loop import GraphCaptureError
 
 from ._plans import edm_euler
 
@@ -186,7 +186,7 @@ def test_graph_recaptured_when_the_model_or_conditioning_changes():
 
     c, u = torch.randn(3, 2), torch.randn(3, 2)
     run(net, c, u)
-    run(fastdiff.denoisers.as_model(net), c, u)  # a fresh wrapper of the same module: the same model
+    run(fastdiff.models.denoisers.as_model(net), c, u)  # a fresh wrapper of the same module: the same model
     assert _captures(fake) == 1
     with torch.no_grad():
         net.lin.weight.mul_(0.5)  # updated in place: the graph reads the new values

@@ -21,7 +21,7 @@ import torch
 
 import fastdiff
 from fastdiff import distributed as D
-from fastdiff import ops
+from fastdiff.runtime import ops
 from fastdiff.cli import main as cli_main
 
 from ._dist_worker import MODEL_ID, SHAPE, make_model
@@ -170,8 +170,8 @@ def test_shares_sampled_apart_equal_the_whole_batch_on_each_backend(backend):
 def test_initial_noise_is_keyed_by_seed_alone():
     a = D.initial_noise(SHAPE, SEEDS7)
     assert torch.equal(D.initial_noise(SHAPE, SEEDS7[2:5]), a[2:5])
-    assert torch.equal(a, fastdiff.rng.randn((7, *SHAPE), SEEDS7, row=D.INIT_ROW))
-    assert not torch.equal(a, fastdiff.rng.randn((7, *SHAPE), SEEDS7, row=0))  # not the first solver row's noise
+    assert torch.equal(a, fastdiff.core.rng.randn((7, *SHAPE), SEEDS7, row=D.INIT_ROW))
+    assert not torch.equal(a, fastdiff.core.rng.randn((7, *SHAPE), SEEDS7, row=0))  # not the first solver row's noise
 
 
 def test_out_dir_writes_one_atomic_file_per_sample_and_resume_skips_existing(tmp_path):

@@ -1,4 +1,4 @@
-"""The prepared loop (fastdiff.executor, fastdiff.Sampler, the cache of fastdiff.sample): one model
+"""The prepared loop (fastdiff.runtime.executor, fastdiff.Sampler, the cache of fastdiff.sample): one model
 call and one step per row, the model input written by the step, the non-finite flag, reuse without
 aliasing, concurrent calls, and the torch operations fastdiff issues per row."""
 
@@ -11,9 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdiff
-from fastdiff import ops
-from fastdiff.executor import Call, Executor, NonFiniteError, StopSampling
-from fastdiff.guidance import Guidance
+from fastdiff.runtime import ops
+from fastdiff.runtime.executor import Call, Executor, NonFiniteError, StopSampling
+from fastdiff.core.guidance import Guidance
 
 from ._fixtures import seed  # noqa: F401
 
@@ -437,7 +437,7 @@ def _score_model(x, t):
 def test_langevin_rows_run_in_the_extension_as_in_torch(snr_norm, external):
     if not ops.backend_status("cpu")[0]:
         pytest.skip("no cpu backend")
-    from fastdiff.loop import LoopOptions, run_plan
+    from fastdiff.runtime.loop import LoopOptions, run_plan
 
     plan = fastdiff.make_plan("pc", 4, prediction="score")
     import dataclasses

@@ -1,4 +1,4 @@
-"""fastdiff.sample and fastdiff.ops.step take tensors of any layout, and the fused backends equal
+"""fastdiff.sample and fastdiff.runtime.ops.step take tensors of any layout, and the fused backends equal
 ``reference`` on them (fresh random inputs every run; replay one with FASTDIFF_TEST_SEED).
 
 Regressions: non-contiguous noise (channels_last, transposed, sliced, ...) and non-contiguous
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import ops
-from fastdiff.args import StepArgs, pack_row
+from fastdiff.runtime import ops
+from fastdiff.core.args import StepArgs, pack_row
 from fastdiff.backends import reference
-from fastdiff.guidance import rescale_factor
-from fastdiff.plan import Row, combo
+from fastdiff.core.guidance import rescale_factor
+from fastdiff.core.plan import Row, combo
 
 from ._fixtures import _one_thread, seed  # noqa: F401  (fixtures, found by name)
 
@@ -174,7 +174,7 @@ def test_one_dim_state_with_guidance_matches_reference_and_is_batch_independent(
 
 
 def test_run_plan_writes_back_into_a_non_contiguous_state(seed):
-    from fastdiff.loop import LoopOptions, run_plan
+    from fastdiff.runtime.loop import LoopOptions, run_plan
 
     from ._plans import edm_euler_ancestral
 

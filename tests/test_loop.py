@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.guidance import Guidance, dynamic_threshold, rescale_factor
-from fastdiff.loop import LoopOptions, NonFiniteError, run_plan
-from fastdiff.plan import Plan, Row, combo
+from fastdiff.core.guidance import Guidance, dynamic_threshold, rescale_factor
+from fastdiff.runtime.loop import LoopOptions, NonFiniteError, run_plan
+from fastdiff.core.plan import Plan, Row, combo
 
 from ._plans import edm_euler, edm_euler_ancestral
 
@@ -182,8 +182,8 @@ def test_static_and_dynamic_clip_rows():
 
 
 def test_step_refuses_a_bad_clip_code_on_every_backend():
-    from fastdiff import ops
-    from fastdiff.args import StepArgs, pack_row
+    from fastdiff.runtime import ops
+    from fastdiff.core.args import StepArgs, pack_row
 
     x = torch.randn(2, 8)
     row = Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(d=1.0))

@@ -1,4 +1,4 @@
-"""The resume manifest (:mod:`fastdiff.manifest`): equal settings describe equally, every changed
+"""The resume manifest (:mod:`fastdiff.distributed.manifest`): equal settings describe equally, every changed
 setting is named, and a folder of samples is never mixed with another run's."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import manifest, schedules
-from fastdiff.manifest import ManifestError
+from fastdiff.distributed import manifest
+from fastdiff.core import schedules
+from fastdiff.distributed.manifest import ManifestError
 
 
 _MODEL = torch.nn.Linear(3, 3)

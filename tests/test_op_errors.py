@@ -1,4 +1,4 @@
-"""Hostile inputs to :mod:`fastdiff.ops`, table-driven.
+"""Hostile inputs to :mod:`fastdiff.runtime.ops`, table-driven.
 
 Every case starts from one valid row that uses every operand (guidance with rescale, dynamic
 clipping, two history reads and two writes, Philox noise, the mask blend with external
@@ -8,13 +8,13 @@ tensors, non-tensors, non-contiguous views of a wrong shape or dtype, expanded o
 that require grad, NaN/Inf or non-numeric coefficients, bad clip codes and Philox row words, too
 many history tensors. Each must raise the exception type the table names, with a message naming
 the argument, before any caller tensor changes, on every backend (``reference``, ``cpu``, and
-``triton`` under ``TRITON_INTERPRET=1`` for a few cases), through :func:`fastdiff.ops.step` and
-:func:`fastdiff.ops.prepare`. The cases a fused kernel would read or write out of bounds with
-``check=False`` are also refused by :func:`fastdiff.ops.check_extents`.
+``triton`` under ``TRITON_INTERPRET=1`` for a few cases), through :func:`fastdiff.runtime.ops.step` and
+:func:`fastdiff.runtime.ops.prepare`. The cases a fused kernel would read or write out of bounds with
+``check=False`` are also refused by :func:`fastdiff.runtime.ops.check_extents`.
 
 Hostile-looking inputs that are *accepted* (non-contiguous, expanded and negated views, outputs
 aliasing or partly overlapping inputs) must give what ``reference`` gives. Last, model outputs the
-prepared loop (:mod:`fastdiff.executor`) must refuse by name after step 0.
+prepared loop (:mod:`fastdiff.runtime.executor`) must refuse by name after step 0.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import ops
-from fastdiff.args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF, StepArgs
-from fastdiff.executor import Call, Executor
-from fastdiff.plan import OP_D, OP_E, OP_H, OP_X, OP_Z
+from fastdiff.runtime import ops
+from fastdiff.core.args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF, StepArgs
+from fastdiff.runtime.executor import Call, Executor
+from fastdiff.core.plan import OP_D, OP_E, OP_H, OP_X, OP_Z
 
 B, TAIL = 3, (2, 5)
 SHAPE = (B, *TAIL)

@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-import fastdiff.profile as prof
+import fastdiff.bench.profile as prof
 from fastdiff.cli import main as cli_main
-from fastdiff.loop import LoopOptions, run_plan
-from fastdiff.timing import RegionTimer, SyncCounter
+from fastdiff.runtime.loop import LoopOptions, run_plan
+from fastdiff.bench.timing import RegionTimer, SyncCounter
 
 from ._plans import edm_euler
 

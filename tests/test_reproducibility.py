@@ -12,7 +12,7 @@
   default ``snr_norm="batch"`` does, by design; ``snr_norm="sample"`` does not).
 * Triton draws its normals with libdevice, not the Cephes polynomials of the other backends: the
   size of the difference is measured here on a CPU build of Triton's own libdevice bitcode, and on a
-  GPU by tests/backends/test_gpu.py, both against ``fastdiff.rng.TRITON_NORMAL_TOL``.
+  GPU by tests/backends/test_gpu.py, both against ``fastdiff.core.rng.TRITON_NORMAL_TOL``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import rng, samplers
+from fastdiff.core import rng
+from fastdiff import samplers
 from fastdiff.backends import cpu, reference
 
 from .backends._cases import FEATURES, build
@@ -160,7 +161,7 @@ def test_pc_batch_norm_couples_samples_and_sample_norm_does_not():
 def test_digits_model_is_close_to_but_not_guaranteed_batch_invariant():
     """A real network is batch-invariant only to float rounding (BLAS picks kernels by batch size):
     the digits denoiser moves by ~1e-6 between batch 8 and batch 1; the sampler adds nothing."""
-    from fastdiff.zoo import digits
+    from fastdiff.models.zoo import digits
 
     try:
         m = digits.load_denoiser()
@@ -190,9 +191,9 @@ from .backends.test_cuda_emu import emu  # noqa: E402,F401  (the emulated _C_cud
 def test_cuda_emulation_bit_identical_to_reference(emu, dtype):  # noqa: F811
     """Every row feature, and a large noise-only row on both streams (x' = z, and under a mask
     x' = z2 in the known region): the CUDA kernel's code gives the reference's bits."""
-    from fastdiff.args import C_KNOWN_S, C_OUT, N_COEF, StepArgs
+    from fastdiff.core.args import C_KNOWN_S, C_OUT, N_COEF, StepArgs
     from fastdiff.backends import cuda as cb
-    from fastdiff.plan import OP_Z
+    from fastdiff.core.plan import OP_Z
 
     for i, (name, feat) in enumerate(FEATURES.items()):
         pool, make_args, outputs = build(feat, (3, 203), dtype, 100 + i, "cpu")
@@ -321,7 +322,7 @@ def _libdevice_emulation(tmp):
 
 def _words_and_normals(seed: int, row: int, stream: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample's Philox words (int32) and normals, ``[groups, 4]`` each: from the C++ kernel where
-    it is built (bit-identical to ``fastdiff.rng``, tests/test_rng_cpu.py, and much faster)."""
+    it is built (bit-identical to ``fastdiff.core.rng``, tests/test_rng_cpu.py, and much faster)."""
     seeds = torch.tensor([rng._signed64(seed)], dtype=torch.int64)
     if cpu.available()[0]:
         words = torch.empty(1, 4 * groups, dtype=torch.int32)

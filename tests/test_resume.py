@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from fastdiff import distributed as D
-from fastdiff import manifest
+from fastdiff.distributed import manifest
 from fastdiff.cli import main as cli_main
-from fastdiff.manifest import ManifestError
+from fastdiff.distributed.manifest import ManifestError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = [5, 6, 7, 8]
@@ -191,7 +191,7 @@ def test_cli_killed_part_way_then_resumed_is_byte_identical(tmp_path):
 
 
 def test_the_backend_auto_resolves_to_is_recorded(tmp_path, monkeypatch):
-    from fastdiff import ops
+    from fastdiff.runtime import ops
 
     if not ops.backend_status("cpu")[0]:
         pytest.skip("no cpu backend: auto is reference here")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastdiff import rng
+from fastdiff.core import rng
 
 
 def test_philox_known_answers():

@@ -1,4 +1,4 @@
-"""The C++ Philox (csrc/philox.h and the CPU kernel's SIMD noise) against fastdiff.rng.
+"""The C++ Philox (csrc/philox.h and the CPU kernel's SIMD noise) against fastdiff.core.rng.
 
 The uint32 words and the normals must equal rng.philox_bits / rng.philox_normal bit for bit at every
 SIMD level and in the scalar header code that the CUDA kernel compiles: on millions of counters, on
@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import torch
 
-from fastdiff import rng
+from fastdiff.core import rng
 from fastdiff.backends import cpu
 
 if cpu._C is None:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import schedules as S
+from fastdiff.core import schedules as S
 from fastdiff.samplers._multistep import multistep_grid
 
 from ._optional import diffusers  # parity tests skip in the test when diffusers is missing

@@ -1,4 +1,4 @@
-"""fastdiff.schedules against diffusers' own set_timesteps, closed forms, and from_config errors."""
+"""fastdiff.core.schedules against diffusers' own set_timesteps, closed forms, and from_config errors."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import schedules as S
+from fastdiff.core import schedules as S
 
 from ._optional import diffusers  # parity tests skip in the test when diffusers is missing
 

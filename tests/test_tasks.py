@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff
-from fastdiff import schedules, tasks
-from fastdiff.loop import LoopOptions, run_plan
+from fastdiff.core import schedules
+from fastdiff import tasks
+from fastdiff.runtime.loop import LoopOptions, run_plan
 from fastdiff.models import GaussianMixture
 from fastdiff.tasks import with_known_region
 
@@ -170,7 +171,7 @@ def test_start_step_equals_strength_and_noised_state(seed):
     b = fastdiff.sample(_elementwise, noise, image=image, start_step=k, sampler="euler", steps=20, backend="reference")
     assert torch.equal(a, b)
     plan = tasks.plan_from_step("euler", 20, k)
-    sig = float(fastdiff.schedules.from_config({}).discretize(20).sigmas[k])
+    sig = float(fastdiff.core.schedules.from_config({}).discretize(20).sigmas[k])
     # k-space (Euler on a VP schedule): x = image + sigma * noise, as diffusers' EulerDiscrete add_noise
     assert torch.allclose(tasks.noised_state(plan, image, noise), image + sig * noise, rtol=1e-12, atol=1e-12)
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ..args import (COEF_OFFSETS, DTYPE_CODES, PTR_NAMES, StepArgs, element_tensors, kernel_args,  # noqa: F401
+from ..core.args import (COEF_OFFSETS, DTYPE_CODES, PTR_NAMES, StepArgs, element_tensors, kernel_args,  # noqa: F401
                     output_tensors, per_sample_tensors, unsafe_overlap)
 
 NAME = "cpu"
@@ -22,12 +22,12 @@ NAME = "cpu"
 
 def check_layout(module) -> None:
     """Raise ``ImportError`` unless ``module`` (a compiled extension) states the row layout of
-    :mod:`fastdiff.args`: the same coefficient offsets and pointer order (a stale build would
+    :mod:`fastdiff.core.args`: the same coefficient offsets and pointer order (a stale build would
     otherwise read every row wrongly)."""
     got_c, got_p = dict(getattr(module, "COEF_OFFSETS", {})), tuple(getattr(module, "PTR_NAMES", ()))
     if got_c != COEF_OFFSETS or got_p != PTR_NAMES:
         raise ImportError(f"{module.__name__} was built for another row layout (coefficients {got_c}, pointers "
-                          f"{list(got_p)}; fastdiff.args has {COEF_OFFSETS}, {list(PTR_NAMES)}): rebuild it with "
+                          f"{list(got_p)}; fastdiff.core.args has {COEF_OFFSETS}, {list(PTR_NAMES)}): rebuild it with "
                           "`pip install -e .`")
 
 
@@ -64,7 +64,7 @@ def check_config() -> None:
     """Raise the ``ValueError`` of an invalid ``FASTDIFF_CPU_SIMD`` (not one of :data:`SIMD_LEVELS`, or a
     level this CPU lacks), naming the variable and the allowed values.
 
-    :func:`fastdiff.ops.resolve` calls it whenever this backend is asked for by name or considered
+    :func:`fastdiff.runtime.ops.resolve` calls it whenever this backend is asked for by name or considered
     by ``auto``: a bad setting is refused, never a silent fall-back to ``reference``. Importing
     fastdiff still works, and :func:`available` reports the same message.
     """
@@ -83,7 +83,7 @@ def available() -> tuple[bool, str]:
 
 
 def supports(args: StepArgs) -> bool:
-    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`, so
+    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.runtime.ops.validate`, so
     every element tensor has ``x``'s shape and dtype).
 
     Needs: the extension, CPU tensors, a supported dtype, every tensor contiguous (element tensors,
@@ -106,7 +106,7 @@ def step(args: StepArgs) -> None:
     """Execute one row in one pass: writes ``args.out``, ``args.h_write``, ``args.u`` and ``args.flag``
     (``out`` and the history writes may alias inputs).
 
-    Callers go through :func:`fastdiff.ops.step`, which validates and checks :func:`supports`.
+    Callers go through :func:`fastdiff.runtime.ops.step`, which validates and checks :func:`supports`.
     """
     x = args.x
     numel = x.numel()
@@ -118,7 +118,7 @@ def step(args: StepArgs) -> None:
 class CpuProgram:
     """Prepared rows in the extension (``_C.Program``): ``run_ptr(i, address)`` runs row ``i`` with
     the model output at ``address``, its reduction (guidance rescale, dynamic threshold, Langevin
-    step sizes) and its step in one call (the interface of :class:`fastdiff.ops.Program`)."""
+    step sizes) and its step in one call (the interface of :class:`fastdiff.runtime.ops.Program`)."""
 
     def __init__(self, rows: list[StepArgs], reductions: list) -> None:
         self.rows = rows
@@ -141,5 +141,5 @@ class CpuProgram:
 
 
 def prepare(rows: list[StepArgs], reductions: list) -> CpuProgram:
-    """The extension's prepared program for ``rows`` (validated and supported: :func:`fastdiff.ops.prepare`)."""
+    """The extension's prepared program for ``rows`` (validated and supported: :func:`fastdiff.runtime.ops.prepare`)."""
     return CpuProgram(rows, reductions)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from ..args import DTYPE_CODES, StepArgs, element_tensors, kernel_args, pointers, unsafe_overlap  # noqa: F401
+from ..core.args import DTYPE_CODES, StepArgs, element_tensors, kernel_args, pointers, unsafe_overlap  # noqa: F401
 from .cpu import check_layout
 
 NAME = "cuda"
@@ -42,7 +42,7 @@ def available() -> tuple[bool, str]:
 
 
 def supports(args: StepArgs) -> bool:
-    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.ops.validate`).
+    """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.runtime.ops.validate`).
 
     Needs: the extension, CUDA tensors, a supported dtype, every tensor contiguous (element tensors,
     the model input ``u``, and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that alias
@@ -74,7 +74,7 @@ def step(args: StepArgs) -> None:
     """Execute one row in one kernel launch on the current stream of ``args.x``'s device: writes
     ``args.out``, ``args.h_write``, ``args.u`` and sets ``args.flag`` (never clears it; no host sync).
 
-    Callers go through :func:`fastdiff.ops.step`, which validates and checks :func:`supports`.
+    Callers go through :func:`fastdiff.runtime.ops.step`, which validates and checks :func:`supports`.
     """
     if _C_cuda is None:
         raise RuntimeError(f"backend 'cuda' is not available: {available()[1]}")
@@ -101,11 +101,11 @@ def philox_words(seeds: torch.Tensor, row: int, stream: int, numel: int) -> torc
 class CudaProgram:
     """Prepared rows in the extension (``_C_cuda.Program``): ``run(i, m)`` launches row ``i`` with
     the model output ``m`` on the current stream, one call with two integers (the interface of
-    :class:`fastdiff.ops.Program`). Per-sample reductions (guidance rescale, dynamic threshold) run
+    :class:`fastdiff.runtime.ops.Program`). Per-sample reductions (guidance rescale, dynamic threshold) run
     as torch operations into the row's ``r``/``s`` just before it."""
 
     def __init__(self, rows: list[StepArgs], reductions: list, module: ModuleType | None = None) -> None:
-        from ..ops import Program
+        from ..runtime.ops import Program
 
         self.rows = rows
         self._py = Program(rows, reductions, lambda a: None)  # its run() does the reductions
@@ -128,12 +128,12 @@ class CudaProgram:
         self._c.run(i, m.data_ptr(), self.stream())
 
     def set(self, i: int, name: str, t: torch.Tensor | None) -> None:
-        from ..args import PTR_NAMES
+        from ..core.args import PTR_NAMES
 
         self._c.set(i, PTR_NAMES.index(name), 0 if t is None else t.data_ptr())
         self._py.set(i, name, t)
 
 
 def prepare(rows: list[StepArgs], reductions: list) -> CudaProgram:
-    """The extension's prepared program for ``rows`` (validated and supported: :func:`fastdiff.ops.prepare`)."""
+    """The extension's prepared program for ``rows`` (validated and supported: :func:`fastdiff.runtime.ops.prepare`)."""
     return CudaProgram(rows, reductions)

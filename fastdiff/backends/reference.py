@@ -7,10 +7,10 @@ from contextlib import nullcontext
 
 import torch
 
-from ..args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF, StepArgs, compute_dtype
-from ..plan import MAX_READS, MAX_WRITES, N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
-from ..rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
-from ..timing import active_timer
+from ..core.args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF, StepArgs, compute_dtype
+from ..core.plan import MAX_READS, MAX_WRITES, N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
+from ..core.rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
+from ..bench.timing import active_timer
 
 NAME = "reference"
 
@@ -52,7 +52,7 @@ def _no_region(name: str):
 def check_codes(args: StepArgs) -> None:
     """Refuse what the compiled backends' argument unpacking refuses (``csrc/bind_args.h``:
     ``check_counts`` and ``check_pointers``), with the same messages, so that this backend called
-    directly (past :func:`fastdiff.ops.validate`) is no more lenient than ``cpu`` or ``cuda``: the
+    directly (past :func:`fastdiff.runtime.ops.validate`) is no more lenient than ``cpu`` or ``cuda``: the
     clip code, the coefficient count, the history and model-input counts, and the operands a row
     needs (``w`` with ``m_c``, ``s`` with a clip, ``known`` with ``mask``, seeds or ``z``/``z2``
     for the noise it draws). Constant work; no tensor data is read."""
@@ -86,7 +86,7 @@ def step(args: StepArgs) -> None:
     """Execute one row: writes ``args.out`` and ``args.h_write`` (which may alias inputs).
 
     Checks what the compiled backends check on their own (:func:`check_codes`); the tensors
-    themselves are :func:`fastdiff.ops.validate`'s."""
+    themselves are :func:`fastdiff.runtime.ops.validate`'s."""
     check_codes(args)
     dt = compute_dtype(args.x.dtype)
     c = _round(args.coef, dt)  # coefficients rounded like kernels do

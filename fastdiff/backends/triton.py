@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from ..args import StepArgs, element_tensors, output_tensors, unsafe_overlap
+from ..core.args import StepArgs, element_tensors, output_tensors, unsafe_overlap
 
 NAME = "triton"
 

@@ -1,4 +1,4 @@
-"""Samplers: small pure functions from a schedule and a step count to a :class:`~fastdiff.plan.Plan`.
+"""Samplers: small pure functions from a schedule and a step count to a :class:`~fastdiff.core.plan.Plan`.
 
 Public API::
 
@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import schedules as _schedules
-from ..plan import PREDICTIONS, Plan, check_prediction
+from ..core import schedules as _schedules
+from ..core.plan import PREDICTIONS, Plan, check_prediction
 
 SamplerFn = Callable[..., Plan]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..plan import Row, Write, combo, x0_coeffs
+from ..core.plan import Row, Write, combo, x0_coeffs
 
 SQRT2_M1 = 2**0.5 - 1
 

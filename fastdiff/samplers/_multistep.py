@@ -2,7 +2,7 @@
 
 Log-SNR ``lambda = log(alpha / sigma)``, the phi functions of exponential integrators, and the
 sigma grids of diffusers' ``DPMSolverMultistepScheduler`` / ``UniPCMultistepScheduler`` (which
-differ from the Euler-type grid of :meth:`fastdiff.schedules.VPSchedule.discretize`). Plain float64
+differ from the Euler-type grid of :meth:`fastdiff.core.schedules.VPSchedule.discretize`). Plain float64
 host scalars; no tensors.
 
 The state of these samplers is the model input itself (``in_scale = 1``): diffusers' ``sample`` on
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import schedules as S
+from ..core import schedules as S
 from ._common import check_choice, data_coeffs
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 
-from ..plan import Plan, Row, combo
-from ..schedules import VPSchedule
+from ..core.plan import Plan, Row, combo
+from ..core.schedules import VPSchedule
 from . import register
 from ._common import CLIP_OPTIONS, check_number, clip_settings, eps_coeffs, vp_point
 

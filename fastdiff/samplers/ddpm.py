@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ..plan import Plan, Row, combo
-from ..schedules import VPSchedule
+from ..core.plan import Plan, Row, combo
+from ..core.schedules import VPSchedule
 from . import register
 from ._common import CLIP_OPTIONS, check_choice, clip_settings, vp_point
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ..plan import Plan, Row, Write, combo
+from ..core.plan import Plan, Row, Write, combo
 from . import register
 from ._common import add_noise, check_choice, check_number, clip_settings, euler_update, grid_point
 from ._multistep import Grid, divided_differences, multistep_grid, phi

@@ -6,7 +6,7 @@ one (no history): the data-prediction form of DDIM on the DPM-Solver grid, and i
 
 from __future__ import annotations
 
-from ..plan import Plan
+from ..core.plan import Plan
 from . import register
 from .dpmpp import _OPTIONS, _SDE_OPTIONS, PREDICTIONS, _dpmpp
 

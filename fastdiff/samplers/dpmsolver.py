@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from ..plan import Plan, Row, Write, combo
+from ..core.plan import Plan, Row, Write, combo
 from . import register
 from ._common import check_choice, clip_settings, eps_coeffs
 from ._multistep import Grid, divided_differences, multistep_grid, phi

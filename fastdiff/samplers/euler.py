@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ..plan import Plan, Row, combo
-from ..schedules import Discretization, Schedule
+from ..core.plan import Plan, Row, combo
+from ..core.schedules import Discretization, Schedule
 from . import register
 from ._common import add_noise, ancestral_step, check_number, churn_gammas, euler_update, grid_point
 

@@ -6,8 +6,8 @@ The state is the model input ``u = (1 - s) x0 + s eps``. ``Row.sigma`` is the fl
 
 from __future__ import annotations
 
-from ..plan import Plan, Row, combo
-from ..schedules import FlowSchedule
+from ..core.plan import Plan, Row, combo
+from ..core.schedules import FlowSchedule
 from . import register
 from ._common import euler_update, grid_point, heun_rows
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..plan import Plan
-from ..schedules import Schedule
+from ..core.plan import Plan
+from ..core.schedules import Schedule
 from . import register
 from ._common import add_noise, clip_mode, heun_rows
 from .euler import _CHURN, churned_grid

@@ -8,7 +8,7 @@ input; on VP the model sees ``u = x / sqrt(1 + sigma^2)`` at the fractional time
 the Euler-type samplers), so both samplers run Song & Ermon's update literally on any schedule and
 return data units. One step is ``x' = x + (a/2) g + sqrt(a) z`` with the score
 ``g = grad_x log p_sigma(x)`` taken from the model output of any parameterization
-(:func:`fastdiff.plan.score_coeffs`; from a denoiser ``g = (x0_hat - x) / sigma^2``): one plan row.
+(:func:`fastdiff.core.plan.score_coeffs`; from a denoiser ``g = (x0_hat - x) / sigma^2``): one plan row.
 
 Step sizes are ``O(sigma^2)``: the score of ``p_sigma`` is at most ``1/sigma^2``-Lipschitz (its
 Hessian is ``(Cov[x0 | x] - sigma^2 I) / sigma^4``), so a step ``a = c sigma^2`` is stable for
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from ..plan import Plan, Row, combo, score_coeffs
+from ..core.plan import Plan, Row, combo, score_coeffs
 from . import register
 from ._common import check_number, grid_point
 from .score_sde import PREDICTIONS

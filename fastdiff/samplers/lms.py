@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plan import MAX_READS, Plan, Row, Write, combo
-from ..schedules import Schedule
+from ..core.plan import MAX_READS, Plan, Row, Write, combo
+from ..core.schedules import Schedule
 from . import register
 from ._common import grid_point
 

@@ -2,7 +2,7 @@
 probability-flow ODE, and predictor-corrector sampling with a Langevin corrector.
 
 Every step crosses one interval of the SDE's variance clock, with the score ``g = grad log p`` of
-the state taken from any parameterization (:func:`fastdiff.plan.score_coeffs`):
+the state taken from any parameterization (:func:`fastdiff.core.plan.score_coeffs`):
 
 - VE (``x = x0 + sigma eps``), clock ``sigma^2``, ``D = sigma_i^2 - sigma_{i+1}^2``: the reverse
   SDE's Euler-Maruyama step ``x' = x + D g + sqrt(D) z`` (Song et al.'s reverse-diffusion
@@ -19,7 +19,7 @@ pipeline returns ``prev_sample_mean``): on VE it is Tweedie's ``x + sigma^2 g = 
 with ``e = 2 alpha_i (snr ||z|| / ||g||)^2``, ``alpha_i = 1`` on VE and ``1 - beta_i`` on VP, ``beta_i``
 the training schedule's discrete beta at the level's timestep (their code's
 ``alpha = 1 - beta[timestep]``). A plan's Langevin row computes ``2 (r ||z|| / ||g||)^2``
-(:mod:`fastdiff.plan`), so the row carries ``r = snr sqrt(alpha_i)``.
+(:mod:`fastdiff.core.plan`), so the row carries ``r = snr sqrt(alpha_i)``.
 
 Grids are the schedule's own (``schedule.discretize``). With ``sampling_eps`` a VE schedule with
 ``sigma_grid="exponential"`` uses Song et al.'s (and diffusers') grid instead: times
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import Plan, Row, combo, score_coeffs
+from ..core.plan import Plan, Row, combo, score_coeffs
 from . import register
 from ._common import check_choice, check_number, data_coeffs
 
@@ -132,7 +132,7 @@ def corrector_alpha(schedule, lv: Level) -> float:
 
 def corrector_row(schedule, p: dict, lv: Level, snr: float, step: int, stage: int) -> Row:
     """One Langevin corrector step ``x' = x + e_i g + sqrt(2 e_i) z``, ``e_i = 2 alpha_i (snr ||z|| / ||g||)^2``
-    (Song et al. 2021, Algorithms 4/5): a Langevin row (:mod:`fastdiff.plan`, ``k = 2 (r ||z|| / ||g||)^2``)
+    (Song et al. 2021, Algorithms 4/5): a Langevin row (:mod:`fastdiff.core.plan`, ``k = 2 (r ||z|| / ||g||)^2``)
     with ``r = snr sqrt(alpha_i)``. Where ``alpha_i = 0`` (a beta of 1) the step is 0: the row keeps ``x``
     and still consumes its draw of noise."""
     r = snr * math.sqrt(corrector_alpha(schedule, lv))

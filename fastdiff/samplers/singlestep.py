@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 
-from ..plan import Plan, Row, Write, combo
-from ..schedules import Schedule
+from ..core.plan import Plan, Row, Write, combo
+from ..core.schedules import Schedule
 from . import register
 from ._common import ancestral_step, check_number, euler_update, grid_point
 

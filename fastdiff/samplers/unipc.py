@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from ..plan import MAX_READS, Plan, Row, Write, combo
+from ..core.plan import MAX_READS, Plan, Row, Write, combo
 from . import register
 from ._common import check_choice, clip_settings, eps_coeffs
 from ._multistep import Grid, multistep_grid, phi

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import ops
-from fastdiff.args import C_G, C_OUT, C_U, C_W0, N_COEF, StepArgs, pack_row
+from fastdiff.runtime import ops
+from fastdiff.core.args import C_G, C_OUT, C_U, C_W0, N_COEF, StepArgs, pack_row
 from fastdiff.backends import reference
-from fastdiff.plan import MAX_WRITES, N_OPERANDS, OP_E, OP_Z, Row, combo
+from fastdiff.core.plan import MAX_WRITES, N_OPERANDS, OP_E, OP_Z, Row, combo
 
 SEEDS = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**63 + 12345, 2**64 - 1, 0x0123456789ABCDEF]
 """Philox keys worth testing, as unsigned 64-bit words (``rng._signed64`` maps them to int64)."""
@@ -244,7 +244,7 @@ def run_unaligned(args, run, vector_path) -> None:
     """Run ``run(a)`` on a copy of the row whose element tensors sit one element past a 16-byte
     boundary (so kernels must take their scalar path: ``vector_path(pointers)`` is asserted
     False), then copy every result back into the original tensors (aliases stay aliases)."""
-    from fastdiff.args import StepArgs
+    from fastdiff.core.args import StepArgs
     from fastdiff.backends import cuda as cb
 
     moved = {}

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from fastdiff.args import C_G, C_KNOWN_S, C_OUT, C_W0, N_COEF, StepArgs
-from fastdiff.plan import MAX_WRITES, N_OPERANDS, OP_E, OP_Z
+from fastdiff.core.args import C_G, C_KNOWN_S, C_OUT, C_W0, N_COEF, StepArgs
+from fastdiff.core.plan import MAX_WRITES, N_OPERANDS, OP_E, OP_Z
 
 FEATURES = {
     "plain": {},
@@ -50,7 +50,7 @@ FEATURES = {
     "everything": {"cfg": True, "rescale": True, "clip": 2, "mask": "philox", "noise": "philox", "reads": 3,
                    "writes": ("read2", "new"), "e": "all", "g": "random"},
 }
-"""Named feature sets covering every part of a row (see fastdiff/plan.py).
+"""Named feature sets covering every part of a row (see fastdiff/core/plan.py).
 
 Keys: ``cfg``/``rescale`` (bool), ``clip`` (0/1/2), ``mask`` (None/"plain"/"philox"/"external"),
 ``noise`` (None/"philox"/"write_only"/"external"), ``reads`` (count), ``writes`` (targets: "new",

@@ -15,10 +15,11 @@ import warnings
 import pytest
 import torch
 
-from fastdiff import ops, rng
-from fastdiff.args import C_KNOWN_S, C_OUT, C_W0, C_W1, N_COEF, PTR_NAMES, StepArgs, pack_row
+from fastdiff.runtime import ops
+from fastdiff.core import rng
+from fastdiff.core.args import C_KNOWN_S, C_OUT, C_W0, C_W1, N_COEF, PTR_NAMES, StepArgs, pack_row
 from fastdiff.backends import cpu, reference
-from fastdiff.plan import OP_Z, Row, Write, combo
+from fastdiff.core.plan import OP_Z, Row, Write, combo
 
 from ._cases import FEATURES as SHARED_FEATURES
 from ._cases import check as shared_check
@@ -181,7 +182,7 @@ def test_in_kernel_noise_equals_rng(shape, level, gen):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 def test_e_operand_is_the_guided_output_before_clipping(dtype, variant, level, gen):
     """x' = e and h = d (the shape of diffusers' DDIM with clip_sample=True), checked against the
-    formulas of fastdiff/plan.py rather than against reference: e is m guided, rescaled and moved
+    formulas of fastdiff/core/plan.py rather than against reference: e is m guided, rescaled and moved
     by c_g * g, never clipped; d is formed from that e and then clipped. Exact: the same float
     operations in the same order, coefficients exact in float32."""
     b, shape = 3, (3, 5, 7)
@@ -305,7 +306,7 @@ def test_missing_extension_leaves_fastdiff_importable():
     code = ("import sys; sys.modules['fastdiff._C'] = None\n"
             "import fastdiff, torch\n"
             "from fastdiff import ops\n"
-            "from fastdiff.args import StepArgs, N_COEF\n"
+            "from fastdiff.core.args import StepArgs, N_COEF\n"
             "print(ops.backend_status('cpu'))\n"
             "x = torch.ones(1, 3)\n"
             "c = [0.0] * N_COEF; c[2] = 2.0  # x' = 2 x\n"

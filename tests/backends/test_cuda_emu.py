@@ -23,11 +23,11 @@ import sysconfig
 import pytest
 import torch
 
-from fastdiff import rng
-from fastdiff.args import C_AE, C_AX, C_OUT, C_U, N_COEF, PTR_NAMES, StepArgs, pointers
+from fastdiff.core import rng
+from fastdiff.core.args import C_AE, C_AX, C_OUT, C_U, N_COEF, PTR_NAMES, StepArgs, pointers
 from fastdiff.backends import cuda as cb
 from fastdiff.backends import reference
-from fastdiff.plan import OP_D, OP_X, OP_Z
+from fastdiff.core.plan import OP_D, OP_X, OP_Z
 
 from ._cases import EVERYTHING, FEATURES, SEEDS, build, check, check_tiny_e_coefficient, run_unaligned
 

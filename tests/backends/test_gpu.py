@@ -14,12 +14,13 @@ import dataclasses
 import pytest
 import torch
 
-from fastdiff import ops, rng
-from fastdiff.args import C_KNOWN_S, C_OUT, N_COEF, StepArgs, pack_row, pointers
+from fastdiff.runtime import ops
+from fastdiff.core import rng
+from fastdiff.core.args import C_KNOWN_S, C_OUT, N_COEF, StepArgs, pack_row, pointers
 from fastdiff.backends import cuda as cb
 from fastdiff.backends import reference
 from fastdiff.backends import triton as tb
-from fastdiff.plan import Row, combo
+from fastdiff.core.plan import Row, combo
 
 from ._cases import EVERYTHING, FEATURES, SEEDS, build, check, check_tiny_e_coefficient, run_unaligned
 from .test_cuda_emu import P, _add, _bits, _model_output
@@ -147,7 +148,7 @@ def test_philox_words_equal_on_cpu_triton_and_cuda(row, stream, numel):
     if not got:
         pytest.skip("no GPU backend is available")
     for name, words in got.items():
-        assert torch.equal(words, want), f"{name}: Philox words differ from fastdiff.rng"
+        assert torch.equal(words, want), f"{name}: Philox words differ from fastdiff.core.rng"
 
 
 def _noise(run, device, numel=4099, row=5):
@@ -159,7 +160,7 @@ def _noise(run, device, numel=4099, row=5):
 
 
 def test_normals_agree_across_backends_and_cuda_equals_cpu_bitwise():
-    """cuda draws fastdiff.rng's normals bit for bit (the Cephes code of csrc/philox.h that rng
+    """cuda draws fastdiff.core.rng's normals bit for bit (the Cephes code of csrc/philox.h that rng
     reproduces in torch); triton's libdevice normals are within rng.TRITON_NORMAL_TOL."""
     want = rng.philox_normal(_seeds("cpu"), 5, rng.STREAM_MAIN, 4099)
     got = {}
@@ -173,7 +174,7 @@ def test_normals_agree_across_backends_and_cuda_equals_cpu_bitwise():
         assert torch.equal(got["cuda"], want), f"cuda: {int((got['cuda'] != want).sum())} normals differ from rng"
     if "triton" in got:
         err = ((got["triton"] - want).abs() / want.abs().clamp_min(1.0)).max().item()
-        assert err <= rng.TRITON_NORMAL_TOL, f"triton: normals differ from fastdiff.rng by {err:.3g} (scaled)"
+        assert err <= rng.TRITON_NORMAL_TOL, f"triton: normals differ from fastdiff.core.rng by {err:.3g} (scaled)"
     from fastdiff.backends import cpu
 
     if "cuda" in got and cpu.available()[0]:
@@ -181,7 +182,7 @@ def test_normals_agree_across_backends_and_cuda_equals_cpu_bitwise():
 
 
 def test_reference_draws_the_same_bits_on_the_gpu():
-    """fastdiff.rng on CUDA tensors (what the reference backend runs there) equals it on the CPU."""
+    """fastdiff.core.rng on CUDA tensors (what the reference backend runs there) equals it on the CPU."""
     seeds = _seeds("cpu")
     for row, stream, numel in ((5, 0, 4099), (2**32 - 1, 1, 1 << 16)):
         want = rng.philox_normal(seeds, row, stream, numel)

@@ -18,12 +18,13 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from fastdiff import args as fargs  # noqa: E402
-from fastdiff import ops, plan, rng  # noqa: E402
-from fastdiff.args import C_OUT, N_COEF, StepArgs, pack_row  # noqa: E402
+from fastdiff.core import args as fargs  # noqa: E402
+from fastdiff.runtime import ops
+from fastdiff.core import plan, rng  # noqa: E402
+from fastdiff.core.args import C_OUT, N_COEF, StepArgs, pack_row  # noqa: E402
 from fastdiff.backends import reference  # noqa: E402
 from fastdiff.backends import triton as tb  # noqa: E402
-from fastdiff.plan import OP_E, OP_Z, Row, combo  # noqa: E402
+from fastdiff.core.plan import OP_E, OP_Z, Row, combo  # noqa: E402
 
 from ._cases import EVERYTHING, FEATURES, SEEDS, check_tiny_e_coefficient  # noqa: E402
 from ._cases import check as _check  # noqa: E402
@@ -149,7 +150,7 @@ def test_multi_dim_shape_and_out_of_place_everything():
 
 
 def test_packed_layout_is_fastdiff_args():
-    """kernels/step.py keeps no copy of the layout: it imports fastdiff.args' and fastdiff.plan's,
+    """kernels/step.py keeps no copy of the layout: it imports fastdiff.core.args' and fastdiff.core.plan's,
     and names the kernel's positional coefficient parameters from those offsets."""
     assert K.N_COEF == N_COEF == 30
     for name in ("N_COEF", "C_AX", "C_AE", "C_OUT", "C_W0", "C_W1", "C_KNOWN_A", "C_KNOWN_S", "C_G", "C_U"):

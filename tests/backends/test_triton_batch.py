@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 import fastdiff  # noqa: E402
-from fastdiff import ops  # noqa: E402
+from fastdiff.runtime import ops  # noqa: E402
 from fastdiff.backends import triton as tb  # noqa: E402
 
 from ._cases import build  # noqa: E402

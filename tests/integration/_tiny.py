@@ -1,7 +1,7 @@
 """Tiny diffusers pipelines built offline from configs with random weights (no download).
 
 Prompts are real strings: the tokenizer is a CLIP BPE over the 256 byte-level symbols
-(:func:`fastdiff.bench_pipeline.tiny_tokenizer`). SD3's T5 encoder is left out (the pipeline
+(:func:`fastdiff.bench.pipeline.tiny_tokenizer`). SD3's T5 encoder is left out (the pipeline
 then uses zero T5 embeddings, as diffusers does when ``text_encoder_3`` is None).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.bench_pipeline import SD_BETAS, tiny_clip, tiny_sd_pipeline, tiny_tokenizer, tiny_unet, tiny_vae
+from fastdiff.bench.pipeline import SD_BETAS, tiny_clip, tiny_sd_pipeline, tiny_tokenizer, tiny_unet, tiny_vae
 
 __all__ = ["SD_BETAS", "sd", "sdxl", "sd3"]
 

@@ -65,12 +65,12 @@ def check(cls_name: str, cfg: dict, steps, seed: int, *, dtype=torch.float32, ga
         return assert_close_traj(got, ref, TOL, what=what)
     import fastdiff.diffusers as fdd
 
-    draw = fdd.draw_noise
-    fdd.draw_noise = lambda shape, g, dt, dev: draw(shape, g, torch.float32, dev).to(dt)  # the fp32 run's numbers
+    draw = fdd.scheduler.draw_noise
+    fdd.scheduler.draw_noise = lambda shape, g, dt, dev: draw(shape, g, torch.float32, dev).to(dt)  # the fp32 run's numbers
     try:
         truth = run(from_diffusers(cls(**cfg), backend="reference"), model, x.double(), steps, **kw)
     finally:
-        fdd.draw_noise = draw
+        fdd.scheduler.draw_noise = draw
     worst = 0.0
     for i, (g, r, t) in enumerate(zip(got, ref, truth)):
         e = rel_err(g, r)
@@ -201,7 +201,7 @@ def test_trajectory_matches_stock_fp64(name, cfg, seed):
 def test_drop_in_rows_carry_alpha_t_sigma_t(case):
     """Rows built from the scheduler's own arrays say what the model input is, in the numbers the
     row's data estimate uses (see tests/samplers/test_rows.py for the registry-wide check)."""
-    from fastdiff.plan import x0_coeffs
+    from fastdiff.core.plan import x0_coeffs
     from fastdiff.samplers._common import eps_coeffs
 
     name, cfg, kw = case
@@ -433,7 +433,7 @@ def test_import_fastdiff_does_not_import_diffusers_and_the_module_sees_the_real_
     code = ("import sys, fastdiff, fastdiff.k_diffusion, fastdiff.diffusers\n"
             "heavy = [m for m in ('diffusers', 'transformers', 'k_diffusion') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
-            "fastdiff.diffusers._spec_of(__import__('diffusers').DDIMScheduler)\n"
+            "fastdiff.diffusers.support._spec_of(__import__('diffusers').DDIMScheduler)\n"
             "assert sys.modules['diffusers'].__file__.endswith('diffusers/__init__.py'), sys.modules['diffusers']\n"
             "assert sys.modules['diffusers'] is not fastdiff.diffusers\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -16,7 +16,7 @@ from tests.samplers._harness import rel_err
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 import fastdiff.diffusers as fdd  # noqa: E402
-from fastdiff.timing import SyncCounter  # noqa: E402
+from fastdiff.bench.timing import SyncCounter  # noqa: E402
 
 from . import _tiny  # noqa: E402
 
@@ -141,7 +141,7 @@ def test_one_fused_kernel_per_step_with_the_blend_inside_and_no_host_sync(pipes,
     pipe.scheduler = diffusers.HeunDiscreteScheduler(**SD)
     from fastdiff.backends import cpu, reference
 
-    from fastdiff import ops
+    from fastdiff.runtime import ops
 
     calls = []
     for mod in (cpu, reference):  # rows of the general path (host hooks) run through the backend's step
@@ -163,7 +163,7 @@ def test_one_fused_kernel_per_step_with_the_blend_inside_and_no_host_sync(pipes,
 
     prepare = ops.prepare
     monkeypatch.setattr(ops, "prepare", lambda *a, **k: Counted(prepare(*a, **k)))
-    loop = fdd.run_plan
+    loop = fdd.pipelines.run_plan
     syncs = []
 
     def counted(plan, model, x, opts, **kw):
@@ -172,7 +172,7 @@ def test_one_fused_kernel_per_step_with_the_blend_inside_and_no_host_sync(pipes,
         syncs.append(c.where)
         return out
 
-    monkeypatch.setattr(fdd, "run_plan", counted)
+    monkeypatch.setattr(fdd.pipelines, "run_plan", counted)
     forwards = []
     hook = pipe.unet.register_forward_hook(lambda mod, a, out: forwards.append(a[0].shape[0]))
     try:
@@ -237,7 +237,7 @@ def test_unsupported_arguments_and_components_are_named(pipes):
 
 
 def test_bench_pipeline_row():
-    from fastdiff.bench_pipeline import as_dict, bench_pipeline, format_row
+    from fastdiff.bench.pipeline import as_dict, bench_pipeline, format_row
 
     r = bench_pipeline("EulerAncestralDiscreteScheduler", steps=2, latent=8, repeats=1, backend="reference")
     assert r.steps == 2 and r.latent == (1, 4, 8, 8) and r.scheduler == "EulerAncestralDiscreteScheduler"

@@ -21,9 +21,9 @@ import types
 
 import torch
 
-from fastdiff import schedules
-from fastdiff.loop import LoopOptions, run_plan
-from fastdiff.plan import Plan
+from fastdiff.core import schedules
+from fastdiff.runtime.loop import LoopOptions, run_plan
+from fastdiff.core.plan import Plan
 
 SHAPE = (2, 3, 4, 5)
 """Batch of 2, odd feature sizes."""
@@ -110,7 +110,7 @@ def diffusers_loop(scheduler, model, x: torch.Tensor, steps: int, *, generator=N
 
 
 def _k_module(name: str) -> types.ModuleType:
-    from fastdiff.bench_loop import k_module
+    from fastdiff.bench.loop import k_module
 
     mod = k_module(name)
     if mod is None:

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import torch
 
-from fastdiff import samplers, schedules
+from fastdiff import samplers
+from fastdiff.core import schedules
 from fastdiff.models import GaussianMixture
 
 from ._harness import (SHAPE, NoiseTape, assert_close_traj, diffusers_loop, initial_noise, k_sampling, k_states, ours,

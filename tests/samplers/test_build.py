@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from fastdiff import samplers, schedules
-from fastdiff.plan import Plan
+from fastdiff import samplers
+from fastdiff.core import schedules
+from fastdiff.core.plan import Plan
 
 MINE = ["ddim", "ddpm", "euler", "euler_ancestral", "flow_euler", "flow_heun", "heun", "lms"]
 

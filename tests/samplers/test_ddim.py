@@ -2,8 +2,9 @@
 
 import pytest
 
-from fastdiff import samplers, schedules
-from fastdiff.plan import OP_E
+from fastdiff import samplers
+from fastdiff.core import schedules
+from fastdiff.core.plan import OP_E
 
 from ._harness import (SD, compare_with_diffusers, diffusers_loop, gaussian_order, initial_noise, ours, rel_err,
                        toy_model)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from fastdiff import samplers, schedules
+from fastdiff import samplers
+from fastdiff.core import schedules
 from fastdiff.samplers._multistep import divided_differences, log_snr, phi
 
 from ._harness import (SD, NoiseTape, assert_close_traj, initial_noise, k_sampling, k_states, ours, patched_randn_like,

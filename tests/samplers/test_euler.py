@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastdiff import samplers, schedules
+from fastdiff import samplers
+from fastdiff.core import schedules
 
 from ._harness import (SD, NoiseTape, assert_close_traj, compare_with_diffusers, initial_noise, k_problem, k_sampling,
                        k_states, ours, patched_randn_like, per_step, gaussian_order)

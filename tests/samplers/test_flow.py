@@ -2,7 +2,8 @@
 
 import pytest
 
-from fastdiff import samplers, schedules
+from fastdiff import samplers
+from fastdiff.core import schedules
 
 from ._harness import compare_with_diffusers, gaussian_order
 

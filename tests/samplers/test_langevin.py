@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from fastdiff import ops, samplers, schedules
-from fastdiff.loop import LoopOptions, run_plan
+from fastdiff.runtime import ops
+from fastdiff import samplers
+from fastdiff.core import schedules
+from fastdiff.runtime.loop import LoopOptions, run_plan
 from fastdiff.models import GaussianMixture
-from fastdiff.plan import OP_E, OP_X, OP_Z
+from fastdiff.core.plan import OP_E, OP_X, OP_Z
 
 from ._harness import assert_close_traj, initial_noise, ours
 

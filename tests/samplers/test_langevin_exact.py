@@ -14,10 +14,11 @@ import math
 import pytest
 import torch
 
-from fastdiff import rng, samplers, schedules
-from fastdiff.loop import LoopOptions, run_plan
+from fastdiff.core import rng, schedules
+from fastdiff import samplers
+from fastdiff.runtime.loop import LoopOptions, run_plan
 from fastdiff.models import GaussianMixture
-from fastdiff.plan import combo
+from fastdiff.core.plan import combo
 
 from ._harness import rel_err
 
@@ -183,7 +184,7 @@ def test_vp_pc_is_song_algorithm_5(pred, snr_norm, seed):
     """``pc`` on VP, step for step, against a plain torch loop of Song et al.'s Algorithm 5 (Langevin
     corrector, ``e = 2 alpha_i (r ||z|| / ||g||)^2``, ``alpha_i = 1 - beta[timestep]``) and the
     reverse-diffusion predictor of :mod:`fastdiff.samplers.score_sde`, fed the same Philox draws
-    (``fastdiff.rng``: row ``k`` of the plan draws ``randn(shape, seeds, row=k)``)."""
+    (``fastdiff.core.rng``: row ``k`` of the plan draws ``randn(shape, seeds, row=k)``)."""
     sch = schedules.from_config({})
     steps, C, snr = 5, 2, 0.16
     plan = samplers.build("pc", sch, steps, prediction=pred, snr=snr, correct_steps=C, snr_norm=snr_norm)

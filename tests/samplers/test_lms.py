@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import samplers, schedules
+from fastdiff import samplers
+from fastdiff.core import schedules
 from fastdiff.samplers.lms import lms_coefficients
 
 from ._harness import SD, assert_close_traj, compare_with_diffusers, initial_noise, k_problem, k_sampling, k_states, ours

@@ -22,8 +22,9 @@ import math
 import numpy as np
 import pytest
 
-from fastdiff import samplers, schedules
-from fastdiff.plan import x0_coeffs
+from fastdiff import samplers
+from fastdiff.core import schedules
+from fastdiff.core.plan import x0_coeffs
 from fastdiff.samplers._common import eps_coeffs
 
 from ._harness import SD

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from fastdiff import ops, samplers, schedules
-from fastdiff.loop import LoopOptions, run_plan
+from fastdiff.runtime import ops
+from fastdiff import samplers
+from fastdiff.core import schedules
+from fastdiff.runtime.loop import LoopOptions, run_plan
 from fastdiff.models import GaussianMixture
-from fastdiff.plan import Plan, Row, combo
+from fastdiff.core.plan import Plan, Row, combo
 
 from ._harness import assert_close_traj, gaussian_order, initial_noise, ours, rel_err, toy_model
 
@@ -161,7 +163,7 @@ def test_langevin_row_step_size_is_song_snr_rule_with_guidance_folded_in(seed):
     cond, uncond = torch.randn(B, 6, dtype=torch.float64), torch.zeros(B, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (B,))
     w, scale = 2.5, 1.5
-    from fastdiff.guidance import Guidance
+    from fastdiff.core.guidance import Guidance
 
     for norm in ("batch", "sample"):
         plan = Plan((row,), init_scale=1.0, sampler="t", prediction="eps", steps=1, snr_norm=norm)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastdiff import samplers
-from fastdiff.plan import MAX_READS, MAX_WRITES
+from fastdiff.core.plan import MAX_READS, MAX_WRITES
 
 from ._harness import SD, assert_close_traj, diffusers_loop, initial_noise, ours, toy_model
 from ._multistep import compare_diffusers, convergence_slope, ve_schedule

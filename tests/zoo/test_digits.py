@@ -1,4 +1,4 @@
-"""fastdiff.zoo.digits: committed weights reproduce a reference file, guidance raises the target
+"""fastdiff.models.zoo.digits: committed weights reproduce a reference file, guidance raises the target
 class's probability with scale, a training step runs, the CLI writes a PNG grid.
 
 None of these needs scikit-learn except ``test_load_data`` (skipped without it).
@@ -15,8 +15,8 @@ import torch
 
 import fastdiff
 from fastdiff.cli import main as cli_main
-from fastdiff.zoo import digits as D
-from fastdiff.zoo import png
+from fastdiff.models.zoo import digits as D
+from fastdiff.models.zoo import png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

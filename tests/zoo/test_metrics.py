@@ -1,10 +1,10 @@
-"""fastdiff.zoo.digits' sample-quality metrics (Fréchet distance, KID, precision/recall,
+"""fastdiff.models.zoo.digits' sample-quality metrics (Fréchet distance, KID, precision/recall,
 density/coverage) on synthetic features with known answers. No scikit-learn, no weights; fast."""
 
 import pytest
 import torch
 
-from fastdiff.zoo import digits as D
+from fastdiff.models.zoo import digits as D
 
 
 def _gauss(n, d=8, shift=0.0, scale=1.0, seed=0):

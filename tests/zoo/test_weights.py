@@ -1,7 +1,7 @@
-"""fastdiff.zoo.digits weights: every committed file is recorded with its SHA-256, and every hostile
+"""fastdiff.models.zoo.digits weights: every committed file is recorded with its SHA-256, and every hostile
 copy (corrupt bytes, truncated at several lengths, a missing file, bad JSON, missing or wrong keys,
 a wrong digest, weights that do not fit the architecture) is refused by one
-:class:`fastdiff.zoo.WeightsError` naming the file and how to restore or retrain it, without
+:class:`fastdiff.models.zoo.WeightsError` naming the file and how to restore or retrain it, without
 writing anything. The CLI prints that as one line and exits 2.
 """
 
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fastdiff.cli import main as cli_main
-from fastdiff.zoo import WeightsError
-from fastdiff.zoo import digits as D
+from fastdiff.models.zoo import WeightsError
+from fastdiff.models.zoo import digits as D
 
 NAMES = ("denoiser", "noisy_classifier", "feature_classifier")
 LOADERS = {"denoiser": D.load_denoiser, "noisy_classifier": D.load_noisy_classifier,

@@ -1,6 +1,6 @@
 """Where each sampling step's time goes: model, guidance, noise, solver update, host overhead, syncs.
 
-``fastdiff.profile(...)`` runs the same sampling loop up to three ways in one process — through
+``fastdiff.bench.profile(...)`` runs the same sampling loop up to three ways in one process — through
 the stock diffusers scheduler (if diffusers is installed and mirrors the sampler), through the
 ``reference`` backend, and through the fused backend — and reports per step and in total the time
 in each part, the host-sync count and the sampler's share of the step, against diffusers' own rule
@@ -18,15 +18,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ops
-from .api import make_plan
-from .denoisers import as_model
-from .guidance import Guidance
-from .loop import LoopOptions, run_plan
-from .models import GaussianMixture
-from .rng import expand_seeds
-from .bench_step import schedule_for
-from .schedules import from_config, is_schedule
+from ..runtime import ops
+from ..api import make_plan
+from ..models.denoisers import as_model
+from ..core.guidance import Guidance
+from ..runtime.loop import LoopOptions, run_plan
+from ..models import GaussianMixture
+from ..core.rng import expand_seeds
+from .step import schedule_for
+from ..core.schedules import from_config, is_schedule
 from .timing import RegionTimer, SyncCounter
 
 PARTS = ("model", "guidance", "noise", "step", "host")
@@ -272,7 +272,7 @@ def profile(
             Gaussian-mixture model (exact for the schedule; conditioning shifts it slightly so
             guidance has something to blend).
         sampler, steps, schedule: what to run (``schedule`` is a diffusers-style config dict; by
-            default the benchmarks' schedule for the sampler, :func:`fastdiff.bench_step.schedule_for`).
+            default the benchmarks' schedule for the sampler, :func:`fastdiff.bench.step.schedule_for`).
         shape, dtype, device: the noise.
         backend: the fused backend (``auto`` picks the fastest available for ``device``).
         guidance_scale: CFG scale (``None`` or 1 disables guidance and conditioning).

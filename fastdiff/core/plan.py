@@ -22,7 +22,7 @@ model evaluation followed by one fused, element-wise step. For element ``i`` of 
 of an element before writing any output of it, so ``x'`` may overwrite ``x`` and a written slot
 may also be read in the same row. ``in_scale'`` is the next row's ``in_scale`` and ``u`` holds two
 copies when the next row is guided (the model is called once on ``[uncond; cond]``); the loop
-(:mod:`fastdiff.executor`) packs it with the row (:func:`fastdiff.args.pack_row`), so one model
+(:mod:`fastdiff.runtime.executor`) packs it with the row (:func:`fastdiff.core.args.pack_row`), so one model
 call and one kernel run per row is all the loop does.
 
 All coefficients are float64 host scalars computed once when the plan is built; kernels compute

@@ -11,14 +11,14 @@ Three measurements, each a list of JSON-ready dicts (the fields are documented i
   ``diffusers``     the pipeline's CFG blend + ``DPMSolverMultistepScheduler.step`` (diffusers' own)
   ``compiled``      ``torch.compile`` of the reference step (compile time reported separately)
   ``cpu``           the fused kernel (``fastdiff.backends.cpu.step`` on prepared arguments)
-  ``cpu+dispatch``  the same through ``fastdiff.ops.step`` (validation + backend choice)
+  ``cpu+dispatch``  the same through ``fastdiff.runtime.ops.step`` (validation + backend choice)
 
   It reports the median µs per step (and the best sample), GB/s counting minimum bytes (each input
   read once, each output written once), the copy bandwidth measured in the same run at the same
   size (best sample of torch ``copy_`` moving the step's bytes, 2 threads or 1, the faster), the
   fraction of it, and the speedup of ``cpu`` over each method.
 * :func:`bench_samplers` — a real plan row per sampler (the middle row of
-  ``fastdiff.make_plan(sampler, 10, ...)``, with CFG) through ``fastdiff.ops.step`` on each backend.
+  ``fastdiff.make_plan(sampler, 10, ...)``, with CFG) through ``fastdiff.runtime.ops.step`` on each backend.
 * :func:`bench_gpu` — the fused ``cuda`` and ``triton`` steps against the reference step and
   ``torch.compile`` of it on a CUDA device (kernel time by ``triton.testing.do_bench``, and host
   time per step of back-to-back steps), with the device's copy bandwidth.
@@ -38,10 +38,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import ops
-from .args import StepArgs, clip_code, pack_row
-from .backends import reference
-from .plan import Row, Write, combo
+from ..runtime import ops
+from ..core.args import StepArgs, clip_code, pack_row
+from ..backends import reference
+from ..core.plan import Row, Write, combo
 
 SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (2, 3, 512, 512), (4096, 2)]
 """Shapes of the CPU step benchmark (SD latents at 512² and 1024², a batch of 16, a 512² image, 2-D points)."""
@@ -54,9 +54,10 @@ FLOW_SCHEDULE = {"shift": 3.0}
 
 def schedule_for(sampler: str):
     """The schedule benchmarks use for ``sampler``: Stable Diffusion's betas (a config dict) for VP
-    samplers, SD3's flow shift for flow samplers, the default :class:`~fastdiff.schedules.VESchedule`
+    samplers, SD3's flow shift for flow samplers, the default :class:`~fastdiff.core.schedules.VESchedule`
     for VE-only samplers."""
-    from . import samplers, schedules
+    from .. import samplers
+    from ..core import schedules
 
     kinds = samplers.info(sampler).kinds
     if "vp" in kinds:
@@ -107,7 +108,7 @@ def time_all(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float
 
 def machine() -> dict:
     """CPU model, cores, torch and thread counts, the CPU kernel's SIMD level, load average, GPU."""
-    from .backends import cpu
+    from ..backends import cpu
 
     model = ""
     try:
@@ -177,7 +178,7 @@ def bench_case(shape: Sequence[int], dtype: torch.dtype = torch.float32, repeats
     Returns one dict per method (see :mod:`fastdiff.bench` for the fields). A method that cannot
     run here (no compiled extension, no diffusers, a failing compile) gets a row with ``error``.
     """
-    from .backends import cpu
+    from ..backends import cpu
 
     shape = tuple(int(s) for s in shape)
     b, n = shape[0], numel(shape)
@@ -284,7 +285,7 @@ def plan_row_args(sampler: str, shape: Sequence[int], dtype: torch.dtype = torch
     same arithmetic on the same inputs (no drift to Inf over thousands of calls). Noise rows draw
     in-kernel Philox noise keyed by ``seeds``; clipping rows get ``s`` = the plan's clip range.
     """
-    from .api import make_plan
+    from ..api import make_plan
 
     device = torch.device(device)
     shape = tuple(int(s) for s in shape)
@@ -324,7 +325,7 @@ def bench_samplers(sampler_names: Sequence[str] | None = None, backends: Sequenc
     The step runs as the loop runs it: validated once, then ``ops.step(..., check=False)``.
     Returns one dict per sampler x shape x backend; a backend that cannot run a row gets ``error``.
     """
-    from . import samplers
+    from .. import samplers
 
     names = list(sampler_names or samplers.available())
     if backends is None:
@@ -460,8 +461,8 @@ def time_device(fn: Callable[[StepArgs], None], args: StepArgs, wall_steps: int 
 
 def gpu_providers() -> tuple[dict[str, Callable[[StepArgs], None]], dict[str, str]]:
     """``({name: step(args)}, {name: why not})`` of the GPU providers: reference, triton, cuda, compile."""
-    from .backends import cuda as cuda_backend
-    from .backends import triton as triton_backend
+    from ..backends import cuda as cuda_backend
+    from ..backends import triton as triton_backend
 
     providers: dict[str, Callable[[StepArgs], None]] = {"reference": reference.step}
     missing = {}

@@ -5,7 +5,7 @@ committed under ``fastdiff/zoo/weights/`` (safetensors, float16, upcast to float
 weights are the trained float32 ones rounded once, and every quality number was measured with the
 rounded ones). Each ``{name}.json`` records its weights file's SHA-256 (``sha256``); the loaders
 verify it, and a missing, corrupt, truncated or mismatched file raises
-:class:`fastdiff.zoo.WeightsError` naming the file and how to restore or retrain it
+:class:`fastdiff.models.zoo.WeightsError` naming the file and how to restore or retrain it
 (:func:`weights_sha256` gives the verified digest):
 
 - :class:`Denoiser` ``model(x, t, cond) -> eps``: noise-conditional, class-conditional with label
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import WeightsError  # noqa: F401  (raised here; also fastdiff.zoo.WeightsError)
+from . import WeightsError  # noqa: F401  (raised here; also fastdiff.models.zoo.WeightsError)
 
 SHAPE = (1, 8, 8)
 """Shape of one digit image."""
@@ -255,7 +255,7 @@ def _config(name: str, weights_dir: str | None) -> dict:
     missing = [k for k in ("class", "arch", "sha256") if k not in cfg]
     if missing:
         raise _json_error(name, weights_dir, f"has no {', '.join(map(repr, missing))} key (written by "
-                                             "fastdiff.zoo.digits.save)")
+                                             "fastdiff.models.zoo.digits.save)")
     if cfg["class"] != cls.__name__:
         raise _json_error(name, weights_dir, f"records class {cfg['class']!r}, but {name} is a {cls.__name__}")
     params = set(inspect.signature(cls.__init__).parameters) - {"self"}
@@ -372,7 +372,7 @@ def load_data(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise ImportError("fastdiff.zoo.digits.load_data needs scikit-learn: pip install 'fastdiff[train]'") from exc
+        raise ImportError("fastdiff.models.zoo.digits.load_data needs scikit-learn: pip install 'fastdiff[train]'") from exc
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).reshape(-1, *SHAPE) / 8.0 - 1.0
     y = torch.tensor(d.target, dtype=torch.int64)
@@ -389,7 +389,7 @@ def load_data(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 
 def alphas_cumprod(config: dict | None = None) -> torch.Tensor:
     """``alphas_cumprod`` ``[T]`` float32 of a diffusers config (default: :func:`schedule_config`)."""
-    from ..schedules import from_config
+    from ...core.schedules import from_config
 
     return torch.tensor(from_config(config or schedule_config()).alphas_cumprod, dtype=torch.float32)
 

@@ -2,7 +2,7 @@
 img2img, denoising a noisy image), and super-resolution (ILVR).
 
 The plan transforms these tasks run on (the known region, RePaint's jumps, a plan that starts
-part-way, the noised initial state) are :mod:`fastdiff.plans`, below :mod:`fastdiff.api`; the
+part-way, the noised initial state) are :mod:`fastdiff.samplers.plans`, below :mod:`fastdiff.api`; the
 names are re-exported here.
 
 **Super-resolution** (ILVR, Choi et al. 2021; :func:`ilvr`, :func:`super_resolution`): after
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .plan import Plan
-from .api import sample
-from .plans import (MASK_UNSUPPORTED, levels_after, make_plan, noised_state, plan_from_step,  # noqa: F401
+from ..core.plan import Plan
+from ..api import sample
+from ..samplers.plans import (MASK_UNSUPPORTED, levels_after, make_plan, noised_state, plan_from_step,  # noqa: F401
                     repaint_plan, repaint_schedule, resolve_start, row_level, start_step_for_strength, steps_of,
                     with_known_region)
 
@@ -42,8 +42,8 @@ STREAM_ILVR = 2
 
 def _seeds_and_noise(shape, like: torch.Tensor, noise, seed, generator):
     """Resolve ``(seed list or None, noise)``: given noise, generator draws, or Philox at :data:`INIT_ROW`."""
-    from .loop import draw_noise
-    from .rng import expand_seeds, randn
+    from ..runtime.loop import draw_noise
+    from ..core.rng import expand_seeds, randn
 
     if seed is not None and generator is not None:
         raise ValueError("give either seed (Philox noise) or generator (diffusers-style noise), not both")
@@ -168,8 +168,8 @@ def ilvr(plan: Plan, low_res: torch.Tensor, factor: int, *, up: str = "nearest",
     :data:`STREAM_ILVR`, keyed by ``seeds``; or drawn from ``generator`` after the row's own noise).
     ``down`` is ``avg_pool2d(factor)``, ``up`` ``nearest`` or ``bilinear``. States are ``[B, C, H, W]``.
     """
-    from .loop import draw_noise
-    from .rng import randn
+    from ..runtime.loop import draw_noise
+    from ..core.rng import randn
 
     if plan.sampler in MASK_UNSUPPORTED:
         raise ValueError(f"sampler {plan.sampler!r} rebuilds its state from history, so ILVR's projection would be "

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench_step import SD_SCHEDULE
+from .step import SD_SCHEDULE
 
 # ------------------------------------------------------------------------------------- tiny parts
 
@@ -174,7 +174,7 @@ def bench_pipeline(scheduler: str = "DPMSolverMultistepScheduler", steps: int = 
     """
     import diffusers
 
-    from .diffusers import accelerate, restore
+    from ..diffusers import accelerate, restore
 
     device = torch.device(device)
     if pipe is None:

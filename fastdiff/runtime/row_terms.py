@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import torch
 
-from . import validate
-from .args import StepArgs, compute_dtype, pack_row
-from .guidance import guided_output
-from .plan import Plan, Row, combo
+from ..core import validate
+from ..core.args import StepArgs, compute_dtype, pack_row
+from ..core.guidance import guided_output
+from ..core.plan import Plan, Row, combo
 
 
 def classifier_coefficients(plan: Plan, scale: float) -> list[float]:
@@ -68,14 +68,14 @@ def langevin_step_operands(x, m, m_c, w, rr, grad, coef, z, seeds, i: int, l_x: 
     ``_C.Program``'s ``run_langevin``).
 
     Computes the score ``g = l_x x + l_e e`` of the fully guided model output (``l`` from
-    :func:`fastdiff.plan.score_coeffs`), draws ``z`` where the kernel would (Philox stream 0 at
+    :func:`fastdiff.core.plan.score_coeffs`), draws ``z`` where the kernel would (Philox stream 0 at
     row ``i``, through ``step``, unless given), and the step ``k[b] = 2 (snr ||z[b]|| / ||g[b]||)^2``
     with norms per sample or their batch means (``batch_norm``), in the order diffusers'
     ``step_correct`` uses. Returns ``(m, r, z, coef)`` for the kernel: ``m = g``, ``r = k`` (float32
     ``[B]``), ``z = sqrt(2k) z`` and ``coef`` without the classifier term (``g`` already holds it),
     so the row's ``out = combo(x=1, e=1, z=1)`` gives ``x' = x + k g + sqrt(2k) z``.
     """
-    from .args import C_G
+    from ..core.args import C_G
 
     dt = compute_dtype(x.dtype)
     b, nd = x.shape[0], x.dim()

@@ -182,9 +182,9 @@ def _fastdiff_loop(sampler: str, shape, steps: int, out: torch.Tensor, cold: boo
 def loop_bytes(sampler: str, shape, steps: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """``(bytes per step, rows)`` the fused loop must move: per row, every operand read once and every
     output written once (state, history, model output halves, next model input), as prepared."""
-    from .api import make_plan
-    from .executor import Executor
-    from .guidance import Guidance
+    from ..api import make_plan
+    from ..runtime.executor import Executor
+    from ..core.guidance import Guidance
 
     plan = make_plan(sampler, steps, config_for(sampler))
     ex = Executor(plan, shape, dtype, "cpu", guidance=Guidance(GUIDANCE))
@@ -206,7 +206,7 @@ def ops_per_row(sampler: str, shape, steps: int = 10) -> float:
 
     import fastdiff
 
-    from .api import make_plan
+    from ..api import make_plan
 
     class Count(TorchDispatchMode):
         def __init__(self):

@@ -1,7 +1,7 @@
 """Backend dispatch for the fused step: validation, ``backend=`` / ``FASTDIFF_BACKEND`` resolution.
 
 Backends live in :mod:`fastdiff.backends` and all implement the row contract of
-:mod:`fastdiff.plan`. ``auto`` picks ``cpu`` for CPU tensors and ``cuda`` > ``triton`` for CUDA
+:mod:`fastdiff.core.plan`. ``auto`` picks ``cpu`` for CPU tensors and ``cuda`` > ``triton`` for CUDA
 tensors, by availability; when it falls back to ``reference`` it warns once, saying why. A backend
 asked for by name that cannot run raises instead.
 """
@@ -17,8 +17,8 @@ from types import ModuleType
 
 import torch
 
-from .args import N_COEF, StepArgs, element_tensors, output_tensors, per_sample_tensors, unsafe_overlap
-from .plan import MAX_READS, MAX_WRITES
+from ..core.args import N_COEF, StepArgs, element_tensors, output_tensors, per_sample_tensors, unsafe_overlap
+from ..core.plan import MAX_READS, MAX_WRITES
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 """Every backend name, in no particular order of preference."""
@@ -158,7 +158,7 @@ def validate(args: StepArgs) -> None:
     ``z``, ``z2``, ``mask``, ``known``, ``g``, ``h_read[k]``, ``h_write[j]``) of ``x``'s shape, dtype
     and device; ``w``/``r``/``s`` float32 and ``seeds`` int64 of shape ``(B,)`` on that device,
     wherever given (``w`` with ``m_c``, ``s`` with a clip and ``seeds`` for Philox noise are
-    required); ``u``/``flag`` as :class:`fastdiff.args.StepArgs` says; ``coef`` ``N_COEF`` finite
+    required); ``u``/``flag`` as :class:`fastdiff.core.args.StepArgs` says; ``coef`` ``N_COEF`` finite
     real numbers; ``row`` an int in ``[0, 2**32)`` (the Philox counter word, as every backend takes
     it); ``clip`` the int 0, 1 or 2; at most ``MAX_READS`` history reads and ``MAX_WRITES`` writes;
     no output (``out``, ``h_write[j]``, ``u``) whose elements share memory (an expanded view), nor
@@ -277,7 +277,7 @@ def check_extents(args: StepArgs) -> None:
         ok = False
     if not ok:
         validate(args)  # raises, naming the argument
-        raise ValueError("a step argument has the wrong size, dtype or device (fastdiff.ops.check_extents)")
+        raise ValueError("a step argument has the wrong size, dtype or device (fastdiff.runtime.ops.check_extents)")
 
 
 def _extents_ok(args: StepArgs) -> bool:
@@ -379,7 +379,7 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def needs_staging(args: StepArgs) -> bool:
     """Whether a fused backend needs contiguous copies of ``args``: a non-contiguous tensor, or an
-    output that overlaps another operand other than as an exact alias (:func:`fastdiff.args.unsafe_overlap`)."""
+    output that overlaps another operand other than as an exact alias (:func:`fastdiff.core.args.unsafe_overlap`)."""
     if not all(t.is_contiguous() for t in element_tensors(args) + per_sample_tensors(args) + output_tensors(args)):
         return True
     return unsafe_overlap(args)
@@ -442,7 +442,7 @@ def stage(args: StepArgs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prepared rows: a whole loop's rows validated and resolved once (fastdiff.executor's programs)
+# Prepared rows: a whole loop's rows validated and resolved once (fastdiff.runtime.executor's programs)
 
 
 @dataclass(frozen=True)
@@ -451,13 +451,13 @@ class Reduction:
 
     Attributes:
         rescale: ``> 0``: the guidance-rescale factor with this ``phi`` into the row's ``r``
-            (:func:`fastdiff.guidance.rescale_factor`).
+            (:func:`fastdiff.core.guidance.rescale_factor`).
         threshold_ratio, threshold_max: ``ratio > 0``: the dynamic-threshold bound into the row's
-            ``s`` (:func:`fastdiff.guidance.threshold_bound`).
-        snr, l_x, l_e, batch_norm: ``snr > 0``: a Langevin corrector row (:mod:`fastdiff.plan`)
+            ``s`` (:func:`fastdiff.core.guidance.threshold_bound`).
+        snr, l_x, l_e, batch_norm: ``snr > 0``: a Langevin corrector row (:mod:`fastdiff.core.plan`)
             whose score is ``g = l_x x + l_e e``; its step size ``k = 2 (snr |z| / |g|)^2`` per
             sample, the norms averaged over the batch with ``batch_norm``
-            (:func:`fastdiff.row_terms.langevin_step_operands`).
+            (:func:`fastdiff.runtime.row_terms.langevin_step_operands`).
     """
 
     rescale: float = 0.0
@@ -474,7 +474,7 @@ class Program:
 
     ``run(i, m)`` gives row ``i`` its model output ``m`` (``[B, ...]``, or ``[2B, ...]`` for a
     guided row: unconditional half first), runs its reduction and its step. ``set(i, name, t)``
-    points operand ``name`` (a :class:`fastdiff.args.StepArgs` field) of row ``i`` (every row for
+    points operand ``name`` (a :class:`fastdiff.core.args.StepArgs` field) of row ``i`` (every row for
     ``i = -1``) at ``t``. The rows were validated when prepared; ``run`` checks nothing.
     """
 
@@ -487,7 +487,7 @@ class Program:
         self.extension = extension  # False: the reductions in plain torch (the reference backend)
 
     def run(self, i: int, m: torch.Tensor) -> None:
-        from .guidance import rescale_factor, threshold_bound
+        from ..core.guidance import rescale_factor, threshold_bound
 
         a = self.rows[i]
         if a.m_c is not None:
@@ -510,7 +510,7 @@ class Program:
     def _langevin(self, a: StepArgs, red: Reduction) -> None:
         from dataclasses import replace
 
-        from .guidance import rescale_factor
+        from ..core.guidance import rescale_factor
         from .row_terms import langevin_step_operands
 
         rr = None
@@ -527,7 +527,7 @@ class Program:
 
 def prepare(rows: list[StepArgs], backend: str | None = "auto", reductions: list | None = None):
     """Validate every row once and pick the backend once: the one dispatch point of a prepared
-    loop (:mod:`fastdiff.executor`), as :func:`step` is for a single row.
+    loop (:mod:`fastdiff.runtime.executor`), as :func:`step` is for a single row.
 
     ``rows`` share their buffers (contiguous and non-overlapping but for exact aliases, as the
     executor allocates them); ``m``/``m_c`` are placeholders that ``run`` replaces. Returns the
@@ -617,7 +617,7 @@ def step_op(
     Same contract as :func:`step` with ``out=x``: ``x``, ``m``, ``m_c``, ``z``, ``z2``, ``mask``,
     ``known``, ``g`` and every ``history[k]`` share ``x``'s shape ``[B, ...]``, dtype and device; ``w``,
     ``r``, ``s`` are float32 ``[B]``; ``seeds`` int64 ``[B]``; ``coef`` is ``args.N_COEF`` floats
-    (:func:`fastdiff.args.pack_row`, whose last entry ``c_g`` scales ``g``: ``e += c_g * g``).
+    (:func:`fastdiff.core.args.pack_row`, whose last entry ``c_g`` scales ``g``: ``e += c_g * g``).
     ``reads``/``writes`` are slot indices into ``history``
     (the row's ``reads`` and ``[w.slot for w in writes]``). Traceable by torch.compile.
     """

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .plan import check_prediction
+from ..core.plan import check_prediction
 
 
 class GaussianMixture:

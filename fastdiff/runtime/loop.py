@@ -1,8 +1,8 @@
 """The sampling loop's entry point for a plan (:func:`run_plan`, :class:`LoopOptions`). The
 host-side terms of a row (classifier guidance, Langevin operands, the callbacks' data estimate)
-live in :mod:`fastdiff.row_terms` and are re-exported here.
+live in :mod:`fastdiff.runtime.row_terms` and are re-exported here.
 
-The loop itself is :class:`fastdiff.executor.Executor`: everything it needs per row is prepared
+The loop itself is :class:`fastdiff.runtime.executor.Executor`: everything it needs per row is prepared
 before the first model call (timesteps, guidance scales and clip bounds in device tensors indexed
 by row, persistent buffers, the backend), so it performs no host-device synchronisation on CUDA
 (non-finite model outputs are recorded by the kernel and reported, with the step, after the loop).
@@ -17,8 +17,8 @@ import torch
 
 from .executor import Call, Executor, NonFiniteError, draw_noise  # noqa: F401  (public here since v1)
 from .graphs import GraphCaptureError  # noqa: F401
-from .guidance import Guidance
-from .plan import Plan
+from ..core.guidance import Guidance
+from ..core.plan import Plan
 from .row_terms import classifier_coefficients, classifier_grad, langevin_step_operands, x0_estimate  # noqa: F401
 
 ModelFn = Callable[..., torch.Tensor]
@@ -27,7 +27,7 @@ Cond = torch.Tensor | dict | None
 
 @dataclass
 class LoopOptions(Call):
-    """Options of :func:`run_plan` (see there): one call's inputs (:class:`fastdiff.executor.Call`:
+    """Options of :func:`run_plan` (see there): one call's inputs (:class:`fastdiff.runtime.executor.Call`:
     ``cond``, ``uncond``, ``seeds``, ``generator``, ``noise_fn``, ``mask``, ``known``, ``callback``,
     ``progress``, ``timer``, ``classifier``, ``classifier_y``, ``post_step``) and how to prepare the
     loop for it."""
@@ -41,7 +41,7 @@ class LoopOptions(Call):
 
 def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, in_place: bool = True) -> torch.Tensor:
     """Run every row of ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``) through
-    a prepared :class:`fastdiff.executor.Executor` built for this call.
+    a prepared :class:`fastdiff.runtime.executor.Executor` built for this call.
 
     Returns the final sample scaled by ``plan.out_scale``. With ``in_place`` (the default) it is
     written into ``x`` (in ``x``'s own memory layout) and ``x`` is returned, unless ``x`` cannot

@@ -83,8 +83,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import api, manifest, ops, validate
-from .rng import _signed64, randn
+from .. import api
+from . import manifest
+from ..runtime import ops
+from ..core import validate
+from ..core.rng import _signed64, randn
 
 LOST_GRACE_S = 2.0
 """After a collective fails, a rank waits this long plus twice its longest stage so far (from the
@@ -257,9 +260,9 @@ def sample(
         resume: with ``out_dir``: skip samples whose file exists and holds this sample (it is loaded
             and its index, seed, shape and dtype checked; a file that cannot be loaded is sampled
             again, with a warning; one that holds another sample is an error). Without it, existing
-            sample files are an error. Either way the folder's manifest (:mod:`fastdiff.manifest`,
+            sample files are an error. Either way the folder's manifest (:mod:`fastdiff.distributed.manifest`,
             written before the first sample) must record the same settings as this call whenever the
-            folder holds sample files: a :class:`fastdiff.manifest.ManifestError` names each setting
+            folder holds sample files: a :class:`fastdiff.distributed.manifest.ManifestError` names each setting
             that differs.
         batch_size: most samples per :func:`fastdiff.sample` call on one rank (default: the rank's
             whole share). Failures are checked and files written after each such chunk.

@@ -76,7 +76,7 @@ class Guidance:
 def _extension(*tensors: torch.Tensor | None):
     """The CPU backend module when its extension is built and every given tensor is a contiguous CPU
     tensor, else ``None`` (callers check the dtypes themselves)."""
-    from .backends import cpu
+    from ..backends import cpu
 
     if cpu._C is None:
         return None
@@ -129,7 +129,7 @@ def threshold_bound(x: torch.Tensor, m: torch.Tensor, m_c: torch.Tensor | None, 
                     g: torch.Tensor | None = None, extension: bool = True) -> torch.Tensor:
     """A row's dynamic-threshold bounds ``s`` (float32 ``[B]``): :func:`dynamic_threshold` of its
     data estimate ``d = a_x x + a_e e``, computed as the step computes it (``e`` guided, rescaled by
-    ``r``, plus ``c_g g``; ``coef`` the packed row, :func:`fastdiff.args.pack_row`). On CPU tensors
+    ``r``, plus ``c_g g``; ``coef`` the packed row, :func:`fastdiff.core.args.pack_row`). On CPU tensors
     the extension computes ``d`` and selects the quantile in one pass, without sorting, unless
     ``extension`` is false (the reference backend's plain torch)."""
     from .args import C_AE, C_AX, C_G, compute_dtype

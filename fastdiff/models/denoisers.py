@@ -54,7 +54,7 @@ def from_k_diffusion(denoiser: Callable) -> Callable[..., torch.Tensor]:
     """A k-diffusion-style denoiser ``D(x, sigma, **extra) -> x0`` (inputs in sigma space, unscaled).
 
     Use it with a k-style schedule (``t`` is sigma and the model input is ``x`` itself, as
-    ``fastdiff.schedules``' Karras/EDM schedules emit) and ``prediction="x0"``. A tensor ``cond``
+    ``fastdiff.core.schedules``' Karras/EDM schedules emit) and ``prediction="x0"``. A tensor ``cond``
     is passed as ``cond=``, a dict as keyword arguments, as k-diffusion's ``extra_args`` are.
     """
 

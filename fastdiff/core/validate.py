@@ -108,7 +108,7 @@ def finite(name: str, t: torch.Tensor) -> None:
     contiguous CPU tensor, else torch's, with a host sync on a GPU)."""
     if not t.numel() or not t.is_floating_point():
         return
-    from .backends import cpu
+    from ..backends import cpu
 
     if cpu._C is not None and t.device.type == "cpu" and t.is_contiguous() and t.dtype in cpu.DTYPE_CODES:
         ok = cpu._C.all_finite(t.data_ptr(), t.numel(), cpu.DTYPE_CODES[t.dtype])
@@ -120,7 +120,7 @@ def finite(name: str, t: torch.Tensor) -> None:
 
 def seeds(seed, batch: int) -> list[int]:
     """One 64-bit seed per sample from an int (``seed + b``) or one int per sample (a sequence or a
-    1-D integer tensor); see :func:`fastdiff.rng.expand_seeds`. Strings, bools and floats are refused."""
+    1-D integer tensor); see :func:`fastdiff.core.rng.expand_seeds`. Strings, bools and floats are refused."""
     from .rng import expand_seeds
 
     if isinstance(seed, (str, bytes)):
@@ -223,7 +223,7 @@ def sample_args(noise, *, seed=None, generator=None, cond=None, uncond=None, cal
                 classifier=None, classifier_scale=1.0, classifier_y=None, mask=None, known=None, image=None,
                 plan=None, check_finite: bool = True) -> list[int] | None:
     """Every per-call argument of ``fastdiff.sample`` / a ``fastdiff.Sampler`` call, checked before any
-    work (the guidance settings check themselves: :class:`fastdiff.guidance.Guidance`). Returns the
+    work (the guidance settings check themselves: :class:`fastdiff.core.guidance.Guidance`). Returns the
     seeds expanded per sample (``None`` with a generator, or with neither: then the caller draws them)."""
     from .plan import Plan
 
@@ -240,7 +240,7 @@ def sample_args(noise, *, seed=None, generator=None, cond=None, uncond=None, cal
     if classifier is not None:
         real("classifier_scale", classifier_scale, float32=True)
     if plan is not None and not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a fastdiff.plan.Plan (fastdiff.make_plan builds one), got {_what(plan)}")
+        raise TypeError(f"plan must be a fastdiff.core.plan.Plan (fastdiff.make_plan builds one), got {_what(plan)}")
     for name, t in (("mask", mask), ("known", known), ("image", image), ("classifier_y", classifier_y)):
         if isinstance(t, torch.Tensor) and t.is_meta:
             raise ValueError(f"{name} is a meta tensor (shape only, no data); give a tensor on a real device")

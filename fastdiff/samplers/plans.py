@@ -48,10 +48,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import samplers, validate
-from .plan import Plan, Row, check_prediction
-from .samplers._multistep import Grid
-from .schedules import Discretization
+from .. import samplers
+from ..core import validate
+from ..core.plan import Plan, Row, check_prediction
+from ._multistep import Grid
+from ..core.schedules import Discretization
 
 
 def make_plan(sampler: str, steps: int, schedule: Any = None, prediction: str | None = None, **options) -> Plan:
@@ -288,7 +289,7 @@ def _own_class(cls: type) -> type:
 
 def _sliced_schedule(schedule, steps: int, start: int, grid_options: Mapping[str, Any]):
     """``schedule`` whose grids for ``steps - start`` steps are its ``steps``-step grids from ``start`` on."""
-    from .samplers._multistep import multistep_grid
+    from ._multistep import multistep_grid
 
     def disc():
         d = schedule.discretize(steps)
@@ -322,7 +323,7 @@ def plan_from_step(sampler: str, steps: int, start_step: int, schedule: Any = No
     ``noise * init_scale`` but the image noised to the first row's level (:func:`noised_state`);
     ``init_scale`` is the noise part's scale there, ``sigma_t / in_scale``.
     """
-    from . import schedules
+    from ..core import schedules
 
     full = make_plan(sampler, steps, schedule, prediction, **options)
     k = resolve_start(steps, start_step=start_step)

@@ -7,16 +7,16 @@ Parts (``--parts``; all by default, ``gpu`` only where CUDA is visible):
               so ``sampler_us_per_step`` is what the sampler adds per step — the part fastdiff replaces.
 ``floor``     whole CFG loops with a zero-cost model per sampler and shape: repeated ``fastdiff.sample``
               calls against the loop's memory floor, the stock diffusers loop and k-diffusion
-              (:func:`fastdiff.bench_loop.bench_floor`).
+              (:func:`fastdiff.bench.loop.bench_floor`).
 ``step``      one CFG DPM-Solver++(2M) step on CPU by every method: reference, diffusers' CFG blend +
               scheduler step, ``torch.compile`` of the reference step, the fused ``cpu`` kernel, and
-              the kernel through ``ops.step`` (:func:`fastdiff.bench_step.bench_case`).
+              the kernel through ``ops.step`` (:func:`fastdiff.bench.step.bench_case`).
 ``samplers``  a real plan row of every sampler (the middle row of ``make_plan(sampler, 10)``, CFG)
-              through ``ops.step`` on each backend, per shape (:func:`fastdiff.bench_step.bench_samplers`).
+              through ``ops.step`` on each backend, per shape (:func:`fastdiff.bench.step.bench_samplers`).
 ``gpu``       the fused ``cuda``/``triton`` steps vs the reference step and ``torch.compile`` of it
-              (:func:`fastdiff.bench_step.bench_gpu`).
+              (:func:`fastdiff.bench.step.bench_gpu`).
 ``pipeline``  a tiny offline ``StableDiffusionPipeline``'s denoising loop, stock vs
-              ``fastdiff.diffusers.accelerate`` (:func:`fastdiff.bench_pipeline.bench_pipeline`).
+              ``fastdiff.diffusers.accelerate`` (:func:`fastdiff.bench.pipeline.bench_pipeline`).
 
 JSON (``--json``, default ``bench-results/bench.json``); times are µs, bandwidths GB/s (1e9 B/s).
 A row that could not be measured carries ``error`` (a string) instead of its times.
@@ -53,7 +53,7 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   (``multistep_cfg`` or ``ancestral_cfg``), ``dtype``, ``shape``, ``device_us`` (median kernel
   time), ``wall_us`` (host time per step of 200 back-to-back steps), ``gb_s``, ``min_bytes``,
   ``frac_of_copy``, ``vs_reference`` (by device time).
-* ``pipeline`` (:class:`fastdiff.bench_pipeline.PipelineRow`): ``pipeline`` and ``scheduler``
+* ``pipeline`` (:class:`fastdiff.bench.pipeline.PipelineRow`): ``pipeline`` and ``scheduler``
   (class names), ``backend`` (of the accelerated run), ``latent`` (shape), ``steps``,
   ``guidance_scale``; per denoising step, each the minimum over the timed calls,
   ``stock_us_per_step``, ``stock_model_us_per_step`` (UNet forward), ``stock_sched_us_per_step``
@@ -86,15 +86,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import ops, samplers
-from .api import make_plan, sample
-from .bench_loop import SAMPLERS as FLOOR_SAMPLERS
-from .bench_loop import SHAPES as FLOOR_SHAPES
-from .bench_loop import bench_floor
-from .bench_step import (DTYPES, GPU_SHAPES, GPU_VARIANTS, SHAPES, bench_case, bench_gpu, bench_samplers,
+from ..runtime import ops
+from .. import samplers
+from ..api import make_plan, sample
+from .loop import SAMPLERS as FLOOR_SAMPLERS
+from .loop import SHAPES as FLOOR_SHAPES
+from .loop import bench_floor
+from .step import (DTYPES, GPU_SHAPES, GPU_VARIANTS, SHAPES, bench_case, bench_gpu, bench_samplers,
                          dtype_name, gpu_copy_gbps, machine, schedule_for)
-from .models import GaussianMixture
-from .schedules import from_config, is_schedule
+from ..models import GaussianMixture
+from ..core.schedules import from_config, is_schedule
 
 PARTS = ("loop", "floor", "step", "samplers", "gpu", "pipeline")
 SCHEMA = 1
@@ -315,7 +316,7 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
                                                      copy_gbps=copy, progress=progress)}
 
     def do_pipeline():
-        from .bench_pipeline import as_dict, bench_pipeline
+        from .pipeline import as_dict, bench_pipeline
 
         log(f"pipeline: tiny StableDiffusionPipeline, latent {s['pipeline_latent']}², {s['pipeline_steps']} steps, "
             f"CFG 7.5, best of {s['pipeline_repeats']}")

@@ -1,6 +1,6 @@
 """The whole sampling loop as one CUDA graph, captured once and replayed by later calls.
 
-An :class:`fastdiff.executor.Executor` asked to run graphed (``fastdiff.sample(..., cuda_graph=True)``,
+An :class:`fastdiff.runtime.executor.Executor` asked to run graphed (``fastdiff.sample(..., cuda_graph=True)``,
 ``fastdiff.Sampler(..., cuda_graph=True)``) keeps one captured graph of its loop: the model calls,
 guidance reductions and fused steps of every row, reading the initial state, the seeds, the
 conditioning, ``mask`` and ``known`` from static buffers. A call copies its inputs into those
@@ -10,7 +10,7 @@ The graph is captured again (one eager warm-up pass and one capture) when what i
 no longer be right:
 
 - another model object (the innermost object of a ``__wrapped__`` chain, so a fresh
-  :func:`fastdiff.denoisers.as_model` wrapper of the same model is the same model);
+  :func:`fastdiff.models.denoisers.as_model` wrapper of the same model is the same model);
 - the model's parameters or buffers *replaced* rather than updated in place (their ``data_ptr``\\ s
   are compared on every call; ``load_state_dict`` and in-place optimiser steps keep them, while
   ``module.to(...)``, assigning a new ``nn.Parameter`` or ``torch.compile`` swapping modules do not);

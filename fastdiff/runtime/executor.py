@@ -5,7 +5,7 @@ backend. It packs every row's coefficients (with the next row's ``in_scale``, so
 the next model input), allocates the persistent buffers (state and history ring in one arena, the
 model input in an allocation of its own; per-row guidance scales; clip bounds; seeds; the per-row
 non-finite flags), validates every row once and resolves the backend once, into a *program*
-(:func:`fastdiff.ops.prepare`).
+(:func:`fastdiff.runtime.ops.prepare`).
 Calling :meth:`Executor.run` then does, per row, one model call and one extension call:
 
     out = model(u, t_i[, cond])          # u: the [B] or [2B] model input the previous step wrote
@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, validate
-from .args import StepArgs, clip_code, pack_row
-from .guidance import Guidance, rescale_factor, threshold_bound
-from .plan import Plan, score_coeffs
+from . import ops
+from ..core import validate
+from ..core.args import StepArgs, clip_code, pack_row
+from ..core.guidance import Guidance, rescale_factor, threshold_bound
+from ..core.plan import Plan, score_coeffs
 
 ModelFn = Callable[..., torch.Tensor]
 Cond = torch.Tensor | dict | None
@@ -473,7 +474,7 @@ class Executor:
     def run_graphed(self, model: ModelFn, x: torch.Tensor, call: Call | None = None, cuda=None) -> torch.Tensor:
         """:meth:`run` as the replay of one CUDA graph of the whole loop, captured on the first call
         and again only when the model or the conditioning's structure changed (see
-        :mod:`fastdiff.graphs`). Returns a new tensor (a copy of the graph's static result).
+        :mod:`fastdiff.runtime.graphs`). Returns a new tensor (a copy of the graph's static result).
         Concurrent calls take turns. ``cuda`` replaces ``torch.cuda`` (tests of the control flow)."""
         from . import graphs
 
@@ -506,7 +507,7 @@ class Executor:
         r = self.rows[i]
         want = (2 * self.shape[0] if self.guided[i] else self.shape[0], *self.shape[1:])
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"model must return a tensor (wrap diffusers/k-diffusion models with fastdiff.denoisers), "
+            raise TypeError(f"model must return a tensor (wrap diffusers/k-diffusion models with fastdiff.models.denoisers), "
                             f"got {type(out).__name__}")
         if tuple(out.shape) != want:
             raise ValueError(f"model output at step {r.step} has shape {tuple(out.shape)}, expected {want}")
@@ -538,7 +539,7 @@ class Executor:
     def _finish(self, ws: _Workspace) -> None:
         if ws.flags is None:
             return
-        from .backends import cpu
+        from ..backends import cpu
 
         if ws.flags.device.type == "cpu" and cpu._C is not None:
             i = cpu._C.first_flag(ws.flags.data_ptr(), ws.flags.numel())

@@ -182,7 +182,7 @@ def build(*, seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype, dev
     """The manifest of one run (JSON-compatible, normalised as it reads back). ``backend``: the
     backend the run resolves to (``auto`` may resolve differently on another machine, and backends
     agree to rounding, not bit for bit, for every sampler)."""
-    from . import __version__
+    from .. import __version__
 
     doc = {
         "format": FORMAT,

@@ -1,0 +1,446 @@
+"""Accelerated pipelines: :func:`accelerate` swaps a supported pipeline's ``__call__`` for fastdiff's
+loop (one fused kernel per step, the CFG blend inside); :func:`restore` puts the stock one back."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.guidance import Guidance
+from ..core.rng import expand_seeds
+from ..runtime import ops
+from ..runtime.executor import StopSampling
+from ..runtime.loop import LoopOptions, draw_noise, run_plan
+from .scheduler import _check_scheduler, _short, from_diffusers
+
+
+# ------------------------------------------------------------------------------------- pipelines
+
+
+@dataclass(frozen=True)
+class _PipeSpec:
+    """How one pipeline class is accelerated.
+
+    Attributes:
+        supported: ``__call__`` arguments the accelerated loop honours (all others must keep
+            their default values).
+        prepare: ``(pipe, args, do_cfg) -> (model, cond, uncond, latents, extra)``.
+        finish: ``(pipe, latents, args, extra) -> pipeline output``.
+        step_generator: whether the stock loop hands ``generator`` to ``scheduler.step`` (else
+            the stock step draws from torch's global RNG, and so do we).
+    """
+
+    supported: frozenset
+    prepare: Callable
+    finish: Callable
+    step_generator: bool = True
+
+
+_COMMON = frozenset({"prompt", "height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
+                     "num_images_per_prompt", "generator", "latents", "prompt_embeds", "negative_prompt_embeds",
+                     "output_type", "return_dict", "clip_skip", "callback_on_step_end",
+                     "callback_on_step_end_tensor_inputs"})
+
+
+def _sd_prepare(pipe, a: dict, do_cfg: bool):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    h = a["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if not isinstance(pipe.unet.config.sample_size, int) and not (a["height"] and a["width"]):
+        h, w = (pipe.unet.config.sample_size[0] * pipe.vae_scale_factor,
+                pipe.unet.config.sample_size[1] * pipe.vae_scale_factor)
+    pipe.check_inputs(a["prompt"], h, w, None, a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"])
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
+                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    latents = pipe.prepare_latents(pe.shape[0], pipe.unet.config.in_channels, h, w, pe.dtype, device,
+                                   a["generator"], a["latents"])
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    cond = {"encoder_hidden_states": pe}
+    uncond = {"encoder_hidden_states": ne} if do_cfg else None
+    return model, cond, uncond, latents, {"dtype": pe.dtype, "device": device}
+
+
+def _sd_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+    if a["output_type"] != "latent":
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                generator=a["generator"])[0]
+        image, nsfw = pipe.run_safety_checker(image, extra["device"], extra["dtype"])
+    else:
+        image, nsfw = latents, None
+    denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+    image = pipe.image_processor.postprocess(image, output_type=a["output_type"], do_denormalize=denorm)
+    pipe.maybe_free_model_hooks()
+    if not a["return_dict"]:
+        return image, nsfw
+    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+def _sdxl_prepare(pipe, a: dict, do_cfg: bool):
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+
+    h = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["prompt_2"], h, w, None, a["negative_prompt"], a["negative_prompt_2"],
+                      a["prompt_embeds"], a["negative_prompt_embeds"], a["pooled_prompt_embeds"],
+                      a["negative_pooled_prompt_embeds"])
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne, pp, npp = pipe.encode_prompt(
+        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
+        clip_skip=a["clip_skip"])
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    latents = pipe.prepare_latents(pe.shape[0], pipe.unet.config.in_channels, h, w, pe.dtype, device,
+                                   a["generator"], a["latents"])
+    proj = (int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim)
+    ids = pipe._get_add_time_ids(a["original_size"] or (h, w), a["crops_coords_top_left"], a["target_size"] or (h, w),
+                                 dtype=pe.dtype, text_encoder_projection_dim=proj)
+    if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
+        nids = pipe._get_add_time_ids(a["negative_original_size"], a["negative_crops_coords_top_left"],
+                                      a["negative_target_size"], dtype=pe.dtype, text_encoder_projection_dim=proj)
+    else:
+        nids = ids
+    n = pe.shape[0]
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    def pack(e, pooled, time_ids):
+        return {"encoder_hidden_states": e.to(device),
+                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
+
+    uncond = pack(ne, npp, nids) if do_cfg else None
+    return model, pack(pe, pp, ids), uncond, latents, {"dtype": pe.dtype, "device": device}
+
+
+def _sdxl_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+    if a["output_type"] == "latent":
+        image = latents
+    else:
+        upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+        if upcast:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+        mean = getattr(pipe.vae.config, "latents_mean", None)
+        std = getattr(pipe.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / pipe.vae.config.scaling_factor + mean
+        else:
+            latents = latents / pipe.vae.config.scaling_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            pipe.vae.to(dtype=torch.float16)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
+
+
+def _sd3_prepare(pipe, a: dict, do_cfg: bool):
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+    h = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["prompt_2"], a["prompt_3"], h, w, negative_prompt=a["negative_prompt"],
+                      negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
+                      prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                      pooled_prompt_embeds=a["pooled_prompt_embeds"],
+                      negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                      max_sequence_length=a["max_sequence_length"])
+    device = pipe._execution_device
+    lora_scale = (a["joint_attention_kwargs"] or {}).get("scale")
+    pe, ne, pp, npp = pipe.encode_prompt(
+        prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_3=a["prompt_3"], negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
+        do_classifier_free_guidance=do_cfg, prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device, clip_skip=a["clip_skip"],
+        num_images_per_prompt=a["num_images_per_prompt"], max_sequence_length=a["max_sequence_length"],
+        lora_scale=lora_scale)
+    # the stock batch: given prompt_embeds are NOT repeated num_images_per_prompt times by SD3's
+    # encode_prompt, while the latents are drawn for batch_size * num_images_per_prompt
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    latents = pipe.prepare_latents(batch * a["num_images_per_prompt"], pipe.transformer.config.in_channels, h, w,
+                                   pe.dtype, device, a["generator"], a["latents"])
+    if pe.shape[0] != latents.shape[0]:
+        raise ValueError(f"fastdiff.diffusers.accelerate: StableDiffusion3Pipeline with prompt_embeds of batch "
+                         f"{pe.shape[0]} and num_images_per_prompt={a['num_images_per_prompt']} gives "
+                         f"{latents.shape[0]} latents: the stock pipeline does not repeat given prompt_embeds (it relies "
+                         "on broadcasting, or fails); the accelerated loop does not broadcast. Repeat the embeddings "
+                         "(prompt_embeds.repeat_interleave(n, 0), and the pooled/negative ones) or restore(pipe)")
+    kw = {}
+    cfg = pipe.scheduler.config
+    if cfg.get("use_dynamic_shifting", None) and a["mu"] is None:
+        p = pipe.transformer.config.patch_size
+        kw["mu"] = calculate_shift((latents.shape[2] // p) * (latents.shape[3] // p),
+                                   cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                   cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+    elif a["mu"] is not None:
+        kw["mu"] = a["mu"]
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **kw)
+    jak = a["joint_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.transformer(hidden_states=x, timestep=t, joint_attention_kwargs=jak, return_dict=False, **cond)[0]
+
+    def pack(e, pooled):
+        return {"encoder_hidden_states": e, "pooled_projections": pooled}
+
+    uncond = pack(ne, npp) if do_cfg else None
+    return model, pack(pe, pp), uncond, latents, {"dtype": pe.dtype, "device": device}
+
+
+def _sd3_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+    if a["output_type"] == "latent":
+        image = latents
+    else:
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return StableDiffusion3PipelineOutput(images=image) if a["return_dict"] else (image,)
+
+
+_SDXL_EXTRA = {"prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+               "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+               "negative_crops_coords_top_left", "negative_target_size", "denoising_end"}
+PIPELINES: dict[str, _PipeSpec] = {
+    "StableDiffusionPipeline": _PipeSpec(
+        _COMMON | {"timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale"}, _sd_prepare,
+        _sd_finish),
+    "StableDiffusionXLPipeline": _PipeSpec(
+        _COMMON | _SDXL_EXTRA | {"timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale"},
+        _sdxl_prepare, _sdxl_finish),
+    "StableDiffusion3Pipeline": _PipeSpec(
+        _COMMON | {"prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
+                   "negative_pooled_prompt_embeds", "sigmas", "joint_attention_kwargs", "max_sequence_length", "mu"},
+        _sd3_prepare, _sd3_finish, step_generator=False),
+}
+"""Pipelines :func:`accelerate` supports, by class name."""
+
+
+def _accelerated_call(self, *args, **kwargs):
+    """The accelerated ``__call__`` (see :func:`accelerate`)."""
+    stock = self._fd_stock_pipeline
+    spec = PIPELINES[stock.__name__]
+    sig = inspect.signature(stock.__call__)
+    bound = sig.bind(self, *args, **kwargs)
+    given = dict(bound.arguments)
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    for name, value in given.items():
+        p = sig.parameters[name]
+        if name == "self" or name in spec.supported:
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            if value:
+                raise TypeError(f"fastdiff.diffusers.accelerate: {stock.__name__}.__call__ arguments {sorted(value)} "
+                                "are not supported by the accelerated loop; restore(pipe) to use them")
+            continue
+        if not _is_default(value, p.default):
+            raise TypeError(f"fastdiff.diffusers.accelerate: {stock.__name__}.__call__ argument {name}={_short(value)} "
+                            "is not supported by the accelerated loop; call fastdiff.diffusers.restore(pipe) to use it")
+    with torch.no_grad():
+        return _accelerated_run(self, spec, a)
+
+
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    try:
+        return bool(value == default)
+    except Exception:  # tensors and other objects without a plain truth value
+        return False
+
+
+def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
+    backend = pipe._fd_backend
+    gs = float(a["guidance_scale"])
+    pipe._guidance_scale = gs
+    pipe._guidance_rescale = float(a.get("guidance_rescale") or 0.0)
+    pipe._clip_skip = a["clip_skip"]
+    pipe._cross_attention_kwargs = a.get("cross_attention_kwargs")
+    pipe._joint_attention_kwargs = a.get("joint_attention_kwargs")
+    pipe._interrupt = False
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    if getattr(denoiser.config, "time_cond_proj_dim", None) is not None:
+        raise ValueError("fastdiff.diffusers.accelerate: a UNet with time_cond_proj_dim (guidance embedding, LCM) "
+                         "is not supported")
+    do_cfg = pipe.do_classifier_free_guidance
+    _check_scheduler(pipe.scheduler)  # before the pipeline touches it
+    model, cond, uncond, latents, extra = spec.prepare(pipe, a, do_cfg)
+    if len(pipe.scheduler.timesteps) == 0:  # e.g. custom sigmas=[s]: the stock loop runs no step
+        pipe._num_timesteps = 0
+        return spec.finish(pipe, latents, a, extra)
+    sched = from_diffusers(pipe.scheduler, backend=backend)  # after the pipeline's own set_timesteps
+    step_args = {"eta": a["eta"]} if "eta" in a and "eta" in sched._fd_spec.step_options else {}
+    plan = sched.fastdiff_plan(0, **step_args)
+    if plan.meta.get("learned_variance") or sched.config.get("variance_type") in ("learned", "learned_range"):
+        raise ValueError(f"fastdiff.diffusers.accelerate: {type(sched).__name__}(variance_type="
+                         f"{sched.config.get('variance_type')!r}) reads variance channels of the model output, which "
+                         "the accelerated loop does not; use a fixed variance type or restore(pipe)")
+    de = a.get("denoising_end")
+    if de is not None and isinstance(de, float) and 0 < de < 1:  # the stock test and cut-off, verbatim
+        n_train = pipe.scheduler.config.num_train_timesteps
+        cut = int(round(n_train - (de * n_train)))
+        keep = len([t for t in pipe.scheduler.timesteps if t >= cut])
+        plan = dataclasses.replace(plan, rows=plan.rows[:keep])
+    gen = a["generator"]
+    noise_dtype = sched._fd_spec.noise_dtype
+    noise_fn = seeds = None
+    if gen is not None or not spec.step_generator:
+        g = gen if spec.step_generator else None
+
+        def draw(i, x):  # exactly the stock step's randn_tensor call
+            return draw_noise(tuple(x.shape), g, noise_dtype or x.dtype, x.device)
+
+        noise_fn = draw
+    elif any(r.noise for r in plan.rows):
+        seeds = expand_seeds(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), latents.shape[0])
+    guidance = Guidance(gs if do_cfg else None, None, pipe._guidance_rescale if do_cfg else 0.0)
+    progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    pipe._num_timesteps = len(sched.timesteps)
+    post_step = _step_end_hook(pipe, a, sched.timesteps)
+    opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
+                       progress=progress, check_finite=pipe._fd_check_finite, post_step=post_step)
+    # a callback that sets pipe._interrupt ends the loop there (StopSampling): the latents so far come back
+    latents = run_plan(plan, model, latents, opts, in_place=False)
+    return spec.finish(pipe, latents, a, extra)
+
+
+class _Interrupted(StopSampling):
+    """Raised by the step-end hook when a callback sets ``pipe._interrupt``: the loop returns the
+    latents after that step."""
+
+
+def _step_end_hook(pipe, a: dict, timesteps) -> Callable | None:
+    """The pipeline's ``callback_on_step_end(pipe, i, t, {"latents": ...})`` as a loop ``post_step``.
+
+    As in the stock loop it runs after every scheduler step, gets the latents after that step and
+    may return new ones (or change them in place); setting ``pipe._interrupt`` skips the remaining
+    steps. Only ``"latents"`` can be a tensor input: the other inputs (prompt embeddings, ...) feed
+    the batched model call, which the accelerated loop prepares once.
+    """
+    cb = a.get("callback_on_step_end")
+    if cb is None:
+        return None
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    names = list(cb.tensor_inputs if isinstance(cb, (PipelineCallback, MultiPipelineCallbacks))
+                 else a.get("callback_on_step_end_tensor_inputs") or [])
+    bad = [k for k in names if k != "latents"]
+    if bad:
+        raise TypeError(f"fastdiff.diffusers.accelerate: callback_on_step_end_tensor_inputs {bad} are not supported "
+                        "by the accelerated loop (only 'latents'); call fastdiff.diffusers.restore(pipe) to use them")
+    allowed = getattr(pipe, "_callback_tensor_inputs", ["latents"])
+
+    def post_step(i: int, x: torch.Tensor) -> None:
+        kwargs = {"latents": x.clone()} if "latents" in names else {}
+        out = cb(pipe, i, timesteps[i], kwargs) or {}
+        changed = sorted(k for k in out if k != "latents" and k in allowed and out[k] is not None)
+        if changed:
+            raise TypeError(f"fastdiff.diffusers.accelerate: callback_on_step_end returned {changed}; the accelerated "
+                            "loop can only take new 'latents'")
+        new = out.get("latents", kwargs.get("latents"))
+        if new is not None:
+            if tuple(new.shape) != tuple(x.shape):
+                raise ValueError(f"callback_on_step_end returned latents of shape {tuple(new.shape)}, "
+                                 f"expected {tuple(x.shape)}")
+            x.copy_(new)
+        if getattr(pipe, "_interrupt", False):
+            raise _Interrupted
+    return post_step
+
+
+_ACCEL_CLASSES: dict[type, type] = {}
+
+
+def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
+    """Make ``pipe(...)`` run fastdiff's loop: one fused kernel per step with the CFG blend inside it.
+
+    The pipeline's own components do the rest (prompt encoding, ``set_timesteps`` of its
+    scheduler, latent preparation, decoding), so ``pipe(...)`` with the same arguments and
+    generator gives the stock image (within float rounding). The loop performs no host-device
+    synchronisation. The scheduler must be supported by :func:`from_diffusers` (checked now and at
+    every call, so a scheduler swapped in later is picked up).
+
+    ``__call__`` keeps its signature; arguments outside the common set (the deprecated ``callback``,
+    IP-adapter images, skip-layer guidance, ...) raise ``TypeError`` naming them unless left at
+    their defaults. ``callback_on_step_end`` runs after every step as in the stock loop, with
+    ``"latents"`` as its only tensor input (new latents it returns feed the next step, and
+    ``pipe._interrupt`` stops the loop); other tensor inputs raise ``TypeError``.
+    Without a ``generator``, solver noise is in-kernel Philox seeded from torch's global RNG
+    (``StableDiffusion3Pipeline`` draws from the global RNG as its stock loop does).
+
+    Args:
+        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+            ``StableDiffusion3Pipeline``.
+        backend: fused-step backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``).
+        check_finite: raise :class:`fastdiff.NonFiniteError` after the loop if the model returned
+            NaN/Inf (one extra reduction per step; off by default, as in the stock loop).
+
+    Returns:
+        ``pipe`` (changed in place: its class becomes an accelerated subclass).
+    """
+    cls = getattr(type(pipe), "_fd_stock_pipeline", type(pipe))
+    import diffusers
+
+    if cls.__name__ not in PIPELINES or getattr(diffusers, cls.__name__, None) is not cls:
+        raise TypeError(f"fastdiff.diffusers.accelerate does not support {cls.__module__}.{cls.__name__}; "
+                        f"supported: {', '.join(PIPELINES)}")
+    ops.requested_backend(backend)
+    _check_scheduler(pipe.scheduler)  # fails now for an unsupported scheduler (and again at every call)
+    if cls not in _ACCEL_CLASSES:
+        call = functools.wraps(cls.__call__)(lambda self, *a, **k: _accelerated_call(self, *a, **k))
+        ns = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": call,
+              "_fd_stock_pipeline": cls}
+        _ACCEL_CLASSES[cls] = type(cls.__name__, (cls,), ns)
+    pipe.__class__ = _ACCEL_CLASSES[cls]
+    object.__setattr__(pipe, "_fd_backend", backend)
+    object.__setattr__(pipe, "_fd_check_finite", bool(check_finite))
+    return pipe
+
+
+def restore(pipe: Any):
+    """Undo :func:`accelerate`: ``pipe(...)`` runs the stock loop again. Returns ``pipe``."""
+    stock = getattr(type(pipe), "_fd_stock_pipeline", None)
+    if stock is None:
+        raise ValueError(f"{type(pipe).__name__} was not accelerated by fastdiff.diffusers.accelerate")
+    pipe.__class__ = stock
+    for k in ("_fd_backend", "_fd_check_finite"):
+        pipe.__dict__.pop(k, None)
+    return pipe
+

@@ -1,0 +1,649 @@
+"""The fused scheduler: :func:`from_diffusers` and the dynamic subclass whose ``step`` runs one plan
+row through the fused kernel (see the package docstring for the behaviour)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import math
+import numbers
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import samplers
+from ..core.args import StepArgs, clip_code, pack_row
+from ..core.guidance import threshold_bound
+from ..core.plan import Plan, Row
+from ..core.rng import expand_seeds
+from ..core.schedules import Discretization
+from ..runtime import ops
+from ..runtime.loop import draw_noise
+from ..samplers._multistep import Grid, log_snr
+from .support import _PREDICTION_ALIASES, _OwnFlow, _OwnVP, _Spec, _check_config, _host, _spec_of, _stock_class
+
+
+# ------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class _Run:
+    """One sampling run of a drop-in scheduler: its plan, first row and history ring."""
+
+    plan: Plan | None  # None: diffusers' own step runs (documented fallback)
+    start: int
+    key: tuple
+    index: dict = field(default_factory=dict)  # timestep value -> row (non-indexed classes)
+    hist: list | None = None  # allocated at the run's first step
+
+
+class _FusedScheduler:
+    """Methods shared by every drop-in scheduler class (mixed in before the diffusers class)."""
+
+    _fd_spec: _Spec
+    _fd_stock: type
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    _fd_ready = False  # set once the instance is a complete drop-in (not while diffusers' __init__ runs)
+
+    def _fd_init(self, backend: str) -> None:
+        self.fastdiff_backend = backend
+        self._fd_reset()
+        self._fd_ready = True
+
+    def __reduce__(self):
+        # the class has diffusers' name (pickle would find the stock class by it): rebuild this one
+        return _new_fused, (self._fd_stock,), self.__dict__
+
+    def _fd_reset(self) -> None:
+        self._fd_plans: dict = {}
+        self._fd_run: _Run | None = None
+        self._fd_seed: int | None = None  # Philox key, drawn from torch's global RNG when first needed
+        self._fd_seeds: tuple | None = None
+
+    @property
+    def fastdiff_history(self) -> list[torch.Tensor]:
+        """The history ring of the current run (tensors shaped like the sample)."""
+        return [] if self._fd_run is None or self._fd_run.hist is None else self._fd_run.hist
+
+    def fastdiff_plan(self, start: int = 0, **step_args) -> Plan:
+        """The plan of a run from row ``start`` with these ``step()`` arguments (``eta``, ``order``)."""
+        run = self._fd_plan(start, self._fd_key(step_args))
+        if run.plan is None:
+            raise ValueError(f"{type(self).__name__} has no plan for a run from row {start} (stock step)")
+        return run.plan
+
+    def _fd_key(self, a: Mapping) -> tuple:
+        spec = self._fd_spec
+        key = tuple((k, a[k]) for k in spec.step_options if k in a)
+        return key + spec.plan_key(a) if spec.plan_key is not None else key
+
+    def _fd_arrays(self, start: int) -> tuple[dict, int]:
+        spec = self._fd_spec
+        ts = _host(self.timesteps)
+        if spec.grid == "timesteps":
+            return {"timesteps": ts, "steps": len(ts)}, len(ts)
+        sig = _host(self.sigmas)
+        if spec.grid == "heun":  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0] -> one entry per solver step
+            ts, sig = np.concatenate([ts[:1], ts[1::2]]), np.concatenate([sig[:1], sig[1::2]])
+        # step i moves sigmas[i] -> sigmas[i + 1]; entries past len(timesteps) + 1 are never used
+        # (diffusers' Euler interpolation_type="log_linear" keeps one more)
+        ts, sig = ts[start:], sig[start:len(ts) + 1]
+        n = len(ts)
+        if spec.grid == "multistep":
+            if self.config.get("use_flow_sigmas", False):
+                # diffusers' _sigma_to_alpha_sigma_t with use_flow_sigmas: alpha = 1 - s, sigma_t = s
+                # (the state is the flow interpolation (1 - s) x0 + s eps)
+                alphas = tuple(1.0 - float(s) for s in sig)
+                stds, kind = tuple(float(s) for s in sig), "flow"
+            else:
+                # alpha = 1/sqrt(s^2 + 1), sigma_t = s * alpha
+                alphas = tuple(1.0 / math.sqrt(s * s + 1.0) for s in sig)
+                stds, kind = tuple(float(s) * a for s, a in zip(sig, alphas)), "vp"
+            grid = Grid(tuple(map(float, ts)), tuple(map(float, sig)), alphas, stds,
+                        tuple(log_snr(a, s) for a, s in zip(alphas, stds)), 1.0, kind)
+            return {"grid": grid, "steps": n}, n
+        init = float(getattr(self, "init_noise_sigma", 1.0)) if start == 0 else float(sig[0])
+        disc = Discretization(sigmas=sig, timesteps=ts, init_sigma=init)
+        return {"disc": disc, "steps": n}, n
+
+    def _fd_schedule(self, arrays: dict):
+        if self._fd_spec.grid == "flow":
+            return _OwnFlow(num_train_timesteps=int(self.config.num_train_timesteps), arrays=arrays)
+        acp = _host(self.alphas_cumprod)
+        # trained_betas longer than num_train_timesteps: diffusers keeps them all, and DDIM's step jumps
+        # num_train_timesteps // steps, not len(betas) // steps
+        T = int(self.config.num_train_timesteps)
+        return _OwnVP(betas=_host(self.betas), alphas_cumprod=acp, arrays=arrays,
+                      train_timesteps=T if 2 <= T < len(acp) else None)
+
+    def _fd_plan(self, start: int, key: tuple) -> _Run:
+        spec = self._fd_spec
+        name = type(self).__name__
+        if spec.restart == "rows":
+            start = 0  # rows do not depend on earlier rows: row i of the full plan serves any start
+        cached = self._fd_plans.get((start, key))
+        if cached is not None:
+            return _Run(cached.plan, start, key, cached.index)
+        if start > 0 and spec.restart == "stock":
+            warnings.warn(f"fastdiff.diffusers: {name} run starting at step {start} (set_begin_index) uses "
+                          "diffusers' own step (its LMS coefficients at a late start have no plan-row form)",
+                          RuntimeWarning, stacklevel=4)
+            run = _Run(None, start, key)
+            self._fd_plans[(start, key)] = run
+            return run
+        cfg = self.config
+        arrays, steps = self._fd_arrays(start)
+        if spec.grid == "timesteps" and len(arrays["timesteps"]):
+            n, top = len(self.alphas_cumprod), int(np.max(arrays["timesteps"]))
+            if top >= n:  # diffusers' own step would index alphas_cumprod[top] and fail with an IndexError
+                raise ValueError(f"{name}: timestep {top} has no beta: trained_betas has {n} entries but "
+                                 f"num_train_timesteps is {cfg.num_train_timesteps}; give a beta for every training "
+                                 "timestep")
+        options = {k: cfg[k] for k in spec.options if k in cfg}
+        options.update(spec.fixed)
+        options.update({spec.step_options[k]: v for k, v in key if k in spec.step_options})
+        if spec.slice_options is not None:
+            options.update(spec.slice_options(cfg, start, start + steps))
+        prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
+        prediction = _PREDICTION_ALIASES.get(prediction, prediction)
+        plan = spec.build(self, arrays, prediction, options) if spec.build is not None else None
+        if plan is None:
+            plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
+                                  **options)
+        if spec.adjust is not None and any(k in spec.step_plan for k, _ in key):
+            plan = spec.adjust(self, plan, dict(key), start)
+        want = _host(self.timesteps)[start:].astype(np.float32)
+        got = np.array([r.t for r in plan.rows]).astype(np.float32)
+        if len(got) != len(want) or not np.array_equal(got, want):
+            raise RuntimeError(f"fastdiff.diffusers: the {plan.sampler} plan for {name} has {len(got)} rows that "
+                               f"do not follow scheduler.timesteps ({len(want)} from row {start}); this is a bug")
+        index = {}
+        if not spec.indexed:
+            for i, t in enumerate(_host(self.timesteps)):
+                index.setdefault(float(t), i)
+        run = _Run(plan, start, key, index)
+        self._fd_plans[(start, key)] = run
+        return _Run(plan, start, key, index)
+
+    # -- step ----------------------------------------------------------------------------------
+
+    def _fd_args(self, a: dict) -> dict:
+        """``step``'s ``model_output``, ``timestep`` and ``sample`` checked before anything runs: where
+        diffusers' own step fails on them with an unrelated error, a ``TypeError`` / ``ValueError``
+        naming the argument; what it accepts passes (a numpy model output where its arithmetic takes
+        one, a zero-dimensional CPU tensor beside a tensor on another device)."""
+        spec = self._fd_spec
+        name = type(self).__name__
+        m, t, x = a["model_output"], a["timestep"], a["sample"]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}.step: sample must be a torch.Tensor, got {type(x).__name__} {_short(x)}")
+        if isinstance(m, np.ndarray) and spec.array_model_output:
+            try:
+                m = torch.as_tensor(m, device=x.device)
+            except (TypeError, RuntimeError) as exc:
+                raise TypeError(f"{name}.step: model_output must be a tensor of numbers, got a numpy array of "
+                                f"dtype {m.dtype} ({exc})") from None
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name}.step: model_output must be a torch.Tensor, got {type(m).__name__} {_short(m)}")
+        if m.device != x.device:
+            if m.dim() == 0 and m.device.type == "cpu":  # a CPU scalar mixes with any device, as in torch
+                m = m.to(x.device)
+            elif x.dim() == 0 and x.device.type == "cpu":
+                x = x.to(m.device)
+            else:
+                raise ValueError(f"{name}.step: model_output is on {m.device} but sample is on {x.device}")
+        if isinstance(t, (torch.Tensor, np.ndarray)):
+            if isinstance(t, np.ndarray):
+                n, real = t.size, t.dtype.kind in "iuf"
+            else:
+                n, real = t.numel(), not (t.dtype == torch.bool or t.is_complex())
+            if n != 1:
+                raise ValueError(f"{name}.step: timestep must be one value (one of scheduler.timesteps), got a "
+                                 f"{type(t).__name__} of shape {tuple(t.shape)}")
+            if not real:
+                raise TypeError(f"{name}.step: timestep must be a real number (one of scheduler.timesteps), got a "
+                                f"{t.dtype} {type(t).__name__}")
+        elif not isinstance(t, numbers.Real):
+            raise TypeError(f"{name}.step: timestep must be a number or a one-element tensor (one of "
+                            f"scheduler.timesteps), got {type(t).__name__} {_short(t)}")
+        return dict(a, model_output=m, sample=x)
+
+    def _fd_shape(self, m: torch.Tensor, x: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the step's result: ``model_output`` and ``sample`` broadcast together, as
+        diffusers' arithmetic does (usually they are equal), else a ``ValueError`` naming both."""
+        if m.shape == x.shape:
+            return tuple(x.shape)
+        try:
+            return tuple(torch.broadcast_shapes(m.shape, x.shape))
+        except RuntimeError:
+            raise ValueError(f"{type(self).__name__}.step: model_output {tuple(m.shape)} does not match sample "
+                             f"{tuple(x.shape)} (nor broadcasts against it, as diffusers' step would need)") from None
+
+    def _fd_step(self, a: dict):
+        spec = self._fd_spec
+        name = type(self).__name__
+        a = self._fd_args(a)
+        for k, v in spec.step_only.items():
+            val = a.get(k)
+            if not (val is v or (isinstance(val, (int, float)) and val == v)):
+                raise ValueError(f"{name}.step({k}={_short(val)}) is not supported by the fused step "
+                                 f"(supported: {k}={v!r}); use the stock scheduler for it")
+        if spec.no_integer_timestep and isinstance(a["timestep"], (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             f"`{name}.step()` is not supported. Make sure to pass one of the `scheduler.timesteps` "
+                             "as a timestep.")
+        if spec.needs_set_timesteps and self.num_inference_steps is None:
+            raise ValueError(f"{name}: number of inference steps is None; call set_timesteps before step")
+        key = self._fd_key(a)
+        m, timestep, x = a["model_output"], a["timestep"], a["sample"]
+        run = self._fd_run
+        if spec.indexed:
+            if self.step_index is None:
+                if getattr(self, "begin_index", None) is None and np.ndim(timestep) > 1:  # diffusers' lookup fails
+                    raise ValueError(f"{name}.step: timestep must be a single value of shape () or (1,) (one of "
+                                     f"scheduler.timesteps), got shape {tuple(np.shape(timestep))}")
+                try:
+                    self._init_step_index(timestep)  # diffusers' bookkeeping: begin_index or timestep lookup
+                except IndexError:  # diffusers' lookup found no such timestep (its error names nothing)
+                    raise ValueError(f"{name}.step(timestep={_short(timestep)}): the first step of a run needs one "
+                                     "of scheduler.timesteps (its position is looked up by value)") from None
+            i = self.step_index
+            if run is None:
+                run = self._fd_run = self._fd_plan(i, key)
+            elif run.key != key:
+                raise ValueError(f"{name}.step arguments {dict(key)} differ from earlier steps of this run "
+                                 f"{dict(run.key)}; call set_timesteps to start a new run")
+        else:
+            if run is None or run.key != key:
+                run = self._fd_run = self._fd_plan(0, key)
+            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else np.asarray(timestep).reshape(-1)[0])
+            if t not in run.index:
+                raise ValueError(f"{name}.step(timestep={t:g}): the fused step needs one of scheduler.timesteps")
+            i = run.index[t]
+        if run.plan is None:
+            return self._fd_stock.step(**a)
+        k = i - run.start
+        plan = run.plan
+        if not 0 <= k < len(plan.rows):
+            last = run.start + len(plan.rows) - 1
+            raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
+                             "call set_timesteps first")
+        row = plan.rows[k]
+        if spec.model_output is not None:
+            m = spec.model_output(self.config, m)
+            a = dict(a, model_output=m)
+        learned = plan.meta.get("learned_variance")
+        if learned is not None:  # DDPM learned variances: [mean; variance] channels, as diffusers splits them
+            c = x.shape[1] if x.dim() > 1 else 0
+            if x.dim() < 2 or m.dim() < 2 or m.shape[1] != 2 * c:
+                raise ValueError(f"{name}(variance_type={learned[0]!r}).step needs the model output's variance "
+                                 f"channels: model_output.shape[1] == 2 * sample.shape[1], got {tuple(m.shape)} for a "
+                                 f"sample of {tuple(x.shape)}")
+            m, var_out = torch.split(m, c, dim=1)
+            a = dict(a, model_output=m)
+        shape = self._fd_shape(m, x)  # the result's shape
+        work = shape if shape else (1,)  # the kernel's: a batch dimension (diffusers also takes 0-d tensors)
+        how = spec.noise_shape(self.config) if callable(spec.noise_shape) else spec.noise_shape
+        draw = {"model_output": tuple(m.shape), "sample": tuple(x.shape)}.get(how, shape)  # diffusers' noise shape
+        if row.noise and a.get("variance_noise") is None and not draw:
+            raise ValueError(f"{name}.step: this step draws noise, which diffusers draws per batch row: the "
+                             f"{how.replace('_', ' ')} needs a batch dimension (got a 0-d tensor)")
+        dt = torch.promote_types(x.dtype, m.dtype)
+        if run.hist is None:
+            if row.stage != 0:
+                raise ValueError(f"{name}: a run cannot start at step index {i}, the second stage of a solver step")
+            run.hist = [torch.zeros(work, dtype=dt, device=x.device) for _ in range(plan.n_slots)]
+        elif run.hist:
+            h = run.hist[0]
+            if h.shape != work or h.device != x.device:
+                raise ValueError(f"{name}.step: sample changed to {shape} on {x.device} in the middle of a "
+                                 f"run (was {tuple(h.shape)} on {h.device}); call set_timesteps to start a new run")
+            # the dtype may change mid-run (diffusers casts prev_sample to a half-precision model output's
+            # dtype): compute in the wider of the two, as diffusers mixes the history it keeps with the new one
+            wide = torch.promote_types(h.dtype, dt)
+            if wide != h.dtype:
+                run.hist[:] = [t.to(wide) for t in run.hist]
+            dt = wide
+        xx = x.to(dt).expand(shape).reshape(work).contiguous()
+        mm = m.to(dt).expand(shape).reshape(work).contiguous()
+        if learned is not None and row.noise:
+            gen = a.get("generator")  # (torch's RNG without one)
+            z = draw_noise(tuple(m.shape), gen if gen is None else _generator(name, gen), m.dtype, m.device)
+            lo, hi = learned[1][k]
+            v = var_out.to(torch.float64 if dt == torch.float64 else torch.float32)
+            if learned[0] == "learned_range":
+                f = (v + 1) / 2
+                std = torch.exp(0.5 * (f * hi + (1 - f) * lo))
+            else:
+                std = v**0.5
+            z, seeds = (std * z.to(std.dtype)).to(dt).expand(shape).reshape(work).contiguous(), None
+        else:
+            z, seeds = self._fd_noise(row, a, mm, m.dtype, draw, shape)
+        out, bound = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
+        how = spec.out_dtype(self.config) if callable(spec.out_dtype) else spec.out_dtype
+        out = out.to({"model": m.dtype, "sample": x.dtype}.get(how, torch.promote_types(x.dtype, m.dtype)))
+        out = out.reshape(shape)
+        self._fd_after(row, i)
+        out_cls = _output_class(self._fd_stock)
+        if "pred_original_sample" not in {f.name for f in dataclasses.fields(out_cls)}:
+            return out_cls(prev_sample=out) if a.get("return_dict", True) else (out,)
+        # the stock step also returns its data estimate: computed only if read (one more pass)
+        x0 = functools.partial(_reshaped, shape, functools.partial(
+            _data_estimate, row, plan, k, xx, mm, z, bound, x.dtype, m.dtype, spec.x0_float32, type(self).__name__))
+        if not a.get("return_dict", True):
+            return _StepTuple(out, x0)
+        return _lazy_output(out_cls, out, x0)
+
+    def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor, model_dtype: torch.dtype,
+                  draw: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None):
+        """The step's noise: ``(z, None)`` (``z`` in ``m``'s compute dtype and shape) or ``(None, philox seeds)``.
+
+        diffusers draws in the dtype of the model output AS GIVEN (``model_dtype``, which may be
+        narrower than the compute dtype of a float32 sample), or in float32 (``noise_dtype``), and in
+        the shape ``draw`` (usually ``m``'s), broadcast to the result's ``shape``.
+        """
+        if not row.noise:
+            return None, None
+        name = type(self).__name__
+        draw = tuple(m.shape) if draw is None else draw
+        shape = tuple(m.shape) if shape is None else shape
+        nd = self._fd_spec.noise_dtype
+        ext = a.get("variance_noise")
+        if ext is not None:
+            if not isinstance(ext, torch.Tensor):
+                raise TypeError(f"{name}.step: variance_noise must be a torch.Tensor, got {type(ext).__name__}")
+            ext = ext.to(device=m.device, dtype=nd) if nd is not None else ext.to(device=m.device)
+            try:
+                ext = ext.expand(shape)
+            except RuntimeError:
+                raise ValueError(f"{name}.step: variance_noise {tuple(ext.shape)} does not broadcast to the sample's "
+                                 f"shape {shape}") from None
+            return ext.to(m.dtype).reshape(m.shape).contiguous(), None
+        gen = a.get("generator")
+        if gen is not None:
+            z = draw_noise(draw, _generator(name, gen), nd or model_dtype, m.device)
+            return z.to(m.dtype).expand(shape).reshape(m.shape).contiguous(), None
+        b = m.shape[0]
+        if self._fd_seed is None:
+            self._fd_seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+        if self._fd_seeds is None or self._fd_seeds[0] != (b, m.device):
+            s = torch.tensor(expand_seeds(self._fd_seed, b), dtype=torch.int64, device=m.device)
+            self._fd_seeds = ((b, m.device), s)
+        return None, self._fd_seeds[1]
+
+    def _fd_after(self, row: Row, i: int) -> None:
+        """Keep the stock scheduler's public state what diffusers' step would leave."""
+        if self._fd_spec.indexed:
+            self._step_index += 1
+        if hasattr(self, "lower_order_nums"):
+            self.lower_order_nums = min(self.lower_order_nums + 1, int(self.config.solver_order))
+        if self._fd_spec.grid == "heun":  # state_in_first_order is `dt is None`
+            self.dt = (self.sigmas[i + 1] - self.sigmas[i]) if row.stage == 0 else None
+
+
+def _short(v) -> str:
+    if isinstance(v, torch.Tensor):  # its value only where reading it costs nothing (a CPU scalar)
+        one = v.numel() == 1 and v.device.type == "cpu" and not v.is_complex()
+        return f"{v.item()!r}" if one else f"<tensor {tuple(v.shape)}>"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _generator(name: str, gen):
+    """``step(generator=...)`` where noise is drawn: a ``torch.Generator`` or a list of them (per sample)."""
+    gens = gen if isinstance(gen, (list, tuple)) else [gen]
+    if not gens or not all(isinstance(g, torch.Generator) for g in gens):
+        raise TypeError(f"{name}.step: generator must be a torch.Generator (or a list of them, one per sample), "
+                        f"got {_short(gen)}")
+    return gen
+
+
+def _reshaped(shape: tuple[int, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return fn().reshape(shape)
+
+
+def _run_row(row: Row, plan: Plan, i: int, x: torch.Tensor, m: torch.Tensor, hist: list, *, z, seeds,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused step of ``row`` from ``x`` with model output ``m`` into a new tensor; also the
+    per-sample clip bound the row used (``None`` without clipping)."""
+    h_read = tuple(hist[k] for k in row.reads)
+    coef = pack_row(row, fold=True)
+    clip = clip_code(row)
+    s = None
+    if clip == 1:
+        s = torch.full((x.shape[0],), float(plan.clip_range), dtype=torch.float32, device=x.device)
+    elif clip == 2:
+        s = threshold_bound(x, m, None, None, None, coef, plan.threshold_ratio, plan.threshold_max)
+    out = torch.empty_like(x)
+    args = StepArgs(x=x, out=out, m=m, coef=coef, row=i, h_read=h_read,
+                    h_write=tuple(hist[w.slot] for w in row.writes), s=s, clip=clip, seeds=seeds, z=z)
+    ops.step(args, backend)
+    return out, s
+
+
+def _data_estimate(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tensor, z, bound, x_dtype, m_dtype,
+                   upcast32: bool, name: str) -> torch.Tensor:
+    """diffusers' ``pred_original_sample`` of the step row ``k`` of ``plan`` ran (clipped as the row
+    clips it), in the dtype diffusers returns it in."""
+    if plan.prediction == "x0" and row.clip is None:
+        return m.to(m_dtype)  # diffusers hands the model output itself back
+    cdt = torch.float64 if torch.float64 in (x.dtype, m.dtype) else torch.float32
+    xc, mc = x.to(cdt), m.to(cdt)
+    churn = plan.meta.get("churn_x0", {}).get(k)
+    if churn is not None:  # Euler with churn: the estimate of the churned sample y = x + c z
+        a, b, c = churn
+        if c:
+            if z is None:
+                raise ValueError(f"{name}: pred_original_sample of a step with s_churn > 0 needs the step's noise; "
+                                 "pass a generator (without one the noise is drawn inside the fused kernel)")
+            xc = xc + c * z.to(cdt)
+        d = a * xc + b * mc
+    else:
+        d = row.a_x * xc + row.a_e * mc
+    if row.clip is not None:
+        s = bound.to(device=d.device, dtype=cdt).reshape((-1,) + (1,) * (d.dim() - 1))
+        d = torch.minimum(torch.maximum(d, -s), s)
+        if row.clip == "dynamic":
+            d = d / s
+    if plan.prediction == "x0":
+        return d.to(m_dtype)
+    return d.to(torch.promote_types(torch.float32 if upcast32 else x_dtype, m_dtype))
+
+
+def _output_class(cls: type) -> type:
+    """The output dataclass diffusers' ``cls.step`` returns (``<Class>Output`` of its module, else
+    ``SchedulerOutput``)."""
+    import sys
+
+    out = getattr(sys.modules.get(cls.__module__), cls.__name__ + "Output", None)
+    if out is None:
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        out = SchedulerOutput
+    return out
+
+
+class _StepTuple(tuple):
+    """``(prev_sample, pred_original_sample)`` as diffusers' ``step(return_dict=False)`` returns it,
+    with the second entry computed on first access (pipelines read ``[0]`` only)."""
+
+    def __new__(cls, prev: torch.Tensor, x0: Callable[[], torch.Tensor]):
+        t = super().__new__(cls, (prev, None))
+        t._fd_x0 = x0
+        return t
+
+    def _entries(self) -> tuple:
+        if self._fd_x0 is not None:
+            self._fd_value, self._fd_x0 = self._fd_x0(), None
+        return (tuple.__getitem__(self, 0), self._fd_value)
+
+    def __getitem__(self, i):
+        if isinstance(i, int) and i in (0, -2):
+            return tuple.__getitem__(self, 0)
+        return self._entries()[i]
+
+    def __iter__(self):
+        yield tuple.__getitem__(self, 0)
+        yield self._entries()[1]
+
+    def __eq__(self, other):
+        return self._entries() == other
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self) -> str:
+        return repr(self._entries())
+
+    def __reduce__(self):
+        return tuple, (self._entries(),)
+
+    def count(self, value) -> int:
+        return self._entries().count(value)
+
+    def index(self, value, *args) -> int:
+        return self._entries().index(value, *args)
+
+
+_LAZY_OUTPUTS: dict[type, type] = {}
+
+
+def _lazy_output(out_cls: type, prev: torch.Tensor, x0: Callable[[], torch.Tensor]):
+    """An ``out_cls`` (diffusers' step output) whose ``pred_original_sample`` is computed on first
+    access (attribute, key, iteration, ``to_tuple``)."""
+    lazy = _LAZY_OUTPUTS.get(out_cls)
+    if lazy is None:
+        def force(self):
+            fn = self.__dict__.get("_fd_x0")
+            if fn is not None:
+                self.__dict__["_fd_x0"] = None
+                v = fn()
+                self.__dict__["_fd_value"] = v
+                OrderedDict.__setitem__(self, "pred_original_sample", v)
+
+        def getter(self):
+            force(self)
+            return self.__dict__.get("_fd_value")
+
+        def setter(self, v):
+            self.__dict__["_fd_value"] = v
+
+        def forcing(name):
+            base = getattr(out_cls, name)
+
+            def method(self, *args, **kwargs):
+                force(self)
+                return base(self, *args, **kwargs)
+
+            method.__name__ = name
+            return method
+
+        ns = {"__module__": __name__, "__qualname__": out_cls.__qualname__, "__doc__": out_cls.__doc__,
+              "pred_original_sample": property(getter, setter),
+              **{n: forcing(n) for n in ("__getitem__", "keys", "values", "items", "to_tuple", "__iter__", "__len__",
+                                         "__contains__", "__repr__", "__eq__", "get", "__reduce__")}}
+        lazy = _LAZY_OUTPUTS[out_cls] = type(out_cls.__name__, (out_cls,), ns)
+    out = lazy(prev_sample=prev)
+    out.__dict__["_fd_x0"] = x0
+    return out
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    """The drop-in subclass of diffusers scheduler class ``cls`` (made once per class)."""
+    if cls in _FUSED_CLASSES:
+        return _FUSED_CLASSES[cls]
+    spec = _spec_of(cls)
+    stock_set, stock_step = cls.set_timesteps, cls.step
+    step_sig = inspect.signature(stock_step)
+
+    stock_init = cls.__init__
+
+    @functools.wraps(stock_init)
+    def __init__(self, *args, **kwargs):
+        # FusedClass(**config), FusedClass.from_config(...) / from_pretrained(...): a drop-in as well
+        stock_init(self, *args, **kwargs)
+        _check_config(cls.__name__, spec, self.config)
+        self._fd_init("auto")
+
+    @functools.wraps(stock_set)
+    def set_timesteps(self, *args, **kwargs):
+        stock_set(self, *args, **kwargs)
+        self._fd_reset()
+        if self._fd_ready:  # (diffusers' __init__ sets a grid of its own first: planned when used)
+            self._fd_plan(0, ())  # build now: a config the rows cannot express fails here, not mid-run
+
+    @functools.wraps(stock_step)
+    def step(self, *args, **kwargs):
+        bound = step_sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        return self._fd_step(bound.arguments)
+
+    ns = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_fd_spec": spec, "_fd_stock": cls,
+          "__init__": __init__, "set_timesteps": set_timesteps, "step": step,
+          "__doc__": f"{cls.__name__} whose step runs fastdiff's fused kernel (see fastdiff.diffusers).\n\n"
+                     f"{cls.__doc__ or ''}"}
+    fused = type(cls.__name__, (_FusedScheduler, cls), ns)
+    _FUSED_CLASSES[cls] = fused
+    return fused
+
+
+def _new_fused(stock_cls: type):
+    """An empty instance of the drop-in class of ``stock_cls`` (unpickling fills its state)."""
+    fused = _fused_class(stock_cls)
+    return fused.__new__(fused)
+
+
+def _check_scheduler(scheduler: Any) -> _Spec:
+    cls = _stock_class(type(scheduler))
+    spec = _spec_of(cls)
+    _check_config(cls.__name__, spec, scheduler.config)
+    return spec
+
+
+def from_diffusers(scheduler: Any, backend: str = "auto"):
+    """A drop-in copy of a diffusers ``scheduler`` whose ``step`` runs fastdiff's fused kernel.
+
+    Args:
+        scheduler: a configured diffusers scheduler of a class in :data:`SUPPORT` (its state,
+            including timesteps already set, is copied; the original is not changed).
+        backend: ``auto``, ``reference``, ``cpu``, ``triton`` or ``cuda`` for every ``step``.
+
+    Returns:
+        An instance of a subclass of ``type(scheduler)`` with the same config and attributes.
+
+    Raises:
+        TypeError: the class is not supported.
+        ValueError: a config key or value the fused step does not implement (named in the message).
+    """
+    _check_scheduler(scheduler)
+    ops.requested_backend(backend)  # validates the name
+    cls = _stock_class(type(scheduler))
+    fused = _fused_class(cls).__new__(_fused_class(cls))
+    state = {k: v for k, v in scheduler.__dict__.items() if not k.startswith("_fd_")}
+    fused.__dict__.update(copy.deepcopy(state))
+    fused._fd_init(backend)
+    if getattr(scheduler, "num_inference_steps", None) is not None:
+        try:
+            fused._fd_plan(0, ())
+        except ValueError:
+            # the grid in place may be the one the constructor set (Heun, LMS: every training timestep),
+            # which pipelines replace with set_timesteps before stepping; a config that no grid can serve
+            # fails there, and a step on this grid raises the same error
+            fused._fd_plans = {}
+    return fused
+
+
