@@ -151,8 +151,10 @@ class _FusedScheduler:
         options = {k: cfg[k] for k in spec.options if k in cfg}
         options.update(spec.fixed)
         options.update({spec.step_options[k]: v for k, v in key if k in spec.step_options})
-        if spec.slice_options is not None:
-            options.update(spec.slice_options(cfg, start, start + steps))
+        if spec.restart == "slice" and start > 0:
+            si = samplers.info(spec.sampler(cfg))
+            if si.restart is not None:  # the sampler's own rule for a run started part-way
+                options.update(si.restart({**si.options, **options}, start, start + steps).options)
         prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
         prediction = _PREDICTION_ALIASES.get(prediction, prediction)
         plan = spec.build(self, arrays, prediction, options) if spec.build is not None else None

@@ -79,9 +79,10 @@ class _Spec:
             sample's); a callable ``config -> one of those`` where it depends on the config.
         indexed: keeps ``step_index`` (else the row follows the timestep value: DDPM, DDIM).
         restart: how a run starting after row 0 (``set_begin_index``) is planned: ``rows`` (rows
-            do not depend on earlier ones), ``slice`` (re-plan the multistep run from there),
+            do not depend on earlier ones), ``slice`` (re-plan the multistep run from there on the
+            scheduler's arrays, with the options of the sampler's restart rule,
+            :class:`fastdiff.samplers.Restart`, shared with ``fastdiff.sample``'s img2img),
             ``stock`` (diffusers' own step, with a warning).
-        slice_options: ``(config, start, n) -> options`` for a run over rows ``start..n-1``.
         needs_set_timesteps: diffusers' step refuses to run before ``set_timesteps`` (others run
             on the grid their constructor sets, and so does the drop-in).
         predictions: the ``prediction_type`` values diffusers' step implements for the class.
@@ -115,7 +116,6 @@ class _Spec:
     out_dtype: str | Callable[[Mapping], str] = "promote"
     indexed: bool = True
     restart: str = "rows"
-    slice_options: Callable[[Mapping, int, int], dict] | None = None
     needs_set_timesteps: bool = False
     predictions: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
     check: Callable[[Mapping], None] | None = None
@@ -202,16 +202,6 @@ def _dpm_model_output(cfg: Mapping, m: torch.Tensor) -> torch.Tensor:
     if cfg.get("variance_type") in ("learned", "learned_range") and cfg.get("prediction_type", "epsilon") == "epsilon":
         return m[:, :3]
     return m
-
-
-def _dpm_slice(cfg: Mapping, start: int, n: int) -> dict:
-    # diffusers lowers the order of the last two steps when the WHOLE run has < 15 steps; a sliced
-    # plan sees fewer, so the rule is decided here on the full length.
-    return {"lower_order_final": bool(cfg["lower_order_final"]) and n < 15}
-
-
-def _unipc_slice(cfg: Mapping, start: int, n: int) -> dict:
-    return {"disable_corrector": [int(k) - start for k in (cfg.get("disable_corrector") or ())]}
 
 
 _MULTISTEP_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
@@ -346,14 +336,14 @@ SUPPORT: dict[str, _Spec] = {
         only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"),
               "solver_order": (1, 2, 3), "variance_type": (None, "learned", "learned_range")},
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
-        slice_options=_dpm_slice, needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
+        needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
         check=_check_flow_sigmas, note=_DPM_NOTE, model_output=_dpm_model_output, array_model_output=True,
         noise_shape=_dpm_noise_shape),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
          *_THRESH),
-        restart="slice", slice_options=_unipc_slice, needs_set_timesteps=True,
+        restart="slice", needs_set_timesteps=True,
         predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample", check=_check_flow_sigmas,
         note=_UNIPC_NOTE, array_model_output=True),
     "FlowMatchEulerDiscreteScheduler": _Spec(

@@ -51,6 +51,8 @@ class SamplerInfo:
         predictions: prediction types it accepts.
         default_prediction: used when neither the caller nor the config gives one.
         doc: the one-line docstring.
+        restart: how a run started part-way is re-planned where its rows read earlier history
+            (:class:`Restart`); ``None``: such a start is refused.
     """
 
     name: str
@@ -60,20 +62,45 @@ class SamplerInfo:
     predictions: tuple[str, ...] = PREDICTIONS
     default_prediction: str = "eps"
     doc: str = ""
+    restart: RestartFn | None = None
+
+
+@dataclass(frozen=True)
+class Restart:
+    """How a sampler's run that starts at solver step ``start`` is re-planned when its rows from there
+    read history written before ``start`` (a multistep sampler started part-way: img2img, a drop-in
+    scheduler after ``set_begin_index``): on the full run's grid from ``start`` on, with fresh history.
+
+    Attributes:
+        grid: options of :func:`fastdiff.samplers._multistep.multistep_grid` for that grid (unused
+            by samplers that discretize without it, and by the drop-ins, which slice their own arrays).
+        options: sampler options replacing the run's for the re-planned part (rules decided on the
+            WHOLE run, e.g. diffusers' ``lower_order_final`` below 15 steps, and step indices shifted).
+    """
+
+    grid: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+RestartFn = Callable[[Mapping[str, Any], int, int], Restart]
+"""``restart(options, start, steps) -> Restart``: ``options`` the run's resolved sampler options,
+``start`` the first solver step run, ``steps`` the WHOLE run's step count."""
 
 
 _REGISTRY: dict[str, SamplerInfo] = {}
 
 
 def register(name: str, *, kinds: tuple[str, ...] = ("vp", "ve"), options: Mapping[str, Any] | None = None,
-             predictions: tuple[str, ...] = ("eps", "v", "x0"), default_prediction: str = "eps"):
-    """Decorator registering ``fn`` under ``name`` (see the module docstring)."""
+             predictions: tuple[str, ...] = ("eps", "v", "x0"), default_prediction: str = "eps",
+             restart: RestartFn | None = None):
+    """Decorator registering ``fn`` under ``name`` (see the module docstring; ``restart``: see
+    :class:`Restart`, needed only by samplers whose rows read history of earlier steps)."""
 
     def deco(fn: SamplerFn) -> SamplerFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"sampler {name!r} is registered twice")
         _REGISTRY[name] = SamplerInfo(name, fn, tuple(kinds), dict(options or {}), tuple(predictions),
-                                      default_prediction, (fn.__doc__ or "").strip().split("\n")[0])
+                                      default_prediction, (fn.__doc__ or "").strip().split("\n")[0], restart)
         return fn
 
     return deco

@@ -168,3 +168,26 @@ def vp_point(schedule, prediction: str, t: int) -> dict:
     a_x, a_e = data_coeffs("vp", prediction, alpha, sigma, where=f"timestep {t}")
     return dict(t=float(t), sigma=float(schedule.train_sigmas[t]), in_scale=1.0, a_x=a_x, a_e=a_e, alpha_t=alpha,
                 sigma_t=sigma)
+
+
+CHURN_OPTIONS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+"""Karras et al. (2022) churn options of the samplers that take them (euler, heun, dpm_2), with defaults."""
+
+
+def churned_grid(schedule, disc, s_churn: float, s_tmin: float, s_tmax: float,
+                 s_noise: float) -> tuple[list[float], list[float], list[float], float]:
+    """Per step ``(sigma_hat, t_hat, z_coef)`` of Karras et al. (2022) churn, and the initial scale.
+
+    ``z_coef[i]`` is the noise added before step ``i`` (k-diffusion draws it there); rows add it at
+    the end of step ``i-1``, and step 0's goes into the initial scale (same distribution).
+    """
+    check_number("s_churn", s_churn, 0.0)
+    check_number("s_noise", s_noise, 0.0)
+    sig = disc.sigmas
+    gam = churn_gammas(sig, s_churn, s_tmin, s_tmax)
+    hats = [float(sig[i]) * (1 + g) for i, g in enumerate(gam)]
+    ts = [float(disc.timesteps[i]) if g == 0 else float(schedule.sigma_to_t(hats[i])) for i, g in enumerate(gam)]
+    zc = [s_noise * math.sqrt(max(hats[i] ** 2 - float(sig[i]) ** 2, 0.0)) if g > 0 else 0.0
+          for i, g in enumerate(gam)]
+    init = math.sqrt(disc.init_sigma**2 + zc[0] ** 2)
+    return hats, ts, zc, init

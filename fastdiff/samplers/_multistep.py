@@ -199,3 +199,33 @@ def _is_cosine(schedule) -> bool:
     T = schedule.num_train_timesteps
     ref = S.vp_betas("squaredcos_cap_v2", T).double().numpy()
     return bool(np.array_equal(np.asarray(schedule.betas), ref))
+
+
+def dpmsolver_orders(grid: Grid, order: int, flavor: str, lower_order_final: bool, euler_at_final: bool) -> list[int]:
+    """Order of every step of a DPM-Solver(++) multistep run: warm-up from 1, and the libraries'
+    lower-order rules at the end (``flavor`` ``diffusers`` or ``k-diffusion``)."""
+    n, out = grid.steps, []
+    for i in range(n):
+        if flavor == "k-diffusion":
+            out.append(1 if grid.sigmas[i + 1] == 0.0 else min(i + 1, order))
+            continue
+        # diffusers' DPMSolverMultistepScheduler.step (final_sigmas_type "zero" forces first order)
+        last = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or grid.sigmas[-1] == 0.0)
+        second = i == n - 2 and lower_order_final and n < 15
+        out.append(1 if (order == 1 or i < 1 or last) else 2 if (order == 2 or i < 2 or second) else 3)
+    return out
+
+
+def dpmsolver_restart(options, start: int, steps: int):
+    """The :class:`~fastdiff.samplers.Restart` of a DPM-Solver(++) multistep run started at step
+    ``start`` of ``steps``: the sliced grid is diffusers' DPM-Solver grid (with the run's
+    ``use_lu_lambdas``/``lambda_min_clipped``), and ``lower_order_final`` applies only when the WHOLE
+    run has < 15 steps, as diffusers decides it (a sliced plan sees fewer steps)."""
+    from . import Restart
+
+    grid = {"flavor": "dpmsolver"}
+    for key in ("use_lu_lambdas", "lambda_min_clipped"):
+        if key in options:
+            grid[key] = options[key]
+    over = {"lower_order_final": bool(options["lower_order_final"]) and steps < 15} if "lower_order_final" in options else {}
+    return Restart(grid=grid, options=over)

@@ -1,4 +1,4 @@
-"""DPM-Solver++ multistep samplers (Lu et al. 2022): 2M, 3M and their SDE variants, and DPM-2.
+"""DPM-Solver++ multistep samplers (Lu et al. 2022): first order, 2M, 3M and their SDE variants.
 
 Each sampler mirrors diffusers' ``DPMSolverMultistepScheduler`` (``flavor="diffusers"``, the
 default on a VP schedule) or k-diffusion's ``sample_dpmpp_*`` (``flavor="k-diffusion"``, the
@@ -16,9 +16,8 @@ import math
 
 from ..core.plan import Plan, Row, Write, combo
 from . import register
-from ._common import add_noise, check_choice, check_number, clip_settings, euler_update, grid_point
-from ._multistep import Grid, divided_differences, multistep_grid, phi
-from .euler import _CHURN, churned_grid
+from ._common import check_choice, check_number, clip_settings
+from ._multistep import Grid, divided_differences, dpmsolver_orders, dpmsolver_restart, multistep_grid, phi
 
 FLAVORS = ("diffusers", "k-diffusion")
 
@@ -63,20 +62,6 @@ def _update(grid: Grid, i: int, order: int, eta: float, form2: str, d2: str) -> 
     return cx, c
 
 
-def _orders(grid: Grid, order: int, flavor: str, lower_order_final: bool, euler_at_final: bool) -> list[int]:
-    """Order of every step: warm-up from 1, and the libraries' lower-order rules at the end."""
-    n, out = grid.steps, []
-    for i in range(n):
-        if flavor == "k-diffusion":
-            out.append(1 if grid.sigmas[i + 1] == 0.0 else min(i + 1, order))
-            continue
-        # diffusers' DPMSolverMultistepScheduler.step (final_sigmas_type "zero" forces first order)
-        last = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or grid.sigmas[-1] == 0.0)
-        second = i == n - 2 and lower_order_final and n < 15
-        out.append(1 if (order == 1 or i < 1 or last) else 2 if (order == 2 or i < 2 or second) else 3)
-    return out
-
-
 def _dpmpp(name: str, schedule, steps: int, prediction: str, order: int, sde: bool, *, solver_type: str,
            lower_order_final: bool, euler_at_final: bool, use_lu_lambdas: bool, lambda_min_clipped: float,
            variance_type, thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
@@ -96,7 +81,7 @@ def _dpmpp(name: str, schedule, steps: int, prediction: str, order: int, sde: bo
     clip, plan_kw = clip_settings(False, 1.0, thresholding, dynamic_thresholding_ratio, sample_max_value)
     grid = multistep_grid(schedule, steps, flavor="dpmsolver", use_lu_lambdas=bool(use_lu_lambdas),
                           lambda_min_clipped=check_number("lambda_min_clipped", lambda_min_clipped))
-    orders = _orders(grid, order, flavor, bool(lower_order_final), bool(euler_at_final))
+    orders = dpmsolver_orders(grid, order, flavor, bool(lower_order_final), bool(euler_at_final))
     # k-diffusion's 3M SDE warms up with the phi_2 ("heun") form; diffusers uses solver_type
     form2 = "heun" if (flavor == "k-diffusion" and order == 3) else solver_type
     d2 = "diffusers_sde" if (flavor == "diffusers" and sde) else "lu"
@@ -118,53 +103,37 @@ def _dpmpp(name: str, schedule, steps: int, prediction: str, order: int, sde: bo
                 noise_dtype="float32" if (sde and flavor == "diffusers") else None, **plan_kw)
 
 
-@register("dpmpp_2m", options=_OPTIONS, predictions=PREDICTIONS)
+@register("dpmpp_1", options=_OPTIONS, predictions=PREDICTIONS, restart=dpmsolver_restart)
+def dpmpp_1(schedule, steps: int, prediction: str, **options) -> Plan:
+    """DPM-Solver++(1), first-order data-prediction ODE solver (Lu et al. 2022)."""
+    return _dpmpp("dpmpp_1", schedule, steps, prediction, 1, False, **options)
+
+
+@register("dpmpp_1_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS, restart=dpmsolver_restart)
+def dpmpp_1_sde(schedule, steps: int, prediction: str, **options) -> Plan:
+    """SDE-DPM-Solver++(1), first-order solver of the diffusion SDE (Lu et al. 2022)."""
+    return _dpmpp("dpmpp_1_sde", schedule, steps, prediction, 1, True, **options)
+
+
+@register("dpmpp_2m", options=_OPTIONS, predictions=PREDICTIONS, restart=dpmsolver_restart)
 def dpmpp_2m(schedule, steps: int, prediction: str, **options) -> Plan:
     """DPM-Solver++(2M), second-order multistep data-prediction ODE solver (Lu et al. 2022)."""
     return _dpmpp("dpmpp_2m", schedule, steps, prediction, 2, False, **options)
 
 
-@register("dpmpp_3m", options=_OPTIONS, predictions=PREDICTIONS)
+@register("dpmpp_3m", options=_OPTIONS, predictions=PREDICTIONS, restart=dpmsolver_restart)
 def dpmpp_3m(schedule, steps: int, prediction: str, **options) -> Plan:
     """DPM-Solver++(3M), third-order multistep data-prediction ODE solver (Lu et al. 2022)."""
     return _dpmpp("dpmpp_3m", schedule, steps, prediction, 3, False, **options)
 
 
-@register("dpmpp_2m_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS)
+@register("dpmpp_2m_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS, restart=dpmsolver_restart)
 def dpmpp_2m_sde(schedule, steps: int, prediction: str, **options) -> Plan:
     """SDE-DPM-Solver++(2M), second-order multistep solver of the diffusion SDE (Lu et al. 2022)."""
     return _dpmpp("dpmpp_2m_sde", schedule, steps, prediction, 2, True, **options)
 
 
-@register("dpmpp_3m_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS)
+@register("dpmpp_3m_sde", options=_SDE_OPTIONS, predictions=PREDICTIONS, restart=dpmsolver_restart)
 def dpmpp_3m_sde(schedule, steps: int, prediction: str, **options) -> Plan:
     """SDE-DPM-Solver++(3M), third-order multistep solver of the diffusion SDE (Lu et al. 2022)."""
     return _dpmpp("dpmpp_3m_sde", schedule, steps, prediction, 3, True, **options)
-
-
-@register("dpm_2", options=_CHURN)
-def dpm_2(schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float,
-          s_noise: float) -> Plan:
-    """DPM-Solver-2 midpoint steps in sigma, with churn (Lu et al. 2022; Karras et al. 2022, Alg. 2)."""
-    disc = schedule.discretize(steps)
-    sig = disc.sigmas
-    hats, ts, zc, init = churned_grid(schedule, disc, s_churn, s_tmin, s_tmax, s_noise)
-    rows = []
-    for i in range(steps):
-        s, s1 = hats[i], float(sig[i + 1])
-        first = grid_point(schedule, prediction, s, ts[i])
-        if s1 == 0.0:  # Euler into sigma = 0, as k-diffusion does
-            step_rows = [Row(**first, out=combo(*euler_update(s, s1)), step=i)]
-        else:
-            # k-diffusion's sigma_mid = exp(lerp(log s, log s1, 1/2)); H0 keeps x for the second stage
-            mid = math.exp(math.log(s) + 0.5 * (math.log(s1) - math.log(s)))
-            dt1, dt2 = mid - s, s1 - s
-            step_rows = [
-                Row(**first, out=combo(x=1 + dt1 / s, d=-dt1 / s), writes=(Write(0, combo(x=1.0)),), step=i),
-                Row(**grid_point(schedule, prediction, mid, float(schedule.sigma_to_t(mid))),
-                    out=combo(x=dt2 / mid, d=-dt2 / mid, h=(1.0,)), reads=(0,), step=i, stage=1),
-            ]
-        if i + 1 < steps and zc[i + 1]:  # churn of the next step, drawn at the end of this one
-            step_rows[-1] = add_noise(step_rows[-1], zc[i + 1])
-        rows += step_rows
-    return Plan(tuple(rows), init_scale=init, n_slots=1, sampler="dpm_2", prediction=prediction, steps=steps)

@@ -24,8 +24,7 @@ import math
 from ..core.plan import Plan, Row, Write, combo
 from . import register
 from ._common import check_choice, clip_settings, eps_coeffs
-from ._multistep import Grid, divided_differences, multistep_grid, phi
-from .dpmpp import _orders
+from ._multistep import Grid, divided_differences, dpmsolver_orders, dpmsolver_restart, multistep_grid, phi
 
 _OPTIONS = {"solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
             "use_lu_lambdas": False, "lambda_min_clipped": -math.inf, "variance_type": None,
@@ -70,7 +69,7 @@ def _dpmsolver(name: str, schedule, steps: int, prediction: str, order: int, sde
     clip, plan_kw = clip_settings(False, 1.0, thresholding, dynamic_thresholding_ratio, sample_max_value)
     grid = multistep_grid(schedule, steps, flavor="dpmsolver", use_lu_lambdas=bool(use_lu_lambdas),
                           lambda_min_clipped=float(lambda_min_clipped))
-    orders = _orders(grid, order, "diffusers", bool(lower_order_final), bool(euler_at_final))
+    orders = dpmsolver_orders(grid, order, "diffusers", bool(lower_order_final), bool(euler_at_final))
     ring = max(orders) - 1  # eps_{i-1}, eps_{i-2} live in slots (i-1) % ring, (i-2) % ring
     rows = []
     for i, p in enumerate(orders):
@@ -104,31 +103,31 @@ def _dpmsolver(name: str, schedule, steps: int, prediction: str, order: int, sde
                 estimate="eps" if clip is None else "x0", **plan_kw)
 
 
-@register("dpmsolver_1", kinds=("vp",), options=_OPTIONS)
+@register("dpmsolver_1", kinds=("vp",), options=_OPTIONS, restart=dpmsolver_restart)
 def dpmsolver_1(schedule, steps: int, prediction: str, **options) -> Plan:
     """DPM-Solver-1 (DDIM on the DPM-Solver grid), noise-prediction ODE solver (Lu et al. 2022a)."""
     return _dpmsolver("dpmsolver_1", schedule, steps, prediction, 1, False, **options)
 
 
-@register("dpmsolver_2m", kinds=("vp",), options=_OPTIONS)
+@register("dpmsolver_2m", kinds=("vp",), options=_OPTIONS, restart=dpmsolver_restart)
 def dpmsolver_2m(schedule, steps: int, prediction: str, **options) -> Plan:
     """Multistep DPM-Solver-2, noise-prediction ODE solver (Lu et al. 2022a)."""
     return _dpmsolver("dpmsolver_2m", schedule, steps, prediction, 2, False, **options)
 
 
-@register("dpmsolver_3m", kinds=("vp",), options=_OPTIONS)
+@register("dpmsolver_3m", kinds=("vp",), options=_OPTIONS, restart=dpmsolver_restart)
 def dpmsolver_3m(schedule, steps: int, prediction: str, **options) -> Plan:
     """Multistep DPM-Solver-3, noise-prediction ODE solver (Lu et al. 2022a)."""
     return _dpmsolver("dpmsolver_3m", schedule, steps, prediction, 3, False, **options)
 
 
-@register("dpmsolver_1_sde", kinds=("vp",), options=_OPTIONS)
+@register("dpmsolver_1_sde", kinds=("vp",), options=_OPTIONS, restart=dpmsolver_restart)
 def dpmsolver_1_sde(schedule, steps: int, prediction: str, **options) -> Plan:
     """SDE-DPM-Solver-1, first-order noise-prediction solver of the diffusion SDE (Lu et al. 2022b)."""
     return _dpmsolver("dpmsolver_1_sde", schedule, steps, prediction, 1, True, **options)
 
 
-@register("dpmsolver_2m_sde", kinds=("vp",), options=_OPTIONS)
+@register("dpmsolver_2m_sde", kinds=("vp",), options=_OPTIONS, restart=dpmsolver_restart)
 def dpmsolver_2m_sde(schedule, steps: int, prediction: str, **options) -> Plan:
     """Multistep SDE-DPM-Solver-2, noise-prediction solver of the diffusion SDE (Lu et al. 2022b)."""
     return _dpmsolver("dpmsolver_2m_sde", schedule, steps, prediction, 2, True, **options)

@@ -8,36 +8,12 @@ noise is added *before* the model call and the model sees ``sigma_hat``. diffuse
 
 from __future__ import annotations
 
-import math
-
 from ..core.plan import Plan, Row, combo
-from ..core.schedules import Discretization, Schedule
+from ..core.schedules import Schedule
 from . import register
-from ._common import add_noise, ancestral_step, check_number, churn_gammas, euler_update, grid_point
+from ._common import CHURN_OPTIONS, add_noise, ancestral_step, check_number, churned_grid, euler_update, grid_point
 
-_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
-
-
-def churned_grid(schedule: Schedule, disc: Discretization, s_churn: float, s_tmin: float, s_tmax: float,
-                 s_noise: float) -> tuple[list[float], list[float], list[float], float]:
-    """Per step ``(sigma_hat, t_hat, z_coef)`` of Karras et al. (2022) churn, and the initial scale.
-
-    ``z_coef[i]`` is the noise added before step ``i`` (k-diffusion draws it there); rows add it at
-    the end of step ``i-1``, and step 0's goes into the initial scale (same distribution).
-    """
-    check_number("s_churn", s_churn, 0.0)
-    check_number("s_noise", s_noise, 0.0)
-    sig = disc.sigmas
-    gam = churn_gammas(sig, s_churn, s_tmin, s_tmax)
-    hats = [float(sig[i]) * (1 + g) for i, g in enumerate(gam)]
-    ts = [float(disc.timesteps[i]) if g == 0 else float(schedule.sigma_to_t(hats[i])) for i, g in enumerate(gam)]
-    zc = [s_noise * math.sqrt(max(hats[i] ** 2 - float(sig[i]) ** 2, 0.0)) if g > 0 else 0.0
-          for i, g in enumerate(gam)]
-    init = math.sqrt(disc.init_sigma**2 + zc[0] ** 2)
-    return hats, ts, zc, init
-
-
-@register("euler", options=_CHURN)
+@register("euler", options=CHURN_OPTIONS)
 def euler(schedule: Schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float,
           s_noise: float) -> Plan:
     """Euler steps of the probability-flow ODE, with optional churn (Karras et al. 2022, Alg. 2)."""

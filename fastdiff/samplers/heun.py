@@ -5,11 +5,10 @@ from __future__ import annotations
 from ..core.plan import Plan
 from ..core.schedules import Schedule
 from . import register
-from ._common import add_noise, clip_mode, heun_rows
-from .euler import _CHURN, churned_grid
+from ._common import CHURN_OPTIONS, add_noise, churned_grid, clip_mode, heun_rows
 
 
-@register("heun", options={**_CHURN, "clip_sample": False, "clip_sample_range": 1.0})
+@register("heun", options={**CHURN_OPTIONS, "clip_sample": False, "clip_sample_range": 1.0})
 def heun(schedule: Schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
          clip_sample: bool, clip_sample_range: float) -> Plan:
     """Heun steps of the probability-flow ODE, Euler into sigma = 0 (Karras et al. 2022, Alg. 2)."""

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..core.plan import MAX_READS, Plan, Row, Write, combo
 from ..core.schedules import Schedule
-from . import register
+from . import Restart, register
 from ._common import grid_point
 
 
@@ -32,7 +32,7 @@ def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
     return out
 
 
-@register("lms", options={"order": 4})
+@register("lms", options={"order": 4}, restart=lambda options, start, steps: Restart())
 def lms(schedule: Schedule, steps: int, prediction: str, *, order: int) -> Plan:
     """Linear multistep method on the probability-flow ODE in sigma (Karras et al. 2022 / k-diffusion)."""
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_READS + 1:

@@ -335,23 +335,16 @@ def plan_from_step(sampler: str, steps: int, start_step: int, schedule: Any = No
         plan = dataclasses.replace(full, rows=rows, steps=full.steps - k)
     else:
         si = samplers.info(sampler)
+        if si.restart is None:
+            raise ValueError(f"sampler {sampler!r} cannot start at step {k}: its rows from there read history of "
+                             "earlier steps and it has no restart rule (fastdiff.samplers.Restart)")
         if schedule is None:
             schedule = samplers._default_schedule(si)
         elif not schedules.is_schedule(schedule):
             schedule = schedules.from_config(schedule)
-        res = _resolved_options(sampler, schedule, options)
-        opts = dict(options)
-        if sampler == "unipc":
-            grid_options = {"flavor": "unipc"}
-            opts["disable_corrector"] = [int(i) - k for i in (res.get("disable_corrector") or ()) if int(i) >= k]
-        else:
-            grid_options = {"flavor": "dpmsolver"}
-            for key in ("use_lu_lambdas", "lambda_min_clipped"):
-                if key in res:
-                    grid_options[key] = res[key]
-            if "lower_order_final" in res:
-                # diffusers lowers the last two orders when the WHOLE run has < 15 steps (as the drop-in)
-                opts["lower_order_final"] = bool(res["lower_order_final"]) and steps < 15
+        restart = si.restart(_resolved_options(sampler, schedule, options), k, steps)
+        opts = {**options, **restart.options}
+        grid_options = restart.grid
         own = _sliced_schedule(schedule, steps, k, grid_options)
         plan = samplers.build(sampler, own, steps - k, prediction=full.prediction, **opts)
         want = [r.t for r in full.rows if r.step >= k and r.stage == 0]

@@ -1,10 +1,10 @@
-"""Two-stage ancestral / SDE samplers of k-diffusion: DPM-Solver-2 ancestral, DPM-Solver++(2S)
-ancestral and DPM-Solver++ SDE (``sample_dpm_2_ancestral``, ``sample_dpmpp_2s_ancestral``,
-``sample_dpmpp_sde``).
+"""Two-stage samplers of k-diffusion: DPM-Solver-2 (with churn) and its ancestral variant,
+DPM-Solver++(2S) ancestral and DPM-Solver++ SDE (``sample_dpm_2``, ``sample_dpm_2_ancestral``,
+``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_sde``).
 
 Each step is two rows: the first evaluates the model at the grid's ``sigma`` and moves to an
 intermediate level (keeping what the second stage needs in one history slot), the second
-evaluates it there and finishes the step. Noise is drawn where k-diffusion calls its noise
+evaluates it there and finishes the step (dpm_2's step into sigma = 0 is one Euler row). Noise is drawn where k-diffusion calls its noise
 sampler (see each sampler), so an external noise sampler fed the same draws gives k-diffusion's
 numbers. A schedule's ``scalar_dtype`` (fastdiff.k_diffusion: the sigmas' dtype) is the precision
 of the ancestral step sizes, whose ``sigma_down == 0`` picks k-diffusion's Euler branch.
@@ -17,7 +17,7 @@ import math
 from ..core.plan import Plan, Row, Write, combo
 from ..core.schedules import Schedule
 from . import register
-from ._common import ancestral_step, check_number, euler_update, grid_point
+from ._common import CHURN_OPTIONS, add_noise, ancestral_step, check_number, churned_grid, euler_update, grid_point
 
 _ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
 
@@ -25,6 +25,34 @@ _ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
 def _point(schedule: Schedule, prediction: str, sigma: float) -> dict:
     """Row fields of a model evaluation at an intermediate noise level ``sigma``."""
     return grid_point(schedule, prediction, sigma, float(schedule.sigma_to_t(sigma)))
+
+
+@register("dpm_2", options=CHURN_OPTIONS)
+def dpm_2(schedule, steps: int, prediction: str, *, s_churn: float, s_tmin: float, s_tmax: float,
+          s_noise: float) -> Plan:
+    """DPM-Solver-2 midpoint steps in sigma, with churn (Lu et al. 2022; Karras et al. 2022, Alg. 2)."""
+    disc = schedule.discretize(steps)
+    sig = disc.sigmas
+    hats, ts, zc, init = churned_grid(schedule, disc, s_churn, s_tmin, s_tmax, s_noise)
+    rows = []
+    for i in range(steps):
+        s, s1 = hats[i], float(sig[i + 1])
+        first = grid_point(schedule, prediction, s, ts[i])
+        if s1 == 0.0:  # Euler into sigma = 0, as k-diffusion does
+            step_rows = [Row(**first, out=combo(*euler_update(s, s1)), step=i)]
+        else:
+            # k-diffusion's sigma_mid = exp(lerp(log s, log s1, 1/2)); H0 keeps x for the second stage
+            mid = math.exp(math.log(s) + 0.5 * (math.log(s1) - math.log(s)))
+            dt1, dt2 = mid - s, s1 - s
+            step_rows = [
+                Row(**first, out=combo(x=1 + dt1 / s, d=-dt1 / s), writes=(Write(0, combo(x=1.0)),), step=i),
+                Row(**grid_point(schedule, prediction, mid, float(schedule.sigma_to_t(mid))),
+                    out=combo(x=dt2 / mid, d=-dt2 / mid, h=(1.0,)), reads=(0,), step=i, stage=1),
+            ]
+        if i + 1 < steps and zc[i + 1]:  # churn of the next step, drawn at the end of this one
+            step_rows[-1] = add_noise(step_rows[-1], zc[i + 1])
+        rows += step_rows
+    return Plan(tuple(rows), init_scale=init, n_slots=1, sampler="dpm_2", prediction=prediction, steps=steps)
 
 
 @register("dpm_2_ancestral", options=_ANCESTRAL)

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from ..core.plan import MAX_READS, Plan, Row, Write, combo
-from . import register
+from . import Restart, register
 from ._common import check_choice, clip_settings, eps_coeffs
 from ._multistep import Grid, multistep_grid, phi
 from .dpmpp import PREDICTIONS
@@ -80,7 +80,14 @@ def _orders(steps: int, solver_order: int, lower_order_final: bool) -> list[int]
     return [min(min(solver_order, steps - i) if lower_order_final else solver_order, i + 1) for i in range(steps)]
 
 
-@register("unipc", options={"solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
+def _restart(options, start: int, steps: int) -> Restart:
+    """A run started at step ``start``: diffusers' UniPC grid, and ``disable_corrector``'s step indices
+    shifted to the re-planned run's (those before ``start`` dropped)."""
+    skip = [int(k) - start for k in (options.get("disable_corrector") or ()) if int(k) >= start]
+    return Restart(grid={"flavor": "unipc"}, options={"disable_corrector": skip})
+
+
+@register("unipc", restart=_restart, options={"solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
                             "disable_corrector": (), "predict_x0": True, "solver_p": None, "thresholding": False,
                             "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}, predictions=PREDICTIONS)
 def unipc(schedule, steps: int, prediction: str, *, solver_order: int, solver_type: str, lower_order_final: bool,
