@@ -94,8 +94,8 @@ def part_tests(rep: Report) -> None:
     env = dict(os.environ, FASTDIFF_TRITON_AUTOTUNE="0", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "tests/backends/test_gpu.py", "tests/backends/test_triton.py", "tests/test_cuda_graph.py",
-           "tests/test_executor.py"]
+           "tests/backends/test_gpu.py", "tests/backends/test_triton.py", "tests/runtime/test_cuda_graph.py",
+           "tests/runtime/test_executor.py"]
     timeout = max(30.0, min(300.0, rep.left() - 150))  # leave time for the timings
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

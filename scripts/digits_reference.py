@@ -1,8 +1,8 @@
-"""Write ``tests/zoo/digits_reference.safetensors``: fixed inputs and the committed models' outputs.
+"""Write ``tests/models/zoo/digits_reference.safetensors``: fixed inputs and the committed models' outputs.
 
     python scripts/digits_reference.py
 
-Run after retraining (``scripts/train_digits.py``). ``tests/zoo/test_digits.py`` loads the
+Run after retraining (``scripts/train_digits.py``). ``tests/models/zoo/test_digits.py`` loads the
 committed weights, feeds the stored inputs and compares with the stored outputs, so a change to
 the weights, the architecture code or the loader shows up as a test failure.
 """
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from fastdiff.models.zoo import digits as D  # noqa: E402
 
-PATH = os.path.join(ROOT, "tests", "zoo", "digits_reference.safetensors")
+PATH = os.path.join(ROOT, "tests", "models", "zoo", "digits_reference.safetensors")
 
 
 def main() -> int:

@@ -80,3 +80,31 @@ def test_no_import_cycles():
              for m, p in mods.items()}
     graph = {m: {t for t in ts if t != "fastdiff"} for m, ts in graph.items()}
     assert _cycles(graph) == []
+
+
+def test_old_module_paths_are_the_moved_modules():
+    """Every pre-restructuring path still imports, as the SAME module object as its new path (one
+    copy: monkeypatching or isinstance through either name sees the other), keeping its own name."""
+    import importlib
+    import subprocess
+    import sys
+
+    from fastdiff._moved import MOVED
+
+    mods = _modules()
+    for old, new in MOVED.items():
+        assert new in mods, f"{old} -> {new}: no such module"
+        assert old not in mods, f"{old} exists as a file: the alias would shadow it"
+    code = ("import importlib, sys, fastdiff\n"
+            "from fastdiff._moved import MOVED\n"
+            "for old, new in MOVED.items():\n"
+            "    a = importlib.import_module(old)\n"
+            "    b = importlib.import_module(new)\n"
+            "    assert a is b and a.__name__ == new and a.__spec__.name == new, (old, a, b)\n"
+            "from fastdiff.schedules import VPSchedule\n"
+            "from fastdiff.zoo.digits import timestep_embedding\n"
+            "assert VPSchedule.__module__ == 'fastdiff.core.schedules'\n"
+            "assert sys.modules['fastdiff.zoo.digits'] is sys.modules['fastdiff.models.zoo.digits']\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert importlib.import_module("fastdiff.ops") is importlib.import_module("fastdiff.runtime.ops")

@@ -322,7 +322,7 @@ def _libdevice_emulation(tmp):
 
 def _words_and_normals(seed: int, row: int, stream: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample's Philox words (int32) and normals, ``[groups, 4]`` each: from the C++ kernel where
-    it is built (bit-identical to ``fastdiff.core.rng``, tests/test_rng_cpu.py, and much faster)."""
+    it is built (bit-identical to ``fastdiff.core.rng``, tests/backends/test_rng_cpu.py, and much faster)."""
     seeds = torch.tensor([rng._signed64(seed)], dtype=torch.int64)
     if cpu.available()[0]:
         words = torch.empty(1, 4 * groups, dtype=torch.int32)

@@ -8,7 +8,7 @@ import torch
 
 from fastdiff.core import schedules as S
 
-from ._optional import diffusers  # parity tests skip in the test when diffusers is missing
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 VP_CONFIGS = [
     {},

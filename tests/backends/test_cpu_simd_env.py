@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # runs every API case in one interpreter and prints one JSON line of outcomes
 _API = r"""
@@ -100,7 +100,7 @@ def test_a_level_this_cpu_really_lacks_is_refused():
 
     if cpu._C is None:
         pytest.skip("the extension is not built")
-    from ._cpu_levels import LEVELS, available_levels
+    from .._cpu_levels import LEVELS, available_levels
 
     missing = [lv for lv in LEVELS if lv not in available_levels(cpu._C)]
     if not missing:

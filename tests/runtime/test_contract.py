@@ -14,7 +14,7 @@ from fastdiff.core import args
 from fastdiff.backends import cpu
 from fastdiff.core.plan import MAX_READS, MAX_WRITES, N_OPERANDS
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
 
 def test_layout_is_consistent_in_python():

@@ -24,7 +24,7 @@ if cpu._C is None:
     pytest.skip(f"fastdiff._C is not built: {cpu.available()[1]}", allow_module_level=True)
 _C = cpu._C
 
-from ._cpu_levels import available_levels, gen, level  # noqa: F401
+from .._cpu_levels import available_levels, gen, level  # noqa: F401
 
 M32 = 0xFFFFFFFF
 
@@ -190,7 +190,7 @@ def test_transform_bit_identical_on_every_uniform_value(tmp_path):
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
     (tmp_path / "h.cpp").write_text(_HARNESS)
     so = tmp_path / "libfdh.so"
     res = subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", f"-I{csrc}",

@@ -19,7 +19,7 @@ from fastdiff.models.zoo import digits as D
 from fastdiff.models.zoo import png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 REFERENCE = os.path.join(HERE, "digits_reference.safetensors")
 
 

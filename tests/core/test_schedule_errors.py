@@ -29,7 +29,7 @@ import torch
 from fastdiff.core import schedules as S
 from fastdiff.samplers._multistep import multistep_grid
 
-from ._optional import diffusers  # parity tests skip in the test when diffusers is missing
+from .._optional import diffusers  # parity tests skip in the test when diffusers is missing
 
 LIN = np.linspace(1e-4, 0.02, 1000)
 

@@ -1,4 +1,4 @@
-"""One rank of a distributed test run (``python -m tests._dist_worker CONFIG_JSON``), and its model.
+"""One rank of a distributed test run (``python -m tests.distributed._dist_worker CONFIG_JSON``), and its model.
 
 The rank, world size and rendezvous come from the environment, as torchrun sets them. The config
 says what to sample (one call, or several ``jobs`` in turn, to start fewer processes) and,
@@ -20,7 +20,7 @@ import torch
 from fastdiff import distributed
 from fastdiff.models import GaussianMixture
 
-from ._plans import edm_euler_ancestral
+from .._plans import edm_euler_ancestral
 
 SHAPE = (3, 4)
 
@@ -64,7 +64,7 @@ def make_model(shape=SHAPE, fail_rank: int = -1, fail_call: int = -1, how: str =
 
 
 def model(x, t, cond=None):
-    """The test model as a plain callable (for ``fastdiff sample --model tests._dist_worker:model``)."""
+    """The test model as a plain callable (for ``fastdiff sample --model tests.distributed._dist_worker:model``)."""
     return _default(x, t, cond)
 
 
@@ -72,7 +72,7 @@ _default = make_model()
 
 
 def make_env_model():
-    """``fastdiff sample --model tests._dist_worker:make_env_model``: the test model for ``--shape``
+    """``fastdiff sample --model tests.distributed._dist_worker:make_env_model``: the test model for ``--shape``
     3,4, failing as ``DIST_WORKER_FAIL`` says (``"RANK,CALL,HOW"``, see :func:`make_model`; the
     command line's own probe of the model is call 0)."""
     spec = os.environ.get("DIST_WORKER_FAIL", "")
@@ -80,7 +80,7 @@ def make_env_model():
         return make_model()
     rank, call, how = spec.split(",")
     return make_model(SHAPE, int(rank), int(call), how)
-MODEL_ID = "tests._dist_worker: exact 4-component Gaussian mixture, x0 on Karras sigmas"
+MODEL_ID = "tests.distributed._dist_worker: exact 4-component Gaussian mixture, x0 on Karras sigmas"
 """The model's name in resume manifests: the failure knobs in its closure do not change its samples."""
 
 

@@ -16,7 +16,7 @@ import torch
 from fastdiff import distributed as D
 
 from ._dist_worker import make_model
-from ._plans import edm_euler_ancestral
+from .._plans import edm_euler_ancestral
 
 SEEDS = [1, 2, 3]
 N = len(SEEDS)

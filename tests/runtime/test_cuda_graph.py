@@ -6,7 +6,7 @@ import torch
 import fastdiff
 from fastdiff.runtime.loop import GraphCaptureError
 
-from ._plans import edm_euler, edm_euler_ancestral
+from .._plans import edm_euler, edm_euler_ancestral
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: graph capture needs one")
 

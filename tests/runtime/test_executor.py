@@ -15,7 +15,7 @@ from fastdiff.runtime import ops
 from fastdiff.runtime.executor import Call, Executor, NonFiniteError, StopSampling
 from fastdiff.core.guidance import Guidance
 
-from ._fixtures import seed  # noqa: F401
+from .._fixtures import seed  # noqa: F401
 
 SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 BACKENDS = [b for b in ("reference", "cpu", "triton") if ops.backend_status(b)[0]]

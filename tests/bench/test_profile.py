@@ -11,7 +11,7 @@ from fastdiff.cli import main as cli_main
 from fastdiff.runtime.loop import LoopOptions, run_plan
 from fastdiff.bench.timing import RegionTimer, SyncCounter
 
-from ._plans import edm_euler
+from .._plans import edm_euler
 
 
 def slow_model(x, t, c=None):

@@ -1,7 +1,7 @@
 """fastdiff.distributed: sharding, bit-identity with one process, failure propagation, resume, CLI.
 
 Multi-process tests start real gloo ranks on loopback (MASTER_ADDR=127.0.0.1, a free port) as
-subprocesses of ``tests/_dist_worker.py`` or of the command line (or torchrun), each under a
+subprocesses of ``tests/distributed/_dist_worker.py`` or of the command line (or torchrun), each under a
 timeout, so a hang fails the test instead of hanging CI. A failed peer (raised, SIGKILLed, or
 SIGSTOPped: a hung host whose connections stay open) must make every surviving rank exit with
 status 1, by itself (no signal, no abort), within ``timeout`` plus :data:`EXIT_MARGIN_S`, with one
@@ -25,9 +25,9 @@ from fastdiff.runtime import ops
 from fastdiff.cli import main as cli_main
 
 from ._dist_worker import MODEL_ID, SHAPE, make_model
-from ._plans import edm_euler_ancestral
+from .._plans import edm_euler_ancestral
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEEDS7 = [11, 2**63 + 5, 3, 2**40, 7, 0, 99]  # includes a seed >= 2**63 (negative as int64)
 STEPS = 4
 EXIT_MARGIN_S = 25.0
@@ -98,7 +98,7 @@ def run_ranks(world: int, argv: list[str], timeout: float = 40.0, hung: set[int]
 
 def launch(world: int, cfg: dict, timeout: float = 40.0, hung: set[int] = frozenset(), env: dict | None = None):
     """Run ``world`` ranks of the worker (see :func:`run_ranks`); ``[(returncode, stderr)]`` and the wall time."""
-    results, wall, _ = run_ranks(world, [sys.executable, "-m", "tests._dist_worker", json.dumps(cfg)], timeout, hung,
+    results, wall, _ = run_ranks(world, [sys.executable, "-m", "tests.distributed._dist_worker", json.dumps(cfg)], timeout, hung,
                                  env)
     return results, wall
 
@@ -354,7 +354,7 @@ def test_stopped_rank_is_named_and_every_survivor_exits_with_status_1(tmp_path, 
     env, mark = stop_mark(tmp_path)
     cfg = {"seeds": SEEDS7, "steps": STEPS, "batch_size": 1, "timeout": 3,
            "fail": {"rank": bad, "call": STEPS + 1, "how": "stop"}}
-    argv = [sys.executable, "-m", "tests._dist_worker", json.dumps(cfg)]
+    argv = [sys.executable, "-m", "tests.distributed._dist_worker", json.dumps(cfg)]
     results, _, exits = run_ranks(world, argv, hung={bad}, env=env)
     assert_survivors_exit_in_time(results, exits, bad, mark, 3)
     want = (f"rank {bad} stopped responding during chunk 1 (died, or hung past timeout=3s;" if bad != 0 else
@@ -372,7 +372,7 @@ def test_library_after_a_failure_leaves_no_gloo_thread_and_can_sample_alone(tmp_
     script = (
         "import json, os, sys, threading, torch\n"
         "from fastdiff import distributed as D\n"
-        "from tests._dist_worker import make_model, SHAPE\n"
+        "from tests.distributed._dist_worker import make_model, SHAPE\n"
         "from tests._plans import edm_euler_ancestral\n"
         "ok, stops = make_model(), make_model(SHAPE, 1, 1, 'stop')\n"
         "threads = lambda: len(os.listdir('/proc/self/task'))\n"
@@ -423,7 +423,7 @@ def test_cli_single_process_resume_and_manifest(tmp_path, capsys):
 
 def test_cli_model_from_module_attr(tmp_path):
     d = str(tmp_path / "m")
-    args = ["sample", "--model", "tests._dist_worker:model", "--sampler", "euler_ancestral", "--steps", "3",
+    args = ["sample", "--model", "tests.distributed._dist_worker:model", "--sampler", "euler_ancestral", "--steps", "3",
             "--shape", "3,4", "-n", "3", "--out", d, "--backend", "reference"]
     assert cli_main(args) == 0
     assert len(os.listdir(d)) == 4
@@ -448,7 +448,7 @@ def test_cli_under_torchrun_matches_single_process(tmp_path):
 
 
 
-CLI_FAIL = ["sample", "--model", "tests._dist_worker:make_env_model", "--sampler", "euler_ancestral", "--steps", "3",
+CLI_FAIL = ["sample", "--model", "tests.distributed._dist_worker:make_env_model", "--sampler", "euler_ancestral", "--steps", "3",
             "--shape", "3,4", "-n", "6", "--batch-size", "1", "--backend", "reference", "--timeout", "3"]
 # The command line probes the model once (call 0); then 3 calls per sample: call 5 is in chunk 1.
 

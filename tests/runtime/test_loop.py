@@ -8,7 +8,7 @@ from fastdiff.core.guidance import Guidance, dynamic_threshold, rescale_factor
 from fastdiff.runtime.loop import LoopOptions, NonFiniteError, run_plan
 from fastdiff.core.plan import Plan, Row, combo
 
-from ._plans import edm_euler, edm_euler_ancestral
+from .._plans import edm_euler, edm_euler_ancestral
 
 
 class Recorder:

@@ -3,7 +3,7 @@ of ``fastdiff.runtime.graphs.capture`` and the capture-once, replay-many logic o
 ``Executor.run_graphed``, against a recording stand-in for ``torch.cuda`` whose "replay" runs the
 captured loop body again (on CPU tensors).
 
-Nothing here runs a CUDA graph (tests/test_cuda_graph.py does, on a GPU): it checks the order of
+Nothing here runs a CUDA graph (tests/runtime/test_cuda_graph.py does, on a GPU): it checks the order of
 calls PyTorch's CUDA-graph rules ask for, which streams they use, the errors, that inputs reach the
 static buffers a graph reads, and when a graph is captured again.
 """
@@ -19,7 +19,7 @@ from fastdiff.runtime.executor import Call, Executor
 from fastdiff.core.guidance import Guidance
 from fastdiff.runtime.loop import GraphCaptureError
 
-from ._plans import edm_euler
+from .._plans import edm_euler
 
 
 class FakeCuda:

@@ -18,7 +18,7 @@ from fastdiff.backends import reference
 from fastdiff.core.guidance import rescale_factor
 from fastdiff.core.plan import Row, combo
 
-from ._fixtures import _one_thread, seed  # noqa: F401  (fixtures, found by name)
+from .._fixtures import _one_thread, seed  # noqa: F401  (fixtures, found by name)
 
 
 def _model(x, t, c=None):
@@ -176,7 +176,7 @@ def test_one_dim_state_with_guidance_matches_reference_and_is_batch_independent(
 def test_run_plan_writes_back_into_a_non_contiguous_state(seed):
     from fastdiff.runtime.loop import LoopOptions, run_plan
 
-    from ._plans import edm_euler_ancestral
+    from .._plans import edm_euler_ancestral
 
     plan = edm_euler_ancestral(4)
     g = torch.Generator().manual_seed(seed)

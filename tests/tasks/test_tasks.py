@@ -17,8 +17,8 @@ from fastdiff.runtime.loop import LoopOptions, run_plan
 from fastdiff.models import GaussianMixture
 from fastdiff.tasks import with_known_region
 
-from ._plans import edm_euler, edm_euler_ancestral
-from .samplers._harness import SD, rel_err, toy_model
+from .._plans import edm_euler, edm_euler_ancestral
+from ..samplers._harness import SD, rel_err, toy_model
 
 
 def _model(x, t, c=None):

@@ -20,7 +20,7 @@ from fastdiff.distributed import manifest
 from fastdiff.cli import main as cli_main
 from fastdiff.distributed.manifest import ManifestError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEEDS = [5, 6, 7, 8]
 
 
@@ -137,7 +137,7 @@ def test_cli_refuses_a_changed_schedule_file_and_sampler_and_a_deleted_manifest(
 def test_cli_refuses_changed_weights_of_a_module_model(tmp_path, capsys, monkeypatch):
     d = str(tmp_path / "o")
     monkeypatch.setenv("FD_TEST_W", "0.5")
-    argv = CLI + ["--model", "tests.test_resume:make_net", "--out", d]
+    argv = CLI + ["--model", "tests.distributed.test_resume:make_net", "--out", d]
     assert cli_main(argv) == 0
     monkeypatch.setenv("FD_TEST_W", "0.25")
     assert cli_main(argv + ["--resume"]) == 2
@@ -145,7 +145,7 @@ def test_cli_refuses_changed_weights_of_a_module_model(tmp_path, capsys, monkeyp
 
 
 def make_net():
-    """``--model tests.test_resume:make_net``: a module whose weight comes from ``FD_TEST_W``."""
+    """``--model tests.distributed.test_resume:make_net``: a module whose weight comes from ``FD_TEST_W``."""
     return _Net2(float(os.environ.get("FD_TEST_W", "0.5")))
 
 
@@ -159,14 +159,14 @@ class _Net2(torch.nn.Module):
 
 
 def slow_model(x, t):
-    """``--model tests.test_resume:slow_model``: slow enough to be killed part-way."""
+    """``--model tests.distributed.test_resume:slow_model``: slow enough to be killed part-way."""
     time.sleep(0.05)
     return torch.tanh(x) * 0.5
 
 
 def test_cli_killed_part_way_then_resumed_is_byte_identical(tmp_path):
     ref, d = str(tmp_path / "ref"), str(tmp_path / "o")
-    argv = ["sample", "--model", "tests.test_resume:slow_model", "--sampler", "euler_ancestral", "--steps", "6",
+    argv = ["sample", "--model", "tests.distributed.test_resume:slow_model", "--sampler", "euler_ancestral", "--steps", "6",
             "--shape", "2", "-n", "12", "--seed", "1", "--batch-size", "2", "--backend", "reference"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("FASTDIFF_BACKEND", None)
