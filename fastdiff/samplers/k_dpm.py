@@ -14,10 +14,17 @@ one row per model evaluation; ``X`` is the step's start state, ``E = eps(X, t)``
               x' = X - sigma_n expm1(h) E - sigma_n / r2 (expm1(h) / h - 1) (eps(u2, s2) - E)
 
 Each row's state operand is the point the model saw (``X``, ``u1``, ``u2``) and its output is the
-next one; later rows read ``X`` from slot :data:`SLOT_X` (which no row writes) and ``E`` from slot
-:data:`SLOT_EPS` (written by the first row). With ``low=True`` a step also writes the embedded
-lower-order estimate that ``sample_dpm_adaptive`` compares with it (order 1 inside order 2, order 2
-with ``r1 = 1/3`` inside order 3) to slot :data:`SLOT_LOW`.
+next one. The first row keeps its model output ``D0`` in slot :data:`SLOT_D0`; later rows read it
+and ``X`` (slot :data:`SLOT_X`, which no row writes) and use ``E = (X - D0) / sigma_0`` multiplied
+out, so that ``X``'s coefficient, ``1 - sigma_n expm1(h) / sigma_0 + ...`` (about ``exp(-h)``), is
+computed in float64: with ``E`` as an operand, ``X + c E`` cancels in float32 (k-diffusion's own
+arithmetic) and loses ``exp(h)`` ulps, ~1e-6 relative for the long steps of ``eta = 1``. With
+``low=True`` a step also writes the embedded lower-order estimate that ``sample_dpm_adaptive``
+compares with it (order 1 inside order 2, order 2 with ``r1 = 1/3`` inside order 3) to slot
+:data:`SLOT_LOW`, and their difference ``x' - low`` to slot :data:`SLOT_DIFF` as a combination of
+noise-estimate differences, ``q (E - eps2) - p (E - eps1)`` (order 3, the second term kept in slot
+:data:`SLOT_CORR`) or ``p (E - eps1)`` (order 2): both estimates carry ``X``, and subtracting the
+two rounded states would leave mostly their rounding.
 
 The evaluation points ``s1``, ``s2`` and every ``sigma_k`` are computed as k-diffusion computes them,
 in the precision of its ``t`` tensors (``dtype``, float32 for float inputs), so the model sees
@@ -34,8 +41,9 @@ import torch
 
 from ..core.plan import Row, Write, combo
 
-SLOT_X, SLOT_EPS, SLOT_LOW = 0, 1, 2
-"""History slots: the step's start state (read only), its noise estimate, the lower-order estimate."""
+SLOT_X, SLOT_D0, SLOT_LOW, SLOT_CORR, SLOT_DIFF = 0, 1, 2, 3, 4
+"""History slots: the step's start state ``X`` (read only), the first model output ``D0``, the
+lower-order estimate, its correction ``p (E - eps1)`` (order 3) and the difference of the two estimates."""
 
 
 def _phi1m1(h: float) -> float:
@@ -43,9 +51,17 @@ def _phi1m1(h: float) -> float:
     return math.expm1(h) / h - 1.0 if h else 0.0
 
 
-def _lin(sigma: float, x: float = 0.0, eps: float = 0.0, h: tuple[float, ...] = ()) -> tuple[float, ...]:
-    """Coefficients of ``x * state + eps * (state - d) / sigma + h · history`` at a row evaluated at ``sigma``."""
-    return combo(x=x + eps / sigma, d=-eps / sigma, h=h)
+def _form(sig0: float, sig: float | None, x: float = 0.0, e: float = 0.0, eps: float = 0.0,
+          corr: float = 0.0) -> tuple[float, ...]:
+    """Row coefficients of ``x X + e E + eps (state - d) / sig + corr CORR``, with ``E = (X - D0) / sig0``.
+
+    ``sig=None``: the first row, whose state is ``X`` and whose ``d`` is ``D0`` (``eps`` is ``E``);
+    else a later row reading ``(X, D0[, CORR])`` (``corr`` given) from the history.
+    """
+    if sig is None:
+        return combo(x=x + (e + eps) / sig0, d=-(e + eps) / sig0)
+    h = (x + e / sig0, -e / sig0) + ((corr,) if corr else ())
+    return combo(x=eps / sig, d=-eps / sig, h=h)
 
 
 def _point(sigma: float, step: int, stage: int, **kw) -> Row:
@@ -59,10 +75,10 @@ def step_rows(t: float, t_next: float, order: int, *, low: bool = False, z: floa
     """The rows of one DPM-Solver step of ``order`` (1, 2 or 3) from ``t`` to ``t_next`` (see the module docstring).
 
     ``t``, ``t_next``: values of k-diffusion's ``t`` tensors, in ``dtype``. ``low``: also write the
-    embedded lower-order estimate to :data:`SLOT_LOW` (orders 2 and 3). ``z``: the last row draws
-    noise and adds ``z`` times it to ``x'`` (``0.0``: draws and adds nothing, as k-diffusion calls its
-    noise sampler with ``eta = 0``); ``None``: no noise. Each row's ``t`` and ``sigma`` are the noise
-    level the model gets.
+    embedded lower-order estimate to :data:`SLOT_LOW` and ``x' - low`` to :data:`SLOT_DIFF` (orders
+    2 and 3). ``z``: the last row draws noise and adds ``z`` times it to ``x'`` (``0.0``: draws and
+    adds nothing, as k-diffusion calls its noise sampler with ``eta = 0``); ``None``: no noise. Each
+    row's ``t`` and ``sigma`` are the noise level the model gets.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
@@ -74,28 +90,34 @@ def step_rows(t: float, t_next: float, order: int, *, low: bool = False, z: floa
     s1, s2 = tt + r1 * hh, (tt + r2 * hh if r2 else None)  # k-diffusion's evaluation points, in its precision
     sig0, sig_n = float(tt.neg().exp()), float(tn.neg().exp())
     h = float(hh)
-    a = sig_n * math.expm1(h)  # x' = X - a E + ...
+    a = sig_n * math.expm1(h)  # every order: x' = X - a E - ...
     noise = {} if z is None else {"noise": True}
     if order == 1:
-        return (_point(sig0, step, 0, out=_with_z(_lin(sig0, x=1.0, eps=-a), z), **noise),)
+        return (_point(sig0, step, 0, out=_with_z(_form(sig0, None, x=1.0, eps=-a), z), **noise),)
     sig1, r1h = float(s1.neg().exp()), float(r1 * hh)
-    keep = [Write(SLOT_EPS, _lin(sig0, eps=1.0))]
+    keep = [Write(SLOT_D0, combo(d=1.0))]
     if low and order == 2:  # DPM-Solver-1 from the same evaluation
-        keep.append(Write(SLOT_LOW, _lin(sig0, x=1.0, eps=-a)))
-    first = _point(sig0, step, 0, out=_lin(sig0, x=1.0, eps=-sig1 * math.expm1(r1h)), writes=tuple(keep))
-    reads = (SLOT_X, SLOT_EPS)
-    p = sig_n / (2 * r1) * math.expm1(h)  # DPM-Solver-2's correction: x' = X - a E - p (eps1 - E)
+        keep.append(Write(SLOT_LOW, _form(sig0, None, x=1.0, eps=-a)))
+    first = _point(sig0, step, 0, out=_form(sig0, None, x=1.0, eps=-sig1 * math.expm1(r1h)), writes=tuple(keep))
+    reads = (SLOT_X, SLOT_D0)
+    p = sig_n / (2 * r1) * math.expm1(h)  # DPM-Solver-2: x' = X - a E - p (eps1 - E)
     if order == 2:
-        out = _lin(sig1, eps=-p, h=(1.0, p - a))
-        return first, _point(sig1, step, 1, out=_with_z(out, z), reads=reads, **noise)
+        out = _form(sig0, sig1, x=1.0, e=p - a, eps=-p)
+        diff = (Write(SLOT_DIFF, _form(sig0, sig1, e=p, eps=-p)),) if low else ()  # p (E - eps1)
+        return first, _point(sig1, step, 1, out=_with_z(out, z), reads=reads, writes=diff, **noise)
     sig2, r2h = float(s2.neg().exp()), float(r2 * hh)
     b = sig2 * math.expm1(r2h)
     k = sig2 * (r2 / r1) * _phi1m1(r2h)
-    q = sig_n / r2 * _phi1m1(h)
-    second = _point(sig1, step, 1, out=_lin(sig1, eps=-k, h=(1.0, k - b)), reads=reads,
-                    writes=(Write(SLOT_LOW, _lin(sig1, eps=-p, h=(1.0, p - a))),) if low else ())
-    third = _point(sig2, step, 2, out=_with_z(_lin(sig2, eps=-q, h=(1.0, q - a)), z), reads=reads, **noise)
-    return first, second, third
+    q = sig_n / r2 * _phi1m1(h)  # DPM-Solver-3: x' = X - a E - q (eps2 - E)
+    out2, out3 = _form(sig0, sig1, x=1.0, e=k - b, eps=-k), _form(sig0, sig2, x=1.0, e=q - a, eps=-q)
+    if not low:
+        return (first, _point(sig1, step, 1, out=out2, reads=reads),
+                _point(sig2, step, 2, out=_with_z(out3, z), reads=reads, **noise))
+    keep = (Write(SLOT_LOW, _form(sig0, sig1, x=1.0, e=p - a, eps=-p)),
+            Write(SLOT_CORR, _form(sig0, sig1, e=p, eps=-p)))
+    diff = Write(SLOT_DIFF, _form(sig0, sig2, e=q, eps=-q, corr=-1.0))  # q (E - eps2) - p (E - eps1)
+    return (first, _point(sig1, step, 1, out=out2, reads=reads, writes=keep),
+            _point(sig2, step, 2, out=_with_z(out3, z), reads=(*reads, SLOT_CORR), writes=(diff,), **noise))
 
 
 def _with_z(out: tuple[float, ...], z: float | None) -> tuple[float, ...]:

@@ -130,25 +130,32 @@ def test_sde_default_noise_and_brownian_tree_parity(name, seed):
     theirs = getattr(ks, name)(den, x, sig, disable=True, noise_sampler=bt[0])
     ours = getattr(K, name)(den, x, sig, disable=True, noise_sampler=bt[1])
     assert rel_err(ours, theirs) <= TOL[torch.float32]
-    # fastdiff's default: in-kernel Philox keyed from the global RNG (reproducible, not k-diffusion's numbers)
+    # noise="philox": in-kernel Philox keyed from the global RNG (reproducible, not k-diffusion's numbers)
     torch.manual_seed(seed)
-    a = getattr(K, name)(den, x, sig, disable=True)
+    a = getattr(K, name)(den, x, sig, disable=True, noise="philox")
     torch.manual_seed(seed)
-    b = getattr(K, name)(den, x, sig, disable=True)
-    c = getattr(K, name)(den, x, sig, disable=True)
+    b = getattr(K, name)(den, x, sig, disable=True, noise="philox")
+    c = getattr(K, name)(den, x, sig, disable=True, noise="philox")
     assert torch.equal(a, b) and not torch.equal(a, c) and torch.isfinite(a).all()
     assert rel_err(a, theirs) > 1e-3  # different noise: documented
+    # the default (noise="brownian") is k-diffusion's default: tests/integration/test_k_diffusion_noise.py
+
+
+SDE_FUNCS = ["sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
 
 
 def test_signatures_are_k_diffusions():
     ks = k_sampling()
-    for name in FUNCS:
+    for name in FUNCS + ["sample_dpm_fast", "sample_dpm_adaptive"]:
         ours = inspect.signature(getattr(K, name)).parameters
         theirs = inspect.signature(getattr(ks, name)).parameters
         assert list(ours)[:len(theirs)] == list(theirs), name
         for p in theirs.values():
             assert ours[p.name].default == p.default, f"{name}({p.name}=...)"
-        assert list(ours)[len(theirs):] == ["backend"], name
+        extra = ["noise", "backend"] if name in SDE_FUNCS else ["backend"]  # keyword-only, ours alone
+        assert list(ours)[len(theirs):] == extra, name
+        assert all(ours[k].kind is inspect.Parameter.KEYWORD_ONLY for k in extra), name
+    assert sorted(K.__all__) == sorted(FUNCS + ["sample_dpm_fast", "sample_dpm_adaptive"])
 
 
 def test_backend_choice_and_errors(seed):
@@ -375,10 +382,10 @@ def test_ancestral_branch_decided_in_the_sigmas_dtype(name, seed):
         assert e <= 1e-4, f"{name} {dtype}: {e:.3g}"
 
 
-def test_dpmpp_sde_default_noise_is_one_brownian_motion(seed):
+def test_dpmpp_sde_philox_noise_is_one_brownian_motion(seed):
     """The two draws of a dpmpp_sde step are increments of one Brownian motion over overlapping
-    intervals (k-diffusion's BrownianTreeNoiseSampler): on Gaussian data the default Philox noise
-    gives the exact output variance, which independent draws would miss by ~30%."""
+    intervals (k-diffusion's BrownianTreeNoiseSampler): on Gaussian data the Philox noise
+    (``noise="philox"``) gives the exact output variance, which independent draws would miss by ~30%."""
     ks = k_sampling()
     sig = karras(5, torch.float64)
     S, B, N = 0.5, 2, 30000
@@ -399,7 +406,7 @@ def test_dpmpp_sde_default_noise_is_one_brownian_motion(seed):
               for ci, (a1, b1) in zip(c, calls) for cj, (a2, b2) in zip(c, calls))
     x = _rand_x(seed, (B, N), dtype=torch.float64)
     torch.manual_seed(seed)
-    out = K.sample_dpmpp_sde(gauss(torch.zeros(1, N, dtype=torch.float64)), x, sig, disable=True)
+    out = K.sample_dpmpp_sde(gauss(torch.zeros(1, N, dtype=torch.float64)), x, sig, disable=True, noise="philox")
     noise = (out - A * x) / math.sqrt(var)
     assert abs(float(noise.mean())) < 6 / math.sqrt(B * N)
     assert abs(float(noise.var()) - 1) < 6 * math.sqrt(2 / (B * N))
