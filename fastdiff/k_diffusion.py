@@ -9,15 +9,23 @@ Conventions are k-diffusion's: ``model(x, sigma * s_in, **extra_args)`` is a den
 x0 for ``x = x0 + sigma * eps`` (``s_in`` a ``[B]`` tensor of ones in ``x``'s dtype); ``x``
 arrives already scaled by ``sigmas[0]`` and is not modified; ``sigmas`` is the full grid (usually
 ending in 0); ``callback`` gets ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` once per step,
-after the first model call of the step (``x`` is a copy when a callback is given). Each function
-also takes ``backend=`` (fused-step backend, default ``auto``). k-diffusion itself is not needed.
+after the first model call of the step (``x`` is a copy when a callback is given). The payload is
+to read and to keep (no later step writes into it), not to write into: k-diffusion's callback gets
+its state itself, so writing into ``x`` moves its step (and writing into ``denoised`` moves some
+samplers' steps but not others', e.g. not ``euler``'s, which has used it before the callback);
+here writing into ``x`` changes nothing and ``denoised`` is the model's output, which the step
+reads after the callback. Each function also takes ``backend=`` (fused-step backend, default
+``auto``). k-diffusion itself is not needed.
 
 Noise:
 
 - churn samplers (euler, heun, dpm_2): k-diffusion draws one ``torch.randn_like(x)`` at the start
   of every step, churning or not; so do these functions, at the same points and in ``x``'s memory
-  layout, keeping only the draws of churning steps. A seeded global RNG gives k-diffusion's churn
-  noise and leaves the global RNG in k-diffusion's state (the price: one discarded draw per step).
+  layout, keeping only the draws of churning steps. From the second step on they draw in the dtype
+  k-diffusion's state has by then (its ``to_d`` promotes ``x`` to the sigmas' float dtype and the
+  model output's: float32 draws for fp16 ``x`` with float32 sigmas), cast to ``x``'s dtype. A
+  seeded global RNG gives k-diffusion's churn noise and leaves the global RNG in k-diffusion's
+  state (the price: one discarded draw per step).
 - ancestral (euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral) and DPM-Solver (dpm_fast,
   dpm_adaptive): ``noise_sampler(sigma, sigma_next)`` where k-diffusion calls it (the ancestral
   samplers where ``sigma_next > 0``; dpm_fast after every step and dpm_adaptive after every
@@ -50,11 +58,17 @@ A ``noise_sampler`` must return a tensor shaped like ``x`` (never broadcast).
 Grids: ``sigmas`` is a non-empty 1-D tensor, finite, >= 0, non-increasing, with 0 at most in its
 last entry (k-diffusion divides by zero on a step from 0). One sigma is zero steps (``x`` is
 returned, as k-diffusion's loop runs ``len(sigmas) - 1`` steps). A repeated sigma that a
-multistep difference divides by (lms, dpmpp_*; k-diffusion returns NaN) raises a ``ValueError``.
+multistep difference divides by (lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde; k-diffusion returns
+NaN or inf) raises a ``ValueError``; a zero step that nothing divides by leaves ``x`` as it is (and
+draws the noise k-diffusion draws), where k-diffusion's dpmpp_3m_sde (``expm1(0) / 0``) and its
+default Brownian noise on a zero interval (``0 / 0``, dpmpp_sde and dpmpp_2m_sde) return NaN.
 k-diffusion's SDE samplers crash on a one-step grid ``[sigma, 0]``; here it is their denoising
 step, ``x = denoised``. ``lms`` takes ``order`` 1 to 5 (a fused row reads at most 4 history slots).
 
-Precision: the state, the model input and the result have ``x``'s dtype and the model gets
+Precision: the state, the model input and the result have ``x``'s dtype (the result also has
+``x``'s memory layout where ``x`` is dense, channels_last or permuted, as k-diffusion's element-wise
+steps keep it; k-diffusion's dpmpp_2m_sde and dpmpp_3m_sde return the model's last output itself
+on a grid ending in 0, in its dtype and layout) and the model gets
 ``sigma`` in ``x``'s dtype, as in k-diffusion when ``sigmas`` has ``x``'s dtype. Each step is
 computed in float32 (float64 for float64 ``x``) from coefficients computed in float64 from the
 values of ``sigmas``, so fp16/bf16 runs round once per step (k-diffusion rounds after every
@@ -79,12 +93,20 @@ k-diffusion computes them in float32, ~1e-7 apart; ~4e-6 for the long steps of `
 'denoised'}``, dpm_adaptive's with ``'error', 'h', 'steps', 'nfe', 'n_accept', 'n_reject'`` and
 after every try, accepted or not; ``x`` is the state itself (a new tensor per step, never written
 afterwards) and ``denoised`` the model's output (k-diffusion's ``x - sigma * eps``, up to
-rounding). dpm_adaptive's step-size control (the error norm, k-diffusion's PID controller) runs on
-the host, as k-diffusion's; each try's fused rows also write the lower-order estimate and the
+rounding); as above, the payload is to read and keep: writing into ``x`` moves the step here and in
+k-diffusion, but not alike (k-diffusion's step keeps the noise estimate of the ``x`` before).
+dpm_adaptive's step-size control (the error norm, k-diffusion's PID controller) runs on the host,
+as k-diffusion's; each try's fused rows also write the lower-order estimate and the
 difference of the two, computed from noise-estimate differences (k-diffusion subtracts two
 rounded states). The error estimate is moved ~1e-3 relative by float32 rounding of the model
 inputs alone (k-diffusion's too), so steps land ~1e-5 relative from k-diffusion's (the same tries
-accepted and rejected) and results agree to ~1e-6. Arguments k-diffusion takes without checking
+accepted and rejected) and results agree to ~1e-6; with ``eta > 0`` and a noise sampler whose draws
+depend on the interval (k-diffusion's ``BrownianTreeNoiseSampler``), draws on intervals ~1e-5
+apart differ by ~1e-3 (Brownian increments are not smooth in their end points), and the paths
+then part: the same law as k-diffusion's run, not its numbers. With float64 ``sigma_min`` (a
+tensor) and ``eta > 0``, k-diffusion's ``dpm_fast`` returns NaN (its float32 ``t`` grid overshoots
+the float64 ``t_end`` in the last step, and its noise scale is the square root of a negative
+number); that noise scale is 0 here. Arguments k-diffusion takes without checking
 are refused: ``sigma_min``/``sigma_max`` not finite (k-diffusion refuses only <= 0, as here),
 ``n`` < 1 (k-diffusion: ``IndexError``), ``h_init = 0`` (k-diffusion loops forever), negative
 ``eta``, ``s_noise``, ``rtol`` or ``atol``; a non-finite error estimate (a NaN model output)
@@ -226,16 +248,20 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
     x_in, x = x, x.clone(memory_format=torch.contiguous_format)
     # churn samplers: k-diffusion draws one randn_like(x) at the start of every step, churning or
     # not; we draw the same tensors at the same points (so a seeded global RNG gives k-diffusion's
-    # churn noise and leaves the same RNG state), keeping only the ones that churn
+    # churn noise and leaves the same RNG state), keeping only the ones that churn. From step 1 on,
+    # k-diffusion's x has the dtype its to_d promoted it to (x, the model's outputs and sigma_hat,
+    # a >= 1-dim tensor of the sigmas' float dtype): its draws are in that dtype, and so are ours
     n_drawn = [0]
+    drawn_dt = [torch.promote_types(dt, sigmas.dtype if sigmas.is_floating_point() else torch.get_default_dtype())]
 
     def draw_to(step: int) -> torch.Tensor | None:
         """Draw k-diffusion's per-step noise up to ``step``; returns the one of ``step`` if drawn now."""
         z = None
         while n_drawn[0] <= step:
-            z = torch.randn_like(x_in)  # x's layout: CPU normal_ draws differently for non-contiguous
+            # x's layout: CPU normal_ draws differently for non-contiguous
+            z = torch.randn_like(x_in, dtype=dt if n_drawn[0] == 0 else drawn_dt[0])
             n_drawn[0] += 1
-        return z
+        return z if z is None or z.dtype == dt else z.to(dt)
 
     if plan.init_scale > sig[0]:  # step 0's churn: k-diffusion adds it before the first call
         x.add_(draw_to(0), alpha=math.sqrt(plan.init_scale**2 - sig[0] ** 2))
@@ -248,6 +274,8 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
         if churn is not None and r.stage == 0:
             draw_to(r.step)  # k-diffusion's draw of this step (a no-op if it churned: drawn already)
         den = model(xx, row_sigma[i].expand(B).clone(), **extra)  # a tensor of its own, as sigma * s_in
+        if churn is not None and isinstance(den, torch.Tensor) and den.is_floating_point():
+            drawn_dt[0] = torch.promote_types(drawn_dt[0], den.dtype)
         if callback is not None and r.stage == 0:
             s = sigmas[r.step]
             # k-diffusion's sigmas[i] * (gamma + 1): in the sigmas' dtype, int sigmas promoted
@@ -273,7 +301,11 @@ def _sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args,
         seeds = expand_seeds(seed, B)
     opts = LoopOptions(seeds=seeds, noise_fn=noise_fn if use_fn else None, backend=backend, progress=_progress(disable),
                        check_finite=False)
-    return run_plan(plan, f, x, opts, in_place=False)  # x is our own copy: the result comes back new
+    out = run_plan(plan, f, x, opts, in_place=False)  # x is our own copy: the result comes back new
+    # in x's layout where x is dense in another (channels_last, permuted), as k-diffusion's
+    # element-wise steps keep it
+    like = torch.empty_like(x_in)  # preserve_format: x's strides when x is dense, else contiguous
+    return out if like.is_contiguous() or like.stride() == out.stride() else like.copy_(out)
 
 
 def _default_noise(x: torch.Tensor) -> NoiseSampler:
@@ -477,6 +509,14 @@ def _ancestral(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float):
     return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
 
 
+def _noise_scale(sigma: torch.Tensor, sigma_to: torch.Tensor) -> float:
+    """k-diffusion's ``su = (sigma**2 - sigma_to**2) ** 0.5``, 0 where rounding makes the difference
+    negative: float64 ``sigma_min`` gives a float64 ``t_end`` but (torch.linspace) float32 ``t``, whose
+    last one can overshoot it by an ulp; k-diffusion's ``su`` is NaN there, and so is its result."""
+    d = float(sigma**2 - sigma_to**2)
+    return math.sqrt(d) if d > 0 else 0.0
+
+
 def _bar(disable, total=None):
     """k-diffusion's tqdm bar (one tick per model call), or ``None`` in a context manager."""
     if not _progress(disable):
@@ -579,7 +619,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
             if eta:
                 sd, _ = _ancestral(_sig(t), _sig(t_next), eta)
                 t_to = torch.minimum(t_end, sd.log().neg())
-                su = float((_sig(t_next) ** 2 - _sig(t_to) ** 2) ** 0.5)
+                su = _noise_scale(_sig(t_next), _sig(t_to))
             else:
                 t_to, su = t_next, 0.0
             # k-diffusion calls its noise sampler after every step, adding su * s_noise times its draw
@@ -638,7 +678,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
             if eta:
                 sd, _ = _ancestral(_sig(s), _sig(t), eta)
                 t_to = torch.minimum(t_end, sd.log().neg())
-                su = float((_sig(t) ** 2 - _sig(t_to) ** 2) ** 0.5)
+                su = _noise_scale(_sig(t), _sig(t_to))
             else:
                 t_to, su = t, 0.0
             rows = k_dpm.step_rows(float(s), float(t_to), order, low=True, step=info["steps"],
