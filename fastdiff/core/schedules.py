@@ -75,13 +75,15 @@ SAMPLER_CONFIG_KEYS = frozenset({
     # DPM-Solver(++) / UniPC family
     "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
     "use_lu_lambdas", "lambda_min_clipped", "predict_x0", "disable_corrector", "solver_p",
+    # LCM / TCD (original_inference_steps: their timestep grid) and SA-Solver
+    "original_inference_steps", "timestep_scaling", "predictor_order", "corrector_order", "tau_func",
+    # PNDM's warm-up switch (read by the pndm sampler; every other sampler ignores it, as diffusers' from_config does)
+    "skip_prk_steps",
 })
 """Diffusers config keys that are sampler options: kept in ``schedule.options`` for samplers."""
 
 IGNORED_CONFIG_KEYS = frozenset({
     "_class_name", "_diffusers_version", "_use_default_values", "_name_or_path",
-    # PNDM's own switch; every scheduler other than PNDM ignores it (as diffusers' from_config does)
-    "skip_prk_steps",
 })
 """Diffusers config keys that do not change any sampler we implement."""
 

@@ -318,8 +318,19 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
         cut = int(round(n_train - (de * n_train)))
         keep = len([t for t in pipe.scheduler.timesteps if t >= cut])
         plan = dataclasses.replace(plan, rows=plan.rows[:keep])
+    refused = sorted(k for k in plan.meta.get("refused", {}) if k < len(plan.rows))
+    if refused:  # a step whose stock result is inf/NaN (fastdiff.diffusers.from_diffusers refuses it when run)
+        raise ValueError(f"fastdiff.diffusers.accelerate: {plan.meta['refused'][refused[0]]}")
+    hook = sched._fd_spec.before_step
+    if hook is not None and hook(sched, plan.rows[0], 0, {"sample": latents, "model_output": latents}) is not None:
+        # (the hook also runs the class's own checks of its state: FlowMatchLCM's scale factors)
+        raise ValueError(f"fastdiff.diffusers.accelerate: {type(sched).__name__} draws its noise from its own state "
+                         "(DPMSolverSDE: a Brownian tree), which the accelerated loop does not; use "
+                         "fastdiff.diffusers.from_diffusers(pipe.scheduler) in the stock loop, or restore(pipe)")
     gen = a["generator"]
     noise_dtype = sched._fd_spec.noise_dtype
+    if noise_dtype == "promote":  # the estimate's dtype: the latents' here (the model output is cast to them)
+        noise_dtype = None
     noise_fn = seeds = None
     if gen is not None or not spec.step_generator:
         g = gen if spec.step_generator else None

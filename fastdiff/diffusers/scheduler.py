@@ -21,13 +21,14 @@ import torch
 from .. import samplers
 from ..core.args import StepArgs, clip_code, pack_row
 from ..core.guidance import threshold_bound
-from ..core.plan import Plan, Row
+from ..core.plan import Plan, Row, Write, combo
 from ..core.rng import expand_seeds
 from ..core.schedules import Discretization
 from ..runtime import ops
 from ..runtime.loop import draw_noise
 from ..samplers._multistep import Grid, log_snr
-from .support import _PREDICTION_ALIASES, _OwnFlow, _OwnVP, _Spec, _check_config, _host, _spec_of, _stock_class
+from .support import (_PREDICTION_ALIASES, _OwnFlow, _OwnVP, _Spec, _check_config, _flow_heun_rows, _host, _spec_of,
+                      _stock_class)
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -75,7 +76,10 @@ class _FusedScheduler:
         return [] if self._fd_run is None or self._fd_run.hist is None else self._fd_run.hist
 
     def fastdiff_plan(self, start: int = 0, **step_args) -> Plan:
-        """The plan of a run from row ``start`` with these ``step()`` arguments (``eta``, ``order``)."""
+        """The plan of a run from row ``start`` with these ``step()`` arguments (``eta``, ``order``).
+
+        Rows whose stock step gives inf/NaN (or fails) are placeholders listed in
+        ``plan.meta["refused"]`` (row -> reason), which ``step`` raises when such a row is run."""
         run = self._fd_plan(start, self._fd_key(step_args))
         if run.plan is None:
             raise ValueError(f"{type(self).__name__} has no plan for a run from row {start} (stock step)")
@@ -91,8 +95,10 @@ class _FusedScheduler:
         ts = _host(self.timesteps)
         if spec.grid == "timesteps":
             return {"timesteps": ts, "steps": len(ts)}, len(ts)
+        if spec.grid == "own":  # the class's build hook reads its own arrays (PNDM, IPNDM) from row ``start``
+            return {"timesteps": ts[start:], "steps": len(ts) - start, "start": start}, len(ts) - start
         sig = _host(self.sigmas)
-        if spec.grid == "heun":  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0] -> one entry per solver step
+        if spec.grid in ("heun", "flow_heun"):  # [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0] -> one entry per step
             ts, sig = np.concatenate([ts[:1], ts[1::2]]), np.concatenate([sig[:1], sig[1::2]])
         # step i moves sigmas[i] -> sigmas[i + 1]; entries past len(timesteps) + 1 are never used
         # (diffusers' Euler interpolation_type="log_linear" keeps one more)
@@ -104,19 +110,21 @@ class _FusedScheduler:
                 # (the state is the flow interpolation (1 - s) x0 + s eps)
                 alphas = tuple(1.0 - float(s) for s in sig)
                 stds, kind = tuple(float(s) for s in sig), "flow"
+                if self.config.get("prediction_type") == "v_prediction":
+                    kind = "vp"  # diffusers' x0 = alpha x - sigma v with these alpha, sigma: the rows' v form
             else:
                 # alpha = 1/sqrt(s^2 + 1), sigma_t = s * alpha
                 alphas = tuple(1.0 / math.sqrt(s * s + 1.0) for s in sig)
                 stds, kind = tuple(float(s) * a for s, a in zip(sig, alphas)), "vp"
             grid = Grid(tuple(map(float, ts)), tuple(map(float, sig)), alphas, stds,
-                        tuple(log_snr(a, s) for a, s in zip(alphas, stds)), 1.0, kind)
+                        tuple(_log_snr(a, s) for a, s in zip(alphas, stds)), 1.0, kind)
             return {"grid": grid, "steps": n}, n
         init = float(getattr(self, "init_noise_sigma", 1.0)) if start == 0 else float(sig[0])
         disc = Discretization(sigmas=sig, timesteps=ts, init_sigma=init)
         return {"disc": disc, "steps": n}, n
 
     def _fd_schedule(self, arrays: dict):
-        if self._fd_spec.grid == "flow":
+        if self._fd_spec.grid in ("flow", "flow_heun"):
             return _OwnFlow(num_train_timesteps=int(self.config.num_train_timesteps), arrays=arrays)
         acp = _host(self.alphas_cumprod)
         # trained_betas longer than num_train_timesteps: diffusers keeps them all, and DDIM's step jumps
@@ -142,25 +150,23 @@ class _FusedScheduler:
             return run
         cfg = self.config
         arrays, steps = self._fd_arrays(start)
-        if spec.grid == "timesteps" and len(arrays["timesteps"]):
+        if spec.grid == "timesteps" and len(arrays["timesteps"]) and (cfg.get("trained_betas") is not None
+                                                                      or spec.row_at is None):
             n, top = len(self.alphas_cumprod), int(np.max(arrays["timesteps"]))
-            if top >= n:  # diffusers' own step would index alphas_cumprod[top] and fail with an IndexError
+            # diffusers' own step would index alphas_cumprod[top] and fail with an IndexError (a grid past the
+            # training timesteps otherwise, by its spacing and steps_offset: the rows there are refused when run)
+            if top >= n:
                 raise ValueError(f"{name}: timestep {top} has no beta: trained_betas has {n} entries but "
                                  f"num_train_timesteps is {cfg.num_train_timesteps}; give a beta for every training "
                                  "timestep")
-        options = {k: cfg[k] for k in spec.options if k in cfg}
-        options.update(spec.fixed)
-        options.update({spec.step_options[k]: v for k, v in key if k in spec.step_options})
+        options = self._fd_options(key)
         if spec.restart == "slice" and start > 0:
             si = samplers.info(spec.sampler(cfg))
             if si.restart is not None:  # the sampler's own rule for a run started part-way
                 options.update(si.restart({**si.options, **options}, start, start + steps).options)
-        prediction = cfg.get("prediction_type") or ("flow" if spec.grid == "flow" else "eps")
-        prediction = _PREDICTION_ALIASES.get(prediction, prediction)
-        plan = spec.build(self, arrays, prediction, options) if spec.build is not None else None
-        if plan is None:
-            plan = samplers.build(spec.sampler(cfg), self._fd_schedule(arrays), steps, prediction=prediction,
-                                  **options)
+        options, fields = _plan_fields(options)
+        plan = self._fd_build(arrays, steps, self._fd_prediction(), options, _host(self.timesteps)[start:], start)
+        plan = self._fd_fields(plan, fields)
         if spec.adjust is not None and any(k in spec.step_plan for k, _ in key):
             plan = spec.adjust(self, plan, dict(key), start)
         want = _host(self.timesteps)[start:].astype(np.float32)
@@ -176,6 +182,212 @@ class _FusedScheduler:
         self._fd_plans[(start, key)] = run
         return _Run(plan, start, key, index)
 
+    def _fd_shifted(self, run: _Run, i: int) -> _Run:
+        """A Heun run whose first call is at index ``i``, a second stage of the grid (``set_begin_index(i)``
+        with ``i`` odd, or a first timestep the grid repeats, which diffusers' lookup takes at its second
+        place). diffusers' state holds no step there, so it takes call ``i`` as a FIRST stage, from
+        ``sigmas[i]`` to ``sigmas[i + 1]``, and call ``i + 1`` as its second: the interleaved grid makes
+        those sigmas equal, so every step of such a run has ``dt = 0`` and returns its sample (the
+        second stage: the sample its first stage stored), and so do these rows. FlowMatchHeun's rows
+        follow its own rule from ``i`` (with churn the sample is re-noised: not the identity)."""
+        cached = self._fd_plans.get(("shifted", i, run.key))
+        if cached is None:
+            if self._fd_spec.grid == "flow_heun":
+                plan = _flow_heun_rows(self, dict(run.key), phase=i)
+            else:
+                sig = _host(self.sigmas)
+                rows, refused = list(run.plan.rows), dict(run.plan.meta.get("refused", {}))
+                for r in range(i, len(rows)):
+                    stage = (r - i) % 2
+                    j = r - stage
+                    if j + 1 >= len(sig) or sig[j] != sig[j + 1]:
+                        refused[r] = (f"{type(self).__name__}.step: a run started at step index {i} (a second stage) "
+                                      f"reaches step index {r}, whose diffusers step has no plan-row form; refused")
+                    elif stage == 0:
+                        last = r + 1 == len(rows)
+                        rows[r] = dataclasses.replace(rows[r], out=combo(x=1.0), reads=(), noise=False, stage=0,
+                                                      writes=() if last else (Write(0, combo(x=1.0)),))
+                    else:
+                        rows[r] = dataclasses.replace(rows[r], out=combo(h=(1.0,)), reads=(0,), writes=(),
+                                                      noise=False, stage=1)
+                plan = dataclasses.replace(run.plan, rows=tuple(rows), n_slots=max(run.plan.n_slots, 1),
+                                           meta={**run.plan.meta, "refused": refused, "shifted": i})
+            cached = _Run(plan, 0, run.key, run.index)
+            self._fd_plans[("shifted", i, run.key)] = cached
+        return _Run(cached.plan, 0, run.key, cached.index)
+
+    def _fd_options(self, key: tuple) -> dict:
+        """The sampler options of the config, the class's fixed ones and the ``step()`` arguments in ``key``."""
+        spec, cfg = self._fd_spec, self.config
+        options = {k: cfg[k] for k in spec.options if k in cfg}
+        options.update(spec.fixed)
+        options.update({spec.step_options[k]: v for k, v in key if k in spec.step_options})
+        return options
+
+    def _fd_prediction(self) -> str:
+        grid = self._fd_spec.grid
+        prediction = self.config.get("prediction_type") or ("flow" if grid in ("flow", "flow_heun") else "eps")
+        return _PREDICTION_ALIASES.get(prediction, prediction)
+
+    def _fd_build_once(self, arrays: dict, steps: int, prediction: str, options: dict) -> Plan:
+        spec = self._fd_spec
+        options = dict(options)  # (a build hook may take its own keys out of them)
+        plan = spec.build(self, arrays, prediction, options) if spec.build is not None else None
+        if plan is None:
+            plan = samplers.build(spec.sampler(self.config), self._fd_schedule(arrays), steps, prediction=prediction,
+                                  **options)
+        return plan
+
+    def _fd_build(self, arrays: dict, steps: int, prediction: str, options: dict, timesteps: np.ndarray,
+                  start: int) -> Plan:
+        """The plan of ``arrays`` (the sampler's, or the class's own ``build``), with every row that can be
+        planned: where one cannot (the step after a repeated noise level divides by its length 0; a last
+        step into sigma = 0 with no finite value), diffusers' own step gives inf/NaN there, so the rows
+        before it are planned as in the whole run (:meth:`_fd_partial`) and that row and the rest are
+        placeholders refused when they run (``plan.meta["refused"]``: row -> reason)."""
+        try:
+            return self._fd_build_once(arrays, steps, prediction, options)
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError) as exc:
+            return self._fd_partial(arrays, steps, prediction, options, timesteps, start, exc)
+
+    def _fd_partial(self, arrays: dict, steps: int, prediction: str, options: dict, timesteps: np.ndarray,
+                    start: int, exc: Exception) -> Plan:
+        """The rows of the first steps of a run some later row of which cannot be planned.
+
+        First the run with its last point moved (a failure of the last step alone: its rows before are
+        those of the run); else the longest prefix of steps that plans, with the class's end-of-run
+        rules switched off (``prefix_options``) and only the steps it shares with the run kept
+        (``prefix_exact``). A failure already at the first step is the config's: raised here."""
+        spec = self._fd_spec
+        name = type(self).__name__
+
+        def attempt(arr, k, over=None):
+            try:
+                return self._fd_build_once(arr, k, prediction, {**options, **(over or {})})
+            except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+                return None
+
+        base, keep = None, 0
+        if ("disc" in arrays or "grid" in arrays) and steps >= 1:
+            base = attempt(_moved_last(arrays), steps)
+            keep = steps - 1
+            if base is None:
+                lo, hi = 1, steps - 1
+                rep = _first_repeat(arrays)  # (the usual cause: the step after a zero-length one; try it first)
+                if rep is not None and 1 <= rep + 1 <= steps - 1:
+                    p = attempt(_prefix(arrays, rep + 1), rep + 1, spec.prefix_options)
+                    if p is not None:
+                        base, keep, lo = p, rep + 1, rep + 2
+                        nxt = rep + 2
+                        longer = nxt <= steps - 1 and attempt(_prefix(arrays, nxt), nxt, spec.prefix_options)
+                        if not longer:
+                            hi = lo - 1  # found: rows 0..rep plan, row rep + 1 does not
+                while lo <= hi:  # a failing row fails every longer prefix
+                    mid = (lo + hi) // 2
+                    p = attempt(_prefix(arrays, mid), mid, spec.prefix_options)
+                    if p is not None:
+                        base, keep, lo = p, mid, mid + 1
+                    else:
+                        hi = mid - 1
+                if base is not None and spec.prefix_exact is not None:
+                    keep = spec.prefix_exact(self.config, start + steps, start + keep) - start
+        rows = [r for r in (base.rows if base is not None else ()) if r.step < keep]
+        what = str(exc) or type(exc).__name__
+        if not rows and not isinstance(exc, (ArithmeticError, np.linalg.LinAlgError)) \
+                and not any(s in what for s in ("non-finite", "math domain", "log-SNR")):
+            raise exc  # the config's own refusal, not one step's
+        first = len(rows)
+        reason = _repeat_reason(arrays, first) or what
+        refused = {first: f"{name}.step: step {start + first} (timestep {float(timesteps[first]):g}) has no finite "
+                          f"update ({reason}): diffusers' own step gives inf/NaN there; refused"}
+        for r in range(first + 1, len(timesteps)):
+            refused[r] = (f"{name}.step: step {start + r} (timestep {float(timesteps[r]):g}) follows step "
+                          f"{start + first}, which has no finite update ({reason}); refused")
+        fill = [Row(t=float(timesteps[r]), sigma=0.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(x=1.0), step=r)
+                for r in range(first, len(timesteps))]
+        template = base if base is not None else Plan((), init_scale=1.0)
+        return dataclasses.replace(template, rows=tuple(rows) + tuple(fill), steps=steps,
+                                   meta={**template.meta, "refused": refused})
+
+    def _fd_fields(self, plan: Plan, fields: dict) -> Plan:
+        """``plan`` with the clip and threshold values of the config (:func:`_plan_fields`), each
+        checked only where a row reads it, as diffusers reads it only then: any value its step turns
+        into a finite result is taken (a ``sample_max_value`` below 1, a negative range: ``clamp`` with
+        ``min > max`` gives ``max``), else a ``ValueError`` naming it."""
+        name = type(self).__name__
+        used = {r.clip for r in plan.rows}
+        changes = {}
+        for fld, (key, v) in fields.items():
+            if _FIELD_CLIP[fld] not in used:
+                continue
+            num = isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(float(v))
+            why = None
+            if not num:
+                why = "a number is needed"
+            elif fld == "threshold_ratio" and not 0.0 <= float(v) <= 1.0:
+                why = "torch.quantile needs it in [0, 1]: diffusers' step fails"
+            elif fld == "threshold_max" and float(v) == 0.0:
+                why = "the thresholded estimate is divided by it: diffusers' step gives NaN"
+            if why is not None:
+                raise ValueError(f"{name} config {key}={v!r} is not supported by fastdiff.diffusers ({why})")
+            changes[fld] = float(v)
+        return dataclasses.replace(plan, **changes) if changes else plan
+
+    def _fd_at(self, t: float, key: tuple) -> tuple[Plan, int]:
+        """``(plan of one row, row number for the noise counter)`` of a step at timestep ``t``, not one
+        of ``scheduler.timesteps``, where diffusers' step computes it from the value (``row_at``)."""
+        spec = self._fd_spec
+        name = type(self).__name__
+        if spec.row_at is None or not math.isfinite(t) or not float(t).is_integer():
+            raise ValueError(f"{name}.step(timestep={t:g}): diffusers' step fails on a timestep that is not an "
+                             "integer index of alphas_cumprod; use one of scheduler.timesteps")
+        ti = int(t)
+        plan = self._fd_plans.get(("at", ti, key))
+        if plan is None:
+            options, fields = _plan_fields(self._fd_options(key))
+            plan = spec.row_at(self, ti, self._fd_prediction(), options)
+            if plan is None:
+                raise ValueError(f"{name}.step(timestep={ti}): after set_timesteps diffusers looks the timestep up in "
+                                 "scheduler.timesteps (its step fails with an IndexError); use one of "
+                                 "scheduler.timesteps")
+            plan = self._fd_fields(plan, fields)
+            self._fd_plans[("at", ti, key)] = plan
+        # a row number of its own for the noise counter (Philox without a generator), past the grid's
+        return plan, len(self.timesteps) + len(self.alphas_cumprod) + ti
+
+    def _fd_counted(self, timestep, key: tuple) -> tuple[_Run, int]:
+        """``(run, row)`` of a step of a class that counts its calls (``spec.counter``, PNDM's ``counter``):
+        diffusers' step at count ``c`` depends on ``c`` and the timestep given, so a run is the part of
+        ``scheduler.timesteps`` it is given from count 0 (img2img passes ``timesteps[k:]``), planned from
+        the first row with that timestep; where that timestep repeats (PNDM's ``timesteps[1]`` and
+        ``[2]``), the next call's timestep tells which, and the run moves to that start (its rows so
+        far are the same there, and so is the history they wrote)."""
+        name = type(self).__name__
+        c = int(getattr(self, self._fd_spec.counter))
+        t = float(timestep.item() if isinstance(timestep, torch.Tensor) else np.asarray(timestep).reshape(-1)[0])
+        ts = _host(self.timesteps)
+        run = self._fd_run
+        if c == 0 or run is None or run.key != key:
+            starts = np.flatnonzero(ts == t)
+            if not len(starts):
+                raise ValueError(f"{name}.step(timestep={t:g}): the first step of a run needs one of "
+                                 "scheduler.timesteps")
+            run = self._fd_run = self._fd_plan(int(starts[0]), key)
+        i = run.start + c
+        if i < len(ts) and ts[i] != t:
+            for s in np.flatnonzero(ts == ts[run.start]):
+                if s > run.start and s + c < len(ts) and ts[s + c] == t:
+                    other = self._fd_plan(int(s), key)
+                    if other.plan is not None and other.plan.rows[:c] == run.plan.rows[:c]:
+                        other.hist, run = run.hist, other
+                        self._fd_run, i = run, int(s) + c
+                        break
+            else:
+                raise ValueError(f"{name}.step(timestep={t:g}): call {c} of this run (from timestep "
+                                 f"{float(ts[run.start]):g}) needs timestep {float(ts[i]):g}, the next of "
+                                 "scheduler.timesteps; call set_timesteps to start a new run")
+        return run, i
+
     # -- step ----------------------------------------------------------------------------------
 
     def _fd_args(self, a: dict) -> dict:
@@ -186,6 +398,12 @@ class _FusedScheduler:
         spec = self._fd_spec
         name = type(self).__name__
         m, t, x = a["model_output"], a["timestep"], a["sample"]
+        if isinstance(x, np.ndarray) and spec.array_sample:  # (its arithmetic with tensors makes it one)
+            try:
+                x = torch.as_tensor(x)
+            except (TypeError, RuntimeError) as exc:
+                raise TypeError(f"{name}.step: sample must be a tensor of numbers, got a numpy array of "
+                                f"dtype {x.dtype} ({exc})") from None
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}.step: sample must be a torch.Tensor, got {type(x).__name__} {_short(x)}")
         if isinstance(m, np.ndarray) and spec.array_model_output:
@@ -243,12 +461,15 @@ class _FusedScheduler:
             raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                              f"`{name}.step()` is not supported. Make sure to pass one of the `scheduler.timesteps` "
                              "as a timestep.")
-        if spec.needs_set_timesteps and self.num_inference_steps is None:
+        if spec.needs_set_timesteps and getattr(self, "num_inference_steps", None) is None:
             raise ValueError(f"{name}: number of inference steps is None; call set_timesteps before step")
         key = self._fd_key(a)
         m, timestep, x = a["model_output"], a["timestep"], a["sample"]
         run = self._fd_run
-        if spec.indexed:
+        at = None
+        if spec.counter is not None:  # PNDM: diffusers picks the step by its own call counter
+            run, i = self._fd_counted(timestep, key)
+        elif spec.indexed:
             if self.step_index is None:
                 if getattr(self, "begin_index", None) is None and np.ndim(timestep) > 1:  # diffusers' lookup fails
                     raise ValueError(f"{name}.step: timestep must be a single value of shape () or (1,) (one of "
@@ -261,6 +482,9 @@ class _FusedScheduler:
             i = self.step_index
             if run is None:
                 run = self._fd_run = self._fd_plan(i, key)
+                if spec.grid in ("heun", "flow_heun") and run.plan is not None and 0 <= i - run.start < \
+                        len(run.plan.rows) and run.plan.rows[i - run.start].stage == 1:
+                    run = self._fd_run = self._fd_shifted(run, i)
             elif run.key != key:
                 raise ValueError(f"{name}.step arguments {dict(key)} differ from earlier steps of this run "
                                  f"{dict(run.key)}; call set_timesteps to start a new run")
@@ -268,18 +492,26 @@ class _FusedScheduler:
             if run is None or run.key != key:
                 run = self._fd_run = self._fd_plan(0, key)
             t = float(timestep.item() if isinstance(timestep, torch.Tensor) else np.asarray(timestep).reshape(-1)[0])
-            if t not in run.index:
-                raise ValueError(f"{name}.step(timestep={t:g}): the fused step needs one of scheduler.timesteps")
-            i = run.index[t]
+            if t in run.index:
+                i = run.index[t]
+            else:  # diffusers computes the step from the value: a row of its own (cached)
+                at, i = self._fd_at(t, key)
         if run.plan is None:
             return self._fd_stock.step(**a)
-        k = i - run.start
-        plan = run.plan
-        if not 0 <= k < len(plan.rows):
-            last = run.start + len(plan.rows) - 1
-            raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
-                             "call set_timesteps first")
+        if at is not None:
+            plan, k = at, 0
+        else:
+            k = i - run.start
+            plan = run.plan
+            if not 0 <= k < len(plan.rows):
+                last = run.start + len(plan.rows) - 1
+                raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
+                                 "call set_timesteps first")
         row = plan.rows[k]
+        refused = plan.meta.get("refused", {}).get(k)
+        if refused is not None:  # a step whose diffusers result is inf/NaN (or that fails there)
+            raise ValueError(refused)
+        own_noise = spec.before_step(self, row, i, a) if spec.before_step is not None else None
         if spec.model_output is not None:
             m = spec.model_output(self.config, m)
             a = dict(a, model_output=m)
@@ -296,7 +528,7 @@ class _FusedScheduler:
         work = shape if shape else (1,)  # the kernel's: a batch dimension (diffusers also takes 0-d tensors)
         how = spec.noise_shape(self.config) if callable(spec.noise_shape) else spec.noise_shape
         draw = {"model_output": tuple(m.shape), "sample": tuple(x.shape)}.get(how, shape)  # diffusers' noise shape
-        if row.noise and a.get("variance_noise") is None and not draw:
+        if row.noise and a.get("variance_noise") is None and own_noise is None and not draw:
             raise ValueError(f"{name}.step: this step draws noise, which diffusers draws per batch row: the "
                              f"{how.replace('_', ' ')} needs a batch dimension (got a 0-d tensor)")
         dt = torch.promote_types(x.dtype, m.dtype)
@@ -328,6 +560,8 @@ class _FusedScheduler:
             else:
                 std = v**0.5
             z, seeds = (std * z.to(std.dtype)).to(dt).expand(shape).reshape(work).contiguous(), None
+        elif own_noise is not None:  # drawn by the class's own hook as diffusers draws it (before_step)
+            z, seeds = own_noise.to(device=x.device, dtype=dt).expand(shape).reshape(work).contiguous(), None
         else:
             z, seeds = self._fd_noise(row, a, mm, m.dtype, draw, shape)
         out, bound = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
@@ -335,12 +569,16 @@ class _FusedScheduler:
         out = out.to({"model": m.dtype, "sample": x.dtype}.get(how, torch.promote_types(x.dtype, m.dtype)))
         out = out.reshape(shape)
         self._fd_after(row, i)
-        out_cls = _output_class(self._fd_stock)
-        if "pred_original_sample" not in {f.name for f in dataclasses.fields(out_cls)}:
+        if spec.after_step is not None:
+            spec.after_step(self, row, i, x)
+        out_cls = _output_class(self._fd_stock, spec.output)
+        if len(dataclasses.fields(out_cls)) < 2:
             return out_cls(prev_sample=out) if a.get("return_dict", True) else (out,)
-        # the stock step also returns its data estimate: computed only if read (one more pass)
+        # the stock step also returns its data estimate (or the sampler's own second output, LCM's denoised):
+        # computed only if read (one more pass)
+        est = _second_output if "second_output" in plan.meta else _data_estimate
         x0 = functools.partial(_reshaped, shape, functools.partial(
-            _data_estimate, row, plan, k, xx, mm, z, bound, x.dtype, m.dtype, spec.x0_float32, type(self).__name__))
+            est, row, plan, k, xx, mm, z, bound, x.dtype, m.dtype, spec.x0_float32, type(self).__name__))
         if not a.get("return_dict", True):
             return _StepTuple(out, x0)
         return _lazy_output(out_cls, out, x0)
@@ -359,6 +597,8 @@ class _FusedScheduler:
         draw = tuple(m.shape) if draw is None else draw
         shape = tuple(m.shape) if shape is None else shape
         nd = self._fd_spec.noise_dtype
+        if nd == "promote":  # the dtype of the estimate diffusers draws for (sample and model output together)
+            nd = m.dtype
         ext = a.get("variance_noise")
         if ext is not None:
             if not isinstance(ext, torch.Tensor):
@@ -386,10 +626,87 @@ class _FusedScheduler:
         """Keep the stock scheduler's public state what diffusers' step would leave."""
         if self._fd_spec.indexed:
             self._step_index += 1
-        if hasattr(self, "lower_order_nums"):
+        if self._fd_spec.counter is not None:
+            setattr(self, self._fd_spec.counter, getattr(self, self._fd_spec.counter) + 1)
+        if hasattr(self, "lower_order_nums") and "solver_order" in self.config:  # (SA-Solver: its after_step)
             self.lower_order_nums = min(self.lower_order_nums + 1, int(self.config.solver_order))
-        if self._fd_spec.grid == "heun":  # state_in_first_order is `dt is None`
+        if self._fd_spec.grid in ("heun", "flow_heun"):  # state_in_first_order is `dt is None`
             self.dt = (self.sigmas[i + 1] - self.sigmas[i]) if row.stage == 0 else None
+
+
+_FIELD_CLIP = {"clip_range": "static", "threshold_ratio": "dynamic", "threshold_max": "dynamic"}
+_FIELDS = (("clip_sample_range", "clip_range", 1.0), ("dynamic_thresholding_ratio", "threshold_ratio", 0.995),
+           ("sample_max_value", "threshold_max", 1.0))
+
+
+def _plan_fields(options: dict) -> tuple[dict, dict]:
+    """``(options, fields)``: the clip and threshold values moved out of the sampler options (which
+    get their defaults) into the plan fields they set (``field -> (config key, value)``), so that a
+    value the samplers' own range checks refuse but diffusers' step handles (``sample_max_value`` < 1,
+    any value where no row clips) reaches the plan (:meth:`_FusedScheduler._fd_fields`)."""
+    options, fields = dict(options), {}
+    for key, fld, default in _FIELDS:
+        if key in options:
+            fields[fld] = (key, options[key])
+            options[key] = default
+    return options, fields
+
+
+def _log_snr(alpha: float, sigma: float) -> float:
+    """``log_snr``, NaN where the grid has no log-SNR (an infinite or NaN sigma, alphas_cumprod underflowing
+    to 0; a flow sigma above 1): the rows there cannot be planned, and are refused when they run."""
+    try:
+        return log_snr(alpha, sigma)
+    except ValueError:
+        return math.nan
+
+
+def _moved_last(arrays: dict) -> dict:
+    """``arrays`` with the run's last point (the noise level after the last step) moved to half the one
+    before it: every earlier step's rows are unchanged, and the last one has a finite form."""
+    if "grid" in arrays:
+        g = arrays["grid"]
+        s = g.sigmas[-2] / 2
+        if g.kind == "flow":
+            a, sd = 1.0 - s, s
+        else:
+            a = 1.0 / math.sqrt(s * s + 1.0)
+            sd = s * a
+        grid = Grid(g.timesteps, g.sigmas[:-1] + (s,), g.alphas[:-1] + (a,), g.stds[:-1] + (sd,),
+                    g.lambdas[:-1] + (_log_snr(a, sd),), g.init_scale, g.kind)
+        return {**arrays, "grid": grid}
+    d = arrays["disc"]
+    sig = np.array(d.sigmas, dtype=np.float64)
+    sig[-1] = sig[-2] / 2
+    return {**arrays, "disc": Discretization(sigmas=sig, timesteps=d.timesteps, init_sigma=d.init_sigma)}
+
+
+def _prefix(arrays: dict, k: int) -> dict:
+    """``arrays`` of the first ``k`` steps only."""
+    if "grid" in arrays:
+        g = arrays["grid"]
+        grid = Grid(g.timesteps[:k], g.sigmas[:k + 1], g.alphas[:k + 1], g.stds[:k + 1], g.lambdas[:k + 1],
+                    g.init_scale, g.kind)
+        return {"grid": grid, "steps": k}
+    d = arrays["disc"]
+    return {"disc": Discretization(sigmas=d.sigmas[:k + 1], timesteps=d.timesteps[:k], init_sigma=d.init_sigma),
+            "steps": k}
+
+
+def _first_repeat(arrays: dict) -> int | None:
+    """The first step of zero length (a noise level the grid repeats), if any."""
+    sig = arrays["grid"].sigmas if "grid" in arrays else arrays["disc"].sigmas if "disc" in arrays else ()
+    return next((i for i in range(len(sig) - 1) if sig[i] == sig[i + 1] and sig[i] != 0), None)
+
+
+def _repeat_reason(arrays: dict, row: int) -> str:
+    """Why row ``row`` has no finite form where the grid repeats a noise level just before it."""
+    sig = arrays["grid"].sigmas if "grid" in arrays else arrays["disc"].sigmas if "disc" in arrays else ()
+    for i in range(max(row - 2, 0), min(row + 1, len(sig) - 1)):
+        if sig[i] == sig[i + 1] and sig[i] != 0:
+            return (f"scheduler.sigmas repeats {float(sig[i]):g} at {i} and {i + 1}: a step of length 0, which a "
+                    "multistep update divides by")
+    return ""
 
 
 def _short(v) -> str:
@@ -461,12 +778,30 @@ def _data_estimate(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tenso
     return d.to(torch.promote_types(torch.float32 if upcast32 else x_dtype, m_dtype))
 
 
-def _output_class(cls: type) -> type:
-    """The output dataclass diffusers' ``cls.step`` returns (``<Class>Output`` of its module, else
-    ``SchedulerOutput``)."""
+def _second_output(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tensor, z, bound, x_dtype, m_dtype,
+                   upcast32: bool, name: str) -> torch.Tensor:
+    """The second output of a step whose sampler records it per row as ``(c_x, c_d, c_e)`` in
+    ``plan.meta["second_output"]`` (LCM's ``denoised``, TCD's ``pred_noised_sample``):
+    ``c_x x + c_d d + c_e m`` with ``d`` clipped as the row clips it, in the dtype of the sample and
+    the model output together (diffusers' estimate)."""
+    cdt = torch.float64 if torch.float64 in (x.dtype, m.dtype) else torch.float32
+    xc, mc = x.to(cdt), m.to(cdt)
+    d = row.a_x * xc + row.a_e * mc
+    if row.clip is not None:
+        s = bound.to(device=d.device, dtype=cdt).reshape((-1,) + (1,) * (d.dim() - 1))
+        d = torch.minimum(torch.maximum(d, -s), s)
+        if row.clip == "dynamic":
+            d = d / s
+    c_x, c_d, c_e = plan.meta["second_output"][k]
+    return (c_x * xc + c_d * d + c_e * mc).to(torch.promote_types(x_dtype, m_dtype))
+
+
+def _output_class(cls: type, name: str | None = None) -> type:
+    """The output dataclass diffusers' ``cls.step`` returns (``name``, else ``<Class>Output``, of its
+    module, else ``SchedulerOutput``)."""
     import sys
 
-    out = getattr(sys.modules.get(cls.__module__), cls.__name__ + "Output", None)
+    out = getattr(sys.modules.get(cls.__module__), name or cls.__name__ + "Output", None)
     if out is None:
         from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
@@ -522,17 +857,20 @@ _LAZY_OUTPUTS: dict[type, type] = {}
 
 
 def _lazy_output(out_cls: type, prev: torch.Tensor, x0: Callable[[], torch.Tensor]):
-    """An ``out_cls`` (diffusers' step output) whose ``pred_original_sample`` is computed on first
-    access (attribute, key, iteration, ``to_tuple``)."""
+    """An ``out_cls`` (diffusers' step output) whose second field (``pred_original_sample``; LCM's
+    ``denoised``, TCD's ``pred_noised_sample``) is computed on first access (attribute, key,
+    iteration, ``to_tuple``)."""
     lazy = _LAZY_OUTPUTS.get(out_cls)
     if lazy is None:
+        fname = next(f.name for f in dataclasses.fields(out_cls) if f.name != "prev_sample")
+
         def force(self):
             fn = self.__dict__.get("_fd_x0")
             if fn is not None:
                 self.__dict__["_fd_x0"] = None
                 v = fn()
                 self.__dict__["_fd_value"] = v
-                OrderedDict.__setitem__(self, "pred_original_sample", v)
+                OrderedDict.__setitem__(self, fname, v)
 
         def getter(self):
             force(self)
@@ -552,7 +890,7 @@ def _lazy_output(out_cls: type, prev: torch.Tensor, x0: Callable[[], torch.Tenso
             return method
 
         ns = {"__module__": __name__, "__qualname__": out_cls.__qualname__, "__doc__": out_cls.__doc__,
-              "pred_original_sample": property(getter, setter),
+              fname: property(getter, setter),
               **{n: forcing(n) for n in ("__getitem__", "keys", "values", "items", "to_tuple", "__iter__", "__len__",
                                          "__contains__", "__repr__", "__eq__", "get", "__reduce__")}}
         lazy = _LAZY_OUTPUTS[out_cls] = type(out_cls.__name__, (out_cls,), ns)

@@ -14,9 +14,12 @@ import numpy as np
 import torch
 
 from .. import samplers
-from ..core.plan import MAX_READS, Plan, Row, check_prediction, combo
+from ..core.plan import MAX_READS, Plan, Row, Write, check_prediction, combo, x0_coeffs
 from ..core.schedules import FlowSchedule, VPSchedule
 from ..samplers.plans import OwnGrid
+from ..core.schedules import Discretization, VESchedule
+from ..samplers import edm
+from ..samplers._multistep import Grid, log_snr
 
 
 # ------------------------------------------------------------------------------------- schedules
@@ -65,7 +68,8 @@ class _Spec:
         sampler: config -> registered sampler name.
         grid: how the scheduler's arrays become the sampler's grid: ``timesteps`` (integer
             timesteps: DDPM, DDIM), ``sigmas`` (Euler-type), ``heun`` (interleaved Heun arrays),
-            ``multistep`` (DPM-Solver / UniPC) or ``flow``.
+            ``multistep`` (DPM-Solver / UniPC), ``flow``, or ``own`` (the ``build`` hook reads the class's
+            own arrays, PNDM's and IPNDM's: ``arrays`` has ``timesteps[start:]`` and ``start``).
         options: config keys handed to the sampler (which validates their values).
         only: config key -> the only values supported.
         step_options: ``step()`` argument -> sampler option it sets.
@@ -73,7 +77,8 @@ class _Spec:
         step_ignored: ``step()`` arguments diffusers accepts and does not use (or that only matter
             together with an argument in ``step_only``).
         fixed: sampler options always set.
-        noise_dtype: dtype diffusers draws noise in (``None``: the model output's).
+        noise_dtype: dtype diffusers draws noise in (``None``: the model output's; ``"promote"``: that
+            of the sample and the model output together, the dtype of the estimate diffusers draws for).
         out_dtype: the dtype of diffusers' ``prev_sample``: ``promote`` (of the sample and the model
             output), ``model`` (the model output's: diffusers casts to it) or ``sample`` (the
             sample's); a callable ``config -> one of those`` where it depends on the config.
@@ -99,9 +104,35 @@ class _Spec:
         array_model_output: diffusers' step also takes a numpy ``model_output`` (its arithmetic
             mixes it with tensors); the drop-in converts it (elsewhere diffusers' step fails, and
             the drop-in refuses it by name).
+        array_sample: diffusers' step also takes a numpy ``sample`` (every use of it is arithmetic with
+            tensors, whose result is a tensor: EDM DPM-Solver, PNDM); the drop-in converts it (elsewhere
+            diffusers' step fails, and the drop-in refuses it by name).
         noise_shape: the shape diffusers draws a step's noise in: ``model_output`` (the model
             output's own, which broadcasts against the sample), ``sample``, or ``broadcast`` (of the
             two); a callable ``config -> one of those`` where it depends on the config.
+        accepted: config keys read only by the drop-in's own hooks (``model_output``, ``build``):
+            any value diffusers accepts is accepted (DPM-Solver's ``variance_type``).
+        row_at: ``(scheduler, timestep, prediction, options) -> plan`` of one row, for a step at a
+            timestep that is not in ``scheduler.timesteps`` (non-indexed classes whose stock step
+            computes the step from the value: DDIM, DDPM on its training grid); ``None`` where diffusers'
+            step fails there (the drop-in then refuses it by name).
+        prefix_options: sampler options that switch off the end-of-run rules (lower order at the last
+            steps), so that a plan of the first ``j`` steps has the rows of the whole run (used where
+            a later row of the run cannot be planned, see ``scheduler._FusedScheduler._fd_partial``).
+        prefix_exact: ``(config, n, j) -> m``: of a ``j``-step prefix plan of an ``n``-step run, the
+            first ``m`` steps are the run's own (``None``: all ``j``).
+        before_step: ``(scheduler, row, i, step arguments) -> noise or None``, run at every step before
+            the kernel: refuses scheduler state the rows cannot follow (FlowMatchLCM's scale factors)
+            and may return the row's noise drawn as diffusers draws it from its own state
+            (DPMSolverSDE's Brownian tree, built at the first step as diffusers builds it).
+        after_step: ``(scheduler, row, i, sample)``, run after the kernel: the public state diffusers'
+            step leaves besides ``step_index`` (KDPM2's ``sample``, whose ``None`` is
+            ``state_in_first_order``; DPMSolverSDE's ``mid_point_sigma``; SA-Solver's ``lower_order_nums``).
+        counter: the attribute in which diffusers counts a run's ``step`` calls and picks the step by
+            (PNDM's ``counter``; the drop-in keeps it): a run is the part of ``scheduler.timesteps`` it is
+            given from count 0 (see ``scheduler._FusedScheduler._fd_counted``).
+        output: the name of the output class of diffusers' step where it is not ``<Class>Output`` of the
+            class's module (DDIMInverseScheduler returns ``DDIMSchedulerOutput``).
     """
 
     sampler: Callable[[Mapping], str]
@@ -112,7 +143,7 @@ class _Spec:
     step_only: Mapping[str, Any] = field(default_factory=dict)
     step_ignored: tuple[str, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
-    noise_dtype: torch.dtype | None = None
+    noise_dtype: torch.dtype | str | None = None
     out_dtype: str | Callable[[Mapping], str] = "promote"
     indexed: bool = True
     restart: str = "rows"
@@ -128,7 +159,16 @@ class _Spec:
     plan_key: Callable[[Mapping], tuple] | None = None
     adjust: Callable[[Any, Plan, dict, int], Plan] | None = None
     array_model_output: bool = False
+    array_sample: bool = False
     noise_shape: str | Callable[[Mapping], str] = "model_output"
+    accepted: tuple[str, ...] = ()
+    row_at: Callable[[Any, int, str, dict], Plan | None] | None = None
+    prefix_options: Mapping[str, Any] = field(default_factory=dict)
+    prefix_exact: Callable[[Mapping, int, int], int] | None = None
+    before_step: Callable[[Any, Row, int, Mapping], torch.Tensor | None] | None = None
+    after_step: Callable[[Any, Row, int, torch.Tensor], None] | None = None
+    counter: str | None = None
+    output: str | None = None
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -143,7 +183,8 @@ _DPM_NAMES = {("dpmsolver++", 1): "dpmpp_1", ("dpmsolver++", 2): "dpmpp_2m", ("d
 
 
 def _dpm_sampler(cfg: Mapping) -> str:
-    return _DPM_NAMES[(cfg["algorithm_type"], int(cfg["solver_order"]))]
+    # diffusers' step takes the third-order update for every solver_order above 3
+    return _DPM_NAMES[(cfg["algorithm_type"], min(int(cfg["solver_order"]), 3))]
 
 
 def _dpm_out_dtype(cfg: Mapping) -> str:
@@ -163,15 +204,15 @@ def _dpm_noise_shape(cfg: Mapping) -> str:
     return "model_output" if _dpm_out_dtype(cfg) == "model" else "broadcast"
 
 
-def _check_flow_sigmas(cfg: Mapping) -> None:
+def _check_flow_sigmas(cfg: Mapping, v_on_flow: bool = False) -> None:
     """DPM-Solver / UniPC: ``flow_prediction`` is the velocity on a flow grid (``use_flow_sigmas``);
-    ``v_prediction`` has no meaning there (diffusers computes ``(1 - s) x - s v``), nor noise estimates
-    from a velocity (diffusers raises for them)."""
+    ``v_prediction`` has no meaning there (diffusers computes ``(1 - s) x - s v``: taken as such where
+    ``v_on_flow``), nor noise estimates from a velocity (diffusers raises for them)."""
     p, flow = cfg.get("prediction_type"), bool(cfg.get("use_flow_sigmas", False))
     if p == "flow_prediction" and not flow:
         raise ValueError(f"prediction_type='flow_prediction' with use_flow_sigmas={flow!r} is not supported by "
                          "fastdiff.diffusers: a velocity needs the flow grid (use_flow_sigmas=True)")
-    if p == "v_prediction" and flow:
+    if p == "v_prediction" and flow and not v_on_flow:
         raise ValueError("prediction_type='v_prediction' with use_flow_sigmas=True is not supported by "
                          "fastdiff.diffusers (v needs alpha^2 + sigma^2 = 1; use flow_prediction)")
     if p == "flow_prediction" and (cfg.get("predict_x0") is False
@@ -185,15 +226,58 @@ def _check_flow_sigmas(cfg: Mapping) -> None:
 
 _FLOW_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
               "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction not with use_flow_sigmas=True")
-_DPM_NOTE = ("variance_type learned/learned_range: channels [:3] of an epsilon output, as diffusers slices; "
-             + _FLOW_NOTE
-             + "; not algorithm_type=sde-dpmsolver with solver_order=3 (diffusers has no such update)")
+_FLOW_V_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
+                "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction with use_flow_sigmas=True is "
+                "diffusers' (1 - s) x - s v, with a data-prediction solver only")
+_DPM_NOTE = ("solver_order any int >= 1 (above 3: third order, as diffusers); variance_type any value "
+             "(learned/learned_range: channels [:3] of an epsilon output, as diffusers slices; any other value is "
+             "not read, as in diffusers); " + _FLOW_V_NOTE
+             + "; not algorithm_type=sde-dpmsolver with solver_order >= 3 (diffusers has no such update)")
 _UNIPC_NOTE = ("solver_p None; into sigma 0 (final_sigmas_type=zero) only predict_x0=True with a first-order last "
-               "step (lower_order_final=True; diffusers returns NaN otherwise); " + _FLOW_NOTE)
+               "step (lower_order_final=True; diffusers returns NaN otherwise: that step is refused when run); "
+               + _FLOW_V_NOTE)
 
 
-_TIMESTEP_NOTE = ("step(timestep) one of scheduler.timesteps (a run may start at any of them); prediction_type="
-                  "epsilon not where alpha_cumprod = 0 (zero terminal SNR: diffusers divides by 0 there)")
+def _check_multistep(cfg: Mapping) -> None:
+    """DPMSolverMultistep / UniPCMultistep: :func:`_check_flow_sigmas` (with diffusers' v on a flow grid),
+    and DPM-Solver's ``solver_order``: any int >= 1 (diffusers' step runs the third-order update above 3;
+    below 1 its history list is empty and its step fails)."""
+    noise_solver = cfg.get("predict_x0") is False or cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver")
+    if cfg.get("prediction_type") == "v_prediction" and cfg.get("use_flow_sigmas") and noise_solver:
+        raise ValueError("prediction_type='v_prediction' with use_flow_sigmas=True and a noise-prediction solver "
+                         "(predict_x0=False, algorithm_type dpmsolver / sde-dpmsolver) is not supported by "
+                         "fastdiff.diffusers (its rows differ from diffusers' step there by more than rounding); "
+                         "use a data-prediction solver")
+    _check_flow_sigmas(cfg, v_on_flow=True)
+    if "algorithm_type" in cfg:
+        order = cfg.get("solver_order")
+        if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
+            raise ValueError(f"DPMSolverMultistepScheduler config solver_order={order!r} is not supported by "
+                             "fastdiff.diffusers (an int >= 1, as diffusers' step needs)")
+        if cfg.get("algorithm_type") == "sde-dpmsolver" and order >= 3:
+            raise ValueError(f"algorithm_type='sde-dpmsolver' with solver_order={order} is not supported by "
+                             "fastdiff.diffusers: diffusers has no third-order sde-dpmsolver update (its step fails)")
+
+
+def _dpm_prefix_exact(cfg: Mapping, n: int, j: int) -> int:
+    # diffusers lowers step n - 2 of a run of < 15 steps to second order (lower_order_final): a third-order
+    # prefix plan (its end rules off) differs from the run there
+    if int(cfg.get("solver_order", 2)) >= 3 and cfg.get("lower_order_final") and n < 15:
+        return min(j, n - 2)
+    return j
+
+
+def _unipc_prefix_exact(cfg: Mapping, n: int, j: int) -> int:
+    # lower_order_final: step i of UniPC has order min(solver_order, n - i), so order 3 drops at step n - 2
+    if int(cfg.get("solver_order", 2)) >= 3 and cfg.get("lower_order_final"):
+        return min(j, n - 2)
+    return j
+
+
+_TIMESTEP_NOTE = ("step(timestep) any timestep diffusers' step computes from its value (DDIM: any integer; DDPM: "
+                  "one of scheduler.timesteps, any before set_timesteps); coefficients in float32 as diffusers "
+                  "computes them; a step whose diffusers result is inf/NaN (prediction_type=epsilon without clipping "
+                  "where alpha_cumprod = 0) is refused when it runs")
 
 
 def _dpm_model_output(cfg: Mapping, m: torch.Tensor) -> torch.Tensor:
@@ -210,39 +294,190 @@ _PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's 
 _EULER_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
-def _ddpm_learned(sched, arrays: dict, prediction: str, options: dict) -> Plan | None:
-    """DDPMScheduler with ``variance_type="learned"`` / ``"learned_range"`` (DeepFloyd IF): the model
-    output carries the variance in a second set of channels. The mean rows are ``fixed_small``'s with
-    noise coefficient 1; the step passes the noise already scaled by the learned standard deviation,
-    ``exp(0.5 (f log beta + (1 - f) log beta~))`` with ``f = (v + 1) / 2`` (``learned_range``) or
-    ``sqrt(v)`` (``learned``), computed per element from the variance channels ``v`` as diffusers does.
-    The rows record ``(log beta~, log beta)`` per step (``plan.meta["learned_variance"]``)."""
-    vt = options.get("variance_type")
-    if vt not in ("learned", "learned_range"):
+_INF_SCALE = 2.0**64
+"""Stands for ``1 / sqrt(alpha_cumprod) = inf`` (zero terminal SNR, or alphas_cumprod underflowing to 0)
+in an epsilon row that clips its data estimate (``clip_sample``): diffusers' ``(x - m) / 0`` is ``+-inf``,
+clipped to ``+-clip_sample_range``; ``2**64 (x - m)`` (a power of two: exact in float32, no overflow below
+``|x| = 2**64``) clips the same wherever ``|x - m| > 2**-64 clip_sample_range`` (diffusers gives NaN
+where ``x == m``)."""
+
+
+def _f32(v) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float32)
+
+
+def _vp_stock_rows(sched, name: str, ts, prevs, prediction: str, options: dict, ddim: bool,
+                   step0: int = 0) -> tuple[list[Row], dict, tuple | None]:
+    """Rows of DDPMScheduler / DDIMScheduler steps at timesteps ``ts`` (into ``prevs``), their scalars
+    computed as diffusers' step computes them: in float32, in its expression order (the
+    ``1 - abar_t / abar_prev`` of a small step keeps diffusers' rounding; elementwise float32
+    arithmetic rounds as on diffusers' 0-d tensors, and ``log``/``exp`` run on 0-d tensors as there).
+    Returns ``(rows, refused, learned)``: ``refused`` maps a row to the reason it cannot run
+    (diffusers' own step gives inf/NaN or fails there; the row itself is a placeholder), ``learned``
+    the ``(variance_type, (log var, log beta) per row)`` of DDPM's learned variances (else ``None``)."""
+    acp = sched.alphas_cumprod.detach().to("cpu", torch.float32)
+    n_acp = len(acp)
+    final = _f32(sched.final_alpha_cumprod.detach().cpu()) if ddim else _f32(1.0)
+    vt = options.get("variance_type", "fixed_small")
+    learned = vt in ("learned", "learned_range")
+    eta = float(options.get("eta", 0.0) or 0.0)
+    clip = "dynamic" if options.get("thresholding") else "static" if options.get("clip_sample") else None
+    clipped_eps = bool(options.get("use_clipped_model_output"))
+    ts, prevs = [int(t) for t in ts], [int(p) for p in prevs]
+    ok = [-n_acp <= t < n_acp for t in ts]
+    a_t = acp[torch.tensor([t if o else 0 for t, o in zip(ts, ok)], dtype=torch.int64)]
+    a_p = torch.where(torch.tensor([p >= 0 for p in prevs]),
+                      acp[torch.tensor([p if p >= 0 else 0 for p in prevs], dtype=torch.int64)], final)
+    # diffusers' expressions, elementwise over the rows (float32, as on its 0-d tensors)
+    b_t = 1 - a_t
+    sa, sb = a_t**0.5, b_t**0.5
+    if ddim:
+        var = ((1 - a_p) / b_t) * (1 - a_t / a_p)
+        std = eta * var**0.5
+        c_eps = (1 - a_p - std**2) ** 0.5
+        c_d = a_p**0.5
+        cols = {"c_eps": c_eps, "c_d": c_d, "std": std}
+    else:
+        b_p = 1 - a_p
+        cur_a = a_t / a_p
+        cur_b = 1 - cur_a
+        var = torch.clamp((1 - a_p) / (1 - a_t) * cur_b, min=1e-20)
+        cols = {"c_d": (a_p**0.5 * cur_b) / b_t, "c_x": cur_a**0.5 * b_p / b_t}
+        if vt == "fixed_large":
+            cols["std"] = cur_b**0.5
+        elif vt not in ("fixed_small_log", "fixed_large_log"):  # fixed_small, and every value diffusers' _get_variance
+            cols["std"] = var**0.5                             # does not name (it falls through to fixed_small)
+    col = {k: v.tolist() for k, v in cols.items()}
+    alphas, sigmas, a_ts, a_ps = sa.tolist(), sb.tolist(), a_t.tolist(), a_p.tolist()
+    rows, refused, logs = [], {}, []
+    for k, (t, prev) in enumerate(zip(ts, prevs)):
+        what = f"{name}.step(timestep={t})"
+        if not ok[k]:
+            refused[k] = (f"{what}: alphas_cumprod has {n_acp} entries (none for this timestep), so diffusers' step "
+                          "fails there (IndexError); refused")
+            rows.append(_placeholder(t, step0 + k))
+            logs.append((0.0, 0.0))
+            continue
+        alpha, sigma = alphas[k], sigmas[k]
+        noisy = (eta > 0) if ddim else t > 0
+        with np.errstate(all="ignore"):
+            if ddim:
+                c_eps, c_d, c_x, c_e = col["c_eps"][k], col["c_d"][k], 0.0, 0.0
+                if clipped_eps:  # eps re-derived from the clipped x0: (x - sqrt(a) x0) / sqrt(b)
+                    c_x, c_d = _div(c_eps, sigma), c_d - _div(c_eps * alpha, sigma)
+                elif prediction == "eps":
+                    c_e = c_eps
+                elif prediction == "v":  # eps = sqrt(a) m + sqrt(b) x
+                    c_x, c_e = c_eps * sigma, c_eps * alpha
+                else:  # x0: eps = (x - sqrt(a) m) / sqrt(b)
+                    c_x, c_e = _div(c_eps, sigma), -_div(c_eps * alpha, sigma)
+                z = col["std"][k]
+            else:
+                c_d, c_x, c_e = col["c_d"][k], col["c_x"][k], 0.0
+                if vt == "fixed_small_log":  # log and exp as diffusers runs them: on 0-d tensors
+                    z = float(torch.exp(0.5 * torch.log(var[k])))
+                elif vt == "fixed_large_log":
+                    z = float(torch.log(cur_b[k]) ** 0.5)
+                else:
+                    z = 1.0 if learned else col["std"][k]
+                if learned:
+                    logs.append((float(torch.log(var[k])), float(torch.log(cur_b[k]))))
+        if prediction == "eps" and alpha == 0.0:
+            # x0 = (x - m) / 0: +-inf, which only a static clip makes finite (the dynamic threshold's quantile
+            # of infinities interpolates inf - inf: NaN in diffusers)
+            a_x, a_e = (_INF_SCALE, -_INF_SCALE * sigma) if clip == "static" else (math.inf, -math.inf)
+        elif prediction == "eps":
+            a_x, a_e = 1.0 / alpha, -sigma / alpha
+        else:
+            a_x, a_e = x0_coeffs(prediction, alpha, sigma)
+        out = combo(x=c_x, d=c_d, e=c_e, z=z if noisy else 0.0)
+        if not all(math.isfinite(v) for v in (a_x, a_e, *out)):
+            inf_x0 = alpha == 0.0 and prediction == "eps"
+            bad = "alphas_cumprod[t] = 0 (epsilon prediction: x0 = (x - m) / 0)" if inf_x0 \
+                else f"alphas_cumprod[t] = {a_ts[k]:.3g}, alphas_cumprod[prev] = {a_ps[k]:.3g} (prev = {prev})"
+            how = {None: ", without clipping", "dynamic": ", thresholded (a quantile of infinities)"}.get(clip, "")
+            var_note = f" with {vt}" if not ddim and noisy else ""
+            refused[k] = (f"{what}: diffusers' step gives inf/NaN here ({bad}{var_note}{how if inf_x0 else ''}); "
+                          "refused")
+            rows.append(_placeholder(t, step0 + k))
+            continue
+        ksig = math.sqrt((1.0 - alpha * alpha) / max(alpha * alpha, 2.0**-24))  # k-diffusion sigma, for callbacks
+        rows.append(Row(t=float(t), sigma=ksig, in_scale=1.0, a_x=a_x, a_e=a_e, out=out, clip=clip, noise=noisy,
+                        step=step0 + k, alpha_t=alpha, sigma_t=sigma))
+    return rows, refused, ((vt, tuple(logs)) if learned else None)
+
+
+def _div(a: float, b: float) -> float:
+    """``a / b`` with IEEE results (inf, NaN) for ``b = 0``, as a float32 tensor division gives them."""
+    return a / b if b != 0.0 else (math.nan if a == 0.0 or math.isnan(a) else math.copysign(math.inf, a) *
+                                   math.copysign(1.0, b))
+
+
+def _placeholder(t: float, step: int) -> Row:
+    """A row that stands for one the drop-in refuses to run (``plan.meta["refused"]``)."""
+    return Row(t=float(t), sigma=0.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(x=1.0), step=step)
+
+
+def _vp_plan(sched, ts, prevs, prediction: str, options: dict, ddim: bool) -> Plan:
+    name = "DDIMScheduler" if ddim else "DDPMScheduler"
+    rows, refused, learned = _vp_stock_rows(sched, name, ts, prevs, check_prediction(prediction), options, ddim)
+    meta = {}
+    if refused:
+        meta["refused"] = refused
+    if learned is not None:
+        meta["learned_variance"] = learned
+    return Plan(tuple(rows), init_scale=1.0, sampler="ddim" if ddim else "ddpm",
+                prediction=check_prediction(prediction), steps=len(rows), meta=meta)
+
+
+def _ddpm_stock(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """DDPMScheduler's rows as its step computes them (:func:`_vp_stock_rows`): step ``i`` into
+    ``timesteps[i + 1]`` (the last into ``abar = 1``), mean ``c_x x + c_d x0``, noise where ``t > 0``
+    with the ``variance_type``'s standard deviation (any value diffusers' ``_get_variance`` does not
+    name is ``fixed_small``, as there). ``learned`` / ``learned_range`` (DeepFloyd IF): the model
+    output carries the variance in a second set of channels; the rows' noise coefficient is 1 and the
+    step passes the noise already scaled by the learned standard deviation, ``exp(0.5 (f log beta +
+    (1 - f) log beta~))`` with ``f = (v + 1) / 2`` (``learned_range``) or ``sqrt(v)`` (``learned``),
+    computed per element from the variance channels ``v`` as diffusers does; ``(log beta~, log beta)``
+    per row in ``plan.meta["learned_variance"]``."""
+    ts = [int(t) for t in arrays["timesteps"]]
+    return _vp_plan(sched, ts, ts[1:] + [-1], prediction, options, ddim=False)
+
+
+def _ddim_stock(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """DDIMScheduler's rows as its step computes them (:func:`_vp_stock_rows`): from ``t`` to
+    ``t - num_train_timesteps // num_inference_steps`` (``final_alpha_cumprod`` below 0),
+    ``x' = sqrt(abar') x0 + sqrt(1 - abar' - std^2) eps + std z``; with clipping ``x0`` is clipped and
+    ``eps`` that of the unclipped estimate (or of the clipped one: ``use_clipped_model_output``)."""
+    jump = int(sched.config.num_train_timesteps) // int(sched.num_inference_steps)
+    ts = [int(t) for t in arrays["timesteps"]]
+    return _vp_plan(sched, ts, [t - jump for t in ts], prediction, options, ddim=True)
+
+
+def _ddim_at(sched, t: int, prediction: str, options: dict) -> Plan:
+    """DDIMScheduler.step at any integer timestep: diffusers computes it from the value."""
+    jump = int(sched.config.num_train_timesteps) // int(sched.num_inference_steps)
+    return _vp_plan(sched, [t], [t - jump], prediction, options, ddim=True)
+
+
+def _ddpm_at(sched, t: int, prediction: str, options: dict) -> Plan | None:
+    """DDPMScheduler.step at a timestep off its grid: diffusers' ``previous_timestep`` is ``t - 1``
+    on the training grid (before ``set_timesteps``); after it, diffusers looks ``t`` up and fails."""
+    if getattr(sched, "custom_timesteps", False) or sched.num_inference_steps:
         return None
-    plan = samplers.build("ddpm", sched._fd_schedule(arrays), arrays["steps"], prediction=prediction,
-                          **dict(options, variance_type="fixed_small"))
-    acp, ts = _host(sched.alphas_cumprod), [int(t) for t in arrays["timesteps"]]
-    logs, rows = [], []
-    for i, row in enumerate(plan.rows):
-        t, prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
-        a_t = float(np.float32(acp[t]))
-        a_p = float(np.float32(acp[prev])) if prev >= 0 else 1.0
-        beta = 1.0 - a_t / a_p
-        var = max((1.0 - a_p) / (1.0 - a_t) * beta, 1e-20)
-        logs.append((math.log(var), math.log(beta) if beta > 0 else -math.inf))
-        rows.append(dataclasses.replace(row, out=row.out[:-1] + (1.0,)) if row.noise else row)
-    return dataclasses.replace(plan, rows=tuple(rows), meta={**plan.meta, "learned_variance": (vt, tuple(logs))})
+    return _vp_plan(sched, [t], [t - 1], prediction, options, ddim=False)
 
 
 def _flow_inverted(sched, arrays: dict, prediction: str, options: dict) -> Plan | None:
     """FlowMatchEulerDiscreteScheduler with ``invert_sigmas=True``: the sigmas rise from 0 to 1, and
     diffusers' step is ``x' = x + (s' - s) v`` (``stochastic_sampling``: ``(1 - s') (x - s v) + s' z``),
     the formulas of the usual direction. Rows of those formulas (the Euler rows of ``flow_euler``
-    divide by ``s``, which starts at 0 here)."""
-    if not options.pop("invert_sigmas", False):
-        return None
+    divide by ``s``, which starts at 0 here). The same rows serve a grid with ``s = 0`` before its end
+    (custom ``sigmas`` with a 0), where diffusers' ``x + (s' - s) v`` is finite as well."""
+    inverted = bool(options.pop("invert_sigmas", False))
     disc = arrays["disc"]
+    if not inverted and all(float(s) != 0.0 for s in disc.sigmas[:len(disc.timesteps)]):
+        return None
     sig, ts, rows = disc.sigmas, disc.timesteps, []
     for i in range(len(ts)):
         s, s1 = float(sig[i]), float(sig[i + 1])
@@ -253,7 +488,7 @@ def _flow_inverted(sched, arrays: dict, prediction: str, options: dict) -> Plan 
         else:
             rows.append(Row(**point, out=combo(x=1.0, e=s1 - s), step=i))
     return Plan(tuple(rows), init_scale=disc.init_sigma, sampler="flow_euler", prediction=prediction,
-                steps=len(rows), meta={"invert_sigmas": True})
+                steps=len(rows), meta={"invert_sigmas": inverted})
 
 
 def _euler_churn_key(a: Mapping) -> tuple:
@@ -283,10 +518,11 @@ def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
     lo, hi = np.float32(s_tmin), np.float32(s_tmax)  # diffusers compares float32 sigmas
     rows = list(plan.rows)
     churned = {}  # row -> (A, B, c): diffusers' pred_original_sample is A (x + c z) + B m there
+    refused = plan.meta.get("refused", {})
     for k, row in enumerate(rows):
         i = start + k
         s32 = sig[i]
-        if gamma == 0 or not lo <= s32 <= hi:
+        if gamma == 0 or not lo <= s32 <= hi or k in refused:
             continue
         s = float(s32)
         s_hat = float(s32 * np.float32(gamma + 1))  # a float32 product in diffusers
@@ -306,16 +542,410 @@ def _euler_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
         churned[k] = (a, b, c)
     return dataclasses.replace(plan, rows=tuple(rows), meta={**plan.meta, "churn_x0": churned})
 
+def _flow_heun_rows(sched, args: Mapping, phase: int = 0) -> Plan:
+    """``FlowMatchHeunDiscreteScheduler.step`` as rows, from its own ``sigmas`` by its own rule: call
+    ``i`` is a first stage (``sigmas[i] -> sigmas[i + 1]``) when ``i`` is even and the second stage of
+    the step before (``sigmas[i - 1] -> sigmas[i]``) when odd; a run started at an odd index ``phase``
+    (its first call, a first stage for diffusers, whose state holds no step) counts from there.
+
+    With ``gamma = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)`` where ``s_tmin <= sigma <= s_tmax``
+    and ``sigma_hat = sigma (1 + gamma)`` (float32, as diffusers), the first stage moves the sample to
+    ``y = x + s_noise sqrt(sigma_hat^2 - sigma^2) z`` and takes ``x' = y + (sigma / sigma_hat) dt v``,
+    ``dt = sigma_next - sigma_hat``, keeping ``H = y + dt/2 (sigma / sigma_hat) v``; the second stage
+    is ``x' = H + dt/2 v'`` (diffusers draws noise there too, with no effect: the row draws it and
+    multiplies it by 0). Without churn these are the Heun rows of ``flow_heun``."""
+    s_churn = float(args.get("s_churn", 0.0))
+    s_tmin, s_tmax, s_noise = (float(args.get(k, d)) for k, d in (("s_tmin", 0.0), ("s_tmax", math.inf),
+                                                                   ("s_noise", 1.0)))
+    sig = sched.sigmas.detach().to("cpu", torch.float32).numpy()
+    ts = _host(sched.timesteps)
+    gamma = min(s_churn / (len(sig) - 1), 2**0.5 - 1)
+    lo, hi = np.float32(s_tmin), np.float32(s_tmax)  # diffusers compares float32 sigmas
+    rows, refused = [], {}
+    for i, t in enumerate(ts):
+        if i < phase:  # before the run's start: never run
+            rows.append(_placeholder(t, 0))
+            continue
+        stage = (i - phase) % 2
+        j = i - stage  # the first stage of this step
+        what = f"FlowMatchHeunDiscreteScheduler.step (step index {i}, timestep {float(t):g})"
+        if j + 1 >= len(sig):
+            refused[i] = f"{what}: needs sigmas[{j + 1}] of a grid of {len(sig)} (diffusers' step fails: IndexError)"
+            rows.append(_placeholder(t, i // 2))
+            continue
+        s32, n32 = sig[j], sig[j + 1]
+        g = gamma if (gamma != 0 and lo <= s32 <= hi) else 0.0
+        s_hat = s32 * np.float32(g + 1) if g else s32  # float32 products, as diffusers
+        dt = float(n32 - s_hat)
+        s, sh = float(s32), float(s_hat)
+        if sh == 0.0 or (stage == 1 and float(n32) == 0.0):
+            refused[i] = f"{what}: diffusers divides by sigma_hat = {sh:g} / sigma_next = {float(n32):g} there (NaN)"
+            rows.append(_placeholder(t, i // 2))
+            continue
+        c = s_noise * float(np.sqrt(s_hat * s_hat - s32 * s32)) if g > 0 else 0.0
+        point = dict(t=float(t), in_scale=1.0, a_x=1.0)
+        if stage == 0:
+            r = s / sh
+            writes = (Write(0, combo(x=1.0, e=0.5 * r * dt, z=c)),) if i + 1 < len(ts) else ()
+            rows.append(Row(**point, sigma=s, a_e=-s, alpha_t=1.0 - s, sigma_t=s,
+                            out=combo(x=1.0, e=r * dt, z=c), writes=writes, noise=g > 0, step=i // 2, stage=0))
+        else:
+            s1 = float(n32)
+            rows.append(Row(**point, sigma=s1, a_e=-s1, alpha_t=1.0 - s1, sigma_t=s1,
+                            out=combo(e=0.5 * dt, h=(1.0,)), reads=(0,), noise=g > 0, step=i // 2, stage=1))
+    return Plan(tuple(rows), init_scale=1.0, n_slots=1, sampler="flow_heun", prediction="flow",
+                steps=(len(ts) + 1) // 2, meta={"refused": refused} if refused else {})
+
+
+def _flow_heun_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
+    return _flow_heun_rows(sched, args)
+
+
+# ------------------------------------------------ LCM, TCD, flow LCM, EDM, KDPM2 (ancestral), DPM-Solver SDE, SA-Solver
+
+
+@dataclass(frozen=True, eq=False)
+class _OwnVE(OwnGrid, VESchedule):
+    arrays: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class _OwnVP32(_OwnVP):
+    """An own VP grid whose sampler computes its step scalars in float32 with diffusers' expressions
+    (``scalar_dtype``: KDPM2 ancestral's sigma_up / sigma_down, SA-Solver's coefficients)."""
+
+    scalar_dtype: Any = torch.float32
+
+
+def _f32_scalars(sched, arrays: dict) -> _OwnVP32:
+    own = sched._fd_schedule(arrays)
+    return _OwnVP32(**{f.name: getattr(own, f.name) for f in dataclasses.fields(own) if f.init})
+
+
+def _distilled(name: str) -> Callable[[Any, dict, str, dict], Plan]:
+    """The build hook of LCMScheduler (``lcm``) / TCDScheduler (``tcd``): the sampler's rows on the
+    scheduler's own timesteps. With custom ``timesteps`` and ``strength < 1`` diffusers' step compares
+    the step index with ``num_inference_steps``, the length of the WHOLE custom schedule, so the last
+    step of the shortened run re-noises as well (LCM: to its own timestep; TCD: with coefficient 0,
+    the noise drawn all the same)."""
+
+    def build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+        plan = samplers.build(name, sched._fd_schedule(arrays), arrays["steps"], prediction=prediction, **options)
+        n = sched.num_inference_steps
+        if n is None or n <= len(plan.rows):
+            return plan
+        last = plan.rows[-1]
+        if name == "lcm":
+            c_skip, c_out, _ = plan.meta["second_output"][-1]
+            a = float(_host(sched.alphas_cumprod)[int(last.t)])
+            last = dataclasses.replace(last, out=combo(x=math.sqrt(a) * c_skip, d=math.sqrt(a) * c_out,
+                                                       z=math.sqrt(1.0 - a)), noise=True)
+        elif float(options.get("eta", 0.3)) > 0:
+            last = dataclasses.replace(last, noise=True)
+        return dataclasses.replace(plan, rows=plan.rows[:-1] + (last,))
+
+    return build
+
+
+def _flow_lcm_state(sched, row: Row, i: int, args: Mapping) -> None:
+    if getattr(sched, "_scale_factors", None) and getattr(sched, "_upscale_mode", None):
+        raise ValueError("FlowMatchLCMScheduler with scale factors (config scale_factors or set_scale_factors) resizes "
+                         "the data estimate between steps (interpolate): not a row of the fused step; use the stock "
+                         "scheduler for it")
+    return None
+
+
+def _edm_sampler(cfg: Mapping) -> str:
+    if "algorithm_type" not in cfg:  # EDMEulerScheduler
+        return "euler"
+    return _DPM_NAMES[(cfg["algorithm_type"], int(cfg["solver_order"]))]
+
+
+def _edm_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """EDMEulerScheduler / EDMDPMSolverMultistepScheduler: ``euler`` / ``dpmpp_*`` (diffusers flavor)
+    on the scheduler's own sigmas as a VE schedule for an ``x0`` model, then EDM's preconditioning
+    (:func:`fastdiff.samplers.edm.precondition`) with its ``sigma_data`` and ``prediction_type``."""
+    disc, n = arrays["disc"], arrays["steps"]
+    sig = tuple(float(v) for v in disc.sigmas[:n + 1])
+    grid = Grid(tuple(float(t) for t in disc.timesteps), sig, (1.0,) * len(sig), sig,
+                tuple(log_snr(1.0, v) for v in sig), float(disc.init_sigma), "ve")
+    plan = samplers.build(sched._fd_spec.sampler(sched.config), _OwnVE(arrays={**arrays, "grid": grid}), n,
+                          prediction="x0", **options)
+    return edm.precondition(plan, float(sched.config.sigma_data), sched.config.prediction_type,
+                            times=[r.t for r in plan.rows])
+
+
+def _edm_churn(sched, plan: Plan, args: dict, start: int) -> Plan:
+    """``EDMEulerScheduler.step(s_churn=...)`` as rows: as :func:`_euler_churn`, with EDM's denoiser at
+    ``sigma_hat``, ``D = c_skip(sigma_hat) y + c_out(sigma_hat) m`` (the model saw ``c_in(sigma) x``)."""
+    s_churn = float(args.get("s_churn", 0.0))
+    s_tmin, s_tmax, s_noise = (float(args.get(k, d)) for k, d in (("s_tmin", 0.0), ("s_tmax", math.inf),
+                                                                   ("s_noise", 1.0)))
+    sig = sched.sigmas.detach().to("cpu", torch.float32).numpy()
+    gamma = min(s_churn / (len(sig) - 1), 2**0.5 - 1)
+    lo, hi = np.float32(s_tmin), np.float32(s_tmax)  # diffusers compares float32 sigmas
+    sd, pred = float(sched.config.sigma_data), sched.config.prediction_type
+    rows, churned = list(plan.rows), {}
+    for k, row in enumerate(rows):
+        s32 = sig[start + k]
+        if gamma == 0 or not lo <= s32 <= hi or k in plan.meta.get("refused", {}):
+            continue
+        s_hat = float(s32 * np.float32(gamma + 1))  # a float32 product in diffusers
+        _, a, b, _ = edm.scalings(s_hat, sd, pred)
+        r = float(sig[start + k + 1]) / s_hat
+        cy = r + (1.0 - r) * a
+        c = s_noise * math.sqrt(max(s_hat * s_hat - float(s32) ** 2, 0.0))
+        rows[k] = dataclasses.replace(row, out=combo(x=cy, e=(1.0 - r) * b, z=cy * c), noise=True)
+        churned[k] = (a, b, c)
+    return dataclasses.replace(plan, rows=tuple(rows), meta={**plan.meta, "churn_x0": churned})
+
+
+def _check_edm_dpm(cfg: Mapping) -> None:
+    if cfg.get("algorithm_type") == "sde-dpmsolver++" and int(cfg.get("solver_order", 2)) == 3:
+        raise ValueError("EDMDPMSolverMultistepScheduler algorithm_type='sde-dpmsolver++' with solver_order=3 is not "
+                         "supported by fastdiff.diffusers: diffusers has no third-order SDE update there (its step "
+                         "fails once it reaches one)")
+
+
+def _two_stage_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """KDPM2 / KDPM2 ancestral / DPM-Solver SDE: diffusers' interleaved arrays (``timesteps``
+    ``[t0, m0, t1, m1, ..., t_{n-1}]``, ``sigmas`` ``[s0, s1, s1, ..., 0]``) as one entry per solver step,
+    the sampler's rows on them (``dpm_2``, ``dpm_2_ancestral``, ``dpmpp_sde``; scalars in float32 as
+    diffusers computes its ancestral step sizes), and every row at diffusers' own model time (its
+    midpoint timesteps come from float32 sigmas)."""
+    ts_all, sig_all = _host(sched.timesteps), _host(sched.sigmas)
+    ts = ts_all[0::2]
+    n = len(ts)
+    sig = np.append(sig_all[0::2][:n], float(sig_all[-1]))
+    disc = Discretization(sigmas=sig, timesteps=ts, init_sigma=float(sched.init_noise_sigma))
+    own = _f32_scalars(sched, {"disc": disc, "steps": n})
+    plan = samplers.build(sched._fd_spec.sampler(sched.config), own, n, prediction=prediction, **options)
+    for j in range(n):  # diffusers: two calls per step, one for the last
+        if sum(r.step == j for r in plan.rows) != (2 if j + 1 < n else 1):
+            # KDPM2 ancestral: sigma_down rounds to 0 in diffusers' float32 (sigma_next far below sigma), so its
+            # midpoint exp(lerp(log sigma, log 0)), that timestep and the run are NaN from there (the sampler takes
+            # k-diffusion's Euler branch instead)
+            raise ValueError(f"{type(sched).__name__}: step {j} (sigma {sig[j]:g} -> {sig[j + 1]:g}) has "
+                             "sigma_down = 0 in diffusers' float32 arithmetic, which makes its midpoint timestep "
+                             "and its run NaN; this grid is refused (use more steps or another sigma grid)")
+    return dataclasses.replace(plan, rows=tuple(dataclasses.replace(r, t=float(t)) for r, t in zip(plan.rows, ts_all)))
+
+
+def _first_order_state(sched, row: Row, i: int, sample: torch.Tensor) -> None:
+    # KDPM2's state_in_first_order is `sample is None`: a first stage keeps the sample (the last, Euler step too)
+    sched.sample = sample if row.stage == 0 else None
+
+
+def _sde_sigmas(sched, i: int, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPMSolverSDEScheduler.step's ``(sigma_fn(t), sigma_fn(t_next))`` at call ``i``, float32 as there."""
+    sig = sched.sigmas
+    s, s1 = (sig[i], sig[i + 1]) if stage == 0 else (sig[i - 1], sig[i])
+    t, t1 = s.log().neg(), s1.log().neg()
+    if stage == 0:
+        t1 = t + (t1 - t) * 0.5
+    return t.neg().exp(), t1.neg().exp()
+
+
+def _sde_noise(sched, row: Row, i: int, args: Mapping) -> torch.Tensor | None:
+    """DPMSolverSDEScheduler's noise: its Brownian tree (torchsde), built at the first step from the
+    sample and ``noise_sampler_seed`` (``None``: a seed from torch's global RNG) as diffusers' step
+    builds it, and asked for the increment over ``(sigma, sigma_next)`` of the stage."""
+    if sched.noise_sampler is None:
+        import sys
+
+        tree = sys.modules[sched._fd_stock.__module__].BrownianTreeNoiseSampler
+        lo, hi = sched.sigmas[sched.sigmas > 0].min(), sched.sigmas.max()
+        sched.noise_sampler = tree(args["sample"], lo.item(), hi.item(), sched.noise_sampler_seed)
+    return sched.noise_sampler(*_sde_sigmas(sched, i, row.stage)) if row.noise else None
+
+
+def _sde_state(sched, row: Row, i: int, sample: torch.Tensor) -> None:
+    # state_in_first_order (`sample is None`) and the midpoint scale_model_input uses after a first stage
+    if row.stage == 1:
+        sched.sample = sched.mid_point_sigma = None
+    elif float(sched.sigmas[i + 1]) != 0.0:  # a two-stage step (the Euler step into 0 keeps no state)
+        sched.sample, sched.mid_point_sigma = sample, _sde_sigmas(sched, i, 0)[1]
+
+
+def _check_sa(cfg: Mapping) -> None:
+    vt, alg = cfg.get("variance_type"), cfg.get("algorithm_type")
+    if vt in ("learned", "learned_range"):
+        raise ValueError(f"SASolverScheduler config variance_type={vt!r} is not supported by fastdiff.diffusers: "
+                         "diffusers' step draws its noise shaped like the whole model output (with the variance "
+                         "channels) and fails adding it to the sample")
+    if alg == "noise_prediction" and cfg.get("thresholding"):
+        raise ValueError("SASolverScheduler config thresholding=True with algorithm_type='noise_prediction' is not "
+                         "supported by fastdiff.diffusers: diffusers' step indexes alpha_t[None] there and fails")
+    p, flow = cfg.get("prediction_type"), bool(cfg.get("use_flow_sigmas", False))
+    if p == "flow_prediction" and (not flow or alg != "data_prediction"):
+        raise ValueError("SASolverScheduler config prediction_type='flow_prediction' needs use_flow_sigmas=True and "
+                         "algorithm_type='data_prediction' in fastdiff.diffusers (diffusers' step raises or computes "
+                         "nothing meaningful otherwise)")
+    if p == "v_prediction" and flow:
+        raise ValueError("SASolverScheduler config prediction_type='v_prediction' with use_flow_sigmas=True is not "
+                         "supported by fastdiff.diffusers (v needs alpha^2 + sigma^2 = 1)")
+
+
+def _sa_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """SASolverScheduler: ``sa_solver`` on the scheduler's own grid, its coefficients in float32 with
+    diffusers' expressions (diffusers' own rounding of them reaches 1e-4 at orders 3-4), tau from the
+    ``tau_func`` attribute its step calls."""
+    return samplers.build("sa_solver", _f32_scalars(sched, arrays), arrays["steps"], prediction=prediction,
+                          **options, tau_func=sched.tau_func)
+
+
+def _sa_shapes(sched, row: Row, i: int, args: Mapping) -> None:
+    m, x = args["model_output"], args["sample"]
+    try:
+        wide = torch.broadcast_shapes(m.shape, x.shape) != x.shape
+    except RuntimeError:  # shapes that do not broadcast: refused by name by the drop-in's own check
+        return None
+    if wide:
+        raise ValueError(f"SASolverScheduler.step: model_output {tuple(m.shape)} broadcasts the sample "
+                         f"{tuple(x.shape)} to a larger shape, which diffusers' step cannot add into a sample-shaped "
+                         "result (it fails)")
+    # diffusers' step calls tau_func on the timestep AS GIVEN (its predictor here, its corrector at the next
+    # step); the rows take it at scheduler.timesteps[i]: a given value whose tau differs (a first timestep
+    # not in the grid, which diffusers runs as the last step) is refused by name rather than run differently
+    t = args.get("timestep")  # (the accelerated pipelines' loop steps at the grid's own timesteps: none given)
+    if t is None:
+        return None
+    given = float(t.item() if isinstance(t, torch.Tensor) else np.asarray(t).reshape(-1)[0])
+    own = int(sched.timesteps[i])
+    if given != own:
+        from ..samplers.sa_solver import default_tau
+
+        tau = sched.tau_func or default_tau
+        a, b = float(tau(t)), float(tau(torch.tensor(own, dtype=torch.int64)))
+        if a != b:
+            raise ValueError(f"SASolverScheduler.step(timestep={given:g}): diffusers' step takes tau_func of the "
+                             f"timestep as given (tau {a:g}), this run's step {i} is scheduler.timesteps[{i}] = {own} "
+                             f"(tau {b:g}); pass scheduler.timesteps[{i}]")
+    return None
+
+
+def _sa_state(sched, row: Row, i: int, sample: torch.Tensor) -> None:
+    cap = max(int(sched.config.predictor_order), int(sched.config.corrector_order) - 1)
+    sched.lower_order_nums = min(sched.lower_order_nums + 1, cap)
+
+
+_DISTILLED_NOTE = "step(generator) noise drawn as diffusers draws it: model output's shape, estimate's dtype"
+_EDM_NOTE = ("sigma_data, sigma_schedule, rho: EDM's preconditioning as rows (in_scale c_in, model time c_noise, "
+             "D = c_skip x + c_out F)")
+
+
+# ------------------------------------------------ PNDM, IPNDM, DEIS, DPM-Solver singlestep, DDIM / DPM-Solver inversion
+
+
+def _pndm_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """PNDMScheduler: :func:`fastdiff.samplers.pndm.pndm_rows` on the timesteps a run is given from
+    diffusers' call counter 0 (``timesteps[start:]``), with the scheduler's own ``prk_timesteps`` and
+    its float32 coefficient arithmetic (``abar ~ 1e-9`` at a cosine schedule's last timestep)."""
+    from ..samplers.pndm import pndm_rows
+
+    skip = bool(options.get("skip_prk_steps", False))
+    prk = () if skip else [int(v) for v in _host(sched.prk_timesteps)]
+    return pndm_rows(_f32_scalars(sched, arrays), check_prediction(prediction), [int(v) for v in arrays["timesteps"]],
+                     int(sched.num_inference_steps), prk, skip, bool(options.get("set_alpha_to_one", False)))
+
+
+def _ipndm_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """IPNDMScheduler: :func:`fastdiff.samplers.pndm.ipndm_rows` on its own grid, whose ``betas`` are the
+    sigmas of the states (``alphas = sqrt(1 - betas^2)``, ``alpha = 0`` at the first point) and whose
+    model output is read as v (diffusers' ``ets = sample * beta + model_output * alpha``)."""
+    from ..samplers.pndm import ipndm_point, ipndm_rows
+
+    start, n = arrays["start"], arrays["steps"]
+    al, sg = _host(sched.alphas), _host(sched.betas)
+    points = [ipndm_point(float(t), float(al[start + i]), float(sg[start + i]))
+              for i, t in enumerate(arrays["timesteps"])]
+    states = [(float(al[j]), float(sg[j])) for j in range(start, start + n + 1)]
+    return ipndm_rows(points, states, "v", 1.0)
+
+
+def _float32_build(name: str) -> Callable[[Any, dict, str, dict], Plan]:
+    """The build hook of a class whose sampler follows diffusers' float32 coefficient arithmetic where a
+    float64 plan would drift from it by more than 1e-5 (DEIS's third-order ``ind_fn``, the singlestep
+    solver's ``(e^{-h} - 1)/h + 1`` forms): the sampler on the scheduler's own grid, ``scalar_dtype`` float32."""
+
+    def build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+        return samplers.build(name, _f32_scalars(sched, arrays), arrays["steps"], prediction=prediction, **options)
+
+    return build
+
+
+def _check_single(cfg: Mapping) -> None:
+    _check_flow_sigmas(cfg)
+    if cfg.get("algorithm_type") == "dpmsolver" and cfg.get("thresholding"):
+        raise ValueError("DPMSolverSinglestepScheduler config algorithm_type='dpmsolver' with thresholding=True is not "
+                         "supported by fastdiff.diffusers: diffusers' step fails there (it indexes alpha_t with None)")
+
+
+def _ddim_inverse_build(sched, arrays: dict, prediction: str, options: dict, jump: int | None = None) -> Plan:
+    """DDIMInverseScheduler: :func:`fastdiff.samplers.inverse.ddim_inverse` on the scheduler's timesteps,
+    with the first alpha the instance has (its deprecated ``set_alpha_to_zero`` argument sets it, not the
+    config's ``set_alpha_to_one``)."""
+    from ..samplers.inverse import ddim_inverse
+
+    options = dict(options, set_alpha_to_one=float(sched.initial_alpha_cumprod) == 1.0)
+    return ddim_inverse(sched._fd_schedule(arrays), arrays["steps"], check_prediction(prediction), jump=jump,
+                        **options)
+
+
+def _ddim_inverse_at(sched, t: int, prediction: str, options: dict) -> Plan:
+    """DDIMInverseScheduler.step at any integer timestep: diffusers computes it from the value."""
+    if not 0 <= t < len(sched.alphas_cumprod):
+        raise ValueError(f"DDIMInverseScheduler.step(timestep={t}): diffusers indexes alphas_cumprod with it (an "
+                         f"IndexError, or a wrapped index below 0); use a timestep in [0, {len(sched.alphas_cumprod)})")
+    jump = int(sched.config.num_train_timesteps) // int(sched.num_inference_steps)
+    return _ddim_inverse_build(sched, {"timesteps": np.array([float(t)]), "steps": 1}, prediction, options, jump)
+
+
+def _check_inverse(cfg: Mapping) -> None:
+    _check_flow_sigmas(cfg)
+    a, k = cfg.get("algorithm_type"), cfg.get("solver_order")
+    if a not in ("dpmsolver++", "dpmsolver"):
+        why = ("an inversion's log-SNR decreases, where the SDE noise term has no real value: diffusers' step gives "
+               "NaN" if a in ("sde-dpmsolver++", "sde-dpmsolver") else "supported: 'dpmsolver++', 'dpmsolver'")
+        raise ValueError(f"DPMSolverMultistepInverseScheduler config algorithm_type={a!r} is not supported by "
+                         f"fastdiff.diffusers ({why})")
+    if isinstance(k, bool) or k not in (1, 2, 3):
+        raise ValueError(f"DPMSolverMultistepInverseScheduler config solver_order={k!r} is not supported by "
+                         "fastdiff.diffusers (supported: 1, 2, 3)")
+
+
+def _inverse_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """DPMSolverMultistepInverseScheduler: ``dpm_inverse`` on the scheduler's own (rising) grid with its
+    float32 coefficient arithmetic; ``lower_order_final`` applies only where the WHOLE run has < 15 steps
+    (a run that starts part-way, found by its first timestep, has fewer), as diffusers decides it."""
+    options = dict(options, lower_order_final=bool(options.get("lower_order_final", True))
+                   and len(sched.timesteps) < 15)
+    return samplers.build("dpm_inverse", _f32_scalars(sched, arrays), arrays["steps"], prediction=prediction,
+                          **options)
+
+
+_SINGLE_NOTE = ("not algorithm_type=dpmsolver with thresholding (diffusers' step fails); variance_type learned/"
+                "learned_range: channels [:3] of an epsilon output, as diffusers slices; generator noise in the "
+                "converted estimate's dtype (prediction_type=sample with a model output narrower than the sample: "
+                "the promoted dtype); " + _FLOW_NOTE)
+_PNDM_NOTE = ("a run is the part of scheduler.timesteps it is given from diffusers' call counter 0 (img2img passes "
+              "timesteps[k:]; where that first timestep repeats, the next call's tells which run it is)")
+_INVERSE_NOTE = ("not sde-dpmsolver / sde-dpmsolver++ (an inversion's log-SNR decreases: diffusers' noise term is "
+                 "NaN), not solver_order > 3; variance_type learned/learned_range: channels [:3] of an epsilon "
+                 "output; " + _FLOW_NOTE)
+
 
 SUPPORT: dict[str, _Spec] = {
-    "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False, build=_ddpm_learned,
-                           note="variance_type in (fixed_small, fixed_small_log, fixed_large, learned, "
-                                "learned_range: the variance channels of the model output, noise then drawn as "
-                                "diffusers draws it also without a generator); " + _TIMESTEP_NOTE),
+    "DDPMScheduler": _Spec(_named("ddpm"), "timesteps", ("variance_type", *_CLIP), indexed=False, build=_ddpm_stock,
+                           row_at=_ddpm_at,
+                           note="variance_type any value (learned, learned_range: the variance channels of the "
+                                "model output, noise then drawn as diffusers draws it also without a generator; "
+                                "values other than fixed_small_log, fixed_large, fixed_large_log and the learned "
+                                "ones are fixed_small, as in diffusers); " + _TIMESTEP_NOTE),
     "DDIMScheduler": _Spec(
         _named("ddim"), "timesteps", ("set_alpha_to_one", *_CLIP),
         step_options={"eta": "eta", "use_clipped_model_output": "use_clipped_model_output"}, indexed=False,
-        needs_set_timesteps=True, note=_TIMESTEP_NOTE, array_model_output=True),
+        needs_set_timesteps=True, note=_TIMESTEP_NOTE, array_model_output=True, build=_ddim_stock, row_at=_ddim_at),
     "EulerDiscreteScheduler": _Spec(
         _named("euler"), "sigmas", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_euler_churn,
         out_dtype="model", x0_float32=True, no_integer_timestep=True,
@@ -333,26 +963,122 @@ SUPPORT: dict[str, _Spec] = {
     "DPMSolverMultistepScheduler": _Spec(
         _dpm_sampler, "multistep",
         ("solver_type", "lower_order_final", "euler_at_final", *_THRESH),
-        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"),
-              "solver_order": (1, 2, 3), "variance_type": (None, "learned", "learned_range")},
+        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")},
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
         needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
-        check=_check_flow_sigmas, note=_DPM_NOTE, model_output=_dpm_model_output, array_model_output=True,
-        noise_shape=_dpm_noise_shape),
+        check=_check_multistep, note=_DPM_NOTE, model_output=_dpm_model_output, array_model_output=True,
+        noise_shape=_dpm_noise_shape, accepted=("variance_type", "solver_order"),
+        prefix_options={"lower_order_final": False, "euler_at_final": False}, prefix_exact=_dpm_prefix_exact),
     "UniPCMultistepScheduler": _Spec(
         _named("unipc"), "multistep",
         ("solver_order", "solver_type", "lower_order_final", "disable_corrector", "predict_x0", "solver_p",
          *_THRESH),
         restart="slice", needs_set_timesteps=True,
-        predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample", check=_check_flow_sigmas,
-        note=_UNIPC_NOTE, array_model_output=True),
+        predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample", check=_check_multistep,
+        note=_UNIPC_NOTE, array_model_output=True,
+        prefix_options={"lower_order_final": False}, prefix_exact=_unipc_prefix_exact),
     "FlowMatchEulerDiscreteScheduler": _Spec(
         _named("flow_euler"), "flow", ("stochastic_sampling", "invert_sigmas"), build=_flow_inverted,
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
         noise_dtype=torch.float32, out_dtype="model", predictions=(), no_integer_timestep=True,
         noise_shape="sample"),
+    "FlowMatchHeunDiscreteScheduler": _Spec(
+        _named("flow_heun"), "flow_heun", step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_flow_heun_churn,
+        out_dtype="model", predictions=(), no_integer_timestep=True, needs_set_timesteps=True,
+        note="step(s_churn, s_tmin, s_tmax, s_noise) as diffusers (noise drawn in both stages where gamma > 0)"),
+    # -- distilled, EDM, k-diffusion-style and SA-Solver classes (their build hooks: see _distilled .. _sa_build)
+    "LCMScheduler": _Spec(
+        _named("lcm"), "timesteps", ("timestep_scaling", *_CLIP),
+        accepted=("original_inference_steps", "set_alpha_to_one"), build=_distilled("lcm"), needs_set_timesteps=True,
+        noise_dtype="promote", array_model_output=True,
+        note="set_alpha_to_one: no effect (as in diffusers' step); " + _DISTILLED_NOTE),
+    "TCDScheduler": _Spec(
+        _named("tcd"), "timesteps",
+        accepted=("original_inference_steps", "timestep_scaling", "set_alpha_to_one", *_CLIP),
+        step_options={"eta": "eta"}, build=_distilled("tcd"), needs_set_timesteps=True, noise_dtype="promote",
+        array_model_output=True,
+        note="clip_sample, thresholding (and their values), timestep_scaling, set_alpha_to_one: no effect (as in "
+             "diffusers' step); " + _DISTILLED_NOTE),
+    "FlowMatchLCMScheduler": _Spec(
+        _named("flow_lcm"), "flow", only={"scale_factors": (None, [])}, accepted=("invert_sigmas", "upscale_mode"),
+        before_step=_flow_lcm_state, noise_dtype=torch.float32, out_dtype="model", predictions=(),
+        no_integer_timestep=True, noise_shape="broadcast",
+        note="scale_factors (also set_scale_factors) refused: they resize the estimate between steps"),
+    "EDMEulerScheduler": _Spec(
+        _edm_sampler, "sigmas", accepted=("sigma_data", "sigma_schedule", "rho"), build=_edm_build,
+        step_plan=_EULER_CHURN, plan_key=_euler_churn_key, adjust=_edm_churn, step_only={"pred_original_sample": None},
+        out_dtype="model", x0_float32=True, no_integer_timestep=True, predictions=("epsilon", "v_prediction"),
+        note=_EDM_NOTE + "; step(s_churn, s_tmin, s_tmax, s_noise) as diffusers"),
+    "EDMDPMSolverMultistepScheduler": _Spec(
+        _edm_sampler, "sigmas", ("solver_type", "lower_order_final", "euler_at_final", *_THRESH),
+        only={"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3)},
+        accepted=("sigma_data", "sigma_schedule", "rho"), fixed={"flavor": "diffusers"}, build=_edm_build,
+        check=_check_edm_dpm, noise_dtype="promote", noise_shape="broadcast", restart="slice", array_model_output=True,
+        array_sample=True, needs_set_timesteps=True, predictions=("epsilon", "v_prediction"),
+        prefix_options={"lower_order_final": False, "euler_at_final": False}, prefix_exact=_dpm_prefix_exact,
+        note=_EDM_NOTE + "; not sde-dpmsolver++ with solver_order=3 (diffusers has no such update)"),
+    "KDPM2DiscreteScheduler": _Spec(
+        _named("dpm_2"), "sigmas", build=_two_stage_build, after_step=_first_order_state,
+        predictions=("epsilon", "v_prediction"), array_model_output=True),
+    "KDPM2AncestralDiscreteScheduler": _Spec(
+        _named("dpm_2_ancestral"), "sigmas", build=_two_stage_build, after_step=_first_order_state,
+        predictions=("epsilon", "v_prediction")),
+    "DPMSolverSDEScheduler": _Spec(
+        _named("dpmpp_sde"), "sigmas", accepted=("noise_sampler_seed",), step_options={"s_noise": "s_noise"},
+        fixed={"brownian": False}, build=_two_stage_build, before_step=_sde_noise, after_step=_sde_state,
+        predictions=("epsilon", "v_prediction"), array_model_output=True,
+        note="noise from diffusers' own Brownian tree (torchsde), seeded by noise_sampler_seed as there"),
+    "SASolverScheduler": _Spec(
+        _named("sa_solver"), "multistep", ("predictor_order", "corrector_order", "algorithm_type", "lower_order_final",
+                                           *_THRESH),
+        only={"predictor_order": (1, 2, 3, 4), "corrector_order": (1, 2, 3, 4),
+              "algorithm_type": ("data_prediction", "noise_prediction")},
+        accepted=("tau_func", "variance_type"), build=_sa_build, check=_check_sa, before_step=_sa_shapes,
+        after_step=_sa_state,
+        out_dtype="sample", restart="slice", needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
+        note="tau_func any callable (called per step on the timestep, as diffusers' step does); variance_type not "
+             "learned / learned_range (diffusers' step fails); flow_prediction only with use_flow_sigmas=True and "
+             "data_prediction"),
+    # -- PNDM, IPNDM, DEIS, DPM-Solver singlestep, inversion (their build hooks: see _pndm_build .. _ddim_inverse_build)
+    "PNDMScheduler": _Spec(
+        _named("pndm"), "own", ("skip_prk_steps", "set_alpha_to_one"), build=_pndm_build, counter="counter",
+        indexed=False, restart="slice", needs_set_timesteps=True, predictions=("epsilon", "v_prediction"),
+        array_model_output=True, array_sample=True, note=_PNDM_NOTE),
+    "IPNDMScheduler": _Spec(
+        _named("ipndm"), "own", build=_ipndm_build, restart="slice", predictions=(),
+        note="the model output is read as v, as diffusers' step reads it; trained_betas are the grid's sigmas"),
+    "DEISMultistepScheduler": _Spec(
+        _named("deis"), "multistep", ("solver_order", "lower_order_final", *_THRESH),
+        only={"algorithm_type": ("deis",), "solver_type": ("logrho",)}, build=_float32_build("deis"),
+        restart="slice", needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS, check=_check_flow_sigmas,
+        array_model_output=True, note="solver_order any int >= 1 (above 3: third order, as diffusers); " + _FLOW_NOTE),
+    "DPMSolverSinglestepScheduler": _Spec(
+        _named("dpm_single"), "multistep",
+        ("solver_order", "algorithm_type", "solver_type", "lower_order_final", *_THRESH),
+        accepted=("variance_type",), build=_float32_build("dpm_single"), check=_check_single,
+        model_output=_dpm_model_output, noise_dtype="promote", noise_shape=_dpm_noise_shape, restart="slice",
+        needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS, array_model_output=True, note=_SINGLE_NOTE),
+    "DDIMInverseScheduler": _Spec(
+        _named("ddim_inverse"), "timesteps", ("clip_sample", "clip_sample_range", "set_alpha_to_one"),
+        build=_ddim_inverse_build, row_at=_ddim_inverse_at, indexed=False, needs_set_timesteps=True,
+        output="DDIMSchedulerOutput", array_model_output=True,
+        note="step(timestep) any integer timestep (diffusers computes the step from the value); not "
+             "prediction_type=sample with set_alpha_to_one=True (the first step's noise estimate divides by "
+             "sigma = 0 there: diffusers gives inf/NaN)"),
+    "DPMSolverMultistepInverseScheduler": _Spec(
+        _named("dpm_inverse"), "multistep",
+        ("algorithm_type", "solver_order", "solver_type", "lower_order_final", "euler_at_final", *_THRESH),
+        accepted=("variance_type",), build=_inverse_build, restart="slice", needs_set_timesteps=True,
+        predictions=_MULTISTEP_PREDICTIONS, check=_check_inverse, model_output=_dpm_model_output,
+        array_model_output=True,
+        prefix_options={"lower_order_final": False, "euler_at_final": False}, prefix_exact=_dpm_prefix_exact,
+        note=_INVERSE_NOTE),
 }
 """Supported diffusers scheduler classes (by name) and how each maps onto a fastdiff sampler."""
+
+
+def _noise_text(dtype) -> str:
+    return "the promoted dtype of sample and model output" if dtype == "promote" else "float32"
 
 
 def support_table() -> str:
@@ -366,7 +1092,7 @@ def support_table() -> str:
         pred = (f"prediction_type in ({', '.join(s.predictions)})",) if s.predictions else ()
         lines.append(f"{name}: {', '.join(pred + s.options)}"
                      f"{'; only ' + only if only else ''}; step: {', '.join(step) or '-'}"
-                     f"{'; generator noise in float32' if s.noise_dtype is not None else ''}"
+                     f"{'; generator noise in ' + _noise_text(s.noise_dtype) if s.noise_dtype else ''}"
                      f"{'; ' + s.note if s.note else ''}")
     return "\n".join(lines)
 
@@ -388,7 +1114,7 @@ def _spec_of(cls: type) -> _Spec:
 def _check_config(cls_name: str, spec: _Spec, cfg: Mapping) -> None:
     """Raise ``ValueError`` naming any config key (or value) the fused step does not implement."""
     for k, v in cfg.items():
-        if k in _META_KEYS or k in _GRID_KEYS or k in spec.options or k == "prediction_type":
+        if k in _META_KEYS or k in _GRID_KEYS or k in spec.options or k in spec.accepted or k == "prediction_type":
             continue
         if k in spec.only:
             if v not in spec.only[k]:

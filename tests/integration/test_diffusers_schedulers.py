@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from tests.samplers._harness import SD, assert_close_traj, initial_noise, rel_err, toy_model
+from tests.samplers._harness import SD, assert_close_traj, count_fused_steps, initial_noise, rel_err, toy_model
 
 diffusers = pytest.importorskip("diffusers")
 from fastdiff.diffusers import SUPPORT, from_diffusers, support_table  # noqa: E402
@@ -58,7 +58,10 @@ def check(cls_name: str, cfg: dict, steps, seed: int, *, dtype=torch.float32, ga
     model = toy_model(seed, gain=gain)
     kw = dict(set_kw=set_kw, begin=begin, step_kwargs=step_kwargs, seed=seed + 1)
     ref = run(stock, model, x, steps, **kw)
-    got = run(fused, model, x, steps, **kw)
+    with count_fused_steps() as fused_steps:
+        got = run(fused, model, x, steps, **kw)
+    stock_fallback = fused._fd_run is not None and fused._fd_run.plan is None  # (LMS from a late start)
+    assert fused_steps.n == (0 if stock_fallback else len(got)), f"{fused_steps.n} fused steps for {len(got)} steps"
     assert [t.dtype for t in got] == [t.dtype for t in ref]
     what = f"{cls_name} {cfg} seed={seed}"
     if not truth64:
@@ -169,6 +172,12 @@ def _cases():
         {"shift": 3.0, "use_exponential_sigmas": True}, {"shift": 3.0, "stochastic_sampling": True})]
     c += [("FlowMatchEulerDiscreteScheduler", {"shift": 2.0},
            {"steps": None, "set_kw": {"sigmas": [1.0, 0.8, 0.55, 0.3, 0.1]}})]
+    # flow matching, Heun (two calls per step, Euler into 0; s_churn re-noises both stages' sigma)
+    c += [("FlowMatchHeunDiscreteScheduler", {"shift": s}, {}) for s in (1.0, 3.0)]
+    c += [("FlowMatchHeunDiscreteScheduler", {"shift": 3.0, "num_train_timesteps": 500}, {"steps": 7}),
+          ("FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, {"step_kwargs": {"s_churn": 2.0}}),
+          ("FlowMatchHeunDiscreteScheduler", {"shift": 2.0},
+           {"step_kwargs": {"s_churn": 40.0, "s_tmin": 0.2, "s_tmax": 0.9, "s_noise": 1.01}})]
     return c
 
 
@@ -217,7 +226,11 @@ def test_drop_in_rows_carry_alpha_t_sigma_t(case):
 
 
 def test_every_supported_class_is_covered():
-    assert {c[0] for c in CASES} == set(SUPPORT)
+    """Each class of SUPPORT is compared with stock here or in the test file of the classes added with it."""
+    from tests.integration import test_dropin_distilled_new, test_dropin_multistep_new
+
+    covered = {c[0] for c in CASES} | set(test_dropin_distilled_new.CLASSES) | set(test_dropin_multistep_new.CLASSES)
+    assert covered == set(SUPPORT), (sorted(set(SUPPORT) - covered), sorted(covered - set(SUPPORT)))
     assert set(SUPPORT) >= {"DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
                             "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
                             "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"}
@@ -353,18 +366,23 @@ def test_return_dict_false_gives_a_tuple():
 # ------------------------------------------------------------------------ what is refused
 
 
+UNSUPPORTED = "DDIMParallelScheduler"  # a diffusers class SUPPORT lacks
+
+
 def test_unsupported_class_is_named():
-    with pytest.raises(TypeError, match="PNDMScheduler"):
-        from_diffusers(diffusers.PNDMScheduler())
+    assert UNSUPPORTED not in SUPPORT and hasattr(diffusers, UNSUPPORTED)
+    with pytest.raises(TypeError, match=f"does not support scheduler class .*{UNSUPPORTED}"):
+        from_diffusers(getattr(diffusers, UNSUPPORTED)())
 
 
 @pytest.mark.parametrize("cls, cfg, match", [
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min",
                                      "solver_order": 3}, "solver_order=3"),
     ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction"}, "use_flow_sigmas"),
-    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "v_prediction"}, "v_prediction"),
     ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "predict_x0": False},
      "predict_x0"),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "v_prediction", "predict_x0": False},
+     "noise-prediction solver"),
     ("EulerAncestralDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type='sample'"),
 ])
 def test_unsupported_config_values_are_named(cls, cfg, match):
@@ -379,15 +397,38 @@ def test_unknown_config_key_is_named():
         from_diffusers(s)
 
 
-@pytest.mark.parametrize("cls, cfg, match", [
-    ("DDPMScheduler", {"variance_type": "fixed_large_log"}, "variance_type"),
-    ("UniPCMultistepScheduler", {"solver_order": 3, "lower_order_final": False}, "lower_order_final"),
-    ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0"),
+@pytest.mark.parametrize("cls, cfg, bad, match", [
+    ("DDPMScheduler", {"variance_type": "fixed_large_log"}, 0, "fixed_large_log"),  # sqrt(log(beta)) where t > 0
+    ("UniPCMultistepScheduler", {"solver_order": 3, "lower_order_final": False}, 9, "lower_order_final"),
+    ("UniPCMultistepScheduler", {"predict_x0": False}, 9, "predict_x0"),
 ])
-def test_options_the_rows_cannot_express_fail_at_set_timesteps(cls, cfg, match):
-    fu = from_diffusers(getattr(diffusers, cls)(**cfg))
-    with pytest.raises(ValueError, match=match):
-        fu.set_timesteps(10)
+def test_steps_the_rows_cannot_express_are_refused_when_they_run(cls, cfg, bad, match, seed):
+    """diffusers' step gives NaN at step ``bad`` only (UniPC: the last, into sigma = 0; DDPM's
+    fixed_large_log wherever it draws noise): set_timesteps plans the run, every other step matches
+    the stock one, and that step is refused by name when it runs."""
+    stock, fused = getattr(diffusers, cls)(**cfg), from_diffusers(getattr(diffusers, cls)(**cfg))
+    f = toy_model(seed)
+    for s in (stock, fused):
+        s.set_timesteps(10)
+    x = initial_noise(seed, 1.0)
+    for i, t in enumerate(stock.timesteps):
+        m = f(x, t.float().expand(2))
+        if i == bad:
+            try:  # stock: NaN/inf, or a failure (UniPC's order-3 corrector into sigma = 0: a singular solve)
+                assert not torch.isfinite(stock.step(m, t, x).prev_sample).all()
+            except RuntimeError:
+                pass
+            with pytest.raises(ValueError, match=match):
+                fused.step(m, t, x)
+            break
+        ref = stock.step(m, t, x, **({"generator": torch.Generator().manual_seed(i)} if cls == "DDPMScheduler" else {}))
+        got = fused.step(m, t, x, **({"generator": torch.Generator().manual_seed(i)} if cls == "DDPMScheduler" else {}))
+        assert rel_err(got.prev_sample, ref.prev_sample) <= TOL
+        x = ref.prev_sample
+    if cls == "DDPMScheduler":  # its last step (t = 0) draws no noise: finite, and run as in stock
+        t = stock.timesteps[-1]
+        m = f(x, t.float().expand(2))
+        assert rel_err(fused.step(m, t, x).prev_sample, stock.step(m, t, x).prev_sample) <= TOL
 
 
 def test_unsupported_step_arguments_are_named():
@@ -396,7 +437,7 @@ def test_unsupported_step_arguments_are_named():
     fl.set_timesteps(5)
     with pytest.raises(ValueError, match="per_token_timesteps"):
         fl.step(x, fl.timesteps[0], x, per_token_timesteps=torch.ones(1))
-    dd = from_diffusers(diffusers.DDIMScheduler(clip_sample=False))
+    dd = from_diffusers(diffusers.DDPMScheduler(clip_sample=False))  # (DDIM steps from any integer timestep)
     dd.set_timesteps(5)
     with pytest.raises(ValueError, match="timestep=3"):
         dd.step(x, 3, x)

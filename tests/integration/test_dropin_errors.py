@@ -6,8 +6,8 @@ no attribute 'nonzero'`` for a string timestep, ``IndexError`` for a timestep no
 ``ValueError`` naming the argument, before any state changes; where the stock step accepts an
 input (model output and sample that broadcast, 0-d tensors, a numpy model output in the classes
 whose arithmetic takes one, a one-element timestep tensor), the drop-in accepts it and returns
-the stock step's result. One documented difference: ``DDIMScheduler`` steps from ANY integer
-timestep, the drop-in only from one of ``scheduler.timesteps`` (a plan row per timestep).
+the stock step's result (``DDIMScheduler`` steps from ANY integer timestep, as diffusers' does: the
+row of that timestep is built on demand).
 
 What stock 0.42 raises for each refused case is asserted alongside (the reason for the refusal).
 """
@@ -30,9 +30,19 @@ X_SHAPE = (2, 3, 4, 4)
 TOL = 1e-5
 
 
+# class-specific setup, so that stock and drop-in are comparable at all: DPMSolverSDE's default config
+# seeds its Brownian tree from torch's global RNG at the first step (two runs differ, stock or not)
+DEFAULT_CFG = {"DPMSolverSDEScheduler": {"noise_sampler_seed": 0}}
+
+
+def _new(name: str, cfg: dict | None = None, fused: bool = False):
+    """A scheduler of class ``name`` (the drop-in if ``fused``) with ``cfg`` over the class's default setup."""
+    s = getattr(diffusers, name)(**{**DEFAULT_CFG.get(name, {}), **(cfg or {})})
+    return from_diffusers(s) if fused else s
+
+
 def _pair(name: str, cfg: dict | None = None, steps: int = 5):
-    cls = getattr(diffusers, name)
-    stock, fused = cls(**(cfg or {})), from_diffusers(cls(**(cfg or {})))
+    stock, fused = _new(name, cfg), _new(name, cfg, fused=True)
     stock.set_timesteps(steps)
     fused.set_timesteps(steps)
     return stock, fused
@@ -47,7 +57,7 @@ def _kw(sched, seed: int | None = None) -> dict:
     return {"generator": torch.Generator().manual_seed(seed)} if ok else {}
 
 
-def _run(sched, mshape, xshape, step_kwargs=None, seed=0, numpy_m=False, steps=4):
+def _run(sched, mshape, xshape, step_kwargs=None, seed=0, numpy_m=False, steps=4, numpy_x=False):
     """A short diffusers loop with a model output of ``mshape`` for a sample of ``xshape``; the states."""
     sched.set_timesteps(steps)
     kw = {**_kw(sched, seed), **(step_kwargs or {})}
@@ -57,7 +67,7 @@ def _run(sched, mshape, xshape, step_kwargs=None, seed=0, numpy_m=False, steps=4
     for t in sched.timesteps:
         u = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         m = 0.3 * torch.tanh(u.mean() + torch.randn(mshape, generator=g))
-        r = sched.step(m.numpy() if numpy_m else m, t, x, **kw)
+        r = sched.step(m.numpy() if numpy_m else m, t, x.numpy() if numpy_x else x, **kw)
         x = r.prev_sample
         out.append(x)
     return out
@@ -95,6 +105,11 @@ MALFORMED = [
 def test_malformed_arguments_are_refused_by_name(name, case, make, exc, arg):
     stock, fused = _pair(name)
     x = _x()
+    if case == "sample-numpy" and SUPPORT[name].array_sample:
+        # stock EDM DPM-Solver and PNDM take a numpy sample (their arithmetic with tensors makes it one):
+        # the drop-in takes it too, with the stock result at every step
+        _same_run(_run(stock, X_SHAPE, X_SHAPE, numpy_x=True), _run(fused, X_SHAPE, X_SHAPE, numpy_x=True))
+        return
     with pytest.raises(Exception) as stock_err:  # noqa: PT011 - stock fails too, with an unrelated error
         stock.step(*make(stock.timesteps, x))
     assert stock_err.type is not exc or arg not in str(stock_err.value)  # ... that does not name the argument
@@ -104,11 +119,16 @@ def test_malformed_arguments_are_refused_by_name(name, case, make, exc, arg):
     assert arg in msg and name in msg, msg
     # refused before any work: the run still starts at step 0 and matches the stock run
     f = _run(fused, X_SHAPE, X_SHAPE)
-    _same_run(_run(getattr(diffusers, name)(), X_SHAPE, X_SHAPE), f)
+    _same_run(_run(_new(name), X_SHAPE, X_SHAPE), f)
 
 
-@pytest.mark.parametrize("name", [n for n in CLASSES if SUPPORT[n].indexed
-                                  and n not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")])
+# stock classes whose lookup takes a first timestep it does not find as the LAST step (DPM-Solver's rule)
+UNKNOWN_IS_LAST = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EDMDPMSolverMultistepScheduler",
+                   "DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverMultistepInverseScheduler",
+                   "SASolverScheduler")
+
+
+@pytest.mark.parametrize("name", [n for n in CLASSES if SUPPORT[n].indexed and n not in UNKNOWN_IS_LAST])
 @pytest.mark.parametrize("shift", [0.5, float("nan")])
 def test_first_timestep_not_in_the_schedule_is_refused(name, shift):
     """Stock looks the first step's position up by value and fails with an IndexError naming nothing."""
@@ -121,15 +141,38 @@ def test_first_timestep_not_in_the_schedule_is_refused(name, shift):
         fused.step(x, t, x)
 
 
-@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
-def test_multistep_unknown_first_timestep_is_the_last_step_as_in_stock(name):
-    """diffusers' DPM-Solver and UniPC take a timestep they do not know as the last step; so does the drop-in."""
-    stock, fused = _pair(name)
+LAST = [(n, {}) for n in UNKNOWN_IS_LAST if n != "SASolverScheduler"]
+LAST += [("SASolverScheduler", {"tau_func": lambda t: 1}), ("SASolverScheduler", {"tau_func": lambda t: 0})]
+
+
+@pytest.mark.parametrize("name, cfg", LAST, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LAST)])
+@pytest.mark.parametrize("shift", [0.5, float("nan")])
+def test_multistep_unknown_first_timestep_is_the_last_step_as_in_stock(name, cfg, shift):
+    """diffusers' DPM-Solver and UniPC (and the classes that share their lookup) take a timestep they do
+    not know as the last step; so does the drop-in (SA-Solver: where its tau_func gives that timestep
+    the last step's tau)."""
+    stock, fused = _pair(name, cfg)
     x = _x()
-    t = float(stock.timesteps[0]) + 0.5
-    a, b = stock.step(x, t, x).prev_sample, fused.step(x, t, x).prev_sample
-    assert stock.step_index == fused.step_index
+    t = float(stock.timesteps[0]) + shift
+    a, b = stock.step(x, t, x, **_kw(stock, 0)).prev_sample, fused.step(x, t, x, **_kw(fused, 0)).prev_sample
+    assert stock.step_index == fused.step_index == len(stock.timesteps)  # (ran the last step)
     assert rel_err(b, a) <= TOL
+
+
+@pytest.mark.parametrize("shift", [0.5, float("nan")])
+def test_sa_solver_unknown_first_timestep_with_another_tau_is_refused(shift):
+    """Stock SA-Solver runs it as the last step too, but with tau_func of the timestep AS GIVEN (999.5 or
+    NaN: tau 0, the last grid timestep 200: tau 1), which no row of the run has: refused by name."""
+    stock, fused = _pair("SASolverScheduler")
+    x = _x()
+    t = float(stock.timesteps[0]) + shift
+    a = stock.step(x, t, x, **_kw(stock, 0)).prev_sample
+    assert stock.step_index == len(stock.timesteps)
+    ref, _ = _pair("SASolverScheduler")  # the stock last step at its own timestep: another tau, another result
+    ref.set_begin_index(len(ref.timesteps) - 1)
+    assert rel_err(ref.step(x, ref.timesteps[-1], x, **_kw(ref, 0)).prev_sample, a) > 10 * TOL
+    with pytest.raises(ValueError, match=r"SASolverScheduler.step\(timestep=.*tau_func of the timestep as given"):
+        fused.step(x, t, x)
 
 
 @pytest.mark.parametrize("timestep", [lambda ts: int(ts[1]) - 1, lambda ts: float("nan")])
@@ -142,14 +185,24 @@ def test_ddpm_timestep_not_in_the_schedule_is_refused(timestep):
         fused.step(x, timestep(fused.timesteps), x)
 
 
-def test_ddim_off_grid_integer_timestep_is_the_documented_difference():
+@pytest.mark.parametrize("timestep", [lambda ts: int(ts[1]) - 1, lambda ts: 1, lambda ts: 0, lambda ts: -1,
+                                      lambda ts: torch.tensor(7), lambda ts: ts[2] + 3])
+def test_ddim_off_grid_integer_timestep_runs_as_in_stock(timestep):
+    """diffusers' DDIM computes the step from the timestep value (into t - T // steps): so does the drop-in."""
+    stock, fused = _pair("DDIMScheduler")
+    x, m = _x(), _x(1)
+    a = stock.step(m, timestep(stock.timesteps), x).prev_sample
+    assert rel_err(fused.step(m, timestep(fused.timesteps), x).prev_sample, a) <= TOL
+
+
+@pytest.mark.parametrize("timestep", [lambda ts: 500.5, lambda ts: float("nan"), lambda ts: 1000, lambda ts: -1001])
+def test_ddim_timestep_diffusers_cannot_index_is_refused(timestep):
     stock, fused = _pair("DDIMScheduler")
     x = _x()
-    t = int(stock.timesteps[1]) - 1
-    stock.step(x, t, x)  # diffusers steps from any integer timestep
-    with pytest.raises(ValueError, match=r"DDIMScheduler.step\(timestep=.*one of scheduler.timesteps"):
-        fused.step(x, t, x)
-    assert "one of scheduler.timesteps" in SUPPORT["DDIMScheduler"].note
+    with pytest.raises(IndexError):
+        stock.step(x, timestep(stock.timesteps), x)
+    with pytest.raises(ValueError, match=r"DDIMScheduler.step\(timestep=.*(one of scheduler.timesteps|IndexError)"):
+        fused.step(x, timestep(fused.timesteps), x)
 
 
 # ------------------------------------------------------------------ accepted as stock accepts
@@ -163,7 +216,7 @@ NOISY = [
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "prediction_type": "sample"}, {}),
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, {}),
 ]
-RUNS = [(n, {}, {}) for n in CLASSES] + NOISY
+RUNS = [(n, DEFAULT_CFG.get(n, {}), {}) for n in CLASSES] + NOISY
 
 
 @pytest.mark.parametrize("mshape, xshape", [((1, 3, 4, 4), (2, 3, 4, 4)), ((3, 4, 4), (2, 3, 4, 4)),
@@ -172,19 +225,24 @@ RUNS = [(n, {}, {}) for n in CLASSES] + NOISY
 @pytest.mark.parametrize("name, cfg, step_kwargs", RUNS, ids=[f"{n}-{c}-{k}" for n, c, k in RUNS])
 def test_broadcasting_shapes_run_as_in_stock(name, cfg, step_kwargs, mshape, xshape):
     """diffusers' arithmetic broadcasts the model output against the sample (and draws noise in the
-    model output's, the sample's or the broadcast shape); the drop-in computes the same."""
-    cls = getattr(diffusers, name)
-    _same_run(_run(cls(**cfg), mshape, xshape, step_kwargs), _run(from_diffusers(cls(**cfg)), mshape, xshape,
-                                                                  step_kwargs))
+    model output's, the sample's or the broadcast shape); the drop-in computes the same. Where stock
+    fails (SA-Solver adds a wider model output into a sample-shaped result in place), refused by name."""
+    if name == "SASolverScheduler" and torch.broadcast_shapes(mshape, xshape) != xshape:
+        with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+            _run(_new(name, cfg), mshape, xshape, step_kwargs)
+        with pytest.raises(ValueError, match=r"SASolverScheduler.step: model_output .* broadcasts the sample"):
+            _run(_new(name, cfg, fused=True), mshape, xshape, step_kwargs)
+        return
+    _same_run(_run(_new(name, cfg), mshape, xshape, step_kwargs), _run(_new(name, cfg, fused=True), mshape, xshape,
+                                                                       step_kwargs))
 
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_zero_dimensional_tensors_as_in_stock(name):
     """0-d sample and model output: deterministic steps run (as in stock); a step that draws noise
     is refused by name where stock fails in its noise draw (which reads a batch size)."""
-    cls = getattr(diffusers, name)
     try:
-        ref = _run(cls(), (), ())
+        ref = _run(_new(name), (), ())
     except IndexError:
         ref = None
     if ref is None or name == "UniPCMultistepScheduler":
@@ -192,24 +250,26 @@ def test_zero_dimensional_tensors_as_in_stock(name):
         # runs them (nothing is drawn, nothing is ambiguous): more lenient, never different
         if ref is None and name != "UniPCMultistepScheduler":
             with pytest.raises(ValueError, match="draws noise.*batch dimension"):
-                _run(from_diffusers(cls()), (), ())
+                _run(_new(name, fused=True), (), ())
         return
-    _same_run(ref, _run(from_diffusers(cls()), (), ()))
+    _same_run(ref, _run(_new(name, fused=True), (), ()))
 
 
 @pytest.mark.parametrize("name", CLASSES)
 def test_numpy_model_output_as_in_stock(name):
-    cls = getattr(diffusers, name)
     if SUPPORT[name].array_model_output:
-        _same_run(_run(cls(), X_SHAPE, X_SHAPE, numpy_m=True), _run(from_diffusers(cls()), X_SHAPE, X_SHAPE,
+        _same_run(_run(_new(name), X_SHAPE, X_SHAPE, numpy_m=True), _run(_new(name, fused=True), X_SHAPE, X_SHAPE,
                                                                     numpy_m=True))
         return
     with pytest.raises((TypeError, AttributeError)):  # stock: to() / randn() of a numpy dtype
-        _run(cls(), X_SHAPE, X_SHAPE, numpy_m=True)
+        _run(_new(name), X_SHAPE, X_SHAPE, numpy_m=True)
     with pytest.raises(TypeError, match=f"{name}.step: model_output must be a torch.Tensor"):
-        _run(from_diffusers(cls()), X_SHAPE, X_SHAPE, numpy_m=True)
+        _run(_new(name, fused=True), X_SHAPE, X_SHAPE, numpy_m=True)
 
 
+_LENIENT_UNINDEXED = tuple((IndexError, f) for f in ("float", "numpy-float", "numpy-0d", "numpy-shape-1"))
+_LENIENT_FORMS = {"LCMScheduler": ((IndexError, "float"), (IndexError, "numpy-float"), (TypeError, "numpy-shape-1")),
+                  "TCDScheduler": ((IndexError, "float"), (IndexError, "numpy-float"))}
 FORMS = {"shape-1": lambda t: t.reshape(1), "float": lambda t: float(t), "numpy-float": lambda t: np.float64(t),
          "numpy-0d": lambda t: np.array(float(t)), "numpy-shape-1": lambda t: np.array([float(t)])}
 
@@ -222,11 +282,14 @@ def test_one_value_timestep_forms_as_in_stock(name, form):
     t = stock.timesteps[0]
     try:
         a = stock.step(x, FORMS[form](t), x, **_kw(stock, 0)).prev_sample
-    except IndexError:
-        # stock DDPM/DDIM index alphas_cumprod with the value as given (a float fails); the drop-in
-        # takes the value (one of scheduler.timesteps): more lenient, never a different step
-        assert not SUPPORT[name].indexed and form in ("float", "numpy-float", "numpy-0d", "numpy-shape-1")
-        fused.step(x, FORMS[form](t), x, **_kw(fused, 0))
+    except (IndexError, TypeError) as exc:
+        # stock DDPM/DDIM (and LCM/TCD) index alphas_cumprod with the value as given (a float fails),
+        # stock LCM multiplies the sample by c_skip computed from a numpy (1,) timestep (a TypeError);
+        # the drop-in takes the value (one of scheduler.timesteps): more lenient, never a different step
+        assert (type(exc), form) in _LENIENT_FORMS.get(name, _LENIENT_UNINDEXED if not SUPPORT[name].indexed
+                                                      else ()), (type(exc), exc)
+        a = _pair(name)[0].step(x, t, x, **_kw(stock, 0)).prev_sample  # the stock step at that timestep
+        assert rel_err(fused.step(x, FORMS[form](t), x, **_kw(fused, 0)).prev_sample, a) <= TOL
         return
     b = fused.step(x, FORMS[form](t), x, **_kw(fused, 0)).prev_sample
     assert rel_err(b, a) <= TOL
@@ -248,6 +311,17 @@ def test_two_dimensional_one_value_timestep(name):
     with pytest.raises(ValueError, match=rf"{name}.step: timestep must be a single value of shape \(\) or \(1,\)"):
         fused.step(x, t, x)
     fused.step(x, t.reshape(1), x, **_kw(fused, 0))  # refused before any work: the run starts as usual
+    if name == "SASolverScheduler":
+        # diffusers' later SA-Solver steps read the value: tau_func(timestep as given), here tau(999) = 0
+        # where step 1's own timestep has tau 1 (stock: another result); refused by name, and the
+        # later step at its own timestep in that shape runs as in stock
+        stock.step(x, t.reshape(1), x, **_kw(stock, 0))
+        with pytest.raises(ValueError, match=r"SASolverScheduler.step\(timestep=.*tau_func of the timestep"):
+            fused.step(x, t, x, **_kw(fused, 0))
+        t1 = stock.timesteps[1].reshape(1, 1)
+        a = stock.step(x, t1, x, **_kw(stock, 1)).prev_sample
+        assert rel_err(fused.step(x, t1, x, **_kw(fused, 1)).prev_sample, a) <= TOL
+        return
     fused.step(x, t, x, **_kw(fused, 0))  # later steps ignore the value, as diffusers' do
 
 

@@ -254,3 +254,24 @@ def gaussian_order(name: str, schedule, prediction: str, steps, seed: int = 0, *
         errs.append(rel_err(out, exact))
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     return float(slope), errs
+
+
+class count_fused_steps:
+    """Context manager counting :func:`fastdiff.runtime.ops.step` calls, the fused step each drop-in
+    scheduler row runs through (``.n``): a test that steps a drop-in shows the fused step ran."""
+
+    def __enter__(self):
+        from fastdiff.runtime import ops
+
+        self.n, self.ops, self.orig = 0, ops, ops.step
+
+        def step(*a, **k):
+            self.n += 1
+            return self.orig(*a, **k)
+
+        ops.step = step
+        return self
+
+    def __exit__(self, *exc):
+        self.ops.step = self.orig
+        return False
