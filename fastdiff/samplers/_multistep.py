@@ -229,3 +229,34 @@ def dpmsolver_restart(options, start: int, steps: int):
             grid[key] = options[key]
     over = {"lower_order_final": bool(options["lower_order_final"]) and steps < 15} if "lower_order_final" in options else {}
     return Restart(grid=grid, options=over)
+
+
+def alpha_sigma32(grid: Grid, i: int) -> tuple[float, float, float]:
+    """``(alpha, sigma_t, sigma)`` at point ``i`` as diffusers computes them in float32 from its float32
+    sigma (``_sigma_to_alpha_sigma_t``): float32 ``alpha^2 + sigma_t^2`` is not exactly 1, which matters
+    where a step cancels (a cosine schedule's ``alpha ~ 3e-5``)."""
+    s = torch.tensor(grid.sigmas[i], dtype=torch.float32)
+    if grid.kind == "flow":
+        a, sg = 1 - s, s
+    elif grid.kind == "ve":
+        a, sg = torch.ones_like(s), s
+    else:
+        a = 1 / ((s**2 + 1) ** 0.5)
+        sg = s * a
+    return float(a), float(sg), float(s)
+
+
+def estimate32(grid: Grid, i: int, prediction: str, noise_form: bool, clip) -> tuple[dict, dict]:
+    """diffusers' ``convert_model_output`` with its float32 ``alpha``, ``sigma`` at point ``i``: the row
+    fields ``(a_x, a_e, alpha_t, sigma_t)`` of ``d`` and the estimate ``m = m_x x + m_d d`` the update
+    combines (data prediction: ``x0``; noise prediction: ``eps``, through the clipped ``x0`` with
+    ``thresholding``). float32 ``alpha^2 + sigma^2`` is not exactly 1, which matters where a step cancels."""
+    a, sg, s = alpha_sigma32(grid, i)
+    if not noise_form:
+        ax, ae = {"eps": (1.0 / a, -sg / a), "x0": (0.0, 1.0), "v": (a, -sg), "flow": (1.0, -s)}[prediction]
+        return dict(a_x=ax, a_e=ae, alpha_t=a, sigma_t=sg), {"x": 0.0, "d": 1.0}
+    bx, be = {"eps": (0.0, 1.0), "x0": (1.0 / sg, -a / sg), "v": (sg, a)}[prediction]
+    if clip is None:
+        return dict(a_x=bx, a_e=be, alpha_t=a, sigma_t=sg), {"x": 0.0, "d": 1.0}
+    # x0 = (x - sigma eps) / alpha, clipped, then eps = (x - alpha x0) / sigma
+    return dict(a_x=(1.0 - sg * bx) / a, a_e=-sg * be / a, alpha_t=a, sigma_t=sg), {"x": 1.0 / sg, "d": -a / sg}

@@ -29,7 +29,7 @@ import torch
 from ..core.plan import Plan, Row, Write, combo
 from . import Restart, register
 from ._common import clip_settings, eps_coeffs
-from ._multistep import Grid, dpmsolver_orders, multistep_grid
+from ._multistep import Grid, alpha_sigma32, dpmsolver_orders, multistep_grid
 
 _OPTIONS = {"solver_order": 2, "lower_order_final": True, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
             "sample_max_value": 1.0}
@@ -115,15 +115,7 @@ def _point32(grid: Grid, i: int, prediction: str) -> tuple[float, float, float, 
     with its data estimate ``x0 = A x + B m`` (``convert_model_output``): the noise estimate it takes
     from that, ``(x - alpha x0) / sigma``, is what float32 alpha and sigma (``alpha^2 + sigma^2`` not
     exactly 1) make of it, which matters where a step cancels (a cosine schedule's ``alpha ~ 3e-5``)."""
-    s = torch.tensor(grid.sigmas[i], dtype=torch.float32)
-    if grid.kind == "flow":
-        a, sg = 1 - s, s
-    elif grid.kind == "ve":
-        a, sg = torch.ones_like(s), s
-    else:
-        a = 1 / ((s**2 + 1) ** 0.5)
-        sg = s * a
-    a, sg, s = float(a), float(sg), float(s)
+    a, sg, s = alpha_sigma32(grid, i)
     A, B = {"eps": (1.0 / a, -sg / a), "x0": (0.0, 1.0), "v": (a, -sg), "flow": (1.0, -s)}[prediction]
     return a, sg, A, B
 

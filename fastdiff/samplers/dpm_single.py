@@ -31,7 +31,7 @@ import torch
 from ..core.plan import Plan, Row, Write, combo
 from . import Restart, register
 from ._common import check_choice, check_number, clip_settings, eps_coeffs
-from ._multistep import Grid, multistep_grid, phi
+from ._multistep import Grid, estimate32, multistep_grid, phi
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver")
 
@@ -207,30 +207,6 @@ def single_update32(grid: Grid, i: int, order: int, algorithm_type: str,
     return float(c_s), coefs, c_z
 
 
-def _estimate32(grid: Grid, i: int, prediction: str, noise_form: bool, clip) -> tuple[dict, dict]:
-    """diffusers' ``convert_model_output`` with its float32 ``alpha``, ``sigma`` at point ``i``: the row
-    fields ``(a_x, a_e, alpha_t, sigma_t)`` of ``d`` and the estimate ``m = m_x x + m_d d`` the update
-    combines (data prediction: ``x0``; noise prediction: ``eps``, through the clipped ``x0`` with
-    ``thresholding``). float32 ``alpha^2 + sigma^2`` is not exactly 1, which matters where a step cancels."""
-    s = torch.tensor(grid.sigmas[i], dtype=torch.float32)
-    if grid.kind == "flow":
-        a, sg = 1 - s, s
-    elif grid.kind == "ve":
-        a, sg = torch.ones_like(s), s
-    else:
-        a = 1 / ((s**2 + 1) ** 0.5)
-        sg = s * a
-    a, sg, s = float(a), float(sg), float(s)
-    if not noise_form:
-        ax, ae = {"eps": (1.0 / a, -sg / a), "x0": (0.0, 1.0), "v": (a, -sg), "flow": (1.0, -s)}[prediction]
-        return dict(a_x=ax, a_e=ae, alpha_t=a, sigma_t=sg), {"x": 0.0, "d": 1.0}
-    bx, be = {"eps": (0.0, 1.0), "x0": (1.0 / sg, -a / sg), "v": (sg, a)}[prediction]
-    if clip is None:
-        return dict(a_x=bx, a_e=be, alpha_t=a, sigma_t=sg), {"x": 0.0, "d": 1.0}
-    # x0 = (x - sigma eps) / alpha, clipped, then eps = (x - alpha x0) / sigma
-    return dict(a_x=(1.0 - sg * bx) / a, a_e=-sg * be / a, alpha_t=a, sigma_t=sg), {"x": 1.0 / sg, "d": -a / sg}
-
-
 def _restart(options, start: int, steps: int) -> Restart:
     """The full run's orders from ``start`` on (``begin_index``), on diffusers' DPM-Solver grid."""
     grid = {"flavor": "dpmsolver"}
@@ -284,7 +260,7 @@ def dpm_single(schedule, steps: int, prediction: str, *, solver_order: int, algo
         c_s, coefs, c_z = update(grid, i, o, algorithm_type, solver_type)
         point = grid.point(i, prediction)
         if update is single_update32:
-            point = dict(point, **_estimate32(grid, i, prediction, noise_form, clip)[0])
+            point = dict(point, **estimate32(grid, i, prediction, noise_form, clip)[0])
         elif noise_form:
             b_x, b_e = eps_coeffs(prediction, point["alpha_t"], point["sigma_t"], point["in_scale"])
             point = dict(point, a_x=b_x, a_e=b_e)  # d is the noise estimate

@@ -35,7 +35,7 @@ from ..core.plan import Plan, Row, Write, combo
 from ..core.schedules import SPACINGS, VPSchedule
 from . import register
 from ._common import check_choice, check_number, clip_settings, data_coeffs, eps_coeffs
-from ._multistep import Grid, divided_differences, dpmsolver_orders, log_snr, phi
+from ._multistep import Grid, divided_differences, dpmsolver_orders, estimate32, log_snr, phi
 
 
 def ddim_inverse(schedule, steps: int, prediction: str, *, clip_sample: bool = True, clip_sample_range: float = 1.0,
@@ -195,30 +195,6 @@ def inverse_update32(grid: Grid, i: int, order: int, algorithm_type: str,
     return float(cx), [w.get(i, 0.0), w.get(i - 1, 0.0), w.get(i - 2, 0.0)]
 
 
-def _estimate32(grid: Grid, i: int, prediction: str, noise_form: bool, clip) -> tuple[dict, dict]:
-    """diffusers' ``convert_model_output`` with its float32 ``alpha``, ``sigma`` at point ``i``: the row
-    fields ``(a_x, a_e, alpha_t, sigma_t)`` of ``d`` and the estimate ``m = m_x x + m_d d`` the update
-    combines (data prediction: ``x0``; noise prediction: ``eps``, through the clipped ``x0`` with
-    ``thresholding``). float32 ``alpha^2 + sigma^2`` is not exactly 1, which matters where a step cancels."""
-    s = torch.tensor(grid.sigmas[i], dtype=torch.float32)
-    if grid.kind == "flow":
-        a, sg = 1 - s, s
-    elif grid.kind == "ve":
-        a, sg = torch.ones_like(s), s
-    else:
-        a = 1 / ((s**2 + 1) ** 0.5)
-        sg = s * a
-    a, sg, s = float(a), float(sg), float(s)
-    if not noise_form:
-        ax, ae = {"eps": (1.0 / a, -sg / a), "x0": (0.0, 1.0), "v": (a, -sg), "flow": (1.0, -s)}[prediction]
-        return dict(a_x=ax, a_e=ae, alpha_t=a, sigma_t=sg), {"x": 0.0, "d": 1.0}
-    bx, be = {"eps": (0.0, 1.0), "x0": (1.0 / sg, -a / sg), "v": (sg, a)}[prediction]
-    if clip is None:
-        return dict(a_x=bx, a_e=be, alpha_t=a, sigma_t=sg), {"x": 0.0, "d": 1.0}
-    # x0 = (x - sigma eps) / alpha, clipped, then eps = (x - alpha x0) / sigma
-    return dict(a_x=(1.0 - sg * bx) / a, a_e=-sg * be / a, alpha_t=a, sigma_t=sg), {"x": 1.0 / sg, "d": -a / sg}
-
-
 def inverse_sampler_check(algorithm_type: str, solver_order) -> str:
     """``algorithm_type`` of an inversion (diffusers' ``deis`` mapped to ``dpmsolver++``), refusing the SDE ones."""
     if algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver"):
@@ -264,7 +240,7 @@ def dpm_inverse(schedule, steps: int, prediction: str, *, algorithm_type: str, s
         point = grid.point(i, prediction)
         a0, s0 = grid.alphas[i], grid.stds[i]
         if update is inverse_update32:
-            fields, m = _estimate32(grid, i, prediction, noise_form, clip)
+            fields, m = estimate32(grid, i, prediction, noise_form, clip)
             point = dict(point, **fields)
         elif not noise_form:
             m = {"x": 0.0, "d": 1.0}  # d is the (clipped) data estimate
