@@ -768,14 +768,19 @@ def _data_estimate(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tenso
         d = a * xc + b * mc
     else:
         d = row.a_x * xc + row.a_e * mc
-    if row.clip is not None:
-        s = bound.to(device=d.device, dtype=cdt).reshape((-1,) + (1,) * (d.dim() - 1))
-        d = torch.minimum(torch.maximum(d, -s), s)
-        if row.clip == "dynamic":
-            d = d / s
+    d = _clipped(d, row, bound, cdt)
     if plan.prediction == "x0":
         return d.to(m_dtype)
     return d.to(torch.promote_types(torch.float32 if upcast32 else x_dtype, m_dtype))
+
+
+def _clipped(d: torch.Tensor, row: Row, bound, cdt: torch.dtype) -> torch.Tensor:
+    """``d`` clipped as ``row`` clips it (per-sample ``bound``; ``dynamic`` also divides by it)."""
+    if row.clip is None:
+        return d
+    s = bound.to(device=d.device, dtype=cdt).reshape((-1,) + (1,) * (d.dim() - 1))
+    d = torch.minimum(torch.maximum(d, -s), s)
+    return d / s if row.clip == "dynamic" else d
 
 
 def _second_output(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tensor, z, bound, x_dtype, m_dtype,
@@ -787,11 +792,7 @@ def _second_output(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tenso
     cdt = torch.float64 if torch.float64 in (x.dtype, m.dtype) else torch.float32
     xc, mc = x.to(cdt), m.to(cdt)
     d = row.a_x * xc + row.a_e * mc
-    if row.clip is not None:
-        s = bound.to(device=d.device, dtype=cdt).reshape((-1,) + (1,) * (d.dim() - 1))
-        d = torch.minimum(torch.maximum(d, -s), s)
-        if row.clip == "dynamic":
-            d = d / s
+    d = _clipped(d, row, bound, cdt)
     c_x, c_d, c_e = plan.meta["second_output"][k]
     return (c_x * xc + c_d * d + c_e * mc).to(torch.promote_types(x_dtype, m_dtype))
 
