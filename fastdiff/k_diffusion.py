@@ -63,7 +63,9 @@ NaN or inf) raises a ``ValueError``; a zero step that nothing divides by leaves 
 draws the noise k-diffusion draws), where k-diffusion's dpmpp_3m_sde (``expm1(0) / 0``) and its
 default Brownian noise on a zero interval (``0 / 0``, dpmpp_sde and dpmpp_2m_sde) return NaN.
 k-diffusion's SDE samplers crash on a one-step grid ``[sigma, 0]``; here it is their denoising
-step, ``x = denoised``. ``lms`` takes ``order`` 1 to 5 (a fused row reads at most 4 history slots).
+step, ``x = denoised``. ``lms`` takes any ``order`` >= 1 on grids whose steps stay at order 8 or below
+(above 5 a fused row reads 3 earlier derivatives and one sum of the older ones; a step of order 9
+would need more than a row's 4 history reads: such a grid raises a ``ValueError``).
 
 Precision: the state, the model input and the result have ``x``'s dtype (the result also has
 ``x``'s memory layout where ``x`` is dense, channels_last or permuted, as k-diffusion's element-wise

@@ -14,12 +14,13 @@ plan rows are built from the scheduler's OWN arrays (``timesteps``, ``sigmas``),
 ``i`` of a run runs row ``i`` (Heun's two calls per step are two rows). Multistep history lives on
 the scheduler object (``fastdiff_history``). The position of a run's first call is diffusers' own
 (``set_begin_index``, else its lookup of the timestep: the second match where the grid repeats it,
-DPM-Solver / UniPC's last step where none matches; a Heun run whose first call is a second stage
-runs as diffusers runs it). DDIM and DDPM compute their step from the timestep VALUE, as diffusers'
-do: a timestep that is not in ``scheduler.timesteps`` gets its own row, built on demand and cached
-(DDIM: any integer ``t``, into ``t - num_train_timesteps // num_inference_steps``; DDPM: any ``t``
-of its training grid before ``set_timesteps``, into ``t - 1``; after it diffusers' DDPM looks the
-value up, and fails where it is not there: refused by name).
+DPM-Solver / UniPC's last step where none matches; a Heun or KDPM2 run whose first call is a second
+stage runs as diffusers runs it: as a first stage, pairing the calls from there). DDIM and DDPM
+compute their step from the timestep VALUE, as diffusers' do: a timestep that is not in
+``scheduler.timesteps`` gets its own row, built on demand and cached (DDIM: any integer ``t``, into
+``t - num_train_timesteps // num_inference_steps``; DDPM: any ``t`` of its training grid before
+``set_timesteps``, into ``t - 1``; after it diffusers' DDPM looks the value up, and fails where it
+is not there: refused by name).
 
 Precision: DDPM and DDIM rows take their scalars (``1 - abar_t / abar_prev``, the posterior
 coefficients, the variances, ``sqrt(1 - abar_prev - std^2)``) in float32 exactly as diffusers' step
@@ -28,7 +29,8 @@ result (a step between two close timesteps: ``1 - abar_t / abar_prev ~ 1e-4`` ca
 float32 error of ~1e-4 relative, and so does its step). :func:`fastdiff.sample` and the registered
 ``ddpm`` / ``ddim`` samplers keep their float64 coefficients (the more accurate step). The other
 classes' rows come from the registered samplers (float64 coefficients from diffusers' float32
-arrays), within 1e-5 of the stock step.
+arrays; KDPM2 and KDPM2 ancestral: each call's row from its own float32 arrays at the call's index),
+within 1e-5 of the stock step.
 
 A step whose stock result is inf/NaN has no row: ``set_timesteps`` still plans the run, every other
 step runs, and that step raises a ``ValueError`` naming it when it is run (``plan.meta["refused"]``).

@@ -26,6 +26,7 @@ from ..core.rng import expand_seeds
 from ..core.schedules import Discretization
 from ..runtime import ops
 from ..runtime.loop import draw_noise
+from ..samplers._common import RowLimitError
 from ..samplers._multistep import Grid, log_snr
 from .support import (_PREDICTION_ALIASES, _OwnFlow, _OwnVP, _Spec, _check_config, _flow_heun_rows, _host, _spec_of,
                       _stock_class)
@@ -149,7 +150,7 @@ class _FusedScheduler:
             self._fd_plans[(start, key)] = run
             return run
         cfg = self.config
-        arrays, steps = self._fd_arrays(start)
+        arrays, _ = self._fd_arrays(start)
         if spec.grid == "timesteps" and len(arrays["timesteps"]) and (cfg.get("trained_betas") is not None
                                                                       or spec.row_at is None):
             n, top = len(self.alphas_cumprod), int(np.max(arrays["timesteps"]))
@@ -159,17 +160,10 @@ class _FusedScheduler:
                 raise ValueError(f"{name}: timestep {top} has no beta: trained_betas has {n} entries but "
                                  f"num_train_timesteps is {cfg.num_train_timesteps}; give a beta for every training "
                                  "timestep")
-        options = self._fd_options(key)
-        if spec.restart == "slice" and start > 0:
-            si = samplers.info(spec.sampler(cfg))
-            if si.restart is not None:  # the sampler's own rule for a run started part-way
-                options.update(si.restart({**si.options, **options}, start, start + steps).options)
-        options, fields = _plan_fields(options)
-        plan = self._fd_build(arrays, steps, self._fd_prediction(), options, _host(self.timesteps)[start:], start)
-        plan = self._fd_fields(plan, fields)
+        plan = self._fd_rows(start, key)
         if spec.adjust is not None and any(k in spec.step_plan for k, _ in key):
             plan = spec.adjust(self, plan, dict(key), start)
-        want = _host(self.timesteps)[start:].astype(np.float32)
+        want = np.nan_to_num(_host(self.timesteps)[start:]).astype(np.float32)  # (a refused row's NaN: 0)
         got = np.array([r.t for r in plan.rows]).astype(np.float32)
         if len(got) != len(want) or not np.array_equal(got, want):
             raise RuntimeError(f"fastdiff.diffusers: the {plan.sampler} plan for {name} has {len(got)} rows that "
@@ -182,17 +176,34 @@ class _FusedScheduler:
         self._fd_plans[(start, key)] = run
         return _Run(plan, start, key, index)
 
+    def _fd_rows(self, start: int, key: tuple, extra: Mapping | None = None) -> Plan:
+        """The plan of a run from row ``start`` with the ``step()`` arguments in ``key``, and ``extra`` sampler
+        options (SA-Solver's ``taus`` of the timesteps as given: ``_Spec.step_row``)."""
+        spec = self._fd_spec
+        arrays, steps = self._fd_arrays(start)
+        options = {**self._fd_options(key), **(extra or {})}
+        if spec.restart == "slice" and start > 0:
+            si = samplers.info(spec.sampler(self.config))
+            if si.restart is not None:  # the sampler's own rule for a run started part-way
+                options.update(si.restart({**si.options, **options}, start, start + steps).options)
+        options, fields = _plan_fields(options)
+        plan = self._fd_build(arrays, steps, self._fd_prediction(), options, _host(self.timesteps)[start:], start)
+        return self._fd_fields(plan, fields)
+
     def _fd_shifted(self, run: _Run, i: int) -> _Run:
-        """A Heun run whose first call is at index ``i``, a second stage of the grid (``set_begin_index(i)``
+        """A two-stage run whose first call is at index ``i``, a second stage of the grid (``set_begin_index(i)``
         with ``i`` odd, or a first timestep the grid repeats, which diffusers' lookup takes at its second
-        place). diffusers' state holds no step there, so it takes call ``i`` as a FIRST stage, from
-        ``sigmas[i]`` to ``sigmas[i + 1]``, and call ``i + 1`` as its second: the interleaved grid makes
-        those sigmas equal, so every step of such a run has ``dt = 0`` and returns its sample (the
-        second stage: the sample its first stage stored), and so do these rows. FlowMatchHeun's rows
-        follow its own rule from ``i`` (with churn the sample is re-noised: not the identity)."""
+        place). diffusers' state holds no step there, so it takes call ``i`` as a FIRST stage and call
+        ``i + 1`` as its second. Heun's first stage there goes from ``sigmas[i]`` to ``sigmas[i + 1]``,
+        which the interleaved grid makes equal, so every step of such a run has ``dt = 0`` and returns its
+        sample (the second stage: the sample its first stage stored), and so do these rows. FlowMatchHeun's rows
+        follow its own rule from ``i`` (with churn the sample is re-noised: not the identity); a class
+        with a ``shifted`` hook (KDPM2) builds its own rows."""
         cached = self._fd_plans.get(("shifted", i, run.key))
         if cached is None:
-            if self._fd_spec.grid == "flow_heun":
+            if self._fd_spec.shifted is not None:
+                plan = self._fd_spec.shifted(self, run.plan, i)
+            elif self._fd_spec.grid == "flow_heun":
                 plan = _flow_heun_rows(self, dict(run.key), phase=i)
             else:
                 sig = _host(self.sigmas)
@@ -257,14 +268,18 @@ class _FusedScheduler:
         First the run with its last point moved (a failure of the last step alone: its rows before are
         those of the run); else the longest prefix of steps that plans, with the class's end-of-run
         rules switched off (``prefix_options``) and only the steps it shares with the run kept
-        (``prefix_exact``). A failure already at the first step is the config's: raised here."""
+        (``prefix_exact``). A failure already at the first step is the config's: raised here. A step
+        refused for the row contract (:class:`~fastdiff.samplers._common.RowLimitError`: diffusers' step
+        is finite there) is refused under that name."""
         spec = self._fd_spec
         name = type(self).__name__
+        failed = {}  # steps of an attempted plan -> why it failed
 
         def attempt(arr, k, over=None):
             try:
                 return self._fd_build_once(arr, k, prediction, {**options, **(over or {})})
-            except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+            except (ArithmeticError, ValueError, np.linalg.LinAlgError) as e:
+                failed[k] = e
                 return None
 
         base, keep = None, 0
@@ -297,13 +312,20 @@ class _FusedScheduler:
                 and not any(s in what for s in ("non-finite", "math domain", "log-SNR")):
             raise exc  # the config's own refusal, not one step's
         first = len(rows)
-        reason = _repeat_reason(arrays, first) or what
-        refused = {first: f"{name}.step: step {start + first} (timestep {float(timesteps[first]):g}) has no finite "
-                          f"update ({reason}): diffusers' own step gives inf/NaN there; refused"}
+        cause = failed.get(first + 1, exc)  # the failure of the shortest plan that includes step `first`
+        if isinstance(cause, RowLimitError):
+            why = f"cannot be expressed as plan rows ({cause})"
+            refused = {first: f"{name}.step: step {start + first} (timestep {float(timesteps[first]):g}) {why}, "
+                              "though diffusers' own step computes it; refused"}
+        else:
+            why = f"has no finite update ({_repeat_reason(arrays, first) or what})"
+            refused = {first: f"{name}.step: step {start + first} (timestep {float(timesteps[first]):g}) {why}: "
+                              "diffusers' own step gives inf/NaN there; refused"}
         for r in range(first + 1, len(timesteps)):
             refused[r] = (f"{name}.step: step {start + r} (timestep {float(timesteps[r]):g}) follows step "
-                          f"{start + first}, which has no finite update ({reason}); refused")
-        fill = [Row(t=float(timesteps[r]), sigma=0.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(x=1.0), step=r)
+                          f"{start + first}, which {why}; refused")
+        fill = [Row(t=float(np.nan_to_num(timesteps[r])), sigma=0.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(x=1.0),
+                    step=r)
                 for r in range(first, len(timesteps))]
         template = base if base is not None else Plan((), init_scale=1.0)
         return dataclasses.replace(template, rows=tuple(rows) + tuple(fill), steps=steps,
@@ -455,8 +477,9 @@ class _FusedScheduler:
         for k, v in spec.step_only.items():
             val = a.get(k)
             if not (val is v or (isinstance(val, (int, float)) and val == v)):
+                why = f": {spec.step_only_why[k]}" if k in spec.step_only_why else ""
                 raise ValueError(f"{name}.step({k}={_short(val)}) is not supported by the fused step "
-                                 f"(supported: {k}={v!r}); use the stock scheduler for it")
+                                 f"(supported: {k}={v!r}){why}; use the stock scheduler for it")
         if spec.no_integer_timestep and isinstance(a["timestep"], (int, torch.IntTensor, torch.LongTensor)):
             raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                              f"`{name}.step()` is not supported. Make sure to pass one of the `scheduler.timesteps` "
@@ -482,8 +505,9 @@ class _FusedScheduler:
             i = self.step_index
             if run is None:
                 run = self._fd_run = self._fd_plan(i, key)
-                if spec.grid in ("heun", "flow_heun") and run.plan is not None and 0 <= i - run.start < \
-                        len(run.plan.rows) and run.plan.rows[i - run.start].stage == 1:
+                shifts = spec.grid in ("heun", "flow_heun") or spec.shifted is not None
+                if shifts and run.plan is not None and 0 <= i - run.start < len(run.plan.rows) \
+                        and run.plan.rows[i - run.start].stage == 1:
                     run = self._fd_run = self._fd_shifted(run, i)
             elif run.key != key:
                 raise ValueError(f"{name}.step arguments {dict(key)} differ from earlier steps of this run "
@@ -507,6 +531,8 @@ class _FusedScheduler:
                 last = run.start + len(plan.rows) - 1
                 raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
                                  "call set_timesteps first")
+        if spec.step_row is not None and at is None:  # a row of its own for this call (SA-Solver's taus as given)
+            plan, k = spec.step_row(self, run, k, a) or (plan, k)
         row = plan.rows[k]
         refused = plan.meta.get("refused", {}).get(k)
         if refused is not None:  # a step whose diffusers result is inf/NaN (or that fails there)

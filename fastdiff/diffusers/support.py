@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from ..core.schedules import FlowSchedule, VPSchedule
 from ..samplers.plans import OwnGrid
 from ..core.schedules import Discretization, VESchedule
 from ..samplers import edm
+from ..samplers._common import grid_point
+from ..samplers._common import INF_SCALE
 from ..samplers._multistep import Grid, log_snr
 
 
@@ -74,6 +77,8 @@ class _Spec:
         only: config key -> the only values supported.
         step_options: ``step()`` argument -> sampler option it sets.
         step_only: ``step()`` argument -> the only value supported.
+        step_only_why: ``step()`` argument of ``step_only`` -> why another value is refused (said by the
+            refusal and by :func:`support_table`).
         step_ignored: ``step()`` arguments diffusers accepts and does not use (or that only matter
             together with an argument in ``step_only``).
         fixed: sampler options always set.
@@ -133,6 +138,12 @@ class _Spec:
             given from count 0 (see ``scheduler._FusedScheduler._fd_counted``).
         output: the name of the output class of diffusers' step where it is not ``<Class>Output`` of the
             class's module (DDIMInverseScheduler returns ``DDIMSchedulerOutput``).
+        shifted: ``(scheduler, plan, i) -> plan``: the rows of a run whose first call ``i`` is a second
+            stage of ``plan``, which diffusers' step (no first stage kept) takes as a first stage
+            (KDPM2's; Heun's and FlowMatchHeun's are ``scheduler._FusedScheduler._fd_shifted``'s own).
+        step_row: ``(scheduler, run, k, step arguments) -> (plan, k) or None``: the row a call runs where it
+            is not row ``k`` of the run's plan (``None``: that row), computed from what the call is given
+            (SA-Solver: ``tau_func`` of the timestep as given and of the one given before).
     """
 
     sampler: Callable[[Mapping], str]
@@ -141,6 +152,7 @@ class _Spec:
     only: Mapping[str, tuple] = field(default_factory=dict)
     step_options: Mapping[str, str] = field(default_factory=dict)
     step_only: Mapping[str, Any] = field(default_factory=dict)
+    step_only_why: Mapping[str, str] = field(default_factory=dict)
     step_ignored: tuple[str, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
     noise_dtype: torch.dtype | str | None = None
@@ -169,6 +181,8 @@ class _Spec:
     after_step: Callable[[Any, Row, int, torch.Tensor], None] | None = None
     counter: str | None = None
     output: str | None = None
+    shifted: Callable[[Any, Plan, int], Plan] | None = None
+    step_row: Callable[[Any, Any, int, Mapping], tuple[Plan, int] | None] | None = None
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -204,6 +218,12 @@ def _dpm_noise_shape(cfg: Mapping) -> str:
     return "model_output" if _dpm_out_dtype(cfg) == "model" else "broadcast"
 
 
+def _noise_solver(cfg: Mapping) -> bool:
+    """DPM-Solver / UniPC: whether the config solves with noise estimates (``algorithm_type`` dpmsolver /
+    sde-dpmsolver, ``predict_x0=False``)."""
+    return cfg.get("predict_x0") is False or cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver")
+
+
 def _check_flow_sigmas(cfg: Mapping, v_on_flow: bool = False) -> None:
     """DPM-Solver / UniPC: ``flow_prediction`` is the velocity on a flow grid (``use_flow_sigmas``);
     ``v_prediction`` has no meaning there (diffusers computes ``(1 - s) x - s v``: taken as such where
@@ -215,8 +235,7 @@ def _check_flow_sigmas(cfg: Mapping, v_on_flow: bool = False) -> None:
     if p == "v_prediction" and flow and not v_on_flow:
         raise ValueError("prediction_type='v_prediction' with use_flow_sigmas=True is not supported by "
                          "fastdiff.diffusers (v needs alpha^2 + sigma^2 = 1; use flow_prediction)")
-    if p == "flow_prediction" and (cfg.get("predict_x0") is False
-                                   or cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver")):
+    if p == "flow_prediction" and _noise_solver(cfg):
         raise ValueError("prediction_type='flow_prediction' needs a data-prediction solver (predict_x0=True, "
                          "algorithm_type dpmsolver++ / sde-dpmsolver++), as diffusers' step does")
     if cfg.get("algorithm_type") == "sde-dpmsolver" and cfg.get("solver_order") == 3:
@@ -227,14 +246,24 @@ def _check_flow_sigmas(cfg: Mapping, v_on_flow: bool = False) -> None:
 _FLOW_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
               "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction not with use_flow_sigmas=True")
 _FLOW_V_NOTE = ("prediction_type=flow_prediction only with use_flow_sigmas=True and a data-prediction solver "
-                "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction with use_flow_sigmas=True is "
-                "diffusers' (1 - s) x - s v, with a data-prediction solver only")
+                "(predict_x0=True, algorithm_type *dpmsolver++); v_prediction with use_flow_sigmas=True as "
+                "diffusers reads it (x0 = (1 - s) x - s v; a noise-prediction solver: eps = s x + (1 - s) v); "
+                "noise-prediction solvers (algorithm_type dpmsolver / sde-dpmsolver, predict_x0=False) on a flow "
+                "grid take diffusers' float32 coefficients (their first step multiplies x by 1 / alpha, 1e3 for "
+                "DPM-Solver, 1e6 for UniPC, and cancels it: diffusers' own float32 result is far from its formula "
+                "there, and the drop-in's is no further)")
 _DPM_NOTE = ("solver_order any int >= 1 (above 3: third order, as diffusers); variance_type any value "
              "(learned/learned_range: channels [:3] of an epsilon output, as diffusers slices; any other value is "
              "not read, as in diffusers); " + _FLOW_V_NOTE
              + "; not algorithm_type=sde-dpmsolver with solver_order >= 3 (diffusers has no such update)")
-_UNIPC_NOTE = ("solver_p None; into sigma 0 (final_sigmas_type=zero) only predict_x0=True with a first-order last "
-               "step (lower_order_final=True; diffusers returns NaN otherwise: that step is refused when run); "
+_UNIPC_NOTE = (f"solver_p None; coefficients in float32 as diffusers computes them (its float32 linalg.solve), their "
+               "finite limit where those are inf/NaN; solver_order any int >= 1: every step up to order "
+               f"{MAX_READS}; above, a step that reads more than a plan row's {MAX_READS} history buffers is refused "
+               f"when it runs (predictor order {MAX_READS + 1} or more after a corrected step: the corrected sample "
+               f"and {MAX_READS} earlier estimates; {MAX_READS + 2} or more after an uncorrected one), the steps "
+               f"before it run (with lower_order_final, runs of up to {2 * MAX_READS} steps never reach one); into "
+               "sigma 0 (final_sigmas_type=zero) only predict_x0=True with a first-order last step "
+               "(lower_order_final=True; diffusers returns NaN otherwise: that step is refused when run); "
                + _FLOW_V_NOTE)
 
 
@@ -242,12 +271,6 @@ def _check_multistep(cfg: Mapping) -> None:
     """DPMSolverMultistep / UniPCMultistep: :func:`_check_flow_sigmas` (with diffusers' v on a flow grid),
     and DPM-Solver's ``solver_order``: any int >= 1 (diffusers' step runs the third-order update above 3;
     below 1 its history list is empty and its step fails)."""
-    noise_solver = cfg.get("predict_x0") is False or cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver")
-    if cfg.get("prediction_type") == "v_prediction" and cfg.get("use_flow_sigmas") and noise_solver:
-        raise ValueError("prediction_type='v_prediction' with use_flow_sigmas=True and a noise-prediction solver "
-                         "(predict_x0=False, algorithm_type dpmsolver / sde-dpmsolver) is not supported by "
-                         "fastdiff.diffusers (its rows differ from diffusers' step there by more than rounding); "
-                         "use a data-prediction solver")
     _check_flow_sigmas(cfg, v_on_flow=True)
     if "algorithm_type" in cfg:
         order = cfg.get("solver_order")
@@ -268,10 +291,23 @@ def _dpm_prefix_exact(cfg: Mapping, n: int, j: int) -> int:
 
 
 def _unipc_prefix_exact(cfg: Mapping, n: int, j: int) -> int:
-    # lower_order_final: step i of UniPC has order min(solver_order, n - i), so order 3 drops at step n - 2
-    if int(cfg.get("solver_order", 2)) >= 3 and cfg.get("lower_order_final"):
-        return min(j, n - 2)
+    # lower_order_final: step i of UniPC has order min(solver_order, n - i), so order k drops at step n - k + 1
+    k = int(cfg.get("solver_order", 2))
+    if k >= 3 and cfg.get("lower_order_final"):
+        return min(j, n - k + 1)
     return j
+
+
+def _dpm_build(sched, arrays: dict, prediction: str, options: dict) -> Plan | None:
+    """The build hook of DPMSolverMultistep: a noise-prediction solver on a flow grid (:func:`_noise_solver`,
+    ``use_flow_sigmas``) takes diffusers' float32 coefficients (its first point has ``alpha = 1 - s`` of 1e-3,
+    and ``x / alpha`` cancels against the estimate: a float64 plan drifts from diffusers' float32 formula
+    there, as UniPC's (every UniPC plan takes them: ``_float32_build``)); ``None`` elsewhere (the sampler's
+    plan)."""
+    cfg = sched.config
+    if not (cfg.get("use_flow_sigmas") and _noise_solver(cfg)):
+        return None
+    return _float32_build(sched._fd_spec.sampler(cfg))(sched, arrays, prediction, options)
 
 
 _TIMESTEP_NOTE = ("step(timestep) any timestep diffusers' step computes from its value (DDIM: any integer; DDPM: "
@@ -294,12 +330,9 @@ _PREDICTION_ALIASES = {"original_sample": "sample"}  # EulerDiscreteScheduler's 
 _EULER_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
-_INF_SCALE = 2.0**64
-"""Stands for ``1 / sqrt(alpha_cumprod) = inf`` (zero terminal SNR, or alphas_cumprod underflowing to 0)
-in an epsilon row that clips its data estimate (``clip_sample``): diffusers' ``(x - m) / 0`` is ``+-inf``,
-clipped to ``+-clip_sample_range``; ``2**64 (x - m)`` (a power of two: exact in float32, no overflow below
-``|x| = 2**64``) clips the same wherever ``|x - m| > 2**-64 clip_sample_range`` (diffusers gives NaN
-where ``x == m``)."""
+_INF_SCALE = INF_SCALE
+"""Stands for ``1 / sqrt(alpha_cumprod) = inf`` in an epsilon row that clips its data estimate
+(:data:`fastdiff.samplers._common.INF_SCALE`, shared with the LCM rows)."""
 
 
 def _f32(v) -> torch.Tensor:
@@ -627,10 +660,19 @@ def _distilled(name: str) -> Callable[[Any, dict, str, dict], Plan]:
     scheduler's own timesteps. With custom ``timesteps`` and ``strength < 1`` diffusers' step compares
     the step index with ``num_inference_steps``, the length of the WHOLE custom schedule, so the last
     step of the shortened run re-noises as well (LCM: to its own timestep; TCD: with coefficient 0,
-    the noise drawn all the same)."""
+    the noise drawn all the same). A step whose diffusers result is inf/NaN (epsilon prediction where
+    ``alphas_cumprod = 0``: zero terminal SNR's first timestep, unless LCM clips the estimate) is a
+    placeholder refused when it runs (a run started later never reaches it)."""
 
     def build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
-        plan = samplers.build(name, sched._fd_schedule(arrays), arrays["steps"], prediction=prediction, **options)
+        si = samplers.info(name)  # (the sampler itself, for its partial plans: options resolved as build does)
+        plan = si.fn(sched._fd_schedule(arrays), arrays["steps"], check_prediction(prediction),
+                     **{**si.options, **options}, partial=True)
+        cls = type(sched).__name__
+        refused = {k: f"{cls}.step(timestep={int(plan.rows[k].t)}) (step {k}): diffusers' step gives inf/NaN here "
+                      f"({why}); refused" for k, why in plan.meta.get("refused", {}).items()}
+        if refused:
+            plan = dataclasses.replace(plan, meta={**plan.meta, "refused": refused})
         n = sched.num_inference_steps
         if n is None or n <= len(plan.rows):
             return plan
@@ -708,11 +750,10 @@ def _check_edm_dpm(cfg: Mapping) -> None:
 
 
 def _two_stage_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
-    """KDPM2 / KDPM2 ancestral / DPM-Solver SDE: diffusers' interleaved arrays (``timesteps``
-    ``[t0, m0, t1, m1, ..., t_{n-1}]``, ``sigmas`` ``[s0, s1, s1, ..., 0]``) as one entry per solver step,
-    the sampler's rows on them (``dpm_2``, ``dpm_2_ancestral``, ``dpmpp_sde``; scalars in float32 as
-    diffusers computes its ancestral step sizes), and every row at diffusers' own model time (its
-    midpoint timesteps come from float32 sigmas)."""
+    """DPM-Solver SDE: diffusers' interleaved arrays (``timesteps`` ``[t0, m0, t1, m1, ..., t_{n-1}]``,
+    ``sigmas`` ``[s0, s1, s1, ..., 0]``) as one entry per solver step, the sampler's rows on them
+    (``dpmpp_sde``; scalars in float32 as diffusers computes its ancestral step sizes), and every row at
+    diffusers' own model time (its midpoint timesteps come from float32 sigmas)."""
     ts_all, sig_all = _host(sched.timesteps), _host(sched.sigmas)
     ts = ts_all[0::2]
     n = len(ts)
@@ -720,15 +761,84 @@ def _two_stage_build(sched, arrays: dict, prediction: str, options: dict) -> Pla
     disc = Discretization(sigmas=sig, timesteps=ts, init_sigma=float(sched.init_noise_sigma))
     own = _f32_scalars(sched, {"disc": disc, "steps": n})
     plan = samplers.build(sched._fd_spec.sampler(sched.config), own, n, prediction=prediction, **options)
-    for j in range(n):  # diffusers: two calls per step, one for the last
-        if sum(r.step == j for r in plan.rows) != (2 if j + 1 < n else 1):
-            # KDPM2 ancestral: sigma_down rounds to 0 in diffusers' float32 (sigma_next far below sigma), so its
-            # midpoint exp(lerp(log sigma, log 0)), that timestep and the run are NaN from there (the sampler takes
-            # k-diffusion's Euler branch instead)
-            raise ValueError(f"{type(sched).__name__}: step {j} (sigma {sig[j]:g} -> {sig[j + 1]:g}) has "
-                             "sigma_down = 0 in diffusers' float32 arithmetic, which makes its midpoint timestep "
-                             "and its run NaN; this grid is refused (use more steps or another sigma grid)")
+    per_step = Counter(r.step for r in plan.rows)
+    for j in range(n):  # diffusers: two calls per step, one for the last (the sampler's Euler step into 0)
+        if per_step[j] != (2 if j + 1 < n else 1):
+            raise ValueError(f"{type(sched).__name__}: step {j} (sigma {sig[j]:g} -> {sig[j + 1]:g}) reaches sigma "
+                             "0 before the last step, where diffusers' step calls twice; this grid is refused")
     return dataclasses.replace(plan, rows=tuple(dataclasses.replace(r, t=float(t)) for r, t in zip(plan.rows, ts_all)))
+
+
+def _kdpm2_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """KDPM2 / KDPM2 ancestral: one row per call of diffusers' interleaved grid (``dpm_2`` /
+    ``dpm_2_ancestral`` steps), each as diffusers' step computes it from its own float32 arrays
+    (:func:`_kdpm2_rows`), so that a call is refused (when run) only where its own step gives inf/NaN:
+    a run that starts in the finite part of a grid whose first points are not (alphas_cumprod
+    underflowing to 0) runs as stock. A KDPM2 ancestral step before the last whose float32
+    ``sigma_down`` is 0 (or NaN) makes its midpoint timestep and diffusers' run NaN from there: such a
+    grid is refused."""
+    name = type(sched).__name__
+    ts = _host(sched.timesteps)
+    n = (len(ts) + 1) // 2  # two calls per step, one for the last
+    if hasattr(sched, "sigmas_down"):
+        sig, down = _host(sched.sigmas)[0::2], _host(sched.sigmas_down)[0::2]  # (entry 2j: step j's)
+        for j in range(n - 1):
+            if math.isfinite(sig[j]) and math.isfinite(sig[j + 1]) and sig[j + 1] > 0 and not down[j] > 0:
+                raise ValueError(f"{name}: step {j} (sigma {sig[j]:g} -> {sig[j + 1]:g}) has sigma_down = 0 in "
+                                 "diffusers' float32 arithmetic, which makes its midpoint timestep and its run NaN; "
+                                 "this grid is refused (use more steps or another sigma grid)")
+    rows = tuple(Row(t=float(t), sigma=0.0, in_scale=1.0, a_x=1.0, a_e=0.0, out=combo(x=1.0), step=r // 2,
+                     stage=r % 2) for r, t in enumerate(np.nan_to_num(ts)))  # (placeholders: _kdpm2_rows)
+    plan = Plan(rows, init_scale=float(sched.init_noise_sigma), n_slots=1,
+                sampler=sched._fd_spec.sampler(sched.config), prediction=prediction, steps=n)
+    return _kdpm2_rows(sched, plan)
+
+
+def _kdpm2_rows(sched, plan: Plan, i: int = 0) -> Plan:
+    """KDPM2 / KDPM2 ancestral: ``plan`` with its rows from call ``i`` on as diffusers' step computes them
+    from its interleaved float32 arrays at the call's own index (``sigmas``, ``sigmas_interpol``; KDPM2
+    ancestral: ``sigmas_up``, ``sigmas_down``), calls ``(i, i + 1), (i + 2, i + 3), ...`` paired as first
+    and second stages. ``i = 0``: the run's own rows (:func:`_kdpm2_build`; diffusers' float32
+    ``sigmas_interpol``, which a float64 midpoint misses by up to 5e-7 relative, an error a v-prediction
+    second stage over a long interval amplifies past 1e-5). ``i`` odd: a run whose first call is a second
+    stage of ``plan`` (``set_begin_index(i)`` or a first timestep found at ``timesteps[i]``): diffusers'
+    state keeps no first-stage sample there (``state_in_first_order`` is ``sample is None``), so its step takes call
+    ``i`` as a FIRST stage. KDPM2's first stage there moves from ``sigmas[i]`` UP to
+    ``sigmas_interpol[i + 1]`` and its second has length 0 (it returns the kept sample); KDPM2
+    ancestral's pairs are its steps from the next grid point on, the last of which divides by a
+    ``sigmas_interpol`` of 0. A call whose diffusers step gives inf/NaN is refused when run."""
+    name = type(sched).__name__
+    ancestral = hasattr(sched, "sigmas_up")
+    sig, mid = _host(sched.sigmas), _host(sched.sigmas_interpol)
+    up, down = (_host(sched.sigmas_up), _host(sched.sigmas_down)) if ancestral else (None, None)
+    own, prediction = sched._fd_schedule({}), sched._fd_prediction()
+    rows, refused = list(plan.rows), dict(plan.meta.get("refused", {}))
+    for r in range(i, len(rows)):
+        stage = (r - i) % 2
+        if stage == 0:  # x' = x + (x - d)/s (to - s): the model at s = sigmas[r]
+            at, s, to = sig[r], sig[r], mid[r] if ancestral else mid[r + 1]
+        else:  # x' = H + (x - d)/m (to - s): the model at m = sigmas_interpol, from the kept sample H
+            at, s = (mid[r - 1], sig[r - 1]) if ancestral else (mid[r], sig[r - 1])
+            to = down[r - 1] if ancestral else sig[r]
+        c = (to - s) / at if at != 0.0 else math.nan
+        z = float(up[r - 1]) if ancestral and stage == 1 else 0.0
+        try:
+            if not math.isfinite(c) or not math.isfinite(z):
+                raise ArithmeticError(f"sigma {at:g}")
+            point = grid_point(own, prediction, float(at), rows[r].t)
+        except (ArithmeticError, ValueError) as exc:
+            start = f"a run started at step index {i} (a second stage, taken by diffusers as a first stage) reaches "
+            refused[r] = (f"{name}.step: {start if i else ''}step index {r}, whose diffusers step gives inf/NaN "
+                          f"({exc}); refused")
+            continue
+        refused.pop(r, None)  # (a row of the run from 0 that this pairing computes finitely)
+        if stage == 0:
+            rows[r] = Row(**point, out=combo(x=1.0 + c, d=-c), writes=(Write(0, combo(x=1.0)),), step=r // 2)
+        else:
+            rows[r] = Row(**point, out=combo(x=c, d=-c, h=(1.0,), z=z), reads=(0,), noise=ancestral, step=r // 2,
+                          stage=1)
+    meta = {**plan.meta, "refused": refused, **({"shifted": i} if i else {})}
+    return dataclasses.replace(plan, rows=tuple(rows), n_slots=max(plan.n_slots, 1), meta=meta)
 
 
 def _first_order_state(sched, row: Row, i: int, sample: torch.Tensor) -> None:
@@ -804,29 +914,60 @@ def _sa_shapes(sched, row: Row, i: int, args: Mapping) -> None:
         raise ValueError(f"SASolverScheduler.step: model_output {tuple(m.shape)} broadcasts the sample "
                          f"{tuple(x.shape)} to a larger shape, which diffusers' step cannot add into a sample-shaped "
                          "result (it fails)")
-    # diffusers' step calls tau_func on the timestep AS GIVEN (its predictor here, its corrector at the next
-    # step); the rows take it at scheduler.timesteps[i]: a given value whose tau differs (a first timestep
-    # not in the grid, which diffusers runs as the last step) is refused by name rather than run differently
+    return None
+
+
+def _sa_tau(sched, t, what: str):
+    """``sched.tau_func`` of timestep ``t`` as given (as diffusers' step calls it), checked as the rows need it."""
+    from ..samplers.sa_solver import check_tau, default_tau
+
+    val = (sched.tau_func or default_tau)(t)
+    try:
+        return check_tau(val, 0)
+    except ValueError:
+        raise ValueError(f"SASolverScheduler.step(timestep={_num(t):g}): tau_func of the {what} timestep returned "
+                         f"{val!r}, where diffusers' step needs a finite number (its result is not finite, or "
+                         "it fails)") from None
+
+
+def _num(t) -> float:
+    return float(t.item() if isinstance(t, torch.Tensor) else np.asarray(t).reshape(-1)[0])
+
+
+def _sa_row(sched, run, k: int, args: Mapping) -> tuple[Plan, int] | None:
+    """SASolverScheduler: diffusers' step takes ``tau_func`` of the timestep AS GIVEN (its predictor) and of
+    the one given at the call before (``timestep_list[-1]``: its corrector, from a run's second call on;
+    kept as diffusers keeps it, by :func:`_sa_state` once the step ran); the rows take them at
+    ``scheduler.timesteps``. Where a value differs (a first timestep off the grid, which diffusers runs as
+    the last step; any value given later), the row of the run's plan with the taus as given (``taus``),
+    built once per pair of values."""
     t = args.get("timestep")  # (the accelerated pipelines' loop steps at the grid's own timesteps: none given)
     if t is None:
         return None
-    given = float(t.item() if isinstance(t, torch.Tensor) else np.asarray(t).reshape(-1)[0])
-    own = int(sched.timesteps[i])
-    if given != own:
-        from ..samplers.sa_solver import default_tau
-
-        tau = sched.tau_func or default_tau
-        a, b = float(tau(t)), float(tau(torch.tensor(own, dtype=torch.int64)))
-        if a != b:
-            raise ValueError(f"SASolverScheduler.step(timestep={given:g}): diffusers' step takes tau_func of the "
-                             f"timestep as given (tau {a:g}), this run's step {i} is scheduler.timesteps[{i}] = {own} "
-                             f"(tau {b:g}); pass scheduler.timesteps[{i}]")
-    return None
+    sched._fd_sa_given = t
+    prev = sched.timestep_list[-1]
+    cur = _sa_tau(sched, t, "given")
+    now = [cur] if k == 0 or prev is None else [_sa_tau(sched, prev, "previous"), cur]
+    grid = run.plan.meta.get("taus")
+    if grid is None or [float(v) for v in now] == list(grid[k + 1 - len(now):k + 1]):
+        return None
+    ident = tuple((float(v), str(getattr(v, "dtype", type(v).__name__))) for v in now)
+    cache = ("taus", run.start, run.key, k, ident)
+    plan = sched._fd_plans.get(cache)
+    if plan is None:
+        taus = list(grid)
+        taus[k + 1 - len(now):k + 1] = now
+        plan = sched._fd_plans[cache] = sched._fd_rows(run.start, run.key, {"taus": taus})
+    return plan, k
 
 
 def _sa_state(sched, row: Row, i: int, sample: torch.Tensor) -> None:
     cap = max(int(sched.config.predictor_order), int(sched.config.corrector_order) - 1)
     sched.lower_order_nums = min(sched.lower_order_nums + 1, cap)
+    given = sched.__dict__.pop("_fd_sa_given", None)  # (set by _sa_row)
+    if given is not None:  # diffusers' timestep_list: the timesteps given, newest last
+        sched.timestep_list[:-1] = sched.timestep_list[1:]
+        sched.timestep_list[-1] = given
 
 
 _DISTILLED_NOTE = "step(generator) noise drawn as diffusers draws it: model output's shape, estimate's dtype"
@@ -957,9 +1098,13 @@ SUPPORT: dict[str, _Spec] = {
     "HeunDiscreteScheduler": _Spec(_named("heun"), "heun", ("clip_sample", "clip_sample_range"),
                                    array_model_output=True),
     "LMSDiscreteScheduler": _Spec(_named("lms"), "sigmas", step_options={"order": "order"}, restart="stock",
-                                  array_model_output=True,
-                                  note=f"step(order) up to {MAX_READS + 1} (a row reads at most {MAX_READS} "
-                                       "earlier derivatives)"),
+                                  array_model_output=True, fixed={"weights": "diffusers"},
+                                  note=f"step(order) any int >= 1: every step up to order {2 * MAX_READS} (above "
+                                       f"{MAX_READS + 1} a row reads {MAX_READS - 1} earlier derivatives and one sum "
+                                       f"of the older ones, written {MAX_READS} steps before); at a higher order the "
+                                       f"steps from index {2 * MAX_READS} on are refused when they run ({2 * MAX_READS}"
+                                       f" earlier derivatives: more than a plan row's {MAX_READS} history reads "
+                                       "carry), the steps before them run"),
     "DPMSolverMultistepScheduler": _Spec(
         _dpm_sampler, "multistep",
         ("solver_type", "lower_order_final", "euler_at_final", *_THRESH),
@@ -967,6 +1112,7 @@ SUPPORT: dict[str, _Spec] = {
         fixed={"flavor": "diffusers"}, noise_dtype=torch.float32, out_dtype=_dpm_out_dtype, restart="slice",
         needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
         check=_check_multistep, note=_DPM_NOTE, model_output=_dpm_model_output, array_model_output=True,
+        build=_dpm_build,
         noise_shape=_dpm_noise_shape, accepted=("variance_type", "solver_order"),
         prefix_options={"lower_order_final": False, "euler_at_final": False}, prefix_exact=_dpm_prefix_exact),
     "UniPCMultistepScheduler": _Spec(
@@ -975,11 +1121,14 @@ SUPPORT: dict[str, _Spec] = {
          *_THRESH),
         restart="slice", needs_set_timesteps=True,
         predictions=_MULTISTEP_PREDICTIONS, out_dtype="sample", check=_check_multistep,
-        note=_UNIPC_NOTE, array_model_output=True,
+        note=_UNIPC_NOTE, array_model_output=True, build=_float32_build("unipc"),
         prefix_options={"lower_order_final": False}, prefix_exact=_unipc_prefix_exact),
     "FlowMatchEulerDiscreteScheduler": _Spec(
         _named("flow_euler"), "flow", ("stochastic_sampling", "invert_sigmas"), build=_flow_inverted,
         step_only={"per_token_timesteps": None}, step_ignored=("s_churn", "s_tmin", "s_tmax", "s_noise"),
+        step_only_why={"per_token_timesteps": "it gives every token its own sigma, so the step's coefficients "
+                                              "differ element by element; a plan row's coefficients are one "
+                                              "scalar each per row"},
         noise_dtype=torch.float32, out_dtype="model", predictions=(), no_integer_timestep=True,
         noise_shape="sample"),
     "FlowMatchHeunDiscreteScheduler": _Spec(
@@ -1018,11 +1167,11 @@ SUPPORT: dict[str, _Spec] = {
         prefix_options={"lower_order_final": False, "euler_at_final": False}, prefix_exact=_dpm_prefix_exact,
         note=_EDM_NOTE + "; not sde-dpmsolver++ with solver_order=3 (diffusers has no such update)"),
     "KDPM2DiscreteScheduler": _Spec(
-        _named("dpm_2"), "sigmas", build=_two_stage_build, after_step=_first_order_state,
-        predictions=("epsilon", "v_prediction"), array_model_output=True),
+        _named("dpm_2"), "sigmas", build=_kdpm2_build, after_step=_first_order_state,
+        predictions=("epsilon", "v_prediction"), array_model_output=True, shifted=_kdpm2_rows),
     "KDPM2AncestralDiscreteScheduler": _Spec(
-        _named("dpm_2_ancestral"), "sigmas", build=_two_stage_build, after_step=_first_order_state,
-        predictions=("epsilon", "v_prediction")),
+        _named("dpm_2_ancestral"), "sigmas", build=_kdpm2_build, after_step=_first_order_state,
+        predictions=("epsilon", "v_prediction"), shifted=_kdpm2_rows),
     "DPMSolverSDEScheduler": _Spec(
         _named("dpmpp_sde"), "sigmas", accepted=("noise_sampler_seed",), step_options={"s_noise": "s_noise"},
         fixed={"brownian": False}, build=_two_stage_build, before_step=_sde_noise, after_step=_sde_state,
@@ -1034,7 +1183,7 @@ SUPPORT: dict[str, _Spec] = {
         only={"predictor_order": (1, 2, 3, 4), "corrector_order": (1, 2, 3, 4),
               "algorithm_type": ("data_prediction", "noise_prediction")},
         accepted=("tau_func", "variance_type"), build=_sa_build, check=_check_sa, before_step=_sa_shapes,
-        after_step=_sa_state,
+        after_step=_sa_state, step_row=_sa_row,
         out_dtype="sample", restart="slice", needs_set_timesteps=True, predictions=_MULTISTEP_PREDICTIONS,
         note="tau_func any callable (called per step on the timestep, as diffusers' step does); variance_type not "
              "learned / learned_range (diffusers' step fails); flow_prediction only with use_flow_sigmas=True and "
@@ -1087,7 +1236,8 @@ def support_table() -> str:
     for name, s in SUPPORT.items():
         only = ", ".join(f"{k} in {v}" for k, v in s.only.items())
         step = [f"{k} (any)" for k in (*s.step_options, *s.step_plan)]
-        step += [f"{k}={v!r} only" for k, v in s.step_only.items()]
+        step += [f"{k}={v!r} only" + (f" ({s.step_only_why[k]})" if k in s.step_only_why else "")
+                 for k, v in s.step_only.items()]
         step += [f"{k} (no effect)" for k in s.step_ignored]
         pred = (f"prediction_type in ({', '.join(s.predictions)})",) if s.predictions else ()
         lines.append(f"{name}: {', '.join(pred + s.options)}"

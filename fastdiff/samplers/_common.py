@@ -10,6 +10,19 @@ from ..core.plan import Row, Write, combo, x0_coeffs
 SQRT2_M1 = 2**0.5 - 1
 
 
+class RowLimitError(ValueError):
+    """A step whose update is finite but needs more history reads or writes than a plan row has
+    (:data:`~fastdiff.core.plan.MAX_READS`, :data:`~fastdiff.core.plan.MAX_WRITES`): refused by name
+    (the diffusers drop-in refuses that step when it runs), never approximated."""
+
+INF_SCALE = 2.0**64
+"""Stands for ``1 / sqrt(alpha_cumprod) = inf`` (zero terminal SNR, or alphas_cumprod underflowing to 0)
+in an epsilon row that clips its data estimate (``clip_sample``): diffusers' ``(x - m) / 0`` is ``+-inf``,
+clipped to ``+-clip_sample_range``; ``2**64 (x - m)`` (a power of two: exact in float32, no overflow below
+``|x| = 2**64``) clips the same wherever ``|x - m| > 2**-64 clip_sample_range`` (diffusers gives NaN
+where ``x == m``)."""
+
+
 def data_coeffs(kind: str, prediction: str, alpha: float, sigma: float, in_scale: float = 1.0,
                 where: str = "") -> tuple[float, float]:
     """``(a_x, a_e)`` with ``x0 = a_x x + a_e e`` for a model seeing ``in_scale x = alpha x0 + sigma eps``.

@@ -234,9 +234,11 @@ def dpmsolver_restart(options, start: int, steps: int):
 def alpha_sigma32(grid: Grid, i: int) -> tuple[float, float, float]:
     """``(alpha, sigma_t, sigma)`` at point ``i`` as diffusers computes them in float32 from its float32
     sigma (``_sigma_to_alpha_sigma_t``): float32 ``alpha^2 + sigma_t^2`` is not exactly 1, which matters
-    where a step cancels (a cosine schedule's ``alpha ~ 3e-5``)."""
+    where a step cancels (a cosine schedule's ``alpha ~ 3e-5``). A grid whose alphas are ``1 - s`` is
+    diffusers' ``use_flow_sigmas`` grid also where its kind is ``vp`` (the drop-in's grid for v on a flow
+    grid, which diffusers reads as ``alpha x - sigma v``)."""
     s = torch.tensor(grid.sigmas[i], dtype=torch.float32)
-    if grid.kind == "flow":
+    if grid.kind == "flow" or grid.alphas[i] == 1.0 - grid.sigmas[i]:
         a, sg = 1 - s, s
     elif grid.kind == "ve":
         a, sg = torch.ones_like(s), s

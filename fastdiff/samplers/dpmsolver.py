@@ -15,16 +15,25 @@ so ``dpmsolver_3m_sde`` does not exist.
 The row's estimate is the noise (``plan.estimate == "eps"``) unless ``thresholding``:
 diffusers then thresholds the data estimate and converts it back, ``eps = (x - alpha clip(x0)) /
 sigma``, so the row clips ``d = x0`` and uses that combination of ``x`` and ``d``.
+
+On a schedule whose ``scalar_dtype`` is float32 (the diffusers drop-in on a flow grid, where the
+first step multiplies ``x`` by ``alpha'/alpha ~ 1e2..1e3`` and cancels it against the estimate) the
+coefficients are diffusers' float32 ones (:func:`~.inverse.inverse_update32`, the same multistep
+update, and :func:`~._multistep.estimate32`), not exact ones.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
+
 from ..core.plan import Plan, Row, Write, combo
 from . import register
 from ._common import check_choice, clip_settings, eps_coeffs
-from ._multistep import Grid, divided_differences, dpmsolver_orders, dpmsolver_restart, multistep_grid, phi
+from ._multistep import (Grid, divided_differences, dpmsolver_orders, dpmsolver_restart, estimate32, multistep_grid,
+                         phi)
+from .inverse import inverse_update32
 
 _OPTIONS = {"solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
             "use_lu_lambdas": False, "lambda_min_clipped": -math.inf, "variance_type": None,
@@ -71,9 +80,10 @@ def _dpmsolver(name: str, schedule, steps: int, prediction: str, order: int, sde
                           lambda_min_clipped=float(lambda_min_clipped))
     orders = dpmsolver_orders(grid, order, "diffusers", bool(lower_order_final), bool(euler_at_final))
     ring = max(orders) - 1  # eps_{i-1}, eps_{i-2} live in slots (i-1) % ring, (i-2) % ring
+    f32 = getattr(schedule, "scalar_dtype", None) == torch.float32  # diffusers' float32 coefficients
     rows = []
     for i, p in enumerate(orders):
-        cx, w = _weights(grid, i, p, solver_type)
+        cx, w = inverse_update32(grid, i, p, "dpmsolver", solver_type) if f32 else _weights(grid, i, p, solver_type)
         a0, a1, s0, s1 = grid.alphas[i], grid.alphas[i + 1], grid.stds[i], grid.stds[i + 1]
         cz = 0.0
         if sde:
@@ -85,7 +95,10 @@ def _dpmsolver(name: str, schedule, steps: int, prediction: str, order: int, sde
             # 0 for a repeated noise level whose float32 sigmas differ in the last bit (h ~ -1e-8)
             cz = s1 * math.sqrt(max(math.expm1(2.0 * grid.h(i)), 0.0)) if s1 > 0.0 else a1 * s0 / a0
         point = grid.point(i, prediction)
-        if clip is None:
+        if f32:  # d (the noise estimate, or the clipped data estimate) and eps = m_x x + m_d d, in float32
+            fields, eps = estimate32(grid, i, prediction, True, clip)
+            point = dict(point, **fields)
+        elif clip is None:
             # d is the noise estimate itself
             b_x, b_e = eps_coeffs(prediction, point["alpha_t"], point["sigma_t"], point["in_scale"])
             point = dict(point, a_x=b_x, a_e=b_e)

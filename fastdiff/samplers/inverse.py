@@ -35,7 +35,7 @@ from ..core.plan import Plan, Row, Write, combo
 from ..core.schedules import SPACINGS, VPSchedule
 from . import register
 from ._common import check_choice, check_number, clip_settings, data_coeffs, eps_coeffs
-from ._multistep import Grid, divided_differences, dpmsolver_orders, estimate32, log_snr, phi
+from ._multistep import Grid, alpha_sigma32, divided_differences, dpmsolver_orders, estimate32, log_snr, phi
 
 
 def ddim_inverse(schedule, steps: int, prediction: str, *, clip_sample: bool = True, clip_sample_range: float = 1.0,
@@ -150,12 +150,7 @@ def inverse_update32(grid: Grid, i: int, order: int, algorithm_type: str,
     f32 = torch.float32
 
     def point(j: int):
-        sg = torch.tensor(grid.sigmas[j], dtype=f32)
-        if grid.kind == "flow":
-            al, st = 1 - sg, sg
-        else:
-            al = 1 / ((sg**2 + 1) ** 0.5)
-            st = sg * al
+        al, st = (torch.tensor(v, dtype=f32) for v in alpha_sigma32(grid, j)[:2])
         return al, st, torch.log(al) - torch.log(st)
 
     (at, st, lt), (a0, s0, l0) = point(i + 1), point(i)

@@ -14,7 +14,10 @@ history slot 0, since it needs ``x^c_{i-1}``, ``z_{i-1}`` and older estimates on
 live in a ring of history slots after it. Noise is drawn at every step, as diffusers draws it.
 
 ``tau_func(t) -> tau``: the stochasticity at model time ``t``, called with a 0-d int64 tensor as
-diffusers' step calls it (default: diffusers' ``1`` for ``200 <= t <= 800``, else ``0``).
+diffusers' step calls it (default: diffusers' ``1`` for ``200 <= t <= 800``, else ``0``); ``taus``: the
+values per step instead (as a ``tau_func`` returned them; entries past ``steps`` are not read), which
+``fastdiff.diffusers`` passes where the timesteps a run is given are not the grid's. Row ``i`` reads
+the taus of steps ``i - 1`` (its corrector) and ``i`` (its predictor).
 """
 
 from __future__ import annotations
@@ -201,23 +204,29 @@ def _orders(steps: int, predictor_order: int, corrector_order: int, lower_order_
 
 def _tau(tau_func, t: float):
     """``tau_func`` at timestep ``t`` as diffusers' step calls it (a 0-d int64 tensor); its value as returned."""
-    val = (tau_func or default_tau)(torch.tensor(int(t), dtype=torch.int64))
+    return check_tau((tau_func or default_tau)(torch.tensor(int(t), dtype=torch.int64)), t)
+
+
+def check_tau(val, t: float):
+    """``val``, the tau of the step at timestep ``t``, if it is a finite number (else a ``ValueError``). A
+    negative tau is taken as diffusers takes it: its updates read ``tau^2``, and noise prediction's noise
+    term ``tau z`` (the same distribution as ``|tau| z``)."""
     try:
-        ok = math.isfinite(float(val)) and float(val) >= 0
+        ok = math.isfinite(float(val))
     except (TypeError, ValueError, RuntimeError):
         ok = False
     if not ok:
-        raise ValueError(f"tau_func({int(t)}) returned {val!r}; expected a finite number >= 0")
+        raise ValueError(f"tau_func({int(t)}) returned {val!r}; expected a finite number")
     return val
 
 
 @register("sa_solver", kinds=("vp",), predictions=_PREDICTIONS,
           options={"predictor_order": 2, "corrector_order": 2, "tau_func": None, "algorithm_type": "data_prediction",
                    "lower_order_final": True, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
-                   "sample_max_value": 1.0, "lambda_min_clipped": -math.inf})
+                   "sample_max_value": 1.0, "lambda_min_clipped": -math.inf, "taus": None})
 def sa_solver(schedule, steps: int, prediction: str, *, predictor_order: int, corrector_order: int, tau_func,
               algorithm_type: str, lower_order_final: bool, thresholding: bool, dynamic_thresholding_ratio: float,
-              sample_max_value: float, lambda_min_clipped: float) -> Plan:
+              sample_max_value: float, lambda_min_clipped: float, taus) -> Plan:
     """Stochastic Adams predictor-corrector solver of the diffusion SDE (Xue et al. 2023)."""
     for name, v in (("predictor_order", predictor_order), ("corrector_order", corrector_order)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 4:
@@ -234,7 +243,12 @@ def sa_solver(schedule, steps: int, prediction: str, *, predictor_order: int, co
     clip, plan_kw = clip_settings(False, 1.0, thresholding, dynamic_thresholding_ratio, sample_max_value)
     grid = sa_grid(schedule, steps, float(lambda_min_clipped))
     orders = _orders(steps, int(predictor_order), int(corrector_order), bool(lower_order_final))
-    taus = [_tau(tau_func, t) for t in grid.timesteps]
+    if taus is None:
+        taus = [_tau(tau_func, t) for t in grid.timesteps]
+    elif len(taus) < steps:
+        raise ValueError(f"taus must hold a tau for each of the {steps} steps, got {len(taus)}")
+    else:  # (the first steps' of a longer run: a prefix of it)
+        taus = [check_tau(v, t) for v, t in zip(taus, grid.timesteps)]
     # a schedule's scalar_dtype float32 (fastdiff.diffusers): diffusers' float32 coefficient arithmetic
     update = _update32 if getattr(schedule, "scalar_dtype", None) == torch.float32 else _update
     # slot 0: Q (the next corrector's known part); estimates D_j in ring slots 1 + j % ring

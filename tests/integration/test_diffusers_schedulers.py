@@ -381,8 +381,6 @@ def test_unsupported_class_is_named():
     ("DPMSolverMultistepScheduler", {"prediction_type": "flow_prediction"}, "use_flow_sigmas"),
     ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "predict_x0": False},
      "predict_x0"),
-    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "v_prediction", "predict_x0": False},
-     "noise-prediction solver"),
     ("EulerAncestralDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type='sample'"),
 ])
 def test_unsupported_config_values_are_named(cls, cfg, match):

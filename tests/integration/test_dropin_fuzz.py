@@ -58,12 +58,12 @@ def _pick(r: random.Random, *options, weights=None):
     return r.choices(options, weights=weights)[0]
 
 
-def _betas(r: random.Random) -> dict:
+def _betas(r: random.Random, underflow: bool = True) -> dict:
     """VP betas: diffusers' schedules with random ranges, now and then trained betas, zero terminal SNR,
-    or a range so wide that float32 alphas_cumprod underflows to 0 at high timesteps."""
+    or (``underflow``) a range so wide that float32 alphas_cumprod underflows to 0 at high timesteps."""
     T = _pick(r, 1000, 1000, 500, 100, 50)
     kind = _pick(r, "linear", "scaled_linear", "squaredcos_cap_v2", "trained", "underflow",
-                 weights=[4, 4, 2, 1, 1])
+                 weights=[4, 4, 2, 1, 1 if underflow else 0])
     cfg = {"num_train_timesteps": T}
     if kind == "trained":
         cfg["trained_betas"] = np.linspace(r.uniform(1e-5, 1e-3), r.uniform(0.01, 0.04), T).tolist()
@@ -293,9 +293,12 @@ def _edm_dpm(r):
 
 
 def _k_style(r, name: str):
-    cfg = {**_betas(r), **_sigma_grid(r), "prediction_type": _pick(r, "epsilon", "v_prediction")}
+    # (DPMSolverSDE: no underflowing betas, whose NaN sigmas diffusers' step hands to torchsde's Brownian
+    # interval, which never returns there; the drop-in refuses those steps: test_dropin_gaps_kdpm2)
+    sde = name == "DPMSolverSDEScheduler"
+    cfg = {**_betas(r, underflow=not sde), **_sigma_grid(r), "prediction_type": _pick(r, "epsilon", "v_prediction")}
     kw = {}
-    if name == "DPMSolverSDEScheduler":
+    if sde:
         if r.random() < 0.7:  # (else seeded from torch's global RNG at the first step, seeded alike here)
             cfg["noise_sampler_seed"] = r.randrange(1000)
         if r.random() < 0.4:
@@ -423,13 +426,10 @@ GENERATORS = {
     "DPMSolverMultistepInverseScheduler": _dpm_inverse,
 }
 OPEN = {  # generators written, not yet in FUZZED: their 60 cases still have failures to resolve (or run too long)
-    "LCMScheduler": "zero-SNR epsilon: refused at set_timesteps where the stock run skips the t = 999 step (begin)",
-    "TCDScheduler": "zero-SNR epsilon: refused at set_timesteps where the stock run skips the t = 999 step (begin)",
-    "KDPM2DiscreteScheduler": "a run found by lookup at timesteps[1] (a second stage): stock runs it, refused",
-    "KDPM2AncestralDiscreteScheduler": "a run found by lookup at timesteps[1] (a second stage): stock runs it, refused",
-    "DPMSolverSDEScheduler": "not classified yet: the 60 cases ran past 10 minutes (torchsde's tree on wide grids?)",
-    "DPMSolverSinglestepScheduler": "1 of 60 cases: dpmsolver order 3 heun, prediction sample, beta sigmas: a step "
-                                    "8.5e-5 from stock, both ~8e-5 from the exact step (float32), ours slightly further",
+    "DPMSolverSinglestepScheduler": "1 of 60 cases (k=9): dpmsolver order 3 heun, prediction sample, beta sigmas, h = "
+                                    "10.7: x' = 1094 S - 1094 D0 - ... cancels 1800x, stock's float32 products and "
+                                    "differences-first D1/D2 vs the row's one float32 sum: 8.5e-5 apart, exact step "
+                                    "7.6e-5 from stock, 9.6e-5 from ours",
 }
 FUZZED = [n for n in GENERATORS if n not in OPEN]
 N_CASES = 60
@@ -438,6 +438,9 @@ N_CASES_NEW = 30
 """Cases per class added later (kept lower so that the file stays near a minute; 60 each were classified
 with no failure when they were added)."""
 _FIRST_TEN = list(GENERATORS)[:10]
+_SLOW_STOCK = {"LMSDiscreteScheduler"}
+"""Classes run with N_CASES_NEW: stock LMS integrates its weights with scipy at every step (60 cases took
+74 s; its 60 were classified with no failure when its weights became diffusers' own)."""
 
 
 # ------------------------------------------------------------------------------------- one case
@@ -626,7 +629,7 @@ def test_random_cases_match_stock(name):
     diffusers.utils.logging.set_verbosity_error()  # (diffusers' advice on custom timesteps, printed per case)
     with count_fused_steps() as counted, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for k in range(N_CASES if name in _FIRST_TEN else N_CASES_NEW):
+        for k in range(N_CASES if name in _FIRST_TEN and name not in _SLOW_STOCK else N_CASES_NEW):
             label, detail = run_case(name, base * 1000 + k, counted)
             counts[label.split()[0]] += 1
             if label.startswith("FAIL"):

@@ -356,7 +356,9 @@ def test_argument_errors_name_the_argument(seed):
         with pytest.raises(ValueError, match="noise_sampler must return a tensor shaped like x"):
             getattr(K, name)(den, x, sig, disable=True, noise_sampler=lambda s, s1: torch.zeros(1, *x.shape[1:]))
     with pytest.raises(ValueError, match="order"):
-        K.sample_lms(den, x, sig, order=6)
+        K.sample_lms(den, x, sig, order=0)
+    with pytest.raises(ValueError, match="lms step 8 \\(order 9\\)"):  # 8 earlier derivatives: past a row's reads
+        K.sample_lms(den, x, karras(10), order=9)
     for kw in ({"eta": -0.5}, {"s_noise": -1.0}, {"eta": float("nan")}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             K.sample_euler_ancestral(den, x, sig, **kw)

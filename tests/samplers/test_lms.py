@@ -63,6 +63,10 @@ def test_lms_history_ring_and_order_errors():
     plan = samplers.build("lms", schedules.VESchedule(), 8)
     assert plan.n_slots == 3 and plan.rows[0].reads == () and len(plan.rows[3].reads) == 3
     assert plan.rows[-1].writes == ()
-    for bad in (0, 6, 2.0, True):  # 5 reads 4 history slots, the most a row reads
+    for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="order"):
             samplers.build("lms", schedules.VESchedule(), 8, order=bad)
+    # above order 5 a row reads 3 derivatives and one sum of the older ones: up to order 8
+    assert max(len(r.reads) for r in samplers.build("lms", schedules.VESchedule(), 12, order=8).rows) == 4
+    with pytest.raises(ValueError, match="lms step 8 \\(order 9\\).*orders up to 8 fit"):
+        samplers.build("lms", schedules.VESchedule(), 10, order=9)

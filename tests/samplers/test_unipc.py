@@ -90,8 +90,12 @@ def test_unipc_plan_structure():
 
 
 def test_unipc_errors_name_the_option():
-    with pytest.raises(ValueError, match="solver_order must be 1, 2 or 3, got 4"):
-        samplers.build("unipc", SD, 10, solver_order=4)
+    with pytest.raises(ValueError, match="solver_order must be an int >= 1, got 0"):
+        samplers.build("unipc", SD, 10, solver_order=0)
+    # order 4 fits (its oldest corrector term folded into slot 0); order 5 corrects with five reads
+    assert max(len(r.reads) for r in samplers.build("unipc", SD, 10, solver_order=4).rows) == MAX_READS
+    with pytest.raises(ValueError, match=f"unipc step 4 .*reads 5 history buffers.*at most {MAX_READS}"):
+        samplers.build("unipc", SD, 10, solver_order=5)
     with pytest.raises(ValueError, match="solver_type must be one of"):
         samplers.build("unipc", SD, 10, solver_type="midpoint")
     with pytest.raises(ValueError, match="solver_p"):
