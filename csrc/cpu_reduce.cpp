@@ -5,7 +5,9 @@
 //              (diffusers' guidance_rescale; std with Bessel's correction; r = 1 where std(cfg) = 0)
 //   threshold: s[b] = clamp(quantile(|d[b]|, ratio), 1, max), d the row's data estimate
 //              (Imagen's dynamic thresholding; the quantile as torch.quantile's linear rule)
-// Both read the row's own operands through step_math.h, so cfg and d are bit for bit what the step
+//   gram:      per sample, the dot products of up to four guidance branches and their sums, in
+//              float64 (what every guider's blend weights are computed from: fastdiff/guiders/stats.py)
+// The first two read the row's own operands through step_math.h, so cfg and d are bit for bit what the step
 // kernel computes.
 #include "cpu_reduce.h"
 
@@ -170,7 +172,51 @@ void langevin_t(const StepArgs& a, double l_x, double l_e, double* g2, double* z
   }
 }
 
+template <class S, class T>
+void gram_t(const void* const* slots, int64_t numel, int64_t ps, int num_threads, double* g, double* sums) {
+  constexpr int K = fd::BLEND_ROWS, NP = K * (K + 1) / 2;
+  const int64_t B = numel / ps, per = (ps + CHUNK - 1) / CHUNK, n = B * per;
+  std::vector<double> part(static_cast<size_t>(n) * (NP + K), 0.0);
+  int have[K], nh = 0;
+  for (int k = 0; k < K; ++k)
+    if (slots[k]) have[nh++] = k;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (numel >= (1 << 16) && num_threads > 1)
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t b = q / per, j0 = (q % per) * CHUNK, j1 = std::min(ps, j0 + CHUNK);
+    double acc[NP + K] = {};
+    for (int64_t i = b * ps + j0; i < b * ps + j1; ++i) {
+      double v[K] = {};
+      for (int t = 0; t < nh; ++t) v[have[t]] = static_cast<double>(ld<S, T>(slots[have[t]], i));
+      int o = 0;
+      for (int r = 0; r < K; ++r)
+        for (int c = r; c < K; ++c) acc[o++] += v[r] * v[c];
+      for (int k = 0; k < K; ++k) acc[NP + k] += v[k];
+    }
+    std::copy(acc, acc + NP + K, part.begin() + q * (NP + K));
+  }
+  for (int64_t b = 0; b < B; ++b) {  // chunks summed in order: the result does not depend on threads
+    double tot[NP + K] = {};
+    for (int64_t j = 0; j < per; ++j)
+      for (int t = 0; t < NP + K; ++t) tot[t] += part[(b * per + j) * (NP + K) + t];
+    int o = 0;
+    for (int r = 0; r < K; ++r)
+      for (int c = r; c < K; ++c, ++o) g[(b * K + r) * K + c] = g[(b * K + c) * K + r] = tot[o];
+    for (int k = 0; k < K; ++k) sums[b * K + k] = tot[NP + k];
+  }
+}
+
 }  // namespace
+
+void gram(const void* const* slots, int64_t numel, int64_t per_sample, int dtype, int num_threads, double* g,
+          double* sums) {
+  switch (dtype) {
+    case fd::DTYPE_F32: gram_t<float, float>(slots, numel, per_sample, num_threads, g, sums); break;
+    case fd::DTYPE_F64: gram_t<double, double>(slots, numel, per_sample, num_threads, g, sums); break;
+    case fd::DTYPE_F16: gram_t<Half, float>(slots, numel, per_sample, num_threads, g, sums); break;
+    case fd::DTYPE_BF16: gram_t<BF16, float>(slots, numel, per_sample, num_threads, g, sums); break;
+    default: break;
+  }
+}
 
 void langevin_norms(const StepArgs& a, double l_x, double l_e, double* g2, double* z2) {
   switch (a.dtype) {
