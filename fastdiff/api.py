@@ -163,6 +163,8 @@ def sample(
     strength: float | None = None,
     start_step: int | None = None,
     post_step: Callable[[int, torch.Tensor], None] | None = None,
+    guidance: Any = None,
+    perturbed_model: Callable | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Sample from ``model`` starting at unit-variance ``noise``; returns the final sample.
@@ -232,11 +234,35 @@ def sample(
             :func:`fastdiff.tasks.plan_from_step`).
         post_step: ``post_step(i, x)`` after every row's fused step, changing the state ``x`` in
             place (e.g. :func:`fastdiff.tasks.ilvr`).
+        guidance: a guider, blended inside the fused step: a :class:`fastdiff.guiders.Guider` (CFG,
+            CFG-Zero*, APG, tangential, magnitude-aware, perturbed-branch, AutoGuidance) or a diffusers
+            guider object (``diffusers.guiders``; its configuration is read by
+            :func:`fastdiff.guiders.from_diffusers`). Windows count solver steps, as diffusers'
+            ``set_state(step, num_inference_steps)``. Exclusive with ``guidance_scale``,
+            ``guidance_interval`` and ``guidance_rescale``; with it, ``callback``, ``post_step``,
+            ``classifier``, ``mask``/``known``, ``image`` and ``cuda_graph`` are not taken (each is
+            refused by name): rows run one by one (:mod:`fastdiff.runtime.guided`).
+        perturbed_model: the perturbed (PAG, SEG, SLG) or weak (AutoGuidance) model, called like
+            ``model`` with ``cond``, for guiders with a perturbed branch.
         **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
 
     Returns:
         The final sample, shaped and typed like ``noise``.
     """
+    if guidance is not None:
+        return _sample_guided(model, noise, guidance, perturbed_model, sampler=sampler, steps=steps, schedule=schedule,
+                              prediction=prediction, cond=cond, uncond=uncond, seed=seed, generator=generator,
+                              backend=backend, progress=progress, check_finite=check_finite, plan=plan,
+                              sampler_options=sampler_options,
+                              refused={"guidance_scale": guidance_scale is not None,
+                                       "guidance_interval": guidance_interval is not None,
+                                       "guidance_rescale": guidance_rescale != 0.0, "callback": callback is not None,
+                                       "post_step": post_step is not None, "classifier": classifier is not None,
+                                       "mask": mask is not None, "known": known is not None,
+                                       "image": image is not None, "strength": strength is not None,
+                                       "start_step": start_step is not None, "cuda_graph": bool(cuda_graph)})
+    if perturbed_model is not None:
+        raise ValueError("perturbed_model is the perturbed branch of a guider: give guidance= too")
     seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond, callback=callback,
                                  post_step=post_step, classifier=classifier, classifier_scale=classifier_scale,
                                  classifier_y=classifier_y, mask=mask, known=known, image=image, plan=plan,
@@ -273,6 +299,41 @@ def sample(
     return _call(prepared, as_model(model), noise, seeds=seeds, generator=generator, cond=cond, uncond=uncond,
                  callback=callback, progress=progress, classifier=classifier, classifier_y=classifier_y,
                  mask=mask, known=known, image=image, post_step=post_step)
+
+
+def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, schedule, prediction, cond, uncond,
+                   seed, generator, backend, progress, check_finite, plan, sampler_options, refused) -> torch.Tensor:
+    """:func:`sample` with ``guidance=`` (a guider): checks, then :func:`fastdiff.runtime.guided.run_guided`."""
+    from .guiders import Guider, from_diffusers
+    from .runtime.guided import run_guided
+
+    given = [k for k, v in refused.items() if v]
+    if given:
+        raise ValueError(f"guidance= does not combine with {', '.join(given)} (give the guider's own settings, "
+                         "or use guidance_scale= without guidance=)")
+    guider = guidance if isinstance(guidance, Guider) else from_diffusers(guidance)
+    if perturbed_model is not None and not callable(perturbed_model):
+        raise TypeError(f"perturbed_model must be callable, got {type(perturbed_model).__name__}")
+    seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond, callback=None,
+                                 post_step=None, classifier=None, classifier_scale=1.0, classifier_y=None, mask=None,
+                                 known=None, image=None, plan=plan, check_finite=check_finite)
+    validate.flag("progress", progress)
+    validate.flag("check_finite", check_finite)
+    if plan is None:
+        validate.plan_args(sampler, schedule)
+        validate.steps(steps)
+        plan = _plan_builder(sampler, steps, schedule, prediction, None, sampler_options)()
+    elif sampler_options:
+        raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
+    b = noise.shape[0]
+    if generator is None and seeds is None:
+        seeds = expand_seeds([int(s) for s in torch.randint(0, 2**62, (b,), dtype=torch.int64)], b)
+    with torch.no_grad():
+        x = noise * plan.init_scale
+        return run_guided(plan, as_model(model), x, guider, cond=cond, uncond=uncond,
+                          perturbed_model=None if perturbed_model is None else as_model(perturbed_model),
+                          seeds=seeds, generator=generator, backend=ops.requested_backend(backend),
+                          check_finite=check_finite, progress=progress)
 
 
 def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:

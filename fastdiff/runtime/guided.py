@@ -1,0 +1,131 @@
+"""The sampling loop with a guider (:mod:`fastdiff.guiders`): every plan row's guidance branches
+evaluated, blended and stepped by ONE fused step per row.
+
+Per row: the branches the guider's blend needs at that step (:meth:`fastdiff.guiders.Guider.blend`)
+are evaluated, those that share the model in one batched call (``[uncond; cond]`` or ``[cond]``),
+the perturbed branch by ``perturbed_model`` (a separate call); the blend's per-sample coefficients
+come from one Gram pass over the branches where the guider needs data (CFG-Zero*, APG, tangential,
+magnitude-aware, guidance rescale); then the row's fused step blends the branches (and updates
+APG's momentum buffer) and runs the solver update. The momentum buffer starts at zero each run.
+
+This loop runs rows one by one on the host (the executor's prepared programs, CUDA graphs and
+model-input writes do not cover blend rows yet); callbacks, inpainting, img2img, classifier
+guidance and ``post_step`` are not taken here (:func:`fastdiff.sample` refuses them with
+``guidance=``, naming them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..core.args import StepArgs, clip_code, pack_row
+from ..core.guidance import dynamic_threshold
+from ..core.plan import Plan
+from ..guiders.apply import coefficients
+from ..guiders.methods import COND, MOMENTUM, PERTURBED, UNCOND, Guider
+from . import ops
+from .executor import Cond, NonFiniteError, call_model, cat_cond, draw_noise
+
+
+def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, cond: Cond, uncond: Cond,
+               perturbed_model: Callable | None, seeds: Sequence[int] | None, generator, backend: str,
+               check_finite: bool = True, progress: bool = False) -> torch.Tensor:
+    """Run ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``) with ``guider``;
+    returns the final state (a new tensor). ``seeds`` (one per sample) draw Philox noise in the
+    kernel; ``generator`` draws it as diffusers does, per noisy row."""
+    b, dev, dt = x.shape[0], x.device, x.dtype
+    x = x.clone().contiguous()
+    hist = [torch.zeros_like(x) for _ in range(plan.n_slots)]
+    momentum = torch.zeros_like(x) if guider.uses_momentum else None
+    seed_t = torch.as_tensor(list(seeds), dtype=torch.int64).to(dev) if seeds is not None else None
+    t_dt = torch.float64 if dt == torch.float64 else torch.float32
+    steps = plan.steps or (max(r.step for r in plan.rows) + 1 if plan.rows else 0)
+    rows = plan.rows
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="fastdiff", total=len(plan.rows))
+    for i, r in enumerate(rows):
+        sb = guider.blend(r.step, steps)
+        need = (COND,) if sb is None else sb.branches
+        u = x * r.in_scale
+        out = _evaluate(model, perturbed_model, u, r, need, cond, uncond, b, t_dt, dev, dt)
+        if check_finite and not all(bool(torch.isfinite(v).all()) for v in out.values()):
+            raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
+        z = None
+        if r.noise and generator is not None:
+            z = draw_noise(x.shape, generator, torch.float32, dev).to(dt).contiguous()
+        coef = pack_row(r, fold=True)
+        clip = clip_code(r)
+        if sb is None:
+            slots, a = [out[COND], None, None, None], None
+        else:
+            named = dict(out)
+            named[MOMENTUM] = momentum
+            slots = [None if s is None else named[s] for s in sb.slots]
+            a = coefficients(sb, slots, guider.rescale, extension=backend != "reference")
+        s = _clip_bound(plan, r, x, slots, a, coef, clip, b, dev)
+        args = StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,
+                        m_w=momentum if sb is not None and sb.write is not None else None, coef=coef, row=i,
+                        h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[w.slot] for w in r.writes),
+                        seeds=seed_t, z=z, clip=clip, s=s)
+        ops.step(args, backend=backend)
+    return x
+
+
+def _evaluate(model, perturbed_model, u, r, need, cond, uncond, b, t_dt, dev, dt) -> dict[str, torch.Tensor]:
+    """The branches ``need`` of one row: ``{name: [B, ...] tensor}`` (contiguous, the state's dtype)."""
+    out: dict[str, torch.Tensor] = {}
+    shared = [n for n in (UNCOND, COND) if n in need]
+    if shared:
+        conds = {UNCOND: uncond, COND: cond}
+        c = conds[shared[0]]
+        for n in shared[1:]:
+            c = cat_cond(c, conds[n]) if c is not None else None
+        k = len(shared)
+        t = torch.full((k * b,), r.t, dtype=t_dt, device=dev)
+        y = _tensor(call_model(model, u.repeat(k, *([1] * (u.dim() - 1))), t, c), (k * b, *u.shape[1:]), r, dt, dev)
+        for j, n in enumerate(shared):
+            out[n] = y[j * b:(j + 1) * b]
+    if PERTURBED in need or "modality" in need:
+        if PERTURBED in need:
+            if perturbed_model is None:
+                raise ValueError(f"the guider needs the perturbed branch at step {r.step}: give perturbed_model=")
+            t = torch.full((b,), r.t, dtype=t_dt, device=dev)
+            out[PERTURBED] = _tensor(call_model(perturbed_model, u, t, cond), tuple(u.shape), r, dt, dev)
+        if "modality" in need:
+            raise ValueError("LTX-2's modality branch is not evaluated by fastdiff.sample; blend it with "
+                             "fastdiff.guiders.guide")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _tensor(y, want, r, dt, dev) -> torch.Tensor:
+    from ..models.denoisers import unwrap_output
+
+    y = unwrap_output(y)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"model must return a tensor, got {type(y).__name__}")
+    if tuple(y.shape) != tuple(want):
+        raise ValueError(f"model output at step {r.step} has shape {tuple(y.shape)}, expected {tuple(want)}")
+    return y.detach().to(dtype=dt, device=dev)
+
+
+def _clip_bound(plan, r, x, slots, a, coef, clip, b, dev) -> torch.Tensor | None:
+    """The clip bound ``s`` of a clipping row: the plan's static bound, or the dynamic threshold of
+    the row's data estimate computed from the blended prediction (the reference backend's blend)."""
+    if clip == 0:
+        return None
+    if clip == 1:
+        return torch.full((b,), float(plan.clip_range), dtype=torch.float32, device=dev)
+    from ..backends.reference import blended_output
+    from ..core.args import C_AE, C_AX, compute_dtype
+
+    cdt = compute_dtype(x.dtype)
+    if a is None:
+        e = slots[0].to(cdt)
+    else:
+        e, _ = blended_output(StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,
+                                       coef=coef), cdt)
+    return dynamic_threshold(coef[C_AX] * x.to(cdt) + coef[C_AE] * e, plan.threshold_ratio, plan.threshold_max)
