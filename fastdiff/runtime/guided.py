@@ -35,6 +35,9 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
     """Run ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``) with ``guider``;
     returns the final state (a new tensor). ``seeds`` (one per sample) draw Philox noise in the
     kernel; ``generator`` draws it as diffusers does, per noisy row."""
+    if any(r.out_u for r in plan.rows):
+        raise ValueError(f"{plan.sampler} is a CFG++ sampler: give guidance_scale= (classifier-free guidance), "
+                         "not guidance=")
     b, dev, dt = x.shape[0], x.device, x.dtype
     x = x.clone().contiguous()
     hist = [torch.zeros_like(x) for _ in range(plan.n_slots)]
