@@ -44,6 +44,7 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
     momentum = torch.zeros_like(x) if guider.uses_momentum else None
     seed_t = torch.as_tensor(list(seeds), dtype=torch.int64).to(dev) if seeds is not None else None
     t_dt = torch.float64 if dt == torch.float64 else torch.float32
+    flags = torch.zeros(len(plan.rows), dtype=torch.int32, device=dev) if check_finite else None
     steps = plan.steps or (max(r.step for r in plan.rows) + 1 if plan.rows else 0)
     rows = plan.rows
     if progress:
@@ -55,8 +56,6 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
         need = (COND,) if sb is None else sb.branches
         u = x * r.in_scale
         out = _evaluate(model, perturbed_model, u, r, need, cond, uncond, b, t_dt, dev, dt)
-        if check_finite and not all(bool(torch.isfinite(v).all()) for v in out.values()):
-            raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
         z = None
         if r.noise and generator is not None:
             z = draw_noise(x.shape, generator, torch.float32, dev).to(dt).contiguous()
@@ -73,8 +72,14 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
         args = StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,
                         m_w=momentum if sb is not None and sb.write is not None else None, coef=coef, row=i,
                         h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[w.slot] for w in r.writes),
-                        seeds=seed_t, z=z, clip=clip, s=s)
+                        seeds=seed_t, z=z, clip=clip, s=s, flag=flags[i:i + 1] if flags is not None else None)
         ops.step(args, backend=backend)
+    if flags is not None:  # the kernels flag non-finite branch reads on the device: one check, after the loop
+        bad = flags.nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            r = plan.rows[i]
+            raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
     return x
 
 

@@ -113,3 +113,16 @@ def test_guidance_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="perturbed_model"):
         fastdiff.sample(model, x, steps=3, guidance=fastdiff.guiders.Perturbed(perturbed_start=0.0, perturbed_stop=1.0),
                         cond=x, uncond=x)
+
+
+def test_non_finite_model_output_is_reported_with_its_step():
+    model, _ = _models((1, 2, 3))
+    x = torch.randn(1, 2, 3)
+
+    def bad(u, t, cond):
+        y = model(u, t, cond)
+        return y * float("nan") if float(t[0]) < 500 else y
+
+    with pytest.raises(fastdiff.NonFiniteError, match="step"):
+        fastdiff.sample(bad, x, steps=4, sampler="euler", guidance=fastdiff.guiders.APG(scale=3.0, momentum=-0.5),
+                        cond=x, uncond=torch.zeros_like(x), schedule={"num_train_timesteps": 1000})
