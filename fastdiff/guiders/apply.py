@@ -22,6 +22,11 @@ def plain_to_rows(p: torch.Tensor, slots) -> torch.Tensor:
     return rows
 
 
+def _difference_form(p, slots) -> list[float]:
+    """:func:`plain_to_rows` of weights that are the same for every sample (host floats)."""
+    return [sum(v for v, s in zip(p[:3], slots[:3]) if s is not None), p[1], p[2], p[3]]
+
+
 def coefficients(sb: StepBlend, slots: list[torch.Tensor | None], rescale: float = 0.0,
                  extension: bool = True) -> torch.Tensor:
     """The float32 blend coefficients ``a`` (``[4, B]``, or ``[8, B]`` with a momentum write) of the
@@ -30,6 +35,10 @@ def coefficients(sb: StepBlend, slots: list[torch.Tensor | None], rescale: float
     ``std(pred) = 0``), folded into the weights of ``pred`` (not of the momentum write)."""
     ref = next(t for t in slots if t is not None)
     b, dev = ref.shape[0], ref.device
+    const = getattr(sb.plain, "weights", None)
+    if const is not None and not rescale:  # the same for every sample: computed on the host, one upload
+        rows = _difference_form(const, sb.slots) + (_difference_form(sb.write, sb.slots) if sb.write else [])
+        return torch.tensor(rows, dtype=torch.float32).to(dev)[:, None].expand(len(rows), b).contiguous()
     stats = gram(slots, extension=extension) if sb.needs_stats or rescale > 0 else None
     if stats is not None and stats.gram.device != dev:
         stats = Stats(stats.gram.to(dev), stats.sums.to(dev), stats.n)

@@ -63,6 +63,7 @@ def constant(*weights: float) -> Plain:
     def plain(stats, b, device):
         return torch.tensor(w, dtype=torch.float64, device=device).expand(b, 4)
 
+    plain.weights = tuple(float(v) for v in w)  # (the host's shortcut: apply.coefficients)
     return plain
 
 
