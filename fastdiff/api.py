@@ -241,7 +241,7 @@ def sample(
             ``set_state(step, num_inference_steps)``. Exclusive with ``guidance_scale``,
             ``guidance_interval`` and ``guidance_rescale``; with it, ``callback``, ``post_step``,
             ``classifier``, ``mask``/``known``, ``image`` and ``cuda_graph`` are not taken (each is
-            refused by name): rows run one by one (:mod:`fastdiff.runtime.guided`).
+            refused by name): rows run one by one (:mod:`fastdiff.guiders.loop`).
         perturbed_model: the perturbed (PAG, SEG, SLG) or weak (AutoGuidance) model, called like
             ``model`` with ``cond``, for guiders with a perturbed branch.
         **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
@@ -303,9 +303,9 @@ def sample(
 
 def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, schedule, prediction, cond, uncond,
                    seed, generator, backend, progress, check_finite, plan, sampler_options, refused) -> torch.Tensor:
-    """:func:`sample` with ``guidance=`` (a guider): checks, then :func:`fastdiff.runtime.guided.run_guided`."""
+    """:func:`sample` with ``guidance=`` (a guider): checks, then :func:`fastdiff.guiders.loop.run_guided`."""
     from .guiders import Guider, from_diffusers
-    from .runtime.guided import run_guided
+    from .guiders.loop import run_guided
 
     given = [k for k, v in refused.items() if v]
     if given:

@@ -23,10 +23,10 @@ import torch
 from ..core.args import StepArgs, clip_code, pack_row
 from ..core.guidance import dynamic_threshold
 from ..core.plan import Plan
-from ..guiders.apply import coefficients
-from ..guiders.methods import COND, MOMENTUM, PERTURBED, UNCOND, Guider
-from . import ops
-from .executor import Cond, NonFiniteError, call_model, cat_cond, draw_noise
+from .apply import coefficients
+from .methods import COND, MOMENTUM, PERTURBED, UNCOND, Guider
+from ..runtime import ops
+from ..runtime.executor import Cond, NonFiniteError, call_model, cat_cond, draw_noise
 
 
 def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, cond: Cond, uncond: Cond,
