@@ -172,29 +172,22 @@ void langevin_t(const StepArgs& a, double l_x, double l_e, double* g2, double* z
   }
 }
 
-template <class S, class T>
-void gram_t(const void* const* slots, int64_t numel, int64_t ps, int num_threads, double* g, double* sums) {
+/// The Gram reduction: per sample, chunks of CHUNK elements in parallel (cpu_gram.h's kernel on the
+/// current SIMD level), then each sample's chunks summed in order (independent of the threads).
+void gram_run(const void* const* slots, int64_t numel, int64_t ps, int dtype, int num_threads, double* g,
+              double* sums) {
   constexpr int K = fd::BLEND_ROWS, NP = K * (K + 1) / 2;
+  int mask = 0;
+  for (int k = 0; k < K; ++k)
+    if (slots[k]) mask |= 1 << k;
   const int64_t B = numel / ps, per = (ps + CHUNK - 1) / CHUNK, n = B * per;
   std::vector<double> part(static_cast<size_t>(n) * (NP + K), 0.0);
-  int have[K], nh = 0;
-  for (int k = 0; k < K; ++k)
-    if (slots[k]) have[nh++] = k;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (numel >= (1 << 16) && num_threads > 1)
   for (int64_t q = 0; q < n; ++q) {
     const int64_t b = q / per, j0 = (q % per) * CHUNK, j1 = std::min(ps, j0 + CHUNK);
-    double acc[NP + K] = {};
-    for (int64_t i = b * ps + j0; i < b * ps + j1; ++i) {
-      double v[K] = {};
-      for (int t = 0; t < nh; ++t) v[have[t]] = static_cast<double>(ld<S, T>(slots[have[t]], i));
-      int o = 0;
-      for (int r = 0; r < K; ++r)
-        for (int c = r; c < K; ++c) acc[o++] += v[r] * v[c];
-      for (int k = 0; k < K; ++k) acc[NP + k] += v[k];
-    }
-    std::copy(acc, acc + NP + K, part.begin() + q * (NP + K));
+    gram_chunk(slots, mask, dtype, b * ps + j0, b * ps + j1, part.data() + q * (NP + K));
   }
-  for (int64_t b = 0; b < B; ++b) {  // chunks summed in order: the result does not depend on threads
+  for (int64_t b = 0; b < B; ++b) {
     double tot[NP + K] = {};
     for (int64_t j = 0; j < per; ++j)
       for (int t = 0; t < NP + K; ++t) tot[t] += part[(b * per + j) * (NP + K) + t];
@@ -209,13 +202,7 @@ void gram_t(const void* const* slots, int64_t numel, int64_t ps, int num_threads
 
 void gram(const void* const* slots, int64_t numel, int64_t per_sample, int dtype, int num_threads, double* g,
           double* sums) {
-  switch (dtype) {
-    case fd::DTYPE_F32: gram_t<float, float>(slots, numel, per_sample, num_threads, g, sums); break;
-    case fd::DTYPE_F64: gram_t<double, double>(slots, numel, per_sample, num_threads, g, sums); break;
-    case fd::DTYPE_F16: gram_t<Half, float>(slots, numel, per_sample, num_threads, g, sums); break;
-    case fd::DTYPE_BF16: gram_t<BF16, float>(slots, numel, per_sample, num_threads, g, sums); break;
-    default: break;
-  }
+  if (dtype >= fd::DTYPE_F32 && dtype <= fd::DTYPE_BF16) gram_run(slots, numel, per_sample, dtype, num_threads, g, sums);
 }
 
 void langevin_norms(const StepArgs& a, double l_x, double l_e, double* g2, double* z2) {
