@@ -238,10 +238,12 @@ def sample(
             CFG-Zero*, APG, tangential, magnitude-aware, perturbed-branch, AutoGuidance) or a diffusers
             guider object (``diffusers.guiders``; its configuration is read by
             :func:`fastdiff.guiders.from_diffusers`). Windows count solver steps, as diffusers'
-            ``set_state(step, num_inference_steps)``. Exclusive with ``guidance_scale``,
-            ``guidance_interval`` and ``guidance_rescale``; with it, ``callback``, ``post_step``,
-            ``classifier``, ``mask``/``known``, ``image`` and ``cuda_graph`` are not taken (each is
-            refused by name): rows run one by one (:mod:`fastdiff.guiders.loop`).
+            ``set_state(step, num_inference_steps)``; every weight may be scheduled per step
+            (:meth:`fastdiff.guiders.Guider.at`); ``guidance_interval`` limits it to a sigma interval
+            and classifier guidance adds to it. Exclusive with ``guidance_scale`` and
+            ``guidance_rescale`` (the guider has its own); with it, ``callback``, ``post_step``,
+            ``mask``/``known``, ``image`` and ``cuda_graph`` are not taken (each is refused by name):
+            rows run one by one (:mod:`fastdiff.guiders.loop`).
         perturbed_model: the perturbed (PAG, SEG, SLG) or weak (AutoGuidance) model, called like
             ``model`` with ``cond``, for guiders with a perturbed branch.
         **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
@@ -254,10 +256,11 @@ def sample(
                               prediction=prediction, cond=cond, uncond=uncond, seed=seed, generator=generator,
                               backend=backend, progress=progress, check_finite=check_finite, plan=plan,
                               sampler_options=sampler_options,
+                              interval=guidance_interval, classifier=classifier,
+                              classifier_scale=classifier_scale, classifier_y=classifier_y,
                               refused={"guidance_scale": guidance_scale is not None,
-                                       "guidance_interval": guidance_interval is not None,
                                        "guidance_rescale": guidance_rescale != 0.0, "callback": callback is not None,
-                                       "post_step": post_step is not None, "classifier": classifier is not None,
+                                       "post_step": post_step is not None,
                                        "mask": mask is not None, "known": known is not None,
                                        "image": image is not None, "strength": strength is not None,
                                        "start_step": start_step is not None, "cuda_graph": bool(cuda_graph)})
@@ -302,7 +305,8 @@ def sample(
 
 
 def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, schedule, prediction, cond, uncond,
-                   seed, generator, backend, progress, check_finite, plan, sampler_options, refused) -> torch.Tensor:
+                   seed, generator, backend, progress, check_finite, plan, sampler_options, refused, interval,
+                   classifier, classifier_scale, classifier_y) -> torch.Tensor:
     """:func:`sample` with ``guidance=`` (a guider): checks, then :func:`fastdiff.guiders.loop.run_guided`."""
     from .guiders import Guider, from_diffusers
     from .guiders.loop import run_guided
@@ -315,8 +319,10 @@ def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, s
     if perturbed_model is not None and not callable(perturbed_model):
         raise TypeError(f"perturbed_model must be callable, got {type(perturbed_model).__name__}")
     seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond, callback=None,
-                                 post_step=None, classifier=None, classifier_scale=1.0, classifier_y=None, mask=None,
-                                 known=None, image=None, plan=plan, check_finite=check_finite)
+                                 post_step=None, classifier=classifier, classifier_scale=classifier_scale,
+                                 classifier_y=classifier_y, mask=None, known=None, image=None, plan=plan,
+                                 check_finite=check_finite)
+    validate.check_guidance_interval(interval)
     validate.flag("progress", progress)
     validate.flag("check_finite", check_finite)
     if plan is None:
@@ -333,7 +339,8 @@ def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, s
         return run_guided(plan, as_model(model), x, guider, cond=cond, uncond=uncond,
                           perturbed_model=None if perturbed_model is None else as_model(perturbed_model),
                           seeds=seeds, generator=generator, backend=ops.requested_backend(backend),
-                          check_finite=check_finite, progress=progress)
+                          check_finite=check_finite, progress=progress, interval=interval, classifier=classifier,
+                          classifier_scale=float(classifier_scale), classifier_y=classifier_y)
 
 
 def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:

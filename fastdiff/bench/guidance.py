@@ -91,7 +91,7 @@ def bench_guiders(shape: Sequence[int], repeats: int = 15, backend: str = "auto"
         ts, tf = [], []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for _ in range(2):
+            for _ in range(5):  # warm: the allocator's first large blocks (page faults) are not the step's cost
                 stock()
                 fused()
             for _ in range(repeats):

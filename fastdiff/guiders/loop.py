@@ -31,10 +31,15 @@ from ..runtime.executor import Cond, NonFiniteError, call_model, cat_cond, draw_
 
 def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, cond: Cond, uncond: Cond,
                perturbed_model: Callable | None, seeds: Sequence[int] | None, generator, backend: str,
-               check_finite: bool = True, progress: bool = False) -> torch.Tensor:
+               check_finite: bool = True, progress: bool = False, interval: tuple[float, float] | None = None,
+               classifier: Callable | None = None, classifier_scale: float = 1.0,
+               classifier_y: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``) with ``guider``;
     returns the final state (a new tensor). ``seeds`` (one per sample) draw Philox noise in the
-    kernel; ``generator`` draws it as diffusers does, per noisy row."""
+    kernel; ``generator`` draws it as diffusers does, per noisy row. ``interval`` ``(sigma_lo,
+    sigma_hi)``: the guider blends only where the row's sigma lies inside (elsewhere the conditional
+    branch alone is evaluated). ``classifier``: classifier guidance on top of the blend (the gradient
+    term ``e += c_g g`` of the row, as :func:`fastdiff.sample`'s classifier guidance)."""
     if any(r.out_u for r in plan.rows):
         raise ValueError(f"{plan.sampler} is a CFG++ sampler: give guidance_scale= (classifier-free guidance), "
                          "not guidance=")
@@ -51,15 +56,27 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, desc="fastdiff", total=len(plan.rows))
+    cg = None
+    if classifier is not None:
+        from ..runtime.row_terms import classifier_coefficients
+
+        cg = classifier_coefficients(plan, classifier_scale)
     for i, r in enumerate(rows):
-        sb = guider.blend(r.step, steps)
+        inside = interval is None or interval[0] <= r.sigma <= interval[1]
+        sb = guider.at(r.step, r.sigma).blend(r.step, steps) if inside else None
         need = (COND,) if sb is None else sb.branches
         u = x * r.in_scale
         out = _evaluate(model, perturbed_model, u, r, need, cond, uncond, b, t_dt, dev, dt)
         z = None
         if r.noise and generator is not None:
             z = draw_noise(x.shape, generator, torch.float32, dev).to(dt).contiguous()
-        coef = pack_row(r, fold=True)
+        grad = None
+        if cg is not None and cg[i] != 0.0:
+            from ..runtime.row_terms import classifier_grad
+
+            grad = classifier_grad(classifier, u, torch.full((b,), r.t, dtype=t_dt, device=dev),
+                                   classifier_y).to(dt).contiguous()
+        coef = pack_row(r, cg[i] if grad is not None else 0.0, fold=True)
         clip = clip_code(r)
         if sb is None:
             slots, a = [out[COND], None, None, None], None
@@ -68,11 +85,11 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
             named[MOMENTUM] = momentum
             slots = [None if s is None else named[s] for s in sb.slots]
             a = coefficients(sb, slots, guider.rescale, extension=backend != "reference")
-        s = _clip_bound(plan, r, x, slots, a, coef, clip, b, dev)
+        s = _clip_bound(plan, r, x, slots, a, coef, clip, b, dev, grad)
         args = StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,
                         m_w=momentum if sb is not None and sb.write is not None else None, coef=coef, row=i,
                         h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[w.slot] for w in r.writes),
-                        seeds=seed_t, z=z, clip=clip, s=s, flag=flags[i:i + 1] if flags is not None else None)
+                        seeds=seed_t, z=z, clip=clip, s=s, g=grad, flag=flags[i:i + 1] if flags is not None else None)
         ops.step(args, backend=backend)
     if flags is not None:  # the kernels flag non-finite branch reads on the device: one check, after the loop
         bad = flags.nonzero()
@@ -120,7 +137,7 @@ def _tensor(y, want, r, dt, dev) -> torch.Tensor:
     return y.detach().to(dtype=dt, device=dev)
 
 
-def _clip_bound(plan, r, x, slots, a, coef, clip, b, dev) -> torch.Tensor | None:
+def _clip_bound(plan, r, x, slots, a, coef, clip, b, dev, grad=None) -> torch.Tensor | None:
     """The clip bound ``s`` of a clipping row: the plan's static bound, or the dynamic threshold of
     the row's data estimate computed from the blended prediction (the reference backend's blend)."""
     if clip == 0:
@@ -128,7 +145,7 @@ def _clip_bound(plan, r, x, slots, a, coef, clip, b, dev) -> torch.Tensor | None
     if clip == 1:
         return torch.full((b,), float(plan.clip_range), dtype=torch.float32, device=dev)
     from ..backends.reference import blended_output
-    from ..core.args import C_AE, C_AX, compute_dtype
+    from ..core.args import C_AE, C_AX, C_G, compute_dtype
 
     cdt = compute_dtype(x.dtype)
     if a is None:
@@ -136,4 +153,6 @@ def _clip_bound(plan, r, x, slots, a, coef, clip, b, dev) -> torch.Tensor | None
     else:
         e, _ = blended_output(StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,
                                        coef=coef), cdt)
+    if grad is not None:
+        e = e + coef[C_G] * grad.to(cdt)
     return dynamic_threshold(coef[C_AX] * x.to(cdt) + coef[C_AE] * e, plan.threshold_ratio, plan.threshold_max)

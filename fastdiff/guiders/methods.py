@@ -83,6 +83,9 @@ class Guider:
     """Classifier-free guidance (Ho & Salimans 2022) as diffusers' ``ClassifierFreeGuidance``:
     ``pred = u + w (c - u)`` (``original``: ``c + w (c - u)``).
 
+    Every weight (``scale``, and a subclass's ``perturbed_scale``, ``apg_scale``, ``eta``, ...) may be a
+    float, one value per solver step, or ``f(step, sigma) -> float`` (:meth:`at` resolves it per row).
+
     Attributes:
         scale: the guidance scale ``w``.
         rescale: ``guidance_rescale`` φ (Lin et al. 2023): ``pred <- (φ std(c) / std(pred) + 1 - φ) pred``
@@ -105,10 +108,48 @@ class Guider:
     def __post_init__(self) -> None:
         from ..core import validate
 
-        for name in ("scale", "rescale", "start", "stop"):
+        for name in ("rescale", "start", "stop"):
             validate.real(f"{type(self).__name__}.{name}", getattr(self, name))
+        for name in self._weights():
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                object.__setattr__(self, name, tuple(v.tolist()) if v.dim() == 1 else float(v))
+                v = getattr(self, name)
+            if isinstance(v, list):
+                object.__setattr__(self, name, v := tuple(v))
+            if isinstance(v, tuple):
+                for i, x in enumerate(v):
+                    validate.real(f"{type(self).__name__}.{name}[{i}]", x, float32=True)
+            elif not callable(v):
+                validate.real(f"{type(self).__name__}.{name}", v, float32=True)
         if not 0.0 <= self.rescale <= 1.0:
             raise ValueError(f"{type(self).__name__}.rescale must be in [0, 1], got {self.rescale}")
+
+    def _weights(self) -> tuple[str, ...]:
+        """The guider's weights: floats, or per-step schedules (one value per step, or ``f(step, sigma)``)."""
+        return tuple(n for n in ("scale", "perturbed_scale", "apg_scale", "stg_scale", "modality_scale", "eta",
+                                 "alpha", "momentum", "norm_threshold") if hasattr(self, n))
+
+    def at(self, step: int, sigma: float) -> "Guider":
+        """This guider with every scheduled weight (a sequence, one value per step, or ``f(step, sigma)``)
+        replaced by its value at ``step`` (noise level ``sigma``); itself when none is scheduled."""
+        from dataclasses import replace
+
+        changes = {}
+        for name in self._weights():
+            v = getattr(self, name)
+            if isinstance(v, tuple):
+                if not 0 <= step < len(v):
+                    raise ValueError(f"{type(self).__name__}.{name} has {len(v)} entries; step {step} has none")
+                changes[name] = float(v[step])
+            elif callable(v):
+                from ..core import validate
+
+                changes[name] = validate.real(f"{type(self).__name__}.{name}({step}, {sigma:g})", v(step, sigma),
+                                              float32=True)
+        return replace(self, **changes) if changes else self
 
     def active(self, step: int, steps: int | None) -> bool:
         """Whether guidance runs at ``step`` (diffusers' ``_is_cfg_enabled``)."""

@@ -126,3 +126,76 @@ def test_non_finite_model_output_is_reported_with_its_step():
     with pytest.raises(fastdiff.NonFiniteError, match="step"):
         fastdiff.sample(bad, x, steps=4, sampler="euler", guidance=fastdiff.guiders.APG(scale=3.0, momentum=-0.5),
                         cond=x, uncond=torch.zeros_like(x), schedule={"num_train_timesteps": 1000})
+
+
+def _stock_cfg_loop(sched, model, noise, cond, uncond, scale_at, inside=lambda sigma: True):
+    """The stock loop with diffusers' CFG guider whose scale is set before every step (a schedule)."""
+    guider = diffusers.guiders.ClassifierFreeGuidance()
+    sched.set_timesteps(STEPS)
+    x = noise * sched.init_noise_sigma
+    for i, t in enumerate(sched.timesteps):
+        sigma = float(sched.sigmas[i])
+        guider.guidance_scale = scale_at(i, sigma) if inside(sigma) else 1.0
+        guider.set_state(i, STEPS, t)
+        u = sched.scale_model_input(x, t)
+        tt = t.to(torch.float32).expand(x.shape[0])
+        pred = guider.forward(model(u, tt, cond), model(u, tt, uncond)).pred
+        x = sched.step(pred, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("schedule_kind", ["sequence", "callable", "interval"])
+def test_scheduled_weights_and_interval_match_stock(schedule_kind):
+    shape = (2, 3, 4, 5)
+    model, _ = _models(shape)
+    g = torch.Generator().manual_seed(5)
+    noise, cond = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    uncond = torch.zeros(shape)
+    seq = [7.0, 6.0, 5.0, 4.5, 4.0, 3.0, 2.0, 1.5]
+    kw = {}
+    if schedule_kind == "sequence":
+        guider, scale_at = fastdiff.guiders.Guider(scale=seq), (lambda i, s: seq[i])
+    elif schedule_kind == "callable":
+        f = lambda i, s: 1.0 + 0.5 * s  # noqa: E731
+        guider, scale_at = fastdiff.guiders.Guider(scale=f), f
+    else:
+        guider, scale_at = fastdiff.guiders.Guider(scale=5.0), (lambda i, s: 5.0)
+        kw["guidance_interval"] = (0.5, 5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = diffusers.EulerDiscreteScheduler()
+        inside = (lambda s: 0.5 <= s <= 5.0) if "guidance_interval" in kw else (lambda s: True)
+        ref = _stock_cfg_loop(copy.deepcopy(sched), model, noise, cond, uncond, scale_at, inside)
+        got = fastdiff.sample(model, noise, sampler="euler", steps=STEPS, schedule=sched.config, guidance=guider,
+                              cond=cond, uncond=uncond, backend="cpu", seed=0, **kw)
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_classifier_guidance_adds_to_a_guider_as_to_guidance_scale():
+    shape = (2, 3, 4, 5)
+    model, _ = _models(shape)
+    g = torch.Generator().manual_seed(6)
+    noise, cond = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    w = torch.randn(60, 3, generator=g, dtype=torch.float64)
+
+    def classifier(u, t):
+        return u.reshape(u.shape[0], -1) @ w.to(u.dtype)
+
+    y = torch.tensor([0, 2])
+    kw = dict(sampler="dpmpp_2m", steps=6, schedule={"num_train_timesteps": 1000}, cond=cond,
+              uncond=torch.zeros(shape), classifier=classifier, classifier_scale=2.0, classifier_y=y, seed=1,
+              backend="cpu")
+    a = fastdiff.sample(model, noise, guidance_scale=4.0, **kw)
+    b = fastdiff.sample(model, noise, guidance=fastdiff.guiders.Guider(scale=4.0), **kw)
+    c = fastdiff.sample(model, noise, guidance_scale=4.0, **{**kw, "classifier": None, "classifier_y": None})
+    assert rel_err(b, a) <= 1e-5
+    assert rel_err(c, a) > 1e-3  # the classifier term is there
+
+
+def test_scheduled_weight_checks():
+    with pytest.raises(ValueError, match="scale\\[1\\]"):
+        fastdiff.guiders.Guider(scale=[1.0, float("nan")])
+    g = fastdiff.guiders.Guider(scale=[2.0, 3.0])
+    with pytest.raises(ValueError, match="has 2 entries"):
+        g.at(2, 1.0)
+    assert g.at(1, 1.0).scale == 3.0
