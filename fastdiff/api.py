@@ -251,6 +251,15 @@ def sample(
     Returns:
         The final sample, shaped and typed like ``noise``.
     """
+    from .samplers.cfgpp import GUIDED_LOOP
+
+    if guidance is None and plan is None and sampler in GUIDED_LOOP:  # CFG++ with history: the guided loop
+        from .guiders import Guider
+
+        if guidance_rescale:
+            raise ValueError(f"guidance_rescale does not combine with {sampler} (a CFG++ sampler)")
+        guidance = Guider(scale=1.0 if guidance_scale is None else guidance_scale)
+        guidance_scale = None
     if guidance is not None:
         return _sample_guided(model, noise, guidance, perturbed_model, sampler=sampler, steps=steps, schedule=schedule,
                               prediction=prediction, cond=cond, uncond=uncond, seed=seed, generator=generator,

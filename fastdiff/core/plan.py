@@ -117,6 +117,9 @@ class Row:
             every other row; where guidance is off at the row, ``d_u = d`` and it has no effect. The
             loop folds it into the row's guidance scale (:func:`fastdiff.core.guidance.cfgpp_scale`), so
             such a row may not clip or write history from ``d`` or ``e``.
+        write_u_slot: CFG++ multistep: the history slot that keeps this row's unconditional model
+            output (written by the fused step's second blend, ``m_w``); ``None`` for every other row.
+            Such plans run on the guided loop (:mod:`fastdiff.guiders.loop`).
     """
 
     t: float
@@ -137,6 +140,7 @@ class Row:
     sigma_t: float | None = None
     snr: float = 0.0
     out_u: float = 0.0
+    write_u_slot: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.out) != N_OPERANDS:
@@ -212,7 +216,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         for r in self.rows:
-            for s in (*r.reads, *(w.slot for w in r.writes)):
+            for s in (*r.reads, *(w.slot for w in r.writes), *(() if r.write_u_slot is None else (r.write_u_slot,))):
                 if not 0 <= s < self.n_slots:
                     raise ValueError(f"row at step {r.step} addresses slot {s}; plan has {self.n_slots} slots")
         if self.snr_norm not in ("batch", "sample"):

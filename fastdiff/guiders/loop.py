@@ -24,7 +24,9 @@ from ..core.args import StepArgs, clip_code, pack_row
 from ..core.guidance import dynamic_threshold
 from ..core.plan import Plan
 from .apply import coefficients
-from .methods import COND, MOMENTUM, PERTURBED, UNCOND, Guider
+from ..core.args import C_OUT
+from ..core.plan import OP_E
+from .methods import COND, MOMENTUM, PERTURBED, UNCOND, Guider, StepBlend, constant
 from ..runtime import ops
 from ..runtime.executor import Cond, NonFiniteError, call_model, cat_cond, draw_noise
 
@@ -40,9 +42,9 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
     sigma_hi)``: the guider blends only where the row's sigma lies inside (elsewhere the conditional
     branch alone is evaluated). ``classifier``: classifier guidance on top of the blend (the gradient
     term ``e += c_g g`` of the row, as :func:`fastdiff.sample`'s classifier guidance)."""
-    if any(r.out_u for r in plan.rows):
-        raise ValueError(f"{plan.sampler} is a CFG++ sampler: give guidance_scale= (classifier-free guidance), "
-                         "not guidance=")
+    if any(r.out_u or r.write_u_slot is not None for r in plan.rows) and (guider.uses_momentum or guider.rescale):
+        raise ValueError(f"{plan.sampler} is a CFG++ sampler: its guider may not keep a momentum buffer or rescale "
+                         "(the step's second blend keeps the unconditional estimate)")
     b, dev, dt = x.shape[0], x.device, x.dtype
     x = x.clone().contiguous()
     hist = [torch.zeros_like(x) for _ in range(plan.n_slots)]
@@ -78,6 +80,10 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
                                    classifier_y).to(dt).contiguous()
         coef = pack_row(r, cg[i] if grad is not None else 0.0, fold=True)
         clip = clip_code(r)
+        m_w = momentum if sb is not None and sb.write is not None else None
+        if r.out_u or r.write_u_slot is not None:  # CFG++: the unconditional estimate re-noises (and is kept)
+            sb = cfgpp_blend(sb, r, coef, i)
+            m_w = hist[r.write_u_slot] if r.write_u_slot is not None else None
         if sb is None:
             slots, a = [out[COND], None, None, None], None
         else:
@@ -86,8 +92,8 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
             slots = [None if s is None else named[s] for s in sb.slots]
             a = coefficients(sb, slots, guider.rescale, extension=backend != "reference")
         s = _clip_bound(plan, r, x, slots, a, coef, clip, b, dev, grad)
-        args = StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,
-                        m_w=momentum if sb is not None and sb.write is not None else None, coef=coef, row=i,
+        args = StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a, m_w=m_w, coef=coef,
+                        row=i,
                         h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[w.slot] for w in r.writes),
                         seeds=seed_t, z=z, clip=clip, s=s, g=grad, flag=flags[i:i + 1] if flags is not None else None)
         ops.step(args, backend=backend)
@@ -98,6 +104,36 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
             r = plan.rows[i]
             raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
     return x
+
+
+def cfgpp_blend(sb: StepBlend | None, r, coef, i: int) -> StepBlend:
+    """A CFG++ row's blend (:mod:`fastdiff.samplers.cfgpp`): the guider's, moved toward the unconditional
+    branch so that ``C_e e' = C_e e + out_u a_e (e_u - e)`` (``C_e`` the packed ``e`` weight of ``x'``),
+    with the unconditional branch written by the second blend where the row keeps it
+    (``write_u_slot``). With guidance off at the row (``sb`` ``None``), ``e_u = e``: the conditional
+    branch, written where kept."""
+    keep = (1.0, 0.0, 0.0, 0.0) if r.write_u_slot is not None else None
+    if sb is None:
+        return StepBlend((COND, None, None, None), constant(1.0), write=keep)
+    if UNCOND not in sb.slots[:3]:
+        raise ValueError(f"CFG++ row {i}: the guider's blend at step {r.step} has no unconditional branch")
+    k = sb.slots.index(UNCOND)
+    c_e = coef[C_OUT + OP_E]
+    if r.out_u and c_e == 0.0:
+        raise ValueError(f"CFG++ row {i}: its update has no e term to carry the unconditional estimate")
+    lam = r.out_u * r.a_e / c_e if r.out_u else 0.0
+    base = sb.plain
+    if getattr(base, "weights", None) is not None:  # stays a host constant
+        w = [v * (1.0 - lam) for v in base.weights]
+        w[k] += lam
+        plain = constant(*w)
+    else:
+        def plain(stats, b, device):
+            p = base(stats, b, device) * (1.0 - lam)
+            p[:, k] += lam
+            return p
+    keep = None if keep is None else tuple(1.0 if j == k else 0.0 for j in range(4))
+    return StepBlend(sb.slots, plain, needs_stats=sb.needs_stats, write=keep)
 
 
 def _evaluate(model, perturbed_model, u, r, need, cond, uncond, b, t_dt, dev, dt) -> dict[str, torch.Tensor]:

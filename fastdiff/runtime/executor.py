@@ -275,6 +275,9 @@ class Executor:
         # CFG++ rows run as guided rows with their scale folded (cfgpp_scale); the data estimate a
         # callback sees keeps the plain scale (W_est)
         self.W_est = torch.tensor(wscale, dtype=torch.float32).to(dev)[:, None].expand(n, B).contiguous()
+        if any(r.write_u_slot is not None for r in self.rows):
+            raise ValueError(f"{plan.sampler} keeps the unconditional estimate as history: it runs on the guided loop "
+                             "(fastdiff.sample picks it), not on a prepared executor")
         if any(r.out_u for r in self.rows):
             if self.guidance.rescale > 0:
                 raise ValueError("guidance_rescale does not combine with a CFG++ sampler (its rows fold the "

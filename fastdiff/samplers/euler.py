@@ -1,5 +1,4 @@
-"""Euler and Euler ancestral samplers (diffusers' EulerDiscrete / EulerAncestralDiscrete, k-diffusion),
-and their CFG++ forms (Chung et al. 2024; ComfyUI's ``euler_cfg_pp`` / ``euler_ancestral_cfg_pp``).
+"""Euler and Euler ancestral samplers (diffusers' EulerDiscrete / EulerAncestralDiscrete, k-diffusion).
 
 Churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) follows k-diffusion and Karras et al.:
 noise is added *before* the model call and the model sees ``sigma_hat``. diffusers'
@@ -8,8 +7,6 @@ noise is added *before* the model call and the model sees ``sigma_hat``. diffuse
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 from ..core.plan import Plan, Row, combo
 from ..core.schedules import Schedule
@@ -47,32 +44,3 @@ def euler_ancestral(schedule: Schedule, steps: int, prediction: str, *, eta: flo
                         noise=True, step=i))
     return Plan(tuple(rows), init_scale=disc.init_sigma, sampler="euler_ancestral", prediction=prediction, steps=steps)
 
-
-@register("euler_cfg_pp")
-def euler_cfg_pp(schedule: Schedule, steps: int, prediction: str) -> Plan:
-    """CFG++ Euler (ComfyUI's ``sample_euler_cfg_pp``): ``x' = d + sigma' (x - d_u) / sigma``, the
-    guided data estimate ``d`` re-noised along the unconditional direction (``d_u``). Without
-    guidance it is Euler."""
-    base = euler(schedule, steps, prediction, **CHURN_OPTIONS)
-    return _cfgpp(base, [float(s) for s in schedule.discretize(steps).sigmas], "euler_cfg_pp")
-
-
-@register("euler_ancestral_cfg_pp", options={"eta": 1.0, "s_noise": 1.0})
-def euler_ancestral_cfg_pp(schedule: Schedule, steps: int, prediction: str, *, eta: float, s_noise: float) -> Plan:
-    """CFG++ Euler ancestral (ComfyUI's ``sample_euler_ancestral_cfg_pp``):
-    ``x' = d + sigma_down (x - d_u) / sigma + s_noise sigma_up z``."""
-    base = euler_ancestral(schedule, steps, prediction, eta=eta, s_noise=s_noise)
-    sig = schedule.discretize(steps).sigmas
-    downs = [ancestral_step(float(sig[i]), float(sig[i + 1]), eta, getattr(schedule, "scalar_dtype", None))[0]
-             for i in range(steps)]
-    return _cfgpp(base, [float(v) for v in sig], "euler_ancestral_cfg_pp", targets=downs)
-
-
-def _cfgpp(base: Plan, sigmas: list[float], name: str, targets: list[float] | None = None) -> Plan:
-    """``base``'s Euler rows (``x' = d + (s'/s)(x - d)``, ``s' = targets[i]`` or ``sigmas[i + 1]``)
-    with ``out_u = -s'/s``: ``x' = d + (s'/s)(x - d_u)``."""
-    rows = []
-    for i, r in enumerate(base.rows):
-        s, s1 = float(sigmas[i]), float(targets[i] if targets is not None else sigmas[i + 1])
-        rows.append(replace(r, out_u=-s1 / s if s else 0.0))
-    return replace(base, rows=tuple(rows), sampler=name)

@@ -5,6 +5,8 @@ it): ``x' = d + s' (x - d_u) / s (+ s_noise sigma_up z)``, ``d`` the guided data
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ def _setup(dtype):
 
 def _formula(name, plan, model, noise, cond, uncond, w, prediction, eta=1.0, s_noise=1.0, generator=None):
     x = noise * plan.init_scale
+    old_du = None
     sig = [r.sigma for r in plan.rows] + [0.0]
     for i, r in enumerate(plan.rows):
         u = x * r.in_scale
@@ -39,6 +42,15 @@ def _formula(name, plan, model, noise, cond, uncond, w, prediction, eta=1.0, s_n
         s, s1 = sig[i], sig[i + 1]
         if name == "euler_cfg_pp":
             x = dg + (s1 / s) * (x - du)
+        elif name == "dpmpp_2m_cfg_pp":  # ComfyUI's sample_dpmpp_2m_cfg_pp, t = -log sigma
+            eh = s1 / s
+            if i == 0 or s1 == 0:
+                mix = -eh * du
+            else:
+                h, h_last = math.log(s / s1), math.log(sig[i - 1] / s)
+                mix = -eh * du - math.expm1(-h) * (1 / (2 * (h_last / h))) * (dg - old_du)
+            x = dg + mix + eh * x
+            old_du = du
         else:
             down, up = ancestral_step(s, s1, eta)
             z = torch.randn(x.shape, generator=generator).to(x.dtype)
@@ -89,6 +101,41 @@ def test_cfg_pp_refuses_what_it_cannot_fold():
     with pytest.raises(ValueError, match="guidance_rescale"):
         fastdiff.sample(model, noise, sampler="euler_cfg_pp", steps=4, schedule=CFG, guidance_scale=2.0,
                         guidance_rescale=0.5, cond=cond, uncond=uncond)
-    with pytest.raises(ValueError, match="CFG\\+\\+ sampler"):
-        fastdiff.sample(model, noise, sampler="euler_cfg_pp", steps=4, schedule=CFG, cond=cond, uncond=uncond,
-                        guidance=fastdiff.guiders.Guider(scale=2.0))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("w", [0.6, 1.8])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpmpp_2m_cfg_pp_matches_its_update(w, prediction, backend):
+    model, noise, cond, uncond = _setup(torch.float32)
+    cfg = dict(CFG, prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+    plan = fastdiff.make_plan("dpmpp_2m_cfg_pp", 10, schedule=cfg)
+    got = fastdiff.sample(model, noise, sampler="dpmpp_2m_cfg_pp", steps=10, schedule=cfg, guidance_scale=w,
+                          cond=cond, uncond=uncond, backend=backend, seed=1)
+    ref = _formula("dpmpp_2m_cfg_pp", plan, model, noise, cond, uncond, w, prediction)
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_dpmpp_2m_cfg_pp_without_guidance_and_with_a_guider():
+    model, noise, cond, uncond = _setup(torch.float32)
+    plan = fastdiff.make_plan("dpmpp_2m_cfg_pp", 8, schedule=CFG)
+    a = fastdiff.sample(model, noise, sampler="dpmpp_2m_cfg_pp", steps=8, schedule=CFG, cond=cond, seed=3,
+                        backend="cpu")
+    ref = _formula("dpmpp_2m_cfg_pp", plan, model, noise, cond, cond, 1.0, "eps")  # d_u = d without guidance
+    assert rel_err(a, ref) <= 1e-5
+    b = fastdiff.sample(model, noise, sampler="dpmpp_2m_cfg_pp", steps=8, schedule=CFG, cond=cond, uncond=uncond,
+                        guidance_scale=1.5, seed=3, backend="cpu")
+    c = fastdiff.sample(model, noise, sampler="dpmpp_2m_cfg_pp", steps=8, schedule=CFG, cond=cond, uncond=uncond,
+                        guidance=fastdiff.guiders.Guider(scale=1.5), seed=3, backend="cpu")
+    assert torch.equal(b, c)
+    with pytest.raises(ValueError, match="momentum"):
+        fastdiff.sample(model, noise, sampler="dpmpp_2m_cfg_pp", steps=4, schedule=CFG, cond=cond, uncond=uncond,
+                        guidance=fastdiff.guiders.APG(scale=2.0, momentum=-0.5))
+
+
+def test_euler_cfg_pp_with_a_guider_equals_guidance_scale():
+    model, noise, cond, uncond = _setup(torch.float32)
+    kw = dict(sampler="euler_cfg_pp", steps=6, schedule=CFG, cond=cond, uncond=uncond, seed=2, backend="cpu")
+    a = fastdiff.sample(model, noise, guidance_scale=1.7, **kw)
+    b = fastdiff.sample(model, noise, guidance=fastdiff.guiders.Guider(scale=1.7), **kw)
+    assert rel_err(b, a) <= 1e-6
