@@ -35,13 +35,16 @@ once, two of them kept between calls (``executor.MAX_IDLE_WORKSPACES``); a confi
 callable ``guidance_scale`` or a scheduler object as ``schedule`` is prepared on every call."""
 
 _cache: OrderedDict = OrderedDict()
+_plans: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
 
 
 def clear_cache() -> None:
-    """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold)."""
+    """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold), and the plans of
+    guided calls."""
     with _cache_lock:
         _cache.clear()
+        _plans.clear()
 
 
 class _Uncacheable(Exception):
@@ -337,7 +340,7 @@ def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, s
     if plan is None:
         validate.plan_args(sampler, schedule)
         validate.steps(steps)
-        plan = _plan_builder(sampler, steps, schedule, prediction, None, sampler_options)()
+        plan = _cached_plan(sampler, steps, schedule, prediction, sampler_options)
     elif sampler_options:
         raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
     b = noise.shape[0]
@@ -350,6 +353,28 @@ def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, s
                           seeds=seeds, generator=generator, backend=ops.requested_backend(backend),
                           check_finite=check_finite, progress=progress, interval=interval, classifier=classifier,
                           classifier_scale=float(classifier_scale), classifier_y=classifier_y)
+
+
+def _cached_plan(sampler, steps, schedule, prediction, options) -> Plan:
+    """The plan of a guided call, built once per configuration (the last ``CACHE_SIZE`` kept), as
+    :func:`_lookup` keeps prepared loops; options that cannot be keyed build it every call."""
+    build = _plan_builder(sampler, steps, schedule, prediction, None, options)
+    try:
+        key = _freeze((sampler, steps, schedule, prediction, options))
+        hash(key)
+    except Exception:  # noqa: BLE001 - an option that cannot be keyed: no caching
+        return build()
+    with _cache_lock:
+        hit = _plans.get(key)
+        if hit is not None:
+            _plans.move_to_end(key)
+            return hit
+    plan = build()
+    with _cache_lock:
+        _plans[key] = plan
+        while len(_plans) > CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
 
 
 def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:

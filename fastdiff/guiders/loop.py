@@ -96,7 +96,7 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
                         row=i,
                         h_read=tuple(hist[k] for k in r.reads), h_write=tuple(hist[w.slot] for w in r.writes),
                         seeds=seed_t, z=z, clip=clip, s=s, g=grad, flag=flags[i:i + 1] if flags is not None else None)
-        ops.step(args, backend=backend)
+        ops.step(args, backend=backend, check=i == 0)  # (later rows: the same tensors, and the loop's own buffers)
     if flags is not None:  # the kernels flag non-finite branch reads on the device: one check, after the loop
         bad = flags.nonzero()
         if bad.numel():
