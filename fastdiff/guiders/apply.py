@@ -4,6 +4,8 @@ fused step (what a diffusers guider's ``forward`` returns)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core.args import N_COEF, StepArgs
@@ -67,7 +69,7 @@ def identity_coef() -> tuple[float, ...]:
 
 def guide(guider: Guider, step: int, steps: int | None, *, cond: torch.Tensor, uncond: torch.Tensor | None = None,
           perturbed: torch.Tensor | None = None, modality: torch.Tensor | None = None,
-          momentum: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+          momentum: torch.Tensor | None = None, sigma: float = math.nan, backend: str = "auto") -> torch.Tensor:
     """The guided prediction of ``guider`` at ``step`` of ``steps`` (diffusers' ``set_state(step,
     steps)`` then ``forward``), blended by ONE fused step.
 
@@ -76,11 +78,14 @@ def guide(guider: Guider, step: int, steps: int | None, *, cond: torch.Tensor, u
             those the step does not use may be ``None``.
         momentum: the guider's momentum buffer (zeros before the first step) where it keeps one;
             updated in place by the same step.
+        sigma: the step's noise level, for weights scheduled as ``f(step, sigma)`` (:meth:`Guider.at`).
         backend: the fused step's backend.
     Returns a new tensor: ``cond`` itself (a copy) where guidance is off at this step.
     """
     from ..runtime import ops
 
+    guider = guider.at(step, sigma)  # scheduled weights: their value at this step
+    rescale = guider.rescale
     sb = guider.blend(step, steps)
     if sb is None:
         return cond.clone()
@@ -89,8 +94,12 @@ def guide(guider: Guider, step: int, steps: int | None, *, cond: torch.Tensor, u
     for s in sb.slots:
         if s is not None and named[s] is None:
             raise ValueError(f"{type(guider).__name__} at step {step} needs the {s} branch, got None")
-        slots.append(None if s is None else named[s])
-    a = coefficients(sb, slots, guider.rescale)
+        t = None if s is None else named[s]
+        if t is not None and (t.shape != cond.shape or t.dtype != cond.dtype or t.device != cond.device):
+            raise ValueError(f"the {s} branch must have cond's shape {tuple(cond.shape)}, dtype {cond.dtype} and "
+                             f"device {cond.device}, got {tuple(t.shape)}, {t.dtype}, {t.device}")
+        slots.append(t)
+    a = coefficients(sb, slots, rescale)
     m = slots[0]
     out = torch.empty_like(cond)
     ops.step(StepArgs(x=m, out=out, m=m, m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,

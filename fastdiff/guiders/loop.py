@@ -63,9 +63,17 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
         from ..runtime.row_terms import classifier_coefficients
 
         cg = classifier_coefficients(plan, classifier_scale)
-    for i, r in enumerate(rows):
+    for name in guider._weights():  # one value per step, as guidance_scale's list (not silently cut short)
+        v = getattr(guider, name)
+        if isinstance(v, tuple) and len(v) != steps:
+            raise ValueError(f"{type(guider).__name__}.{name} has {len(v)} entries but the plan has {steps} steps")
+    blends = []  # every row's blend first: scheduled weights and branch needs are checked before any model call
+    for r in plan.rows:
         inside = interval is None or interval[0] <= r.sigma <= interval[1]
-        sb = guider.at(r.step, r.sigma).blend(r.step, steps) if inside else None
+        blends.append(guider.at(r.step, r.sigma).blend(r.step, steps) if inside else None)
+    _check_branches(plan, blends, cond, uncond, perturbed_model)
+    for i, r in enumerate(rows):
+        sb = blends[i]
         need = (COND,) if sb is None else sb.branches
         u = x * r.in_scale
         out = _evaluate(model, perturbed_model, u, r, need, cond, uncond, b, t_dt, dev, dt)
@@ -104,6 +112,30 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
             r = plan.rows[i]
             raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
     return x
+
+
+def _check_branches(plan: Plan, blends: list[StepBlend | None], cond: Cond, uncond: Cond,
+                    perturbed_model: Callable | None) -> None:
+    """Refuse, before any model call, a run whose rows need a branch it cannot evaluate: the unconditional
+    branch without ``uncond`` (or without ``cond``: both halves would be the same prediction), the perturbed
+    branch without ``perturbed_model``, LTX-2's modality branch, or a CFG++ row whose blend has no
+    unconditional branch."""
+    for i, (r, sb) in enumerate(zip(plan.rows, blends)):
+        need = () if sb is None else sb.branches
+        if UNCOND in need and uncond is None:
+            raise ValueError(f"the guider blends the unconditional branch (from step {r.step}): give uncond= "
+                             "(the unconditional conditioning); without it the conditioning would be dropped")
+        if UNCOND in need and cond is None:
+            raise ValueError(f"the guider blends the unconditional branch (from step {r.step}): give cond= as well "
+                             "as uncond=; without it both halves would be the unconditional prediction")
+        if PERTURBED in need and perturbed_model is None:
+            raise ValueError(f"the guider needs the perturbed branch at step {r.step}: give perturbed_model=")
+        if "modality" in need:
+            raise ValueError("LTX-2's modality branch is not evaluated by fastdiff.sample; blend it with "
+                             "fastdiff.guiders.guide")
+        if (r.out_u or r.write_u_slot is not None) and sb is not None and UNCOND not in sb.slots[:3]:
+            raise ValueError(f"CFG++ row {i}: the guider's blend at step {r.step} has no unconditional branch "
+                             f"({plan.sampler} re-noises along it)")
 
 
 def cfgpp_blend(sb: StepBlend | None, r, coef, i: int) -> StepBlend:

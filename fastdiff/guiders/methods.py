@@ -234,7 +234,8 @@ def _top_eigenvector(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> tuple
 @dataclass(frozen=True)
 class MagnitudeAware(Guider):
     """Magnitude-aware guidance (MAMBO-G), diffusers' ``MagnitudeAwareGuidance``: the scale damped per
-    sample by ``exp(-alpha |c - u| / |u|)``."""
+    sample by ``exp(-alpha |c - u| / |u|)`` (where ``c = u`` the ratio is 0: diffusers' 0/0 gives NaN
+    when ``u = 0`` too)."""
 
     scale: float = 10.0
     alpha: float = 8.0
@@ -247,8 +248,11 @@ class MagnitudeAware(Guider):
         def plain(stats, b, device):
             g = stats.gram
             diff2 = (g[:, 1, 1] - 2 * g[:, 1, 0] + g[:, 0, 0]).clamp_min(0.0)
-            ratio = diff2.sqrt() / g[:, 0, 0].sqrt()
-            damp = torch.exp(-alpha * ratio)
+            # c = u: no guidance direction, so the damped scale multiplies 0 and its value does not matter;
+            # ratio 0 there instead of diffusers' 0/0 (NaN where u = 0 too), and no damping at alpha = 0
+            # (diffusers' 0 * inf where u = 0)
+            ratio = torch.where(diff2 > 0, diff2.sqrt() / g[:, 0, 0].sqrt(), torch.zeros_like(diff2))
+            damp = torch.exp(-alpha * ratio) if alpha != 0 else torch.ones_like(ratio)
             gs = w * damp if orig else 1.0 + (w - 1.0) * damp
             p = torch.zeros(b, 4, dtype=torch.float64, device=device)
             p[:, 0], p[:, 1] = (-gs, 1 + gs) if orig else (1 - gs, gs)
