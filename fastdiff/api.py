@@ -256,18 +256,24 @@ def sample(
     """
     from .samplers.cfgpp import GUIDED_LOOP
 
-    if guidance is None and plan is None and sampler in GUIDED_LOOP:  # CFG++ with history: the guided loop
+    via = "guidance="
+    loop_only = sampler in GUIDED_LOOP if plan is None else (
+        isinstance(plan, Plan) and any(r.write_u_slot is not None for r in plan.rows))
+    if guidance is None and loop_only:  # CFG++ with history: the guided loop
         from .guiders import Guider
 
+        name = sampler if plan is None else plan.sampler
+        via = f"{name} (a CFG++ sampler that runs on the guided loop)"
         if guidance_rescale:
-            raise ValueError(f"guidance_rescale does not combine with {sampler} (a CFG++ sampler)")
+            raise ValueError(f"guidance_rescale does not combine with {via}")
+        validate.check_guidance_scale(guidance_scale)
         guidance = Guider(scale=1.0 if guidance_scale is None else guidance_scale)
         guidance_scale = None
     if guidance is not None:
         return _sample_guided(model, noise, guidance, perturbed_model, sampler=sampler, steps=steps, schedule=schedule,
                               prediction=prediction, cond=cond, uncond=uncond, seed=seed, generator=generator,
                               backend=backend, progress=progress, check_finite=check_finite, plan=plan,
-                              sampler_options=sampler_options,
+                              sampler_options=sampler_options, via=via,
                               interval=guidance_interval, classifier=classifier,
                               classifier_scale=classifier_scale, classifier_y=classifier_y,
                               refused={"guidance_scale": guidance_scale is not None,
@@ -318,15 +324,16 @@ def sample(
 
 def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, schedule, prediction, cond, uncond,
                    seed, generator, backend, progress, check_finite, plan, sampler_options, refused, interval,
-                   classifier, classifier_scale, classifier_y) -> torch.Tensor:
+                   classifier, classifier_scale, classifier_y, via="guidance=") -> torch.Tensor:
     """:func:`sample` with ``guidance=`` (a guider): checks, then :func:`fastdiff.guiders.loop.run_guided`."""
     from .guiders import Guider, from_diffusers
     from .guiders.loop import run_guided
 
     given = [k for k, v in refused.items() if v]
     if given:
-        raise ValueError(f"guidance= does not combine with {', '.join(given)} (give the guider's own settings, "
-                         "or use guidance_scale= without guidance=)")
+        raise ValueError(f"{via} does not combine with {', '.join(given)}" + (
+            " (give the guider's own settings, or use guidance_scale= without guidance=)" if via == "guidance=" else
+            ""))
     guider = guidance if isinstance(guidance, Guider) else from_diffusers(guidance)
     if perturbed_model is not None and not callable(perturbed_model):
         raise TypeError(f"perturbed_model must be callable, got {type(perturbed_model).__name__}")

@@ -89,7 +89,8 @@ class Guider:
     Attributes:
         scale: the guidance scale ``w``.
         rescale: ``guidance_rescale`` φ (Lin et al. 2023): ``pred <- (φ std(c) / std(pred) + 1 - φ) pred``
-            per sample (where ``std(pred) = 0`` the factor is 1: diffusers would give NaN).
+            per sample (where ``std(pred) = 0`` the factor is 1: diffusers would give NaN); any finite
+            value, as diffusers takes it (0 to 1 is the paper's range).
         start, stop: the active window, fractions of the step count.
         original: diffusers' ``use_original_formulation``.
         enabled: ``False``: the conditional prediction alone at every step.
@@ -124,8 +125,7 @@ class Guider:
                     validate.real(f"{type(self).__name__}.{name}[{i}]", x, float32=True)
             elif not callable(v):
                 validate.real(f"{type(self).__name__}.{name}", v, float32=True)
-        if not 0.0 <= self.rescale <= 1.0:
-            raise ValueError(f"{type(self).__name__}.rescale must be in [0, 1], got {self.rescale}")
+
 
     def _weights(self) -> tuple[str, ...]:
         """The guider's weights: floats, or per-step schedules (one value per step, or ``f(step, sigma)``)."""

@@ -139,3 +139,15 @@ def test_euler_cfg_pp_with_a_guider_equals_guidance_scale():
     a = fastdiff.sample(model, noise, guidance_scale=1.7, **kw)
     b = fastdiff.sample(model, noise, guidance=fastdiff.guiders.Guider(scale=1.7), **kw)
     assert rel_err(b, a) <= 1e-6
+
+
+def test_dpmpp_2m_cfg_pp_plan_routes_and_refusals_name_the_sampler():
+    model, noise, cond, uncond = _setup(torch.float32)
+    plan = fastdiff.make_plan("dpmpp_2m_cfg_pp", 5, schedule=CFG)
+    a = fastdiff.sample(model, noise, plan=plan, guidance_scale=1.5, cond=cond, uncond=uncond, seed=3, backend="cpu")
+    b = fastdiff.sample(model, noise, sampler="dpmpp_2m_cfg_pp", steps=5, schedule=CFG, guidance_scale=1.5, cond=cond,
+                        uncond=uncond, seed=3, backend="cpu")
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="dpmpp_2m_cfg_pp .*does not combine with callback"):
+        fastdiff.sample(model, noise, sampler="dpmpp_2m_cfg_pp", steps=5, schedule=CFG, guidance_scale=1.5,
+                        cond=cond, uncond=uncond, callback=lambda *a: None)
