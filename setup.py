@@ -59,7 +59,7 @@ ext_modules = [
         include_dirs=["csrc"],
         depends=[CPU_LEVEL_SOURCE] + [f"csrc/{h}" for h in (
             "fd_common.h", "philox.h", "step_math.h", "step_params.h", "bind_args.h", "cpu_step.h", "cpu_reduce.h",
-            "cpu_kernel.h", "cpu_vec_scalar.h", "cpu_vec_simd.h")],
+            "cpu_gram.h", "cpu_kernel.h", "cpu_vec_scalar.h", "cpu_vec_simd.h")],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=CPU_LINK_FLAGS,
         cxx_std=17,

@@ -1,4 +1,4 @@
-// The Python-side arguments of a plan row (21 pointers as integers, counts, codes, the packed
+// The Python-side arguments of a plan row (25 pointers as integers, counts, codes, the packed
 // coefficients), checked and unpacked into the step_params.h struct. Shared by bindings.cpp
 // (fastdiff._C) and cuda_bindings.cpp (fastdiff._C_cuda): same pointer order, codes and messages.
 // Checks what it can see (counts, codes, null pointers) and names the bad value; the tensors were
@@ -19,12 +19,13 @@ namespace fd_bind {
 // extension exports its copy and fastdiff/backends/cpu.py refuses one that differs).
 enum Ptr {
   P_X, P_OUT, P_M, P_MC, P_H0, P_H1, P_H2, P_H3, P_W0, P_W1, P_Z, P_Z2, P_MASK, P_KNOWN, P_WS, P_R, P_S, P_SEEDS,
-  P_G, P_U, P_FLAG, N_PTRS
+  P_G, P_U, P_FLAG, P_M2, P_M3, P_A, P_MW, N_PTRS
 };
 inline const char* const PTR_NAMES[N_PTRS] = {"x",         "out",        "m",          "m_c",   "h_read[0]", "h_read[1]",
                                               "h_read[2]", "h_read[3]",  "h_write[0]", "h_write[1]", "z", "z2",
                                               "mask",      "known",      "w",          "r",     "s",     "seeds",
-                                              "g",         "u",          "flag"};
+                                              "g",         "u",          "flag",       "m_2",   "m_3",   "a",
+                                              "m_w"};
 static_assert(fd_row::N_COEF == fd::N_COEF, "step_params.h and step_math.h disagree on the packed layout");
 
 using Ptrs = std::array<uintptr_t, N_PTRS>;
@@ -57,8 +58,15 @@ inline void check_pointers(const Ptrs& p, int dtype, int n_reads, int n_writes, 
   for (int i : {P_X, P_OUT, P_M}) need(p, i, "always");
   for (int k = 0; k < n_reads; ++k) need(p, P_H0 + k, "n_reads");
   for (int j = 0; j < n_writes; ++j) need(p, P_W0 + j, "n_writes");
-  const bool cfg = p[P_MC], rescale = p[P_R], mask = p[P_MASK], g = p[P_G];
-  if (cfg) need(p, P_WS, "m_c is given");
+  const bool cfg = p[P_MC], rescale = p[P_R], mask = p[P_MASK], g = p[P_G], blend = p[P_A];
+  if (!blend) {
+    for (int i : {P_M2, P_M3, P_MW})
+      if (p[i]) bad(std::string(PTR_NAMES[i]) + " is given but a is null (branches beyond m_c need blend coefficients)");
+  } else {
+    for (int i : {P_WS, P_R})
+      if (p[i]) bad(std::string(PTR_NAMES[i]) + " is given with a (a blend row's coefficients replace w and r)");
+  }
+  if (cfg && !blend) need(p, P_WS, "m_c is given");
   if (clip) need(p, P_S, "clip != 0");
   if (mask) need(p, P_KNOWN, "mask is given");
   if (u_copies) need(p, P_U, "u_copies > 0");
@@ -82,6 +90,9 @@ inline void set_element_pointers(const Ptrs& p, int n_reads, int n_writes, fd_ro
   a.mask = reinterpret_cast<const void*>(p[P_MASK]);
   a.known = reinterpret_cast<const void*>(p[P_KNOWN]);
   a.g = reinterpret_cast<const void*>(p[P_G]);
+  a.m_2 = reinterpret_cast<const void*>(p[P_M2]);
+  a.m_3 = reinterpret_cast<const void*>(p[P_M3]);
+  a.m_w = reinterpret_cast<void*>(p[P_MW]);
 }
 
 /// The whole row: pointers, counts and coefficients (after check_counts and check_pointers).
@@ -94,6 +105,7 @@ inline void set_row(const Ptrs& p, int64_t numel, int64_t per_sample, int n_read
   a.seeds = reinterpret_cast<const int64_t*>(p[P_SEEDS]);
   a.u = u_copies ? reinterpret_cast<void*>(p[P_U]) : nullptr;
   a.flag = reinterpret_cast<int32_t*>(p[P_FLAG]);
+  a.a = reinterpret_cast<const float*>(p[P_A]);
   a.u_copies = u_copies;
   a.numel = numel;
   a.per_sample = per_sample;

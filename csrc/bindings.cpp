@@ -279,12 +279,30 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"), py::arg("phi"),
       "Guidance-rescale factors into r (float32 [B]) from m, m_c, w (step's pointer list).");
   mod.def(
+      "gram",
+      [](const std::vector<uintptr_t>& slots, int64_t numel, int64_t per_sample, int dtype, uintptr_t g,
+         uintptr_t sums) {
+        fd_bind::check_counts(numel, per_sample, dtype, 0, 0, 0, std::vector<double>(fd::N_COEF));
+        if (slots.size() != static_cast<size_t>(fd::BLEND_ROWS))
+          bad("gram needs " + std::to_string(fd::BLEND_ROWS) + " slot pointers, got " + std::to_string(slots.size()));
+        if (!g || !sums) bad("gram needs non-null g and sums");
+        if (numel && !slots[0] && !slots[1] && !slots[2] && !slots[3]) bad("gram needs at least one slot");
+        const void* sp[fd::BLEND_ROWS];
+        for (int k = 0; k < fd::BLEND_ROWS; ++k) sp[k] = reinterpret_cast<const void*>(slots[k]);
+        const int nt = threads();
+        py::gil_scoped_release nogil;
+        fd_cpu::gram(sp, numel, per_sample, dtype, nt, reinterpret_cast<double*>(g), reinterpret_cast<double*>(sums));
+      },
+      py::arg("slots"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"), py::arg("g"), py::arg("sums"),
+      "Per-sample Gram matrix (float64 [B, 4, 4]) and sums ([B, 4]) of up to four branch slots (null: absent).");
+  mod.def(
       "threshold",
       [](const fd_bind::Ptrs& p, int64_t numel, int64_t per_sample, int dtype, const std::vector<double>& coef,
          double ratio, double max_value) {
         fd_bind::check_counts(numel, per_sample, dtype, 0, 0, fd::CLIP_DYNAMIC, coef);
         if (!p[fd_bind::P_X] || !p[fd_bind::P_M] || !p[fd_bind::P_S] || (p[fd_bind::P_MC] && !p[fd_bind::P_WS]))
           bad("threshold needs x, m, s (and w with m_c)");
+        if (p[fd_bind::P_A]) bad("threshold of a blend row is not computed here (fastdiff/guiders computes it)");
         fd_cpu::StepArgs a{};
         fd_bind::set_row(p, numel, per_sample, 0, 0, fd::CLIP_DYNAMIC, 0, coef, a);
         a.dtype = dtype;

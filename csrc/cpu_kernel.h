@@ -208,9 +208,12 @@ struct StepKernel {
     S* hw[MAX_WRITES];
     S* u;           // the next model input (f.u_copies copies, u_off elements apart)
     int64_t u_off;
+    const S *m2, *m3;  // blend branches
+    S* mw;             // blend momentum write
   };
   struct Bufs {  // per-block buffers, indexed by position in the block
     const T *w, *r, *s;
+    const T* a;  // blend coefficients: 2 * BLEND_ROWS rows of BLK
     const float *z, *z2;
     int pm;  // index mask of w, r, s: 0 when the block lies in one sample (W copies), else -1
     int32_t* flag;
@@ -228,7 +231,7 @@ struct StepKernel {
     in.m_c = f.cfg ? IO::load(p.mc + o) : zero;
     in.g = f.g ? IO::load(p.g + o) : zero;
     const int lp = lo & bf.pm;
-    in.w = f.cfg ? IO::load_t(bf.w + lp) : zero;
+    in.w = f.cfg && !f.blend ? IO::load_t(bf.w + lp) : zero;
     in.r = f.rescale ? IO::load_t(bf.r + lp) : zero;
     in.s = f.clip ? IO::load_t(bf.s + lp) : zero;
     for (int k = 0; k < MAX_READS; ++k) in.h[k] = k < f.n_reads ? IO::load(p.h[k] + o) : zero;
@@ -236,9 +239,15 @@ struct StepKernel {
     in.mask = f.mask ? IO::load(p.mask + o) : zero;
     in.known = f.mask ? IO::load(p.known + o) : zero;
     in.z2 = !f.z2 ? zero : p.z2 ? IO::load(p.z2 + o) : IO::load_noise(bf.z2 + lo);
+    in.m_2 = f.m2 ? IO::load(p.m2 + o) : zero;
+    in.m_3 = f.m3 ? IO::load(p.m3 + o) : zero;
+    for (int k = 0; k < 2 * BLEND_ROWS; ++k)
+      in.a[k] = f.blend && (k < BLEND_ROWS || f.mw) ? IO::load_t(bf.a + k * BLK + lp) : zero;
     if (f.check) {
       nf = nf + fd_nonfinite(in.m);
       if (f.cfg) nf = nf + fd_nonfinite(in.m_c);
+      if (f.m2) nf = nf + fd_nonfinite(in.m_2);
+      if (f.m3) nf = nf + fd_nonfinite(in.m_3);
     }
     StepOut<V> r = fd_step_element<V, T>(c, f, in);  // all loads done: outputs may alias inputs
     IO::store(p.out + o, r.x);
@@ -248,6 +257,7 @@ struct StepKernel {
       if (f.u_copies == 2) IO::store(p.u + p.u_off + o, u);
     }
     for (int j = 0; j < f.n_writes; ++j) IO::store(p.hw[j] + o, r.h[j]);
+    if (f.mw) IO::store(p.mw + o, r.m_w);
   }
 
   /// Whether a lane of the accumulator of fd_nonfinite terms is NaN.
@@ -272,7 +282,7 @@ struct StepKernel {
     f.n_reads = NR;
     f.n_writes = NW;
     if (MODE != GENERAL) {
-      f.rescale = f.mask = f.z2 = f.g = false;
+      f.rescale = f.mask = f.z2 = f.g = f.blend = f.m2 = f.m3 = f.mw = false;
       if (MODE != CLIP) f.clip = CLIP_NONE;
       if (MODE != NOISE) f.z = false;
       if (MODE == PLAIN || MODE == PLAIN_E) f.e = MODE == PLAIN_E;  // PLAIN: no e term in the code at all
@@ -299,7 +309,7 @@ struct StepKernel {
     static const LoopFn table[N_MODES][MAX_READS + 1][MAX_WRITES + 1] = {
         FD_LOOPS(GENERAL), FD_LOOPS(PLAIN), FD_LOOPS(PLAIN_E), FD_LOOPS(CLIP), FD_LOOPS(NOISE)};
 #undef FD_LOOPS
-    const bool simple = !f.rescale && !f.mask && !f.z2 && !f.g;
+    const bool simple = !f.rescale && !f.mask && !f.z2 && !f.g && !f.blend;
     const int mode = !simple               ? GENERAL
                      : !f.clip && !f.z     ? (f.e ? PLAIN_E : PLAIN)
                      : f.clip && !f.z      ? CLIP
@@ -311,10 +321,10 @@ struct StepKernel {
   /// The last n < W elements, through zero-padded copies so the arithmetic is the full-vector one.
   static void tail(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, int64_t o, int n, const Bufs& bf, int lo,
                    V& nf) {
-    constexpr int NIN = 8;  // element inputs besides the history reads
-    S buf[NIN + 2 + MAX_WRITES + MAX_READS][W];
+    constexpr int NIN = 10;  // element inputs besides the history reads
+    S buf[NIN + 3 + MAX_WRITES + MAX_READS][W];
     memset(buf, 0, sizeof buf);
-    const S* src[NIN] = {p.x, p.m, p.mc, p.z, p.z2, p.mask, p.known, p.g};
+    const S* src[NIN] = {p.x, p.m, p.mc, p.z, p.z2, p.mask, p.known, p.g, p.m2, p.m3};
     const S* loc[NIN];
     for (int q = 0; q < NIN; ++q) {
       loc[q] = src[q] ? buf[q] : nullptr;
@@ -324,7 +334,9 @@ struct StepKernel {
     S (*const hr)[W] = buf + NIN + 1 + MAX_WRITES;  // MAX_READS rows
     static_assert(MAX_WRITES == 2, "Ptrs below lists the write rows");
     S* const ub = buf[NIN + 1 + MAX_WRITES + MAX_READS];
-    Ptrs lp{loc[0], loc[1], loc[2], loc[3], loc[4], loc[5], loc[6], loc[7], {}, buf[NIN], {hw[0], hw[1]}, ub, 0};
+    S* const mwb = buf[NIN + 2 + MAX_WRITES + MAX_READS];
+    Ptrs lp{loc[0], loc[1], loc[2], loc[3], loc[4], loc[5], loc[6], loc[7], {}, buf[NIN], {hw[0], hw[1]}, ub, 0,
+            loc[8], loc[9], mwb};
     for (int k = 0; k < f.n_reads; ++k) {
       memcpy(hr[k], p.h[k] + o, sizeof(S) * n);
       lp.h[k] = hr[k];
@@ -333,6 +345,7 @@ struct StepKernel {
     memcpy(p.out + o, buf[NIN], sizeof(S) * n);
     for (int j = 0; j < f.n_writes; ++j) memcpy(p.hw[j] + o, hw[j], sizeof(S) * n);
     for (int k = 0; k < f.u_copies; ++k) memcpy(p.u + k * p.u_off + o, ub, sizeof(S) * n);
+    if (f.mw) memcpy(p.mw + o, mwb, sizeof(S) * n);
   }
 
   static void fill_param(T* dstbuf, const float* src, int64_t i0, int n, int64_t per_sample) {
@@ -351,21 +364,28 @@ struct StepKernel {
   static void block(const StepArgs_t& a, const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, LoopFn loop_fn,
                     int64_t i0, int n) {
     alignas(64) T wb[BLK], rb[BLK], sb[BLK];
+    alignas(64) T ab[2 * BLEND_ROWS * BLK];  // blend coefficients (left unset without blend: never read)
     alignas(64) float zbuf[BLK + 8], z2buf[BLK + 8];  // noise at [4, 4 + n), spill room both sides
     // One sample's block (the usual case): W copies of each scalar, read at index lo & 0.
     const int64_t b0 = i0 / a.per_sample;
     const bool one = b0 == (i0 + n - 1) / a.per_sample;
-    Bufs bf{wb, rb, sb, zbuf + 4, z2buf + 4, one ? 0 : -1, a.flag};
+    Bufs bf{wb, rb, sb, ab, zbuf + 4, z2buf + 4, one ? 0 : -1, a.flag};
+    const int n_a = f.mw ? 2 * BLEND_ROWS : BLEND_ROWS;
+    const int64_t b_stride = a.numel / a.per_sample;  // the batch: row k of a starts at a.a + k * B
     if (one) {
       for (int q = 0; q < W; ++q) {
-        if (f.cfg) wb[q] = static_cast<T>(a.w[b0]);
+        if (f.cfg && !f.blend) wb[q] = static_cast<T>(a.w[b0]);
         if (f.rescale) rb[q] = static_cast<T>(a.r[b0]);
         if (f.clip) sb[q] = static_cast<T>(a.s[b0]);
+        if (f.blend)
+          for (int k = 0; k < n_a; ++k) ab[k * BLK + q] = static_cast<T>(a.a[k * b_stride + b0]);
       }
     } else {
-      if (f.cfg) fill_param(wb, a.w, i0, n, a.per_sample);
+      if (f.cfg && !f.blend) fill_param(wb, a.w, i0, n, a.per_sample);
       if (f.rescale) fill_param(rb, a.r, i0, n, a.per_sample);
       if (f.clip) fill_param(sb, a.s, i0, n, a.per_sample);
+      if (f.blend)
+        for (int k = 0; k < n_a; ++k) fill_param(ab + k * BLK, a.a + k * b_stride, i0, n, a.per_sample);
     }
     if (f.z && !p.z) NoiseGen<L>::fill(zbuf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_MAIN);
     if (f.z2 && !p.z2) NoiseGen<L>::fill(z2buf + 4, a.seeds, i0, n, a.per_sample, a.row, STREAM_KNOWN);
@@ -375,7 +395,8 @@ struct StepKernel {
   static void run(const StepArgs_t& a) {
     const StepCoef<T> c = fd_unpack_coef<T>(a.coef);
     const StepFlags f = fd_make_flags(c, a.n_reads, a.n_writes, a.clip, a.m_c != nullptr, a.r != nullptr,
-                                      a.mask != nullptr, a.g != nullptr, a.u ? a.u_copies : 0, a.flag != nullptr);
+                                      a.mask != nullptr, a.g != nullptr, a.u ? a.u_copies : 0, a.flag != nullptr,
+                                      a.a != nullptr, a.m_2 != nullptr, a.m_3 != nullptr, a.m_w != nullptr);
     Ptrs p{};
     p.x = static_cast<const S*>(a.x);
     p.m = static_cast<const S*>(a.m);
@@ -390,6 +411,9 @@ struct StepKernel {
     for (int j = 0; j < a.n_writes; ++j) p.hw[j] = static_cast<S*>(a.h_write[j]);
     p.u = static_cast<S*>(a.u);
     p.u_off = a.u_stride ? a.u_stride : a.numel;
+    p.m2 = static_cast<const S*>(a.m_2);
+    p.m3 = static_cast<const S*>(a.m_3);
+    p.mw = static_cast<S*>(a.m_w);
     const LoopFn loop_fn = pick_loop(f);
     const int64_t nblk = (a.numel + BLK - 1) / BLK;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)

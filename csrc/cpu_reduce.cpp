@@ -5,7 +5,9 @@
 //              (diffusers' guidance_rescale; std with Bessel's correction; r = 1 where std(cfg) = 0)
 //   threshold: s[b] = clamp(quantile(|d[b]|, ratio), 1, max), d the row's data estimate
 //              (Imagen's dynamic thresholding; the quantile as torch.quantile's linear rule)
-// Both read the row's own operands through step_math.h, so cfg and d are bit for bit what the step
+//   gram:      per sample, the dot products of up to four guidance branches and their sums, in
+//              float64 (what every guider's blend weights are computed from: fastdiff/guiders/stats.py)
+// The first two read the row's own operands through step_math.h, so cfg and d are bit for bit what the step
 // kernel computes.
 #include "cpu_reduce.h"
 
@@ -170,7 +172,38 @@ void langevin_t(const StepArgs& a, double l_x, double l_e, double* g2, double* z
   }
 }
 
+/// The Gram reduction: per sample, chunks of CHUNK elements in parallel (cpu_gram.h's kernel on the
+/// current SIMD level), then each sample's chunks summed in order (independent of the threads).
+void gram_run(const void* const* slots, int64_t numel, int64_t ps, int dtype, int num_threads, double* g,
+              double* sums) {
+  constexpr int K = fd::BLEND_ROWS, NP = K * (K + 1) / 2;
+  int mask = 0;
+  for (int k = 0; k < K; ++k)
+    if (slots[k]) mask |= 1 << k;
+  const int64_t B = numel / ps, per = (ps + CHUNK - 1) / CHUNK, n = B * per;
+  std::vector<double> part(static_cast<size_t>(n) * (NP + K), 0.0);
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (numel >= (1 << 16) && num_threads > 1)
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t b = q / per, j0 = (q % per) * CHUNK, j1 = std::min(ps, j0 + CHUNK);
+    gram_chunk(slots, mask, dtype, b * ps + j0, b * ps + j1, part.data() + q * (NP + K));
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    double tot[NP + K] = {};
+    for (int64_t j = 0; j < per; ++j)
+      for (int t = 0; t < NP + K; ++t) tot[t] += part[(b * per + j) * (NP + K) + t];
+    int o = 0;
+    for (int r = 0; r < K; ++r)
+      for (int c = r; c < K; ++c, ++o) g[(b * K + r) * K + c] = g[(b * K + c) * K + r] = tot[o];
+    for (int k = 0; k < K; ++k) sums[b * K + k] = tot[NP + k];
+  }
+}
+
 }  // namespace
+
+void gram(const void* const* slots, int64_t numel, int64_t per_sample, int dtype, int num_threads, double* g,
+          double* sums) {
+  if (dtype >= fd::DTYPE_F32 && dtype <= fd::DTYPE_BF16) gram_run(slots, numel, per_sample, dtype, num_threads, g, sums);
+}
 
 void langevin_norms(const StepArgs& a, double l_x, double l_e, double* g2, double* z2) {
   switch (a.dtype) {

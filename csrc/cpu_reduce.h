@@ -18,4 +18,9 @@ void threshold(const StepArgs& a, double ratio, double max_value, float* s);
 /// its Philox noise: stream 0 at a.row) into g2[B] and z2[B], accumulated in float64.
 void langevin_norms(const StepArgs& a, double l_x, double l_e, double* g2, double* z2);
 
+/// Per sample b: g[b][i][j] = <slot_i, slot_j> and sums[b][i] = sum of slot_i's elements (float64,
+/// [B, 4, 4] and [B, 4]; absent slots (null) give 0), over `numel` elements of DTYPE_* `dtype`.
+void gram(const void* const* slots, int64_t numel, int64_t per_sample, int dtype, int num_threads, double* g,
+          double* sums);
+
 }  // namespace fd_cpu

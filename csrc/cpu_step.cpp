@@ -90,6 +90,14 @@ void normals(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample
   }
 }
 
+void gram_chunk(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc) {
+  switch (current_level()) {
+    case LEVEL_AVX512: gram_chunk_avx512(slots, mask, dtype, i0, i1, acc); break;
+    case LEVEL_AVX2: gram_chunk_avx2(slots, mask, dtype, i0, i1, acc); break;
+    default: gram_chunk_scalar(slots, mask, dtype, i0, i1, acc); break;
+  }
+}
+
 void bits(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, int64_t groups, uint32_t row,
           uint32_t stream) {
   switch (current_level()) {

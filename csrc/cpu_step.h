@@ -40,6 +40,10 @@ void bits_avx2(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, 
 void bits_avx512(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, int64_t groups, uint32_t row,
                  uint32_t stream);
 
+void gram_chunk_scalar(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
+void gram_chunk_avx2(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
+void gram_chunk_avx512(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
+
 /// Best level this CPU supports.
 Level detect_level();
 /// Level in use: FASTDIFF_CPU_SIMD if set (throws std::runtime_error if unknown or unsupported),
@@ -49,6 +53,8 @@ Level current_level();
 void set_level(const char* name);
 const char* level_name(Level l);
 
+/// One chunk of the guidance Gram reduction (cpu_gram.h) on the current level.
+void gram_chunk(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
 /// Run one row on the current level.
 void step(const StepArgs& a);
 void normals(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t row, uint32_t stream,

@@ -1,6 +1,6 @@
 // The CPU step kernel compiled for one SIMD level. setup.py compiles this file once per level
 // (CPU_LEVELS): -DFD_LEVEL=scalar, avx2 or avx512 and that level's -m flags, giving the entry points
-// step_<level>, normals_<level> and bits_<level> of cpu_step.h; cpu_step.cpp picks one at run time.
+// step_<level>, normals_<level>, bits_<level> and gram_chunk_<level> of cpu_step.h; cpu_step.cpp picks one at run time.
 // Everything level-specific lives in an anonymous namespace so that no inline function compiled for
 // this level can be picked by the linker for another level's code. Call only on a CPU that supports
 // the level (cpu_step.cpp checks).
@@ -37,6 +37,7 @@
 namespace {
 #include FD_LEVEL_HEADER
 #include "cpu_kernel.h"
+#include "cpu_gram.h"
 }  // namespace
 
 namespace fd_cpu {
@@ -46,6 +47,11 @@ void FD_CAT(step_, FD_LEVEL)(const StepArgs& a) { fd::run_step<FD_LEVEL_TYPE>(a)
 void FD_CAT(normals_, FD_LEVEL)(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t row,
                                 uint32_t stream, int num_threads) {
   fd::run_normals<FD_LEVEL_TYPE>(out, seeds, batch, per_sample, row, stream, num_threads);
+}
+
+void FD_CAT(gram_chunk_, FD_LEVEL)(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1,
+                                   double* acc) {
+  fd_gram::run_chunk(slots, mask, dtype, i0, i1, acc);
 }
 
 void FD_CAT(bits_, FD_LEVEL)(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, int64_t groups,

@@ -148,10 +148,11 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("step", &step, py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"),
         py::arg("n_reads"), py::arg("n_writes"), py::arg("clip"), py::arg("row"), py::arg("coef"),
         py::arg("stream"), py::arg("max_blocks") = 0, py::arg("u_copies") = 0,
-        "Run one plan row on `stream`. ptrs: 21 device pointers in PTR_NAMES order (0 = not given); "
+        "Run one plan row on `stream`. ptrs: 25 device pointers in PTR_NAMES order (0 = not given); "
         "dtype: 0 fp32, 1 fp64, 2 fp16, 3 bf16; coef: N_COEF floats (fastdiff.args.pack_row); max_blocks > 0 "
         "caps the grid; u_copies: copies of the next model input written to u (0, 1 or 2); flag: int32 set to 1 "
-        "on a non-finite model output element.");
+        "on a non-finite model output element; a (float32 [4 or 8, B]) given: blend mode over m, m_c, m_2, m_3, "
+        "with the momentum write m_w.");
   py::class_<Program>(m, "Program",
                       "A prepared sampling loop: rows checked and packed once, run(i, m, stream) per row "
                       "(phi and ratio must be 0: the reductions stay in torch on CUDA).")
@@ -174,8 +175,8 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("stream_id"), py::arg("stream"),
         "Raw Philox words of groups [0, groups) of every sample into uint32 [batch, 4 * groups] at `out`.");
   m.def("vector_path", &vector_path, py::arg("ptrs"),
-        "Whether the 16-byte vectorised path applies to these 21 pointers (all non-null element operands 16-byte "
-        "aligned; g and u aside: see u_vector).");
+        "Whether the 16-byte vectorised path applies to these 25 pointers (all non-null element operands 16-byte "
+        "aligned; g, m_2 and m_3, read element by element, and u aside: see u_vector).");
   m.def("u_vector", &u_vector, py::arg("ptrs"), py::arg("numel"), py::arg("dtype"), py::arg("u_copies"),
         "Per copy of u (ptrs[u], copies numel elements apart): whether the vector path stores it 16 bytes at a "
         "time (its start is 16-byte aligned).");

@@ -7,18 +7,25 @@
 //
 // Work split: the flat tensor (numel = batch * per_sample elements) is cut into chunks of 16 bytes
 // (VEC elements: 4 fp32, 8 fp16/bf16, 2 fp64). Where every pointer is 16-byte aligned, each chunk
-// is one 128-bit load per input (but g, read element by element: see run()) and one 128-bit store
-// per output; the numel % VEC elements after the last chunk (or every element, when some pointer
-// is not aligned) take the scalar path. Both run in a grid-stride loop. A thread loads every input
-// of its chunk before it stores anything, so out == x, and a history slot both read and written,
-// are safe.
+// is one 128-bit load per input (but g, m_2 and m_3, read element by element: see run()) and one
+// 128-bit store per output; the numel % VEC elements after the last chunk (or every element, when
+// some pointer is not aligned) take the scalar path. Both run in a grid-stride loop. A thread loads
+// every input of its chunk before it stores anything, so out == x, a history slot both read and
+// written, and m_w == m_3 are safe.
 //
 // Contract v3 extras, in a second instantiation of the kernel (EXTRA = true) so that a row without
 // them runs the v2 code unchanged (same registers): u, the next model input (u_copies copies of
 // u_scale * x' as stored), is written after out, from the rounded x' still in registers; each copy
 // takes a 16-byte store where its own start is aligned (UCopies, set at launch), else element
 // stores, so an unaligned u never sends the other operands to the scalar path. The flag: each
-// thread sums fd_nonfinite(m) (and of m_c) over its elements and, if the sum is NaN, stores 1.
+// thread sums fd_nonfinite(m) (and of m_c, m_2, m_3) over its elements and, if the sum is NaN, stores 1.
+//
+// Blend mode (the row's per-sample blend coefficients a given: e = b m + a_1 (m_c - m) + a_2 (m_2 - m)
+// + a_3 m_3, and optionally the momentum write m_w with a's second four rows), in a third
+// instantiation (BLEND = true, with EXTRA) so that rows without it keep the code and registers
+// above: the branches m_2 / m_3 are read element by element (as g), the coefficients once per
+// sample (a[k * batch + b]), and m_w is stored with the other outputs, after the history writes
+// (it may be m_3 itself, the momentum buffer updated in place).
 //
 // Compiled as plain C++ with -DFD_CUDA_EMU (cuda_emu.h), the same kernel runs on the CPU with
 // blockIdx/threadIdx loops; tests use that to check the indexing without a GPU.
@@ -141,21 +148,31 @@ struct UCopies {
 };
 
 /// Per-sample state of the element being processed: scalars and the cached Philox group.
-template <class T>
+/// BLEND: also the blend coefficients of the sample, a[k] = p.a[k * batch + b] (k < 8 with m_w,
+/// else k < 4: a has 4 rows then).
+template <class T, bool BLEND>
 struct Sample {
   int64_t b, j;  // sample, element within the sample
   T w, r, s;
+  T a[2 * fd::BLEND_ROWS];
   uint64_t seed;
   int64_t group;  // Philox group whose normals are in nz/nz2; -1 for none
   float nz[4], nz2[4];
 
-  FD_DEV void enter(const StepParams& p, int64_t b_) {
+  FD_DEV void enter(const StepParams& p, int64_t b_, int64_t batch, bool mw) {
     b = b_;
-    w = p.w ? static_cast<T>(p.w[b]) : T(0);
-    r = p.r ? static_cast<T>(p.r[b]) : T(0);
+    w = !BLEND && p.w ? static_cast<T>(p.w[b]) : T(0);  // blend rows have no w and r
+    r = !BLEND && p.r ? static_cast<T>(p.r[b]) : T(0);
     s = p.s ? static_cast<T>(p.s[b]) : T(1);
     seed = p.seeds ? static_cast<uint64_t>(p.seeds[b]) : 0u;
     group = -1;
+    if (BLEND) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < 2 * fd::BLEND_ROWS; ++k)  // constant indices: a stays in registers
+        a[k] = (k < fd::BLEND_ROWS || mw) ? static_cast<T>(p.a[k * batch + b]) : T(0);
+    }
   }
 };
 
@@ -166,10 +183,12 @@ FD_DEV float pick(const float (&n)[4], int64_t i) {
 
 /// Elements [base, base + N) of the flat tensor (N = VEC for a chunk, 1 on the scalar path).
 /// EXTRA: the row may write u and check the model output (f.u_copies, f.check; uc: where the copies
-/// of u start and which take 16-byte stores); nf accumulates fd_nonfinite of every m / m_c read.
-template <int N, class S, bool EXTRA>
+/// of u start and which take 16-byte stores); nf accumulates fd_nonfinite of every m / m_c (/ m_2 /
+/// m_3) read. BLEND (with EXTRA): the row may be in blend mode (f.blend; batch: samples in the row,
+/// the row stride of a).
+template <int N, class S, bool EXTRA, bool BLEND>
 FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base,
-                typename Storage<S>::T& nf, const UCopies& uc) {
+                typename Storage<S>::T& nf, const UCopies& uc, int64_t batch) {
   using T = typename Storage<S>::T;
   using St = Storage<S>;
   const bool z_ext = p.z != nullptr, z2_ext = p.z2 != nullptr;
@@ -177,7 +196,9 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
   // 1. every input of the N elements
   // (g, the classifier-guidance gradient, is read element by element in step 2 instead: one more
   // 16-byte pack made ptxas spill at its 128-register target for 16-bit storage on sm_90, and a
-  // row with g costs a backward pass of the model anyway. Still before any store.)
+  // row with g costs a backward pass of the model anyway. Still before any store. The blend
+  // branches m_2 and m_3 likewise: two more packs took the 16-bit blend variant from 146 to 150
+  // registers and fp32's from 126, under the 128 that keeps two blocks per SM, to 136.)
   Pack<S> x{}, m{}, mc{}, h[fd::MAX_READS]{}, z{}, z2{}, mk{}, kn{};
   load_pack<N>(p.x, base, x);
   load_pack<N>(p.m, base, m);
@@ -195,26 +216,30 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
   }
 
   // 2. the math, element by element (sample and Philox group tracked incrementally)
-  Sample<T> smp;
+  Sample<T, BLEND> smp;
   const int64_t b0 = base / p.per_sample;
-  smp.enter(p, b0);
+  smp.enter(p, b0, batch, BLEND && f.mw);
   smp.j = base - b0 * p.per_sample;
-  Pack<S> ox{}, oh[fd::MAX_WRITES]{};
+  Pack<S> ox{}, oh[fd::MAX_WRITES]{}, ow{};
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int k = 0; k < N; ++k) {
     if (k > 0 && ++smp.j == p.per_sample) {
-      smp.enter(p, smp.b + 1);
+      smp.enter(p, smp.b + 1, batch, BLEND && f.mw);
       smp.j = 0;
     }
     StepIn<T> in{};
     in.x = St::load(x.v[k]);
     in.m = St::load(m.v[k]);
     if (f.cfg) in.m_c = St::load(mc.v[k]);
+    if (BLEND && f.m2) in.m_2 = St::load(static_cast<const S*>(p.m_2)[base + k]);
+    if (BLEND && f.m3) in.m_3 = St::load(static_cast<const S*>(p.m_3)[base + k]);
     if (EXTRA && f.check) {
       nf = nf + fd::fd_nonfinite(in.m);
       if (f.cfg) nf = nf + fd::fd_nonfinite(in.m_c);
+      if (BLEND && f.m2) nf = nf + fd::fd_nonfinite(in.m_2);
+      if (BLEND && f.m3) nf = nf + fd::fd_nonfinite(in.m_3);
     }
     if (f.g) in.g = St::load(static_cast<const S*>(p.g)[base + k]);
 #if defined(__CUDA_ARCH__)
@@ -225,6 +250,12 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
     in.w = smp.w;
     in.r = smp.r;
     in.s = smp.s;
+    if (BLEND && f.blend) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int q = 0; q < 2 * fd::BLEND_ROWS; ++q) in.a[q] = smp.a[q];
+    }
     const int64_t g = smp.j >> 2;
     if ((f.z && !z_ext) || (f.z2 && !z2_ext)) {
       if (g != smp.group) {
@@ -251,12 +282,14 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
 #endif
     for (int q = 0; q < fd::MAX_WRITES; ++q)
       if (q < f.n_writes) oh[q].v[k] = St::store(o.h[q]);
+    if (BLEND && f.mw) ow.v[k] = St::store(o.m_w);
   }
 
   // 3. only now the outputs (they may alias the inputs read above)
   store_pack<N>(p.out, base, ox);
   if (f.n_writes > 0) store_pack<N>(p.h_write[0], base, oh[0]);
   if (f.n_writes > 1) store_pack<N>(p.h_write[1], base, oh[1]);
+  if (BLEND && f.mw) store_pack<N>(p.m_w, base, ow);  // after the history writes, as reference writes it
   if (EXTRA && f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -268,21 +301,27 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
 }
 
 /// EXTRA = false: the v2 row (u and flag ignored); true: also u (p.u_copies copies) and flag.
-template <class S, bool EXTRA>
-__global__ void __launch_bounds__(THREADS) step_kernel(const StepParams p, int64_t n_chunks, const UCopies uc) {
+/// BLEND = true (with EXTRA): also blend mode (p.a given; batch = numel / per_sample, a's row stride).
+template <class S, bool EXTRA, bool BLEND>
+__global__ void __launch_bounds__(THREADS)
+    step_kernel(const StepParams p, int64_t n_chunks, const UCopies uc, int64_t batch) {
   using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
   __shared__ StepCoef<T> c;
   if (threadIdx.x == 0) c = fd::fd_unpack_coef<T>(p.coef);
   __syncthreads();
-  const StepFlags f = fd::fd_make_flags<T>(c, p.n_reads, p.n_writes, p.clip, p.m_c != nullptr, p.r != nullptr,
-                                           p.mask != nullptr, p.g != nullptr, EXTRA && p.u ? p.u_copies : 0,
-                                           EXTRA && p.flag != nullptr);
+  // BLEND is launched for rows with a (and so without w and r: bind_args.h refuses them), the other
+  // variants for rows without: the constants drop the other mode's code
+  const StepFlags f = fd::fd_make_flags<T>(c, p.n_reads, p.n_writes, p.clip, p.m_c != nullptr,
+                                           !BLEND && p.r != nullptr, p.mask != nullptr, p.g != nullptr,
+                                           EXTRA && p.u ? p.u_copies : 0, EXTRA && p.flag != nullptr, BLEND,
+                                           p.m_2 != nullptr, p.m_3 != nullptr, p.m_w != nullptr);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  T nf(0);  // NaN once any m / m_c element this thread read is NaN or +-Inf
-  for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S, EXTRA>(p, c, f, ch * VEC, nf, uc);
-  for (int64_t i = n_chunks * VEC + tid; i < p.numel; i += stride) run<1, S, EXTRA>(p, c, f, i, nf, uc);
+  T nf(0);  // NaN once any m / m_c / m_2 / m_3 element this thread read is NaN or +-Inf
+  for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S, EXTRA, BLEND>(p, c, f, ch * VEC, nf, uc, batch);
+  for (int64_t i = n_chunks * VEC + tid; i < p.numel; i += stride)
+    run<1, S, EXTRA, BLEND>(p, c, f, i, nf, uc, batch);
   if (EXTRA && f.check && nf != nf) *p.flag = 1;  // never 0: other threads, and earlier rows, may have set it
 }
 
@@ -337,12 +376,17 @@ const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_block
   const int64_t work = n_chunks + (p.numel - n_chunks * VEC);
   const int64_t blocks = grid_for(work, max_blocks);
   const bool extra = (p.u && p.u_copies > 0) || p.flag;
+  const int64_t batch = p.numel / p.per_sample;  // the row stride of the blend coefficients a
   cudaGetLastError();  // an earlier, unrelated error must not be reported as ours
-  if (extra)
-    FD_LAUNCH((step_kernel<S, true>), static_cast<unsigned>(blocks), THREADS, stream)(p, n_chunks,
-                                                                                     u_copies_of(p, sizeof(S)));
+  if (p.a)
+    FD_LAUNCH((step_kernel<S, true, true>), static_cast<unsigned>(blocks), THREADS, stream)(
+        p, n_chunks, u_copies_of(p, sizeof(S)), batch);
+  else if (extra)
+    FD_LAUNCH((step_kernel<S, true, false>), static_cast<unsigned>(blocks), THREADS, stream)(
+        p, n_chunks, u_copies_of(p, sizeof(S)), batch);
   else
-    FD_LAUNCH((step_kernel<S, false>), static_cast<unsigned>(blocks), THREADS, stream)(p, n_chunks, UCopies{});
+    FD_LAUNCH((step_kernel<S, false, false>), static_cast<unsigned>(blocks), THREADS, stream)(p, n_chunks,
+                                                                                            UCopies{}, batch);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -352,10 +396,11 @@ const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_block
 int u_vector(const StepParams& p, int elem_size) { return u_copies_of(p, static_cast<size_t>(elem_size)).vec; }
 
 bool vector_path(const StepParams& p) {
-  // g is read element by element (see run()) and each copy of u is stored by the vector path with
-  // 16-byte or element stores as its own alignment allows (u_copies_of): neither decides here
+  // g, m_2 and m_3 are read element by element (see run()) and each copy of u is stored by the
+  // vector path with 16-byte or element stores as its own alignment allows (u_copies_of): none of
+  // them decides here (m_w, stored 16 bytes at a time, does)
   const void* ptrs[] = {p.x, p.out, p.m, p.m_c, p.h_read[0], p.h_read[1], p.h_read[2], p.h_read[3],
-                        p.h_write[0], p.h_write[1], p.z, p.z2, p.mask, p.known};
+                        p.h_write[0], p.h_write[1], p.z, p.z2, p.mask, p.known, p.m_w};
   for (const void* q : ptrs)
     if (q && !aligned16(q)) return false;
   return true;

@@ -24,8 +24,8 @@ const char* launch_bits(uint32_t* out, const int64_t* seeds, int64_t batch, int6
                         uint32_t stream_id, uintptr_t stream);
 
 /// Whether the vectorised (16-byte) path applies: every element operand the row reads or writes is
-/// 16-byte aligned, g and u aside (g is read element by element; u, see u_vector, is stored by the
-/// vector path in 16-byte or element stores, copy by copy).
+/// 16-byte aligned, g, m_2, m_3 and u aside (g and the blend branches m_2 / m_3 are read element by
+/// element; u, see u_vector, is stored by the vector path in 16-byte or element stores, copy by copy).
 bool vector_path(const StepParams& p);
 
 /// Bit k set when copy k < p.u_copies of u (elem_size-byte elements, p.numel apart) starts 16-byte

@@ -4,6 +4,9 @@
 // same operation order, with no fused multiply-add in the CPU build (-ffp-contract=off):
 //   e  = m                     or  m + w * (m_c - m)          (guidance, w per sample)
 //   e  = r * e                                                 (optional rescale, r per sample)
+//   or, in blend mode (per-sample coefficients a[0..8) given instead of w and r):
+//   e  = a0*m [+ a1*(m_c - m)] [+ a2*(m_2 - m)] [+ a3*m_3]     (each term where its branch is given)
+//   m_w = the same with a4..a7                                 (optional momentum write, after all reads)
 //   e  = e + c_g * g                                           (optional gradient term, g given)
 //   d  = a_x * x + a_e * e
 //   d  = min(s, max(-s, d))    [then d / s]                    (clip 1 static, 2 dynamic)
@@ -12,7 +15,7 @@
 //   x' = mask*x' + (1 - mask)*(known_a*known + known_s*z2)     (optional; z2 = 0 if known_s == 0)
 //   H[write j] = same combination with the write's coefficients
 //   u[k*numel + i] = u_scale * x'   (k < u_copies; x' as stored, i.e. rounded to the storage type)
-//   *flag = 1 if any m or m_c element read is NaN or Inf                 (optional; never cleared)
+//   *flag = 1 if any m, m_c, m_2 or m_3 element read is NaN or Inf       (optional; never cleared)
 // T is the compute scalar (float for fp16/bf16/fp32 storage, double for fp64); V is T or a SIMD
 // vector of T with operators + - * / (and unary -), fd_vmax/fd_vmin, constructible from a T.
 // Also: fp16 and bf16 <-> float conversions (round to nearest even, as torch's casts) that need
@@ -37,6 +40,8 @@ constexpr int C_KNOWN_A = 2 + 3 * N_OPERANDS, C_KNOWN_S = 3 + 3 * N_OPERANDS, C_
 constexpr int C_U = 5 + 3 * N_OPERANDS;
 static_assert(N_COEF == 30 && C_U == N_COEF - 1, "packed layout of fastdiff.args.pack_row");
 constexpr int CLIP_NONE = 0, CLIP_STATIC = 1, CLIP_DYNAMIC = 2;
+// Blend coefficients per combination (fastdiff/core/args.py BLEND_ROWS): b, a_1, a_2, a_3.
+constexpr int BLEND_ROWS = 4;
 
 // Storage dtype codes shared with fastdiff/backends/cpu.py.
 constexpr int DTYPE_F32 = 0, DTYPE_F64 = 1, DTYPE_F16 = 2, DTYPE_BF16 = 3;
@@ -114,6 +119,9 @@ struct StepFlags {
   bool z2;       // the mask blend uses z2 (mask && known_s != 0)
   int u_copies;  // copies of u_scale * x' written to u (0: none)
   bool check;    // record non-finite model output elements in *flag
+  bool blend;    // blend mode: e from the per-sample coefficients a (cfg: m_c given; rescale false)
+  bool m2, m3;   // blend branches m_2 / m_3 given
+  bool mw;       // blend momentum write m_w given
 };
 
 /// Unpack the N_COEF packed float64 coefficients (fastdiff.args.pack_row order) into T.
@@ -137,8 +145,13 @@ FD_HD StepCoef<T> fd_unpack_coef(const double* p) {
 /// Flags of a row; e/z/z2 are decided on the rounded coefficients, as reference.py does.
 template <class T>
 FD_HD StepFlags fd_make_flags(const StepCoef<T>& c, int n_reads, int n_writes, int clip, bool cfg, bool rescale,
-                              bool mask, bool g, int u_copies = 0, bool check = false) {
+                              bool mask, bool g, int u_copies = 0, bool check = false, bool blend = false,
+                              bool m2 = false, bool m3 = false, bool mw = false) {
   StepFlags f;
+  f.blend = blend;
+  f.m2 = blend && m2;
+  f.m3 = blend && m3;
+  f.mw = blend && mw;
   f.u_copies = u_copies;
   f.check = check;
   f.n_reads = n_reads;
@@ -163,6 +176,17 @@ FD_HD StepFlags fd_make_flags(const StepCoef<T>& c, int n_reads, int n_writes, i
 template <class V>
 FD_HD V fd_guidance(V m, V m_c, V w) {
   return m + w * (m_c - m);
+}
+
+/// Blend mode: a[k0]*m + a[k0+1]*(m_c - m) + a[k0+2]*(m_2 - m) + a[k0+3]*m_3, each term where its
+/// branch is given (has_c, has_2, has_3), in that order.
+template <class V>
+FD_HD V fd_blend(const V* a, V m, V m_c, V m_2, V m_3, bool has_c, bool has_2, bool has_3) {
+  V acc = a[0] * m;
+  if (has_c) acc = acc + a[1] * (m_c - m);
+  if (has_2) acc = acc + a[2] * (m_2 - m);
+  if (has_3) acc = acc + a[3] * m_3;
+  return acc;
 }
 
 /// d = clamp(d, -s, s), divided by s for dynamic thresholding. NaN in d propagates.
@@ -192,6 +216,8 @@ struct StepIn {
   V x, m, m_c, g, z, mask, known, z2;
   V h[MAX_READS];
   V w, r, s;  // per-sample scalars, broadcast
+  V m_2, m_3;                // blend branches (blend mode)
+  V a[2 * BLEND_ROWS];       // per-sample blend coefficients, broadcast (blend mode; a[4..8) with m_w)
 };
 
 /// Outputs of one element: the new state and the history writes.
@@ -199,6 +225,7 @@ template <class V>
 struct StepOut {
   V x;
   V h[MAX_WRITES];
+  V m_w;  // the momentum write (blend mode with m_w)
 };
 
 /// NaN for a non-finite v (inf - inf, NaN - NaN), else 0: summed into an accumulator, it records
@@ -211,12 +238,18 @@ FD_HD V fd_nonfinite(V v) {
 /// One row for one element (or vector): reads only `in`, so outputs may alias inputs in memory.
 template <class V, class T>
 FD_HD StepOut<V> fd_step_element(const StepCoef<T>& c, const StepFlags& f, const StepIn<V>& in) {
-  V e = f.cfg ? fd_guidance(in.m, in.m_c, in.w) : in.m;
-  if (f.rescale) e = in.r * e;
+  StepOut<V> o;
+  V e;
+  if (f.blend) {
+    e = fd_blend(in.a, in.m, in.m_c, in.m_2, in.m_3, f.cfg, f.m2, f.m3);
+    if (f.mw) o.m_w = fd_blend(in.a + BLEND_ROWS, in.m, in.m_c, in.m_2, in.m_3, f.cfg, f.m2, f.m3);
+  } else {
+    e = f.cfg ? fd_guidance(in.m, in.m_c, in.w) : in.m;
+    if (f.rescale) e = in.r * e;
+  }
   if (f.g) e = e + V(c.c_g) * in.g;
   V d = V(c.a_x) * in.x + V(c.a_e) * e;
   d = fd_clip(d, in.s, f.clip);  // e stays the unclipped model output: it is an operand too
-  StepOut<V> o;
   o.x = fd_combine(c.out, in.x, d, e, in.h, f.n_reads, in.z, f.e, f.z);
   if (f.mask) {
     V z2 = f.z2 ? in.z2 : V(0);

@@ -30,7 +30,11 @@ struct StepRow {
   const float* s;           // [B] clip bound (with clip)
   const int64_t* seeds;     // [B] Philox keys (when Philox noise is drawn)
   void* u;                  // next model input: u_copies * numel elements, or null
-  int32_t* flag;            // set to 1 on a non-finite m / m_c element, or null
+  int32_t* flag;            // set to 1 on a non-finite m / m_c / m_2 / m_3 element, or null
+  const void* m_2;          // blend branch (blend mode) or null
+  const void* m_3;          // blend branch (blend mode) or null
+  const float* a;           // [4, B] or [8, B] blend coefficients: given, the row is in blend mode
+  void* m_w;                // blend momentum write (with a, 8 rows) or null
   int u_copies;             // 0, 1 or 2
   int64_t u_stride;         // elements from one copy of u to the next (0: numel)
   int64_t numel;

@@ -7,10 +7,11 @@ Public entry points: :func:`sample`, :class:`Sampler` (prepared once, called man
 """
 
 from . import _moved
+from . import guiders
 from .api import Sampler, clear_cache, make_plan, sample
 from .runtime.executor import NonFiniteError, StopSampling
 
 _moved.install()
 
 __version__ = "0.1.0"
-__all__ = ["sample", "Sampler", "make_plan", "clear_cache", "NonFiniteError", "StopSampling", "__version__"]
+__all__ = ["sample", "Sampler", "make_plan", "clear_cache", "NonFiniteError", "StopSampling", "guiders", "__version__"]

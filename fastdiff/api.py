@@ -35,13 +35,16 @@ once, two of them kept between calls (``executor.MAX_IDLE_WORKSPACES``); a confi
 callable ``guidance_scale`` or a scheduler object as ``schedule`` is prepared on every call."""
 
 _cache: OrderedDict = OrderedDict()
+_plans: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
 
 
 def clear_cache() -> None:
-    """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold)."""
+    """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold), and the plans of
+    guided calls."""
     with _cache_lock:
         _cache.clear()
+        _plans.clear()
 
 
 class _Uncacheable(Exception):
@@ -163,6 +166,8 @@ def sample(
     strength: float | None = None,
     start_step: int | None = None,
     post_step: Callable[[int, torch.Tensor], None] | None = None,
+    guidance: Any = None,
+    perturbed_model: Callable | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Sample from ``model`` starting at unit-variance ``noise``; returns the final sample.
@@ -232,11 +237,53 @@ def sample(
             :func:`fastdiff.tasks.plan_from_step`).
         post_step: ``post_step(i, x)`` after every row's fused step, changing the state ``x`` in
             place (e.g. :func:`fastdiff.tasks.ilvr`).
+        guidance: a guider, blended inside the fused step: a :class:`fastdiff.guiders.Guider` (CFG,
+            CFG-Zero*, APG, tangential, magnitude-aware, perturbed-branch, AutoGuidance) or a diffusers
+            guider object (``diffusers.guiders``; its configuration is read by
+            :func:`fastdiff.guiders.from_diffusers`). Windows count solver steps, as diffusers'
+            ``set_state(step, num_inference_steps)``; every weight may be scheduled per step
+            (:meth:`fastdiff.guiders.Guider.at`); ``guidance_interval`` limits it to a sigma interval
+            and classifier guidance adds to it. Exclusive with ``guidance_scale`` and
+            ``guidance_rescale`` (the guider has its own); with it, ``callback``, ``post_step``,
+            ``mask``/``known``, ``image`` and ``cuda_graph`` are not taken (each is refused by name):
+            rows run one by one (:mod:`fastdiff.guiders.loop`).
+        perturbed_model: the perturbed (PAG, SEG, SLG) or weak (AutoGuidance) model, called like
+            ``model`` with ``cond``, for guiders with a perturbed branch.
         **sampler_options: sampler-specific options (``eta``, ``s_noise``, ...).
 
     Returns:
         The final sample, shaped and typed like ``noise``.
     """
+    from .samplers.cfgpp import GUIDED_LOOP
+
+    via = "guidance="
+    loop_only = sampler in GUIDED_LOOP if plan is None else (
+        isinstance(plan, Plan) and any(r.write_u_slot is not None for r in plan.rows))
+    if guidance is None and loop_only:  # CFG++ with history: the guided loop
+        from .guiders import Guider
+
+        name = sampler if plan is None else plan.sampler
+        via = f"{name} (a CFG++ sampler that runs on the guided loop)"
+        if guidance_rescale:
+            raise ValueError(f"guidance_rescale does not combine with {via}")
+        validate.check_guidance_scale(guidance_scale)
+        guidance = Guider(scale=1.0 if guidance_scale is None else guidance_scale)
+        guidance_scale = None
+    if guidance is not None:
+        return _sample_guided(model, noise, guidance, perturbed_model, sampler=sampler, steps=steps, schedule=schedule,
+                              prediction=prediction, cond=cond, uncond=uncond, seed=seed, generator=generator,
+                              backend=backend, progress=progress, check_finite=check_finite, plan=plan,
+                              sampler_options=sampler_options, via=via,
+                              interval=guidance_interval, classifier=classifier,
+                              classifier_scale=classifier_scale, classifier_y=classifier_y,
+                              refused={"guidance_scale": guidance_scale is not None,
+                                       "guidance_rescale": guidance_rescale != 0.0, "callback": callback is not None,
+                                       "post_step": post_step is not None,
+                                       "mask": mask is not None, "known": known is not None,
+                                       "image": image is not None, "strength": strength is not None,
+                                       "start_step": start_step is not None, "cuda_graph": bool(cuda_graph)})
+    if perturbed_model is not None:
+        raise ValueError("perturbed_model is the perturbed branch of a guider: give guidance= too")
     seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond, callback=callback,
                                  post_step=post_step, classifier=classifier, classifier_scale=classifier_scale,
                                  classifier_y=classifier_y, mask=mask, known=known, image=image, plan=plan,
@@ -273,6 +320,68 @@ def sample(
     return _call(prepared, as_model(model), noise, seeds=seeds, generator=generator, cond=cond, uncond=uncond,
                  callback=callback, progress=progress, classifier=classifier, classifier_y=classifier_y,
                  mask=mask, known=known, image=image, post_step=post_step)
+
+
+def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, schedule, prediction, cond, uncond,
+                   seed, generator, backend, progress, check_finite, plan, sampler_options, refused, interval,
+                   classifier, classifier_scale, classifier_y, via="guidance=") -> torch.Tensor:
+    """:func:`sample` with ``guidance=`` (a guider): checks, then :func:`fastdiff.guiders.loop.run_guided`."""
+    from .guiders import Guider, from_diffusers
+    from .guiders.loop import run_guided
+
+    given = [k for k, v in refused.items() if v]
+    if given:
+        raise ValueError(f"{via} does not combine with {', '.join(given)}" + (
+            " (give the guider's own settings, or use guidance_scale= without guidance=)" if via == "guidance=" else
+            ""))
+    guider = guidance if isinstance(guidance, Guider) else from_diffusers(guidance)
+    if perturbed_model is not None and not callable(perturbed_model):
+        raise TypeError(f"perturbed_model must be callable, got {type(perturbed_model).__name__}")
+    seeds = validate.sample_args(noise, seed=seed, generator=generator, cond=cond, uncond=uncond, callback=None,
+                                 post_step=None, classifier=classifier, classifier_scale=classifier_scale,
+                                 classifier_y=classifier_y, mask=None, known=None, image=None, plan=plan,
+                                 check_finite=check_finite)
+    validate.check_guidance_interval(interval)
+    validate.flag("progress", progress)
+    validate.flag("check_finite", check_finite)
+    if plan is None:
+        validate.plan_args(sampler, schedule)
+        validate.steps(steps)
+        plan = _cached_plan(sampler, steps, schedule, prediction, sampler_options)
+    elif sampler_options:
+        raise ValueError(f"sampler options {sorted(sampler_options)} are ignored when plan= is given")
+    b = noise.shape[0]
+    if generator is None and seeds is None:
+        seeds = expand_seeds([int(s) for s in torch.randint(0, 2**62, (b,), dtype=torch.int64)], b)
+    with torch.no_grad():
+        x = noise * plan.init_scale
+        return run_guided(plan, as_model(model), x, guider, cond=cond, uncond=uncond,
+                          perturbed_model=None if perturbed_model is None else as_model(perturbed_model),
+                          seeds=seeds, generator=generator, backend=ops.requested_backend(backend),
+                          check_finite=check_finite, progress=progress, interval=interval, classifier=classifier,
+                          classifier_scale=float(classifier_scale), classifier_y=classifier_y)
+
+
+def _cached_plan(sampler, steps, schedule, prediction, options) -> Plan:
+    """The plan of a guided call, built once per configuration (the last ``CACHE_SIZE`` kept), as
+    :func:`_lookup` keeps prepared loops; options that cannot be keyed build it every call."""
+    build = _plan_builder(sampler, steps, schedule, prediction, None, options)
+    try:
+        key = _freeze((sampler, steps, schedule, prediction, options))
+        hash(key)
+    except Exception:  # noqa: BLE001 - an option that cannot be keyed: no caching
+        return build()
+    with _cache_lock:
+        hit = _plans.get(key)
+        if hit is not None:
+            _plans.move_to_end(key)
+            return hit
+    plan = build()
+    with _cache_lock:
+        _plans[key] = plan
+        while len(_plans) > CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
 
 
 def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:

@@ -22,8 +22,14 @@ with each 8-vector over the operands ``[x, d, e, h0, h1, h2, h3, z]`` (``fastdif
 guided model output, after rescale and the gradient term ``e += c_g * g``, before clipping touches
 ``d``). Besides ``x'`` and the history writes, a row may write the next model input
 ``u[c*u_stride + i] = u_scale * x'_stored[i]`` for ``c < U_COPIES`` (``x'`` rounded to the storage
-type first, as torch's ``x' * in_scale``) and set ``flag[0] = 1`` where an element of ``m`` or
-``m_c`` is NaN or Inf (never 0; no host sync).
+type first, as torch's ``x' * in_scale``) and set ``flag[0] = 1`` where an element of ``m``,
+``m_c``, ``m_2`` or ``m_3`` is NaN or Inf (never 0; no host sync).
+
+Blend mode (``BLEND``; the float32 ``[4, B]`` or ``[8, B]`` per-sample coefficients ``a`` given, no
+``w``/``r``): ``e = a[0] m + a[1] (m_c - m) + a[2] (m_2 - m) + a[3] m_3`` (each term where its branch
+is given, in that order), and with ``m_w`` also ``m_w = `` the same combination under ``a[4..8)``,
+stored after every input is read (``m_w`` may be ``m_3`` itself). The kernel knows nothing of the
+sampler or guider that chose the coefficients.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.args import BLEND_ROWS as _BLEND_ROWS
 from fastdiff.args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF
 from fastdiff.plan import MAX_READS, MAX_WRITES, N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
 
@@ -50,6 +57,7 @@ FIXED_BLOCK = 1024
 """Block size on a GPU when ``FASTDIFF_TRITON_AUTOTUNE=0`` (one compile per variant, no tuning runs)."""
 
 _Z_NONE, _Z_PHILOX, _Z_EXTERNAL = 0, 1, 2
+_BR: tl.constexpr = tl.constexpr(_BLEND_ROWS)  # rows of a per combination (fastdiff.args.BLEND_ROWS)
 _STREAM_MAIN, _STREAM_KNOWN = 0, 1
 
 
@@ -150,12 +158,52 @@ def _combine(x, d, e, h0, h1, h2, h3, z, cx, cd, ce, c0, c1, c2, c3, cz,
     return acc
 
 
+@triton.jit
+def _blend(m, mc_ptr, m2_ptr, m3_ptr, a_ptr, offs, inb, b, nb, bad,
+           HAS_C: tl.constexpr, HAS_M2: tl.constexpr, HAS_M3: tl.constexpr, HAS_MW: tl.constexpr,
+           CHECK: tl.constexpr, CDT: tl.constexpr):
+    """Blend mode: ``(e, e_w, bad)`` with ``e = a[0] m + a[1] (m_c - m) + a[2] (m_2 - m) + a[3] m_3``
+    (each term where its branch is given, in that order: the reference's), ``e_w`` the same under
+    ``a[4..8)`` with ``HAS_MW`` (else ``m``, unused), and ``bad`` also covering the branches read.
+    ``a`` is float32 ``[4 or 8, nb]`` (``BLEND_ROWS`` = 4 per combination), row ``k`` of sample ``b``
+    at ``a_ptr + k * nb + b``."""
+    e = tl.load(a_ptr + b).to(CDT) * m
+    e_w = m
+    if HAS_MW:
+        e_w = tl.load(a_ptr + _BR * nb + b).to(CDT) * m
+    if HAS_C:
+        mc = tl.load(mc_ptr + offs, mask=inb, other=0.0).to(CDT)
+        if CHECK:
+            bad = bad | _nonfinite(mc, CDT)
+        dc = mc - m
+        e = e + tl.load(a_ptr + nb + b).to(CDT) * dc
+        if HAS_MW:
+            e_w = e_w + tl.load(a_ptr + (_BR + 1) * nb + b).to(CDT) * dc
+    if HAS_M2:
+        m2 = tl.load(m2_ptr + offs, mask=inb, other=0.0).to(CDT)
+        if CHECK:
+            bad = bad | _nonfinite(m2, CDT)
+        d2 = m2 - m
+        e = e + tl.load(a_ptr + 2 * nb + b).to(CDT) * d2
+        if HAS_MW:
+            e_w = e_w + tl.load(a_ptr + (_BR + 2) * nb + b).to(CDT) * d2
+    if HAS_M3:
+        m3 = tl.load(m3_ptr + offs, mask=inb, other=0.0).to(CDT)
+        if CHECK:
+            bad = bad | _nonfinite(m3, CDT)
+        e = e + tl.load(a_ptr + 3 * nb + b).to(CDT) * m3
+        if HAS_MW:
+            e_w = e_w + tl.load(a_ptr + (_BR + 3) * nb + b).to(CDT) * m3
+    return e, e_w, bad
+
+
 @triton.jit(do_not_specialize=["row"])
 def _step_kernel(
     x_ptr, out_ptr, m_ptr, mc_ptr,
     h0_ptr, h1_ptr, h2_ptr, h3_ptr, wr0_ptr, wr1_ptr,
     z_ptr, z2_ptr, mask_ptr, known_ptr, g_ptr,
     w_ptr, r_ptr, s_ptr, seed_ptr, u_ptr, flag_ptr,
+    m2_ptr, m3_ptr, a_ptr, mw_ptr,
     n, row, u_stride,
     a_x: tl.float64, a_e: tl.float64,
     o_x: tl.float64, o_d: tl.float64, o_e: tl.float64, o_0: tl.float64, o_1: tl.float64, o_2: tl.float64,
@@ -169,6 +217,7 @@ def _step_kernel(
     N_READS: tl.constexpr, N_WRITES: tl.constexpr, HAS_MASK: tl.constexpr,
     E_OUT: tl.constexpr, E_WR0: tl.constexpr, E_WR1: tl.constexpr,
     Z_MODE: tl.constexpr, Z2_MODE: tl.constexpr, U_COPIES: tl.constexpr, CHECK: tl.constexpr,
+    BLEND: tl.constexpr, HAS_M2: tl.constexpr, HAS_M3: tl.constexpr, HAS_MW: tl.constexpr,
     CDT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One plan row over elements ``[pid0*BLOCK, (pid0+1)*BLOCK)`` of sample ``pid1``.
@@ -176,9 +225,12 @@ def _step_kernel(
     Every element tensor is contiguous ``[B, n]``; ``u`` holds ``U_COPIES`` (0, 1 or 2) such
     ``[B, n]`` blocks, ``u_stride`` elements apart (``u_stride`` is the full batch's numel when the
     launcher runs a slice of it). ``flag`` (int32, one element) is set to 1 with ``CHECK`` where an
-    ``m``/``m_c`` element of this block is non-finite. ``*_ptr`` not selected by the constexpr flags
-    are never read (the launcher passes ``x`` for them). All loads precede all stores, so outputs may
-    alias inputs element for element.
+    ``m``/``m_c``/``m_2``/``m_3`` element of this block is non-finite. With ``BLEND`` (``HAS_CFG``:
+    ``m_c`` given; no ``HAS_R``), ``a`` is a contiguous float32 ``[4 or 8, B]`` tensor (``B`` the
+    grid's axis 1: the launcher passes the slice it runs) and ``e`` is the blend of the branches given
+    (``HAS_M2``, ``HAS_M3``); ``HAS_MW`` also writes the blend under rows 4..7 to ``m_w``. ``*_ptr``
+    not selected by the constexpr flags are never read (the launcher passes ``x`` for them). All loads
+    precede all stores, so outputs may alias inputs element for element.
     """
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -193,14 +245,20 @@ def _step_kernel(
     e = tl.load(m_ptr + offs, mask=inb, other=0.0).to(CDT)
     if CHECK:  # masked-off lanes load 0: finite
         bad = _nonfinite(e, CDT)
-    if HAS_CFG:
-        w = tl.load(w_ptr + b).to(CDT)
-        mc = tl.load(mc_ptr + offs, mask=inb, other=0.0).to(CDT)
-        if CHECK:
-            bad = bad | _nonfinite(mc, CDT)
-        e = e + w * (mc - e)
-    if HAS_R:
-        e = tl.load(r_ptr + b).to(CDT) * e
+    else:
+        bad = inb  # unused
+    if BLEND:
+        e, e_w, bad = _blend(e, mc_ptr, m2_ptr, m3_ptr, a_ptr, offs, inb, b, tl.num_programs(1).to(tl.int64), bad,
+                             HAS_CFG, HAS_M2, HAS_M3, HAS_MW, CHECK, CDT)
+    else:
+        if HAS_CFG:
+            w = tl.load(w_ptr + b).to(CDT)
+            mc = tl.load(mc_ptr + offs, mask=inb, other=0.0).to(CDT)
+            if CHECK:
+                bad = bad | _nonfinite(mc, CDT)
+            e = e + w * (mc - e)
+        if HAS_R:
+            e = tl.load(r_ptr + b).to(CDT) * e
     if HAS_G:
         e = e + tl.full([], c_g, tl.float64).to(CDT) * tl.load(g_ptr + offs, mask=inb, other=0.0).to(CDT)
     # e stays the unclipped (guided) model output: the combinations below may use it too
@@ -263,6 +321,9 @@ def _step_kernel(
         tl.store(wr0_ptr + offs, _to_storage(v0, wr0_ptr.dtype.element_ty), mask=inb)
     if N_WRITES > 1:
         tl.store(wr1_ptr + offs, _to_storage(v1, wr1_ptr.dtype.element_ty), mask=inb)
+    if BLEND:
+        if HAS_MW:  # last: m_w may be m_3 (read above), the momentum buffer updated in place
+            tl.store(mw_ptr + offs, _to_storage(e_w, mw_ptr.dtype.element_ty), mask=inb)
     if U_COPIES > 0:
         # the next model input from x' as stored (no read back: the rounded value is in registers),
         # times u_scale in the compute type, rounded to storage: torch's x' * in_scale
@@ -329,9 +390,9 @@ if _PARAMS[_PARAMS.index("a_x"):][:N_COEF] != COEF_PARAMS:
     raise ImportError(f"_step_kernel's coefficient parameters {_PARAMS} do not follow the packed layout of "
                       f"fastdiff.args {COEF_PARAMS}")
 
-_OUTPUTS = ["out_ptr", "wr0_ptr", "wr1_ptr", "u_ptr", "flag_ptr"]
+_OUTPUTS = ["out_ptr", "wr0_ptr", "wr1_ptr", "u_ptr", "flag_ptr", "mw_ptr"]
 _TUNE_KEY = ["n", "HAS_CFG", "HAS_R", "HAS_G", "CLIP", "N_READS", "N_WRITES", "HAS_MASK", "E_OUT", "E_WR0", "E_WR1",
-             "Z_MODE", "Z2_MODE", "U_COPIES", "CHECK"]
+             "Z_MODE", "Z2_MODE", "U_COPIES", "CHECK", "BLEND", "HAS_M2", "HAS_M3", "HAS_MW"]
 
 if INTERPRETED:
     _tuned = None
@@ -350,7 +411,7 @@ STORAGE_DTYPES = tuple(_CDT)
 
 
 def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
-            flags):
+            flags, m_2=None, m_3=None, a=None, m_w=None):
     b = x.shape[0]
     n = x.numel() // b
     if n == 0:
@@ -364,7 +425,8 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, see
     ptrs = (x, out, m, x if m_c is None else m_c, *reads, *writes,
             x if z is None else z, x if z2 is None else z2,
             x if mask is None else mask, x if known is None else known, x if g is None else g,
-            vec(w), vec(r), vec(s), vec(seeds), x if u is None else u, x if flag is None else flag)
+            vec(w), vec(r), vec(s), vec(seeds), x if u is None else u, x if flag is None else flag,
+            x if m_2 is None else m_2, x if m_3 is None else m_3, vec(a), x if m_w is None else m_w)
     scalars = (n, int(row) & 0xFFFFFFFF, int(u_stride), *(float(c) for c in coef))
     with _on_device(x):
         if INTERPRETED or os.environ.get("FASTDIFF_TRITON_AUTOTUNE", "1") == "0":
@@ -417,8 +479,13 @@ def fused_step(
     g: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
     flag: torch.Tensor | None = None,
+    m_2: torch.Tensor | None = None,
+    m_3: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    m_w: torch.Tensor | None = None,
 ) -> None:
-    """Execute one plan row in one kernel launch; writes ``out``, ``h_write``, ``u`` and ``flag`` in place.
+    """Execute one plan row in one kernel launch; writes ``out``, ``h_write``, ``u``, ``flag`` and
+    ``m_w`` in place.
 
     Args:
         x, out, m, m_c, h_read[k], h_write[j], z, z2, mask, known, g: contiguous tensors shaped like
@@ -435,8 +502,12 @@ def fused_step(
             ``[k, B, ...]`` view whose copies are each contiguous, ``u.stride(0)`` elements apart
             (``u_all.view(k, B_all, ...)[:, lo:hi]``: a slice of a larger batch's ``u``).
             x's dtype and device; may overlap no other tensor.
-        flag: int32 tensor of one element, set to 1 where an element of ``m`` or ``m_c`` is NaN or
-            Inf (never cleared here; no host sync).
+        flag: int32 tensor of one element, set to 1 where an element of ``m``, ``m_c``, ``m_2`` or
+            ``m_3`` is NaN or Inf (never cleared here; no host sync).
+        a: float32 ``[4, B]`` (``[8, B]`` with ``m_w``) blend coefficients, or a view of such rows
+            (made contiguous here): given, the row blends ``m``, ``m_c``, ``m_2``, ``m_3`` (those given)
+            into ``e`` instead of ``w``/``r`` (which must then be ``None``). ``m_2``, ``m_3``: further
+            branches shaped like ``x``; ``m_w``: the second combination's output (may be ``m_3``).
 
     The caller validates shapes and dtypes (``fastdiff.ops.validate``); this checks only what the
     kernel itself relies on.
@@ -451,7 +522,7 @@ def fused_step(
         raise ValueError(f"clip must be 0, 1 or 2, got {clip!r}")
     if x.dim() < 1 or not 1 <= x.shape[0] <= MAX_BATCH:
         raise ValueError(f"x must have a batch dimension of 1..{MAX_BATCH}, got shape {tuple(x.shape)}")
-    for name, t in _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g):
+    for name, t in _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, m_2, m_3, m_w):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)})")
     u_copies, u_stride = _check_u(x, u)
@@ -468,7 +539,19 @@ def fused_step(
     for name, need, ext in (("z", need_z, z), ("z2", need_z2, z2)):
         if need and ext is None and seeds is None:
             raise ValueError(f"this row uses noise {name}: give seeds (Philox) or an external {name} tensor")
-    if m_c is not None and w is None:
+    blend = a is not None
+    if blend:
+        rows = 2 * _BLEND_ROWS if m_w is not None else _BLEND_ROWS
+        if a.dtype != torch.float32 or a.device != x.device or tuple(a.shape) != (rows, x.shape[0]):
+            raise ValueError(f"a must be a float32 tensor of shape ({rows}, {x.shape[0]}) on {x.device}, got "
+                             f"{a.dtype} {tuple(a.shape)} on {a.device}")
+        if w is not None or r is not None:
+            raise ValueError("w and r cannot be given with a (a blend row's coefficients replace them)")
+    else:
+        for name, t in (("m_2", m_2), ("m_3", m_3), ("m_w", m_w)):
+            if t is not None:
+                raise ValueError(f"{name} was given without the blend coefficients a")
+    if m_c is not None and w is None and not blend:
         raise ValueError("m_c was given without the guidance scale w")
     if clip and s is None:
         raise ValueError(f"clip={clip} needs the clip bound s")
@@ -489,10 +572,14 @@ def fused_step(
         Z2_MODE=(_Z_EXTERNAL if z2 is not None else _Z_PHILOX) if need_z2 else _Z_NONE,
         U_COPIES=u_copies,
         CHECK=flag is not None,
+        BLEND=blend,
+        HAS_M2=m_2 is not None,
+        HAS_M3=m_3 is not None,
+        HAS_MW=m_w is not None,
         CDT=cdt,
     )
     _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
-            flags)
+            flags, m_2, m_3, a, m_w)
 
 
 def _check_u(x: torch.Tensor, u: torch.Tensor | None) -> tuple[int, int]:
@@ -524,9 +611,9 @@ def _nonzero(c: float, cdt) -> bool:
     return c != 0.0
 
 
-def _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g=None):
+def _tensors(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g=None, m_2=None, m_3=None, m_w=None):
     named = [("x", x), ("out", out), ("m", m), ("m_c", m_c), ("z", z), ("z2", z2), ("mask", mask), ("known", known),
-             ("g", g)]
+             ("g", g), ("m_2", m_2), ("m_3", m_3), ("m_w", m_w)]
     named += [(f"h_read[{i}]", h) for i, h in enumerate(h_read)]
     named += [(f"h_write[{i}]", h) for i, h in enumerate(h_write)]
     return [(name, t) for name, t in named if t is not None]

@@ -14,7 +14,8 @@ from types import ModuleType
 
 import torch
 
-from ..core.args import DTYPE_CODES, StepArgs, element_tensors, kernel_args, pointers, unsafe_overlap  # noqa: F401
+from ..core.args import (DTYPE_CODES, StepArgs, element_tensors, kernel_args, per_sample_tensors,  # noqa: F401
+                         pointers, unsafe_overlap)
 from .cpu import check_layout
 
 NAME = "cuda"
@@ -45,15 +46,16 @@ def supports(args: StepArgs) -> bool:
     """Whether the kernel can run ``args`` (already validated by :func:`fastdiff.runtime.ops.validate`).
 
     Needs: the extension, CUDA tensors, a supported dtype, every tensor contiguous (element tensors,
-    the model input ``u``, and the per-sample ``w``/``r``/``s``/``seeds``), and outputs that alias
-    inputs only exactly.
+    the model input ``u``, and the per-sample ``w``/``r``/``s``/``seeds`` and blend coefficients
+    ``a``), and outputs that alias inputs only exactly. Blend rows (``a`` given: ``m_2``, ``m_3``,
+    the momentum write ``m_w``) are supported.
     """
     if _C_cuda is None:
         return False
     x = args.x
     if x.device.type != "cuda" or x.dtype not in DTYPE_CODES:
         return False
-    per_sample = [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+    per_sample = per_sample_tensors(args)  # w, r, s, seeds and the blend coefficients a ([4 or 8, B], row k at k*B)
     if not all(t.is_contiguous() for t in element_tensors(args) + ([args.u] if args.u is not None else [])):
         return False
     if not all(t.is_contiguous() and t.device == x.device for t in per_sample):
@@ -72,7 +74,8 @@ def launch(module: ModuleType, args: StepArgs, stream: int, max_blocks: int = 0)
 
 def step(args: StepArgs) -> None:
     """Execute one row in one kernel launch on the current stream of ``args.x``'s device: writes
-    ``args.out``, ``args.h_write``, ``args.u`` and sets ``args.flag`` (never clears it; no host sync).
+    ``args.out``, ``args.h_write``, ``args.u``, ``args.m_w`` and sets ``args.flag`` (never clears it;
+    no host sync).
 
     Callers go through :func:`fastdiff.runtime.ops.step`, which validates and checks :func:`supports`.
     """

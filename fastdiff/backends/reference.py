@@ -7,7 +7,8 @@ from contextlib import nullcontext
 
 import torch
 
-from ..core.args import C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF, StepArgs, compute_dtype
+from ..core.args import (BLEND_ROWS, C_AE, C_AX, C_G, C_KNOWN_A, C_KNOWN_S, C_OUT, C_U, C_W0, C_W1, N_COEF, StepArgs,
+                         compute_dtype)
 from ..core.plan import MAX_READS, MAX_WRITES, N_OPERANDS, OP_D, OP_E, OP_H, OP_X, OP_Z
 from ..core.rng import STREAM_KNOWN, STREAM_MAIN, philox_normal
 from ..bench.timing import active_timer
@@ -73,13 +74,49 @@ def check_codes(args: StepArgs) -> None:
     for name, t, why in (("x", args.x, "always"), ("out", args.out, "always"), ("m", args.m, "always"),
                          *((f"h_read[{k}]", h, "n_reads") for k, h in enumerate(args.h_read)),
                          *((f"h_write[{j}]", h, "n_writes") for j, h in enumerate(args.h_write)),
-                         ("w", args.w, "m_c is given" if args.m_c is not None else None),
+                         ("w", args.w, "m_c is given" if args.m_c is not None and args.a is None else None),
                          ("s", args.s, "clip != 0" if clip else None),
                          ("known", args.known, "mask is given" if args.mask is not None else None)):
         if why is not None and t is None:
             raise ValueError(f"{name} is required ({why}) but its pointer is null")
+    check_blend(args)
     if ((args.needs_z and args.z is None) or (args.needs_z2 and args.z2 is None)) and args.seeds is None:
         raise ValueError("seeds is required (the row draws Philox noise) but its pointer is null")
+
+
+def check_blend(args: StepArgs) -> None:
+    """Refuse what the compiled backends refuse about the blend operands (``csrc/bind_args.h``
+    ``check_pointers``), with the same messages: ``m_2``, ``m_3`` and ``m_w`` only in blend mode (with
+    ``a``), and no ``w`` or ``r`` there (the blend coefficients replace them)."""
+    if args.a is None:
+        for name, t in (("m_2", args.m_2), ("m_3", args.m_3), ("m_w", args.m_w)):
+            if t is not None:
+                raise ValueError(f"{name} is given but a is null (branches beyond m_c need blend coefficients)")
+        return
+    for name, t in (("w", args.w), ("r", args.r)):
+        if t is not None:
+            raise ValueError(f"{name} is given with a (a blend row's coefficients replace w and r)")
+
+
+def blended_output(args: StepArgs, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A blend row's ``e`` (before the gradient term) and its ``m_w`` combination (``None`` without
+    ``m_w``) in torch, in the compute dtype ``dt``, in the kernels' order of operations:
+    ``b m + a_1 (m_c - m) + a_2 (m_2 - m) + a_3 m_3``, each term where its branch is given."""
+    nd = args.x.dim()
+    m = args.m.to(dt)
+    diffs = [None if t is None else t.to(dt) - m for t in (args.m_c, args.m_2)]
+    m3 = None if args.m_3 is None else args.m_3.to(dt)
+
+    def combine(k0: int) -> torch.Tensor:
+        acc = _per_sample(args.a[k0], nd, dt) * m
+        for k, dk in enumerate(diffs):
+            if dk is not None:
+                acc = acc + _per_sample(args.a[k0 + 1 + k], nd, dt) * dk
+        if m3 is not None:
+            acc = acc + _per_sample(args.a[k0 + 3], nd, dt) * m3
+        return acc
+
+    return combine(0), (combine(BLEND_ROWS) if args.m_w is not None else None)
 
 
 def step(args: StepArgs) -> None:
@@ -100,8 +137,8 @@ def step(args: StepArgs) -> None:
     region = timer.region if timer is not None else _no_region
     x = args.x.to(dt)
     with region("step/guidance"):
-        e = args.m.to(dt)
-        if args.m_c is not None:
+        e, e_w = blended_output(args, dt) if args.a is not None else (args.m.to(dt), None)
+        if args.a is None and args.m_c is not None:
             e = e + _per_sample(args.w, nd, dt) * (args.m_c.to(dt) - e)
         if args.r is not None:
             e = _per_sample(args.r, nd, dt) * e
@@ -137,8 +174,9 @@ def step(args: StepArgs) -> None:
     bad = None
     if args.flag is not None:  # any model output element read is NaN or Inf
         bad = ~torch.isfinite(args.m).all()
-        if args.m_c is not None:
-            bad = bad | ~torch.isfinite(args.m_c).all()
+        for t in (args.m_c, args.m_2, args.m_3):
+            if t is not None:
+                bad = bad | ~torch.isfinite(t).all()
     # every input is read above; only now write (outputs may alias inputs)
     args.out.copy_(new_x)
     u = None
@@ -147,6 +185,8 @@ def step(args: StepArgs) -> None:
         u = args.out * c[C_U] if dt == torch.float64 else (args.out.to(dt) * c[C_U]).to(args.out.dtype)
     for h, v in zip(args.h_write, writes):
         h.copy_(v)
+    if e_w is not None:
+        args.m_w.copy_(e_w)
     if u is not None:
         for k in range(args.u_copies):
             args.u[k * args.x.shape[0]:(k + 1) * args.x.shape[0]].copy_(u)

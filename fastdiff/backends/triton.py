@@ -63,7 +63,8 @@ def available() -> tuple[bool, str]:
 
 
 def supports(args: StepArgs) -> bool:
-    """Whether this backend can run ``args``: device, dtype, contiguity, aliasing (any batch size)."""
+    """Whether this backend can run ``args``: device, dtype, contiguity, aliasing (any batch size).
+    Blend rows (``a`` given, with ``m_2``/``m_3``/``m_w``) are supported."""
     if isinstance(_kernels, Exception):
         return False
     x = args.x
@@ -81,7 +82,8 @@ def supports(args: StepArgs) -> bool:
 
 def step(args: StepArgs) -> None:
     """Execute one row with one kernel launch: writes ``args.out``, ``args.h_write``, ``args.u``
-    (the next model input) and ``args.flag`` (set to 1 on non-finite model output)."""
+    (the next model input), ``args.m_w`` (a blend row's momentum write) and ``args.flag`` (set to 1
+    on non-finite model output)."""
     if not supports(args):
         tensors = element_tensors(args) + output_tensors(args)
         raise RuntimeError(
@@ -94,7 +96,8 @@ def step(args: StepArgs) -> None:
     # along the batch. Every tensor is contiguous [B, ...] and noise is keyed per sample, so each
     # slice is exactly the batch's rows (and exact aliases stay exact aliases). The model input u
     # holds k copies of B rows each: a slice's rows lo..hi of every copy, as a [k, hi-lo, ...] view
-    # whose copies stay B*n elements apart (the kernel takes that stride); flag is shared.
+    # whose copies stay B*n elements apart (the kernel takes that stride); flag is shared. The blend
+    # coefficients a ([4 or 8, B]) run as their columns lo..hi.
     k_u = args.u_copies
     u_all = None if args.u is None else args.u.view(k_u, *args.x.shape)
     for lo in range(0, b, cap):
@@ -109,4 +112,6 @@ def step(args: StepArgs) -> None:
             w=keep(args.w), r=keep(args.r), s=keep(args.s), clip=args.clip, seeds=keep(args.seeds),
             z=keep(args.z), z2=keep(args.z2), mask=keep(args.mask), known=keep(args.known), g=keep(args.g),
             u=None if u_all is None else u_all[:, lo:hi], flag=args.flag,
+            m_2=keep(args.m_2), m_3=keep(args.m_3), m_w=keep(args.m_w),
+            a=None if args.a is None else (args.a if lo == 0 and hi == b else args.a[:, lo:hi]),
         )

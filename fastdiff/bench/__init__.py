@@ -17,6 +17,8 @@ Parts (``--parts``; all by default, ``gpu`` only where CUDA is visible):
               (:func:`fastdiff.bench.step.bench_gpu`).
 ``pipeline``  a tiny offline ``StableDiffusionPipeline``'s denoising loop, stock vs
               ``fastdiff.diffusers.accelerate`` (:func:`fastdiff.bench.pipeline.bench_pipeline`).
+``guidance``  each diffusers guider's step (its ``forward`` and an eager Euler update) vs the fused
+              blend and step (:func:`fastdiff.bench.guidance.bench_guiders`).
 
 JSON (``--json``, default ``bench-results/bench.json``); times are µs, bandwidths GB/s (1e9 B/s).
 A row that could not be measured carries ``error`` (a string) instead of its times.
@@ -25,7 +27,7 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   (what each part ran), ``parts`` (the parts asked for), ``loop``, ``step``, ``samplers``, ``gpu``,
   ``pipeline`` (each ``null`` when the part did not run), ``skipped`` (part -> why not run),
   ``errors`` (part -> the error that stopped it), ``elapsed_s`` (part -> seconds), ``chart`` (PNG
-  path or ``null``).
+  path or ``null``), ``guidance``.
 * ``machine``: ``cpu`` (model name), ``cores``, ``torch``, ``torch_threads``, ``simd`` and
   ``kernel_threads`` (the CPU kernel's, ``null`` without it), ``gpu`` (name or ``null``),
   ``loadavg_start``, ``loadavg_end`` (1, 5, 15-minute load averages: a loaded machine slows
@@ -61,6 +63,9 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   step), the same for the accelerated pipeline (``fused_us_per_step``, ``fused_model_us_per_step``,
   ``fused_sched_us_per_step``, ``fused_sched_share``), and ``sched_speedup``
   (``stock_sched_us_per_step`` over ``fused_sched_us_per_step``).
+* ``guidance`` rows (:func:`fastdiff.bench.guidance.bench_guiders`): ``guider``, ``shape``, ``dtype``,
+  ``backend`` (of the fused step), ``stock_us`` and ``fused_us`` (medians of interleaved samples),
+  ``stock_us_best``, ``fused_us_best``, ``speedup`` (median over median) and ``speedup_best``.
 * ``floor`` rows (µs per solver step, 30 steps of CFG 7.5 with a zero-cost model): ``sampler``,
   ``shape``, ``dtype``, ``steps``, ``rows``, ``fastdiff_us`` (repeated ``fastdiff.sample`` calls),
   ``fastdiff_cold_us`` (the first call after ``clear_cache``), ``diffusers_us`` and
@@ -97,11 +102,11 @@ from .step import (DTYPES, GPU_SHAPES, GPU_VARIANTS, SHAPES, bench_case, bench_g
 from ..models import GaussianMixture
 from ..core.schedules import from_config, is_schedule
 
-PARTS = ("loop", "floor", "step", "samplers", "gpu", "pipeline")
+PARTS = ("loop", "floor", "step", "samplers", "gpu", "pipeline", "guidance")
 SCHEMA = 1
 FIELDS = {
     "top": ("schema", "command", "quick", "machine", "settings", "parts", "loop", "floor", "step", "samplers", "gpu",
-            "pipeline", "skipped", "errors", "elapsed_s", "chart"),
+            "pipeline", "guidance", "skipped", "errors", "elapsed_s", "chart"),
     "machine": ("cpu", "cores", "torch", "torch_threads", "simd", "kernel_threads", "gpu", "loadavg_start",
                 "loadavg_end"),
     "loop": ("sampler", "backend", "shape", "dtype", "steps", "rows", "us_per_step", "model_us_per_step",
@@ -120,6 +125,8 @@ FIELDS = {
     "pipeline": ("pipeline", "scheduler", "backend", "latent", "steps", "guidance_scale", "stock_us_per_step",
                  "stock_model_us_per_step", "stock_sched_us_per_step", "stock_sched_share", "fused_us_per_step",
                  "fused_model_us_per_step", "fused_sched_us_per_step", "fused_sched_share", "sched_speedup"),
+    "guidance": ("guider", "shape", "dtype", "backend", "stock_us", "fused_us", "stock_us_best", "fused_us_best",
+                 "speedup", "speedup_best"),
 }
 """The documented JSON fields, per section (a measured row has them all; a failed one has ``error``)."""
 
@@ -256,6 +263,7 @@ def settings(quick: bool, **over) -> dict:
         "gpu_shapes": [[2, 3, 512, 512]] if quick else [list(x) for x in GPU_SHAPES],
         "pipeline_steps": 4 if quick else 20, "pipeline_latent": 8 if quick else 32,
         "pipeline_repeats": 1 if quick else 3,
+        "guidance_shape": [1, 4, 32, 32] if quick else [16, 4, 128, 128], "guidance_repeats": 3 if quick else 15,
     }
     s.update({k: v for k, v in over.items() if v is not None})
     return s
@@ -343,7 +351,15 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
                 bar.close()
         return as_dict(row)
 
-    jobs = {"loop": do_loop, "floor": do_floor, "step": do_step, "samplers": do_samplers, "gpu": do_gpu, "pipeline": do_pipeline}
+    def do_guidance():
+        from .guidance import bench_guiders
+
+        log(f"guidance: each diffusers guider's step, stock vs fused, shape {tuple(s['guidance_shape'])}, fp32, "
+            f"median of {s['guidance_repeats']}")
+        return bench_guiders(s["guidance_shape"], s["guidance_repeats"], progress=progress)
+
+    jobs = {"loop": do_loop, "floor": do_floor, "step": do_step, "samplers": do_samplers, "gpu": do_gpu,
+            "pipeline": do_pipeline, "guidance": do_guidance}
     for part in parts:
         why = _why_skip(part)
         if why:
@@ -366,8 +382,9 @@ def _why_skip(part: str) -> str:
 
     if part == "gpu" and not torch.cuda.is_available():
         return "no CUDA device visible"
-    if part == "pipeline":
-        missing = [m for m in ("diffusers", "transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    if part in ("pipeline", "guidance"):
+        need = ("diffusers", "transformers", "tokenizers") if part == "pipeline" else ("diffusers",)
+        missing = [m for m in need if importlib.util.find_spec(m) is None]
         if missing:
             return f"not installed: {', '.join(missing)}"
     return ""
@@ -466,6 +483,14 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         out.append((f"{p['pipeline']} + {p['scheduler']}, latent {tuple(p['latent'])}, {p['steps']} steps, "
                     f"CFG {p['guidance_scale']} (µs per step)", ["pipeline loop", "µs/step", "model", "scheduler", "share"],
                     rows, f"scheduler part {p['sched_speedup']:.2f}x faster with fastdiff"))
+    if doc.get("guidance"):
+        rows = [[r["guider"], _f(r["stock_us"]), _f(r["fused_us"]), _x(r["speedup"]), _x(r["speedup_best"])]
+                for r in doc["guidance"]]
+        r0 = doc["guidance"][0]
+        out.append((f"Guided step, stock guider + eager Euler vs fused (shape {tuple(r0['shape'])}, {r0['dtype']}, "
+                    f"{r0['backend']}; median µs)", ["guider", "stock µs", "fused µs", "speedup", "best"], rows,
+                    "stock: the diffusers guider's forward and x + dt * pred; fused: the blend coefficients "
+                    "(one Gram pass where needed) and one fused step"))
     return out
 
 

@@ -26,8 +26,13 @@ COEF_OFFSETS = {"a_x": C_AX, "a_e": C_AE, "out": C_OUT, "write0": C_W0, "write1"
 """The layout by name (what the extension exports as ``COEF_OFFSETS``, checked against this)."""
 
 PTR_NAMES = ("x", "out", "m", "m_c", "h_read[0]", "h_read[1]", "h_read[2]", "h_read[3]", "h_write[0]", "h_write[1]",
-             "z", "z2", "mask", "known", "w", "r", "s", "seeds", "g", "u", "flag")
+             "z", "z2", "mask", "known", "w", "r", "s", "seeds", "g", "u", "flag", "m_2", "m_3", "a", "m_w")
 """The order of the pointer list the compiled kernels take (:func:`pointers`; 0 = not given)."""
+
+BLEND_ROWS = 4
+"""Rows of the blend coefficients ``a`` per combination: ``b`` (on ``m``), ``a_1`` (on ``m_c - m``), ``a_2`` (on
+``m_2 - m``), ``a_3`` (on ``m_3``). ``a`` is float32 ``[BLEND_ROWS, B]``, or ``[2 * BLEND_ROWS, B]`` with ``m_w``
+(the second four rows: the combination written to ``m_w``). See :class:`StepArgs`."""
 
 CLIP_NONE, CLIP_STATIC, CLIP_DYNAMIC = 0, 1, 2
 
@@ -102,7 +107,16 @@ class StepArgs:
             ``x'`` scaled by ``coef[C_U]`` (``x'`` rounded to the storage dtype first, as
             ``x' * in_scale`` in torch). ``None``: not written.
         flag: int32 tensor of one element set to 1 when a model output element the step reads
-            (``m``, ``m_c``) is NaN or Inf; never cleared by the step. ``None``: not checked.
+            (``m``, ``m_c``, ``m_2``, ``m_3``) is NaN or Inf; never cleared by the step. ``None``: not checked.
+        m_2, m_3: further guidance branches (blend mode only; ``m_c``, ``m_2`` and ``m_3`` each optional).
+        a: float32 ``[4, B]`` or ``[8, B]`` per-sample blend coefficients: given, the row is in blend mode
+            and ``e = b m + a_1 (m_c - m) + a_2 (m_2 - m) + a_3 m_3`` (each term only where its branch is
+            given; rows ``0..3`` of ``a`` hold ``b, a_1, a_2, a_3``), in that order, instead of the
+            two-branch ``w``/``r`` form (``w`` and ``r`` are then not given). The difference form keeps
+            the blend as accurate as ``m + w (m_c - m)`` where branches are close; ``m_3`` enters as it
+            is (a momentum buffer, or a branch far from ``m``).
+        m_w: written (blend mode) with the same combination under rows ``4..7`` of ``a``, after every
+            input is read: a guidance momentum buffer (it may be ``m_3`` itself). ``None``: not written.
     """
 
     x: torch.Tensor
@@ -125,6 +139,15 @@ class StepArgs:
     g: torch.Tensor | None = None
     u: torch.Tensor | None = None
     flag: torch.Tensor | None = None
+    m_2: torch.Tensor | None = None
+    m_3: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    m_w: torch.Tensor | None = None
+
+    @property
+    def blend(self) -> bool:
+        """Whether the row blends its guidance branches by the per-sample coefficients ``a``."""
+        return self.a is not None
 
     @property
     def u_copies(self) -> int:
@@ -146,18 +169,19 @@ class StepArgs:
 def element_tensors(args: StepArgs) -> list[torch.Tensor]:
     """The tensors of ``args`` shaped like ``x`` (inputs and outputs)."""
     ts = [args.x, args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *args.h_read,
-          *args.h_write]
+          *args.h_write, args.m_2, args.m_3, args.m_w]
     return [t for t in ts if t is not None]
 
 
 def per_sample_tensors(args: StepArgs) -> list[torch.Tensor]:
-    """The ``[B]`` tensors of ``args`` (guidance scale, rescale factor, clip bound, seeds)."""
-    return [t for t in (args.w, args.r, args.s, args.seeds) if t is not None]
+    """The per-sample tensors of ``args``: guidance scale, rescale factor, clip bound, seeds (``[B]``) and the
+    blend coefficients (``[4, B]`` or ``[8, B]``)."""
+    return [t for t in (args.w, args.r, args.s, args.seeds, args.a) if t is not None]
 
 
 def output_tensors(args: StepArgs) -> list[torch.Tensor]:
-    """Every tensor the step writes: ``out``, the history writes, the model input ``u`` and ``flag``."""
-    return [args.out, *args.h_write] + [t for t in (args.u, args.flag) if t is not None]
+    """Every tensor the step writes: ``out``, the history writes, the model input ``u``, ``flag`` and ``m_w``."""
+    return [args.out, *args.h_write] + [t for t in (args.u, args.flag, args.m_w) if t is not None]
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -170,7 +194,8 @@ def pointers(args: StepArgs) -> list[int]:
     hw = [_ptr(h) for h in args.h_write] + [0] * (MAX_WRITES - len(args.h_write))
     return [args.x.data_ptr(), args.out.data_ptr(), args.m.data_ptr(), _ptr(args.m_c), *hr, *hw, _ptr(args.z),
             _ptr(args.z2), _ptr(args.mask), _ptr(args.known), _ptr(args.w), _ptr(args.r), _ptr(args.s),
-            _ptr(args.seeds), _ptr(args.g), _ptr(args.u), _ptr(args.flag)]
+            _ptr(args.seeds), _ptr(args.g), _ptr(args.u), _ptr(args.flag), _ptr(args.m_2), _ptr(args.m_3),
+            _ptr(args.a), _ptr(args.m_w)]
 
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -206,7 +231,7 @@ def unsafe_overlap(args: StepArgs) -> bool:
         for t in [t for t, _ in operands] + [t for t in extra if t is not o]:
             if _overlap(o, t):
                 return True
-    for o in (args.out, *args.h_write):
+    for o in (args.out, *args.h_write, *([args.m_w] if args.m_w is not None else [])):
         for t, may_alias in operands:
             alias = may_alias and t.data_ptr() == o.data_ptr() and t.dtype == o.dtype and t.shape == o.shape
             if not alias and _overlap(o, t):

@@ -73,6 +73,26 @@ class Guidance:
         return out
 
 
+def cfgpp_scale(row, coef, w: float) -> float:
+    """The guidance scale that makes a CFG++ row (``row.out_u != 0``) an ordinary guided row.
+
+    ``x' = C_x x + C_e e + out_u (d_u - d)`` with ``e = m + w (m_c - m)``, ``d = a_x x + a_e e`` and
+    ``d_u - d = -a_e w (m_c - m)`` is ``C_x x + C_e (m + w' (m_c - m))`` with
+    ``w' = w (1 - out_u a_e / C_e)``; ``C_e`` is the packed (folded) ``e`` coefficient of ``x'``
+    (``coef``: :func:`fastdiff.core.args.pack_row`). Unguided (``w == 1``): ``d_u = d``, ``w`` itself.
+    Raises ``ValueError`` where ``C_e == 0`` (no ``e`` term to carry the unconditional one)."""
+    from .args import C_OUT
+    from .plan import OP_E
+
+    if not row.out_u or w == 1.0:
+        return w
+    c_e = coef[C_OUT + OP_E]
+    if c_e == 0.0:
+        raise ValueError(f"CFG++ row at step {row.step}: its update has no e term to fold the unconditional "
+                         "estimate into")
+    return w * (1.0 - row.out_u * row.a_e / c_e)
+
+
 def _extension(*tensors: torch.Tensor | None):
     """The CPU backend module when its extension is built and every given tensor is a contiguous CPU
     tensor, else ``None`` (callers check the dtypes themselves)."""

@@ -112,6 +112,14 @@ class Row:
             module docstring): the sampler's signal-to-noise ratio, times any factor it folds in
             (``pc`` on VP carries ``snr·√α_i``, Song et al.'s ``α_i = 1 − β_i``); needs ``noise``,
             ``alpha_t``/``sigma_t`` and ``out = combo(x=1, e=1, z=1)``.
+        out_u: CFG++ (Chung et al. 2024): ``x'`` gains ``out_u * (d_u - d)``, ``d_u`` the data estimate
+            of the unconditional branch alone (the re-noising uses the unconditional estimate). 0 for
+            every other row; where guidance is off at the row, ``d_u = d`` and it has no effect. The
+            loop folds it into the row's guidance scale (:func:`fastdiff.core.guidance.cfgpp_scale`), so
+            such a row may not clip or write history from ``d`` or ``e``.
+        write_u_slot: CFG++ multistep: the history slot that keeps this row's unconditional model
+            output (written by the fused step's second blend, ``m_w``); ``None`` for every other row.
+            Such plans run on the guided loop (:mod:`fastdiff.guiders.loop`).
     """
 
     t: float
@@ -131,6 +139,8 @@ class Row:
     alpha_t: float | None = None
     sigma_t: float | None = None
     snr: float = 0.0
+    out_u: float = 0.0
+    write_u_slot: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.out) != N_OPERANDS:
@@ -141,9 +151,13 @@ class Row:
             raise ValueError(f"Row.writes has {len(self.writes)} entries; at most {MAX_WRITES} allowed")
         if self.clip not in (None, "static", "dynamic"):
             raise ValueError(f"Row.clip must be None, 'static' or 'dynamic', got {self.clip!r}")
-        vals = (self.t, self.sigma, self.in_scale, self.a_x, self.a_e, *self.out)
+        vals = (self.t, self.sigma, self.in_scale, self.a_x, self.a_e, *self.out, self.out_u)
         if not all(math.isfinite(v) for v in vals):
             raise ValueError(f"Row at step {self.step} stage {self.stage} has a non-finite coefficient")
+        if self.out_u and (self.clip is not None or self.snr
+                           or any(w.coef[OP_D] or w.coef[OP_E] for w in self.writes)):
+            raise ValueError(f"CFG++ row at step {self.step} (out_u={self.out_u}) may not clip, be a Langevin row or "
+                             "write history from d or e")
 
         if not self.noise and (self.out[-1] != 0.0 or any(w.coef[-1] != 0.0 for w in self.writes)):
             raise ValueError(f"row at step {self.step} has a noise coefficient but noise=False")
@@ -202,7 +216,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         for r in self.rows:
-            for s in (*r.reads, *(w.slot for w in r.writes)):
+            for s in (*r.reads, *(w.slot for w in r.writes), *(() if r.write_u_slot is None else (r.write_u_slot,))):
                 if not 0 <= s < self.n_slots:
                     raise ValueError(f"row at step {r.step} addresses slot {s}; plan has {self.n_slots} slots")
         if self.snr_norm not in ("batch", "sample"):

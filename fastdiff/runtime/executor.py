@@ -34,7 +34,7 @@ import torch
 from . import ops
 from ..core import validate
 from ..core.args import StepArgs, clip_code, pack_row
-from ..core.guidance import Guidance, rescale_factor, threshold_bound
+from ..core.guidance import Guidance, cfgpp_scale, rescale_factor, threshold_bound
 from ..core.plan import Plan, score_coeffs
 
 ModelFn = Callable[..., torch.Tensor]
@@ -272,6 +272,17 @@ class Executor:
         self.t_src = torch.tensor([r.t for r in self.rows], dtype=torch.float64).to(t_dtype).to(dev)
         self.t_table = self.t_src.clone()  # what the model gets views of: restored every call
         self.t_in = [self.t_table[i].expand((2 if self.guided[i] else 1) * B) for i in range(n)]
+        # CFG++ rows run as guided rows with their scale folded (cfgpp_scale); the data estimate a
+        # callback sees keeps the plain scale (W_est)
+        self.W_est = torch.tensor(wscale, dtype=torch.float32).to(dev)[:, None].expand(n, B).contiguous()
+        if any(r.write_u_slot is not None for r in self.rows):
+            raise ValueError(f"{plan.sampler} keeps the unconditional estimate as history: it runs on the guided loop "
+                             "(fastdiff.sample picks it), not on a prepared executor")
+        if any(r.out_u for r in self.rows):
+            if self.guidance.rescale > 0:
+                raise ValueError("guidance_rescale does not combine with a CFG++ sampler (its rows fold the "
+                                 "unconditional estimate into the guidance scale)")
+            wscale = [cfgpp_scale(r, self.packed[i], w) for i, (r, w) in enumerate(zip(self.rows, wscale))]
         self.W = torch.tensor(wscale, dtype=torch.float32).to(dev)[:, None].expand(n, B).contiguous()
         self.s_static = torch.full((B,), float(plan.clip_range), dtype=torch.float32, device=dev)
         self.reductions = [self._reduction(i) for i in range(n)]
@@ -604,7 +615,8 @@ class Executor:
             with region("noise"):  # the known region's re-noising, drawn after the solver noise
                 z2 = draw_noise(self.shape, call.generator, self.noise_dtype, self.device).to(dtype=self.dtype)
                 z2 = z2.contiguous()
-        x0 = x0_estimate(x, m, m_c, w, rr, r, s, clip) if call.callback is not None else None
+        w_est = self.W_est[i] if r.out_u and m_c is not None else w
+        x0 = x0_estimate(x, m, m_c, w_est, rr, r, s, clip) if call.callback is not None else None
         extra = [(k, v) for k, v in (("z", z), ("z2", z2), ("g", grad)) if v is not None]
         prog = ws.program
         for k, v in extra:

@@ -17,7 +17,8 @@ from types import ModuleType
 
 import torch
 
-from ..core.args import N_COEF, StepArgs, element_tensors, output_tensors, per_sample_tensors, unsafe_overlap
+from ..core.args import (BLEND_ROWS, N_COEF, StepArgs, element_tensors, output_tensors, per_sample_tensors,
+                         unsafe_overlap)
 from ..core.plan import MAX_READS, MAX_WRITES
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -108,8 +109,8 @@ def resolve(backend: str | None, args: StepArgs) -> ModuleType:
 
 
 _ROW_LIMIT = 1 << 32
-_ELEMENT_FIELDS = ("out", "m", "m_c", "z", "z2", "mask", "known", "g")
-_PER_SAMPLE_FIELDS = ("w", "r", "s", "seeds")
+_ELEMENT_FIELDS = ("out", "m", "m_c", "z", "z2", "mask", "known", "g", "m_2", "m_3", "m_w")
+_PER_SAMPLE_FIELDS = ("w", "r", "s", "seeds", "a")
 
 
 def _not_a_tensor(args: StepArgs) -> TypeError | None:
@@ -198,8 +199,7 @@ def _validate(args: StepArgs) -> None:
                          f"{len(args.h_read)} and h_write with {len(args.h_write)} tensors")
     if type(clip) is not int or clip not in (0, 1, 2):
         raise ValueError(f"clip must be 0 (none), 1 (static) or 2 (dynamic), got {clip!r}")
-    named = [("out", args.out), ("m", args.m), ("m_c", args.m_c), ("z", args.z), ("z2", args.z2),
-             ("mask", args.mask), ("known", args.known), ("g", args.g)]
+    named = [(n, getattr(args, n)) for n in _ELEMENT_FIELDS]
     named += [(f"h_read[{i}]", h) for i, h in enumerate(args.h_read)]
     named += [(f"h_write[{i}]", h) for i, h in enumerate(args.h_write)]
     shape, dtype, dev = x.shape, x.dtype, x.device
@@ -219,8 +219,9 @@ def _validate(args: StepArgs) -> None:
     if args.known is None and args.mask is not None:
         raise ValueError("mask was given without known")
     b = shape[0]
-    for name, t, need in (("w", args.w, args.m_c is not None), ("r", args.r, False), ("s", args.s, clip != 0),
-                          ("seeds", args.seeds, False)):
+    _check_blend(args, b, dev)
+    for name, t, need in (("w", args.w, args.m_c is not None and args.a is None), ("r", args.r, False),
+                          ("s", args.s, clip != 0), ("seeds", args.seeds, False)):
         if t is None:
             if need:
                 raise ValueError(f"{name} is required for this row")
@@ -245,7 +246,8 @@ def _validate(args: StepArgs) -> None:
         raise ValueError(f"flag must be an int32 tensor of one element on {dev}, got {f.dtype} "
                          f"{tuple(f.shape)} on {f.device}")
     grad = torch.is_grad_enabled()
-    for name, t in (("out", args.out), *((f"h_write[{i}]", h) for i, h in enumerate(args.h_write)), ("u", u)):
+    for name, t in (("out", args.out), *((f"h_write[{i}]", h) for i, h in enumerate(args.h_write)), ("u", u),
+                    ("m_w", args.m_w)):
         if t is None:
             continue
         # a contiguous tensor's elements are distinct; only a strided one can repeat memory
@@ -257,6 +259,24 @@ def _validate(args: StepArgs) -> None:
                              "run it under torch.no_grad() or write into a tensor that does not require grad")
     if ((args.needs_z and args.z is None) or (args.needs_z2 and args.z2 is None)) and args.seeds is None:
         raise ValueError("this row draws noise: give seeds (Philox) or an external noise tensor")
+
+
+def _check_blend(args: StepArgs, b: int, dev: torch.device) -> None:
+    """The blend operands (:class:`fastdiff.core.args.StepArgs`): ``m_2``/``m_3``/``m_w`` only with ``a``;
+    no ``w``/``r`` with it; ``a`` float32 ``[4, B]`` (``[8, B]`` with ``m_w``) on ``x``'s device."""
+    from ..backends.reference import check_blend
+
+    check_blend(args)
+    a = args.a
+    if a is None:
+        return
+    rows = 2 * BLEND_ROWS if args.m_w is not None else BLEND_ROWS
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
+    if a.shape != (rows, b) or a.dtype != torch.float32 or a.device != dev:
+        raise ValueError(f"a must be a float32 tensor of shape ({rows}, {b}) on {dev} (the blend coefficients"
+                         f"{', twice: m_w is given' if args.m_w is not None else ''}), got {a.dtype} "
+                         f"{tuple(a.shape)} on {a.device}")
 
 
 def check_extents(args: StepArgs) -> None:
@@ -287,9 +307,17 @@ def _extents_ok(args: StepArgs) -> bool:
             and 0 <= clip <= 2 and x.dim() > 0):
         return False
     dt, dev = x.dtype, x.device
-    for t in (args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *hr, *hw):
+    for t in (args.out, args.m, args.m_c, args.z, args.z2, args.mask, args.known, args.g, *hr, *hw, args.m_2,
+              args.m_3, args.m_w):
         if t is not None and t is not x and (t.numel() != n or t.dtype is not dt or t.device != dev):
             return False
+    if args.a is not None:
+        rows = 2 * BLEND_ROWS if args.m_w is not None else BLEND_ROWS
+        if (args.a.numel() != rows * x.shape[0] or args.a.dtype is not torch.float32 or args.a.device != dev
+                or args.w is not None or args.r is not None):
+            return False
+    elif args.m_2 is not None or args.m_3 is not None or args.m_w is not None:
+        return False
     b, f32 = x.shape[0], torch.float32
     for t, want in ((args.w, f32), (args.r, f32), (args.s, f32), (args.seeds, torch.int64)):
         if t is not None and (t.numel() != b or t.dtype is not want or t.device != dev):
@@ -308,7 +336,7 @@ def step(args: StepArgs, backend: str | None = "auto", check: bool = True) -> No
     Tensors of any layout are accepted: where a fused backend needs contiguous, non-overlapping
     operands and ``args`` has others (transposed, channels_last, sliced or expanded views, outputs
     partly overlapping inputs), the row runs on contiguous copies and the outputs are copied back,
-    ``out`` first and then ``h_write`` in order, as ``reference`` writes them.
+    ``out`` first, then ``h_write`` in order and ``m_w``, as ``reference`` writes them.
 
     ``check=True`` runs :func:`validate`: a bad argument raises, naming it, before any tensor is
     written. ``check=False`` is for rows validated already: it skips the checks of values and
@@ -389,7 +417,7 @@ def stage(args: StepArgs):
     """``(staged, commit)``: ``args`` on contiguous copies (one copy per distinct view, so exact
     aliases stay aliases) with fresh output buffers, and ``commit()`` writing the outputs back."""
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-    targets = (args.out, *args.h_write)
+    targets = (args.out, *args.h_write, *(() if args.m_w is None else (args.m_w,)))
 
     def inp(t):
         if t is None:
@@ -417,6 +445,7 @@ def stage(args: StepArgs):
         h_read=tuple(inp(h) for h in args.h_read), h_write=args.h_write,
         w=inp(args.w), r=inp(args.r), s=inp(args.s), clip=args.clip, seeds=inp(args.seeds),
         z=inp(args.z), z2=inp(args.z2), mask=inp(args.mask), known=inp(args.known), g=inp(args.g),
+        m_2=inp(args.m_2), m_3=inp(args.m_3), a=inp(args.a),
     )
     outs = [fresh(o) for o in targets]
     # two outputs that are the same view share one buffer (the later write wins, as in reference)
@@ -424,7 +453,9 @@ def stage(args: StepArgs):
         for k in range(j):
             if targets[j] is targets[k] or _same_view(targets[j], targets[k]):
                 outs[j] = outs[k]
-    staged.out, staged.h_write = outs[0], tuple(outs[1:])
+    n_w = len(args.h_write)
+    staged.out, staged.h_write = outs[0], tuple(outs[1:1 + n_w])
+    staged.m_w = outs[1 + n_w] if args.m_w is not None else None
     # written only (the flag keeping its value): contiguous copies the outputs cannot touch
     staged.u = args.u.clone(memory_format=torch.contiguous_format) if args.u is not None else None
     staged.flag = args.flag.clone(memory_format=torch.contiguous_format) if args.flag is not None else None

@@ -43,3 +43,4 @@ def euler_ancestral(schedule: Schedule, steps: int, prediction: str, *, eta: flo
         rows.append(Row(**grid_point(schedule, prediction, s, disc.timesteps[i]), out=combo(x=cx, d=cd, z=up * s_noise),
                         noise=True, step=i))
     return Plan(tuple(rows), init_scale=disc.init_sigma, sampler="euler_ancestral", prediction=prediction, steps=steps)
+

@@ -84,12 +84,12 @@ def test_unaligned_pointers_take_the_scalar_path(emu, dtype):
     buf = torch.randn(3 * 37 + 1).to(dtype)
     x = buf[1:].view(3, 37)  # contiguous, but 2-8 bytes past a 16-byte boundary
     assert x.is_contiguous() and x.data_ptr() % 16
-    ptrs = [x.data_ptr()] * 3 + [0] * 18
+    ptrs = [x.data_ptr()] * 3 + [0] * (len(PTR_NAMES) - 3)
     assert not emu.vector_path(ptrs)
-    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * 20)
+    assert emu.vector_path([torch.empty(4).data_ptr()] + [0] * (len(PTR_NAMES) - 1))
     # g is read element by element, and u is stored copy by copy as its own alignment allows, so
     # neither's alignment forces the scalar path on the other operands
-    aligned = [torch.empty(4).data_ptr()] + [0] * 20
+    aligned = [torch.empty(4).data_ptr()] + [0] * (len(PTR_NAMES) - 1)
     for name in ("g", "u"):
         assert emu.vector_path([x.data_ptr() if i == P[name] else q for i, q in enumerate(aligned)])
 
@@ -154,7 +154,7 @@ def test_normals_match_rng_and_the_cpu_kernel(emu):
 
 def test_binding_errors_name_the_value(emu):
     x = torch.zeros(2, 4)
-    ptrs = [x.data_ptr()] * 3 + [0] * 18
+    ptrs = [x.data_ptr()] * 3 + [0] * (len(PTR_NAMES) - 3)
     coef = [0.0] * N_COEF
     with pytest.raises(ValueError, match="dtype code must be 0..3, got 7"):
         emu.step(ptrs, 8, 4, 7, 0, 0, 0, 0, coef, 0)
@@ -162,6 +162,8 @@ def test_binding_errors_name_the_value(emu):
         emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, [0.0] * 29, 0)  # a contract-v2 row
     with pytest.raises(TypeError):
         emu.step(ptrs[:19], 8, 4, 0, 0, 0, 0, 0, coef, 0)  # the v2 pointer list, without u and flag
+    with pytest.raises(TypeError):
+        emu.step(ptrs[:21], 8, 4, 0, 0, 0, 0, 0, coef, 0)  # the v3 pointer list, without the blend operands
     with pytest.raises(ValueError, match="u_copies must be 0, 1 or 2, got 3"):
         emu.step(ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 0, u_copies=3)
     with pytest.raises(ValueError, match=r"u is required \(u_copies > 0\)"):
@@ -353,7 +355,7 @@ def test_program_runs_rows_in_turn_and_set_repoints_operands(emu):
 def test_program_errors_name_the_argument(emu):
     x = torch.zeros(2, 4)
     p = x.data_ptr()
-    ptrs = [p] * 3 + [0] * 18
+    ptrs = [p] * 3 + [0] * (len(PTR_NAMES) - 3)
     coef = [0.0] * N_COEF
     prog = emu.Program()
     args = (ptrs, 8, 4, 0, 0, 0, 0, 0, coef, 0, -1)
@@ -381,7 +383,7 @@ def test_program_errors_name_the_argument(emu):
         prog.set(0, P["m"], p)
     with pytest.raises(ValueError, match="got 3"):
         prog.set(0, P["m_c"], p)
-    with pytest.raises(ValueError, match="got 21"):
+    with pytest.raises(ValueError, match=f"got {len(PTR_NAMES)}"):
         prog.set(0, len(PTR_NAMES), p)
     with pytest.raises(ValueError, match="set: row 1 out of range"):
         prog.set(1, P["out"], p)

@@ -312,12 +312,16 @@ _COMPILE = textwrap.dedent("""
     from kernels import step as K
     fn = K._step_kernel
     names = list(inspect.signature(fn.fn).parameters)
-    vec = {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "seed_ptr": "*i64", "flag_ptr": "*i32"}
+    vec = {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "seed_ptr": "*i64", "flag_ptr": "*i32",
+           "a_ptr": "*fp32"}
+    blend = dict(BLEND=True, HAS_R=False, HAS_M2=True, HAS_M3=True, HAS_MW=True)  # N branches, momentum write
     for arch in (80, 90):
-        for st, cdt in (("fp16", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
+        for st, cdt, mode in (("fp16", tl.float32, {}), ("bf16", tl.float32, {}), ("fp64", tl.float64, {}),
+                              ("bf16", tl.float32, blend)):
             flags = dict(HAS_CFG=True, HAS_R=True, HAS_G=True, CLIP=2, N_READS=4, N_WRITES=2, HAS_MASK=True,
                          E_OUT=True, E_WR0=True, E_WR1=True, Z_MODE=1, Z2_MODE=1, U_COPIES=2, CHECK=True, CDT=cdt,
-                         BLOCK=1024)
+                         BLEND=False, HAS_M2=False, HAS_M3=False, HAS_MW=False, BLOCK=1024)
+            flags.update(mode)
             ints = ("n", "row", "u_stride")
             ptrs = {nm for nm in names if nm.endswith("_ptr")}
             assert set(names) - set(flags) - set(ints) == ptrs | set(K.COEF_PARAMS)
@@ -346,4 +350,4 @@ def test_kernel_compiles_for_sm80_and_sm90():
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("triton's ptxas is not available")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 6
+    assert res.stdout.count("ok") == 8

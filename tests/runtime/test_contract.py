@@ -23,7 +23,8 @@ def test_layout_is_consistent_in_python():
     assert [o[k] for k in ("known_a", "known_s", "c_g", "u_scale")] == list(range(o["write1"] + N_OPERANDS,
                                                                                  o["n_coef"]))
     assert args.N_COEF == o["n_coef"] == 30
-    assert len(args.PTR_NAMES) == len(set(args.PTR_NAMES)) == 21
+    assert len(args.PTR_NAMES) == len(set(args.PTR_NAMES)) == 25
+    assert args.PTR_NAMES[-4:] == ("m_2", "m_3", "a", "m_w")  # the blend operands, appended
     assert args.PTR_NAMES.index("h_read[0]") + MAX_READS == args.PTR_NAMES.index("h_write[0]")
     assert args.PTR_NAMES.index("h_write[0]") + MAX_WRITES == args.PTR_NAMES.index("z")
 

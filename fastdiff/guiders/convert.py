@@ -1,0 +1,75 @@
+"""A diffusers guider (``diffusers.guiders``) read into the native guider that blends as it does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .methods import APG, LTX2, APGMix, AutoGuidance, CFGZeroStar, Guider, MagnitudeAware, Perturbed, TangentialCFG
+
+
+def _common(g: Any) -> dict:
+    return dict(scale=float(g.guidance_scale), rescale=float(g.guidance_rescale), start=float(g._start),
+                stop=float(g._stop), enabled=bool(g._enabled))
+
+
+def _orig(g: Any) -> dict:
+    return dict(original=bool(g.use_original_formulation))
+
+
+def _apg(g: Any) -> APG:
+    dim = g.adaptive_projected_guidance_norm_dim
+    if dim is not None:
+        raise ValueError(f"AdaptiveProjectedGuidance: adaptive_projected_guidance_norm_dim={dim!r} is not supported "
+                         "(the fused blend projects over each whole sample, diffusers' norm_dim=None)")
+    m = g.adaptive_projected_guidance_momentum
+    return APG(**_common(g), **_orig(g), momentum=None if m is None else float(m),
+               norm_threshold=float(g.adaptive_projected_guidance_rescale), eta=float(g.eta))
+
+
+def _apg_mix(g: Any) -> APGMix:
+    m = g.adaptive_projected_guidance_momentum
+    return APGMix(**_common(g), **_orig(g), apg_scale=float(g.adaptive_projected_guidance_scale),
+                  momentum=None if m is None else float(m), norm_threshold=float(g.adaptive_projected_guidance_rescale),
+                  eta=float(g.eta), apg_start_step=int(g.adaptive_projected_guidance_start_step))
+
+
+def _perturbed(scale: str, start: str, stop: str):
+    def conv(g: Any) -> Perturbed:
+        return Perturbed(**_common(g), **_orig(g), perturbed_scale=float(getattr(g, scale)),
+                         perturbed_start=float(getattr(g, start)), perturbed_stop=float(getattr(g, stop)))
+    return conv
+
+
+_CONVERTERS = {
+    "ClassifierFreeGuidance": lambda g: Guider(**_common(g), **_orig(g)),
+    "ClassifierFreeZeroStarGuidance": lambda g: CFGZeroStar(**_common(g), **_orig(g),
+                                                            zero_init_steps=int(g.zero_init_steps)),
+    "TangentialClassifierFreeGuidance": lambda g: TangentialCFG(**_common(g), **_orig(g)),
+    "MagnitudeAwareGuidance": lambda g: MagnitudeAware(**_common(g), **_orig(g), alpha=float(g.alpha)),
+    "AdaptiveProjectedGuidance": _apg,
+    "AdaptiveProjectedMixGuidance": _apg_mix,
+    "PerturbedAttentionGuidance": _perturbed("skip_layer_guidance_scale", "skip_layer_guidance_start",
+                                             "skip_layer_guidance_stop"),
+    "SkipLayerGuidance": _perturbed("skip_layer_guidance_scale", "skip_layer_guidance_start",
+                                    "skip_layer_guidance_stop"),
+    "SmoothedEnergyGuidance": _perturbed("seg_guidance_scale", "seg_guidance_start", "seg_guidance_stop"),
+    "AutoGuidance": lambda g: AutoGuidance(**_common(g), **_orig(g)),
+    "LTX2Guidance": lambda g: LTX2(**_common(g), stg_scale=float(g.stg_scale), modality_scale=float(g.modality_scale)),
+}
+SUPPORTED = tuple(_CONVERTERS)
+"""The diffusers guider classes :func:`from_diffusers` reads."""
+
+
+def from_diffusers(guider: Any) -> Guider:
+    """The native guider blending as the diffusers guider ``guider`` does, read from its current
+    attributes (scales, window, momentum, eta, norm threshold, ``use_original_formulation``,
+    ``guidance_rescale``, zero-init steps). The perturbed branch of PAG, SLG, SEG, AutoGuidance and
+    LTX-2 is the model run under the guider's own hooks (``guider.prepare_models``); this reads only
+    how the branches are blended. Raises ``TypeError`` for a class it does not know (naming it and
+    the supported ones) and ``ValueError`` for an option the fused blend does not cover."""
+    for cls in type(guider).__mro__:
+        conv = _CONVERTERS.get(cls.__name__)
+        if conv is not None and cls.__module__.startswith("diffusers"):
+            return conv(guider)
+    raise TypeError(f"{type(guider).__name__} is not a supported diffusers guider; supported: {', '.join(SUPPORTED)} "
+                    "(FrequencyDecoupledGuidance's Laplacian pyramid is not a per-sample blend)")
