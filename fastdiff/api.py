@@ -363,45 +363,32 @@ def _sample_guided(model, noise, guidance, perturbed_model, *, sampler, steps, s
 
 
 def _cached_plan(sampler, steps, schedule, prediction, options) -> Plan:
-    """The plan of a guided call, built once per configuration (the last ``CACHE_SIZE`` kept), as
-    :func:`_lookup` keeps prepared loops; options that cannot be keyed build it every call."""
-    build = _plan_builder(sampler, steps, schedule, prediction, None, options)
-    try:
-        key = _freeze((sampler, steps, schedule, prediction, options))
-        hash(key)
-    except Exception:  # noqa: BLE001 - an option that cannot be keyed: no caching
-        return build()
-    with _cache_lock:
-        hit = _plans.get(key)
-        if hit is not None:
-            _plans.move_to_end(key)
-            return hit
-    plan = build()
-    with _cache_lock:
-        _plans[key] = plan
-        while len(_plans) > CACHE_SIZE:
-            _plans.popitem(last=False)
-    return plan
+    """The plan of a guided call, built once per configuration and kept as :func:`_lookup` keeps
+    prepared loops."""
+    return _lookup((sampler, steps, schedule, prediction, options),
+                   _plan_builder(sampler, steps, schedule, prediction, None, options), _plans)
 
 
-def _lookup(config: tuple, build: Callable[[], _Prepared]) -> _Prepared:
-    """The cached prepared loop of ``config``, built (and cached, if its options can be keyed) on a miss."""
+def _lookup(config: tuple, build: Callable[[], Any], cache: OrderedDict | None = None) -> Any:
+    """The cached entry of ``config`` in ``cache`` (the prepared loops by default), built (and cached,
+    if its options can be keyed) on a miss; the last ``CACHE_SIZE`` entries are kept."""
+    cache = _cache if cache is None else cache
     try:
         key = _freeze(config)
         hash(key)
     except Exception:  # noqa: BLE001 - an option that cannot be keyed (or whose attributes raise): no caching
         return build()
     with _cache_lock:
-        hit = _cache.get(key)
+        hit = cache.get(key)
         if hit is not None:
-            _cache.move_to_end(key)
+            cache.move_to_end(key)
             return hit
     prepared = build()  # outside the lock: building may take a while and may raise
     with _cache_lock:
-        _cache[key] = prepared
-        _cache.move_to_end(key)
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
+        cache[key] = prepared
+        cache.move_to_end(key)
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
     return prepared
 
 

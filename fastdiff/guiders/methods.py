@@ -315,9 +315,10 @@ def _apg_blend(w: float, beta: float | None, thr: float, eta: float, orig: bool)
 
 
 @dataclass(frozen=True)
-class APGMix(Guider):
+class APGMix(APG):
     """diffusers' ``AdaptiveProjectedMixGuidance``: CFG (updating the momentum buffer) up to step
-    ``apg_start_step``, APG after it."""
+    ``apg_start_step``, APG with ``apg_scale`` after it (APG's momentum, threshold and eta, with
+    diffusers' defaults for this guider)."""
 
     scale: float = 3.5
     apg_scale: float = 10.0
@@ -325,10 +326,6 @@ class APGMix(Guider):
     norm_threshold: float = 10.0
     eta: float = 0.0
     apg_start_step: int = 5
-
-    @property
-    def uses_momentum(self) -> bool:  # type: ignore[override]
-        return self.momentum is not None
 
     def blend(self, step, steps):
         if not self.active(step, steps):

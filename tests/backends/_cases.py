@@ -137,15 +137,24 @@ def check(run, feat: dict, shape, dtype: torch.dtype, device, seed: int = 0) -> 
     ops.validate(a_got)
     reference.step(a_ref)
     run(a_got)
+    compare_to_reference(got, ref, pool, outputs, feat, shape, dtype, bool(feat.get("nonfinite")))
+
+
+def compare_to_reference(got: dict, ref: dict, pool: dict, outputs: list, feat: dict, shape, dtype: torch.dtype,
+                         nonfinite: bool) -> None:
+    """Every tensor of a row run by the backend under test (``got``) against the reference run (``ref``),
+    both started from copies of ``pool``: outputs within the row's tolerance (and rounded as torch
+    rounds in fp16/bf16), non-finite where the reference is (``nonfinite`` rows), the flag exact,
+    and inputs untouched."""
     noise = bool(feat.get("noise")) or feat.get("mask") in ("philox", "external")
     tol = tolerance(dtype, noise)
     for k in pool:
         if k == "flag":  # exact: 1 where a model output element read is non-finite, else left 0
-            want = 1 if feat.get("nonfinite") else 0
+            want = 1 if nonfinite else 0
             assert got[k].tolist() == ref[k].tolist() == [want], f"flag {got[k].tolist()} (reference {ref[k].tolist()})"
             continue
         a, b = got[k].double(), ref[k].double()
-        if feat.get("nonfinite") and k in outputs:  # NaN/Inf flow into the results: where, not how much
+        if nonfinite and k in outputs:  # NaN/Inf flow into the results: where, not how much
             assert torch.equal(torch.isfinite(a), torch.isfinite(b)), f"{k}: non-finite elements differ"
             continue
         if k in outputs:

@@ -35,7 +35,7 @@ from fastdiff.backends import reference  # noqa: E402
 from fastdiff.core.args import N_COEF, PTR_NAMES, pointers  # noqa: E402
 from fastdiff.runtime import ops  # noqa: E402
 
-from ..backends._cases import build, check_rounding, tolerance  # noqa: E402
+from ..backends._cases import build, compare_to_reference, tolerance  # noqa: E402
 
 P = {name: i for i, name in enumerate(PTR_NAMES)}
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
@@ -190,27 +190,7 @@ def compare(run, feat: dict, shape, dtype, device, seed: int = 0) -> None:
     assert a_got.blend
     reference.step(a_ref)
     run(a_got)
-    nonfinite = bool(feat.get("nonfinite") or feat.get("bad"))
-    noise = bool(feat.get("noise")) or feat.get("mask") in ("philox", "external")
-    tol = tolerance(dtype, noise)
-    for k in pool:
-        if k == "flag":  # exact: 1 where a model output element read is non-finite, else left 0
-            want = 1 if nonfinite else 0
-            assert got[k].tolist() == ref[k].tolist() == [want], f"flag {got[k].tolist()} (reference {ref[k].tolist()})"
-            continue
-        x, y = got[k].double(), ref[k].double()
-        if nonfinite and k in outputs:  # NaN/Inf flow into the results: where, not how much
-            assert torch.equal(torch.isfinite(x), torch.isfinite(y)), f"{k}: non-finite elements differ"
-            continue
-        if k in outputs:
-            assert torch.isfinite(x).all(), f"{k}: the kernel left poisoned or non-finite values"
-            err = ((x - y).norm() / y.norm()).item() if y.norm() > 0 else (x - y).norm().item()
-            assert err <= tol, f"{k}: relative error {err:.3g} > {tol:.3g} ({dtype}, shape {shape}, {feat})"
-            if dtype in (torch.float16, torch.bfloat16):
-                check_rounding(k, got[k], ref[k])
-        else:
-            same = (got[k] == pool[k]) | (got[k].isnan() & pool[k].isnan())
-            assert same.all(), f"input {k} was modified"
+    compare_to_reference(got, ref, pool, outputs, feat, shape, dtype, bool(feat.get("nonfinite") or feat.get("bad")))
 
 
 CASES = {
