@@ -32,7 +32,8 @@ test: $(VENV)/.installed
 # until exit by design. Reports go to $(ASAN_DIR)/reports (pytest's capture would swallow them),
 # are printed, and any report fails the target.
 ASAN_DIR ?= build/asan
-ASAN_TESTS ?= tests/backends/test_cpu.py tests/runtime/test_contract.py tests/runtime/test_executor.py tests/runtime/test_op_errors.py
+ASAN_TESTS ?= tests/backends/test_cpu.py tests/runtime/test_contract.py tests/runtime/test_executor.py tests/runtime/test_op_errors.py \
+	tests/guiders/test_diffusers_guiders.py
 ASAN_REPORTS = $(abspath $(ASAN_DIR))/reports
 ASAN_RUN = 'import os, sys, pytest, fastdiff._C as C; print("fastdiff._C:", C.__file__, flush=True); \
 	sys.exit(pytest.main(sys.argv[1:]) if C.__file__.startswith(os.getcwd() + os.sep) else "not the ASan build")'
