@@ -8,10 +8,10 @@ come from a few dot products per sample; :mod:`~fastdiff.guiders.methods` states
 """
 
 from .apply import coefficients, guide
-from .convert import from_diffusers
+from .convert import from_diffusers, perturbed_model
 from .methods import (APG, GUIDERS, LTX2, APGMix, AutoGuidance, CFGZeroStar, Guider, MagnitudeAware, Perturbed,
                       StepBlend, TangentialCFG)
 from .stats import Stats, gram
 
 __all__ = ["APG", "APGMix", "AutoGuidance", "CFGZeroStar", "GUIDERS", "Guider", "LTX2", "MagnitudeAware", "Perturbed",
-           "Stats", "StepBlend", "TangentialCFG", "coefficients", "from_diffusers", "gram", "guide"]
+           "Stats", "StepBlend", "TangentialCFG", "coefficients", "from_diffusers", "gram", "guide", "perturbed_model"]

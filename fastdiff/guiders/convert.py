@@ -73,3 +73,51 @@ def from_diffusers(guider: Any) -> Guider:
             return conv(guider)
     raise TypeError(f"{type(guider).__name__} is not a supported diffusers guider; supported: {', '.join(SUPPORTED)} "
                     "(FrequencyDecoupledGuidance's Laplacian pyramid is not a per-sample blend)")
+
+
+def _hooks(guider: Any):
+    """``(configs, apply)``: the diffusers guider's perturbation hook configurations and the function
+    diffusers applies each with (``apply(denoiser, config, name)``)."""
+    name = type(guider).__name__
+    if name in ("SkipLayerGuidance", "PerturbedAttentionGuidance"):
+        from diffusers.hooks.layer_skip import _apply_layer_skip_hook
+
+        return guider.skip_layer_config, _apply_layer_skip_hook
+    if name == "AutoGuidance":
+        from diffusers.hooks.layer_skip import _apply_layer_skip_hook
+
+        return guider.auto_guidance_config, _apply_layer_skip_hook
+    if name == "SmoothedEnergyGuidance":
+        from diffusers.hooks.smoothed_energy_guidance_utils import _apply_smoothed_energy_guidance_hook
+
+        sigma = guider.seg_blur_sigma
+        return guider.seg_guidance_config, lambda m, c, name: _apply_smoothed_energy_guidance_hook(m, c, sigma,
+                                                                                                     name=name)
+    raise TypeError(f"{name} has no perturbed branch; perturbed_model is for PerturbedAttentionGuidance, "
+                    "SkipLayerGuidance, SmoothedEnergyGuidance and AutoGuidance")
+
+
+def perturbed_model(guider: Any, denoiser: Any, model: Any = None):
+    """The perturbed (PAG, SLG, SEG) or weak (AutoGuidance) branch of a diffusers guider, as a
+    callable for :func:`fastdiff.sample`'s ``perturbed_model=``: ``model(*args, **kwargs)`` (default:
+    ``denoiser`` itself) run with the guider's own hooks (its layer-skip or smoothed-energy
+    configurations) applied to ``denoiser`` for the call and removed after it, as diffusers' guider
+    applies them for its perturbed batch."""
+    configs, apply = _hooks(guider)
+    from diffusers.hooks import HookRegistry
+
+    run = denoiser if model is None else model
+
+    def perturbed(*args, **kwargs):
+        names = []
+        try:
+            for i, config in enumerate(configs):
+                apply(denoiser, config, name=f"fastdiff_perturbed_{i}")
+                names.append(f"fastdiff_perturbed_{i}")
+            return run(*args, **kwargs)
+        finally:
+            registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+            for n in names:
+                registry.remove_hook(n, recurse=True)
+
+    return perturbed
