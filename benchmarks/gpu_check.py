@@ -7,7 +7,8 @@ Parts, each guarded (an error is recorded and the next part runs) and each skipp
 budget is spent; a summary table is always printed at the end:
 
 1. environment: device, versions, which backends are available and why not;
-2. the GPU tests (tests/backends/test_gpu.py, test_triton.py) through pytest, with
+2. the GPU tests (tests/backends/test_gpu.py, test_triton.py, the CUDA graph, executor and blend-row
+   tests) through pytest, with
    FASTDIFF_TRITON_AUTOTUNE=0 so each Triton variant compiles once;
 3. copy bandwidth of the device (torch clone of 1 GiB; bytes read + written);
 4. µs per fused step of ``triton`` and ``cuda`` against the reference torch step and
@@ -95,7 +96,7 @@ def part_tests(rep: Report) -> None:
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
            "tests/backends/test_gpu.py", "tests/backends/test_triton.py", "tests/runtime/test_cuda_graph.py",
-           "tests/runtime/test_executor.py"]
+           "tests/runtime/test_executor.py", "tests/runtime/test_blend_backends.py"]
     timeout = max(30.0, min(300.0, rep.left() - 150))  # leave time for the timings
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
