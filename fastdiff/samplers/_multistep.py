@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..core import schedules as S
-from ._common import check_choice, data_coeffs
+from ..core.plan import Row, Write, combo
+from ._common import check_choice, data_coeffs, eps_coeffs
 
 
 def log_snr(alpha: float, sigma: float) -> float:
@@ -262,3 +263,28 @@ def estimate32(grid: Grid, i: int, prediction: str, noise_form: bool, clip) -> t
         return dict(a_x=bx, a_e=be, alpha_t=a, sigma_t=sg), {"x": 0.0, "d": 1.0}
     # x0 = (x - sigma eps) / alpha, clipped, then eps = (x - alpha x0) / sigma
     return dict(a_x=(1.0 - sg * bx) / a, a_e=-sg * be / a, alpha_t=a, sigma_t=sg), {"x": 1.0 / sg, "d": -a / sg}
+
+
+def estimate64(point: dict, prediction: str, noise_form: bool, clip, alpha: float, sigma: float) -> tuple[dict, dict]:
+    """:func:`estimate32` in float64 on a grid point's row fields ``point`` (``alpha``, ``sigma``: the
+    grid's at the point): ``(point, m)`` with ``d`` the data estimate (data prediction), the noise
+    estimate itself (noise prediction, unclipped), or the clipped data estimate converted back,
+    ``eps = (x - alpha d) / sigma`` (noise prediction with a clip), and ``m = m_x x + m_d d``."""
+    if not noise_form:
+        return point, {"x": 0.0, "d": 1.0}
+    if clip is None:
+        b_x, b_e = eps_coeffs(prediction, point["alpha_t"], point["sigma_t"], point["in_scale"])
+        return dict(point, a_x=b_x, a_e=b_e), {"x": 0.0, "d": 1.0}
+    return point, {"x": 1.0 / sigma, "d": -alpha / sigma}
+
+
+def multistep_row(point: dict, i: int, p: int, ring: int, cx: float, w: Sequence[float], m: dict, write: bool,
+                  clip, **fields) -> Row:
+    """Row ``i`` of a multistep solver of order ``p`` that keeps its estimate ``m = m_x x + m_d d`` in
+    the history ring (slot ``i % ring``, written where ``write``): ``x' = cx x + w_0 m + sum_k w_k
+    m_{i-k}``, the earlier estimates read from slots ``(i - k) % ring``. ``fields``: further Row fields."""
+    z = fields.pop("z", 0.0)
+    out = combo(x=cx + w[0] * m["x"], d=w[0] * m["d"], h=tuple(w[1:p]), z=z)
+    writes = (Write(i % ring, combo(x=m["x"], d=m["d"])),) if write else ()
+    return Row(**point, out=out, reads=tuple((i - k) % ring for k in range(1, p)), writes=writes, clip=clip, step=i,
+               **fields)

@@ -26,10 +26,10 @@ import math
 import numpy as np
 import torch
 
-from ..core.plan import Plan, Row, Write, combo
+from ..core.plan import Plan
 from . import Restart, register
-from ._common import clip_settings, eps_coeffs
-from ._multistep import Grid, alpha_sigma32, dpmsolver_orders, multistep_grid
+from ._common import clip_settings
+from ._multistep import Grid, alpha_sigma32, dpmsolver_orders, estimate64, multistep_grid, multistep_row
 
 _OPTIONS = {"solver_order": 2, "lower_order_final": True, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
             "sample_max_value": 1.0}
@@ -147,18 +147,11 @@ def deis(schedule, steps: int, prediction: str, *, solver_order: int, lower_orde
         if f32:
             a0, s0, A, B = _point32(grid, i, prediction)
             point = dict(point, a_x=A, a_e=B, alpha_t=a0, sigma_t=s0)
-        if clip is None:  # d is the noise estimate itself
-            if f32:  # diffusers' (x - alpha x0) / sigma of its float32 numbers
-                b_x, b_e = (1.0 - a0 * point["a_x"]) / s0, -a0 * point["a_e"] / s0
-            else:
-                b_x, b_e = eps_coeffs(prediction, point["alpha_t"], point["sigma_t"], point["in_scale"])
-            point = dict(point, a_x=b_x, a_e=b_e)
+        if f32 and clip is None:  # d is the noise estimate: diffusers' (x - alpha x0) / sigma of its float32 numbers
+            point = dict(point, a_x=(1.0 - a0 * point["a_x"]) / s0, a_e=-a0 * point["a_e"] / s0)
             eps = {"x": 0.0, "d": 1.0}
-        else:  # d is the clipped data estimate: eps = (x - alpha d) / sigma
-            eps = {"x": 1.0 / s0, "d": -a0 / s0}
-        out = combo(x=cx + w[0] * eps["x"], d=w[0] * eps["d"], h=tuple(w[1:p]))
-        writes = (Write(i % ring, combo(x=eps["x"], d=eps["d"])),) if ring and i + 1 < steps else ()
-        rows.append(Row(**point, out=out, reads=tuple((i - k) % ring for k in range(1, p)), writes=writes,
-                        clip=clip, step=i))
+        else:
+            point, eps = estimate64(point, prediction, True, clip, a0, s0)
+        rows.append(multistep_row(point, i, p, ring, cx, w, eps, bool(ring) and i + 1 < steps, clip))
     return Plan(tuple(rows), init_scale=grid.init_scale, n_slots=ring, sampler="deis", prediction=prediction,
                 steps=steps, meta={"orders": orders}, estimate="eps" if clip is None else "x0", **plan_kw)

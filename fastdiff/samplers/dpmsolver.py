@@ -28,11 +28,11 @@ import math
 
 import torch
 
-from ..core.plan import Plan, Row, Write, combo
+from ..core.plan import Plan
 from . import register
-from ._common import check_choice, clip_settings, eps_coeffs
-from ._multistep import (Grid, divided_differences, dpmsolver_orders, dpmsolver_restart, estimate32, multistep_grid,
-                         phi)
+from ._common import check_choice, clip_settings
+from ._multistep import (Grid, divided_differences, dpmsolver_orders, dpmsolver_restart, estimate32, estimate64,
+                         multistep_grid, multistep_row, phi)
 from .inverse import inverse_update32
 
 _OPTIONS = {"solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
@@ -98,18 +98,9 @@ def _dpmsolver(name: str, schedule, steps: int, prediction: str, order: int, sde
         if f32:  # d (the noise estimate, or the clipped data estimate) and eps = m_x x + m_d d, in float32
             fields, eps = estimate32(grid, i, prediction, True, clip)
             point = dict(point, **fields)
-        elif clip is None:
-            # d is the noise estimate itself
-            b_x, b_e = eps_coeffs(prediction, point["alpha_t"], point["sigma_t"], point["in_scale"])
-            point = dict(point, a_x=b_x, a_e=b_e)
-            eps = {"d": 1.0}
         else:
-            # d is the clipped data estimate; eps = (x - alpha d) / sigma, as diffusers converts back
-            eps = {"x": 1.0 / s0, "d": -a0 / s0}
-        out = combo(x=cx + w[0] * eps.get("x", 0.0), d=w[0] * eps["d"], h=tuple(w[1:p]), z=cz)
-        writes = (Write(i % ring, combo(x=eps.get("x", 0.0), d=eps["d"])),) if ring and i + 1 < steps else ()
-        rows.append(Row(**point, out=out, reads=tuple((i - k) % ring for k in range(1, p)), writes=writes, clip=clip,
-                        noise=sde, step=i))
+            point, eps = estimate64(point, prediction, True, clip, a0, s0)
+        rows.append(multistep_row(point, i, p, ring, cx, w, eps, bool(ring) and i + 1 < steps, clip, z=cz, noise=sde))
     meta = {"flavor": "diffusers", "orders": orders}
     return Plan(tuple(rows), init_scale=grid.init_scale, n_slots=ring, sampler=name, prediction=prediction,
                 steps=steps, meta=meta, noise_dtype="float32" if sde else None,

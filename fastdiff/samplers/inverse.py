@@ -31,11 +31,12 @@ import math
 import numpy as np
 import torch
 
-from ..core.plan import Plan, Row, Write, combo
+from ..core.plan import Plan, Row, combo
 from ..core.schedules import SPACINGS, VPSchedule
 from . import register
 from ._common import check_choice, check_number, clip_settings, data_coeffs, eps_coeffs
-from ._multistep import Grid, alpha_sigma32, divided_differences, dpmsolver_orders, estimate32, log_snr, phi
+from ._multistep import (Grid, alpha_sigma32, divided_differences, dpmsolver_orders, estimate32, estimate64, log_snr,
+                         multistep_row, phi)
 
 
 def ddim_inverse(schedule, steps: int, prediction: str, *, clip_sample: bool = True, clip_sample_range: float = 1.0,
@@ -237,18 +238,9 @@ def dpm_inverse(schedule, steps: int, prediction: str, *, algorithm_type: str, s
         if update is inverse_update32:
             fields, m = estimate32(grid, i, prediction, noise_form, clip)
             point = dict(point, **fields)
-        elif not noise_form:
-            m = {"x": 0.0, "d": 1.0}  # d is the (clipped) data estimate
-        elif clip is None:  # d is the noise estimate itself
-            b_x, b_e = eps_coeffs(prediction, point["alpha_t"], point["sigma_t"], point["in_scale"])
-            point = dict(point, a_x=b_x, a_e=b_e)
-            m = {"x": 0.0, "d": 1.0}
-        else:  # d is the clipped data estimate; eps = (x - alpha d) / sigma, as diffusers converts back
-            m = {"x": 1.0 / s0, "d": -a0 / s0}
-        out = combo(x=cx + w[0] * m["x"], d=w[0] * m["d"], h=tuple(w[1:p]))
-        writes = (Write(i % ring, combo(x=m["x"], d=m["d"])),) if ring and i + 1 < n else ()
-        rows.append(Row(**point, out=out, reads=tuple((i - k) % ring for k in range(1, p)), writes=writes,
-                        clip=clip, step=i))
+        else:
+            point, m = estimate64(point, prediction, noise_form, clip, a0, s0)
+        rows.append(multistep_row(point, i, p, ring, cx, w, m, bool(ring) and i + 1 < n, clip))
     return Plan(tuple(rows), init_scale=grid.init_scale, n_slots=ring, sampler="dpm_inverse", prediction=prediction,
                 steps=n, meta={"orders": orders, "inverse": True},
                 estimate="eps" if (noise_form and clip is None) else "x0", **plan_kw)
