@@ -257,21 +257,46 @@ def gaussian_order(name: str, schedule, prediction: str, steps, seed: int = 0, *
 
 
 class count_fused_steps:
-    """Context manager counting :func:`fastdiff.runtime.ops.step` calls, the fused step each drop-in
-    scheduler row runs through (``.n``): a test that steps a drop-in shows the fused step ran."""
+    """Context manager counting fused steps (``.n``): calls of :func:`fastdiff.runtime.ops.step`, the
+    fused step each drop-in scheduler row runs through, and rows run by the programs
+    :func:`fastdiff.runtime.ops.prepare` makes meanwhile (the guided loop's prepared rows; its kept
+    runs are dropped on entry and exit so that every row counted runs through a counted program). A
+    test that steps a drop-in shows the fused step ran."""
 
     def __enter__(self):
+        from fastdiff.guiders import loop
         from fastdiff.runtime import ops
 
-        self.n, self.ops, self.orig = 0, ops, ops.step
+        self.n, self.ops, self.orig, self.orig_prepare, self.loop = 0, ops, ops.step, ops.prepare, loop
+        counter = self
 
         def step(*a, **k):
             self.n += 1
             return self.orig(*a, **k)
 
-        ops.step = step
+        class Counted:
+            """A prepared program whose rows are counted (no ``run_ptr``: every row goes through ``run``)."""
+
+            run_ptr = None
+
+            def __init__(self, program):
+                self.program, self.rows = program, program.rows
+
+            def run(self, i, m):
+                counter.n += 1
+                self.program.run(i, m)
+
+            def set(self, i, name, t):
+                self.program.set(i, name, t)
+
+        def prepare(*a, **k):
+            return Counted(self.orig_prepare(*a, **k))
+
+        ops.step, ops.prepare = step, prepare
+        loop._runs.clear()
         return self
 
     def __exit__(self, *exc):
-        self.ops.step = self.orig
+        self.ops.step, self.ops.prepare = self.orig, self.orig_prepare
+        self.loop._runs.clear()
         return False
