@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..core.args import N_COEF, StepArgs
 from ..core.plan import N_OPERANDS, OP_E
 from .methods import COND, MOMENTUM, Guider, StepBlend
-from .stats import Stats, gram
+from .stats import Stats, gram, ops_of
 
 
-def plain_to_rows(p: torch.Tensor, slots) -> torch.Tensor:
-    """Plain per-slot weights ``p`` (float64 ``[B, 4]``: ``pred = sum_k p_k M_k``) as the kernel's
-    difference form (float64 ``[4, B]``): ``b = sum of the weights of slots 0..2`` (on ``m``),
-    ``a_1 = p_1``, ``a_2 = p_2`` (on ``m_c - m``, ``m_2 - m``), ``a_3 = p_3`` (on ``m_3``)."""
-    present = torch.tensor([s is not None for s in slots[:3]], dtype=p.dtype, device=p.device)
-    rows = p.t().clone()
+def plain_to_rows(p, slots):
+    """Plain per-slot weights ``p`` (float64 ``[B, 4]``, a torch tensor or numpy array: ``pred =
+    sum_k p_k M_k``) as the kernel's difference form (float64 ``[4, B]``, the same kind): ``b = sum of
+    the weights of slots 0..2`` (on ``m``), ``a_1 = p_1``, ``a_2 = p_2`` (on ``m_c - m``, ``m_2 - m``),
+    ``a_3 = p_3`` (on ``m_3``)."""
+    ops = ops_of(p)
+    present = ops.array([float(s is not None) for s in slots[:3]], p)
+    rows = ops.copy(p.T)
     rows[0] = (p[:, :3] * present).sum(1)
     return rows
 
@@ -34,7 +37,10 @@ def coefficients(sb: StepBlend, slots: list[torch.Tensor | None], rescale: float
     """The float32 blend coefficients ``a`` (``[4, B]``, or ``[8, B]`` with a momentum write) of the
     step blend ``sb`` for the branch tensors in its ``slots`` order; ``rescale`` is diffusers'
     ``guidance_rescale`` (the factor ``φ std(c) / std(pred) + 1 - φ`` per sample, 1 where
-    ``std(pred) = 0``), folded into the weights of ``pred`` (not of the momentum write)."""
+    ``std(pred) = 0``), folded into the weights of ``pred`` (not of the momentum write). The
+    per-sample weights are computed in float64, in numpy where the CPU extension gives the
+    statistics (as IEEE arithmetic: a division by zero is inf, not an error), else in torch on the
+    branches' device."""
     ref = next(t for t in slots if t is not None)
     b, dev = ref.shape[0], ref.device
     const = getattr(sb.plain, "weights", None)
@@ -42,19 +48,24 @@ def coefficients(sb: StepBlend, slots: list[torch.Tensor | None], rescale: float
         rows = _difference_form(const, sb.slots) + (_difference_form(sb.write, sb.slots) if sb.write else [])
         return torch.tensor(rows, dtype=torch.float32).to(dev)[:, None].expand(len(rows), b).contiguous()
     stats = gram(slots, extension=extension) if sb.needs_stats or rescale > 0 else None
-    if stats is not None and stats.gram.device != dev:
+    if stats is not None and isinstance(stats.gram, torch.Tensor) and stats.gram.device != dev:
         stats = Stats(stats.gram.to(dev), stats.sums.to(dev), stats.n)
-    p = sb.plain(stats, b, dev).to(torch.float64)
-    if rescale > 0:
-        unit = torch.zeros_like(p)
-        unit[:, sb.slots.index(COND)] = 1.0
-        std_c, std_p = stats.std(unit), stats.std(p)
-        ratio = torch.where(std_p > 0, std_c / torch.where(std_p > 0, std_p, 1.0), torch.ones_like(std_p))
-        p = p * (rescale * ratio + (1.0 - rescale))[:, None]
-    rows = plain_to_rows(p, sb.slots)
-    if sb.write is not None:
-        wp = torch.tensor(sb.write, dtype=torch.float64, device=dev).expand(b, 4)
-        rows = torch.cat([rows, plain_to_rows(wp, sb.slots)])
+    with np.errstate(all="ignore"):
+        p = sb.plain(stats, b, dev)
+        if isinstance(p, torch.Tensor):
+            p = p.to(torch.float64)
+        ops = ops_of(p)
+        if rescale > 0:
+            unit = ops.zeros(b, p)
+            unit[:, sb.slots.index(COND)] = 1.0
+            std_c, std_p = stats.std(unit), stats.std(p)
+            ratio = ops.where(std_p > 0, std_c / ops.where(std_p > 0, std_p, 1.0), 1.0)
+            p = p * (rescale * ratio + (1.0 - rescale))[:, None]
+        rows = plain_to_rows(p, sb.slots)
+        if sb.write is not None:
+            rows = ops.cat([rows, plain_to_rows(ops.zeros(b, p) + ops.array(sb.write, p), sb.slots)])
+    if isinstance(rows, np.ndarray):
+        return torch.from_numpy(rows.astype(np.float32)).to(dev)
     return rows.to(torch.float32).contiguous()
 
 

@@ -380,22 +380,24 @@ def canonical_blend(sb: StepBlend, i: int = 0) -> StepBlend:
            MOMENTUM if MOMENTUM in present else None)
     if new == tuple(sb.slots):
         return sb
-    perm = torch.zeros(4, 4, dtype=torch.float64)  # perm[new, old] = 1 where the branch moved
+    perm = [[0.0] * 4 for _ in range(4)]  # perm[new][old] = 1 where the branch moved
     for k, s in enumerate(new):
         if s is not None:
-            perm[k, list(sb.slots).index(s)] = 1.0
+            perm[k][list(sb.slots).index(s)] = 1.0
 
     def moved(weights):
-        return tuple(float(sum(perm[k, j] * weights[j] for j in range(4))) for k in range(4))
+        return tuple(float(sum(perm[k][j] * weights[j] for j in range(4))) for k in range(4))
 
     base = sb.plain
     if getattr(base, "weights", None) is not None:
         plain = constant(*moved(base.weights))
     else:
         def plain(stats, b, device):
-            p = perm.to(device)
-            old = None if stats is None else Stats(p.t() @ stats.gram @ p, stats.sums @ p, stats.n)
-            return base(old, b, device) @ p.t()
+            if stats is None:
+                return base(None, b, device) @ torch.tensor(perm, dtype=torch.float64, device=device).T
+            p = stats.ops.array(perm, stats.gram)
+            old = Stats(p.T @ stats.gram @ p, stats.sums @ p, stats.n)
+            return base(old, b, device) @ p.T
     return StepBlend(new, plain, needs_stats=sb.needs_stats, write=None if sb.write is None else moved(sb.write))
 
 

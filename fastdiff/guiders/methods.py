@@ -39,7 +39,8 @@ class StepBlend:
         slots: the branch in each of the step's slots ``(m, m_c, m_2, m_3)``, ``None`` where empty.
             Slot 0 is the base of the difference form the kernel computes; slot 3 enters as it is.
         plain: ``plain(stats, B, device)`` -> float64 ``[B, 4]``: the weight of each slot in
-            ``pred`` (``stats`` is ``None`` unless ``needs_stats``).
+            ``pred`` (``stats`` is ``None`` unless ``needs_stats``), an array of the statistics' kind
+            (numpy from the CPU extension, else a torch tensor on ``device``: ``stats.ops``).
         needs_stats: whether ``plain`` reads the branches' :class:`Stats`.
         write: the plain weights (constants) of the momentum update the step writes to the
             momentum buffer, or ``None``.
@@ -61,6 +62,8 @@ def constant(*weights: float) -> Plain:
     w = list(weights) + [0.0] * (4 - len(weights))
 
     def plain(stats, b, device):
+        if stats is not None:  # the statistics' kind (numpy from the CPU extension)
+            return stats.ops.zeros(b, stats.gram) + stats.ops.array(w, stats.gram)
         return torch.tensor(w, dtype=torch.float64, device=device).expand(b, 4)
 
     plain.weights = tuple(float(v) for v in w)  # (the host's shortcut: apply.coefficients)
@@ -182,7 +185,7 @@ class CFGZeroStar(Guider):
         def plain(stats, b, device):
             g = stats.gram
             alpha = g[:, 1, 0] / (g[:, 0, 0] + 1e-8)
-            p = torch.zeros(b, 4, dtype=torch.float64, device=device)
+            p = stats.ops.zeros(b, g)
             p[:, 0] = -w * alpha if orig else (1 - w) * alpha
             p[:, 1] = 1 + w if orig else w
             return p
@@ -204,9 +207,9 @@ class TangentialCFG(Guider):
 
         def plain(stats, b, device):
             g = stats.gram
-            yc, yu = _top_eigenvector(g[:, 1, 1], g[:, 1, 0], g[:, 0, 0])
+            yc, yu = _top_eigenvector(g[:, 1, 1], g[:, 1, 0], g[:, 0, 0], stats.ops)
             pu, pc = yu * yu, yu * yc  # u' = pc c + pu u
-            p = torch.zeros(b, 4, dtype=torch.float64, device=device)
+            p = stats.ops.zeros(b, g)
             if orig:  # c + w (c - u')
                 p[:, 0], p[:, 1] = -w * pu, 1 + w - w * pc
             else:  # u' + w (c - u')
@@ -216,18 +219,22 @@ class TangentialCFG(Guider):
         return StepBlend((UNCOND, COND, None, None), plain, needs_stats=True)
 
 
-def _top_eigenvector(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unit eigenvector of ``[[p, q], [q, r]]`` (per sample) with the largest eigenvalue, in the
-    numerically stable of its two closed forms; ``(1, 0)`` where the matrix is diagonal with ``p >= r``."""
+def _top_eigenvector(p, q, r, ops=None):
+    """The unit eigenvector of ``[[p, q], [q, r]]`` (per sample: float64 ``[B]`` tensors, or numpy
+    arrays with ``ops`` the numpy functions) with the largest eigenvalue, in the numerically stable
+    of its two closed forms; ``(1, 0)`` where the matrix is diagonal with ``p >= r``."""
+    from .stats import TorchOps
+
+    ops = ops or TorchOps
     half = (p - r) / 2
-    lam = (p + r) / 2 + torch.sqrt(half * half + q * q)
+    lam = (p + r) / 2 + ops.sqrt(half * half + q * q)
     first = p >= r  # (lam - r, q) has the larger entries there, (q, lam - p) otherwise
-    v0 = torch.where(first, lam - r, q)
-    v1 = torch.where(first, q, lam - p)
-    norm = torch.sqrt(v0 * v0 + v1 * v1)
+    v0 = ops.where(first, lam - r, q)
+    v1 = ops.where(first, q, lam - p)
+    norm = ops.sqrt(v0 * v0 + v1 * v1)
     zero = norm == 0
-    v0 = torch.where(zero, first.to(p.dtype), v0 / torch.where(zero, 1.0, norm))
-    v1 = torch.where(zero, (~first).to(p.dtype), v1 / torch.where(zero, 1.0, norm))
+    v0 = ops.where(zero, ops.as_float(first), v0 / ops.where(zero, 1.0, norm))
+    v1 = ops.where(zero, ops.as_float(~first), v1 / ops.where(zero, 1.0, norm))
     return v0, v1
 
 
@@ -246,15 +253,15 @@ class MagnitudeAware(Guider):
         w, orig, alpha = self.scale, self.original, self.alpha
 
         def plain(stats, b, device):
-            g = stats.gram
-            diff2 = (g[:, 1, 1] - 2 * g[:, 1, 0] + g[:, 0, 0]).clamp_min(0.0)
+            g, ops = stats.gram, stats.ops
+            diff2 = ops.clamp_min(g[:, 1, 1] - 2 * g[:, 1, 0] + g[:, 0, 0], 0.0)
             # c = u: no guidance direction, so the damped scale multiplies 0 and its value does not matter;
             # ratio 0 there instead of diffusers' 0/0 (NaN where u = 0 too), and no damping at alpha = 0
             # (diffusers' 0 * inf where u = 0)
-            ratio = torch.where(diff2 > 0, diff2.sqrt() / g[:, 0, 0].sqrt(), torch.zeros_like(diff2))
-            damp = torch.exp(-alpha * ratio) if alpha != 0 else torch.ones_like(ratio)
+            ratio = ops.where(diff2 > 0, ops.sqrt(diff2) / ops.sqrt(g[:, 0, 0]), 0.0)
+            damp = ops.exp(-alpha * ratio) if alpha != 0 else ops.ones_like(ratio)
             gs = w * damp if orig else 1.0 + (w - 1.0) * damp
-            p = torch.zeros(b, 4, dtype=torch.float64, device=device)
+            p = ops.zeros(b, g)
             p[:, 0], p[:, 1] = (-gs, 1 + gs) if orig else (1 - gs, gs)
             return p
 
@@ -295,15 +302,16 @@ def _apg_blend(w: float, beta: float | None, thr: float, eta: float, orig: bool)
     b0 = 0.0 if beta is None else float(beta)
 
     def plain(stats, b, device):
-        v = torch.zeros(b, 4, dtype=torch.float64, device=device)  # H' in plain weights over (u, c, -, H)
+        ops = stats.ops
+        v = ops.zeros(b, stats.gram)  # H' in plain weights over (u, c, -, H)
         v[:, 0], v[:, 1], v[:, 3] = -1.0, 1.0, b0
-        cvec = torch.zeros_like(v)
+        cvec = ops.zeros(b, stats.gram)
         cvec[:, 1] = 1.0
-        s = torch.ones(b, dtype=torch.float64, device=device)
+        s = ops.ones_like(v[:, 1])
         if thr > 0:
-            norm = stats.quad(v).clamp_min(0.0).sqrt()
-            s = torch.minimum(s, thr / norm)
-        cnorm = stats.gram[:, 1, 1].sqrt().clamp_min(1e-12)  # F.normalize's eps
+            norm = ops.sqrt(ops.clamp_min(stats.quad(v), 0.0))
+            s = ops.minimum(s, thr / norm)
+        cnorm = ops.clamp_min(ops.sqrt(stats.gram[:, 1, 1]), 1e-12)  # F.normalize's eps
         k = s * stats.quad(v, cvec) / (cnorm * cnorm)
         p = (w * s)[:, None] * v
         p[:, 1] -= w * (1.0 - eta) * k

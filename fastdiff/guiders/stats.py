@@ -7,17 +7,87 @@ standard deviations) is a function of these few numbers per sample, because each
 branches linearly: ``pred = sum_k p_k[b] M_k``. So one reduction replaces the chain of eager
 norms, projections and SVDs, and the blend itself runs inside the fused step.
 
-On CPU tensors the compiled extension accumulates in float64 in one pass (``_C.gram``); elsewhere
-(and on the reference path) it is torch, in float64.
+On CPU tensors the compiled extension accumulates in float64 in one pass (``_C.gram``) into numpy
+arrays, and the guider's few ``[B]`` operations then run in numpy (a microsecond or less each,
+where a torch op on a tiny tensor costs several: they are most of a small row's host time);
+elsewhere (CUDA tensors, and the reference path) everything is torch, in float64, on the branches'
+device (no host sync). The formulas are written once, over :attr:`Stats.ops`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..core.args import BLEND_ROWS
+
+
+class TorchOps:
+    """The array functions a blend's weights are computed with, for torch tensors (float64)."""
+
+    sqrt, exp, where, minimum, ones_like = torch.sqrt, torch.exp, torch.where, torch.minimum, torch.ones_like
+
+    @staticmethod
+    def clamp_min(v, lo: float):
+        return v.clamp_min(lo)
+
+    @staticmethod
+    def zeros(b: int, like) -> torch.Tensor:
+        """``[b, 4]`` zeros on ``like``'s device."""
+        return torch.zeros(b, 4, dtype=torch.float64, device=like.device)
+
+    @staticmethod
+    def array(values, like) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64, device=like.device)
+
+    @staticmethod
+    def as_float(mask):
+        return mask.to(torch.float64)
+
+    @staticmethod
+    def copy(v):
+        return v.clone()
+
+    @staticmethod
+    def cat(parts):
+        return torch.cat(parts)
+
+
+class NumpyOps:
+    """:class:`TorchOps` for numpy arrays (the CPU extension's statistics)."""
+
+    sqrt, exp, where, minimum, ones_like = np.sqrt, np.exp, np.where, np.minimum, np.ones_like
+
+    @staticmethod
+    def clamp_min(v, lo: float):
+        return np.maximum(v, lo)
+
+    @staticmethod
+    def zeros(b: int, like) -> np.ndarray:
+        return np.zeros((b, 4))
+
+    @staticmethod
+    def array(values, like) -> np.ndarray:
+        return np.array(values, dtype=np.float64)
+
+    @staticmethod
+    def as_float(mask):
+        return mask.astype(np.float64)
+
+    @staticmethod
+    def copy(v):
+        return v.copy()
+
+    @staticmethod
+    def cat(parts):
+        return np.concatenate(parts)
+
+
+def ops_of(a) -> type:
+    """:class:`NumpyOps` for a numpy array, else :class:`TorchOps`."""
+    return NumpyOps if isinstance(a, np.ndarray) else TorchOps
 
 
 @dataclass(frozen=True)
@@ -26,28 +96,33 @@ class Stats:
 
     Attributes:
         gram: float64 ``[B, 4, 4]``: ``gram[b, i, j] = <M_i[b], M_j[b]>``; rows and columns of absent
-            slots are 0.
+            slots are 0. A numpy array (the CPU extension's) or a torch tensor.
         sums: float64 ``[B, 4]``: the sum of each slot's elements per sample (0 for absent slots).
         n: elements per sample.
     """
 
-    gram: torch.Tensor
-    sums: torch.Tensor
+    gram: torch.Tensor | np.ndarray
+    sums: torch.Tensor | np.ndarray
     n: int
+
+    @property
+    def ops(self) -> type:
+        """The array functions for these statistics' kind (:class:`NumpyOps` or :class:`TorchOps`)."""
+        return ops_of(self.gram)
 
     def quad(self, p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
         """``<sum_i p_i M_i, sum_j q_j M_j>`` per sample, for plain coefficient vectors ``p``, ``q``
         (float64 ``[B, 4]``; ``q`` defaults to ``p``)."""
         q = p if q is None else q
-        return torch.einsum("bi,bij,bj->b", p, self.gram, q)
+        return (p[:, :, None] * self.gram * q[:, None, :]).sum((1, 2))
 
     def std(self, p: torch.Tensor) -> torch.Tensor:
         """The (Bessel-corrected, as ``torch.std``) standard deviation over each sample's elements of
         ``sum_i p_i M_i``, float64 ``[B]``."""
         n = self.n
         mean_sq = (p * self.sums).sum(1) ** 2 / n
-        var = (self.quad(p) - mean_sq).clamp_min(0.0) / max(n - 1, 1)
-        return var.sqrt()
+        ops = self.ops
+        return ops.sqrt(ops.clamp_min(self.quad(p) - mean_sq, 0.0) / max(n - 1, 1))
 
 
 def gram(slots: list[torch.Tensor | None], extension: bool = True) -> Stats:
@@ -60,10 +135,10 @@ def gram(slots: list[torch.Tensor | None], extension: bool = True) -> Stats:
     k = len(slots)
     ext = _extension(present) if extension else None
     if ext is not None:
-        g = torch.zeros(b, BLEND_ROWS, BLEND_ROWS, dtype=torch.float64)
-        s = torch.zeros(b, BLEND_ROWS, dtype=torch.float64)
+        g = np.zeros((b, BLEND_ROWS, BLEND_ROWS))
+        s = np.zeros((b, BLEND_ROWS))
         ptrs = [0 if t is None else t.data_ptr() for t in slots] + [0] * (BLEND_ROWS - k)
-        ext._C.gram(ptrs, ref.numel(), n, ext.DTYPE_CODES[ref.dtype], g.data_ptr(), s.data_ptr())
+        ext._C.gram(ptrs, ref.numel(), n, ext.DTYPE_CODES[ref.dtype], g.ctypes.data, s.ctypes.data)
         return Stats(g, s, n)
     x = torch.zeros(b, BLEND_ROWS, n, dtype=torch.float64, device=ref.device)
     for i, t in enumerate(slots):

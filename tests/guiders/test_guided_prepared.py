@@ -157,27 +157,50 @@ def test_concurrent_calls_each_get_their_own_run():
         assert torch.equal(g, w)
 
 
+def _zero_star_on_perturbed(step, steps):
+    """A data-dependent blend with the perturbed branch first (CFG-Zero*'s optimal scale of the
+    perturbed prediction): the layout moves it, so the statistics are permuted back for it."""
+    from fastdiff.guiders.methods import StepBlend
+
+    def plain(stats, b, device):
+        g = stats.gram
+        alpha = g[:, 1, 0] / (g[:, 0, 0] + 1e-8)
+        p = stats.ops.zeros(b, g)
+        p[:, 0], p[:, 1] = -2.0 * alpha, 3.0
+        return p
+
+    return StepBlend(("perturbed", "cond", None, None), plain, needs_stats=True)
+
+
+@pytest.mark.parametrize("extension", [False, True], ids=["torch", "cpu_extension"])
 @pytest.mark.parametrize("guider", [AutoGuidance(scale=3.0, original=True), TangentialCFG(scale=4.0),
                                     Perturbed(scale=1.0, perturbed_scale=2.5, perturbed_start=0.0, perturbed_stop=1.0),
-                                    APG(scale=3.0, momentum=0.4, norm_threshold=1.5, eta=0.2)],
-                         ids=["auto_guidance", "tangential", "perturbed_only", "apg"])
-def test_the_slot_layout_does_not_change_the_blend(guider):
+                                    APG(scale=3.0, momentum=0.4, norm_threshold=1.5, eta=0.2),
+                                    Guider(scale=4.0, rescale=0.5), "zero_star_on_perturbed"],
+                         ids=["auto_guidance", "tangential", "perturbed_only", "apg", "rescale", "data_moved"])
+def test_the_slot_layout_does_not_change_the_blend(guider, extension):
     """The blend in the program's slot layout is the guider's own blend: same prediction and same
-    momentum update, from fresh random branches, with data-dependent and constant weights."""
+    momentum update, from fresh random branches, with data-dependent and constant weights, the
+    weights computed in torch and (from the CPU extension's statistics) in numpy."""
     from fastdiff.guiders.apply import coefficients
     from fastdiff.backends.reference import blended_output
     from fastdiff.core.args import N_COEF, StepArgs
 
+    if extension:
+        _backend("cpu")
     g = torch.Generator().manual_seed(0)
     branches = {k: torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
                 for k in ("uncond", "cond", "perturbed", "momentum")}
-    sb = guider.blend(2, 10)
+    if guider == "zero_star_on_perturbed":
+        sb, rescale = _zero_star_on_perturbed(2, 10), 0.0
+    else:
+        sb, rescale = guider.blend(2, 10), guider.rescale
     assert sb is not None
     layout = loop.canonical_blend(sb)
 
     def blend(s):
         slots = [None if k is None else branches[k] for k in s.slots]
-        a = coefficients(s, slots, extension=False)
+        a = coefficients(s, slots, rescale, extension=extension)
         x = slots[0]
         args = StepArgs(x=x, out=x, m=slots[0], m_c=slots[1], m_2=slots[2], m_3=slots[3], a=a,
                         m_w=torch.empty_like(x) if s.write is not None else None, coef=(0.0,) * N_COEF)
