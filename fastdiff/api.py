@@ -40,11 +40,15 @@ _cache_lock = threading.Lock()
 
 
 def clear_cache() -> None:
-    """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold), and the plans of
-    guided calls."""
+    """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold), the plans of
+    guided calls and their prepared runs (:mod:`fastdiff.guiders.loop`)."""
+    from .guiders import loop
+
     with _cache_lock:
         _cache.clear()
         _plans.clear()
+    with loop._runs_lock:
+        loop._runs.clear()
 
 
 class _Uncacheable(Exception):

@@ -75,7 +75,9 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
 
 CACHE_SIZE = 4
 """Prepared guided runs kept between calls (the last ones used), as :func:`fastdiff.sample` keeps
-prepared loops: a repeated call skips packing, validating and resolving its rows."""
+prepared loops: a repeated call skips packing, validating and resolving its rows. Each holds the
+state, history, model input (twice the state's size) and momentum buffers of its configuration;
+:func:`fastdiff.clear_cache` drops them."""
 
 _runs: OrderedDict = OrderedDict()
 _runs_lock = threading.Lock()
