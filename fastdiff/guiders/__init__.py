@@ -9,9 +9,12 @@ come from a few dot products per sample; :mod:`~fastdiff.guiders.methods` states
 
 from .apply import coefficients, guide
 from .convert import from_diffusers, perturbed_model
+from .frequency import FrequencyDecoupled
 from .methods import (APG, GUIDERS, LTX2, APGMix, AutoGuidance, CFGZeroStar, Guider, MagnitudeAware, Perturbed,
                       StepBlend, TangentialCFG)
 from .stats import Stats, gram
 
-__all__ = ["APG", "APGMix", "AutoGuidance", "CFGZeroStar", "GUIDERS", "Guider", "LTX2", "MagnitudeAware", "Perturbed",
+GUIDERS["frequency_decoupled"] = FrequencyDecoupled
+
+__all__ = ["APG", "APGMix", "AutoGuidance", "CFGZeroStar", "FrequencyDecoupled", "GUIDERS", "Guider", "LTX2", "MagnitudeAware", "Perturbed",
            "Stats", "StepBlend", "TangentialCFG", "coefficients", "from_diffusers", "gram", "guide", "perturbed_model"]

@@ -11,7 +11,7 @@ import torch
 
 from ..core.args import N_COEF, StepArgs
 from ..core.plan import N_OPERANDS, OP_E
-from .methods import COND, MOMENTUM, Guider, StepBlend
+from .methods import COND, DERIVED, MOMENTUM, Guider, StepBlend
 from .stats import Stats, gram, ops_of
 
 
@@ -101,6 +101,11 @@ def guide(guider: Guider, step: int, steps: int | None, *, cond: torch.Tensor, u
     if sb is None:
         return cond.clone()
     named = {"uncond": uncond, "cond": cond, "perturbed": perturbed, "modality": modality, MOMENTUM: momentum}
+    if sb.derive is not None:  # frequency-decoupled guidance's pyramid correction, from the branches
+        for s in sb.branches:
+            if named[s] is None:
+                raise ValueError(f"{type(guider).__name__} at step {step} needs the {s} branch, got None")
+        named[DERIVED] = sb.derive(named).to(cond.dtype).contiguous()
     slots = []
     for s in sb.slots:
         if s is not None and named[s] is None:

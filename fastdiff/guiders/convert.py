@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .frequency import FrequencyDecoupled
 from .methods import APG, LTX2, APGMix, AutoGuidance, CFGZeroStar, Guider, MagnitudeAware, Perturbed, TangentialCFG
 
 
@@ -54,6 +55,11 @@ _CONVERTERS = {
                                     "skip_layer_guidance_stop"),
     "SmoothedEnergyGuidance": _perturbed("seg_guidance_scale", "seg_guidance_start", "seg_guidance_stop"),
     "AutoGuidance": lambda g: AutoGuidance(**_common(g), **_orig(g)),
+    "FrequencyDecoupledGuidance": lambda g: FrequencyDecoupled(
+        scales=tuple(float(v) for v in g.guidance_scales), rescales=tuple(float(v) for v in g.guidance_rescale),
+        parallel_weights=tuple(float(v) for v in g.parallel_weights), starts=tuple(float(v) for v in g.guidance_start),
+        stops=tuple(float(v) for v in g.guidance_stop), rescale_space=str(g.guidance_rescale_space),
+        upcast=bool(g.upcast_to_double), original=bool(g.use_original_formulation), enabled=bool(g._enabled)),
     "LTX2Guidance": lambda g: LTX2(**_common(g), stg_scale=float(g.stg_scale), modality_scale=float(g.modality_scale)),
 }
 SUPPORTED = tuple(_CONVERTERS)
@@ -71,8 +77,7 @@ def from_diffusers(guider: Any) -> Guider:
         conv = _CONVERTERS.get(cls.__name__)
         if conv is not None and cls.__module__.startswith("diffusers"):
             return conv(guider)
-    raise TypeError(f"{type(guider).__name__} is not a supported diffusers guider; supported: {', '.join(SUPPORTED)} "
-                    "(FrequencyDecoupledGuidance's Laplacian pyramid is not a per-sample blend)")
+    raise TypeError(f"{type(guider).__name__} is not a supported diffusers guider; supported: {', '.join(SUPPORTED)}")
 
 
 def _hooks(guider: Any):

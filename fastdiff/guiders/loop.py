@@ -35,7 +35,7 @@ from ..core.plan import OP_E, Plan
 from ..runtime import ops
 from ..runtime.executor import Cond, NonFiniteError, call_model, cat_cond, draw_noise
 from .apply import coefficients
-from .methods import COND, MODALITY, MOMENTUM, PERTURBED, UNCOND, Guider, StepBlend, constant
+from .methods import COND, DERIVED, MODALITY, MOMENTUM, PERTURBED, UNCOND, Guider, StepBlend, constant
 from .stats import Stats
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -217,7 +217,7 @@ class _GuidedRun:
             m_w = hist[r.write_u_slot]
         else:
             m_w = self.momentum if sb.write is not None else None
-        slot = {PERTURBED: x, MOMENTUM: self.momentum}
+        slot = {PERTURBED: x, DERIVED: x, MOMENTUM: self.momentum}
         const = getattr(sb.plain, "weights", None) is not None and not self.rescale
         rows = 8 if sb.write is not None else 4
         placeholders = [x, x if sb.slots[1] is not None else None, *(slot.get(s) for s in sb.slots[2:])]
@@ -259,9 +259,13 @@ class _GuidedRun:
             inp, single = self.inputs[i], self.single
             refs = sys.getrefcount(inp), sys.getrefcount(single)
             y = self._output(call_model(model, inp, ts[r.t, k], call_cond[shared]), (k * b, *self.x.shape[1:]), r)
-            p = None
+            p = None  # the third slot: the perturbed branch, or one derived from the branches
             if sb is not None and sb.slots[2] == PERTURBED:
                 p = self._output(call_model(perturbed_model, single, ts[r.t, 1], cond), tuple(self.x.shape), r)
+                self.program.set(i, "m_2", p)
+            elif sb is not None and sb.slots[2] == DERIVED:
+                p = sb.derive({name: y[j * b:(j + 1) * b] for j, name in enumerate(shared)})
+                p = p.to(dtype=dt).contiguous()
                 self.program.set(i, "m_2", p)
             if (sys.getrefcount(inp), sys.getrefcount(single)) != refs or self._users() != self.base:
                 # a model kept its input (or returned a view of it): the step must not overwrite it
@@ -367,8 +371,8 @@ def _shared(sb: StepBlend | None) -> tuple[str, ...]:
 
 def canonical_blend(sb: StepBlend, i: int = 0) -> StepBlend:
     """``sb`` with its slots laid out as the prepared program takes them: the batched call's branches
-    (unconditional, then conditional) in ``m``/``m_c``, the perturbed branch in ``m_2``, the momentum
-    buffer in ``m_3``. The same blend: ``plain`` (and the momentum write) permuted to the new slots,
+    (unconditional, then conditional) in ``m``/``m_c``, the perturbed branch (or a derived slot) in
+    ``m_2``, the momentum buffer in ``m_3``. The same blend: ``plain`` (and the momentum write) permuted to the new slots,
     the statistics it reads permuted back; itself where the layout is that already."""
     present = set(sb.slots) - {None}
     if MODALITY in present:
@@ -378,8 +382,10 @@ def canonical_blend(sb: StepBlend, i: int = 0) -> StepBlend:
     if not shared:
         raise ValueError(f"row {i}: the guider's blend {sb.slots} has neither the conditional nor the "
                          "unconditional branch")
-    new = (shared[0], shared[1] if len(shared) > 1 else None, PERTURBED if PERTURBED in present else None,
-           MOMENTUM if MOMENTUM in present else None)
+    if PERTURBED in present and DERIVED in present:
+        raise ValueError(f"row {i}: the guider's blend {sb.slots} has both a perturbed and a derived slot")
+    third = PERTURBED if PERTURBED in present else DERIVED if DERIVED in present else None
+    new = (shared[0], shared[1] if len(shared) > 1 else None, third, MOMENTUM if MOMENTUM in present else None)
     if new == tuple(sb.slots):
         return sb
     perm = [[0.0] * 4 for _ in range(4)]  # perm[new][old] = 1 where the branch moved
@@ -400,7 +406,8 @@ def canonical_blend(sb: StepBlend, i: int = 0) -> StepBlend:
             p = stats.ops.array(perm, stats.gram)
             old = Stats(p.T @ stats.gram @ p, stats.sums @ p, stats.n)
             return base(old, b, device) @ p.T
-    return StepBlend(new, plain, needs_stats=sb.needs_stats, write=None if sb.write is None else moved(sb.write))
+    return StepBlend(new, plain, needs_stats=sb.needs_stats, write=None if sb.write is None else moved(sb.write),
+                     derive=sb.derive)
 
 
 def _check_branches(plan: Plan, blends: list[StepBlend | None], cond: Cond, uncond: Cond,
@@ -454,7 +461,7 @@ def cfgpp_blend(sb: StepBlend | None, r, coef, i: int) -> StepBlend:
             p[:, k] += lam
             return p
     keep = None if keep is None else tuple(1.0 if j == k else 0.0 for j in range(4))
-    return StepBlend(sb.slots, plain, needs_stats=sb.needs_stats, write=keep)
+    return StepBlend(sb.slots, plain, needs_stats=sb.needs_stats, write=keep, derive=sb.derive)
 
 
 def _clip_bound(plan: Plan, x: torch.Tensor, slots, a, coef, grad=None) -> torch.Tensor:

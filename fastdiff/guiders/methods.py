@@ -23,10 +23,11 @@ import torch
 
 from .stats import Stats
 
-UNCOND, COND, PERTURBED, MODALITY, MOMENTUM = "uncond", "cond", "perturbed", "modality", "momentum"
+UNCOND, COND, PERTURBED, MODALITY, MOMENTUM, DERIVED = "uncond", "cond", "perturbed", "modality", "momentum", "fdg"
 """Branch names: the model without conditioning, with it, with it and a perturbation (PAG, SEG, SLG,
 STG, or AutoGuidance's weak model), LTX-2's modality-isolated prediction, APG's momentum buffer
-(not a model call: a history slot the step reads and writes)."""
+(not a model call: a history slot the step reads and writes), and a slot derived from the branches
+after the model calls (:attr:`StepBlend.derive`: frequency-decoupled guidance's correction)."""
 
 Plain = Callable[[Stats | None, int, torch.device], torch.Tensor]
 
@@ -44,17 +45,21 @@ class StepBlend:
         needs_stats: whether ``plain`` reads the branches' :class:`Stats`.
         write: the plain weights (constants) of the momentum update the step writes to the
             momentum buffer, or ``None``.
+        derive: ``derive(branches) -> tensor``: the derived slot (frequency-decoupled guidance's
+            pyramid correction, :data:`fastdiff.guiders.frequency.FDG`) from the evaluated branches
+            (``{name: [B, ...] tensor}``), computed after the model calls, before the step; or ``None``.
     """
 
     slots: tuple[str | None, str | None, str | None, str | None]
     plain: Plain
     needs_stats: bool = False
     write: tuple[float, float, float, float] | None = None
+    derive: Callable[[dict], torch.Tensor] | None = None
 
     @property
     def branches(self) -> tuple[str, ...]:
-        """The model branches this step evaluates (the momentum buffer is not one)."""
-        return tuple(s for s in self.slots if s is not None and s != MOMENTUM)
+        """The model branches this step evaluates (the momentum buffer and a derived slot are not)."""
+        return tuple(s for s in self.slots if s is not None and s not in (MOMENTUM, DERIVED))
 
 
 def constant(*weights: float) -> Plain:

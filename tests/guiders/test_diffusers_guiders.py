@@ -51,6 +51,17 @@ def _tcfg_exact(c: torch.Tensor, u: torch.Tensor, w: float, original: bool, resc
 
 def _config(name: str, r: random.Random) -> dict:
     """A random constructor configuration for guider class ``name``."""
+    if name == "FrequencyDecoupledGuidance":  # per-level lists; no level switched off alone (diffusers raises)
+        levels = r.choice([1, 2, 3])
+        orig = r.random() < 0.3
+        off = [0.0 if orig else 1.0] * levels
+        scales = off if r.random() < 0.15 else [r.choice([2.5, 7.5, 12.0]) for _ in range(levels)]
+        space = r.choice(["data", "freq"])
+        return dict(guidance_scales=scales, use_original_formulation=orig, guidance_rescale_space=space,
+                    guidance_rescale=[r.choice([0.0, 0.0, 0.7]) for _ in range(levels)],
+                    parallel_weights=[r.choice([1.0, 1.0, 0.3]) for _ in range(levels)],
+                    start=r.choice([0.0, 0.0, 0.2]), stop=r.choice([1.0, 1.0, 0.7]),
+                    upcast_to_double=r.random() < 0.8)
     scale = r.choice([1.0, 0.0, 2.5, 7.5, 12.0])
     cfg = dict(guidance_scale=scale, guidance_rescale=r.choice([0.0, 0.0, 0.7]),
                start=r.choice([0.0, 0.0, 0.2]), stop=r.choice([1.0, 1.0, 0.7]))
@@ -123,6 +134,7 @@ def test_guider_steps_match_stock(name: str, backend: str) -> None:
                 continue  # diffusers refuses the configuration itself
             ours = from_diffusers(g)
             shape = r.choice([(2, 16, 8), (3, 5, 7)] if name == "MagnitudeAwareGuidance" else
+                             [(2, 4, 16, 16), (1, 3, 32, 12)] if name == "FrequencyDecoupledGuidance" else
                              [(2, 4, 6, 6), (3, 16, 8), (1, 3, 5, 7)])
             momentum = torch.zeros(shape)
             for step in range(STEPS):
