@@ -101,15 +101,18 @@ def guide(guider: Guider, step: int, steps: int | None, *, cond: torch.Tensor, u
     if sb is None:
         return cond.clone()
     named = {"uncond": uncond, "cond": cond, "perturbed": perturbed, "modality": modality, MOMENTUM: momentum}
-    if sb.derive is not None:  # frequency-decoupled guidance's pyramid correction, from the branches
-        for s in sb.branches:
-            if named[s] is None:
-                raise ValueError(f"{type(guider).__name__} at step {step} needs the {s} branch, got None")
+    for s in sb.slots:
+        if s is not None and s != DERIVED and named[s] is None:
+            raise ValueError(f"{type(guider).__name__} at step {step} needs the {s} branch, got None")
+    for s in set(sb.slots) - {None, DERIVED}:  # what the blend (and a derived slot) reads
+        t = named[s]
+        if t is not None and (t.shape != cond.shape or t.dtype != cond.dtype or t.device != cond.device):
+            raise ValueError(f"the {s} branch must have cond's shape {tuple(cond.shape)}, dtype {cond.dtype} and "
+                             f"device {cond.device}, got {tuple(t.shape)}, {t.dtype}, {t.device}")
+    if sb.derive is not None:  # a slot derived from the branches (frequency-decoupled guidance, APG per dims)
         named[DERIVED] = sb.derive(named).to(cond.dtype).contiguous()
     slots = []
     for s in sb.slots:
-        if s is not None and named[s] is None:
-            raise ValueError(f"{type(guider).__name__} at step {step} needs the {s} branch, got None")
         t = None if s is None else named[s]
         if t is not None and (t.shape != cond.shape or t.dtype != cond.dtype or t.device != cond.device):
             raise ValueError(f"the {s} branch must have cond's shape {tuple(cond.shape)}, dtype {cond.dtype} and "

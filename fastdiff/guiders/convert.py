@@ -18,13 +18,10 @@ def _orig(g: Any) -> dict:
 
 
 def _apg(g: Any) -> APG:
-    dim = g.adaptive_projected_guidance_norm_dim
-    if dim is not None:
-        raise ValueError(f"AdaptiveProjectedGuidance: adaptive_projected_guidance_norm_dim={dim!r} is not supported "
-                         "(the fused blend projects over each whole sample, diffusers' norm_dim=None)")
     m = g.adaptive_projected_guidance_momentum
     return APG(**_common(g), **_orig(g), momentum=None if m is None else float(m),
-               norm_threshold=float(g.adaptive_projected_guidance_rescale), eta=float(g.eta))
+               norm_threshold=float(g.adaptive_projected_guidance_rescale), eta=float(g.eta),
+               norm_dim=g.adaptive_projected_guidance_norm_dim)
 
 
 def _apg_mix(g: Any) -> APGMix:

@@ -264,7 +264,9 @@ class _GuidedRun:
                 p = self._output(call_model(perturbed_model, single, ts[r.t, 1], cond), tuple(self.x.shape), r)
                 self.program.set(i, "m_2", p)
             elif sb is not None and sb.slots[2] == DERIVED:
-                p = sb.derive({name: y[j * b:(j + 1) * b] for j, name in enumerate(shared)})
+                branches = {name: y[j * b:(j + 1) * b] for j, name in enumerate(shared)}
+                branches[MOMENTUM] = self.momentum
+                p = sb.derive(branches)
                 p = p.to(dtype=dt).contiguous()
                 self.program.set(i, "m_2", p)
             if (sys.getrefcount(inp), sys.getrefcount(single)) != refs or self._users() != self.base:

@@ -285,20 +285,60 @@ class APG(Guider):
             the loop's first step, as diffusers resets its ``MomentumBuffer``.
         norm_threshold: diffusers' ``adaptive_projected_guidance_rescale`` (0: no cap).
         eta: weight of the parallel component.
+        norm_dim: diffusers' ``adaptive_projected_guidance_norm_dim``: the dimensions the norms and
+            projections reduce over (``None``: each whole sample, blended in the step from its Gram
+            pass). Others (per pixel, per channel) are computed as diffusers computes them, outside the
+            step, which takes the guided prediction as a derived slot and still updates the momentum.
     """
 
     momentum: float | None = None
     norm_threshold: float = 15.0
     eta: float = 1.0
+    norm_dim: tuple[int, ...] | None = None
 
     @property
     def uses_momentum(self) -> bool:  # type: ignore[override]
         return self.momentum is not None
 
+    def __post_init__(self) -> None:
+        if self.norm_dim is not None:
+            dims = (self.norm_dim,) if isinstance(self.norm_dim, int) else tuple(self.norm_dim)
+            if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+                raise ValueError(f"{type(self).__name__}.norm_dim must be an int or a non-empty tuple of ints, got "
+                                 f"{self.norm_dim!r}")
+            object.__setattr__(self, "norm_dim", dims)
+        super().__post_init__()
+
     def blend(self, step, steps):
         if not self.active(step, steps):
             return None
+        if self.norm_dim is not None:
+            return _apg_eager(self.scale, self.momentum, self.norm_threshold, self.eta, self.original, self.norm_dim)
         return _apg_blend(self.scale, self.momentum, self.norm_threshold, self.eta, self.original)
+
+
+def _apg_eager(w: float, beta: float | None, thr: float, eta: float, orig: bool, dims: tuple[int, ...]) -> StepBlend:
+    """APG reducing over ``dims`` (diffusers' ``normalized_guidance`` with ``norm_dim``), computed as
+    diffusers computes it; the step takes the prediction (a derived slot) and writes the momentum."""
+
+    def pred(branches):
+        c, u = branches[COND], branches[UNCOND]
+        diff = c - u
+        if beta is not None:
+            diff = diff + beta * branches[MOMENTUM]
+        for d in dims:
+            if not -c.dim() <= d < c.dim():
+                raise ValueError(f"APG norm_dim {dims} does not fit predictions of shape {tuple(c.shape)}")
+        if thr > 0:
+            diff = diff * torch.minimum(torch.ones_like(diff), thr / diff.norm(p=2, dim=list(dims), keepdim=True))
+        v0, v1 = diff.double(), torch.nn.functional.normalize(c.double(), dim=list(dims))
+        par = (v0 * v1).sum(dim=list(dims), keepdim=True) * v1
+        update = (v0 - par).to(diff.dtype) + eta * par.to(diff.dtype)
+        return (c if orig else u) + w * update
+
+    slots = (UNCOND, COND, DERIVED, MOMENTUM if beta is not None else None)
+    return StepBlend(slots, constant(0.0, 0.0, 1.0), write=(-1.0, 1.0, 0.0, float(beta)) if beta is not None else None,
+                     derive=pred)
 
 
 def _apg_blend(w: float, beta: float | None, thr: float, eta: float, orig: bool) -> StepBlend:
@@ -339,6 +379,11 @@ class APGMix(APG):
     norm_threshold: float = 10.0
     eta: float = 0.0
     apg_start_step: int = 5
+
+    def __post_init__(self) -> None:
+        if self.norm_dim is not None:
+            raise ValueError("APGMix.norm_dim: diffusers' AdaptiveProjectedMixGuidance projects over whole samples")
+        super().__post_init__()
 
     def blend(self, step, steps):
         if not self.active(step, steps):

@@ -162,12 +162,37 @@ def test_guider_steps_match_stock(name: str, backend: str) -> None:
     assert checked >= 20, f"only {checked} steps compared"
 
 
-def test_unknown_guider_and_options_are_refused_by_name() -> None:
+@pytest.mark.parametrize("norm_dim", [1, (1, 2), -1, (1, 2, 3), (-3, -2, -1)])
+@pytest.mark.parametrize("momentum", [None, -0.5])
+def test_apg_norm_dim_matches_stock(norm_dim, momentum) -> None:
+    """``adaptive_projected_guidance_norm_dim`` (norms and projections per pixel, per channel, ...):
+    computed outside the step as diffusers computes it, the momentum updated by the step."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        g = diffusers.guiders.AdaptiveProjectedGuidance(adaptive_projected_guidance_norm_dim=1)
-    with pytest.raises(ValueError, match="adaptive_projected_guidance_norm_dim"):
-        from_diffusers(g)
+        g = diffusers.guiders.AdaptiveProjectedGuidance(guidance_scale=6.0, adaptive_projected_guidance_norm_dim=norm_dim,
+                                                        adaptive_projected_guidance_momentum=momentum,
+                                                        adaptive_projected_guidance_rescale=3.0, eta=0.3)
+    ours = from_diffusers(g)
+    gen = torch.Generator().manual_seed(4)
+    shape = (2, 3, 4, 5)
+    for backend in BACKENDS:
+        buf = torch.zeros(shape)
+        for step in range(4):
+            g.set_state(step, 4, None)
+            if step == 0:
+                _reset_momentum(g)
+            c = torch.randn(shape, generator=gen)
+            u = c + 0.4 * torch.randn(shape, generator=gen)
+            want = g.forward(c, u).pred
+            got = guide(ours, step, 4, cond=c, uncond=u, momentum=buf, backend=backend)
+            assert _rel(got, want) <= TOL, f"norm_dim {norm_dim} step {step} {backend}: {_rel(got, want):.3g}"
+    dims = (norm_dim,) if isinstance(norm_dim, int) else norm_dim
+    if any(d >= 2 or d < -2 for d in dims):  # dimensions a 2-D prediction does not have: refused by name
+        with pytest.raises(ValueError, match="norm_dim"):
+            guide(ours, 1, 4, cond=torch.randn(3, 4), uncond=torch.randn(3, 4), momentum=torch.zeros(3, 4))
+
+
+def test_unknown_guider_and_options_are_refused_by_name() -> None:
     with pytest.raises(TypeError, match="not a supported diffusers guider"):
         from_diffusers(object())
 

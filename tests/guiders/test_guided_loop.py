@@ -70,6 +70,9 @@ CASES = [
     ("EulerDiscreteScheduler", "euler", "AutoGuidance",
      dict(guidance_scale=3.0, auto_guidance_layers=[0], dropout=0.1, use_original_formulation=True)),
     ("DPMSolverMultistepScheduler", "dpmpp_2m", "MagnitudeAwareGuidance", dict(guidance_scale=6.0, alpha=2.0)),
+    ("EulerDiscreteScheduler", "euler", "AdaptiveProjectedGuidance",  # per-channel norms: a derived slot
+     dict(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5, adaptive_projected_guidance_rescale=2.0,
+          eta=0.4, adaptive_projected_guidance_norm_dim=1)),
 ]
 
 
