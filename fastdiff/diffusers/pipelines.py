@@ -34,12 +34,17 @@ class _PipeSpec:
         finish: ``(pipe, latents, args, extra) -> pipeline output``.
         step_generator: whether the stock loop hands ``generator`` to ``scheduler.step`` (else
             the stock step draws from torch's global RNG, and so do we).
+        cfg: ``(pipe, args) -> (do_cfg, scale)``: whether and how strongly the loop blends an
+            unconditional branch (``None``: the pipeline's ``do_classifier_free_guidance`` and
+            ``guidance_scale``; Flux: ``true_cfg_scale`` with a negative prompt, its
+            ``guidance_scale`` being an embedding the model takes).
     """
 
     supported: frozenset
     prepare: Callable
     finish: Callable
     step_generator: bool = True
+    cfg: Callable | None = None
 
 
 _COMMON = frozenset({"prompt", "height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
@@ -234,6 +239,102 @@ def _sd3_finish(pipe, latents, a: dict, extra: dict):
     return StableDiffusion3PipelineOutput(images=image) if a["return_dict"] else (image,)
 
 
+def _flux_cfg(pipe, a: dict) -> tuple[bool, float]:
+    has_neg = a["negative_prompt"] is not None or (
+        a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None)
+    return a["true_cfg_scale"] > 1 and has_neg, float(a["true_cfg_scale"])
+
+
+def _flux_prepare(pipe, a: dict, do_cfg: bool):
+    """FluxPipeline's set-up, as its ``__call__`` does it; the model is the transformer with the
+    timestep over 1000, the guidance embedding and the text/image position ids (shared by both
+    branches: not batched) bound, and the true-CFG branches batched ``[negative; positive]`` (the stock
+    loop calls the transformer once per branch)."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    h = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["prompt_2"], h, w, negative_prompt=a["negative_prompt"],
+                      negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+                      negative_prompt_embeds=a["negative_prompt_embeds"],
+                      pooled_prompt_embeds=a["pooled_prompt_embeds"],
+                      negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                      callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
+                      max_sequence_length=a["max_sequence_length"])
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    device = pipe._execution_device
+    jak = a["joint_attention_kwargs"] or {}
+    lora_scale = jak.get("scale")
+    if do_cfg and a["prompt_embeds"] is not None and a["negative_prompt_embeds"] is not None \
+            and a["prompt_embeds"].shape != a["negative_prompt_embeds"].shape:
+        raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, "
+                         f"but got: `prompt_embeds` {a['prompt_embeds'].shape} != `negative_prompt_embeds` "
+                         f"{a['negative_prompt_embeds'].shape}.")
+    n = a["num_images_per_prompt"]
+    pe, pp, text_ids = pipe.encode_prompt(prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_embeds=a["prompt_embeds"],
+                                          pooled_prompt_embeds=a["pooled_prompt_embeds"], device=device,
+                                          num_images_per_prompt=n, max_sequence_length=a["max_sequence_length"],
+                                          lora_scale=lora_scale)
+    ne = npp = None
+    if do_cfg:
+        ne, npp, _ = pipe.encode_prompt(prompt=a["negative_prompt"], prompt_2=a["negative_prompt_2"],
+                                        prompt_embeds=a["negative_prompt_embeds"],
+                                        pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device,
+                                        num_images_per_prompt=n, max_sequence_length=a["max_sequence_length"],
+                                        lora_scale=lora_scale)
+    latents, image_ids = pipe.prepare_latents(batch * n, pipe.transformer.config.in_channels // 4, h, w, pe.dtype,
+                                              device, a["generator"], a["latents"])
+    for name, e in (("prompt_embeds", pe), ("negative_prompt_embeds", ne)):
+        if e is not None and e.shape[0] != latents.shape[0]:
+            raise ValueError(f"fastdiff.diffusers.accelerate: FluxPipeline with {name} of batch {e.shape[0]} and "
+                             f"num_images_per_prompt={n} gives {latents.shape[0]} latents: the stock pipeline does not "
+                             "repeat given embeddings (its transformer then fails); repeat them "
+                             "(e.repeat_interleave(n, 0), and the pooled ones) or restore(pipe)")
+    sigmas = np.linspace(1.0, 1 / a["num_inference_steps"], a["num_inference_steps"]) if a["sigmas"] is None \
+        else a["sigmas"]
+    cfg = pipe.scheduler.config
+    if getattr(cfg, "use_flow_sigmas", False):
+        sigmas = None
+    mu = calculate_shift(latents.shape[1], cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, sigmas=sigmas, mu=mu)
+    pipe.scheduler.set_begin_index(0)
+    embed = None
+    if pipe.transformer.config.guidance_embeds:
+        embed = torch.full([1], float(a["guidance_scale"]), device=device, dtype=torch.float32)
+    pipe._joint_attention_kwargs = jak
+
+    def model(x, t, **cond):
+        g = None if embed is None else embed.expand(x.shape[0])
+        return pipe.transformer(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=g, txt_ids=text_ids,
+                                img_ids=image_ids, joint_attention_kwargs=jak, return_dict=False, **cond)[0]
+
+    def pack(e, pooled):
+        return {"encoder_hidden_states": e, "pooled_projections": pooled}
+
+    return model, pack(pe, pp), pack(ne, npp) if do_cfg else None, latents, {"h": h, "w": w}
+
+
+def _flux_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.flux import FluxPipelineOutput
+
+    if a["output_type"] == "latent":
+        image = latents
+    else:
+        latents = pipe._unpack_latents(latents, extra["h"], extra["w"], pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return FluxPipelineOutput(images=image) if a["return_dict"] else (image,)
+
+
 _SDXL_EXTRA = {"prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
                "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                "negative_crops_coords_top_left", "negative_target_size", "denoising_end"}
@@ -248,6 +349,13 @@ PIPELINES: dict[str, _PipeSpec] = {
         _COMMON | {"prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
                    "negative_pooled_prompt_embeds", "sigmas", "joint_attention_kwargs", "max_sequence_length", "mu"},
         _sd3_prepare, _sd3_finish, step_generator=False),
+    "FluxPipeline": _PipeSpec(
+        frozenset({"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "true_cfg_scale", "height", "width",
+                   "num_inference_steps", "sigmas", "guidance_scale", "num_images_per_prompt", "generator", "latents",
+                   "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                   "output_type", "return_dict", "joint_attention_kwargs", "callback_on_step_end",
+                   "callback_on_step_end_tensor_inputs", "max_sequence_length"}),
+        _flux_prepare, _flux_finish, step_generator=False, cfg=_flux_cfg),
 }
 """Pipelines :func:`accelerate` supports, by class name."""
 
@@ -291,7 +399,7 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     gs = float(a["guidance_scale"])
     pipe._guidance_scale = gs
     pipe._guidance_rescale = float(a.get("guidance_rescale") or 0.0)
-    pipe._clip_skip = a["clip_skip"]
+    pipe._clip_skip = a.get("clip_skip")
     pipe._cross_attention_kwargs = a.get("cross_attention_kwargs")
     pipe._joint_attention_kwargs = a.get("joint_attention_kwargs")
     pipe._interrupt = False
@@ -299,7 +407,10 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     if getattr(denoiser.config, "time_cond_proj_dim", None) is not None:
         raise ValueError("fastdiff.diffusers.accelerate: a UNet with time_cond_proj_dim (guidance embedding, LCM) "
                          "is not supported")
-    do_cfg = pipe.do_classifier_free_guidance
+    if spec.cfg is not None:
+        do_cfg, gs = spec.cfg(pipe, a)
+    else:
+        do_cfg = pipe.do_classifier_free_guidance
     _check_scheduler(pipe.scheduler)  # before the pipeline touches it
     model, cond, uncond, latents, extra = spec.prepare(pipe, a, do_cfg)
     if len(pipe.scheduler.timesteps) == 0:  # e.g. custom sigmas=[s]: the stock loop runs no step
@@ -417,8 +528,9 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
     (``StableDiffusion3Pipeline`` draws from the global RNG as its stock loop does).
 
     Args:
-        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
-            ``StableDiffusion3Pipeline``.
+        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or
+            ``FluxPipeline`` (true CFG with a negative prompt blended in the step, both branches in one
+            batched transformer call; the guidance embedding and dynamic shifting as the stock call).
         backend: fused-step backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``).
         check_finite: raise :class:`fastdiff.NonFiniteError` after the loop if the model returned
             NaN/Inf (one extra reduction per step; off by default, as in the stock loop).
