@@ -335,6 +335,103 @@ def _flux_finish(pipe, latents, a: dict, extra: dict):
     return FluxPipelineOutput(images=image) if a["return_dict"] else (image,)
 
 
+def _wan_cfg(pipe, a: dict):
+    """Wan: CFG where ``guidance_scale > 1`` (the stock ``do_classifier_free_guidance``); with a
+    ``boundary_ratio`` (Wan 2.2's two experts) the call's scale is ``guidance_scale`` where the row's
+    timestep is at or above the boundary and ``guidance_scale_2`` below it, as the stock loop picks
+    its transformer and scale per call."""
+    gs, gs2 = float(a["guidance_scale"]), a["guidance_scale_2"]
+    ratio = pipe.config.boundary_ratio
+    if ratio is None:
+        return gs > 1.0, gs
+    gs2 = gs if gs2 is None else float(gs2)
+    boundary = ratio * pipe.scheduler.config.num_train_timesteps
+
+    def per_row(plan):
+        at = {(r.step, r.sigma): r.t for r in plan.rows}
+        return lambda step, sigma: gs if at[step, sigma] >= boundary else gs2
+
+    return gs > 1.0, per_row
+
+
+def _wan_prepare(pipe, a: dict, do_cfg: bool):
+    """WanPipeline's set-up, as its ``__call__`` does it; the model casts the (float32) latents to the
+    transformer's dtype and calls, per row, the transformer the stock loop calls at that timestep
+    (``transformer`` at or above Wan 2.2's boundary, ``transformer_2`` below), the CFG branches batched."""
+    pipe.check_inputs(a["prompt"], a["negative_prompt"], a["height"], a["width"], a["prompt_embeds"],
+                      a["negative_prompt_embeds"], a["callback_on_step_end_tensor_inputs"], a["guidance_scale_2"])
+    frames, h, w = a["num_frames"], a["height"], a["width"]
+    tf = pipe.vae_scale_factor_temporal
+    if frames % tf != 1:
+        frames = frames // tf * tf + 1
+    frames = max(frames, 1)
+    main = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    patch = main.config.patch_size
+    hm, wm = pipe.vae_scale_factor_spatial * patch[1], pipe.vae_scale_factor_spatial * patch[2]
+    h, w = h // hm * hm, w // wm * wm
+    pipe._guidance_scale_2 = a["guidance_scale_2"] if pipe.config.boundary_ratio is None or \
+        a["guidance_scale_2"] is not None else a["guidance_scale"]
+    pipe._attention_kwargs = a["attention_kwargs"]
+    device = pipe._execution_device
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    pe, ne = pipe.encode_prompt(prompt=a["prompt"], negative_prompt=a["negative_prompt"],
+                                do_classifier_free_guidance=do_cfg, num_videos_per_prompt=a["num_videos_per_prompt"],
+                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                                max_sequence_length=a["max_sequence_length"], device=device)
+    tdt = main.dtype
+    pe = pe.to(tdt)
+    ne = ne.to(tdt) if ne is not None else None
+    pipe.scheduler.set_timesteps(a["num_inference_steps"], device=device)
+    latents = pipe.prepare_latents(batch * a["num_videos_per_prompt"], main.config.in_channels, h, w, frames,
+                                   torch.float32, device, a["generator"], a["latents"])
+    for name, e in (("prompt_embeds", pe), ("negative_prompt_embeds", ne)):
+        if e is not None and e.shape[0] != latents.shape[0]:
+            raise ValueError(f"fastdiff.diffusers.accelerate: WanPipeline with {name} of batch {e.shape[0]} gives "
+                             f"{latents.shape[0]} latents; the accelerated loop does not broadcast")
+    pipe.scheduler.set_begin_index(0)
+    ratio = pipe.config.boundary_ratio
+    boundary = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
+    expand = pipe.config.expand_timesteps
+    extra = {"calls": 0}
+    jak = a["attention_kwargs"]
+
+    def model(x, t, encoder_hidden_states):
+        row = extra["plan"].rows[extra["calls"] % len(extra["plan"].rows)]  # one call per row, in order
+        extra["calls"] += 1
+        current = pipe.transformer if boundary is None or row.t >= boundary else pipe.transformer_2
+        ts = t
+        if expand:  # Wan 2.2 TI2V: one timestep per latent token (all equal here: no conditioning frame)
+            seq = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+            ts = t.reshape(-1, 1).to(torch.float32).expand(-1, seq)
+        return current(hidden_states=x.to(tdt), timestep=ts, encoder_hidden_states=encoder_hidden_states,
+                       attention_kwargs=jak, return_dict=False)[0]
+
+    return model, {"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None, latents, extra
+
+
+def _wan_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+
+    if a["output_type"] == "latent":
+        video = latents
+    else:
+        vae = pipe.vae
+        latents = latents.to(dtype=vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device,
+                                                                                           latents.dtype)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device,
+                                                                                              latents.dtype)
+        video = vae.decode(latents / std + mean, return_dict=False)[0]
+        video = pipe.video_processor.postprocess_video(video, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return WanPipelineOutput(frames=video) if a["return_dict"] else (video,)
+
+
 _SDXL_EXTRA = {"prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
                "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                "negative_crops_coords_top_left", "negative_target_size", "denoising_end"}
@@ -356,6 +453,12 @@ PIPELINES: dict[str, _PipeSpec] = {
                    "output_type", "return_dict", "joint_attention_kwargs", "callback_on_step_end",
                    "callback_on_step_end_tensor_inputs", "max_sequence_length"}),
         _flux_prepare, _flux_finish, step_generator=False, cfg=_flux_cfg),
+    "WanPipeline": _PipeSpec(
+        frozenset({"prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps",
+                   "guidance_scale", "guidance_scale_2", "num_videos_per_prompt", "generator", "latents",
+                   "prompt_embeds", "negative_prompt_embeds", "output_type", "return_dict", "attention_kwargs",
+                   "callback_on_step_end", "callback_on_step_end_tensor_inputs", "max_sequence_length"}),
+        _wan_prepare, _wan_finish, step_generator=False, cfg=_wan_cfg),
 }
 """Pipelines :func:`accelerate` supports, by class name."""
 
@@ -397,13 +500,13 @@ def _is_default(value, default) -> bool:
 def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     backend = pipe._fd_backend
     gs = float(a["guidance_scale"])
-    pipe._guidance_scale = gs
+    pipe._guidance_scale = gs  # (the stock do_classifier_free_guidance reads it)
     pipe._guidance_rescale = float(a.get("guidance_rescale") or 0.0)
     pipe._clip_skip = a.get("clip_skip")
     pipe._cross_attention_kwargs = a.get("cross_attention_kwargs")
     pipe._joint_attention_kwargs = a.get("joint_attention_kwargs")
     pipe._interrupt = False
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe.transformer_2
     if getattr(denoiser.config, "time_cond_proj_dim", None) is not None:
         raise ValueError("fastdiff.diffusers.accelerate: a UNet with time_cond_proj_dim (guidance embedding, LCM) "
                          "is not supported")
@@ -452,7 +555,10 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
         noise_fn = draw
     elif any(r.noise for r in plan.rows):
         seeds = expand_seeds(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), latents.shape[0])
+    if callable(gs):  # a scale per row, decided from the plan (Wan 2.2's boundary between its experts)
+        gs = gs(plan)
     guidance = Guidance(gs if do_cfg else None, None, pipe._guidance_rescale if do_cfg else 0.0)
+    extra["plan"] = plan  # (a model that follows the rows, as Wan's choice of transformer does)
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     pipe._num_timesteps = len(sched.timesteps)
     post_step = _step_end_hook(pipe, a, sched.timesteps)
@@ -528,9 +634,10 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
     (``StableDiffusion3Pipeline`` draws from the global RNG as its stock loop does).
 
     Args:
-        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or
+        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
             ``FluxPipeline`` (true CFG with a negative prompt blended in the step, both branches in one
-            batched transformer call; the guidance embedding and dynamic shifting as the stock call).
+            batched transformer call; the guidance embedding and dynamic shifting as the stock call) or
+            ``WanPipeline`` (Wan 2.2's two experts and scales switched at its boundary timestep).
         backend: fused-step backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``).
         check_finite: raise :class:`fastdiff.NonFiniteError` after the loop if the model returned
             NaN/Inf (one extra reduction per step; off by default, as in the stock loop).
