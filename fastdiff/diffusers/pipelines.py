@@ -432,6 +432,94 @@ def _wan_finish(pipe, latents, a: dict, extra: dict):
     return WanPipelineOutput(frames=video) if a["return_dict"] else (video,)
 
 
+def _ltx_prepare(pipe, a: dict, do_cfg: bool):
+    """LTXPipeline's set-up, as its ``__call__`` does it (float32 latents, dynamic shift ``mu`` from the
+    video's token count); the model casts the latents to the embeddings' dtype and returns a float32
+    prediction, the branches batched ``[negative; positive]`` as in the stock loop."""
+    import numpy as np
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift, retrieve_timesteps
+
+    pipe.check_inputs(prompt=a["prompt"], height=a["height"], width=a["width"],
+                      callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
+                      prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                      prompt_attention_mask=a["prompt_attention_mask"],
+                      negative_prompt_attention_mask=a["negative_prompt_attention_mask"])
+    pipe._attention_kwargs = a["attention_kwargs"]
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    device = pipe._execution_device
+    pe, pm, ne, nm = pipe.encode_prompt(
+        prompt=a["prompt"], negative_prompt=a["negative_prompt"], do_classifier_free_guidance=do_cfg,
+        num_videos_per_prompt=a["num_videos_per_prompt"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], prompt_attention_mask=a["prompt_attention_mask"],
+        negative_prompt_attention_mask=a["negative_prompt_attention_mask"],
+        max_sequence_length=a["max_sequence_length"], device=device)
+    frames, h, w = a["num_frames"], a["height"], a["width"]
+    latents = pipe.prepare_latents(batch * a["num_videos_per_prompt"], pipe.transformer.config.in_channels, h, w,
+                                   frames, torch.float32, device, a["generator"], a["latents"])
+    for name, e in (("prompt_embeds", pe), ("negative_prompt_embeds", ne if do_cfg else None)):
+        if e is not None and e.shape[0] != latents.shape[0]:
+            raise ValueError(f"fastdiff.diffusers.accelerate: LTXPipeline with {name} of batch {e.shape[0]} gives "
+                             f"{latents.shape[0]} latents; the accelerated loop does not broadcast")
+    lf = (frames - 1) // pipe.vae_temporal_compression_ratio + 1
+    lh, lw = h // pipe.vae_spatial_compression_ratio, w // pipe.vae_spatial_compression_ratio
+    n = a["num_inference_steps"]
+    cfg = pipe.scheduler.config
+    mu = calculate_shift(lf * lh * lw, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    retrieve_timesteps(pipe.scheduler, n, device, a["timesteps"], sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    rope = (pipe.vae_temporal_compression_ratio / a["frame_rate"], pipe.vae_spatial_compression_ratio,
+            pipe.vae_spatial_compression_ratio)
+    jak = a["attention_kwargs"]
+
+    def model(x, t, encoder_hidden_states, encoder_attention_mask):
+        return pipe.transformer(hidden_states=x.to(encoder_hidden_states.dtype), encoder_hidden_states=encoder_hidden_states,
+                                timestep=t, encoder_attention_mask=encoder_attention_mask, num_frames=lf, height=lh,
+                                width=lw, rope_interpolation_scale=rope, attention_kwargs=jak,
+                                return_dict=False)[0].float()
+
+    def pack(e, m):
+        return {"encoder_hidden_states": e, "encoder_attention_mask": m}
+
+    return model, pack(pe, pm), pack(ne, nm) if do_cfg else None, latents, \
+        {"frames": lf, "h": lh, "w": lw, "dtype": pe.dtype, "batch": batch, "device": device}
+
+
+def _ltx_finish(pipe, latents, a: dict, extra: dict):
+    """The stock decode, verbatim (its decode noise drawn from the call's generator after the loop,
+    which the loop did not draw from, as the stock one does not)."""
+    from diffusers.pipelines.ltx.pipeline_output import LTXPipelineOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if a["output_type"] == "latent":
+        video = latents
+    else:
+        latents = pipe._unpack_latents(latents, extra["frames"], extra["h"], extra["w"],
+                                       pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
+        latents = pipe._denormalize_latents(latents, pipe.vae.latents_mean, pipe.vae.latents_std,
+                                            pipe.vae.config.scaling_factor)
+        latents = latents.to(extra["dtype"])
+        timestep = None
+        if pipe.vae.config.timestep_conditioning:
+            batch, device = extra["batch"], extra["device"]
+            noise = randn_tensor(latents.shape, generator=a["generator"], device=device, dtype=latents.dtype)
+            dt = a["decode_timestep"]
+            dt = dt if isinstance(dt, list) else [dt] * batch
+            dn = a["decode_noise_scale"]
+            dn = dt if dn is None else dn if isinstance(dn, list) else [dn] * batch
+            timestep = torch.tensor(dt, device=device, dtype=latents.dtype)
+            dn = torch.tensor(dn, device=device, dtype=latents.dtype)[:, None, None, None, None]
+            latents = (1 - dn) * latents + dn * noise
+        video = pipe.vae.decode(latents.to(pipe.vae.dtype), timestep, return_dict=False)[0]
+        video = pipe.video_processor.postprocess_video(video, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return LTXPipelineOutput(frames=video) if a["return_dict"] else (video,)
+
+
 _SDXL_EXTRA = {"prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
                "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                "negative_crops_coords_top_left", "negative_target_size", "denoising_end"}
@@ -459,6 +547,14 @@ PIPELINES: dict[str, _PipeSpec] = {
                    "prompt_embeds", "negative_prompt_embeds", "output_type", "return_dict", "attention_kwargs",
                    "callback_on_step_end", "callback_on_step_end_tensor_inputs", "max_sequence_length"}),
         _wan_prepare, _wan_finish, step_generator=False, cfg=_wan_cfg),
+    "LTXPipeline": _PipeSpec(
+        frozenset({"prompt", "negative_prompt", "height", "width", "num_frames", "frame_rate", "num_inference_steps",
+                   "timesteps", "guidance_scale", "guidance_rescale", "num_videos_per_prompt", "generator", "latents",
+                   "prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                   "negative_prompt_attention_mask", "decode_timestep", "decode_noise_scale", "output_type",
+                   "return_dict", "attention_kwargs", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+                   "max_sequence_length"}),
+        _ltx_prepare, _ltx_finish, step_generator=False),
 }
 """Pipelines :func:`accelerate` supports, by class name."""
 
@@ -637,7 +733,8 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
             ``FluxPipeline`` (true CFG with a negative prompt blended in the step, both branches in one
             batched transformer call; the guidance embedding and dynamic shifting as the stock call) or
-            ``WanPipeline`` (Wan 2.2's two experts and scales switched at its boundary timestep).
+            ``WanPipeline`` (Wan 2.2's two experts and scales switched at its boundary timestep) or
+            ``LTXPipeline``.
         backend: fused-step backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``).
         check_finite: raise :class:`fastdiff.NonFiniteError` after the loop if the model returned
             NaN/Inf (one extra reduction per step; off by default, as in the stock loop).
