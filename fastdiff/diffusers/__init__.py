@@ -88,14 +88,18 @@ Pipelines::
     accelerate(pipe)     # pipe(...) now runs fastdiff's loop: one fused kernel per step, CFG blend inside
     restore(pipe)        # back to the stock __call__
 
-Supported: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``.
+Supported: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
+``FluxPipeline``, ``WanPipeline``, ``LTXPipeline``, and any modular pipeline (``*ModularPipeline``: its
+scheduler and guider components are swapped for fused ones).
 
 Modules: :mod:`.support` (the class table), :mod:`.scheduler` (the fused scheduler),
-:mod:`.pipelines` (accelerated pipelines), each importing only the one before it.
+:mod:`.modular` (fused guider components and modular pipelines), :mod:`.pipelines` (accelerated
+pipelines), each importing only the ones before it.
 """
 
+from .modular import fused_guider, stock_guider
 from .pipelines import accelerate, restore
 from .scheduler import from_diffusers
 from .support import SUPPORT, support_table
 
-__all__ = ["from_diffusers", "accelerate", "restore", "support_table", "SUPPORT"]
+__all__ = ["from_diffusers", "accelerate", "restore", "fused_guider", "stock_guider", "support_table", "SUPPORT"]

@@ -739,9 +739,19 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
         check_finite: raise :class:`fastdiff.NonFiniteError` after the loop if the model returned
             NaN/Inf (one extra reduction per step; off by default, as in the stock loop).
 
+    A diffusers modular pipeline (``*ModularPipeline``) keeps its own blocks: its ``scheduler``
+    component becomes the drop-in (:func:`from_diffusers`) and its ``guider`` component blends in one
+    fused step (:func:`fastdiff.diffusers.modular.fused_guider`); ``check_finite`` does not apply.
+
     Returns:
-        ``pipe`` (changed in place: its class becomes an accelerated subclass).
+        ``pipe`` (changed in place: its class becomes an accelerated subclass, or, for a modular
+        pipeline, its scheduler and guider components are replaced).
     """
+    from .modular import accelerate_modular, is_modular
+
+    if is_modular(pipe):  # its scheduler and guider components swapped for fused ones
+        ops.requested_backend(backend)
+        return accelerate_modular(pipe, backend)
     cls = getattr(type(pipe), "_fd_stock_pipeline", type(pipe))
     import diffusers
 
@@ -763,6 +773,10 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
 
 def restore(pipe: Any):
     """Undo :func:`accelerate`: ``pipe(...)`` runs the stock loop again. Returns ``pipe``."""
+    from .modular import is_modular, restore_modular
+
+    if is_modular(pipe):
+        return restore_modular(pipe)
     stock = getattr(type(pipe), "_fd_stock_pipeline", None)
     if stock is None:
         raise ValueError(f"{type(pipe).__name__} was not accelerated by fastdiff.diffusers.accelerate")
