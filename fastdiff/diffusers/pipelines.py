@@ -80,6 +80,42 @@ def _sd_prepare(pipe, a: dict, do_cfg: bool):
     return model, cond, uncond, latents, {"dtype": pe.dtype, "device": device}
 
 
+def _sd_img2img_prepare(pipe, a: dict, do_cfg: bool):
+    """StableDiffusionImg2ImgPipeline's set-up, as its ``__call__`` does it: the schedule cut by
+    ``strength`` (the run starts at the scheduler's begin index, ``extra["start"]``) and the latents
+    the encoded image noised to the first timestep by the pipeline's own ``prepare_latents``."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_timesteps
+
+    pipe.check_inputs(a["prompt"], a["strength"], None, a["negative_prompt"], a["prompt_embeds"],
+                      a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
+                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    image = pipe.image_processor.preprocess(a["image"])
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    timesteps, _ = pipe.get_timesteps(a["num_inference_steps"], a["strength"], device)
+    latent_timestep = timesteps[:1].repeat(batch * a["num_images_per_prompt"])
+    latents = pipe.prepare_latents(image, latent_timestep, batch, a["num_images_per_prompt"], pe.dtype, device,
+                                   a["generator"])
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    cond = {"encoder_hidden_states": pe}
+    uncond = {"encoder_hidden_states": ne} if do_cfg else None
+    start = len(pipe.scheduler.timesteps) - len(timesteps)
+    return model, cond, uncond, latents, {"dtype": pe.dtype, "device": device, "start": start}
+
+
 def _sd_finish(pipe, latents, a: dict, extra: dict):
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
@@ -137,6 +173,61 @@ def _sdxl_prepare(pipe, a: dict, do_cfg: bool):
 
     uncond = pack(ne, npp, nids) if do_cfg else None
     return model, pack(pe, pp, ids), uncond, latents, {"dtype": pe.dtype, "device": device}
+
+
+def _sdxl_img2img_prepare(pipe, a: dict, do_cfg: bool):
+    """StableDiffusionXLImg2ImgPipeline's set-up, as its ``__call__`` does it: the schedule cut by
+    ``strength`` (the run starts at ``extra["start"]``), the image encoded and noised by the pipeline's
+    own ``prepare_latents`` (or the given ``latents``), its aesthetic-score time ids."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_timesteps
+
+    pipe.check_inputs(a["prompt"], a["prompt_2"], a["strength"], a["num_inference_steps"], None, a["negative_prompt"],
+                      a["negative_prompt_2"], a["prompt_embeds"], a["negative_prompt_embeds"], None, None,
+                      a["callback_on_step_end_tensor_inputs"])
+    pipe._denoising_end, pipe._denoising_start = None, None
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne, pp, npp = pipe.encode_prompt(
+        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
+        clip_skip=a["clip_skip"])
+    image = pipe.image_processor.preprocess(a["image"])
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    timesteps, _ = pipe.get_timesteps(a["num_inference_steps"], a["strength"], device, denoising_start=None)
+    latents = a["latents"]
+    if latents is None:
+        latents = pipe.prepare_latents(image, timesteps[:1].repeat(batch * a["num_images_per_prompt"]), batch,
+                                       a["num_images_per_prompt"], pe.dtype, device, a["generator"], True)
+    h, w = (v * pipe.vae_scale_factor for v in latents.shape[-2:])
+    orig, target = a["original_size"] or (h, w), a["target_size"] or (h, w)
+    proj = int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+    ids, nids = pipe._get_add_time_ids(orig, a["crops_coords_top_left"], target, a["aesthetic_score"],
+                                       a["negative_aesthetic_score"], a["negative_original_size"] or orig,
+                                       a["negative_crops_coords_top_left"], a["negative_target_size"] or target,
+                                       dtype=pe.dtype, text_encoder_projection_dim=proj)
+    n = batch * a["num_images_per_prompt"]
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    def pack(e, pooled, time_ids):
+        return {"encoder_hidden_states": e.to(device),
+                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
+
+    uncond = pack(ne, npp, nids) if do_cfg else None
+    start = len(pipe.scheduler.timesteps) - len(timesteps)
+    return model, pack(pe, pp, ids), uncond, latents.to(device=device, dtype=pe.dtype), \
+        {"dtype": pe.dtype, "device": device, "start": start}
 
 
 def _sdxl_finish(pipe, latents, a: dict, extra: dict):
@@ -527,9 +618,18 @@ PIPELINES: dict[str, _PipeSpec] = {
     "StableDiffusionPipeline": _PipeSpec(
         _COMMON | {"timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale"}, _sd_prepare,
         _sd_finish),
+    "StableDiffusionImg2ImgPipeline": _PipeSpec(
+        (_COMMON - {"height", "width", "latents"}) | {"image", "strength", "timesteps", "sigmas", "eta",
+                                                      "cross_attention_kwargs"},
+        _sd_img2img_prepare, _sd_finish),
     "StableDiffusionXLPipeline": _PipeSpec(
         _COMMON | _SDXL_EXTRA | {"timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale"},
         _sdxl_prepare, _sdxl_finish),
+    "StableDiffusionXLImg2ImgPipeline": _PipeSpec(
+        (_COMMON - {"height", "width"}) | (_SDXL_EXTRA - {"denoising_end"})
+        | {"image", "strength", "timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale",
+           "aesthetic_score", "negative_aesthetic_score"},
+        _sdxl_img2img_prepare, _sdxl_finish),
     "StableDiffusion3Pipeline": _PipeSpec(
         _COMMON | {"prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
                    "negative_pooled_prompt_embeds", "sigmas", "joint_attention_kwargs", "max_sequence_length", "mu"},
@@ -612,12 +712,18 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
         do_cfg = pipe.do_classifier_free_guidance
     _check_scheduler(pipe.scheduler)  # before the pipeline touches it
     model, cond, uncond, latents, extra = spec.prepare(pipe, a, do_cfg)
-    if len(pipe.scheduler.timesteps) == 0:  # e.g. custom sigmas=[s]: the stock loop runs no step
+    start = extra.get("start", 0)  # img2img: the schedule cut by strength
+    if len(pipe.scheduler.timesteps) <= start:  # e.g. custom sigmas=[s]: the stock loop runs no step
         pipe._num_timesteps = 0
         return spec.finish(pipe, latents, a, extra)
     sched = from_diffusers(pipe.scheduler, backend=backend)  # after the pipeline's own set_timesteps
     step_args = {"eta": a["eta"]} if "eta" in a and "eta" in sched._fd_spec.step_options else {}
-    plan = sched.fastdiff_plan(0, **step_args)
+    plan = sched.fastdiff_plan(start, **step_args)
+    if start and len(plan.rows) == len(sched.timesteps):  # rows that serve any start: the full plan, cut here
+        meta = dict(plan.meta)
+        if "refused" in meta:
+            meta["refused"] = {k - start: v for k, v in meta["refused"].items() if k >= start}
+        plan = dataclasses.replace(plan, rows=plan.rows[start:], meta=meta)
     if plan.meta.get("learned_variance") or sched.config.get("variance_type") in ("learned", "learned_range"):
         raise ValueError(f"fastdiff.diffusers.accelerate: {type(sched).__name__}(variance_type="
                          f"{sched.config.get('variance_type')!r}) reads variance channels of the model output, which "
@@ -656,8 +762,8 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     guidance = Guidance(gs if do_cfg else None, None, pipe._guidance_rescale if do_cfg else 0.0)
     extra["plan"] = plan  # (a model that follows the rows, as Wan's choice of transformer does)
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe._num_timesteps = len(sched.timesteps)
-    post_step = _step_end_hook(pipe, a, sched.timesteps)
+    pipe._num_timesteps = len(sched.timesteps) - start
+    post_step = _step_end_hook(pipe, a, sched.timesteps[start:])
     opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
                        progress=progress, check_finite=pipe._fd_check_finite, post_step=post_step)
     # a callback that sets pipe._interrupt ends the loop there (StopSampling): the latents so far come back
@@ -733,8 +839,9 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
             ``FluxPipeline`` (true CFG with a negative prompt blended in the step, both branches in one
             batched transformer call; the guidance embedding and dynamic shifting as the stock call) or
-            ``WanPipeline`` (Wan 2.2's two experts and scales switched at its boundary timestep) or
-            ``LTXPipeline``.
+            ``WanPipeline`` (Wan 2.2's two experts and scales switched at its boundary timestep),
+            ``LTXPipeline``, ``StableDiffusionImg2ImgPipeline`` or ``StableDiffusionXLImg2ImgPipeline``
+            (the run starts where ``strength`` cuts the schedule), or a modular pipeline.
         backend: fused-step backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``).
         check_finite: raise :class:`fastdiff.NonFiniteError` after the loop if the model returned
             NaN/Inf (one extra reduction per step; off by default, as in the stock loop).
