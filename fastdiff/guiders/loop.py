@@ -57,6 +57,8 @@ def run_guided(plan: Plan, model: Callable, x: torch.Tensor, guider: Guider, *, 
     each row needs, every prepared row."""
     key = (plan, guider, tuple(x.shape), x.dtype, x.device, backend, bool(check_finite), interval,
            classifier is not None, float(classifier_scale), generator is not None, seeds is not None)
+    if any(callable(getattr(guider, n)) for n in guider._weights()):
+        key = None  # a weight given as f(step, sigma) is called anew every run (it may not return what it did)
     run = _take(key)
     if run is None:
         blends, cg = _row_blends(plan, guider, interval, classifier, classifier_scale)
@@ -86,6 +88,8 @@ _runs_lock = threading.Lock()
 def _take(key) -> "_GuidedRun | None":
     """The kept run of ``key``, taken out of the cache (a concurrent call with the same key builds
     its own), or ``None``."""
+    if key is None:
+        return None
     try:
         hash(key)
     except TypeError:  # a guider weight or interval that cannot be keyed: no caching
@@ -95,6 +99,8 @@ def _take(key) -> "_GuidedRun | None":
 
 
 def _keep(key, run: "_GuidedRun") -> None:
+    if key is None:
+        return
     try:
         hash(key)
     except TypeError:

@@ -214,3 +214,27 @@ def test_the_slot_layout_does_not_change_the_blend(guider, extension):
         torch.testing.assert_close(w1, w0, rtol=1e-6, atol=1e-6)
     assert layout.slots[2] in (None, "perturbed") and layout.slots[3] in (None, "momentum")
     assert (layout is sb) == ("perturbed" not in sb.slots[:2])  # moved only where it had to be
+
+
+def test_a_weight_given_as_a_function_is_called_every_run():
+    """A scheduled weight ``f(step, sigma)`` may change between calls (it reads a setting): each run calls
+    it anew, no kept run reuses its old values."""
+    from fastdiff.guiders.methods import Guider as CFG
+
+    m, _ = _models()
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    cond, uncond = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)), torch.zeros(SHAPE)
+    setting = {"w": 3.0}
+
+    def weight(step, sigma):
+        return setting["w"]
+
+    g = CFG(scale=weight)
+
+    def run(gd):
+        return fastdiff.sample(m, noise, sampler="euler", steps=4, guidance=gd, cond=cond, uncond=uncond, seed=0)
+
+    a = run(g)
+    setting["w"] = 6.0
+    b = run(g)
+    assert torch.equal(b, run(CFG(scale=6.0))) and not torch.equal(a, b)
