@@ -116,6 +116,118 @@ def _sd_img2img_prepare(pipe, a: dict, do_cfg: bool):
     return model, cond, uncond, latents, {"dtype": pe.dtype, "device": device, "start": start}
 
 
+def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
+    """StableDiffusionInpaintPipeline's set-up, as its ``__call__`` does it: the schedule cut by
+    ``strength``, the pipeline's own latents, noise, mask and masked-image latents. A 9-channel UNet
+    takes ``[x, mask, masked image latents]`` (the model concatenates them); a 4-channel one gets the
+    known region put back after every step, re-noised by the scheduler's ``add_noise`` to the next
+    timestep (``extra["post_step"]``), as the stock loop does."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_timesteps
+
+    h = a["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["image"], a["mask_image"], h, w, a["strength"], None, a["output_type"],
+                      a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"], None, None,
+                      a["callback_on_step_end_tensor_inputs"], a["padding_mask_crop"])
+    if isinstance(a["prompt"], str):
+        batch = 1
+    elif isinstance(a["prompt"], list):
+        batch = len(a["prompt"])
+    else:
+        batch = a["prompt_embeds"].shape[0]
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
+                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    timesteps, n_steps = pipe.get_timesteps(num_inference_steps=a["num_inference_steps"], strength=a["strength"],
+                                            device=device)
+    if n_steps < 1:
+        raise ValueError(f"After adjusting the num_inference_steps by strength parameter: {a['strength']}, the number "
+                         f"of pipelinesteps is {n_steps} which is < 1 and not appropriate for this pipeline.")
+    n = batch * a["num_images_per_prompt"]
+    if a["padding_mask_crop"] is not None:
+        crops = pipe.mask_processor.get_crop_region(a["mask_image"], w, h, pad=a["padding_mask_crop"])
+        resize_mode = "fill"
+    else:
+        crops, resize_mode = None, "default"
+    init_image = pipe.image_processor.preprocess(a["image"], height=h, width=w, crops_coords=crops,
+                                                 resize_mode=resize_mode).to(dtype=torch.float32)
+    channels = pipe.unet.config.in_channels
+    outs = pipe.prepare_latents(n, pipe.vae.config.latent_channels, h, w, pe.dtype, device, a["generator"],
+                                a["latents"], image=init_image, timestep=timesteps[:1].repeat(n),
+                                is_strength_max=a["strength"] == 1.0, return_noise=True,
+                                return_image_latents=channels == 4)
+    latents, noise = outs[0], outs[1]
+    mask_condition = pipe.mask_processor.preprocess(a["mask_image"], height=h, width=w, resize_mode=resize_mode,
+                                                    crops_coords=crops)
+    masked = init_image * (mask_condition < 0.5) if a["masked_image_latents"] is None else a["masked_image_latents"]
+    mask, masked_latents = pipe.prepare_mask_latents(mask_condition, masked, n, h, w, pe.dtype, device,
+                                                     a["generator"], do_cfg)
+    if channels == 9:
+        if pipe.vae.config.latent_channels + mask.shape[1] + masked_latents.shape[1] != channels:
+            raise ValueError(f"fastdiff.diffusers.accelerate: the UNet takes {channels} channels, the latents, mask "
+                             f"and masked image give {pipe.vae.config.latent_channels + mask.shape[1]}"
+                             f" + {masked_latents.shape[1]}")
+    elif channels != 4:
+        raise ValueError(f"The unet {pipe.unet.__class__} should have either 4 or 9 input channels, not {channels}.")
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        if channels == 9:  # (mask and masked latents are doubled for the CFG batch: the first x.shape[0] fit)
+            k = x.shape[0]
+            x = torch.cat([x, mask[:k], masked_latents[:k]], dim=1)
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    start = len(pipe.scheduler.timesteps) - len(timesteps)
+    extra = {"dtype": pe.dtype, "device": device, "start": start, "init_image": init_image,
+             "mask_condition": mask_condition, "masked_latents": masked_latents, "crops": crops}
+    if channels == 4:
+        image_latents = outs[2]
+        init_mask = mask.chunk(2)[0] if do_cfg else mask
+        stock = pipe.scheduler
+        rows = len(timesteps)
+
+        def put_back(i: int, x: torch.Tensor) -> None:
+            proper = image_latents
+            if hasattr(stock, "_step_index"):  # where the stock loop's stepped scheduler is (its add_noise reads it)
+                stock._step_index = start + i + 1
+            if i < rows - 1:
+                proper = stock.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
+            x.copy_((1 - init_mask) * proper + init_mask * x)
+
+        extra["post_step"] = put_back
+    cond = {"encoder_hidden_states": pe}
+    uncond = {"encoder_hidden_states": ne} if do_cfg else None
+    return model, cond, uncond, latents, extra
+
+
+def _sd_inpaint_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.models import AsymmetricAutoencoderKL
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+    if a["output_type"] != "latent":
+        kw = {}
+        if isinstance(pipe.vae, AsymmetricAutoencoderKL):
+            dt = extra["masked_latents"].dtype
+            init = extra["init_image"].to(device=extra["device"], dtype=dt)
+            kw = {"image": init.clone(), "mask": extra["mask_condition"].to(device=extra["device"], dtype=dt)}
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=a["generator"],
+                                **kw)[0]
+        image, nsfw = pipe.run_safety_checker(image, extra["device"], extra["dtype"])
+    else:
+        image, nsfw = latents, None
+    denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+    image = pipe.image_processor.postprocess(image, output_type=a["output_type"], do_denormalize=denorm)
+    if a["padding_mask_crop"] is not None:
+        image = [pipe.image_processor.apply_overlay(a["mask_image"], a["image"], i, extra["crops"]) for i in image]
+    pipe.maybe_free_model_hooks()
+    if not a["return_dict"]:
+        return image, nsfw
+    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
 def _sd_finish(pipe, latents, a: dict, extra: dict):
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
@@ -622,6 +734,10 @@ PIPELINES: dict[str, _PipeSpec] = {
         (_COMMON - {"height", "width", "latents"}) | {"image", "strength", "timesteps", "sigmas", "eta",
                                                       "cross_attention_kwargs"},
         _sd_img2img_prepare, _sd_finish),
+    "StableDiffusionInpaintPipeline": _PipeSpec(
+        (_COMMON - {"latents"}) | {"image", "mask_image", "masked_image_latents", "padding_mask_crop", "strength",
+                                   "timesteps", "sigmas", "eta", "cross_attention_kwargs", "latents"},
+        _sd_inpaint_prepare, _sd_inpaint_finish),
     "StableDiffusionXLPipeline": _PipeSpec(
         _COMMON | _SDXL_EXTRA | {"timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale"},
         _sdxl_prepare, _sdxl_finish),
@@ -764,6 +880,14 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     pipe._num_timesteps = len(sched.timesteps) - start
     post_step = _step_end_hook(pipe, a, sched.timesteps[start:])
+    before = extra.get("post_step")  # the pipeline's own work after each step (inpainting's known region)
+    if before is not None:
+        after = post_step
+
+        def post_step(i: int, x: torch.Tensor) -> None:
+            before(i, x)
+            if after is not None:
+                after(i, x)
     opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
                        progress=progress, check_finite=pipe._fd_check_finite, post_step=post_step)
     # a callback that sets pipe._interrupt ends the loop there (StopSampling): the latents so far come back
