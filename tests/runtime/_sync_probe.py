@@ -11,7 +11,11 @@ records them anyway, as PyTorch dispatches them:
   ``unique`` family, ``lift_fresh`` (``torch.tensor(data)``), a copy to the CPU from another device;
 - at the Python level (:class:`TorchFunctionMode`), for what never reaches ATen on CPU tensors:
   ``item``, ``tolist``, ``cpu``, ``numpy``, ``__bool__``/``__int__``/``__float__``/``__index__``,
-  ``__repr__``/``__format__`` (printing), ``allclose``. (``.to(device)`` is not flagged: on CPU
+  ``__repr__``/``__format__`` (printing), ``allclose``.
+
+``t[idx] = 1.0`` (a Python number) is not reported: PyTorch makes the number a CPU scalar tensor
+(``lift_fresh`` under a dispatch mode) and fills the slice with it (``copy_to`` -> ``fill_``), a
+kernel with the value as its argument on a GPU, no copy. (``.to(device)`` is not flagged: on CPU
   tests the executor's own device is the CPU, so moving to it is no sign of a sync.)
 
 Each record names the innermost frame in fastdiff (``file:line``), so a failure points at the line.
@@ -67,6 +71,7 @@ class SyncProbe:
     def __init__(self) -> None:
         self.on = False
         self.records: list[tuple[str, str]] = []
+        self._scalar_setitem = 0  # inside t[idx] = <Python number>: its lift_fresh is no upload
         probe = self
 
         class Dispatch(TorchDispatchMode):
@@ -74,7 +79,9 @@ class SyncProbe:
                 kwargs = kwargs or {}
                 if probe.on:
                     name = func.overloadpacket.__name__
-                    if name in SYNC_ATEN:
+                    if name == "lift_fresh" and probe._scalar_setitem:
+                        pass
+                    elif name in SYNC_ATEN:
                         probe.records.append((f"aten.{name}", _where()))
                     elif name in ("_to_copy", "copy_") and _to_host(name, args, kwargs):
                         probe.records.append((f"aten.{name} to the host", _where()))
@@ -87,6 +94,12 @@ class SyncProbe:
                     name = SYNC_METHODS.get(func)
                     if name is not None:
                         probe.records.append((name, _where()))
+                if func is _T.__setitem__ and len(args) == 3 and isinstance(args[2], (bool, int, float)):
+                    probe._scalar_setitem += 1
+                    try:
+                        return func(*args, **kwargs)
+                    finally:
+                        probe._scalar_setitem -= 1
                 return func(*args, **kwargs)
 
         self._modes = (Function, Dispatch)
