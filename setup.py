@@ -3,14 +3,20 @@
 The top-level ``kernels/`` folder (Triton kernels) is installed as ``fastdiff.kernels``.
 """
 
+import glob
 import os
+import re
 import shutil
 import subprocess
+import sys
+import warnings
 from multiprocessing.pool import ThreadPool
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import BaseError as DistutilsError  # DistutilsError: what compile and link errors derive from
+from setuptools.errors import CCompilerError
 
 try:
     from setuptools.modified import newer_group  # setuptools >= 69
@@ -110,13 +116,80 @@ CUDA_ARCHS = os.environ.get("FASTDIFF_CUDA_ARCHS", "80;90")
 # --fmad=false: no FMA contraction, like -ffp-contract=off for the CPU kernel: the CUDA kernel's
 # results then equal the CPU kernel's bit for bit.
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-fPIC"]
+CUDA_NOTE = "_C_cuda.txt"
+"""Written next to the extension by every build: how fastdiff._C_cuda was built (toolkit, runtime),
+or why it was not; fastdiff/backends/cuda.py quotes it when the extension does not import."""
 
 
-def _nvcc() -> str | None:
+def _nvcc_candidates() -> list[str]:
+    """The nvcc executables to choose from: ``FASTDIFF_NVCC`` alone where set (a failing one is not
+    replaced by another), else CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda and /usr/local/cuda-*."""
+    forced = os.environ.get("FASTDIFF_NVCC")
+    if forced:
+        return [forced] if os.access(forced, os.X_OK) else []
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     cands = [os.path.join(home, "bin", "nvcc")] if home else []
     cands += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
-    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
+    cands += sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)  # the newest first
+    out, seen = [], set()
+    for c in cands:
+        if c and os.access(c, os.X_OK) and os.path.realpath(c) not in seen:
+            seen.add(os.path.realpath(c))
+            out.append(c)
+    return out
+
+
+def _nvcc_version(nvcc: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of ``nvcc --version`` ("release 12.4"), or None where it does not say."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def pick_nvcc(torch_cuda: str | None) -> tuple[str | None, tuple[int, int] | None, str]:
+    """``(nvcc, its (major, minor), what was chosen and why)``: the first candidate whose CUDA major
+    version is torch's (so the kernel runs wherever torch's runtime does and can link that runtime),
+    else the first candidate, said so."""
+    cands = _nvcc_candidates()
+    if not cands:
+        return None, None, "no nvcc found (FASTDIFF_NVCC, CUDA_HOME, PATH, /usr/local/cuda)"
+    versions = [(c, _nvcc_version(c)) for c in cands]
+    want = int(torch_cuda.split(".")[0]) if torch_cuda else None
+    for c, v in versions:
+        if v is not None and v[0] == want:
+            return c, v, f"nvcc {c} (CUDA {v[0]}.{v[1]}, the major version of torch's CUDA {torch_cuda})"
+    c, v = versions[0]
+    have = ", ".join(f"{c} ({'CUDA %d.%d' % v if v else 'version unknown'})" for c, v in versions)
+    return c, v, (f"no toolkit for torch's CUDA {torch_cuda} among {have}; using {c}: the extension needs a driver "
+                  "for that toolkit and links its static runtime")
+
+
+def torch_cudart(torch_cuda: str | None, roots: list[str] | None = None) -> str | None:
+    """The shared CUDA runtime torch loads (``libcudart.so.<major>`` of the nvidia-cuda-runtime wheel:
+    nvidia/cuda_runtime/lib or nvidia/cu<major>/lib, or a copy bundled in torch/lib), or None.
+    ``roots`` are the folders holding ``nvidia/`` and ``torch/`` (default: sys.path)."""
+    if not torch_cuda:
+        return None
+    major = torch_cuda.split(".")[0]
+    if roots is None:
+        roots = [p for p in sys.path if p and os.path.isdir(p)]
+        try:
+            import torch
+
+            roots.insert(0, os.path.dirname(os.path.dirname(torch.__file__)))
+        except ImportError:
+            pass
+    for root in roots:
+        for folder in ("nvidia/cuda_runtime/lib", f"nvidia/cu{major}/lib", "torch/lib"):
+            # libcudart.so.12 (CUDA 11: libcudart.so.11.0), or torch's own copy libcudart-<hash>.so.<major>[.<minor>]
+            found = sorted(f for name in ("libcudart", "libcudart-*") for v in (major, f"{major}.*")
+                           for f in glob.glob(os.path.join(root, folder, f"{name}.so.{v}")))
+            if found:  # linked by path: the library's SONAME (what torch loaded) is what gets recorded
+                return found[0]
+    return None
 
 
 def _cuda_lib_dirs(nvcc: str) -> list[str]:
@@ -125,52 +198,75 @@ def _cuda_lib_dirs(nvcc: str) -> list[str]:
     homes = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
              "/usr/local/cuda"]
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True).stderr
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60).stderr
         homes += [ln.split("=", 1)[1].strip() for ln in out.splitlines() if "TOP=" in ln]
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         pass
     dirs = [os.path.join(h, sub) for h in homes if h for sub in ("lib64", "targets/x86_64-linux/lib", "lib")]
     return [d for d in dirs if os.path.exists(os.path.join(d, "libcudart_static.a"))][:1]
 
 
-def cuda_extension():
-    """``(Pybind11Extension, build_ext class)`` for ``fastdiff._C_cuda``, or ``(None, None)``.
+def cuda_extension(torch_cuda: str | None = None, probe_torch: bool = True):
+    """``(Pybind11Extension, build_ext class, note)`` for ``fastdiff._C_cuda``, or ``(None, None, note)``.
 
-    The kernel (csrc/cuda_step.cu) is compiled by nvcc into an object that is linked, with the
-    static CUDA runtime, into the pybind11 module built from csrc/cuda_bindings.cpp; no torch
-    headers are involved. Skipped (with a message) unless nvcc and a CUDA-enabled torch exist.
+    The kernel (csrc/cuda_step.cu, csrc/cuda_info.cu) is compiled by nvcc (:func:`pick_nvcc`: a toolkit of
+    torch's CUDA major version where there is one) into objects linked into the pybind11 module built from
+    csrc/cuda_bindings.cpp; no torch headers are involved. The CUDA runtime linked is torch's own shared
+    one (:func:`torch_cudart`) where the toolkit's major version is torch's, so one runtime serves both
+    and the extension needs no newer driver than torch; else the toolkit's static runtime. Skipped
+    unless nvcc and a CUDA-enabled torch exist (``torch_cuda``: torch.version.cuda, read from torch when
+    ``probe_torch``). An nvcc or link failure skips the extension with a warning, not the build.
     """
-    nvcc = _nvcc()
-    try:
-        import torch
+    if probe_torch:
+        try:
+            import torch
 
-        torch_cuda = torch.version.cuda
-    except ImportError:
-        torch_cuda = None
-    lib_dirs = _cuda_lib_dirs(nvcc) if nvcc else []
-    if not nvcc or torch_cuda is None or not lib_dirs:
-        print("CUDA toolkit or CUDA-enabled torch not available; skipping fastdiff._C_cuda")
-        return None, None
+            torch_cuda = torch.version.cuda
+        except ImportError:
+            torch_cuda = None
+    if torch_cuda is None:
+        return None, None, "not built: torch has no CUDA (torch.version.cuda is None) or is not installed"
+    nvcc, version, chosen = pick_nvcc(torch_cuda)
+    if nvcc is None:
+        return None, None, f"not built: {chosen}"
+    cudart = torch_cudart(torch_cuda) if version is not None and str(version[0]) == torch_cuda.split(".")[0] else None
+    lib_dirs = [] if cudart else _cuda_lib_dirs(nvcc)
+    if not cudart and not lib_dirs:
+        return None, None, f"not built: {chosen}, but neither torch's libcudart nor the toolkit's libcudart_static.a found"
+    if cudart:
+        runtime = f"torch's CUDA runtime {cudart}"
+        link = dict(libraries=["rt", "pthread", "dl"],
+                    extra_link_args=[cudart, f"-Wl,-rpath,{os.path.dirname(cudart)}"])
+    else:
+        runtime = f"the static CUDA runtime of {lib_dirs[0]}"
+        link = dict(library_dirs=lib_dirs, libraries=["cudart_static", "rt", "pthread", "dl"])
+    note = f"built with {chosen}; linked with {runtime}; cubins for sm {CUDA_ARCHS}"
+    print(f"fastdiff._C_cuda: {note}")
     from setuptools.command.build_ext import build_ext
 
     archs = [a.strip() for a in CUDA_ARCHS.split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    cu_sources = ["csrc/cuda_step.cu"]
-    headers = [f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "step_params.h", "cuda_step.h")]
+    cu_sources = ["csrc/cuda_step.cu", "csrc/cuda_info.cu"]
+    headers = [f"csrc/{h}" for h in ("fd_common.h", "philox.h", "step_math.h", "step_params.h", "cuda_step.h",
+                                     "cuda_info.h")]
     ext = Pybind11Extension(
         "fastdiff._C_cuda",
         ["csrc/cuda_bindings.cpp"],
         include_dirs=["csrc"],
-        library_dirs=lib_dirs,
-        libraries=["cudart_static", "rt", "pthread", "dl"],
+        define_macros=[("FD_CUDA_ARCHS", '"' + ";".join(archs) + '"')],
         depends=cu_sources + headers + ["csrc/bind_args.h"],
         cxx_std=17,
+        **link,
     )
 
     class BuildExtCuda(build_ext):
         def build_extension(self, e):
-            if e.name == "fastdiff._C_cuda":
+            if e.name != "fastdiff._C_cuda":
+                return super().build_extension(e)
+            target = self.get_ext_fullpath(e.name)
+            try:
                 os.makedirs(self.build_temp, exist_ok=True)
                 for src in cu_sources:
                     obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
@@ -181,15 +277,48 @@ def cuda_extension():
                         subprocess.check_call(cmd)
                     if obj not in e.extra_objects:
                         e.extra_objects.append(obj)
-            super().build_extension(e)
+                super().build_extension(e)
+            except (subprocess.CalledProcessError, OSError, CCompilerError, DistutilsError) as exc:
+                # the CPU extension and the package stay usable: build on without fastdiff._C_cuda
+                why = f"not built: {type(exc).__name__}: {exc} ({chosen}; {runtime})"
+                warnings.warn(f"fastdiff._C_cuda {why}; the cuda backend will be unavailable "
+                              "(`fastdiff info` says why)", stacklevel=1)
+                print(f"WARNING: fastdiff._C_cuda {why}", file=sys.stderr)
+                if os.path.exists(target):  # an older build must not be imported as if it were this one
+                    os.remove(target)
+                _write_note(target, why)
+            else:
+                _write_note(target, note)
 
-    return ext, BuildExtCuda
+    return ext, BuildExtCuda, note
 
 
-_cuda_ext, _cuda_build_ext = cuda_extension() if not SANITIZE else (None, None)
+def _write_note(ext_path: str, text: str) -> None:
+    """CUDA_NOTE next to the extension's file: what fastdiff/backends/cuda.py quotes."""
+    os.makedirs(os.path.dirname(ext_path) or ".", exist_ok=True)
+    with open(os.path.join(os.path.dirname(ext_path), CUDA_NOTE), "w") as f:
+        f.write(text + "\n")
+
+
+def with_cuda_note(base, note: str):
+    """``base`` that writes ``note`` (why fastdiff._C_cuda is not built) next to fastdiff._C."""
+
+    class BuildExtNote(base):
+        def run(self):
+            super().run()
+            if not self.dry_run:
+                _write_note(self.get_ext_fullpath("fastdiff._C"), note)
+
+    return BuildExtNote
+
+
+_cuda_ext, _cuda_build_ext, _cuda_note = (
+    cuda_extension() if not SANITIZE else (None, None, "not built: FASTDIFF_SANITIZE builds the CPU extension alone"))
 if _cuda_ext is not None:
     ext_modules.append(_cuda_ext)
-cmdclass = {"build_ext": with_cpu_levels(_cuda_build_ext or build_ext)}
+else:
+    print(f"fastdiff._C_cuda {_cuda_note}")
+cmdclass = {"build_ext": with_cpu_levels(_cuda_build_ext or with_cuda_note(build_ext, _cuda_note))}
 
 packages = find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernels"]
 

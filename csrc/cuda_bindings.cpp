@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bind_args.h"
+#include "cuda_info.h"
 #include "cuda_step.h"
 
 namespace py = pybind11;
@@ -134,7 +135,26 @@ std::vector<bool> u_vector(const fd_bind::Ptrs& p, int64_t numel, int dtype, int
   return r;
 }
 
+/// fd_cuda::runtime_info() as a dict (fastdiff/backends/cuda.py decides from it whether the kernel can run here).
+py::dict runtime_info() {
+  const fd_cuda::RuntimeInfo r = fd_cuda::runtime_info();
+  py::dict d;
+  d["built"] = r.built;
+  d["runtime"] = r.runtime;
+  d["driver"] = r.driver;
+  d["devices"] = r.devices;
+  d["error"] = r.error;
+  d["error_name"] = r.error_name ? py::str(r.error_name) : py::str("");
+  d["error_string"] = r.error_string ? py::str(r.error_string) : py::str("");
+  return d;
+}
+
 }  // namespace
+
+// The compute capabilities setup.py compiled cubins for ("80;90"; the last one's PTX is embedded too).
+#ifndef FD_CUDA_ARCHS
+#define FD_CUDA_ARCHS ""
+#endif
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "fastdiff CUDA step kernel on raw device pointers (see fastdiff/backends/cuda.py)";
@@ -145,6 +165,11 @@ PYBIND11_MODULE(_C_cuda, m) {
     for (const auto& kv : fd_bind::coef_offsets()) offsets[py::str(kv.first)] = kv.second;
     m.attr("COEF_OFFSETS") = offsets;
   }
+  m.attr("CUDA_ARCHS") = FD_CUDA_ARCHS;
+  m.def("runtime_info", &runtime_info,
+        "The CUDA versions (1000 * major + 10 * minor) this extension was built with (built: CUDART_VERSION), "
+        "links (runtime) and the driver supports (driver: 0 without one), the device count, and "
+        "cudaGetDeviceCount's error (error: its code, 0 for none; error_name, error_string).");
   m.def("step", &step, py::arg("ptrs"), py::arg("numel"), py::arg("per_sample"), py::arg("dtype"),
         py::arg("n_reads"), py::arg("n_writes"), py::arg("clip"), py::arg("row"), py::arg("coef"),
         py::arg("stream"), py::arg("max_blocks") = 0, py::arg("u_copies") = 0,

@@ -10,6 +10,8 @@ another; anything else is reported unsupported, never read wrongly. ``_C_cuda`` 
 
 from __future__ import annotations
 
+import os
+import re
 from types import ModuleType
 
 import torch
@@ -30,16 +32,104 @@ except Exception as _exc:  # not built here (no nvcc or CPU-only torch), stale, 
 else:
     _import_error = None
 
+BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_C_cuda.txt")
+"""What setup.py wrote about ``fastdiff._C_cuda``: the toolkit and runtime it was built with, or why not."""
+
+_runtime: tuple[bool, str] | None = None  # available()'s runtime verdict, asked of the extension once
+
+
+def build_note() -> str:
+    """setup.py's note on the extension's build (:data:`BUILD_NOTE`), or ``""`` where there is none."""
+    try:
+        with open(BUILD_NOTE) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cuda_version(v: int) -> str:
+    """A CUDA version number (``1000 * major + 10 * minor``, as CUDART_VERSION) as ``"major.minor"``."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _cubin_for(archs: str, capability: tuple[int, int] | None) -> bool:
+    """Whether one of the cubins built (``archs``: "80;90") runs on a GPU of compute ``capability``:
+    sm_XY code runs on X.Z for Z >= Y ("90a"-style targets only on X.Y itself)."""
+    if capability is None:
+        return False
+    for a in archs.split(";"):
+        m = re.fullmatch(r"(\d+)(a?)", a.strip())
+        if m:
+            major, minor = divmod(int(m.group(1)), 10)
+            if major == capability[0] and (minor == capability[1] if m.group(2) else minor <= capability[1]):
+                return True
+    return False
+
+
+def runtime_problem(info: dict, archs: str = "", capability: tuple[int, int] | None = None) -> str | None:
+    """Why the extension cannot run here, in words, or ``None`` when it can.
+
+    ``info`` is ``_C_cuda.runtime_info()`` (``built``: the toolkit's CUDART_VERSION, ``driver``:
+    cudaDriverGetVersion, ``devices``, ``error``/``error_name``/``error_string``: cudaGetDeviceCount's).
+    A driver for an older CUDA major version than the toolkit's cannot load the kernels; an older minor
+    version of the same major can, by CUDA's minor-version compatibility, but only where a cubin for the
+    GPU's ``capability`` was built (``archs``): the embedded PTX would need a newer driver's JIT.
+    """
+    built, driver = int(info.get("built", 0)), int(info.get("driver", 0))
+    err = int(info.get("error", 0))
+    init = f"{info.get('error_name') or 'error'} ({err}): {info.get('error_string') or 'no description'}"
+    if driver <= 0:
+        return "no CUDA driver is installed (cudaDriverGetVersion gave 0)" + (f"; cudaGetDeviceCount: {init}" if err else "")
+    if driver < built and (driver // 1000 < built // 1000 or not _cubin_for(archs, capability)):
+        why = (f"the driver supports CUDA {cuda_version(driver)} but fastdiff._C_cuda was built with CUDA "
+               f"{cuda_version(built)}")
+        if driver // 1000 == built // 1000:
+            gpu = f"sm_{capability[0]}{capability[1]}" if capability else "this GPU"
+            why += f" and has no cubin for {gpu} (built for sm {archs or '?'}; its PTX needs a newer driver)"
+        return why + ("; update the driver, or rebuild with an older toolkit (FASTDIFF_NVCC=/path/to/nvcc "
+                      "pip install -e .)")
+    if err:
+        return f"the CUDA runtime failed to initialise: {init}"
+    if int(info.get("devices", 0)) < 1:
+        return "the CUDA runtime sees no device"
+    return None
+
+
+def _check_runtime(module) -> tuple[bool, str]:
+    """``(ok, details or why)`` for ``module`` (``_C_cuda``) on this machine's driver and devices."""
+    try:
+        info = dict(module.runtime_info())
+    except Exception as exc:  # an extension built before runtime_info existed, or a broken runtime
+        return False, f"fastdiff._C_cuda cannot report its CUDA runtime ({type(exc).__name__}: {exc}); rebuild it"
+    archs = str(getattr(module, "CUDA_ARCHS", ""))
+    capability = None
+    if info.get("driver", 0) < info.get("built", 0) and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()  # (only asked where it decides)
+    problem = runtime_problem(info, archs, capability)
+    versions = (f"built with CUDA {cuda_version(int(info.get('built', 0)))}, runtime "
+                f"{cuda_version(int(info.get('runtime', 0)))}, driver {cuda_version(int(info.get('driver', 0)))}")
+    if problem is not None:
+        return False, f"{problem} ({versions})"
+    return True, versions
 
 
 def available() -> tuple[bool, str]:
-    """``(True, details)`` when the extension imports and a CUDA device is present, else ``(False, why)``."""
+    """``(True, details)`` when the extension imports, the driver supports the CUDA it was built with,
+    the runtime initialises and torch sees a CUDA device; else ``(False, why)`` (``auto`` then falls back)."""
+    global _runtime
     if _C_cuda is None:
+        note = build_note()
         return False, (f"the extension fastdiff._C_cuda did not import ({type(_import_error).__name__}: "
-                       f"{_import_error}); it is built by `pip install -e .` where nvcc and a CUDA-enabled torch exist")
+                       f"{_import_error}); " + (f"setup.py: {note}" if note else
+                       "it is built by `pip install -e .` where nvcc and a CUDA-enabled torch exist"))
+    if _runtime is None:
+        _runtime = _check_runtime(_C_cuda)
+    ok, details = _runtime
+    if not ok:
+        return False, details
     if not torch.cuda.is_available():
-        return False, "fastdiff._C_cuda is built but torch sees no CUDA device"
-    return True, f"CUDA C++ kernel on {torch.cuda.get_device_name()}"
+        return False, f"fastdiff._C_cuda is built ({details}) but torch sees no CUDA device"
+    return True, f"CUDA C++ kernel on {torch.cuda.get_device_name()} ({details})"
 
 
 def supports(args: StepArgs) -> bool:

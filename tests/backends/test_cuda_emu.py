@@ -49,7 +49,7 @@ def emu(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_emu") / ("_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
            "-DFD_CUDA_EMU", f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-           "-x", "c++", os.path.join(CSRC, "cuda_step.cu"), "-x", "none", os.path.join(CSRC, "cuda_bindings.cpp"),
+           "-x", "c++", os.path.join(CSRC, "cuda_step.cu"), os.path.join(CSRC, "cuda_info.cu"), "-x", "none", os.path.join(CSRC, "cuda_bindings.cpp"),
            "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -404,3 +404,11 @@ def test_program_errors_name_the_argument(emu):
     m = torch.ones_like(x)
     prog.run(0, m.data_ptr(), 0)  # coef all 0: x' = 0
     assert (out == 0).all()
+
+
+def test_runtime_info_states_the_cuda_it_was_built_with(emu):
+    # the emulation's stand-ins (cuda_emu.h): a toolkit 13.0 and a driver that supports it, one device
+    info = emu.runtime_info()
+    assert info == dict(built=13000, runtime=13000, driver=13000, devices=1, error=0, error_name="", error_string="")
+    assert cb.runtime_problem(info, emu.CUDA_ARCHS) is None
+    assert emu.CUDA_ARCHS == ""  # FD_CUDA_ARCHS is defined by setup.py's build only

@@ -65,7 +65,8 @@ def _build_emu(out_dir: str) -> str:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     flags = ["-O1", "-std=c++17", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-DFD_CUDA_EMU",
              f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
-    h = hashlib.sha256(" ".join([cxx, *flags, sys.version]).encode())
+    sources = ("cuda_step.cu", "cuda_info.cu", "cuda_bindings.cpp")  # (part of the key: a build of others is another)
+    h = hashlib.sha256(" ".join([cxx, *flags, sys.version, *sources]).encode())
     for name in sorted(os.listdir(CSRC)):  # what the emulation compiles (the CPU kernel's files aside)
         if name.endswith((".h", ".cu", ".cpp")) and not name.startswith("cpu_") and name != "bindings.cpp":
             with open(os.path.join(CSRC, name), "rb") as f:
@@ -75,11 +76,11 @@ def _build_emu(out_dir: str) -> str:
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)
-    objs = [os.path.join(folder, f"{os.getpid()}_{k}.o") for k in range(2)]
+    objs = [os.path.join(folder, f"{os.getpid()}_{k}.o") for k in range(len(sources))]
     # the kernel and the bindings compile in parallel (about half the time on two cores)
     procs = [subprocess.Popen([cxx, *flags, "-c", "-x", "c++", os.path.join(CSRC, src), "-o", obj],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for src, obj in zip(("cuda_step.cu", "cuda_bindings.cpp"), objs)]
+             for src, obj in zip(sources, objs)]
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-4000:]

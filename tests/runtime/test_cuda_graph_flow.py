@@ -8,6 +8,7 @@ calls PyTorch's CUDA-graph rules ask for, which streams they use, the errors, th
 static buffers a graph reads, and when a graph is captured again.
 """
 
+import types
 from contextlib import contextmanager
 
 import pytest
@@ -234,3 +235,131 @@ def test_graphable_check_names_conditioning_on_another_device():
                                uncond=torch.randn(2, 4, device="meta"))
     msg = str(info.value)
     assert "needs cond['emb'] on cpu, got meta" in msg and "needs uncond on cpu, got meta" in msg
+
+
+# --- the real loop body through the capture flow, on meta tensors -----------------------------------
+#
+# Meta tensors have shapes and dtypes but no data: every operation that would read device data on
+# the host (.item(), bool(t), nonzero, .tolist(), printing) raises on them, as it would make a real
+# CUDA-graph capture fail. The executor's real loop body (Executor._rows: model calls, the
+# guidance-rescale reduction, the steps) runs on them with the reference backend (plain torch) or
+# with the CUDA backend's program over a stand-in _C_cuda (whose kernel is not run: it sees no data),
+# through graphs.capture with the FakeCuda above, while the host-sync probe (_sync_probe) records
+# what meta tensors let through (a tensor made from Python data, .cpu(), ...) during the capture.
+# check_finite is off: reading the flags after the replay (Executor._finish) is the loop's one host
+# sync by design, outside the graph, and has no meaning on meta tensors.
+
+
+class _MetaStreams:
+    """``torch.cuda.current_stream`` for the backends, answering FakeCuda's current stream."""
+
+    def __init__(self, fake: FakeCuda) -> None:
+        self.fake = fake
+        self.handles: dict[str, int] = {}
+
+    def __call__(self, device=None):
+        name = self.fake.current
+        return types.SimpleNamespace(cuda_stream=self.handles.setdefault(name, 0x1000 + len(self.handles)), name=name)
+
+
+class _RecordingExt:
+    """``_C_cuda`` whose Program records each launch's row and stream (and runs nothing)."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[int, int]] = []
+        ext = self
+
+        class Program:
+            def __init__(self, max_blocks: int = 0) -> None:
+                self.n = 0
+
+            def add(self, *args) -> int:
+                self.n += 1
+                return self.n - 1
+
+            def set(self, i, which, ptr) -> None:
+                pass
+
+            def run(self, i, m, stream) -> None:
+                ext.launches.append((i, stream))
+
+        self.Program = Program
+
+
+def _meta_run(program: str, monkeypatch, inject=None):
+    from fastdiff.backends import cuda as cb
+    from fastdiff.runtime import executor as executor_mod
+    from fastdiff.runtime import ops
+
+    from ._sync_probe import SyncProbe
+
+    from fastdiff.core import validate
+
+    # a call's conditioning is refused on meta (it would reach a model as data); checked before the loop,
+    # it is not what this test is about
+    check = validate.conditioning
+    monkeypatch.setattr(validate, "conditioning", lambda name, c, batch, **kw: None if isinstance(
+        c, torch.Tensor) and c.is_meta else check(name, c, batch, **kw))
+    fake = FakeCuda()
+    streams = _MetaStreams(fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", streams)
+    ext = _RecordingExt()
+    if program == "cuda-path":
+        monkeypatch.setattr(ops, "prepare", lambda rows, backend="auto", reductions=None: cb.CudaProgram(
+            rows, reductions or [None] * len(rows), module=ext))
+    if inject is not None:
+        orig = executor_mod.Executor._taken
+        monkeypatch.setattr(executor_mod.Executor, "_taken",
+                            lambda self, ws, out, i, watch: (inject(out), orig(self, ws, out, i, watch))[1])
+    probe = SyncProbe()
+    graph_cm = fake.graph
+
+    @contextmanager
+    def graph(g, stream=None, **kw):  # record while capturing
+        with graph_cm(g, stream=stream, **kw):
+            probe.on = True
+            try:
+                yield
+            finally:
+                probe.on = False
+
+    monkeypatch.setattr(fake, "graph", graph)
+    plan = fastdiff.make_plan("dpmpp_2m_sde", 5)  # multistep history and noise
+    ex = Executor(plan, (3, 4), torch.float32, "meta", guidance=Guidance(2.5, rescale=0.7), backend="reference",
+                  check_finite=False)
+    net = _Net().to("meta")
+    meta = dict(device="meta")
+    with probe.installed():
+        for k in range(2):
+            got = ex.run_graphed(net, torch.randn(3, 4, **meta), Call(cond=torch.randn(3, 2, **meta),
+                                 uncond=torch.randn(3, 2, **meta), seeds=[k, k + 1, k + 2]), cuda=fake)
+            assert got.device.type == "meta" and got.shape == (3, 4)
+    return fake, streams, ext, probe, len(plan.rows)
+
+
+@pytest.mark.parametrize("program", ["reference", "cuda-path"])
+def test_the_real_loop_body_on_meta_tensors_captures_without_a_host_sync(program, monkeypatch):
+    fake, streams, ext, probe, n = _meta_run(program, monkeypatch)
+    assert _captures(fake) == 1 and sum(1 for e in fake.log if e[0] == "replay") == 2
+    assert probe.records == [], "host syncs while capturing:\n" + "\n".join(f"  {o} at {a}" for o, a in probe.records)
+    if program == "cuda-path":
+        side = streams.handles["side0"]
+        # warm-up and capture: every row launched once each, on the capture stream (side0), none on the caller's
+        assert ext.launches[:2 * n] == [(i, side) for i in range(n)] * 2
+
+
+@pytest.mark.parametrize("program", ["reference", "cuda-path"])
+def test_a_host_sync_in_the_loop_body_fails_the_meta_capture(program, monkeypatch):
+    # the warm-up pass already reads data (it is eager, not captured): on meta tensors it raises there,
+    # as `if torch.isnan(out).any():` would stall every step of an eager GPU loop
+    with pytest.raises(Exception, match="meta"):
+        _meta_run(program, monkeypatch, inject=lambda out: bool(torch.isnan(out).any()))
+
+
+@pytest.mark.parametrize("program", ["reference", "cuda-path"])
+def test_an_upload_in_the_loop_body_is_caught_while_capturing(program, monkeypatch):
+    # a tensor made from Python data (a host-to-device copy on a GPU) passes on meta tensors: the probe sees it
+    with pytest.raises(AssertionError, match=r"aten.lift_fresh at test_cuda_graph_flow.py:\d+ \(<lambda>\) via "
+                                             r"runtime/executor.py:\d+ \(_rows\)"):
+        fake, streams, ext, probe, n = _meta_run(program, monkeypatch, inject=lambda out: torch.tensor([1.0]))
+        assert probe.records == [], "host syncs while capturing:\n" + "\n".join(f"{o} at {a}" for o, a in probe.records)
