@@ -12,7 +12,7 @@ import torch
 from ..core.args import N_COEF, StepArgs
 from ..core.plan import N_OPERANDS, OP_E
 from .methods import COND, DERIVED, MOMENTUM, Guider, StepBlend
-from .stats import Stats, gram, ops_of
+from .stats import Stats, device_constant, gram, ops_of
 
 
 def plain_to_rows(p, slots):
@@ -46,7 +46,7 @@ def coefficients(sb: StepBlend, slots: list[torch.Tensor | None], rescale: float
     const = getattr(sb.plain, "weights", None)
     if const is not None and not rescale:  # the same for every sample: computed on the host, one upload
         rows = _difference_form(const, sb.slots) + (_difference_form(sb.write, sb.slots) if sb.write else [])
-        return torch.tensor(rows, dtype=torch.float32).to(dev)[:, None].expand(len(rows), b).contiguous()
+        return device_constant([[float(v)] * b for v in rows], dev, torch.float32)  # (fills: no upload)
     stats = gram(slots, extension=extension) if sb.needs_stats or rescale > 0 else None
     if stats is not None and isinstance(stats.gram, torch.Tensor) and stats.gram.device != dev:
         stats = Stats(stats.gram.to(dev), stats.sums.to(dev), stats.n)

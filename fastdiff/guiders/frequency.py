@@ -32,12 +32,16 @@ FDG = DERIVED
 prediction), computed from the branches after the model calls, before the step."""
 
 _KERNEL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+_kernels: dict = {}
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
     """kornia's ``filter2d`` with its pyramid kernel: reflect-padded 5x5 binomial correlation per channel."""
     c = x.shape[1]
-    k = (_KERNEL[:, None] * _KERNEL[None, :] / 256.0).to(device=x.device, dtype=x.dtype)
+    k = _kernels.get((x.device, x.dtype))
+    if k is None:  # made once per device and dtype (an upload every call would wait for a GPU's stream)
+        k = _kernels[x.device, x.dtype] = (_KERNEL[:, None] * _KERNEL[None, :] / 256.0).to(device=x.device,
+                                                                                             dtype=x.dtype)
     return F.conv2d(F.pad(x, [2, 2, 2, 2], mode="reflect"), k.expand(c, 1, 5, 5), groups=c)
 
 

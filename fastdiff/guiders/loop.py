@@ -36,7 +36,7 @@ from ..runtime import ops
 from ..runtime.executor import Cond, NonFiniteError, call_model, cat_cond, draw_noise
 from .apply import coefficients
 from .methods import COND, DERIVED, MODALITY, MOMENTUM, PERTURBED, UNCOND, Guider, StepBlend, constant
-from .stats import Stats
+from .stats import Stats, device_constant
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -410,7 +410,7 @@ def canonical_blend(sb: StepBlend, i: int = 0) -> StepBlend:
     else:
         def plain(stats, b, device):
             if stats is None:
-                return base(None, b, device) @ torch.tensor(perm, dtype=torch.float64, device=device).T
+                return base(None, b, device) @ device_constant(perm, device).T
             p = stats.ops.array(perm, stats.gram)
             old = Stats(p.T @ stats.gram @ p, stats.sums @ p, stats.n)
             return base(old, b, device) @ p.T

@@ -69,7 +69,9 @@ def constant(*weights: float) -> Plain:
     def plain(stats, b, device):
         if stats is not None:  # the statistics' kind (numpy from the CPU extension)
             return stats.ops.zeros(b, stats.gram) + stats.ops.array(w, stats.gram)
-        return torch.tensor(w, dtype=torch.float64, device=device).expand(b, 4)
+        from .stats import device_constant
+
+        return device_constant(w, device).expand(b, 4)
 
     plain.weights = tuple(float(v) for v in w)  # (the host's shortcut: apply.coefficients)
     return plain

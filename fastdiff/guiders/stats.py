@@ -24,6 +24,19 @@ import torch
 from ..core.args import BLEND_ROWS
 
 
+def device_constant(values, device, dtype=torch.float64) -> torch.Tensor:
+    """Host numbers (a list, or a list of lists) as a tensor on ``device`` made by fills, not copied from
+    the host: on a GPU, ``torch.tensor(values, device=...)`` uploads pageable memory and waits for the
+    stream (a host sync every row), a fill takes its number as a kernel argument."""
+    shape = np.shape(values)
+    t = torch.zeros(shape, dtype=dtype, device=device)
+    flat = t.view(-1)
+    for i, v in enumerate(np.ravel(np.asarray(values, dtype=np.float64))):
+        if v != 0.0:
+            flat[i] = float(v)
+    return t
+
+
 class TorchOps:
     """The array functions a blend's weights are computed with, for torch tensors (float64)."""
 
@@ -40,7 +53,8 @@ class TorchOps:
 
     @staticmethod
     def array(values, like) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float64, device=like.device)
+        """Host numbers as a float64 tensor on ``like``'s device (:func:`device_constant`)."""
+        return device_constant(values, like.device, torch.float64)
 
     @staticmethod
     def as_float(mask):

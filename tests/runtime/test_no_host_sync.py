@@ -198,10 +198,6 @@ def _guiders():
             "cfg_zero_star": G.CFGZeroStar(scale=3.0), "apg": G.APG(scale=3.0)}
 
 
-@pytest.mark.xfail(strict=False, reason="the guided loop (fastdiff/guiders/loop.py, rows one by one on the host) uploads "
-                   "tensors made from Python data every row: guiders/apply.py:43 (coefficients of constant weights), "
-                   ":21 (plain_to_rows' mask of present slots), guiders/methods.py:64 (constant().plain, with "
-                   "rescale); the guided loop has been restructured on main since (coefficients prepared once)")
 @pytest.mark.parametrize("guider", ["cfg", "cfg_rescale", "cfg_zero_star", "apg"])
 def test_the_guided_loop_issues_no_host_sync(guider):
     probe = SyncProbe()
