@@ -473,6 +473,8 @@ class _FusedScheduler:
     def _fd_step(self, a: dict):
         spec = self._fd_spec
         name = type(self).__name__
+        array_m = isinstance(a.get("model_output"), np.ndarray)
+        t_dims = isinstance(a.get("timestep"), (torch.Tensor, np.ndarray)) and np.ndim(a["timestep"]) >= 1
         a = self._fd_args(a)
         for k, v in spec.step_only.items():
             val = a.get(k)
@@ -531,7 +533,7 @@ class _FusedScheduler:
                 last = run.start + len(plan.rows) - 1
                 raise IndexError(f"{name}.step: step index {i} is outside this run (rows {run.start}..{last}); "
                                  "call set_timesteps first")
-        if spec.step_row is not None and at is None:  # a row of its own for this call (SA-Solver's taus as given)
+        if spec.step_row is not None:  # a row of its own for this call (SA-Solver's taus, CogVideoXDPM's arguments)
             plan, k = spec.step_row(self, run, k, a) or (plan, k)
         row = plan.rows[k]
         refused = plan.meta.get("refused", {}).get(k)
@@ -573,6 +575,8 @@ class _FusedScheduler:
             if wide != h.dtype:
                 run.hist[:] = [t.to(wide) for t in run.hist]
             dt = wide
+        if spec.given_history is not None and row.reads:  # the estimate the caller keeps, read as slot 0
+            run.hist[0].copy_(self._fd_given(a.get(spec.given_history), shape, work))
         xx = x.to(dt).expand(shape).reshape(work).contiguous()
         mm = m.to(dt).expand(shape).reshape(work).contiguous()
         if learned is not None and row.noise:
@@ -592,7 +596,13 @@ class _FusedScheduler:
             z, seeds = self._fd_noise(row, a, mm, m.dtype, draw, shape)
         out, bound = _run_row(row, plan, i, xx, mm, run.hist, z=z, seeds=seeds, backend=self.fastdiff_backend)
         how = spec.out_dtype(self.config) if callable(spec.out_dtype) else spec.out_dtype
-        out = out.to({"model": m.dtype, "sample": x.dtype}.get(how, torch.promote_types(x.dtype, m.dtype)))
+        x_dtype = x.dtype
+        if spec.scalar_dtype is not None and (array_m or t_dims or (x.dim() == 0 and m.dim() == 0)):
+            # diffusers' scalars (0-d tensors) take part in the promotion where no operand has dimensions, and
+            # where they have dimensions themselves (indexed by a timestep of shape (1,)); numpy's promotion
+            # where the model output is an array (its 0-d arrays are not weak): a wider result
+            x_dtype = torch.promote_types(x_dtype, spec.scalar_dtype(self))
+        out = out.to({"model": m.dtype, "sample": x_dtype}.get(how, torch.promote_types(x_dtype, m.dtype)))
         out = out.reshape(shape)
         self._fd_after(row, i)
         if spec.after_step is not None:
@@ -604,10 +614,25 @@ class _FusedScheduler:
         # computed only if read (one more pass)
         est = _second_output if "second_output" in plan.meta else _data_estimate
         x0 = functools.partial(_reshaped, shape, functools.partial(
-            est, row, plan, k, xx, mm, z, bound, x.dtype, m.dtype, spec.x0_float32, type(self).__name__))
-        if not a.get("return_dict", True):
-            return _StepTuple(out, x0)
+            est, row, plan, k, xx, mm, z, bound, x_dtype, m.dtype, spec.x0_float32, type(self).__name__))
+        if not a.get("return_dict", True) or k in plan.meta.get("tuple_rows", ()):
+            return _StepTuple(out, x0)  # (tuple_rows: diffusers' step returns a tuple there whatever return_dict says)
         return _lazy_output(out_cls, out, x0)
+
+    def _fd_given(self, h, shape: tuple[int, ...], work: tuple[int, ...]) -> torch.Tensor:
+        """The history tensor a ``step()`` argument gives (``_Spec.given_history``), shaped as the ring's
+        buffers: it must broadcast to the step's result, as in diffusers' arithmetic (where it would widen
+        the result instead, diffusers returns another shape: refused by name)."""
+        what = f"{type(self).__name__}.step: {self._fd_spec.given_history}"
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(h).__name__}")
+        try:
+            wide = torch.broadcast_shapes(tuple(h.shape), shape) != torch.Size(shape)
+        except RuntimeError:
+            wide = True
+        if wide:
+            raise ValueError(f"{what} {tuple(h.shape)} does not broadcast to the sample's shape {shape}")
+        return h.expand(shape).reshape(work)  # (copy_ into the ring buffer casts it and moves it to its device)
 
     def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor, model_dtype: torch.dtype,
                   draw: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None):
@@ -1003,14 +1028,10 @@ def from_diffusers(scheduler: Any, backend: str = "auto"):
     state = {k: v for k, v in scheduler.__dict__.items() if not k.startswith("_fd_")}
     fused.__dict__.update(copy.deepcopy(state))
     fused._fd_init(backend)
-    if getattr(scheduler, "num_inference_steps", None) is not None:
-        try:
-            fused._fd_plan(0, ())
-        except ValueError:
-            # the grid in place may be the one the constructor set (Heun, LMS: every training timestep),
-            # which pipelines replace with set_timesteps before stepping; a config that no grid can serve
-            # fails there, and a step on this grid raises the same error
-            fused._fd_plans = {}
+    # The grid in place is planned when first stepped (or by set_timesteps), not here: it is often the one
+    # the constructor set (Heun, LMS: every training timestep), which pipelines replace with set_timesteps
+    # before stepping, and LMS's 1000-step plan alone takes seconds (a quadrature per coefficient). A
+    # config that no grid can serve fails at set_timesteps, and a step on this grid raises the same error.
     return fused
 
 

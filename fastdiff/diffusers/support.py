@@ -143,7 +143,15 @@ class _Spec:
             (KDPM2's; Heun's and FlowMatchHeun's are ``scheduler._FusedScheduler._fd_shifted``'s own).
         step_row: ``(scheduler, run, k, step arguments) -> (plan, k) or None``: the row a call runs where it
             is not row ``k`` of the run's plan (``None``: that row), computed from what the call is given
-            (SA-Solver: ``tau_func`` of the timestep as given and of the one given before).
+            (SA-Solver: ``tau_func`` of the timestep as given and of the one given before; CogVideoXDPM: the
+            ``timestep_back`` and ``old_pred_original_sample`` given).
+        given_history: a ``step()`` argument whose tensor a row reads as history slot 0, copied into the ring
+            before the kernel (CogVideoXDPM's ``old_pred_original_sample``: the pipeline keeps the previous
+            estimate and passes it back, where other classes keep it on the scheduler).
+        scalar_dtype: ``scheduler -> dtype`` of the scalar tensors diffusers' step multiplies by, where that may be
+            wider than the sample's (CogVideoX's float64 ``alphas_cumprod`` of ``scaled_linear``): they widen the
+            result where the sample and model output are both 0-d, where the timestep given has dimensions
+            (shape (1,): so do the scalars indexed by it), or where the model output is a numpy array.
     """
 
     sampler: Callable[[Mapping], str]
@@ -183,6 +191,8 @@ class _Spec:
     output: str | None = None
     shifted: Callable[[Any, Plan, int], Plan] | None = None
     step_row: Callable[[Any, Any, int, Mapping], tuple[Plan, int] | None] | None = None
+    given_history: str | None = None
+    scalar_dtype: Callable[[Any], torch.dtype] | None = None
 
 
 def _named(name: str) -> Callable[[Mapping], str]:
@@ -1065,6 +1075,171 @@ def _inverse_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
                           **options)
 
 
+# -- CogVideoX: DDIM and DPM-Solver++(2M) SDE on an SNR-shifted schedule, computed from the timestep value
+
+def _cog_row(sched, t: int, prediction: str, *, dpm: bool, back: int | None = None, second: bool = False,
+             step: int = 0) -> tuple[Row, str | None]:
+    """One CogVideoXDDIMScheduler / CogVideoXDPMScheduler step at timestep ``t`` as diffusers' step computes it:
+    ``prev = t - num_train_timesteps // num_inference_steps`` (``final_alpha_cumprod`` below 0), every scalar
+    from the scheduler's own ``alphas_cumprod`` (float64 for ``scaled_linear``, its ``snr_shift_scale`` folded in)
+    by diffusers' own expressions on 0-d tensors (the DPM class's ``get_variables`` / ``get_mult`` themselves).
+
+    DDIM: ``x' = a_t x + b_t x0`` (no noise: ``eta`` is not read; nor ``clip_sample`` / thresholding).
+    DPM: ``x' = m1 x - m2 x0 + mn z``, and with the previous estimate (``second``: ``old_pred_original_sample``
+    given, ``prev >= 0``) ``x' = m1 x - m2 (m3 x0 - m4 old) + mn z``, ``old`` read from history slot 0
+    (the caller's tensor, copied there: ``_Spec.given_history``). Returns ``(row, None)``, or ``(placeholder,
+    reason)`` where diffusers' step fails or gives inf/NaN."""
+    name = type(sched).__name__
+    acp = sched.alphas_cumprod.detach().cpu()
+    n = len(acp)
+    what = f"{name}.step(timestep={t})"
+    if not -n <= t < n or (back is not None and not -n <= back < n):
+        bad = t if not -n <= t < n else back
+        return _placeholder(t, step), (f"{what}: alphas_cumprod has {n} entries (none for timestep {bad}), so "
+                                       "diffusers' step fails there (IndexError); refused")
+    prev = t - int(sched.config.num_train_timesteps) // int(sched.num_inference_steps)
+    a_t = acp[t]
+    a_p = acp[prev] if prev >= 0 else sched.final_alpha_cumprod.detach().cpu()
+    b_t = 1 - a_t
+    alpha, sigma = float(a_t**0.5), float(b_t**0.5)
+    with np.errstate(all="ignore"), torch.no_grad():
+        if prediction == "eps":
+            a_x, a_e = _div(1.0, alpha), -_div(sigma, alpha)
+        else:
+            a_x, a_e = x0_coeffs(prediction, alpha, sigma)
+        if not dpm:
+            c_x = ((1 - a_p) / (1 - a_t)) ** 0.5
+            c_d = a_p**0.5 - a_t**0.5 * c_x
+            out, noisy = combo(x=float(c_x), d=float(c_d)), False
+        else:
+            a_b = acp[back] if back is not None else None
+            h, r, _, _ = sched.get_variables(a_t, a_p, a_b)
+            mult = [float(v) for v in sched.get_mult(h, r, a_t, a_p, a_b)]
+            mn = float((1 - a_p) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5)
+            if second and prev >= 0:
+                out = combo(x=mult[0], d=-mult[1] * mult[2], h=(mult[1] * mult[3],), z=mn)
+            else:
+                out = combo(x=mult[0], d=-mult[1], z=mn)
+            noisy = True
+    if not all(math.isfinite(v) for v in (a_x, a_e, *out)):
+        return _placeholder(t, step), (f"{what}: diffusers' step gives inf/NaN here (alphas_cumprod[t] = "
+                                       f"{float(a_t):.3g}, alphas_cumprod[prev] = {float(a_p):.3g}, prev = {prev}); "
+                                       "refused")
+    ksig = math.sqrt((1.0 - alpha * alpha) / max(alpha * alpha, 2.0**-24))  # k-diffusion sigma, for callbacks
+    reads = (0,) if dpm and second and prev >= 0 else ()
+    return Row(t=float(t), sigma=ksig, in_scale=1.0, a_x=a_x, a_e=a_e, out=out, reads=reads, noise=noisy, step=step,
+               alpha_t=alpha, sigma_t=sigma), None
+
+
+def _cog_plan(sched, calls: list[tuple[int, int | None, bool]], prediction: str, dpm: bool) -> Plan:
+    """The plan of CogVideoX steps ``(t, timestep_back, second order)`` (:func:`_cog_row`). A first-order DPM
+    row returns a tuple whatever ``return_dict`` says, as diffusers' step does there (``meta["tuple_rows"]``)."""
+    prediction = check_prediction(prediction)
+    rows, refused, tuples = [], {}, set()
+    for k, (t, back, second) in enumerate(calls):
+        row, why = _cog_row(sched, t, prediction, dpm=dpm, back=back, second=second, step=k)
+        rows.append(row)
+        if why is not None:
+            refused[k] = why
+        prev = t - int(sched.config.num_train_timesteps) // int(sched.num_inference_steps)
+        if dpm and not (second and prev >= 0):
+            tuples.add(k)
+    meta = {"refused": refused} if refused else {}
+    if tuples:
+        meta["tuple_rows"] = frozenset(tuples)
+    return Plan(tuple(rows), init_scale=1.0, sampler="cogvideox_dpm" if dpm else "cogvideox_ddim",
+                prediction=prediction, steps=len(rows), n_slots=1 if dpm else 0, meta=meta)
+
+
+def _cog_ddim_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """CogVideoXDDIMScheduler's rows at ``scheduler.timesteps`` (:func:`_cog_row`)."""
+    return _cog_plan(sched, [(int(t), None, False) for t in arrays["timesteps"]], prediction, dpm=False)
+
+
+def _cog_ddim_at(sched, t: int, prediction: str, options: dict) -> Plan:
+    """CogVideoXDDIMScheduler.step at any integer timestep: diffusers computes it from the value."""
+    return _cog_plan(sched, [(t, None, False)], prediction, dpm=False)
+
+
+def _cog_dpm_build(sched, arrays: dict, prediction: str, options: dict) -> Plan:
+    """CogVideoXDPMScheduler's rows of the run its pipeline makes: step ``i > 0`` is given the previous step's
+    estimate and ``timestep_back = timesteps[i - 1]`` (second order). A call given anything else runs the row
+    of what it is given (:func:`_cog_dpm_row`)."""
+    ts = [int(t) for t in arrays["timesteps"]]
+    calls = [(t, ts[k - 1] if k else None, k > 0) for k, t in enumerate(ts)]
+    return _cog_plan(sched, calls, prediction, dpm=True)
+
+
+def _cog_dpm_at(sched, t: int, prediction: str, options: dict) -> Plan:
+    """CogVideoXDPMScheduler.step at a timestep off the grid (first order; :func:`_cog_dpm_row` then takes
+    the call's own ``timestep_back`` and estimate)."""
+    return _cog_plan(sched, [(t, None, False)], prediction, dpm=True)
+
+
+def _cog_int(name: str, what: str, v) -> int:
+    """A timestep argument as the integer index diffusers' step indexes ``alphas_cumprod`` with."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        if (v.size if isinstance(v, np.ndarray) else v.numel()) != 1:
+            raise ValueError(f"{name}.step: {what} must be one value, got shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not float(v).is_integer():
+        raise TypeError(f"{name}.step: {what} must be an integer timestep (diffusers indexes alphas_cumprod with "
+                        f"it), got {v!r}")
+    return int(v)
+
+
+def _cog_dpm_row(sched, run, k: int, args: Mapping) -> tuple[Plan, int] | None:
+    """CogVideoXDPMScheduler: the step is what the call is given (``timestep_back``, ``old_pred_original_sample``),
+    not the call's place in a run: the row of those arguments (``None``: row ``k`` of the run's plan is it),
+    built once per ``(timestep, timestep_back, second order)``."""
+    name = type(sched).__name__
+    t = _cog_int(name, "timestep", args["timestep"])
+    back = args.get("timestep_back")
+    back = None if back is None else _cog_int(name, "timestep_back", back)
+    second = args.get("old_pred_original_sample") is not None
+    prev = t - int(sched.config.num_train_timesteps) // int(sched.num_inference_steps)
+    if second and prev >= 0 and back is None:
+        raise ValueError(f"{name}.step: old_pred_original_sample without timestep_back (diffusers' second-order "
+                         "update needs alphas_cumprod[timestep_back]; its step fails with an IndexError)")
+    ts = [int(v) for v in _host(sched.timesteps)]
+    i = run.start + k
+    if 0 <= i < len(ts) and ts[i] == t and second == (i > 0) and back == (ts[i - 1] if i > 0 else None):
+        return None
+    cache = ("cog", t, back, second)
+    plan = sched._fd_plans.get(cache)
+    if plan is None:
+        pred = _PREDICTION_ALIASES.get(sched.config.prediction_type, sched.config.prediction_type)
+        plan = sched._fd_plans[cache] = _cog_plan(sched, [(t, back, second)], pred, dpm=True)
+    return plan, 0
+
+
+def _cog_dpm_noise(sched, row: Row, i: int, args: Mapping) -> torch.Tensor:
+    """The noise of a CogVideoXDPMScheduler step drawn as diffusers' step draws it: ``randn_tensor`` in the
+    sample's shape and dtype from ``generator`` (torch's global RNG without one), once, and a second time
+    for the second-order update, whose draw is the one used (``variance_noise`` is not read, as there)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    x = args["sample"]
+    if x.dim() == 0:  # (randn_tensor reads a batch size: diffusers' step fails with an IndexError there)
+        raise ValueError(f"{type(sched).__name__}.step: this step draws noise, which diffusers draws per batch row: "
+                         "the sample needs a batch dimension (got a 0-d tensor)")
+    z = None
+    for _ in range(2 if row.reads else 1):
+        z = randn_tensor(x.shape, generator=args.get("generator"), device=x.device, dtype=x.dtype)
+    return z
+
+
+def _cog_scalar_dtype(sched) -> torch.dtype:
+    """The dtype of CogVideoX's ``alphas_cumprod`` (float64 for ``scaled_linear``, whose betas diffusers makes in
+    float64), the dtype of the 0-d scalars its step computes with."""
+    return sched.alphas_cumprod.dtype
+
+
+_COG_NOTE = ("snr_shift_scale, set_alpha_to_one: read from the scheduler's own alphas_cumprod and "
+             "final_alpha_cumprod; clip_sample, clip_sample_range, sample_max_value: no effect (as in diffusers' "
+             "step); step(timestep) any integer timestep (diffusers computes the step from the value)")
+
+
 _SINGLE_NOTE = ("not algorithm_type=dpmsolver with thresholding (diffusers' step fails); variance_type learned/"
                 "learned_range: channels [:3] of an epsilon output, as diffusers slices; generator noise in the "
                 "converted estimate's dtype (prediction_type=sample with a model output narrower than the sample: "
@@ -1222,6 +1397,25 @@ SUPPORT: dict[str, _Spec] = {
         array_model_output=True,
         prefix_options={"lower_order_final": False, "euler_at_final": False}, prefix_exact=_dpm_prefix_exact,
         note=_INVERSE_NOTE),
+    # -- CogVideoX (their build hooks: see _cog_row .. _cog_dpm_noise)
+    "CogVideoXDDIMScheduler": _Spec(
+        _named("cogvideox_ddim"), "timesteps", accepted=("clip_sample", "clip_sample_range", "sample_max_value",
+                                                         "set_alpha_to_one", "snr_shift_scale"),
+        step_ignored=("eta", "use_clipped_model_output", "generator", "variance_noise"), build=_cog_ddim_build,
+        row_at=_cog_ddim_at, indexed=False, needs_set_timesteps=True, output="DDIMSchedulerOutput",
+        array_model_output=True, scalar_dtype=_cog_scalar_dtype,
+        note="eta and step noise: none (diffusers' step is DDIM with eta = 0); " + _COG_NOTE),
+    "CogVideoXDPMScheduler": _Spec(
+        _named("cogvideox_dpm"), "timesteps", accepted=("clip_sample", "clip_sample_range", "sample_max_value",
+                                                        "set_alpha_to_one", "snr_shift_scale"),
+        step_ignored=("eta", "use_clipped_model_output", "variance_noise"), build=_cog_dpm_build, row_at=_cog_dpm_at,
+        step_row=_cog_dpm_row, before_step=_cog_dpm_noise, given_history="old_pred_original_sample", indexed=False,
+        needs_set_timesteps=True, output="DDIMSchedulerOutput", noise_shape="sample", array_model_output=True,
+        scalar_dtype=_cog_scalar_dtype,
+        note="step(old_pred_original_sample, timestep_back) as diffusers: the second-order update where both are "
+             "given and the step is not the last (a tuple returned otherwise, whatever return_dict says, as there); "
+             "noise drawn as diffusers draws it (sample's shape and dtype, twice for a second-order step; torch's "
+             "global RNG without a generator); " + _COG_NOTE),
 }
 """Supported diffusers scheduler classes (by name) and how each maps onto a fastdiff sampler."""
 

@@ -227,9 +227,10 @@ def test_drop_in_rows_carry_alpha_t_sigma_t(case):
 
 def test_every_supported_class_is_covered():
     """Each class of SUPPORT is compared with stock here or in the test file of the classes added with it."""
-    from tests.integration import test_dropin_distilled_new, test_dropin_multistep_new
+    from tests.integration import test_dropin_distilled_new, test_dropin_multistep_new, test_pipelines_dropin
 
-    covered = {c[0] for c in CASES} | set(test_dropin_distilled_new.CLASSES) | set(test_dropin_multistep_new.CLASSES)
+    covered = ({c[0] for c in CASES} | set(test_dropin_distilled_new.CLASSES) | set(test_dropin_multistep_new.CLASSES)
+               | set(test_pipelines_dropin.CLASSES))
     assert covered == set(SUPPORT), (sorted(set(SUPPORT) - covered), sorted(covered - set(SUPPORT)))
     assert set(SUPPORT) >= {"DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
                             "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
