@@ -592,6 +592,10 @@ def _wan_prepare(pipe, a: dict, do_cfg: bool):
     pipe.scheduler.set_timesteps(a["num_inference_steps"], device=device)
     latents = pipe.prepare_latents(batch * a["num_videos_per_prompt"], main.config.in_channels, h, w, frames,
                                    torch.float32, device, a["generator"], a["latents"])
+    if pe.shape[0] == 1 and latents.shape[0] > 1:  # stock's attention broadcasts one embedding over the batch
+        pe = pe.expand(latents.shape[0], *pe.shape[1:])
+    if ne is not None and ne.shape[0] == 1 and latents.shape[0] > 1:
+        ne = ne.expand(latents.shape[0], *ne.shape[1:])
     for name, e in (("prompt_embeds", pe), ("negative_prompt_embeds", ne)):
         if e is not None and e.shape[0] != latents.shape[0]:
             raise ValueError(f"fastdiff.diffusers.accelerate: WanPipeline with {name} of batch {e.shape[0]} gives "
