@@ -116,37 +116,13 @@ def _sd_img2img_prepare(pipe, a: dict, do_cfg: bool):
     return model, cond, uncond, latents, {"dtype": pe.dtype, "device": device, "start": start}
 
 
-def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
-    """StableDiffusionInpaintPipeline's set-up, as its ``__call__`` does it: the schedule cut by
-    ``strength``, the pipeline's own latents, noise, mask and masked-image latents. A 9-channel UNet
-    takes ``[x, mask, masked image latents]`` (the model concatenates them); a 4-channel one gets the
-    known region put back after every step, re-noised by the scheduler's ``add_noise`` to the next
-    timestep (``extra["post_step"]``), as the stock loop does."""
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_timesteps
-
-    h = a["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    w = a["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pipe.check_inputs(a["prompt"], a["image"], a["mask_image"], h, w, a["strength"], None, a["output_type"],
-                      a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"], None, None,
-                      a["callback_on_step_end_tensor_inputs"], a["padding_mask_crop"])
-    if isinstance(a["prompt"], str):
-        batch = 1
-    elif isinstance(a["prompt"], list):
-        batch = len(a["prompt"])
-    else:
-        batch = a["prompt_embeds"].shape[0]
-    device = pipe._execution_device
-    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
-    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
-                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
-                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
-    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
-    timesteps, n_steps = pipe.get_timesteps(num_inference_steps=a["num_inference_steps"], strength=a["strength"],
-                                            device=device)
-    if n_steps < 1:
-        raise ValueError(f"After adjusting the num_inference_steps by strength parameter: {a['strength']}, the number "
-                         f"of pipelinesteps is {n_steps} which is < 1 and not appropriate for this pipeline.")
-    n = batch * a["num_images_per_prompt"]
+def _inpaint_state(pipe, a: dict, do_cfg: bool, timesteps, n: int, h: int, w: int, dtype, device, sdxl: bool):
+    """What the SD and SDXL inpainting pipelines prepare after their schedule (their own calls, in their
+    order): the latents and noise, the mask and masked-image latents. Returns ``(latents, wrap, extra)``:
+    ``wrap(model)`` concatenates ``[x, mask, masked latents]`` to the input of a 9-channel UNet, and
+    ``extra`` holds the decode's inputs and, for a 4-channel UNet, the ``post_step`` putting the known
+    region back after every step, re-noised to the next timestep by the scheduler's own ``add_noise``
+    (at the step index the stock loop's stepped scheduler has, which its ``add_noise`` reads)."""
     if a["padding_mask_crop"] is not None:
         crops = pipe.mask_processor.get_crop_region(a["mask_image"], w, h, pad=a["padding_mask_crop"])
         resize_mode = "fill"
@@ -154,17 +130,22 @@ def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
         crops, resize_mode = None, "default"
     init_image = pipe.image_processor.preprocess(a["image"], height=h, width=w, crops_coords=crops,
                                                  resize_mode=resize_mode).to(dtype=torch.float32)
-    channels = pipe.unet.config.in_channels
-    outs = pipe.prepare_latents(n, pipe.vae.config.latent_channels, h, w, pe.dtype, device, a["generator"],
-                                a["latents"], image=init_image, timestep=timesteps[:1].repeat(n),
-                                is_strength_max=a["strength"] == 1.0, return_noise=True,
-                                return_image_latents=channels == 4)
-    latents, noise = outs[0], outs[1]
     mask_condition = pipe.mask_processor.preprocess(a["mask_image"], height=h, width=w, resize_mode=resize_mode,
                                                     crops_coords=crops)
-    masked = init_image * (mask_condition < 0.5) if a["masked_image_latents"] is None else a["masked_image_latents"]
-    mask, masked_latents = pipe.prepare_mask_latents(mask_condition, masked, n, h, w, pe.dtype, device,
-                                                     a["generator"], do_cfg)
+    channels = pipe.unet.config.in_channels
+    extra_kw = {"add_noise": True} if sdxl else {}
+    outs = pipe.prepare_latents(n, pipe.vae.config.latent_channels, h, w, dtype, device, a["generator"], a["latents"],
+                                image=init_image, timestep=timesteps[:1].repeat(n), is_strength_max=a["strength"] == 1.0,
+                                return_noise=True, return_image_latents=channels == 4, **extra_kw)
+    latents, noise = outs[0], outs[1]
+    if a["masked_image_latents"] is not None:
+        masked = a["masked_image_latents"]
+    elif sdxl and init_image.shape[1] == 4:
+        masked = None
+    else:
+        masked = init_image * (mask_condition < 0.5)
+    mask, masked_latents = pipe.prepare_mask_latents(mask_condition, masked, n, h, w, dtype, device, a["generator"],
+                                                     do_cfg)
     if channels == 9:
         if pipe.vae.config.latent_channels + mask.shape[1] + masked_latents.shape[1] != channels:
             raise ValueError(f"fastdiff.diffusers.accelerate: the UNet takes {channels} channels, the latents, mask "
@@ -172,16 +153,18 @@ def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
                              f" + {masked_latents.shape[1]}")
     elif channels != 4:
         raise ValueError(f"The unet {pipe.unet.__class__} should have either 4 or 9 input channels, not {channels}.")
-    cak = a["cross_attention_kwargs"]
 
-    def model(x, t, **cond):
-        if channels == 9:  # (mask and masked latents are doubled for the CFG batch: the first x.shape[0] fit)
+    def wrap(model):
+        if channels != 9:
+            return model
+
+        def with_mask(x, t, **cond):  # (mask and masked latents are doubled for the CFG batch: the first k fit)
             k = x.shape[0]
-            x = torch.cat([x, mask[:k], masked_latents[:k]], dim=1)
-        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+            return model(torch.cat([x, mask[:k], masked_latents[:k]], dim=1), t, **cond)
+        return with_mask
 
     start = len(pipe.scheduler.timesteps) - len(timesteps)
-    extra = {"dtype": pe.dtype, "device": device, "start": start, "init_image": init_image,
+    extra = {"dtype": dtype, "device": device, "start": start, "init_image": init_image,
              "mask_condition": mask_condition, "masked_latents": masked_latents, "crops": crops}
     if channels == 4:
         image_latents = outs[2]
@@ -198,9 +181,114 @@ def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
             x.copy_((1 - init_mask) * proper + init_mask * x)
 
         extra["post_step"] = put_back
+    return latents, wrap, extra
+
+
+def _inpaint_schedule(pipe, a: dict, device, retrieve_timesteps):
+    """The inpainting pipelines' schedule: ``set_timesteps``, then cut by ``strength``."""
+    retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    timesteps, n_steps = pipe.get_timesteps(num_inference_steps=a["num_inference_steps"], strength=a["strength"],
+                                            device=device, **({"denoising_start": None} if "denoising_start" in a
+                                                              else {}))
+    if n_steps < 1:
+        raise ValueError(f"After adjusting the num_inference_steps by strength parameter: {a['strength']}, the number "
+                         f"of pipelinesteps is {n_steps} which is < 1 and not appropriate for this pipeline.")
+    return timesteps
+
+
+def _batch(a: dict) -> int:
+    if isinstance(a["prompt"], str):
+        return 1
+    if isinstance(a["prompt"], list):
+        return len(a["prompt"])
+    return a["prompt_embeds"].shape[0]
+
+
+def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
+    """StableDiffusionInpaintPipeline's set-up, as its ``__call__`` does it (:func:`_inpaint_state`)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_timesteps
+
+    h = a["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["image"], a["mask_image"], h, w, a["strength"], None, a["output_type"],
+                      a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"], None, None,
+                      a["callback_on_step_end_tensor_inputs"], a["padding_mask_crop"])
+    batch = _batch(a)
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
+                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    timesteps = _inpaint_schedule(pipe, a, device, retrieve_timesteps)
+    latents, wrap, extra = _inpaint_state(pipe, a, do_cfg, timesteps, batch * a["num_images_per_prompt"], h, w,
+                                          pe.dtype, device, sdxl=False)
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
     cond = {"encoder_hidden_states": pe}
     uncond = {"encoder_hidden_states": ne} if do_cfg else None
-    return model, cond, uncond, latents, extra
+    return wrap(model), cond, uncond, latents, extra
+
+
+def _sdxl_inpaint_prepare(pipe, a: dict, do_cfg: bool):
+    """StableDiffusionXLInpaintPipeline's set-up, as its ``__call__`` does it (:func:`_inpaint_state`, with
+    SDXL's two text encoders and its aesthetic-score time ids)."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import retrieve_timesteps
+
+    h = a["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    w = a["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["prompt_2"], a["image"], a["mask_image"], h, w, a["strength"], None,
+                      a["output_type"], a["negative_prompt"], a["negative_prompt_2"], a["prompt_embeds"],
+                      a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"],
+                      a["padding_mask_crop"])
+    pipe._denoising_end, pipe._denoising_start = None, None
+    batch = _batch(a)
+    device = pipe._execution_device
+    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
+    pe, ne, pp, npp = pipe.encode_prompt(
+        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
+        clip_skip=a["clip_skip"])
+    timesteps = _inpaint_schedule(pipe, a, device, retrieve_timesteps)
+    n = batch * a["num_images_per_prompt"]
+    latents, wrap, extra = _inpaint_state(pipe, a, do_cfg, timesteps, n, h, w, pe.dtype, device, sdxl=True)
+    lh, lw = (v * pipe.vae_scale_factor for v in latents.shape[-2:])
+    orig, target = a["original_size"] or (lh, lw), a["target_size"] or (lh, lw)
+    proj = int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+    ids, nids = pipe._get_add_time_ids(orig, a["crops_coords_top_left"], target, a["aesthetic_score"],
+                                       a["negative_aesthetic_score"], a["negative_original_size"] or orig,
+                                       a["negative_crops_coords_top_left"], a["negative_target_size"] or target,
+                                       dtype=pe.dtype, text_encoder_projection_dim=proj)
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+
+    def pack(e, pooled, time_ids):
+        return {"encoder_hidden_states": e.to(device),
+                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
+
+    uncond = pack(ne, npp, nids) if do_cfg else None
+    return wrap(model), pack(pe, pp, ids), uncond, latents, extra
+
+
+def _sdxl_inpaint_finish(pipe, latents, a: dict, extra: dict):
+    from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+    if a["output_type"] == "latent":  # (stock returns the output class here whatever return_dict says)
+        pipe.maybe_free_model_hooks()
+        return StableDiffusionXLPipelineOutput(images=latents)
+    out = _sdxl_finish(pipe, latents, a, extra)
+    if a["output_type"] == "latent" or a["padding_mask_crop"] is None:
+        return out
+    images = out.images if a["return_dict"] else out[0]
+    images = [pipe.image_processor.apply_overlay(a["mask_image"], a["image"], i, extra["crops"]) for i in images]
+    return StableDiffusionXLPipelineOutput(images=images) if a["return_dict"] else (images,)
 
 
 def _sd_inpaint_finish(pipe, latents, a: dict, extra: dict):
@@ -750,6 +838,12 @@ PIPELINES: dict[str, _PipeSpec] = {
         | {"image", "strength", "timesteps", "sigmas", "eta", "cross_attention_kwargs", "guidance_rescale",
            "aesthetic_score", "negative_aesthetic_score"},
         _sdxl_img2img_prepare, _sdxl_finish),
+    "StableDiffusionXLInpaintPipeline": _PipeSpec(
+        (_COMMON - {"latents"}) | (_SDXL_EXTRA - {"denoising_end"})
+        | {"image", "mask_image", "masked_image_latents", "padding_mask_crop", "strength", "timesteps", "sigmas",
+           "eta", "cross_attention_kwargs", "guidance_rescale", "aesthetic_score", "negative_aesthetic_score",
+           "latents"},
+        _sdxl_inpaint_prepare, _sdxl_inpaint_finish),
     "StableDiffusion3Pipeline": _PipeSpec(
         _COMMON | {"prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
                    "negative_pooled_prompt_embeds", "sigmas", "joint_attention_kwargs", "max_sequence_length", "mu"},

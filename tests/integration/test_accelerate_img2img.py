@@ -120,3 +120,25 @@ def test_sd_inpaint_matches_stock(name, cfg, channels, strength):
                     fdd.restore(pipe)
     assert counted.n >= 3
     assert rel_err(outs[1], outs[0]) <= TOL, f"{name} {channels}ch: {rel_err(outs[1], outs[0]):.3g}"
+
+
+@pytest.mark.parametrize("name,cfg", SCHEDULERS[:2], ids=[s[0] for s in SCHEDULERS[:2]])
+def test_sdxl_inpaint_matches_stock(name, cfg):
+    pipe = _tiny.sdxl_variant("StableDiffusionXLInpaintPipeline", getattr(diffusers, name)(**_tiny.SD_BETAS, **cfg))
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt="a cat", negative_prompt="a dog", image=torch.rand(1, 3, 16, 16, generator=g),
+              mask_image=(torch.rand(1, 1, 16, 16, generator=g) > 0.5).float(), height=16, width=16, strength=0.8,
+              num_inference_steps=5, guidance_scale=5.0, guidance_rescale=0.2, output_type="latent")
+    outs = []
+    fastdiff.clear_cache()
+    with count_fused_steps() as counted:
+        for acc in (False, True):
+            if acc:
+                fdd.accelerate(pipe)
+            try:
+                outs.append(pipe(**kw, generator=torch.Generator().manual_seed(1)).images)
+            finally:
+                if acc:
+                    fdd.restore(pipe)
+    assert counted.n >= 3
+    assert rel_err(outs[1], outs[0]) <= TOL, f"{name}: {rel_err(outs[1], outs[0]):.3g}"
