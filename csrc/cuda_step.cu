@@ -14,9 +14,10 @@
 //   K_HIST   history: up to 2 reads and 2 writes (their counts at run time, bounded by 2 so the
 //            unused slots are dead code); without it the row has none
 //   K_PHILOX noise z drawn in the kernel (Philox), or K_ZEXT: external z; neither: the row has no z
-// with u (the next model input) and the non-finite flag tested at run time in every variant (a
-// uniform branch, few registers). That is 2 x 2 x 3 = 12 specialised variants per storage type.
-// Everything else (rescale r, clip, mask/known/z2, gradient g, more than 2 history reads) runs the
+// with u (the next model input), the non-finite flag and the clip mode (static or dynamic, s per
+// sample) tested at run time in every variant (uniform branches, few registers). That is
+// 2 x 2 x 3 = 12 specialised variants per storage type. Everything else (rescale r,
+// mask/known/z2, gradient g, more than 2 history reads or writes) runs the
 // general variant K_GENERAL, whose flags are all run-time values (the pre-issue-19 kernel), and
 // blend rows (a given) its blend instantiation K_GENERAL | K_BLEND: 14 kernels per storage type,
 // 56 in all. dispatch() maps a row to its variant; launch_typed() indexes a table of them.
@@ -128,7 +129,8 @@ struct Spec {
   static constexpr bool philox = general || (K & K_PHILOX) != 0;
   static constexpr bool zext = general || (K & K_ZEXT) != 0;
   // registers: the specialised variants are held to 64 (fp32 compute) / 80 (fp64) by asking for 4 /
-  // 3 resident blocks of THREADS; the general ones keep ptxas's own choice (2 blocks at <= 128)
+  // 3 resident blocks of THREADS (ptxas meets that without spilling: test_cuda_registers.py); the
+  // general ones keep ptxas's own choice (96-122 on sm_90 today: 2 blocks per SM)
   static constexpr int min_blocks(bool f64) { return general ? 1 : f64 ? 3 : 4; }
 };
 
@@ -264,9 +266,9 @@ FD_DEV StepFlags spec_flags(const StepFlags& h) {
   StepFlags f = h;
   f.n_reads = h.n_reads < Sp::max_reads ? h.n_reads : Sp::max_reads;
   f.n_writes = h.n_writes < Sp::max_writes ? h.n_writes : Sp::max_writes;
-  f.clip = fd::CLIP_NONE;
   f.cfg = Sp::cfg;
-  f.rescale = f.mask = f.g = f.z2 = f.blend = f.m2 = f.m3 = f.mw = false;
+  f.rescale = false;  // clip stays a run-time flag (a per-sample scalar and a compare)
+  f.mask = f.g = f.z2 = f.blend = f.m2 = f.m3 = f.mw = false;
   f.z = Sp::philox || Sp::zext;
   return f;
 }
@@ -491,7 +493,7 @@ int64_t grid_for(int64_t work, int max_blocks, F kernel, int* cache) {
 /// The variant for a row (flags f as fd_make_flags decides them; K_* bits, see the top of the file).
 unsigned dispatch(const StepParams& p, const StepFlags& f) {
   if (f.blend) return K_GENERAL | K_BLEND;
-  if (f.rescale || f.mask || f.g || f.clip != fd::CLIP_NONE || f.n_reads > 2 || f.n_writes > 2) return K_GENERAL;
+  if (f.rescale || f.mask || f.g || f.n_reads > 2 || f.n_writes > 2) return K_GENERAL;
   unsigned k = 0;
   if (f.cfg) k |= K_CFG;
   if (f.n_reads > 0 || f.n_writes > 0) k |= K_HIST;

@@ -6,10 +6,10 @@ captured in a CUDA graph).
 
 The kernel is compiled in variants specialised on the row's shape of work, and each launch picks
 the smallest that covers the row (``dispatch()`` in csrc/cuda_step.cu, documented at its top):
-guided or not, no history or up to 2 reads and 2 writes, no noise / Philox / external ``z`` -- 12
-variants per storage type, each at most 64 registers (fp64: 96) with no spill on sm_90, so that an
+guided or not, no history or up to 2 reads and 2 writes, no noise / Philox / external ``z`` (clip,
+``u`` and the flag at run time) -- 12 variants per storage type, each at most 64 registers (fp64: 96) with no spill on sm_90, so that an
 SM keeps at least half its threads resident (tests/backends/test_cuda_registers.py) -- and, for
-everything else (rescale, clip, mask, gradient, more history, blend rows), a general variant whose
+everything else (rescale, mask, gradient, more history, blend rows), a general variant whose
 flags are run-time values. The coefficients are rounded and the flags decided on the host and
 passed as kernel parameters; the grid is the occupancy API's resident blocks. Each operand takes
 16-byte accesses where it is 16-byte aligned and element accesses where it is not, operand by

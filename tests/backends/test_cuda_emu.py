@@ -113,12 +113,13 @@ _NOISE = {"none": {}, "philox": {"noise": "philox"}, "external": {"noise": "exte
 def test_specialised_variants(emu, cfg, hist, noise, dtype):
     """Each of the 12 specialised variants per storage type (guided or not; no history, or up to 2
     reads and 2 writes; no noise, Philox or external z: csrc/cuda_step.cu, dispatch()) equals the
-    reference, with u and the flag, chunks straddling samples and Philox groups and a scalar tail;
-    and gives the CPU kernel's bits."""
+    reference, with u and the flag, without clipping and with it (a run-time flag there), chunks
+    straddling samples and Philox groups and a scalar tail; and gives the CPU kernel's bits."""
     feat = dict(_HIST[hist], **_NOISE[noise], cfg=cfg, u=1, flag=True)
     seed = 7 * len(hist) + len(noise) + cfg
     for shape in ((3, 37), (2, 64)):
         check(_runner(emu, 2), feat, shape, dtype, "cpu", seed=seed)
+        check(_runner(emu, 2), dict(feat, clip=1 + cfg), shape, dtype, "cpu", seed=seed + 1)  # static / dynamic
     cpu = pytest.importorskip("fastdiff.backends.cpu")
     if not cpu.available()[0]:
         pytest.skip(f"cpu backend unavailable ({cpu.available()[1]}); compared with the reference only")

@@ -5,7 +5,7 @@ hides latency: the one generic kernel that preceded the variants took 126 regist
 for fp16/bf16, 180 for fp64 blend rows), a quarter of an H100 SM's threads. csrc/cuda_step.cu now
 dispatches each row to a variant specialised on its shape of work (see the comment at its top);
 this test holds every specialised variant (the common rows: guided or not, up to two history
-reads and writes, no noise, Philox or external noise, u and flag at run time) to at most 64
+reads and writes, no noise, Philox or external noise; clip, u and flag at run time) to at most 64
 registers (96 for fp64) with no spill, and checks that the general fallbacks compile. It also
 bounds the number of kernels, which is what the CUDA build's time grows with.
 
