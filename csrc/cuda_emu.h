@@ -81,6 +81,20 @@ inline cudaError_t cudaGetDeviceCount(int* n) {
   return cudaSuccess;
 }
 
+/// 4 blocks of 256 threads per SM: what a 64-register kernel gets on sm_80 / sm_90.
+template <class K>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
+  *n = 4;
+  return cudaSuccess;
+}
+
+/// 16-byte loads and stores made so far (every launch adds to it): tests read it through ctypes
+/// (an exported C symbol, so no binding is needed) to see which operands took the vector path.
+/// An inline variable: every emulated source including this header (cuda_step.cu, cuda_info.cu) shares one.
+extern "C" {
+__attribute__((visibility("default"))) inline long long fd_emu_vec16_accesses = 0;
+}
+
 namespace fd_emu {
 
 /// A 128-bit load or store must be 16-byte aligned: on the device a misaligned one faults
@@ -88,6 +102,7 @@ namespace fd_emu {
 inline void check_aligned16(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) & 15u)
     throw std::runtime_error("misaligned address: a 16-byte access not on a 16-byte boundary (emulated fault)");
+  ++fd_emu_vec16_accesses;
 }
 
 /// `FD_LAUNCH(k, grid, block, stream)(args...)`: run k(args...) for every block and thread.

@@ -5,30 +5,56 @@
 // build's -ffp-contract=off, every operation rounds as written and the results equal the CPU
 // kernel's bit for bit.
 //
-// Work split: the flat tensor (numel = batch * per_sample elements) is cut into chunks of 16 bytes
-// (VEC elements: 4 fp32, 8 fp16/bf16, 2 fp64). Where every pointer is 16-byte aligned, each chunk
-// is one 128-bit load per input (but g, m_2 and m_3, read element by element: see run()) and one
-// 128-bit store per output; the numel % VEC elements after the last chunk (or every element, when
-// some pointer is not aligned) take the scalar path. Both run in a grid-stride loop. A thread loads
-// every input of its chunk before it stores anything, so out == x, a history slot both read and
-// written, and m_w == m_3 are safe.
+// Dispatch (issue 19): one kernel template, step_kernel<S, K>, S the storage type and K a bitmask
+// of what the row does, compiled in a bounded set of variants. A run-time test per element costs
+// little, but every operand a generic kernel might touch costs registers, and registers decide the
+// occupancy (the one generic kernel took 126-180 registers: a quarter of an SM's threads). So the
+// common rows get variants that hold only their own operands:
+//   K_CFG    guided: m_c and w (e = m + w (m_c - m))
+//   K_HIST   history: up to 2 reads and 2 writes (their counts at run time, bounded by 2 so the
+//            unused slots are dead code); without it the row has none
+//   K_PHILOX noise z drawn in the kernel (Philox), or K_ZEXT: external z; neither: the row has no z
+// with u (the next model input), the non-finite flag and the clip mode (static or dynamic, s per
+// sample) tested at run time in every variant (uniform branches, few registers). That is
+// 2 x 2 x 3 = 12 specialised variants per storage type. Everything else (rescale r,
+// mask/known/z2, gradient g, more than 2 history reads or writes) runs the
+// general variant K_GENERAL, whose flags are all run-time values (the pre-issue-19 kernel), and
+// blend rows (a given) its blend instantiation K_GENERAL | K_BLEND: 14 kernels per storage type,
+// 56 in all. dispatch() maps a row to its variant; launch_typed() indexes a table of them.
+// tests/backends/test_cuda_registers.py holds the specialised fp32/fp16/bf16 variants to <= 64
+// registers (fp64 <= 96), no spills, on sm_90 (__launch_bounds__ gives ptxas that target).
 //
-// Contract v3 extras, in a second instantiation of the kernel (EXTRA = true) so that a row without
-// them runs the v2 code unchanged (same registers): u, the next model input (u_copies copies of
-// u_scale * x' as stored), is written after out, from the rounded x' still in registers; each copy
-// takes a 16-byte store where its own start is aligned (UCopies, set at launch), else element
-// stores, so an unaligned u never sends the other operands to the scalar path. The flag: each
-// thread sums fd_nonfinite(m) (and of m_c, m_2, m_3) over its elements and, if the sum is NaN, stores 1.
+// Host-side work, once per launch: the coefficients are rounded to the compute type and the flags
+// decided (fd_unpack_coef / fd_make_flags, the same code the device ran before) and passed as
+// kernel parameters (no shared memory, no barrier); the sample of an element is found with a 32-bit
+// multiply-shift (Layout: exact for numel < 2^31, else a 64-bit division); the grid is the
+// occupancy API's blocks per SM times the SMs, for the variant launched.
+//
+// Work split: the flat tensor (numel = batch * per_sample elements) is cut into chunks of 16 bytes
+// (VEC elements: 4 fp32, 8 fp16/bf16, 2 fp64); the numel % VEC elements after the last chunk take
+// the scalar path. Both run in a grid-stride loop. Each operand of a chunk is one 128-bit load or
+// store where that operand is 16-byte aligned (bit k of Layout::al, set at launch) and VEC element
+// accesses where it is not, so one unaligned operand (m_c = out[B:] at an odd offset) costs only its
+// own accesses; g, m_2 and m_3 are always read element by element (see run()). vector_path() still
+// says whether every operand takes the 16-byte accesses. A thread loads every input of its chunk
+// before it stores anything, so out == x, a history slot both read and written, and m_w == m_3
+// are safe. m, m_c and external z (read once, overwritten before the next row reads anything) are
+// loaded with the evict-first hint (__ldcs) where 16 bytes at a time.
+//
+// u, the next model input (u_copies copies of u_scale * x' as stored), is written after out, from
+// the rounded x' still in registers; each copy takes a 16-byte store where its own start is aligned
+// (UCopies). The flag: each thread sums fd_nonfinite(m) (and of m_c, m_2, m_3) over its elements
+// and, if the sum is NaN, stores 1.
 //
 // Blend mode (the row's per-sample blend coefficients a given: e = b m + a_1 (m_c - m) + a_2 (m_2 - m)
-// + a_3 m_3, and optionally the momentum write m_w with a's second four rows), in a third
-// instantiation (BLEND = true, with EXTRA) so that rows without it keep the code and registers
-// above: the branches m_2 / m_3 are read element by element (as g), the coefficients once per
-// sample (a[k * batch + b]), and m_w is stored with the other outputs, after the history writes
-// (it may be m_3 itself, the momentum buffer updated in place).
+// + a_3 m_3, and optionally the momentum write m_w with a's second four rows), in its own general
+// instantiation so that rows without it keep the code and registers above: the branches m_2 / m_3
+// are read element by element (as g), the coefficients once per sample (a[k * batch + b]), and m_w
+// is stored with the other outputs, after the history writes (it may be m_3 itself, the momentum
+// buffer updated in place).
 //
 // Compiled as plain C++ with -DFD_CUDA_EMU (cuda_emu.h), the same kernel runs on the CPU with
-// blockIdx/threadIdx loops; tests use that to check the indexing without a GPU.
+// blockIdx/threadIdx loops; tests use that to check the indexing and the dispatch without a GPU.
 #if defined(FD_CUDA_EMU)
 #include "cuda_emu.h"
 #else
@@ -88,6 +114,28 @@ struct Storage<__nv_bfloat16> {
   static FD_DEV __nv_bfloat16 store(T v) { return __float2bfloat16_rn(v); }
 };
 
+// --- variants -------------------------------------------------------------------------------------
+
+constexpr unsigned K_CFG = 1, K_HIST = 2, K_PHILOX = 4, K_ZEXT = 8, K_GENERAL = 16, K_BLEND = 32;
+
+/// What variant K may meet, as compile-time constants (the general ones: anything, at run time).
+template <unsigned K>
+struct Spec {
+  static constexpr bool general = (K & K_GENERAL) != 0;
+  static constexpr bool blend = (K & K_BLEND) != 0;  // general only
+  static constexpr bool cfg = general || (K & K_CFG) != 0;
+  static constexpr int max_reads = general ? fd::MAX_READS : (K & K_HIST) ? 2 : 0;
+  static constexpr int max_writes = general ? fd::MAX_WRITES : (K & K_HIST) ? 2 : 0;
+  static constexpr bool philox = general || (K & K_PHILOX) != 0;
+  static constexpr bool zext = general || (K & K_ZEXT) != 0;
+  // registers: the specialised variants are held to 64 (fp32 compute) / 80 (fp64) by asking for 4 /
+  // 3 resident blocks of THREADS (ptxas meets that without spilling: test_cuda_registers.py); the
+  // general ones keep ptxas's own choice (96-122 on sm_90 today: 2 blocks per SM)
+  static constexpr int min_blocks(bool f64) { return general ? 1 : f64 ? 3 : 4; }
+};
+
+// --- loads and stores ---------------------------------------------------------------------------
+
 /// VEC storage elements in one 16-byte register group.
 template <class S>
 struct alignas(16) Pack {
@@ -95,13 +143,18 @@ struct alignas(16) Pack {
   S v[VEC];
 };
 
-/// Elements [base, base + N) of `ptr` into `o`: one 128-bit load when N is a whole chunk.
-template <int N, class S>
-FD_DEV void load_pack(const void* ptr, int64_t base, Pack<S>& o) {
+/// Elements [base, base + N) of `ptr` into `o`: one 128-bit load when N is a whole chunk and `vec`
+/// (the caller's promise that ptr is 16-byte aligned), else element loads. STREAM: the data is read
+/// once (evict-first hint).
+template <int N, bool STREAM = false, class S>
+FD_DEV void load_pack(const void* ptr, int64_t base, Pack<S>& o, bool vec) {
   const S* src = static_cast<const S*>(ptr) + base;
-  if (N == Pack<S>::VEC) {
+  if (N == Pack<S>::VEC && vec) {
 #if defined(__CUDA_ARCH__)
-    *reinterpret_cast<uint4*>(o.v) = *reinterpret_cast<const uint4*>(src);
+    if (STREAM)
+      *reinterpret_cast<uint4*>(o.v) = __ldcs(reinterpret_cast<const uint4*>(src));
+    else
+      *reinterpret_cast<uint4*>(o.v) = *reinterpret_cast<const uint4*>(src);
 #else
 #if defined(FD_CUDA_EMU)
     fd_emu::check_aligned16(src);
@@ -117,9 +170,9 @@ FD_DEV void load_pack(const void* ptr, int64_t base, Pack<S>& o) {
 }
 
 /// Elements [base, base + N) of `o` to `ptr`: one 128-bit store when N is a whole chunk and `vec`
-/// (the caller's promise that ptr + base is 16-byte aligned), else element stores.
+/// (the caller's promise that ptr is 16-byte aligned), else element stores.
 template <int N, class S>
-FD_DEV void store_pack(void* ptr, int64_t base, const Pack<S>& o, bool vec = true) {
+FD_DEV void store_pack(void* ptr, int64_t base, const Pack<S>& o, bool vec) {
   S* dst = static_cast<S*>(ptr) + base;
   if (N == Pack<S>::VEC && vec) {
 #if defined(__CUDA_ARCH__)
@@ -146,6 +199,28 @@ struct UCopies {
   void* ptr[2];
   int vec;
 };
+
+// Bits of Layout::al: which element operands start 16-byte aligned.
+constexpr int A_X = 0, A_OUT = 1, A_M = 2, A_MC = 3, A_H = 4, A_W = A_H + fd::MAX_READS, A_Z = A_W + fd::MAX_WRITES,
+              A_Z2 = A_Z + 1, A_MASK = A_Z + 2, A_KNOWN = A_Z + 3, A_MW = A_Z + 4;
+
+/// The row's shape, worked out at launch: operand alignment, samples, and the multiply-shift that
+/// gives an element's sample (b = i / per_sample = (i * div_mul) >> div_shift, exact for i, per_sample
+/// < 2^31 with div_mul = ceil(2^div_shift / per_sample), div_shift = 31 + ceil(log2 per_sample);
+/// div_shift 0: numel >= 2^31, a 64-bit division instead).
+struct Layout {
+  unsigned al;    // bit A_*: operand 16-byte aligned
+  int div_shift;  // 0: divide
+  uint32_t div_mul;
+  int64_t batch;  // samples in the row (the row stride of the blend coefficients a)
+};
+
+FD_DEV bool al(const Layout& L, int bit) { return ((L.al >> bit) & 1u) != 0; }
+
+FD_DEV int64_t sample_of(int64_t i, int64_t per_sample, const Layout& L) {
+  if (L.div_shift) return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(i)) * L.div_mul) >> L.div_shift);
+  return i / per_sample;
+}
 
 /// Per-sample state of the element being processed: scalars and the cached Philox group.
 /// BLEND: also the blend coefficients of the sample, a[k] = p.a[k * batch + b] (k < 8 with m_w,
@@ -181,17 +256,36 @@ FD_DEV float pick(const float (&n)[4], int64_t i) {
   return i == 0 ? n[0] : i == 1 ? n[1] : i == 2 ? n[2] : n[3];
 }
 
+/// The flags variant K runs a row with: the host's flags (fd_make_flags), with what K rules out
+/// made constant false / zero / bounded so that the compiler drops that code. dispatch() sends a
+/// row only to a variant whose constants agree with its flags.
+template <unsigned K>
+FD_DEV StepFlags spec_flags(const StepFlags& h) {
+  using Sp = Spec<K>;
+  if (Sp::general) return h;
+  StepFlags f = h;
+  f.n_reads = h.n_reads < Sp::max_reads ? h.n_reads : Sp::max_reads;
+  f.n_writes = h.n_writes < Sp::max_writes ? h.n_writes : Sp::max_writes;
+  f.cfg = Sp::cfg;
+  f.rescale = false;  // clip stays a run-time flag (a per-sample scalar and a compare)
+  f.mask = f.g = f.z2 = f.blend = f.m2 = f.m3 = f.mw = false;
+  f.z = Sp::philox || Sp::zext;
+  return f;
+}
+
 /// Elements [base, base + N) of the flat tensor (N = VEC for a chunk, 1 on the scalar path).
-/// EXTRA: the row may write u and check the model output (f.u_copies, f.check; uc: where the copies
-/// of u start and which take 16-byte stores); nf accumulates fd_nonfinite of every m / m_c (/ m_2 /
-/// m_3) read. BLEND (with EXTRA): the row may be in blend mode (f.blend; batch: samples in the row,
-/// the row stride of a).
-template <int N, class S, bool EXTRA, bool BLEND>
+/// nf accumulates fd_nonfinite of every m / m_c (/ m_2 / m_3) read (f.check); uc: where the copies
+/// of u start and which take 16-byte stores; L: operand alignment and the sample division.
+template <int N, class S, unsigned K>
 FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base,
-                typename Storage<S>::T& nf, const UCopies& uc, int64_t batch) {
+                typename Storage<S>::T& nf, const UCopies& uc, const Layout& L) {
   using T = typename Storage<S>::T;
   using St = Storage<S>;
-  const bool z_ext = p.z != nullptr, z2_ext = p.z2 != nullptr;
+  using Sp = Spec<K>;
+  constexpr bool BLEND = Sp::blend;
+  // which noise source: the specialised variants know it (philox xor zext), the general one asks
+  const bool z_ext = Sp::general ? p.z != nullptr : Sp::zext;
+  const bool z2_ext = p.z2 != nullptr;
 
   // 1. every input of the N elements
   // (g, the classifier-guidance gradient, is read element by element in step 2 instead: one more
@@ -200,25 +294,25 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
   // branches m_2 and m_3 likewise: two more packs took the 16-bit blend variant from 146 to 150
   // registers and fp32's from 126, under the 128 that keeps two blocks per SM, to 136.)
   Pack<S> x{}, m{}, mc{}, h[fd::MAX_READS]{}, z{}, z2{}, mk{}, kn{};
-  load_pack<N>(p.x, base, x);
-  load_pack<N>(p.m, base, m);
-  if (f.cfg) load_pack<N>(p.m_c, base, mc);
+  load_pack<N>(p.x, base, x, al(L, A_X));
+  load_pack<N, true>(p.m, base, m, al(L, A_M));
+  if (f.cfg) load_pack<N, true>(p.m_c, base, mc, al(L, A_MC));
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int k = 0; k < fd::MAX_READS; ++k)
-    if (k < f.n_reads) load_pack<N>(p.h_read[k], base, h[k]);
-  if (f.z && z_ext) load_pack<N>(p.z, base, z);
+  for (int k = 0; k < Sp::max_reads; ++k)
+    if (k < f.n_reads) load_pack<N>(p.h_read[k], base, h[k], al(L, A_H + k));
+  if (f.z && z_ext) load_pack<N, true>(p.z, base, z, al(L, A_Z));
   if (f.mask) {
-    load_pack<N>(p.mask, base, mk);
-    load_pack<N>(p.known, base, kn);
-    if (f.z2 && z2_ext) load_pack<N>(p.z2, base, z2);
+    load_pack<N>(p.mask, base, mk, al(L, A_MASK));
+    load_pack<N>(p.known, base, kn, al(L, A_KNOWN));
+    if (f.z2 && z2_ext) load_pack<N>(p.z2, base, z2, al(L, A_Z2));
   }
 
   // 2. the math, element by element (sample and Philox group tracked incrementally)
   Sample<T, BLEND> smp;
-  const int64_t b0 = base / p.per_sample;
-  smp.enter(p, b0, batch, BLEND && f.mw);
+  const int64_t b0 = sample_of(base, p.per_sample, L);
+  smp.enter(p, b0, L.batch, BLEND && f.mw);
   smp.j = base - b0 * p.per_sample;
   Pack<S> ox{}, oh[fd::MAX_WRITES]{}, ow{};
 #if defined(__CUDA_ARCH__)
@@ -226,7 +320,7 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
 #endif
   for (int k = 0; k < N; ++k) {
     if (k > 0 && ++smp.j == p.per_sample) {
-      smp.enter(p, smp.b + 1, batch, BLEND && f.mw);
+      smp.enter(p, smp.b + 1, L.batch, BLEND && f.mw);
       smp.j = 0;
     }
     StepIn<T> in{};
@@ -235,7 +329,7 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
     if (f.cfg) in.m_c = St::load(mc.v[k]);
     if (BLEND && f.m2) in.m_2 = St::load(static_cast<const S*>(p.m_2)[base + k]);
     if (BLEND && f.m3) in.m_3 = St::load(static_cast<const S*>(p.m_3)[base + k]);
-    if (EXTRA && f.check) {
+    if (f.check) {
       nf = nf + fd::fd_nonfinite(in.m);
       if (f.cfg) nf = nf + fd::fd_nonfinite(in.m_c);
       if (BLEND && f.m2) nf = nf + fd::fd_nonfinite(in.m_2);
@@ -245,7 +339,7 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int q = 0; q < fd::MAX_READS; ++q)
+    for (int q = 0; q < Sp::max_reads; ++q)
       if (q < f.n_reads) in.h[q] = St::load(h[q].v[k]);
     in.w = smp.w;
     in.r = smp.r;
@@ -270,27 +364,28 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
       in.known = St::load(kn.v[k]);
       if (f.z2) in.z2 = z2_ext ? St::load(z2.v[k]) : static_cast<T>(pick(smp.nz2, smp.j & 3));
     }
-    // Evaluate every write slot (a compile-time count: o.h stays in registers); unused writes are
-    // not stored. Reads are added for k < n_reads only, as the reference does (no 0 * h term,
+    // The general variant evaluates every write slot (a compile-time count: o.h stays in registers;
+    // unused writes are not stored); a specialised one only the row's (at most 2, so o.h stays in
+    // registers too). Reads are added for k < n_reads only, as the reference does (no 0 * h term,
     // which would turn a -0 into +0).
     StepFlags fk = f;
-    fk.n_writes = fd::MAX_WRITES;
+    if (Sp::general) fk.n_writes = fd::MAX_WRITES;
     const StepOut<T> o = fd::fd_step_element<T, T>(c, fk, in);
     ox.v[k] = St::store(o.x);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int q = 0; q < fd::MAX_WRITES; ++q)
+    for (int q = 0; q < Sp::max_writes; ++q)
       if (q < f.n_writes) oh[q].v[k] = St::store(o.h[q]);
     if (BLEND && f.mw) ow.v[k] = St::store(o.m_w);
   }
 
   // 3. only now the outputs (they may alias the inputs read above)
-  store_pack<N>(p.out, base, ox);
-  if (f.n_writes > 0) store_pack<N>(p.h_write[0], base, oh[0]);
-  if (f.n_writes > 1) store_pack<N>(p.h_write[1], base, oh[1]);
-  if (BLEND && f.mw) store_pack<N>(p.m_w, base, ow);  // after the history writes, as reference writes it
-  if (EXTRA && f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale
+  store_pack<N>(p.out, base, ox, al(L, A_OUT));
+  if (Sp::max_writes > 0 && f.n_writes > 0) store_pack<N>(p.h_write[0], base, oh[0], al(L, A_W));
+  if (Sp::max_writes > 1 && f.n_writes > 1) store_pack<N>(p.h_write[1], base, oh[1], al(L, A_W + 1));
+  if (BLEND && f.mw) store_pack<N>(p.m_w, base, ow, al(L, A_MW));  // after the history writes, as reference writes it
+  if (f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -300,29 +395,21 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
   }
 }
 
-/// EXTRA = false: the v2 row (u and flag ignored); true: also u (p.u_copies copies) and flag.
-/// BLEND = true (with EXTRA): also blend mode (p.a given; batch = numel / per_sample, a's row stride).
-template <class S, bool EXTRA, bool BLEND>
-__global__ void __launch_bounds__(THREADS)
-    step_kernel(const StepParams p, int64_t n_chunks, const UCopies uc, int64_t batch) {
+/// One row with variant K (see the top of this file): c and f are the row's coefficients and flags
+/// as the host worked them out (fd_unpack_coef, fd_make_flags).
+template <class S, unsigned K>
+__global__ void __launch_bounds__(THREADS, Spec<K>::min_blocks(sizeof(typename Storage<S>::T) == 8))
+    step_kernel(const StepParams p, const StepCoef<typename Storage<S>::T> c, const StepFlags hf, int64_t n_chunks,
+                const UCopies uc, const Layout L) {
   using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
-  __shared__ StepCoef<T> c;
-  if (threadIdx.x == 0) c = fd::fd_unpack_coef<T>(p.coef);
-  __syncthreads();
-  // BLEND is launched for rows with a (and so without w and r: bind_args.h refuses them), the other
-  // variants for rows without: the constants drop the other mode's code
-  const StepFlags f = fd::fd_make_flags<T>(c, p.n_reads, p.n_writes, p.clip, p.m_c != nullptr,
-                                           !BLEND && p.r != nullptr, p.mask != nullptr, p.g != nullptr,
-                                           EXTRA && p.u ? p.u_copies : 0, EXTRA && p.flag != nullptr, BLEND,
-                                           p.m_2 != nullptr, p.m_3 != nullptr, p.m_w != nullptr);
+  const StepFlags f = spec_flags<K>(hf);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   T nf(0);  // NaN once any m / m_c / m_2 / m_3 element this thread read is NaN or +-Inf
-  for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S, EXTRA, BLEND>(p, c, f, ch * VEC, nf, uc, batch);
-  for (int64_t i = n_chunks * VEC + tid; i < p.numel; i += stride)
-    run<1, S, EXTRA, BLEND>(p, c, f, i, nf, uc, batch);
-  if (EXTRA && f.check && nf != nf) *p.flag = 1;  // never 0: other threads, and earlier rows, may have set it
+  for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S, K>(p, c, f, ch * VEC, nf, uc, L);
+  for (int64_t i = n_chunks * VEC + tid; i < p.numel; i += stride) run<1, S, K>(p, c, f, i, nf, uc, L);
+  if (f.check && nf != nf) *p.flag = 1;  // never 0: other threads, and earlier rows, may have set it
 }
 
 __global__ void __launch_bounds__(THREADS)
@@ -338,7 +425,7 @@ __global__ void __launch_bounds__(THREADS)
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 /// Where the copies of u start (k < u_copies, numel elements apart) and which start 16-byte aligned:
-/// those take 16-byte stores on the vector path (the other operands decide that path, vector_path()).
+/// those take 16-byte stores on the vector path.
 UCopies u_copies_of(const StepParams& p, size_t elem) {
   UCopies uc{{nullptr, nullptr}, 0};
   for (int k = 0; p.u && k < p.u_copies && k < 2; ++k) {
@@ -349,44 +436,112 @@ UCopies u_copies_of(const StepParams& p, size_t elem) {
   return uc;
 }
 
-int blocks_cap(int max_blocks) {
-  if (max_blocks > 0) return max_blocks;
+/// The element operands in A_* bit order (null: not given, counted as aligned).
+Layout layout_of(const StepParams& p) {
+  const void* ptrs[] = {p.x, p.out, p.m, p.m_c, p.h_read[0], p.h_read[1], p.h_read[2], p.h_read[3],
+                        p.h_write[0], p.h_write[1], p.z, p.z2, p.mask, p.known, p.m_w};
+  static_assert(sizeof(ptrs) / sizeof(ptrs[0]) == A_MW + 1, "one pointer per A_* bit");
+  Layout L{0u, 0, 0u, p.numel / p.per_sample};
+  for (int k = 0; k <= A_MW; ++k)
+    if (!ptrs[k] || aligned16(ptrs[k])) L.al |= 1u << k;
+  if (p.numel < (int64_t(1) << 31)) {  // then per_sample < 2^31 too
+    const uint64_t d = static_cast<uint64_t>(p.per_sample);
+    int l = 0;
+    while ((uint64_t(1) << l) < d) ++l;
+    L.div_shift = 31 + l;
+    L.div_mul = static_cast<uint32_t>(((uint64_t(1) << L.div_shift) + d - 1) / d);  // < 2^32
+  }
+  return L;
+}
+
+int sm_count() {
   static int sms[64] = {0};  // per device; a benign race writes the same value
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1024;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
   if (!sms[dev]) {
     int n = 0;
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 128;
     sms[dev] = n;
   }
-  return sms[dev] * 8;
+  return sms[dev];
 }
 
-int64_t grid_for(int64_t work, int max_blocks) {
+/// Blocks for `work` threads' worth of chunks: at most what can be resident at once (the occupancy
+/// API's blocks per SM for `kernel`, `*cache` remembering it, times the SMs), or max_blocks when > 0.
+template <class F>
+int64_t grid_for(int64_t work, int max_blocks, F kernel, int* cache) {
   int64_t blocks = (work + THREADS - 1) / THREADS;
-  const int64_t cap = blocks_cap(max_blocks);
+  int64_t cap = max_blocks;
+  if (cap <= 0) {
+    const int sms = sm_count();
+    if (sms <= 0) {
+      cap = 1024;
+    } else {
+      if (*cache <= 0) {
+        int per_sm = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, 0) != cudaSuccess || per_sm <= 0)
+          per_sm = 2;
+        *cache = per_sm;  // a benign race writes the same value
+      }
+      cap = static_cast<int64_t>(sms) * *cache;
+    }
+  }
   if (blocks > cap) blocks = cap;
   return blocks < 1 ? 1 : blocks;
 }
 
+/// The variant for a row (flags f as fd_make_flags decides them; K_* bits, see the top of the file).
+unsigned dispatch(const StepParams& p, const StepFlags& f) {
+  if (f.blend) return K_GENERAL | K_BLEND;
+  if (f.rescale || f.mask || f.g || f.n_reads > 2 || f.n_writes > 2) return K_GENERAL;
+  unsigned k = 0;
+  if (f.cfg) k |= K_CFG;
+  if (f.n_reads > 0 || f.n_writes > 0) k |= K_HIST;
+  if (f.z) k |= p.z ? K_ZEXT : K_PHILOX;
+  return k;
+}
+
+constexpr int N_SPECIAL = 12;  // K_CFG x K_HIST x {none, K_PHILOX, K_ZEXT}
+constexpr int N_VARIANTS = N_SPECIAL + 2;
+
+/// Table index of variant k: the specialised ones by their bits (noise none 0, Philox 1, external 2).
+int variant_index(unsigned k) {
+  if (k & K_GENERAL) return k & K_BLEND ? N_SPECIAL + 1 : N_SPECIAL;
+  return static_cast<int>(k & (K_CFG | K_HIST)) + 4 * ((k & K_PHILOX) ? 1 : (k & K_ZEXT) ? 2 : 0);
+}
+
+template <class S>
+using KernelFn = void (*)(const StepParams, const StepCoef<typename Storage<S>::T>, const StepFlags, int64_t,
+                          const UCopies, const Layout);
+
 template <class S>
 const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_blocks) {
+  using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
-  const int64_t n_chunks = vector_path(p) ? p.numel / VEC : 0;
+  // in variant_index order
+  static const KernelFn<S> table[N_VARIANTS] = {
+      step_kernel<S, 0>, step_kernel<S, K_CFG>, step_kernel<S, K_HIST>, step_kernel<S, K_HIST | K_CFG>,
+      step_kernel<S, K_PHILOX>, step_kernel<S, K_PHILOX | K_CFG>, step_kernel<S, K_PHILOX | K_HIST>,
+      step_kernel<S, K_PHILOX | K_HIST | K_CFG>,
+      step_kernel<S, K_ZEXT>, step_kernel<S, K_ZEXT | K_CFG>, step_kernel<S, K_ZEXT | K_HIST>,
+      step_kernel<S, K_ZEXT | K_HIST | K_CFG>,
+      step_kernel<S, K_GENERAL>, step_kernel<S, K_GENERAL | K_BLEND>};
+  static int occupancy[64][N_VARIANTS];  // blocks per SM per device and variant (0: not asked yet)
+  const StepCoef<T> c = fd::fd_unpack_coef<T>(p.coef);
+  const bool blend = p.a != nullptr;  // then no w and r (bind_args.h refuses them)
+  const StepFlags f = fd::fd_make_flags<T>(c, p.n_reads, p.n_writes, p.clip, p.m_c != nullptr, !blend && p.r != nullptr,
+                                           p.mask != nullptr, p.g != nullptr, p.u ? p.u_copies : 0,
+                                           p.flag != nullptr, blend, p.m_2 != nullptr, p.m_3 != nullptr,
+                                           p.m_w != nullptr);
+  const int v = variant_index(dispatch(p, f));
+  const int64_t n_chunks = p.numel / VEC;
   const int64_t work = n_chunks + (p.numel - n_chunks * VEC);
-  const int64_t blocks = grid_for(work, max_blocks);
-  const bool extra = (p.u && p.u_copies > 0) || p.flag;
-  const int64_t batch = p.numel / p.per_sample;  // the row stride of the blend coefficients a
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  const int64_t blocks = grid_for(work, max_blocks, table[v], &occupancy[dev][v]);
   cudaGetLastError();  // an earlier, unrelated error must not be reported as ours
-  if (p.a)
-    FD_LAUNCH((step_kernel<S, true, true>), static_cast<unsigned>(blocks), THREADS, stream)(
-        p, n_chunks, u_copies_of(p, sizeof(S)), batch);
-  else if (extra)
-    FD_LAUNCH((step_kernel<S, true, false>), static_cast<unsigned>(blocks), THREADS, stream)(
-        p, n_chunks, u_copies_of(p, sizeof(S)), batch);
-  else
-    FD_LAUNCH((step_kernel<S, false, false>), static_cast<unsigned>(blocks), THREADS, stream)(p, n_chunks,
-                                                                                            UCopies{}, batch);
+  FD_LAUNCH(table[v], static_cast<unsigned>(blocks), THREADS, stream)(p, c, f, n_chunks, u_copies_of(p, sizeof(S)),
+                                                                      layout_of(p));
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -421,7 +576,10 @@ const char* launch_step(const StepParams& p, int dtype, uintptr_t stream, int ma
 const char* launch_bits(uint32_t* out, const int64_t* seeds, int64_t batch, int64_t groups, uint32_t row,
                         uint32_t stream_id, uintptr_t stream) {
   if (batch <= 0 || groups <= 0) return nullptr;
-  const int64_t blocks = grid_for(batch * groups, 0);
+  static int occupancy[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  const int64_t blocks = grid_for(batch * groups, 0, bits_kernel, &occupancy[dev]);
   cudaGetLastError();
   FD_LAUNCH(bits_kernel, static_cast<unsigned>(blocks), THREADS, reinterpret_cast<cudaStream_t>(stream))(
       out, seeds, batch, groups, row, stream_id);

@@ -23,9 +23,10 @@ const char* launch_step(const StepParams& p, int dtype, uintptr_t stream, int ma
 const char* launch_bits(uint32_t* out, const int64_t* seeds, int64_t batch, int64_t groups, uint32_t row,
                         uint32_t stream_id, uintptr_t stream);
 
-/// Whether the vectorised (16-byte) path applies: every element operand the row reads or writes is
-/// 16-byte aligned, g, m_2, m_3 and u aside (g and the blend branches m_2 / m_3 are read element by
-/// element; u, see u_vector, is stored by the vector path in 16-byte or element stores, copy by copy).
+/// Whether every element operand the row reads or writes takes 16-byte accesses: each is 16-byte
+/// aligned, g, m_2, m_3 and u aside (g and the blend branches m_2 / m_3 are read element by element;
+/// u, see u_vector, is stored in 16-byte or element stores, copy by copy). Where it is false, only
+/// the unaligned operands take element accesses (the kernel decides operand by operand).
 bool vector_path(const StepParams& p);
 
 /// Bit k set when copy k < p.u_copies of u (elem_size-byte elements, p.numel apart) starts 16-byte

@@ -1,8 +1,19 @@
 """The ``cuda`` backend: the CUDA C++ kernel of ``fastdiff._C_cuda`` (csrc/cuda_step.cu).
 
-One pass over memory per row, 16-byte vector loads where every pointer is aligned, noise generated
-in the kernel with the same Philox/Box–Muller code as the ``cpu`` backend (bit-identical results),
-launched on the caller's current stream (so it can be captured in a CUDA graph). Takes contiguous
+One pass over memory per row, noise generated in the kernel with the same Philox/Box–Muller code as
+the ``cpu`` backend (bit-identical results), launched on the caller's current stream (so it can be
+captured in a CUDA graph).
+
+The kernel is compiled in variants specialised on the row's shape of work, and each launch picks
+the smallest that covers the row (``dispatch()`` in csrc/cuda_step.cu, documented at its top):
+guided or not, no history or up to 2 reads and 2 writes, no noise / Philox / external ``z`` (clip,
+``u`` and the flag at run time) -- 12 variants per storage type, each at most 64 registers (fp64: 96) with no spill on sm_90, so that an
+SM keeps at least half its threads resident (tests/backends/test_cuda_registers.py) -- and, for
+everything else (rescale, mask, gradient, more history, blend rows), a general variant whose
+flags are run-time values. The coefficients are rounded and the flags decided on the host and
+passed as kernel parameters; the grid is the occupancy API's resident blocks. Each operand takes
+16-byte accesses where it is 16-byte aligned and element accesses where it is not, operand by
+operand (``_C_cuda.vector_path`` says whether all of them do). Takes contiguous
 CUDA tensors in float32, float64, float16 or bfloat16 that are identical to or disjoint from one
 another; anything else is reported unsupported, never read wrongly. ``_C_cuda`` is built by
 ``pip install -e .`` only where ``nvcc`` and a CUDA-enabled torch exist.

@@ -3,8 +3,9 @@ csrc/cuda_emu.h (every block and thread run in turn), bound by csrc/cuda_binding
 fastdiff/backends/cuda.py's pointer marshalling, compared with ``reference``.
 
 The grid is capped to a few blocks so the grid-stride loop wraps; sizes are odd so that chunks
-straddle samples and Philox groups and the scalar tail is exercised; offset views force the
-unaligned (all-scalar) path, and a u moved on its own keeps the others on the vector path. The
+straddle samples and Philox groups and the scalar tail is exercised; offset views move their
+operands to element accesses (the others keep 16-byte ones: counted by the emulation), and each
+specialised variant the kernel dispatches to is run. The
 prepared-program entry point (``_C_cuda.Program``) is compared with ``step``. The GPU itself is
 exercised by tests/backends/test_gpu.py.
 """
@@ -97,6 +98,77 @@ def test_unaligned_pointers_take_the_scalar_path(emu, dtype):
         run_unaligned(args, lambda a: cb.launch(emu, a, stream=0, max_blocks=2), emu.vector_path)
 
     check(run, EVERYTHING, (3, 37), dtype, "cpu", seed=5)
+
+
+# --- issue 19: the variants dispatch picks, and an unaligned operand on its own -------------------
+
+_HIST = {"none": {}, "r1w1": {"reads": 1, "writes": ("new",)}, "r2w2": {"reads": 2, "writes": ("h1", "new"), "e": "all"}}
+_NOISE = {"none": {}, "philox": {"noise": "philox"}, "external": {"noise": "external"}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("noise", list(_NOISE))
+@pytest.mark.parametrize("hist", list(_HIST))
+@pytest.mark.parametrize("cfg", [False, True], ids=["uncond", "cfg"])
+def test_specialised_variants(emu, cfg, hist, noise, dtype):
+    """Each of the 12 specialised variants per storage type (guided or not; no history, or up to 2
+    reads and 2 writes; no noise, Philox or external z: csrc/cuda_step.cu, dispatch()) equals the
+    reference, with u and the flag, without clipping and with it (a run-time flag there), chunks
+    straddling samples and Philox groups and a scalar tail; and gives the CPU kernel's bits."""
+    feat = dict(_HIST[hist], **_NOISE[noise], cfg=cfg, u=1, flag=True)
+    seed = 7 * len(hist) + len(noise) + cfg
+    for shape in ((3, 37), (2, 64)):
+        check(_runner(emu, 2), feat, shape, dtype, "cpu", seed=seed)
+        check(_runner(emu, 2), dict(feat, clip=1 + cfg), shape, dtype, "cpu", seed=seed + 1)  # static / dynamic
+    cpu = pytest.importorskip("fastdiff.backends.cpu")
+    if not cpu.available()[0]:
+        pytest.skip(f"cpu backend unavailable ({cpu.available()[1]}); compared with the reference only")
+    pool, make_args, outputs = build(feat, (3, 37), dtype, seed, "cpu")
+    on_cpu = {k: v.clone() for k, v in pool.items()}
+    on_emu = {k: v.clone() for k, v in pool.items()}
+    cpu.step(make_args(on_cpu))
+    cb.launch(emu, make_args(on_emu), stream=0, max_blocks=2)
+    for k in outputs:
+        assert torch.equal(_bits(on_emu[k]), _bits(on_cpu[k])), f"{k}: emulated CUDA and cpu differ"
+
+
+_ONE_UNALIGNED = {
+    "specialised": (dict(cfg=True, reads=2, writes=("new",), noise="external", u=1, flag=True),
+                    ["x", "out", "m", "m_c", "h0", "h1", "wr0", "z", "u"]),
+    "general": (dict(EVERYTHING, noise="external", mask="external"),
+                ["x", "out", "m_c", "h3", "wr1", "mask", "known", "z2"]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", list(_ONE_UNALIGNED))
+def test_one_unaligned_operand_falls_back_alone(emu, kind, dtype):
+    """One operand one element off a 16-byte boundary (m_c = out[B:] at an odd offset, say): only
+    its own accesses become element accesses (the emulation throws on a misaligned 16-byte one and
+    counts the others: one per chunk fewer, exactly), and the results are bit for bit those of the
+    aligned row."""
+    import ctypes
+
+    vec16 = ctypes.c_longlong.in_dll(ctypes.CDLL(emu.__file__), "fd_emu_vec16_accesses")
+    feat, names = _ONE_UNALIGNED[kind]
+    pool, make_args, outputs = build(feat, (3, 37), dtype, 4, "cpu")
+    chunks = 3 * 37 // (16 // _elem(dtype))
+    want = {k: v.clone() for k, v in pool.items()}
+    before = vec16.value
+    cb.launch(emu, make_args(want), stream=0, max_blocks=2)
+    aligned = vec16.value - before
+    for name in names:
+        got = {k: v.clone() for k, v in pool.items()}
+        buf = torch.empty(got[name].numel() + 1, dtype=dtype)
+        got[name] = buf[1:].view(got[name].shape)
+        got[name].copy_(pool[name])
+        a = make_args(got)
+        assert not emu.vector_path(pointers(a)) or name == "u", name
+        before = vec16.value
+        cb.launch(emu, a, stream=0, max_blocks=2)
+        assert vec16.value - before == aligned - chunks, f"{name} moved: not the only operand off the vector path"
+        for k in outputs:
+            assert torch.equal(_bits(got[k]), _bits(want[k])), f"{name} moved: {k} differs from the aligned row"
 
 
 def test_e_coefficient_below_float32_range_is_no_e_term(emu):
