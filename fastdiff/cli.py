@@ -85,7 +85,7 @@ def _check_bench_args(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmark loops, the fused step against what it replaces, GPU rows and a pipeline: table, JSON, PNG."""
+    """Benchmark loops, the fused step against what it replaces, GPU rows and pipelines: table, JSON, PNG."""
     from . import bench, samplers
     from .runtime import ops
 
@@ -477,8 +477,78 @@ def _check_out_file(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: not writable")
 
 
+PROFILE_DEFAULTS = {"sampler": "dpmpp_2m", "shape": "2,4,64,64", "dtype": "float32",
+                    "variants": "diffusers,reference,fused"}
+"""``fastdiff profile``'s defaults of the options that ``--pipeline`` refuses (``None`` in argparse: given or not)."""
+_NOT_WITH_PIPELINE = ("model", "sampler", "shape", "dtype", "variants", "guidance_scale", "trace")
+
+
+def _profile_pipeline(args: argparse.Namespace, fail) -> int:
+    """``fastdiff profile --pipeline module:attr``: the pipeline's stock loop vs ``accelerate``, per step."""
+    import json
+
+    from .bench.profile import _probe_backend, check_device, load_pipeline, profile_pipeline
+    from .runtime import ops
+
+    try:
+        if args.model:
+            raise ValueError("--model and --pipeline exclude each other: profile a model or a pipeline")
+        for key in _NOT_WITH_PIPELINE:
+            if getattr(args, key) not in (None, ""):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{flag} does not apply to --pipeline (the pipeline's own scheduler, latents, "
+                                 "dtype and guidance are profiled: set them in the pipeline and its call arguments)")
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        try:
+            check_device(args.device)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None  # "device ...": the flag's name
+        _check_backend(args.backend)
+        name = ops.requested_backend(args.backend)
+        probe, why = _probe_backend(name, torch.zeros(1, device=args.device))
+        if probe is None and name != "auto":  # why: "backend 'X' was requested but is not available: ..."
+            raise ValueError(f"{_backend_source(args.backend)}: {why}")
+        if args.json:
+            _check_out_file(args.json, "--json")
+        if os.getcwd() not in sys.path:  # like `python -m` and --model: modules next to the caller
+            sys.path.insert(0, os.getcwd())
+        try:
+            pipe, call_kwargs = load_pipeline(args.pipeline)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None  # "pipeline ...": the flag's name
+    except ValueError as exc:
+        return fail(str(exc))
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers' deprecation notes are not results
+            rep = profile_pipeline(pipe, call_kwargs, steps=args.steps, backend=args.backend, device=args.device,
+                                   warmup=args.warmup)
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("backend "):
+            return fail(f"{_backend_source(args.backend)}: {msg}")
+        return fail(f"--pipeline {args.pipeline}: {msg}")
+    except (TypeError, RuntimeError, AttributeError, IndexError, KeyError) as exc:  # the call itself failed
+        return fail(f"--pipeline {args.pipeline}: the pipeline call failed ({type(exc).__name__}: {exc})")
+    print(rep.table())
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(rep.to_json(), f, indent=1)
+        except OSError as exc:
+            return fail(f"--json {args.json}: {exc.strerror or exc}")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Profile one sampling loop: stock diffusers scheduler vs reference vs fused, part by part."""
+    """Profile one sampling loop (stock diffusers scheduler vs reference vs fused, part by part), or
+    with ``--pipeline`` a diffusers pipeline's loop, stock vs accelerated."""
     import json
     import math
 
@@ -488,6 +558,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"fastdiff profile: error: {msg}", file=sys.stderr)
         return 2
 
+    if args.pipeline:
+        return _profile_pipeline(args, fail)
+    for key, value in PROFILE_DEFAULTS.items():  # (None: not given, which only --pipeline needs to know)
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:
         shape = _one_shape(args.shape, "--shape", min_dims=2)
         if args.steps < 1:
@@ -563,9 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastdiff", description="Fused diffusion sampling: info and benchmarks.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions and backends").set_defaults(fn=cmd_info)
-    b = sub.add_parser("bench", help="loops, the fused step vs what it replaces, GPU rows, a pipeline: table, JSON, PNG")
+    b = sub.add_parser("bench", help="loops, the fused step vs what it replaces, GPU rows, pipelines: table, JSON, PNG")
     b.add_argument("--quick", action="store_true", help="a smoke run (under a minute on 2 cores)")
-    b.add_argument("--parts", default="", help="comma-separated parts among loop,floor,step,samplers,gpu,pipeline (default: all)")
+    b.add_argument("--parts", default="",
+                   help="comma-separated parts among loop,floor,step,samplers,gpu,pipeline,guidance (default: all)")
     b.add_argument("--shape", default="", help="loop noise shape, comma-separated (default 16,4,32,32)")
     b.add_argument("--steps", type=int, default=None, help="loop steps (default 20; 4 with --quick)")
     b.add_argument("--repeats", type=int, default=None, help="timed loop runs; each model call and each stretch between calls keeps its minimum (default 3; 1 with --quick)")
@@ -605,17 +681,26 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--timeout", type=float, default=1800.0,
                     help="seconds a rank waits for the others after each batch before it gives up (default 1800)")
     sp.set_defaults(fn=cmd_sample)
-    pr = sub.add_parser("profile", help="where each step's time goes: diffusers vs reference vs fused")
+    pr = sub.add_parser("profile", help="where each step's time goes: diffusers vs reference vs fused",
+                        description="Profile a sampling loop (the built-in model or --model), or with --pipeline a "
+                        "diffusers pipeline's denoising loop: stock vs fastdiff.diffusers.accelerate, per step the "
+                        "model's forward time and the rest (CFG blend, scheduler step, loop overhead).")
     pr.add_argument("--model", default="", help="module:attr of a model(x, t) (default: built-in Gaussian mixture)")
-    pr.add_argument("--sampler", default="dpmpp_2m")
+    pr.add_argument("--pipeline", default="",
+                    help="module:attr of a diffusers pipeline, or of a zero-argument callable returning a pipeline "
+                    "or (pipeline, call_kwargs dict); it is called with call_kwargs (default: a prompt), "
+                    "output_type='latent', --steps and a seeded generator unless given, stock then accelerated "
+                    "(e.g. fastdiff.bench.pipeline:flux_case). Uses --steps, --device, --backend, --warmup, --json")
+    pr.add_argument("--sampler", default=None, help="sampler name (default dpmpp_2m)")
     pr.add_argument("--steps", type=int, default=20)
-    pr.add_argument("--shape", default="2,4,64,64", help="noise shape, comma-separated")
-    pr.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
+    pr.add_argument("--shape", default=None, help="noise shape, comma-separated (default 2,4,64,64)")
+    pr.add_argument("--dtype", default=None, choices=("float32", "float64", "float16", "bfloat16"),
+                    help="noise dtype (default float32)")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--backend", default="auto", help="the fused backend (auto, cpu, triton, cuda)")
     pr.add_argument("--guidance-scale", type=float, default=None,
                     help="CFG scale; 1 disables guidance (default: 7.5 with the built-in model, none with --model)")
-    pr.add_argument("--variants", default="diffusers,reference,fused")
+    pr.add_argument("--variants", default=None, help="among diffusers,reference,fused (default: all three)")
     pr.add_argument("--warmup", type=int, default=1)
     pr.add_argument("--trace", default="", help="write a Chrome trace JSON here")
     pr.add_argument("--json", default="", help="write the report as JSON here")

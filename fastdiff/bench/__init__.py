@@ -15,19 +15,21 @@ Parts (``--parts``; all by default, ``gpu`` only where CUDA is visible):
               through ``ops.step`` on each backend, per shape (:func:`fastdiff.bench.step.bench_samplers`).
 ``gpu``       the fused ``cuda``/``triton`` steps vs the reference step and ``torch.compile`` of it
               (:func:`fastdiff.bench.step.bench_gpu`).
-``pipeline``  a tiny offline ``StableDiffusionPipeline``'s denoising loop, stock vs
-              ``fastdiff.diffusers.accelerate`` (:func:`fastdiff.bench.pipeline.bench_pipeline`).
+``pipeline``  tiny offline pipelines' denoising loops, stock vs ``fastdiff.diffusers.accelerate``: a
+              ``StableDiffusionPipeline``, a Flux-like ``FluxPipeline`` (image DiT) and a Wan-like
+              ``WanPipeline`` (video DiT) (:func:`fastdiff.bench.pipeline.bench_pipeline`).
 ``guidance``  each diffusers guider's step (its ``forward`` and an eager Euler update) vs the fused
               blend and step (:func:`fastdiff.bench.guidance.bench_guiders`).
 
 JSON (``--json``, default ``bench-results/bench.json``); times are µs, bandwidths GB/s (1e9 B/s).
 A row that could not be measured carries ``error`` (a string) instead of its times.
 
-* top level: ``schema`` (1), ``command`` (the argv), ``quick`` (bool), ``machine``, ``settings``
-  (what each part ran), ``parts`` (the parts asked for), ``loop``, ``step``, ``samplers``, ``gpu``,
-  ``pipeline`` (each ``null`` when the part did not run), ``skipped`` (part -> why not run),
-  ``errors`` (part -> the error that stopped it), ``elapsed_s`` (part -> seconds), ``chart`` (PNG
-  path or ``null``), ``guidance``.
+* top level: ``schema`` (2; schema 1 had one ``pipeline`` dict, the ``sd`` row, where 2 has a list
+  of rows), ``command`` (the argv), ``quick`` (bool), ``machine``, ``settings`` (what each part ran;
+  ``pipeline_latent`` is per pipeline kind), ``parts`` (the parts asked for), ``loop``, ``step``,
+  ``samplers``, ``gpu``, ``pipeline`` (each ``null`` when the part did not run), ``skipped`` (part
+  -> why not run), ``errors`` (part -> the error that stopped it), ``elapsed_s`` (part -> seconds),
+  ``chart`` (PNG path or ``null``), ``guidance``.
 * ``machine``: ``cpu`` (model name), ``cores``, ``torch``, ``torch_threads``, ``simd`` and
   ``kernel_threads`` (the CPU kernel's, ``null`` without it), ``gpu`` (name or ``null``),
   ``loadavg_start``, ``loadavg_end`` (1, 5, 15-minute load averages: a loaded machine slows
@@ -55,14 +57,19 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   (``multistep_cfg`` or ``ancestral_cfg``), ``dtype``, ``shape``, ``device_us`` (median kernel
   time), ``wall_us`` (host time per step of 200 back-to-back steps), ``gb_s``, ``min_bytes``,
   ``frac_of_copy``, ``vs_reference`` (by device time).
-* ``pipeline`` (:class:`fastdiff.bench.pipeline.PipelineRow`): ``pipeline`` and ``scheduler``
-  (class names), ``backend`` (of the accelerated run), ``latent`` (shape), ``steps``,
-  ``guidance_scale``; per denoising step, each the minimum over the timed calls,
-  ``stock_us_per_step``, ``stock_model_us_per_step`` (UNet forward), ``stock_sched_us_per_step``
-  (the rest: CFG blend, scheduler step, loop overhead), ``stock_sched_share`` (the rest over the
-  step), the same for the accelerated pipeline (``fused_us_per_step``, ``fused_model_us_per_step``,
+* ``pipeline`` rows (:class:`fastdiff.bench.pipeline.PipelineRow`), one per pipeline kind:
+  ``kind`` (``sd``, ``flux``, ``wan``), ``pipeline``, ``model`` (the denoiser) and ``scheduler``
+  (class names), ``backend`` (of the accelerated run), ``latent`` (shape of the latents the loop
+  steps: Flux's packed, batch x tokens x channels; Wan's batch x channels x frames x height x
+  width), ``steps``, ``guidance_scale`` (Flux: ``true_cfg_scale``; the stock Flux and Wan loops
+  call the transformer once per CFG branch, fastdiff's once on the batched branches); per
+  denoising step, each the minimum over the timed calls, ``stock_us_per_step``,
+  ``stock_model_us_per_step`` (UNet or transformer forward), ``stock_sched_us_per_step`` (the
+  rest: CFG blend, scheduler step, loop overhead), ``stock_sched_share`` (the rest over the step),
+  the same for the accelerated pipeline (``fused_us_per_step``, ``fused_model_us_per_step``,
   ``fused_sched_us_per_step``, ``fused_sched_share``), and ``sched_speedup``
-  (``stock_sched_us_per_step`` over ``fused_sched_us_per_step``).
+  (``stock_sched_us_per_step`` over ``fused_sched_us_per_step``); a row that failed has ``kind``,
+  ``pipeline`` and ``error``.
 * ``guidance`` rows (:func:`fastdiff.bench.guidance.bench_guiders`): ``guider``, ``shape``, ``dtype``,
   ``backend`` (of the fused step), ``stock_us`` and ``fused_us`` (medians of interleaved samples),
   ``stock_us_best``, ``fused_us_best``, ``speedup`` (median over median) and ``speedup_best``.
@@ -103,7 +110,7 @@ from ..models import GaussianMixture
 from ..core.schedules import from_config, is_schedule
 
 PARTS = ("loop", "floor", "step", "samplers", "gpu", "pipeline", "guidance")
-SCHEMA = 1
+SCHEMA = 2
 FIELDS = {
     "top": ("schema", "command", "quick", "machine", "settings", "parts", "loop", "floor", "step", "samplers", "gpu",
             "pipeline", "guidance", "skipped", "errors", "elapsed_s", "chart"),
@@ -122,9 +129,10 @@ FIELDS = {
     "gpu": ("copy_gb_s", "rows"),
     "gpu_rows": ("provider", "variant", "dtype", "shape", "device_us", "wall_us", "gb_s", "min_bytes",
                  "frac_of_copy", "vs_reference"),
-    "pipeline": ("pipeline", "scheduler", "backend", "latent", "steps", "guidance_scale", "stock_us_per_step",
-                 "stock_model_us_per_step", "stock_sched_us_per_step", "stock_sched_share", "fused_us_per_step",
-                 "fused_model_us_per_step", "fused_sched_us_per_step", "fused_sched_share", "sched_speedup"),
+    "pipeline": ("kind", "pipeline", "model", "scheduler", "backend", "latent", "steps", "guidance_scale",
+                 "stock_us_per_step", "stock_model_us_per_step", "stock_sched_us_per_step", "stock_sched_share",
+                 "fused_us_per_step", "fused_model_us_per_step", "fused_sched_us_per_step", "fused_sched_share",
+                 "sched_speedup"),
     "guidance": ("guider", "shape", "dtype", "backend", "stock_us", "fused_us", "stock_us_best", "fused_us_best",
                  "speedup", "speedup_best"),
 }
@@ -261,8 +269,11 @@ def settings(quick: bool, **over) -> dict:
         "sampler_shapes": [[1, 4, 64, 64]] if quick else [[1, 4, 64, 64], [4, 4, 128, 128], [2, 3, 512, 512]],
         "sampler_repeats": 5 if quick else 15,
         "gpu_shapes": [[2, 3, 512, 512]] if quick else [list(x) for x in GPU_SHAPES],
-        "pipeline_steps": 4 if quick else 20, "pipeline_latent": 8 if quick else 32,
-        "pipeline_repeats": 1 if quick else 3,
+        # pipeline: latent height = width per kind (Flux: pixels = latents; Wan: plus pipeline_frames latent
+        # frames), the largest that keep the full part near 2 minutes on the 2-core machine, 1 thread
+        "pipeline_kinds": ["sd", "flux", "wan"], "pipeline_steps": 4 if quick else 20,
+        "pipeline_latent": {"sd": 8, "flux": 8, "wan": 8} if quick else {"sd": 96, "flux": 128, "wan": 64},
+        "pipeline_frames": 2 if quick else 5, "pipeline_repeats": 1 if quick else 3,
         "guidance_shape": [1, 4, 32, 32] if quick else [16, 4, 128, 128], "guidance_repeats": 3 if quick else 15,
     }
     s.update({k: v for k, v in over.items() if v is not None})
@@ -326,30 +337,42 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
     def do_pipeline():
         from .pipeline import as_dict, bench_pipeline
 
-        log(f"pipeline: tiny StableDiffusionPipeline, latent {s['pipeline_latent']}², {s['pipeline_steps']} steps, "
-            f"CFG 7.5, best of {s['pipeline_repeats']}")
+        kinds = s["pipeline_kinds"]
+        log(f"pipeline: tiny {', '.join(kinds)} pipelines, latent {s['pipeline_latent']} "
+            f"(wan: {s['pipeline_frames']} frames), {s['pipeline_steps']} steps, CFG 7.5, "
+            f"best of {s['pipeline_repeats']}")
         import warnings
 
         from diffusers.utils import logging as dlogging
 
         verbosity = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()  # the tiny pipeline's config notes are not results
+        dlogging.set_verbosity_error()  # the tiny pipelines' config notes are not results
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=1, desc="pipeline", leave=False)
+            bar = tqdm(total=len(kinds), desc="pipeline", leave=False)
+        rows = []
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                row = bench_pipeline(steps=s["pipeline_steps"], latent=s["pipeline_latent"],
-                                     repeats=s["pipeline_repeats"])
+            for kind in kinds:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", FutureWarning)
+                        rows.append(as_dict(bench_pipeline(steps=s["pipeline_steps"], latent=s["pipeline_latent"][kind],
+                                                           repeats=s["pipeline_repeats"], kind=kind,
+                                                           frames=s["pipeline_frames"])))
+                except Exception as exc:  # noqa: BLE001 - one pipeline failing must not lose the others
+                    rows.append({"kind": kind, "pipeline": _PIPELINE_NAMES.get(kind, kind),
+                                 "error": f"{type(exc).__name__}: {exc}"[:500]})
+                if bar is not None:
+                    bar.update(1)
         finally:
             dlogging.set_verbosity(verbosity)
             if bar is not None:
-                bar.update(1)
                 bar.close()
-        return as_dict(row)
+        if rows and all("error" in r for r in rows):
+            raise RuntimeError(rows[0]["error"])
+        return rows
 
     def do_guidance():
         from .guidance import bench_guiders
@@ -375,6 +398,9 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
         doc["elapsed_s"][part] = round(time.perf_counter() - t0, 2)
     doc["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return doc
+
+
+_PIPELINE_NAMES = {"sd": "StableDiffusionPipeline", "flux": "FluxPipeline", "wan": "WanPipeline"}
 
 
 def _why_skip(part: str) -> str:
@@ -474,15 +500,25 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         out.append((f"GPU step ({doc['machine'].get('gpu')}; copy {_f(gpu.get('copy_gb_s'), '.0f')} GB/s)",
                     ["variant", "dtype", "shape", "provider", "device µs", "wall µs", "GB/s", "%copy", "vs ref"],
                     rows, "device µs: median kernel time (do_bench); wall µs: host time per step, 200 in a row"))
-    p = doc.get("pipeline")
-    if p:
-        rows = [["stock", _f(p["stock_us_per_step"]), _f(p["stock_model_us_per_step"]),
-                 _f(p["stock_sched_us_per_step"]), f"{p['stock_sched_share']:.1%}"],
-                [f"fastdiff ({p['backend']})", _f(p["fused_us_per_step"]), _f(p["fused_model_us_per_step"]),
-                 _f(p["fused_sched_us_per_step"]), f"{p['fused_sched_share']:.1%}"]]
-        out.append((f"{p['pipeline']} + {p['scheduler']}, latent {tuple(p['latent'])}, {p['steps']} steps, "
-                    f"CFG {p['guidance_scale']} (µs per step)", ["pipeline loop", "µs/step", "model", "scheduler", "share"],
-                    rows, f"scheduler part {p['sched_speedup']:.2f}x faster with fastdiff"))
+    if doc.get("pipeline"):
+        rows = []
+        for p in doc["pipeline"]:
+            if "error" in p:
+                rows.append([p["pipeline"], "error: " + p["error"][:80], "", "", "", "", "", ""])
+                continue
+            for loop, pre in (("stock", "stock"), (f"fastdiff ({p['backend']})", "fused")):
+                rows.append([p["pipeline"] if pre == "stock" else "", loop,
+                             _shape(p["latent"]) if pre == "stock" else "", _f(p[f"{pre}_us_per_step"]),
+                             _f(p[f"{pre}_model_us_per_step"]), _f(p[f"{pre}_sched_us_per_step"]),
+                             f"{p[f'{pre}_sched_share']:.1%}", _x(p["sched_speedup"]) if pre == "fused" else ""])
+        ok = [p for p in doc["pipeline"] if "error" not in p]
+        r0 = ok[0] if ok else {}
+        out.append((f"Pipeline denoising loop, stock vs fastdiff.diffusers.accelerate ({r0.get('steps')} steps, "
+                    f"CFG {r0.get('guidance_scale')}; µs per step)",
+                    ["pipeline", "loop", "latent", "µs/step", "model", "scheduler", "share", "sched x"], rows,
+                    "tiny random-weight pipelines; scheduler = step minus model forward (CFG blend, scheduler step, "
+                    "loop overhead); share = scheduler / step; sched x = stock scheduler part / fastdiff's; "
+                    + ", ".join(f"{p['pipeline']}: {p['model']} + {p['scheduler']}" for p in ok)))
     if doc.get("guidance"):
         rows = [[r["guider"], _f(r["stock_us"]), _f(r["fused_us"]), _x(r["speedup"]), _x(r["speedup_best"])]
                 for r in doc["guidance"]]

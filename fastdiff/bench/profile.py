@@ -5,6 +5,10 @@ the stock diffusers scheduler (if diffusers is installed and mirrors the sampler
 ``reference`` backend, and through the fused backend — and reports per step and in total the time
 in each part, the host-sync count and the sampler's share of the step, against diffusers' own rule
 of thumb (scheduler under 1% of the step is healthy, over 5% is not). It can write a Chrome trace.
+
+``profile_pipeline(pipe, call_kwargs)`` does the same for a whole diffusers pipeline: its stock loop
+against ``fastdiff.diffusers.accelerate``, per step the model's forward time and the rest (CFG blend,
+scheduler step, loop overhead), timed by forward hooks as the ``pipeline`` part of ``fastdiff bench``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -377,3 +382,217 @@ def _probe_backend(name: str, noise: torch.Tensor) -> tuple[str | None, str]:
     except RuntimeError as exc:
         return None, str(exc)
 
+
+
+# ------------------------------------------------------------------------------------- pipelines
+
+PIPELINE_PARTS = ("model", "rest")
+"""Columns of a pipeline profile: the model's forward calls, and the rest of the step (CFG blend,
+scheduler step, loop overhead: what ``fastdiff.diffusers.accelerate`` replaces)."""
+DEFAULT_PROMPT = "a photo of an astronaut riding a horse"
+"""The prompt of a pipeline profiled without call arguments."""
+
+
+def load_pipeline(spec: str) -> tuple[Any, dict]:
+    """Import ``module:attr`` (``attr`` may be dotted) as ``(pipeline, call_kwargs)``.
+
+    ``attr`` is a diffusers pipeline (then ``call_kwargs`` is ``{}``: it is called with a prompt) or a
+    zero-argument callable returning a pipeline or ``(pipeline, call_kwargs)``. Every failure is a
+    ``ValueError`` naming ``spec``.
+    """
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError(f"pipeline must be 'module:attr', got {spec!r}")
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as exc:
+        raise ValueError(f"pipeline {spec!r}: cannot import {mod!r} ({type(exc).__name__}: {exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"pipeline {spec!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!r} "
+                             f"has no attribute {part!r}")
+        obj = getattr(obj, part)
+    if not _is_pipeline(obj):
+        if not callable(obj):
+            raise ValueError(f"pipeline {spec!r} is a {type(obj).__name__}, not a diffusers pipeline or a "
+                             "zero-argument callable returning one")
+        try:
+            obj = obj()
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's factory is reported as such
+            raise ValueError(f"pipeline {spec!r}: calling it failed ({type(exc).__name__}: {exc})") from exc
+    pipe, kwargs = (obj if isinstance(obj, tuple) and len(obj) == 2 else (obj, {}))
+    if not _is_pipeline(pipe) or not isinstance(kwargs, dict):
+        got = f"({type(pipe).__name__}, {type(kwargs).__name__})" if isinstance(obj, tuple) else type(obj).__name__
+        raise ValueError(f"pipeline {spec!r} gave {got}, not a diffusers pipeline or (pipeline, call kwargs dict)")
+    return pipe, kwargs
+
+
+def _is_pipeline(obj) -> bool:
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        return False
+    return isinstance(obj, DiffusionPipeline)
+
+
+@dataclass
+class PipelineVariantReport:
+    """One way of running a pipeline's loop; times are µs per ``unit`` (a step: one iteration of the
+    denoising loop, all its model calls; or, where the model calls do not divide evenly into the
+    loop's iterations, one model call)."""
+
+    name: str
+    backend: str
+    unit: str
+    rows: int
+    model_calls: int
+    setup_us: float
+    total_us: float
+    parts_us: dict[str, float]
+    per_row_us: list[dict[str, float]]
+
+    @property
+    def sampler_share(self) -> float:
+        """Fraction of the step that is not the model forward."""
+        return self.parts_us["rest"] / self.total_us if self.total_us > 0 else 0.0
+
+
+@dataclass
+class PipelineProfile:
+    """What :func:`profile_pipeline` measured (see :meth:`table`, :meth:`to_json`).
+
+    JSON (``fastdiff profile --pipeline ... --json``; times in µs): ``pipeline``, ``scheduler`` and
+    ``model`` (class names), ``steps`` (the loop's iterations: the scheduler's timesteps), ``latent``
+    (shape of the ``output_type="latent"`` output), ``dtype``, ``device``, ``call_kwargs`` (the
+    argument names the pipeline was called with), ``parts`` (``model``, ``rest``) and ``variants``
+    (stock, then accelerated), each with ``name``, ``backend`` (``diffusers`` for the stock loop),
+    ``unit`` (``step``, or ``model call`` where the calls do not divide evenly into steps), ``rows``
+    (units), ``model_calls``, ``setup_us`` (the call before its first model call), ``total_us``,
+    ``parts_us`` (per unit, averaged), ``per_row_us`` (per unit: a step runs from its first model call
+    to the next step's, the last to the end of the call) and ``sampler_share`` (``rest`` over
+    ``total_us``).
+    """
+
+    pipeline: str
+    scheduler: str
+    model: str
+    steps: int
+    latent: tuple[int, ...]
+    dtype: str
+    device: str
+    call_kwargs: list[str]
+    variants: list[PipelineVariantReport]
+
+    def table(self) -> str:
+        """A plain-text table: µs per step in the model and the rest, the share, then step by step."""
+        head = (f"{'variant':<22}{'calls/step':>11}{'setup':>11}{'model':>11}{'rest':>11}{'total':>11}{'share':>8}"
+                "  verdict")
+        lines = [f"fastdiff profile: {self.pipeline} ({self.model}) + {self.scheduler}, {self.steps} steps, "
+                 f"latent {self.latent}, {self.dtype}, {self.device}",
+                 f"µs per {self.variants[0].unit}; setup: the call before its first model call (µs, once); rest: "
+                 "CFG blend, scheduler step, loop overhead", head, "-" * len(head)]
+        for v in self.variants:
+            share = v.sampler_share
+            verdict = ("healthy" if share < HEALTHY_SHARE else
+                       "not healthy" if share > UNHEALTHY_SHARE else "borderline")
+            lines.append(f"{v.name:<22}{v.model_calls / max(v.rows, 1):>11.2g}{v.setup_us:>11.1f}"
+                         f"{v.parts_us['model']:>11.1f}{v.parts_us['rest']:>11.1f}{v.total_us:>11.1f}"
+                         f"{share:>7.1%}  {verdict}")
+        lines.append(f"reference line: scheduler share < {HEALTHY_SHARE:.0%} healthy, > {UNHEALTHY_SHARE:.0%} not "
+                     "(diffusers' rule of thumb)")
+        n = max(v.rows for v in self.variants)
+        short = ["stock" if v.backend == "diffusers" else "fastdiff" for v in self.variants]
+        head2 = f"{self.variants[0].unit:>10}" + "".join(f"{s + ' ' + p:>16}" for s in short for p in PIPELINE_PARTS)
+        lines += ["", f"per {self.variants[0].unit} (µs; the last runs to the end of the call)", head2,
+                  "-" * len(head2)]
+        for i in range(n):
+            cells = "".join(f"{v.per_row_us[i][p]:>16.1f}" if i < v.rows else f"{'':>16}" for v in self.variants
+                            for p in PIPELINE_PARTS)
+            lines.append(f"{i:>10}{cells}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        """The documented JSON form (``fastdiff profile --pipeline ... --json``)."""
+        return {"pipeline": self.pipeline, "scheduler": self.scheduler, "model": self.model, "steps": self.steps,
+                "latent": list(self.latent), "dtype": self.dtype, "device": self.device,
+                "call_kwargs": self.call_kwargs, "parts": list(PIPELINE_PARTS),
+                "variants": [dict(asdict(v), sampler_share=v.sampler_share) for v in self.variants]}
+
+
+def _pipeline_variant(name: str, backend: str, rec) -> PipelineVariantReport:
+    """Per-step model and rest times of one call: a step runs from its first model call to the next
+    step's (the last: to the end of the call)."""
+    n, iters = len(rec.spans), rec.timesteps
+    k, unit = (n // iters, "step") if iters and n % iters == 0 else (1, "model call")
+    starts = [rec.spans[i][0] for i in range(0, n, k)] + [rec.end]
+    rows = []
+    for g in range(n // k):
+        model = sum(b - a for a, b in rec.spans[g * k:(g + 1) * k])
+        rows.append({"model": 1e6 * model, "rest": 1e6 * (starts[g + 1] - starts[g] - model)})
+    parts = {p: sum(r[p] for r in rows) / len(rows) for p in PIPELINE_PARTS}
+    return PipelineVariantReport(name, backend, unit, len(rows), n, 1e6 * rec.setup_s, sum(parts.values()), parts,
+                                 rows)
+
+
+def profile_pipeline(pipe, call_kwargs: dict | None = None, *, steps: int | None = 20, backend: str = "auto",
+                     device: str | torch.device = "cpu", warmup: int = 1, seed: int = 0) -> PipelineProfile:
+    """Profile a diffusers pipeline's denoising loop, stock and under ``fastdiff.diffusers.accelerate``.
+
+    Each variant is called ``warmup`` times untimed, then once timed, alternating, with
+    ``call_kwargs`` plus ``output_type="latent"`` (decoding is no part of the loop) and
+    ``num_inference_steps=steps`` (unless ``None``); without a ``generator`` one seeded with ``seed``
+    is added, so both variants draw the same latents and noise. The model's forward calls (the
+    ``unet``, ``transformer`` and ``transformer_2``) are timed by forward hooks; the rest of each
+    step is the CFG blend, the scheduler step and the loop's overhead.
+
+    Args:
+        pipe: a pipeline :func:`fastdiff.diffusers.accelerate` supports, with a supported scheduler.
+        call_kwargs: the call's arguments (default: ``prompt=DEFAULT_PROMPT``, which needs the
+            pipeline's text encoders); tensors are moved to ``device``.
+        steps: ``num_inference_steps``.
+        backend: the fused backend of the accelerated call.
+        device: where the pipeline runs (it is moved there).
+        warmup: untimed calls of each variant first.
+        seed: seeds the added generator.
+
+    Returns:
+        A :class:`PipelineProfile`; ``print(report.table())`` shows it.
+    """
+    from ..diffusers import accelerate, restore
+    from .pipeline import denoisers, time_calls
+
+    device = check_device(device)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    name = ops.requested_backend(backend)
+    probe, why = _probe_backend(name, torch.zeros(1, device=device))
+    if probe is None and name != "auto":
+        raise ValueError(why)  # "backend NAME was requested but is not available: ..."
+    if not _is_pipeline(pipe):
+        raise ValueError(f"pipeline must be a diffusers pipeline, got {type(pipe).__name__}")
+    try:  # before anything runs: the class and its scheduler must be ones accelerate supports
+        denoisers(pipe)
+        accelerate(pipe, backend=backend)
+        restore(pipe)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"pipeline {type(pipe).__name__}: {exc}") from None
+    kw = dict(call_kwargs) if call_kwargs else {"prompt": DEFAULT_PROMPT}
+    kw["output_type"] = "latent"
+    if steps is not None:
+        kw["num_inference_steps"] = steps
+    if kw.get("generator") is None:
+        kw["generator"] = torch.Generator("cpu").manual_seed(seed)
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # a progress bar would be timed as loop overhead
+    rec = time_calls(pipe, kw, backend=backend, repeats=1, warmup=warmup, device=device)
+    stock, fused = rec["stock"][0], rec["fused"][0]
+    like = torch.zeros(1, dtype=fused.dtype or torch.float32, device=device)
+    be, _ = _probe_backend(name, like)
+    variants = [_pipeline_variant("diffusers (stock loop)", "diffusers", stock),
+                _pipeline_variant(f"fastdiff {be or name}", be or name, fused)]
+    return PipelineProfile(type(pipe).__name__, type(pipe.scheduler).__name__, type(denoisers(pipe)[0]).__name__,
+                           stock.timesteps, stock.shape, str(stock.dtype).replace("torch.", ""), str(device),
+                           sorted(kw), variants)

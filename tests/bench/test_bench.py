@@ -103,7 +103,20 @@ def test_json_has_the_documented_fields(quick):
         # the first row reads no history and the last writes no model input
         lo, hi = (24, 32) if r["sampler"] == "dpmpp_2m" else (20, 24)
         assert lo <= per_row <= hi, per_row
-    assert set(bench.FIELDS["pipeline"]) <= set(doc["pipeline"])
+    rows = doc["pipeline"]
+    assert [r["kind"] for r in rows] == ["sd", "flux", "wan"]  # one row per pipeline, none failed
+    assert [r["pipeline"] for r in rows] == ["StableDiffusionPipeline", "FluxPipeline", "WanPipeline"]
+    for r in rows:
+        assert "error" not in r, r
+        _has_fields(r, "pipeline")
+        assert r["steps"] == 4 and r["guidance_scale"] == 7.5
+        for pre in ("stock", "fused"):  # the step splits into the model's forward and the scheduler's rest
+            assert r[f"{pre}_us_per_step"] > r[f"{pre}_model_us_per_step"] > 0 and r[f"{pre}_sched_us_per_step"] > 0
+            assert 0 < r[f"{pre}_sched_share"] < 1
+        assert r["sched_speedup"] == pytest.approx(r["stock_sched_us_per_step"] / r["fused_sched_us_per_step"])
+    # the latents the loop steps, at the quick settings' 8x8: SD's, Flux's packed into 16 tokens of 16, Wan's video
+    assert [r["latent"] for r in rows] == [[1, 4, 8, 8], [1, 16, 16], [1, 4, 2, 8, 8]]
+    assert {r["model"] for r in rows} == {"UNet2DConditionModel", "FluxTransformer2DModel", "WanTransformer3DModel"}
     if doc["gpu"] is not None:
         assert set(bench.FIELDS["gpu"]) <= set(doc["gpu"])
         for r in doc["gpu"]["rows"]:
@@ -129,7 +142,7 @@ def test_png_is_written(quick):
 def test_table_prints(quick):
     _, text, doc, _ = quick
     for title in ("Sampling loop", "Whole CFG loop", "One CFG DPM++(2M) step", "Fused step per sampler",
-                  "StableDiffusionPipeline"):
+                  "Pipeline denoising loop", "StableDiffusionPipeline", "FluxPipeline", "WanPipeline"):
         assert title in text
     for word in ("euler", "dpmpp_2m", "reference", "cpu+dispatch", "compiled", "diffusers", "µs/step", "vs ref"):
         assert word in text

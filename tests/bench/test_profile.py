@@ -108,3 +108,59 @@ def test_diffusers_variant_of_every_mirrored_scheduler_runs(sampler):
     pytest.importorskip("diffusers")
     rep = prof.profile(sampler=sampler, steps=2, shape=(1, 3), variants=("diffusers",), warmup=0)
     assert [v.name for v in rep.variants] == ["diffusers scheduler"] and rep.variants[0].total_us > 0
+
+
+# ------------------------------------------------------------------ fastdiff profile --pipeline
+
+def test_profile_pipeline_cli_json(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "pipe.json"
+    rc = cli_main(["profile", "--pipeline", "tests.bench._pipelines:flux", "--steps", "2", "--warmup", "0",
+                   "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "FluxPipeline" in text and "stock rest" in text and "fastdiff rest" in text
+    doc = json.loads(out.read_text())
+    assert {"pipeline", "scheduler", "model", "steps", "latent", "dtype", "device", "call_kwargs", "parts",
+            "variants"} <= set(doc)
+    assert doc["pipeline"] == "FluxPipeline" and doc["steps"] == 2 and doc["latent"] == [1, 16, 16]
+    assert doc["parts"] == list(prof.PIPELINE_PARTS)
+    assert "output_type" in doc["call_kwargs"] and "true_cfg_scale" in doc["call_kwargs"]
+    stock, fused = doc["variants"]
+    assert stock["backend"] == "diffusers" and fused["name"].startswith("fastdiff ")
+    # true CFG: the stock Flux loop calls the transformer once per branch, the accelerated one once per step
+    assert (stock["model_calls"], fused["model_calls"]) == (4, 2)
+    for v in doc["variants"]:
+        assert v["unit"] == "step" and v["rows"] == 2 and len(v["per_row_us"]) == 2
+        assert set(v["parts_us"]) == set(prof.PIPELINE_PARTS)
+        assert all(r["model"] > 0 and r["rest"] > 0 for r in v["per_row_us"])
+        assert v["total_us"] == pytest.approx(sum(v["parts_us"].values()))
+        assert 0.0 < v["sampler_share"] < 1.0 and v["setup_us"] > 0
+
+
+def test_profile_bare_pipeline_is_called_with_a_prompt(capsys):
+    pytest.importorskip("diffusers")
+    rep = prof.profile_pipeline(*prof.load_pipeline("tests.bench._pipelines:sd_bare"), steps=1, warmup=0)
+    assert "prompt" in rep.call_kwargs and rep.latent == (1, 4, 8, 8)
+    assert [v.model_calls for v in rep.variants] == [1, 1]  # CFG batched in both loops
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--pipeline", "tests.bench._pipelines:nope"],
+     ["--pipeline 'tests.bench._pipelines:nope'", "no attribute 'nope'"]),
+    (["--pipeline", "tests.bench._pipelines"], ["--pipeline must be 'module:attr'"]),
+    (["--pipeline", "no_such_module_fd:f"], ["--pipeline", "cannot import 'no_such_module_fd'"]),
+    (["--pipeline", "os:sep"], ["--pipeline 'os:sep'", "not a diffusers pipeline"]),
+    (["--pipeline", "tests.bench._pipelines:not_a_pipeline"], ["--pipeline", "gave (object, dict)"]),
+    (["--pipeline", "tests.bench._pipelines:bad_call"], ["--pipeline", "the pipeline call failed", "no_such_argument"]),
+    (["--pipeline", "tests.bench._pipelines:flux", "--shape", "1,4"], ["--shape does not apply to --pipeline"]),
+    (["--pipeline", "tests.bench._pipelines:flux", "--model", "os:sep"], ["--model and --pipeline"]),
+    (["--pipeline", "tests.bench._pipelines:flux", "--steps", "0"], ["--steps must be >= 1"]),
+])
+def test_profile_pipeline_bad_arguments(capsys, extra, needles):
+    pytest.importorskip("diffusers")
+    assert cli_main(["profile", "--warmup", "0", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fastdiff profile: error: "), err
+    for n in needles:
+        assert n in err, (n, err)
