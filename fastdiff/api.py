@@ -41,9 +41,12 @@ _cache_lock = threading.Lock()
 
 def clear_cache() -> None:
     """Drop every prepared loop ``fastdiff.sample`` keeps (and the buffers they hold), the plans of
-    guided calls and their prepared runs (:mod:`fastdiff.guiders.loop`)."""
+    guided calls and their prepared runs (:mod:`fastdiff.guiders.loop`), and the executors the
+    accelerated pipelines keep (:func:`fastdiff.runtime.loop.run_plan`)."""
     from .guiders import loop
+    from .runtime.loop import clear_kept
 
+    clear_kept()
     with _cache_lock:
         _cache.clear()
         _plans.clear()

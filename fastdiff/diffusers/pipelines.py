@@ -989,7 +989,7 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
                        progress=progress, check_finite=pipe._fd_check_finite, post_step=post_step)
     # a callback that sets pipe._interrupt ends the loop there (StopSampling): the latents so far come back
-    latents = run_plan(plan, model, latents, opts, in_place=False)
+    latents = run_plan(plan, model, latents, opts, in_place=False, keep=True)  # (a repeated call reuses its rows)
     return spec.finish(pipe, latents, a, extra)
 
 

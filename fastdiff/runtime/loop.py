@@ -10,6 +10,8 @@ by row, persistent buffers, the backend), so it performs no host-device synchron
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +41,51 @@ class LoopOptions(Call):
     classifier_scale: float = 1.0
 
 
-def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, in_place: bool = True) -> torch.Tensor:
+_executors: OrderedDict = OrderedDict()
+_executors_lock = threading.Lock()
+KEPT_EXECUTORS = 4
+"""Executors :func:`run_plan` keeps between calls with ``keep=True`` (the last ones used)."""
+
+
+def _executor(plan: Plan, x: torch.Tensor, opts: LoopOptions, keep: bool) -> Executor:
+    """The executor of this call: built, or (``keep``) the one a previous call with an equal plan,
+    state shape, dtype, device and options built (preparing every row again costs about as much as
+    a whole loop of a tiny model: validation and backend resolution per row)."""
+    def build() -> Executor:
+        return Executor(plan, x.shape, x.dtype, x.device, guidance=opts.guidance, backend=opts.backend,
+                        check_finite=opts.check_finite,
+                        classifier_scale=opts.classifier_scale if opts.classifier is not None else None,
+                        masked=opts.mask is not None)
+
+    if not keep:
+        return build()
+    key = (plan, tuple(x.shape), x.dtype, x.device, opts.guidance, opts.backend, bool(opts.check_finite),
+           opts.classifier_scale if opts.classifier is not None else None, opts.mask is not None)
+    try:
+        hash(key)
+    except TypeError:  # a callable or unhashable option: prepared for this call only
+        return build()
+    with _executors_lock:
+        ex = _executors.get(key)
+        if ex is not None:
+            _executors.move_to_end(key)
+            return ex
+    ex = build()
+    with _executors_lock:
+        _executors[key] = ex
+        while len(_executors) > KEPT_EXECUTORS:
+            _executors.popitem(last=False)
+    return ex
+
+
+def clear_kept() -> None:
+    """Drop the executors :func:`run_plan` keeps."""
+    with _executors_lock:
+        _executors.clear()
+
+
+def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, in_place: bool = True,
+             keep: bool = False) -> torch.Tensor:
     """Run every row of ``plan`` from the state ``x`` (already scaled by ``plan.init_scale``) through
     a prepared :class:`fastdiff.runtime.executor.Executor` built for this call.
 
@@ -49,17 +95,16 @@ def run_plan(plan: Plan, model: ModelFn, x: torch.Tensor, opts: LoopOptions, *, 
     Sampling is not differentiable: the loop runs under ``torch.no_grad()`` and returns a tensor
     that does not require grad (classifier guidance takes its own gradient).
     Noise comes from ``opts.noise_fn(row_index, x)`` if given, else ``opts.generator`` (drawn like
-    diffusers), else in-kernel Philox keyed by ``opts.seeds``.
+    diffusers), else in-kernel Philox keyed by ``opts.seeds``. ``keep``: reuse the executor a previous
+    call with an equal plan, state and options prepared (:data:`KEPT_EXECUTORS` are kept; an executor
+    gives every concurrent call its own buffers).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"the state must be a floating [B, ...] tensor with B >= 1, got "
                          f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
     with torch.no_grad():
         user_x = x.detach() if x.requires_grad else x  # same storage: still updated in place
-        ex = Executor(plan, x.shape, x.dtype, x.device, guidance=opts.guidance, backend=opts.backend,
-                      check_finite=opts.check_finite,
-                      classifier_scale=opts.classifier_scale if opts.classifier is not None else None,
-                      masked=opts.mask is not None)
+        ex = _executor(plan, x, opts, keep)
         out = ex.run_graphed(model, user_x, opts) if opts.cuda_graph else ex.run(model, user_x, opts)
         if opts.timer is not None:
             opts.timer.end()

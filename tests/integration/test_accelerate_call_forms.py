@@ -99,3 +99,28 @@ def test_generator_list_callback_and_interrupt_as_stock(name):
         assert rel_err(a[2], b[2]) <= TOL
     assert outs[0].shape == outs[1].shape and outs[0].shape[0] == 2
     assert rel_err(outs[1], outs[0]) <= TOL, f"{name}: {rel_err(outs[1], outs[0]):.3g}"
+
+
+def test_a_repeated_call_reuses_its_prepared_rows():
+    """The second accelerated call with the same settings runs on the executor the first prepared (no
+    row is prepared again) and gives the same output; other settings get their own."""
+    from fastdiff.runtime import loop
+
+    pipe, kw, field = PIPES["sd_img2img"]()
+    fdd.accelerate(pipe)
+    try:
+        loop.clear_kept()
+
+        def call(steps=5):
+            return getattr(pipe(**kw, num_inference_steps=steps, output_type="latent",
+                                generator=[torch.Generator().manual_seed(10 + j) for j in range(2)]), field)
+
+        a = call()
+        kept = list(loop._executors.values())
+        b = call()
+        assert len(kept) == 1 and list(loop._executors.values()) == kept
+        assert torch.equal(a, b)
+        call(steps=4)
+        assert len(loop._executors) == 2
+    finally:
+        fdd.restore(pipe)

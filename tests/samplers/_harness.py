@@ -294,9 +294,15 @@ class count_fused_steps:
 
         ops.step, ops.prepare = step, prepare
         loop._runs.clear()
+        from fastdiff.runtime.loop import clear_kept
+
+        clear_kept()  # (executors kept by accelerated pipelines were prepared outside this count)
         return self
 
     def __exit__(self, *exc):
+        from fastdiff.runtime.loop import clear_kept
+
         self.ops.step, self.ops.prepare = self.orig, self.orig_prepare
         self.loop._runs.clear()
+        clear_kept()
         return False
