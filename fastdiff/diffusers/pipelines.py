@@ -53,6 +53,53 @@ _COMMON = frozenset({"prompt", "height", "width", "num_inference_steps", "guidan
                      "callback_on_step_end_tensor_inputs"})
 
 
+def _batch(a: dict) -> int:
+    """The prompts' batch, as every stock ``__call__`` counts it (a string, a list, or the embeddings)."""
+    if isinstance(a["prompt"], str):
+        return 1
+    if isinstance(a["prompt"], list):
+        return len(a["prompt"])
+    return a["prompt_embeds"].shape[0]
+
+
+def _unet_model(pipe, a: dict):
+    """The UNet as the loop's model: ``model(x, t, **cond)`` with the call's ``cross_attention_kwargs``."""
+    cak = a["cross_attention_kwargs"]
+
+    def model(x, t, **cond):
+        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+    return model
+
+
+def _sdxl_encode(pipe, a: dict, do_cfg: bool, device):
+    """SDXL's ``encode_prompt`` with the call's arguments: ``(pe, ne, pp, npp)``."""
+    return pipe.encode_prompt(
+        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+        lora_scale=(a["cross_attention_kwargs"] or {}).get("scale"), clip_skip=a["clip_skip"])
+
+
+def _sdxl_conds(pe, ne, pp, npp, ids, nids, n: int, device, do_cfg: bool):
+    """SDXL's conditioning of the two branches: the embeddings and ``added_cond_kwargs`` (pooled
+    embeddings, time ids repeated over the ``n`` images)."""
+    def pack(e, pooled, time_ids):
+        return {"encoder_hidden_states": e.to(device),
+                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
+
+    return pack(pe, pp, ids), pack(ne, npp, nids) if do_cfg else None
+
+
+def _check_batch(name: str, n: int, **embeds) -> None:
+    """Refuse embeddings whose batch is not the latents' ``n``: the accelerated loop does not broadcast."""
+    for key, e in embeds.items():
+        if e is not None and e.shape[0] != n:
+            raise ValueError(f"fastdiff.diffusers.accelerate: {name} with {key} of batch {e.shape[0]} gives {n} "
+                             "latents; the accelerated loop does not broadcast")
+
+
 def _sd_prepare(pipe, a: dict, do_cfg: bool):
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -70,10 +117,7 @@ def _sd_prepare(pipe, a: dict, do_cfg: bool):
     retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
     latents = pipe.prepare_latents(pe.shape[0], pipe.unet.config.in_channels, h, w, pe.dtype, device,
                                    a["generator"], a["latents"])
-    cak = a["cross_attention_kwargs"]
-
-    def model(x, t, **cond):
-        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+    model = _unet_model(pipe, a)
 
     cond = {"encoder_hidden_states": pe}
     uncond = {"encoder_hidden_states": ne} if do_cfg else None
@@ -88,12 +132,7 @@ def _sd_img2img_prepare(pipe, a: dict, do_cfg: bool):
 
     pipe.check_inputs(a["prompt"], a["strength"], None, a["negative_prompt"], a["prompt_embeds"],
                       a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
-    if isinstance(a["prompt"], str):
-        batch = 1
-    elif isinstance(a["prompt"], list):
-        batch = len(a["prompt"])
-    else:
-        batch = a["prompt_embeds"].shape[0]
+    batch = _batch(a)
     device = pipe._execution_device
     lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
     pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
@@ -105,10 +144,7 @@ def _sd_img2img_prepare(pipe, a: dict, do_cfg: bool):
     latent_timestep = timesteps[:1].repeat(batch * a["num_images_per_prompt"])
     latents = pipe.prepare_latents(image, latent_timestep, batch, a["num_images_per_prompt"], pe.dtype, device,
                                    a["generator"])
-    cak = a["cross_attention_kwargs"]
-
-    def model(x, t, **cond):
-        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+    model = _unet_model(pipe, a)
 
     cond = {"encoder_hidden_states": pe}
     uncond = {"encoder_hidden_states": ne} if do_cfg else None
@@ -196,14 +232,6 @@ def _inpaint_schedule(pipe, a: dict, device, retrieve_timesteps):
     return timesteps
 
 
-def _batch(a: dict) -> int:
-    if isinstance(a["prompt"], str):
-        return 1
-    if isinstance(a["prompt"], list):
-        return len(a["prompt"])
-    return a["prompt_embeds"].shape[0]
-
-
 def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
     """StableDiffusionInpaintPipeline's set-up, as its ``__call__`` does it (:func:`_inpaint_state`)."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_timesteps
@@ -222,10 +250,7 @@ def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
     timesteps = _inpaint_schedule(pipe, a, device, retrieve_timesteps)
     latents, wrap, extra = _inpaint_state(pipe, a, do_cfg, timesteps, batch * a["num_images_per_prompt"], h, w,
                                           pe.dtype, device, sdxl=False)
-    cak = a["cross_attention_kwargs"]
-
-    def model(x, t, **cond):
-        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
+    model = _unet_model(pipe, a)
 
     cond = {"encoder_hidden_states": pe}
     uncond = {"encoder_hidden_states": ne} if do_cfg else None
@@ -246,14 +271,7 @@ def _sdxl_inpaint_prepare(pipe, a: dict, do_cfg: bool):
     pipe._denoising_end, pipe._denoising_start = None, None
     batch = _batch(a)
     device = pipe._execution_device
-    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
-    pe, ne, pp, npp = pipe.encode_prompt(
-        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
-        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
-        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
-        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
-        clip_skip=a["clip_skip"])
+    pe, ne, pp, npp = _sdxl_encode(pipe, a, do_cfg, device)
     timesteps = _inpaint_schedule(pipe, a, device, retrieve_timesteps)
     n = batch * a["num_images_per_prompt"]
     latents, wrap, extra = _inpaint_state(pipe, a, do_cfg, timesteps, n, h, w, pe.dtype, device, sdxl=True)
@@ -264,17 +282,10 @@ def _sdxl_inpaint_prepare(pipe, a: dict, do_cfg: bool):
                                        a["negative_aesthetic_score"], a["negative_original_size"] or orig,
                                        a["negative_crops_coords_top_left"], a["negative_target_size"] or target,
                                        dtype=pe.dtype, text_encoder_projection_dim=proj)
-    cak = a["cross_attention_kwargs"]
+    model = _unet_model(pipe, a)
 
-    def model(x, t, **cond):
-        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
-
-    def pack(e, pooled, time_ids):
-        return {"encoder_hidden_states": e.to(device),
-                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
-
-    uncond = pack(ne, npp, nids) if do_cfg else None
-    return wrap(model), pack(pe, pp, ids), uncond, latents, extra
+    cond, uncond = _sdxl_conds(pe, ne, pp, npp, ids, nids, n, device, do_cfg)
+    return wrap(model), cond, uncond, latents, extra
 
 
 def _sdxl_inpaint_finish(pipe, latents, a: dict, extra: dict):
@@ -342,14 +353,7 @@ def _sdxl_prepare(pipe, a: dict, do_cfg: bool):
                       a["prompt_embeds"], a["negative_prompt_embeds"], a["pooled_prompt_embeds"],
                       a["negative_pooled_prompt_embeds"])
     device = pipe._execution_device
-    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
-    pe, ne, pp, npp = pipe.encode_prompt(
-        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
-        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
-        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
-        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
-        clip_skip=a["clip_skip"])
+    pe, ne, pp, npp = _sdxl_encode(pipe, a, do_cfg, device)
     retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
     latents = pipe.prepare_latents(pe.shape[0], pipe.unet.config.in_channels, h, w, pe.dtype, device,
                                    a["generator"], a["latents"])
@@ -362,17 +366,10 @@ def _sdxl_prepare(pipe, a: dict, do_cfg: bool):
     else:
         nids = ids
     n = pe.shape[0]
-    cak = a["cross_attention_kwargs"]
+    model = _unet_model(pipe, a)
 
-    def model(x, t, **cond):
-        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
-
-    def pack(e, pooled, time_ids):
-        return {"encoder_hidden_states": e.to(device),
-                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
-
-    uncond = pack(ne, npp, nids) if do_cfg else None
-    return model, pack(pe, pp, ids), uncond, latents, {"dtype": pe.dtype, "device": device}
+    cond, uncond = _sdxl_conds(pe, ne, pp, npp, ids, nids, n, device, do_cfg)
+    return model, cond, uncond, latents, {"dtype": pe.dtype, "device": device}
 
 
 def _sdxl_img2img_prepare(pipe, a: dict, do_cfg: bool):
@@ -385,21 +382,9 @@ def _sdxl_img2img_prepare(pipe, a: dict, do_cfg: bool):
                       a["negative_prompt_2"], a["prompt_embeds"], a["negative_prompt_embeds"], None, None,
                       a["callback_on_step_end_tensor_inputs"])
     pipe._denoising_end, pipe._denoising_start = None, None
-    if isinstance(a["prompt"], str):
-        batch = 1
-    elif isinstance(a["prompt"], list):
-        batch = len(a["prompt"])
-    else:
-        batch = a["prompt_embeds"].shape[0]
+    batch = _batch(a)
     device = pipe._execution_device
-    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
-    pe, ne, pp, npp = pipe.encode_prompt(
-        prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
-        do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
-        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
-        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
-        clip_skip=a["clip_skip"])
+    pe, ne, pp, npp = _sdxl_encode(pipe, a, do_cfg, device)
     image = pipe.image_processor.preprocess(a["image"])
     retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
     timesteps, _ = pipe.get_timesteps(a["num_inference_steps"], a["strength"], device, denoising_start=None)
@@ -415,18 +400,11 @@ def _sdxl_img2img_prepare(pipe, a: dict, do_cfg: bool):
                                        a["negative_crops_coords_top_left"], a["negative_target_size"] or target,
                                        dtype=pe.dtype, text_encoder_projection_dim=proj)
     n = batch * a["num_images_per_prompt"]
-    cak = a["cross_attention_kwargs"]
+    model = _unet_model(pipe, a)
 
-    def model(x, t, **cond):
-        return pipe.unet(x, t, cross_attention_kwargs=cak, return_dict=False, **cond)[0]
-
-    def pack(e, pooled, time_ids):
-        return {"encoder_hidden_states": e.to(device),
-                "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}}
-
-    uncond = pack(ne, npp, nids) if do_cfg else None
+    cond, uncond = _sdxl_conds(pe, ne, pp, npp, ids, nids, n, device, do_cfg)
     start = len(pipe.scheduler.timesteps) - len(timesteps)
-    return model, pack(pe, pp, ids), uncond, latents.to(device=device, dtype=pe.dtype), \
+    return model, cond, uncond, latents.to(device=device, dtype=pe.dtype), \
         {"dtype": pe.dtype, "device": device, "start": start}
 
 
@@ -481,12 +459,7 @@ def _sd3_prepare(pipe, a: dict, do_cfg: bool):
         lora_scale=lora_scale)
     # the stock batch: given prompt_embeds are NOT repeated num_images_per_prompt times by SD3's
     # encode_prompt, while the latents are drawn for batch_size * num_images_per_prompt
-    if isinstance(a["prompt"], str):
-        batch = 1
-    elif isinstance(a["prompt"], list):
-        batch = len(a["prompt"])
-    else:
-        batch = a["prompt_embeds"].shape[0]
+    batch = _batch(a)
     latents = pipe.prepare_latents(batch * a["num_images_per_prompt"], pipe.transformer.config.in_channels, h, w,
                                    pe.dtype, device, a["generator"], a["latents"])
     if pe.shape[0] != latents.shape[0]:
@@ -553,12 +526,7 @@ def _flux_prepare(pipe, a: dict, do_cfg: bool):
                       negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
                       callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
                       max_sequence_length=a["max_sequence_length"])
-    if isinstance(a["prompt"], str):
-        batch = 1
-    elif isinstance(a["prompt"], list):
-        batch = len(a["prompt"])
-    else:
-        batch = a["prompt_embeds"].shape[0]
+    batch = _batch(a)
     device = pipe._execution_device
     jak = a["joint_attention_kwargs"] or {}
     lora_scale = jak.get("scale")
@@ -664,12 +632,7 @@ def _wan_prepare(pipe, a: dict, do_cfg: bool):
         a["guidance_scale_2"] is not None else a["guidance_scale"]
     pipe._attention_kwargs = a["attention_kwargs"]
     device = pipe._execution_device
-    if isinstance(a["prompt"], str):
-        batch = 1
-    elif isinstance(a["prompt"], list):
-        batch = len(a["prompt"])
-    else:
-        batch = a["prompt_embeds"].shape[0]
+    batch = _batch(a)
     pe, ne = pipe.encode_prompt(prompt=a["prompt"], negative_prompt=a["negative_prompt"],
                                 do_classifier_free_guidance=do_cfg, num_videos_per_prompt=a["num_videos_per_prompt"],
                                 prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
@@ -684,10 +647,7 @@ def _wan_prepare(pipe, a: dict, do_cfg: bool):
         pe = pe.expand(latents.shape[0], *pe.shape[1:])
     if ne is not None and ne.shape[0] == 1 and latents.shape[0] > 1:
         ne = ne.expand(latents.shape[0], *ne.shape[1:])
-    for name, e in (("prompt_embeds", pe), ("negative_prompt_embeds", ne)):
-        if e is not None and e.shape[0] != latents.shape[0]:
-            raise ValueError(f"fastdiff.diffusers.accelerate: WanPipeline with {name} of batch {e.shape[0]} gives "
-                             f"{latents.shape[0]} latents; the accelerated loop does not broadcast")
+    _check_batch("WanPipeline", latents.shape[0], prompt_embeds=pe, negative_prompt_embeds=ne)
     pipe.scheduler.set_begin_index(0)
     ratio = pipe.config.boundary_ratio
     boundary = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
@@ -740,12 +700,7 @@ def _ltx_prepare(pipe, a: dict, do_cfg: bool):
                       prompt_attention_mask=a["prompt_attention_mask"],
                       negative_prompt_attention_mask=a["negative_prompt_attention_mask"])
     pipe._attention_kwargs = a["attention_kwargs"]
-    if isinstance(a["prompt"], str):
-        batch = 1
-    elif isinstance(a["prompt"], list):
-        batch = len(a["prompt"])
-    else:
-        batch = a["prompt_embeds"].shape[0]
+    batch = _batch(a)
     device = pipe._execution_device
     pe, pm, ne, nm = pipe.encode_prompt(
         prompt=a["prompt"], negative_prompt=a["negative_prompt"], do_classifier_free_guidance=do_cfg,
@@ -756,10 +711,7 @@ def _ltx_prepare(pipe, a: dict, do_cfg: bool):
     frames, h, w = a["num_frames"], a["height"], a["width"]
     latents = pipe.prepare_latents(batch * a["num_videos_per_prompt"], pipe.transformer.config.in_channels, h, w,
                                    frames, torch.float32, device, a["generator"], a["latents"])
-    for name, e in (("prompt_embeds", pe), ("negative_prompt_embeds", ne if do_cfg else None)):
-        if e is not None and e.shape[0] != latents.shape[0]:
-            raise ValueError(f"fastdiff.diffusers.accelerate: LTXPipeline with {name} of batch {e.shape[0]} gives "
-                             f"{latents.shape[0]} latents; the accelerated loop does not broadcast")
+    _check_batch("LTXPipeline", latents.shape[0], prompt_embeds=pe, negative_prompt_embeds=ne if do_cfg else None)
     lf = (frames - 1) // pipe.vae_temporal_compression_ratio + 1
     lh, lw = h // pipe.vae_spatial_compression_ratio, w // pipe.vae_spatial_compression_ratio
     n = a["num_inference_steps"]

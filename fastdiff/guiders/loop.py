@@ -33,7 +33,7 @@ from ..core.args import C_OUT, StepArgs, clip_code, pack_row
 from ..core.guidance import dynamic_threshold
 from ..core.plan import OP_E, Plan
 from ..runtime import ops
-from ..runtime.executor import Cond, NonFiniteError, call_model, cat_cond, draw_noise
+from ..runtime.executor import Cond, call_model, cat_cond, draw_noise, raise_flagged
 from .apply import coefficients
 from .methods import COND, DERIVED, MODALITY, MOMENTUM, PERTURBED, UNCOND, Guider, StepBlend, constant
 from .stats import Stats, device_constant
@@ -356,18 +356,8 @@ class _GuidedRun:
         return y
 
     def _finish(self) -> None:
-        if self.flags is None:
-            return
-        from ..backends import cpu
-
-        if self.flags.device.type == "cpu" and cpu._C is not None:
-            i = cpu._C.first_flag(self.flags.data_ptr(), self.flags.numel())
-        else:  # on a GPU: one host sync, after the loop
-            bad = self.flags.nonzero()
-            i = int(bad[0, 0]) if bad.numel() else -1
-        if i >= 0:
-            r = self.plan.rows[i]
-            raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
+        if self.flags is not None:
+            raise_flagged(self.flags, self.plan.rows)
 
 
 def _shared(sb: StepBlend | None) -> tuple[str, ...]:

@@ -80,6 +80,21 @@ class _Stopped(Exception):
         self.done = done
 
 
+def raise_flagged(flags: torch.Tensor, rows) -> None:
+    """Raise :class:`NonFiniteError` naming the first row whose kernel flagged a non-finite model output
+    (``flags``: one int32 per row). On a GPU this is the loop's one host sync, after the loop."""
+    from ..backends import cpu
+
+    if flags.device.type == "cpu" and cpu._C is not None:
+        i = cpu._C.first_flag(flags.data_ptr(), flags.numel())
+    else:
+        nz = flags.nonzero()
+        i = int(nz[0, 0]) if nz.numel() else -1
+    if i >= 0:
+        r = rows[i]
+        raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
+
+
 def draw_noise(shape, generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Draw standard normals exactly as diffusers' ``randn_tensor`` does for this generator.
 
@@ -548,18 +563,8 @@ class Executor:
         return out, p
 
     def _finish(self, ws: _Workspace) -> None:
-        if ws.flags is None:
-            return
-        from ..backends import cpu
-
-        if ws.flags.device.type == "cpu" and cpu._C is not None:
-            i = cpu._C.first_flag(ws.flags.data_ptr(), ws.flags.numel())
-        else:  # on a GPU: one host sync, after the loop
-            nz = ws.flags.nonzero()
-            i = int(nz[0, 0]) if nz.numel() else -1
-        if i >= 0:
-            r = self.rows[i]
-            raise NonFiniteError(f"model output has NaN or Inf at step {r.step} (row {i}, sigma {r.sigma:.6g})")
+        if ws.flags is not None:
+            raise_flagged(ws.flags, self.rows)
 
     # -- the general path: rows with host work -------------------------------------------------
 
