@@ -10,6 +10,8 @@ import torch
 
 from tests.samplers._harness import rel_err
 
+from ._accel import recording_callback, stock_and_accelerated
+
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 import fastdiff.diffusers as fdd  # noqa: E402
@@ -72,33 +74,16 @@ PIPES = {"flux": _flux, "wan": _wan, "ltx": _ltx, "sd_img2img": _img2img, "sd_in
 @pytest.mark.parametrize("name", list(PIPES))
 def test_generator_list_callback_and_interrupt_as_stock(name):
     pipe, kw, field = PIPES[name]()
-    seen = {False: [], True: []}
-
-    def make(acc):
-        def cb(p, i, t, k):
-            seen[acc].append((i, float(t), k["latents"].clone()))
-            if i == 2:
-                p._interrupt = True
-            return {"latents": k["latents"] * 0.95}
-        return cb
-
-    outs = []
-    for acc in (False, True):
-        if acc:
-            fdd.accelerate(pipe)
-        try:
-            gens = [torch.Generator().manual_seed(10 + j) for j in range(2)]
-            outs.append(getattr(pipe(**kw, num_inference_steps=5, output_type="latent", generator=gens,
-                                     callback_on_step_end=make(acc)), field))
-        finally:
-            if acc:
-                fdd.restore(pipe)
+    seen = {}
+    stock, ours, _ = stock_and_accelerated(pipe, field, seed=10, generators=2,
+                                           callback=recording_callback(seen, 2, lambda x: x * 0.95),
+                                           num_inference_steps=5, output_type="latent", **kw)
     assert [s[:2] for s in seen[True]] == [s[:2] for s in seen[False]]
     assert len(seen[True]) == 3  # interrupted after the third step, as stock
     for a, b in zip(seen[True], seen[False]):
         assert rel_err(a[2], b[2]) <= TOL
-    assert outs[0].shape == outs[1].shape and outs[0].shape[0] == 2
-    assert rel_err(outs[1], outs[0]) <= TOL, f"{name}: {rel_err(outs[1], outs[0]):.3g}"
+    assert stock.shape == ours.shape and stock.shape[0] == 2
+    assert rel_err(ours, stock) <= TOL, f"{name}: {rel_err(ours, stock):.3g}"
 
 
 def test_a_repeated_call_reuses_its_prepared_rows():

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.samplers._harness import count_fused_steps, rel_err
+from tests.samplers._harness import rel_err
+
+from ._accel import recording_callback, stock_and_accelerated
 
 diffusers = pytest.importorskip("diffusers")
-import fastdiff  # noqa: E402
 import fastdiff.diffusers as fdd  # noqa: E402
 
 from . import _tiny  # noqa: E402
@@ -42,20 +43,6 @@ def _negative(batch: int = 1):
     return dict(negative_prompt_embeds=e["prompt_embeds"], negative_pooled_prompt_embeds=e["pooled_prompt_embeds"])
 
 
-def _both(pipe, **kw):
-    """The stock and the accelerated output of one call (``generator`` seeded alike for each)."""
-    outs = []
-    for accelerated in (False, True):
-        if accelerated:
-            fdd.accelerate(pipe)
-        try:
-            outs.append(pipe(**kw, generator=torch.Generator().manual_seed(3)).images)
-        finally:
-            if accelerated:
-                fdd.restore(pipe)
-    return outs
-
-
 @pytest.mark.parametrize("case", ["true_cfg", "no_cfg", "guidance_embeds", "two_images", "decoded"])
 def test_flux_matches_stock(case):
     pipe = _pipe(guidance_embeds=case == "guidance_embeds")
@@ -68,41 +55,22 @@ def test_flux_matches_stock(case):
         kw["output_type"] = "pt"
     if case == "guidance_embeds":
         kw["guidance_scale"] = 5.0
-    fastdiff.clear_cache()
-    with count_fused_steps() as counted:
-        stock, ours = _both(pipe, **kw)
-    assert counted.n >= STEPS
+    stock, ours, n = stock_and_accelerated(pipe, **kw)
+    assert n >= STEPS
     assert stock.shape == ours.shape
     assert rel_err(ours, stock) <= TOL, f"{case}: {rel_err(ours, stock):.3g}"
 
 
 def test_flux_callback_and_interrupt_as_stock():
     pipe = _pipe()
-    seen = {False: [], True: []}
-
-    def make(acc):
-        def cb(p, i, t, kwargs):
-            seen[acc].append((i, float(t), kwargs["latents"].clone()))
-            if i == 1:
-                p._interrupt = True
-            return {"latents": kwargs["latents"] * 0.9}
-        return cb
-
-    outs = []
-    for acc in (False, True):
-        if acc:
-            fdd.accelerate(pipe)
-        try:
-            outs.append(pipe(height=8, width=8, num_inference_steps=STEPS, output_type="latent", true_cfg_scale=3.0,
-                             callback_on_step_end=make(acc), generator=torch.Generator().manual_seed(1), **_embeds(),
-                             **_negative()).images)
-        finally:
-            if acc:
-                fdd.restore(pipe)
-    assert [s[:2] for s in seen[True]] == [s[:2] for s in seen[False]]
+    seen = {}
+    stock, ours, _ = stock_and_accelerated(pipe, seed=1, callback=recording_callback(seen, 1, lambda x: x * 0.9),
+                                           height=8, width=8, num_inference_steps=STEPS, output_type="latent",
+                                           true_cfg_scale=3.0, **_embeds(), **_negative())
+    assert [s[:2] for s in seen[True]] == [s[:2] for s in seen[False]] and len(seen[True]) == 2
     for a, b in zip(seen[True], seen[False]):
         assert rel_err(a[2], b[2]) <= TOL
-    assert rel_err(outs[1], outs[0]) <= TOL
+    assert rel_err(ours, stock) <= TOL
 
 
 def test_flux_refuses_what_it_does_not_run():

@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.samplers._harness import count_fused_steps, rel_err
+from tests.samplers._harness import rel_err
+
+from ._accel import recording_callback, stock_and_accelerated
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-import fastdiff  # noqa: E402
 import fastdiff.diffusers as fdd  # noqa: E402
 
 from . import _tiny  # noqa: E402
@@ -29,37 +30,19 @@ def test_sd_img2img_matches_stock(name, cfg, strength):
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kw = dict(prompt="a cat", negative_prompt="a dog", image=image, strength=strength, num_inference_steps=6,
               guidance_scale=5.0, output_type="latent")
-    outs = []
-    fastdiff.clear_cache()
-    with count_fused_steps() as counted:
-        for acc in (False, True):
-            if acc:
-                fdd.accelerate(pipe)
-            try:
-                outs.append(pipe(**kw, generator=torch.Generator().manual_seed(1)).images)
-            finally:
-                if acc:
-                    fdd.restore(pipe)
+    stock, ours, n = stock_and_accelerated(pipe, seed=1, **kw)
     steps = int(6 * strength)
-    assert counted.n >= steps
-    assert rel_err(outs[1], outs[0]) <= TOL, f"{name} strength {strength}: {rel_err(outs[1], outs[0]):.3g}"
+    assert n >= steps
+    assert rel_err(ours, stock) <= TOL, f"{name} strength {strength}: {rel_err(ours, stock):.3g}"
 
 
 def test_sd_img2img_callback_sees_the_cut_schedule():
     pipe = _tiny.sd_variant("StableDiffusionImg2ImgPipeline", diffusers.EulerDiscreteScheduler(**_tiny.SD_BETAS))
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    seen = {False: [], True: []}
-    for acc in (False, True):
-        if acc:
-            fdd.accelerate(pipe)
-        try:
-            pipe(prompt="a cat", image=image, strength=0.5, num_inference_steps=6, output_type="latent",
-                 callback_on_step_end=lambda p, i, t, k, acc=acc: seen[acc].append((i, float(t))) or k,
-                 generator=torch.Generator().manual_seed(1))
-        finally:
-            if acc:
-                fdd.restore(pipe)
-    assert seen[True] == seen[False] and len(seen[True]) == 3
+    seen = {}
+    stock_and_accelerated(pipe, seed=1, callback=recording_callback(seen), prompt="a cat", image=image, strength=0.5,
+                          num_inference_steps=6, output_type="latent")
+    assert [s[:2] for s in seen[True]] == [s[:2] for s in seen[False]] and len(seen[True]) == 3
 
 
 @pytest.mark.parametrize("name,cfg", SCHEDULERS[:2], ids=[s[0] for s in SCHEDULERS[:2]])
@@ -68,19 +51,9 @@ def test_sdxl_img2img_matches_stock(name, cfg):
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kw = dict(prompt="a cat", negative_prompt="a dog", image=image, strength=0.7, num_inference_steps=5,
               guidance_scale=5.0, output_type="latent", guidance_rescale=0.3)
-    outs = []
-    fastdiff.clear_cache()
-    with count_fused_steps() as counted:
-        for acc in (False, True):
-            if acc:
-                fdd.accelerate(pipe)
-            try:
-                outs.append(pipe(**kw, generator=torch.Generator().manual_seed(1)).images)
-            finally:
-                if acc:
-                    fdd.restore(pipe)
-    assert counted.n >= 3
-    assert rel_err(outs[1], outs[0]) <= TOL, f"{name}: {rel_err(outs[1], outs[0]):.3g}"
+    stock, ours, n = stock_and_accelerated(pipe, seed=1, **kw)
+    assert n >= 3
+    assert rel_err(ours, stock) <= TOL, f"{name}: {rel_err(ours, stock):.3g}"
 
 
 def test_img2img_refuses_what_it_does_not_run():
@@ -107,19 +80,9 @@ def test_sd_inpaint_matches_stock(name, cfg, channels, strength):
     mask = (torch.rand(1, 1, 16, 16, generator=g) > 0.5).float()
     kw = dict(prompt="a cat", negative_prompt="a dog", image=image, mask_image=mask, strength=strength,
               num_inference_steps=5, guidance_scale=5.0, output_type="latent", height=16, width=16)
-    outs = []
-    fastdiff.clear_cache()
-    with count_fused_steps() as counted:
-        for acc in (False, True):
-            if acc:
-                fdd.accelerate(pipe)
-            try:
-                outs.append(pipe(**kw, generator=torch.Generator().manual_seed(1)).images)
-            finally:
-                if acc:
-                    fdd.restore(pipe)
-    assert counted.n >= 3
-    assert rel_err(outs[1], outs[0]) <= TOL, f"{name} {channels}ch: {rel_err(outs[1], outs[0]):.3g}"
+    stock, ours, n = stock_and_accelerated(pipe, seed=1, **kw)
+    assert n >= 3
+    assert rel_err(ours, stock) <= TOL, f"{name} {channels}ch: {rel_err(ours, stock):.3g}"
 
 
 @pytest.mark.parametrize("name,cfg", SCHEDULERS[:2], ids=[s[0] for s in SCHEDULERS[:2]])
@@ -129,16 +92,6 @@ def test_sdxl_inpaint_matches_stock(name, cfg):
     kw = dict(prompt="a cat", negative_prompt="a dog", image=torch.rand(1, 3, 16, 16, generator=g),
               mask_image=(torch.rand(1, 1, 16, 16, generator=g) > 0.5).float(), height=16, width=16, strength=0.8,
               num_inference_steps=5, guidance_scale=5.0, guidance_rescale=0.2, output_type="latent")
-    outs = []
-    fastdiff.clear_cache()
-    with count_fused_steps() as counted:
-        for acc in (False, True):
-            if acc:
-                fdd.accelerate(pipe)
-            try:
-                outs.append(pipe(**kw, generator=torch.Generator().manual_seed(1)).images)
-            finally:
-                if acc:
-                    fdd.restore(pipe)
-    assert counted.n >= 3
-    assert rel_err(outs[1], outs[0]) <= TOL, f"{name}: {rel_err(outs[1], outs[0]):.3g}"
+    stock, ours, n = stock_and_accelerated(pipe, seed=1, **kw)
+    assert n >= 3
+    assert rel_err(ours, stock) <= TOL, f"{name}: {rel_err(ours, stock):.3g}"

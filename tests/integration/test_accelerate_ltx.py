@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.samplers._harness import count_fused_steps, rel_err
+from tests.samplers._harness import rel_err
+
+from ._accel import stock_and_accelerated
 
 diffusers = pytest.importorskip("diffusers")
-import fastdiff  # noqa: E402
-import fastdiff.diffusers as fdd  # noqa: E402
 
 from . import _tiny  # noqa: E402
 
@@ -37,18 +37,7 @@ def test_ltx_matches_stock(case):
         kw["guidance_rescale"] = 0.6
     if case == "no_cfg":
         kw["guidance_scale"] = 1.0
-    outs = []
-    fastdiff.clear_cache()
-    with count_fused_steps() as counted:
-        for accelerated in (False, True):
-            if accelerated:
-                fdd.accelerate(pipe)
-            try:
-                outs.append(pipe(**kw, generator=torch.Generator().manual_seed(6)).frames)
-            finally:
-                if accelerated:
-                    fdd.restore(pipe)
-    assert counted.n >= STEPS
-    stock, ours = outs
+    stock, ours, n = stock_and_accelerated(pipe, "frames", seed=6, **kw)
+    assert n >= STEPS
     assert stock.shape == ours.shape
     assert rel_err(ours, stock) <= TOL, f"{case}: {rel_err(ours, stock):.3g}"

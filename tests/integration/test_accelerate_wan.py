@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.samplers._harness import count_fused_steps, rel_err
+from tests.samplers._harness import rel_err
+
+from ._accel import recording_callback, stock_and_accelerated
 
 diffusers = pytest.importorskip("diffusers")
-import fastdiff  # noqa: E402
 import fastdiff.diffusers as fdd  # noqa: E402
 
 from . import _tiny  # noqa: E402
@@ -38,19 +39,6 @@ def _embeds(batch=1):
                 negative_prompt_embeds=torch.randn(batch, 5, 32, generator=g))
 
 
-def _both(pipe, **kw):
-    outs = []
-    for accelerated in (False, True):
-        if accelerated:
-            fdd.accelerate(pipe)
-        try:
-            outs.append(pipe(**kw, generator=torch.Generator().manual_seed(4)).frames)
-        finally:
-            if accelerated:
-                fdd.restore(pipe)
-    return outs
-
-
 @pytest.mark.parametrize("case", ["cfg", "no_cfg", "two_experts", "two_experts_scale_2", "euler", "two_videos"])
 def test_wan_matches_stock(case):
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0) if case == "euler" else None
@@ -61,39 +49,22 @@ def test_wan_matches_stock(case):
         kw["guidance_scale"] = 1.0
     if case == "two_experts_scale_2":
         kw["guidance_scale_2"] = 2.0
-    fastdiff.clear_cache()
-    with count_fused_steps() as counted:
-        stock, ours = _both(pipe, **kw)
-    assert counted.n >= STEPS
+    stock, ours, n = stock_and_accelerated(pipe, "frames", seed=4, **kw)
+    assert n >= STEPS
     assert stock.shape == ours.shape
     assert rel_err(ours, stock) <= TOL, f"{case}: {rel_err(ours, stock):.3g}"
 
 
 def test_wan_callback_as_stock():
-    pipe = _pipe(two_experts=True)
-    seen = {False: [], True: []}
-
-    def make(acc):
-        def cb(p, i, t, kwargs):
-            seen[acc].append((i, float(t), kwargs["latents"].clone()))
-            return {"latents": kwargs["latents"] + 0.01}
-        return cb
-
-    outs = []
-    for acc in (False, True):
-        if acc:
-            fdd.accelerate(pipe)
-        try:
-            outs.append(pipe(height=16, width=16, num_frames=5, num_inference_steps=STEPS, output_type="latent",
-                             guidance_scale=4.0, guidance_scale_2=1.5, callback_on_step_end=make(acc),
-                             generator=torch.Generator().manual_seed(1), **_embeds()).frames)
-        finally:
-            if acc:
-                fdd.restore(pipe)
-    assert [s[:2] for s in seen[True]] == [s[:2] for s in seen[False]]
+    seen = {}
+    stock, ours, _ = stock_and_accelerated(_pipe(two_experts=True), "frames", seed=1,
+                                           callback=recording_callback(seen, change=lambda x: x + 0.01), height=16,
+                                           width=16, num_frames=5, num_inference_steps=STEPS, output_type="latent",
+                                           guidance_scale=4.0, guidance_scale_2=1.5, **_embeds())
+    assert [s[:2] for s in seen[True]] == [s[:2] for s in seen[False]] and len(seen[True]) == STEPS
     for a, b in zip(seen[True], seen[False]):
         assert rel_err(a[2], b[2]) <= TOL
-    assert rel_err(outs[1], outs[0]) <= TOL
+    assert rel_err(ours, stock) <= TOL
 
 
 def test_wan_refuses_what_it_does_not_run():
