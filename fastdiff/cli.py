@@ -485,8 +485,6 @@ _NOT_WITH_PIPELINE = ("model", "sampler", "shape", "dtype", "variants", "guidanc
 
 def _profile_pipeline(args: argparse.Namespace, fail) -> int:
     """``fastdiff profile --pipeline module:attr``: the pipeline's stock loop vs ``accelerate``, per step."""
-    import json
-
     from .bench.profile import _probe_backend, check_device, load_pipeline, profile_pipeline
     from .runtime import ops
 
@@ -535,21 +533,12 @@ def _profile_pipeline(args: argparse.Namespace, fail) -> int:
         return fail(f"--pipeline {args.pipeline}: {msg}")
     except (TypeError, RuntimeError, AttributeError, IndexError, KeyError) as exc:  # the call itself failed
         return fail(f"--pipeline {args.pipeline}: the pipeline call failed ({type(exc).__name__}: {exc})")
-    print(rep.table())
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(rep.to_json(), f, indent=1)
-        except OSError as exc:
-            return fail(f"--json {args.json}: {exc.strerror or exc}")
-        print(f"wrote {args.json}")
-    return 0
+    return _report(rep, args.json, fail)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Profile one sampling loop (stock diffusers scheduler vs reference vs fused, part by part), or
     with ``--pipeline`` a diffusers pipeline's loop, stock vs accelerated."""
-    import json
     import math
 
     from .bench.profile import VARIANTS, check_device, load_model, profile
@@ -620,16 +609,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return fail(f"--model {args.model or '(built-in)'}: {exc}")
     except OSError as exc:
         return fail(f"{type(exc).__name__}: {exc}")
-    print(rep.table())
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(rep.to_json(), f, indent=1)
-        except OSError as exc:
-            return fail(f"--json {args.json}: {exc.strerror or exc}")
-        print(f"wrote {args.json}")
+    status = _report(rep, args.json, fail)
+    if status:
+        return status
     if args.trace:
         print(f"wrote Chrome trace {args.trace}")
+    return 0
+
+
+def _report(rep, json_path: str | None, fail) -> int:
+    """Print a profile's table and write its JSON to ``json_path`` (``fail``'s status when it cannot)."""
+    import json
+
+    print(rep.table())
+    if json_path:
+        try:
+            with open(json_path, "w") as f:
+                json.dump(rep.to_json(), f, indent=1)
+        except OSError as exc:
+            return fail(f"--json {json_path}: {exc.strerror or exc}")
+        print(f"wrote {json_path}")
     return 0
 
 

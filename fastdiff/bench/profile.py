@@ -123,21 +123,28 @@ class ProfileReport:
             json.dump({"traceEvents": self.trace_events, "displayTimeUnit": "ms"}, f)
 
 
-def load_model(spec: str) -> Callable:
-    """Import ``module:attr`` (a callable model, or a zero-argument factory named ``make_*``;
-    ``attr`` may be dotted). Every failure is a ``ValueError`` naming ``spec``."""
+def _import_spec(spec: str, what: str):
+    """``(object, attr)`` named by ``module:attr`` (``attr`` may be dotted); a ``ValueError`` naming ``what``
+    and ``spec`` for a malformed spec, a module that does not import or a missing attribute."""
     mod, sep, attr = spec.partition(":")
     if not sep or not mod or not attr:
-        raise ValueError(f"model must be 'module:attr', got {spec!r}")
+        raise ValueError(f"{what} must be 'module:attr', got {spec!r}")
     try:
         obj = importlib.import_module(mod)
     except ImportError as exc:
-        raise ValueError(f"model {spec!r}: cannot import {mod!r} ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{what} {spec!r}: cannot import {mod!r} ({type(exc).__name__}: {exc})") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"model {spec!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!r} "
+            raise ValueError(f"{what} {spec!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!r} "
                              f"has no attribute {part!r}")
         obj = getattr(obj, part)
+    return obj, attr
+
+
+def load_model(spec: str) -> Callable:
+    """Import ``module:attr`` (a callable model, or a zero-argument factory named ``make_*``;
+    ``attr`` may be dotted). Every failure is a ``ValueError`` naming ``spec``."""
+    obj, attr = _import_spec(spec, "model")
     if attr.rsplit(".", 1)[-1].startswith("make_"):
         obj = obj()
     if not callable(obj):
@@ -400,18 +407,7 @@ def load_pipeline(spec: str) -> tuple[Any, dict]:
     zero-argument callable returning a pipeline or ``(pipeline, call_kwargs)``. Every failure is a
     ``ValueError`` naming ``spec``.
     """
-    mod, sep, attr = spec.partition(":")
-    if not sep or not mod or not attr:
-        raise ValueError(f"pipeline must be 'module:attr', got {spec!r}")
-    try:
-        obj = importlib.import_module(mod)
-    except ImportError as exc:
-        raise ValueError(f"pipeline {spec!r}: cannot import {mod!r} ({type(exc).__name__}: {exc})") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"pipeline {spec!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!r} "
-                             f"has no attribute {part!r}")
-        obj = getattr(obj, part)
+    obj, attr = _import_spec(spec, "pipeline")
     if not _is_pipeline(obj):
         if not callable(obj):
             raise ValueError(f"pipeline {spec!r} is a {type(obj).__name__}, not a diffusers pipeline or a "
