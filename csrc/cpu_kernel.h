@@ -39,6 +39,7 @@ struct Io<L, DTYPE_F32> {
   static V load_t(const T* p) { return L::load_f32(p); }
   static void store_t(T* p, V v) { L::store_f32(p, v); }
   static V load_noise(const float* p) { return L::load_f32(p); }
+  static int slot(int t) { return t; }
 };
 
 template <class L>
@@ -52,19 +53,24 @@ struct Io<L, DTYPE_F16> {
   static V load_t(const T* p) { return L::load_f32(p); }
   static void store_t(T* p, V v) { L::store_f32(p, v); }
   static V load_noise(const float* p) { return L::load_f32(p); }
+  static int slot(int t) { return t; }
 };
 
+// bf16 runs on the level's packets (L::VB: 2W elements on the SIMD levels, even and odd elements in
+// separate registers): the per-sample buffers the kernel fills are in packet order (slot), the noise
+// buffers, in element order, are split on load.
 template <class L>
 struct Io<L, DTYPE_BF16> {
   using S = uint16_t;
   using T = float;
-  using V = typename L::VF;
-  static constexpr int W = L::W;
+  using V = typename L::VB;
+  static constexpr int W = L::WB;
   static V load(const S* p) { return L::load_bf16(p); }
   static void store(S* p, V v) { L::store_bf16(p, v); }
-  static V load_t(const T* p) { return L::load_f32(p); }
-  static void store_t(T* p, V v) { L::store_f32(p, v); }
-  static V load_noise(const float* p) { return L::load_f32(p); }
+  static V load_t(const T* p) { return L::load_f32_packed(p); }
+  static void store_t(T* p, V v) { L::store_f32_packed(p, v); }
+  static V load_noise(const float* p) { return L::load_f32_split(p); }
+  static int slot(int t) { return L::bf16_slot(t); }
 };
 
 template <class L>
@@ -78,6 +84,7 @@ struct Io<L, DTYPE_F64> {
   static V load_t(const T* p) { return L::load_f64(p); }
   static void store_t(T* p, V v) { L::store_f64(p, v); }
   static V load_noise(const float* p) { return L::load_f32_as_f64(p); }
+  static int slot(int t) { return t; }
 };
 
 /// Philox noise for a run of consecutive flat elements.
@@ -348,13 +355,15 @@ struct StepKernel {
     if (f.mw) memcpy(p.mw + o, mwb, sizeof(S) * n);
   }
 
+  /// The per-sample values src[b] of elements [i0, i0 + n) into dstbuf, in the order load_t reads
+  /// (IO::slot: element order, or bf16's packet order).
   static void fill_param(T* dstbuf, const float* src, int64_t i0, int n, int64_t per_sample) {
     int64_t b = i0 / per_sample, j = i0 - b * per_sample;
     int t = 0;
     while (t < n) {
       int64_t len = per_sample - j < n - t ? per_sample - j : n - t;
       T v = static_cast<T>(src[b]);
-      for (int64_t q = 0; q < len; ++q) dstbuf[t + q] = v;
+      for (int q = 0; q < static_cast<int>(len); ++q) dstbuf[IO::slot(t + q)] = v;
       t += static_cast<int>(len);
       ++b;
       j = 0;
