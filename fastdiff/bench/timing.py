@@ -12,11 +12,13 @@ are host-device synchronisations.
 (``copy_gb_s`` in the ``step`` and ``floor`` rows of ``fastdiff bench``, ``benchmarks/bench_cpu_half.py``;
 the GPU's ``gpu_copy_gbps`` is the same quotient at a fixed 1 GiB):
 
-* what: ``dst.copy_(src)`` of two contiguous tensors of ``nbytes // 2`` bytes each, where ``nbytes``
-  is what the measured kernel moves (its bytes read plus written), so the copy streams the same
-  amount through the same level of the cache hierarchy (a copy of a few MB stays in L3, of a few
-  hundred MB does not, and the two differ several times over);
-* GB/s: bytes read plus bytes written (``2 * (nbytes // 2)``) over the time of one copy;
+* what: ``dst.copy_(src)`` of two contiguous float32 tensors of ``nbytes // 8`` elements each, where
+  ``nbytes`` is what the measured kernel moves (its bytes read plus written), so the copy streams
+  the same amount through the same level of the cache hierarchy (a copy of a few MB stays in L3,
+  of a few hundred MB does not, and the two differ several times over); float32 whatever the
+  kernel's dtype, as torch's byte-wise copy_ is slower (uint8: 43 against 53 GB/s at 25 MB, 1
+  thread, AMD EPYC) and a yardstick must not depend on the element type;
+* GB/s: bytes read plus bytes written (:func:`copy_bytes`) over the time of one copy;
 * threads: torch's current thread count, which the benchmarks set to the measured kernels' own;
 * sampled: round-robin with the measured methods (:func:`round_robin`: one sample of each per
   round, each sample as many calls as last about ``budget_s``), so a change of machine load hits
@@ -79,16 +81,16 @@ def summarize(samples: list[float]) -> dict:
 
 def copy_fn(nbytes: int, device: torch.device | str = "cpu") -> Callable[[], object]:
     """The yardstick copy for a kernel moving ``nbytes`` (read plus written): ``dst.copy_(src)`` of two
-    contiguous uint8 tensors of ``nbytes // 2`` bytes each (at least 1), ``src`` filled once."""
-    n = max(1, nbytes // 2)
-    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
+    contiguous float32 tensors of ``nbytes // 8`` elements each (at least 1), ``src`` filled once."""
+    src = torch.randn(copy_bytes(nbytes) // 8, device=device)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
 
 
 def copy_bytes(nbytes: int) -> int:
-    """Bytes read plus written by :func:`copy_fn` ``(nbytes)``."""
-    return 2 * max(1, nbytes // 2)
+    """Bytes read plus written by :func:`copy_fn` ``(nbytes)``: ``nbytes`` rounded down to whole
+    float32 elements of both tensors (at least one each)."""
+    return 8 * max(1, nbytes // 8)
 
 
 def copy_gb_s(nbytes: int, samples: list[float]) -> dict:
