@@ -13,10 +13,10 @@ Methods, per shape and dtype:
   cpu+dispatch   the same through fastdiff.runtime.ops.step (validation + backend choice), as the loop calls it
 
 Reports the median µs per step (and the best sample), GB/s counting minimum bytes (each input
-read once, each output written once), the copy bandwidth measured in the same run (best sample of
-torch ``copy_`` moving the same number of bytes as the step, with 2 threads or 1, the faster; also
-``copy_`` of one tensor), the fraction of copy bandwidth (median and best), and the speedup of
-``cpu`` over each method. The machine's load average is recorded: on a shared 2-core machine, other
+read once, each output written once), the copy bandwidth of the step's bytes sampled with the
+methods (the one definition of ``fastdiff.bench.timing``: the median sample; outlier samples are
+listed, not used), the fraction of copy bandwidth (median and best), and the speedup of ``cpu``
+over each method. The machine's load average is recorded: on a shared 2-core machine, other
 processes stall 2-thread parallel regions (torch's and ours) for whole scheduler slices, so compare
 the median with the best sample.
 

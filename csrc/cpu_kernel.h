@@ -3,7 +3,9 @@
 // Included inside an anonymous namespace by each cpu_step_<level>.cpp after the level's header,
 // so every level's copy of the inline code has internal linkage and its own target flags.
 //
-// Work is split into blocks of BLK elements of the flat tensor, distributed by OpenMP. Per block:
+// Work is split into chunks of CHUNK elements of the flat tensor, distributed by OpenMP, and each
+// chunk into blocks of BLK elements, except that a chunk inside one sample whose row draws no noise
+// is one block (it needs no per-element buffer: see block). Per block:
 //   1. per-sample scalars (w, r, s) are expanded into small per-element buffers,
 //   2. Philox noise for the block's elements is generated into a buffer (W groups per call, in
 //      element order; no noise tensor in memory),
@@ -23,6 +25,10 @@ namespace fd {
 using StepArgs_t = ::fd_cpu::StepArgs;
 
 constexpr int BLK = 512;              // elements per block: buffers stay in L1
+// Elements per chunk. Each block costs a call, two divisions and the loop's set-up (about a tenth of
+// the vector loop's time at BLK elements when the loop is compute-bound, as fp16 and bf16 rows are),
+// so the blocks that need no buffer of BLK elements are made this long instead.
+constexpr int CHUNK = 8 * BLK;
 constexpr int64_t PAR_MIN = 1 << 15;  // below this, one thread: fork/join costs about what it saves
 
 template <class L, int DT>
@@ -39,6 +45,7 @@ struct Io<L, DTYPE_F32> {
   static V load_t(const T* p) { return L::load_f32(p); }
   static void store_t(T* p, V v) { L::store_f32(p, v); }
   static V load_noise(const float* p) { return L::load_f32(p); }
+  static int slot(int t) { return t; }
 };
 
 template <class L>
@@ -52,19 +59,24 @@ struct Io<L, DTYPE_F16> {
   static V load_t(const T* p) { return L::load_f32(p); }
   static void store_t(T* p, V v) { L::store_f32(p, v); }
   static V load_noise(const float* p) { return L::load_f32(p); }
+  static int slot(int t) { return t; }
 };
 
+// bf16 runs on the level's packets (L::VB: 2W elements on the SIMD levels, even and odd elements in
+// separate registers): the per-sample buffers the kernel fills are in packet order (slot), the noise
+// buffers, in element order, are split on load.
 template <class L>
 struct Io<L, DTYPE_BF16> {
   using S = uint16_t;
   using T = float;
-  using V = typename L::VF;
-  static constexpr int W = L::W;
+  using V = typename L::VB;
+  static constexpr int W = L::WB;
   static V load(const S* p) { return L::load_bf16(p); }
   static void store(S* p, V v) { L::store_bf16(p, v); }
-  static V load_t(const T* p) { return L::load_f32(p); }
-  static void store_t(T* p, V v) { L::store_f32(p, v); }
-  static V load_noise(const float* p) { return L::load_f32(p); }
+  static V load_t(const T* p) { return L::load_f32_packed(p); }
+  static void store_t(T* p, V v) { L::store_f32_packed(p, v); }
+  static V load_noise(const float* p) { return L::load_f32_split(p); }
+  static int slot(int t) { return L::bf16_slot(t); }
 };
 
 template <class L>
@@ -78,6 +90,7 @@ struct Io<L, DTYPE_F64> {
   static V load_t(const T* p) { return L::load_f64(p); }
   static void store_t(T* p, V v) { L::store_f64(p, v); }
   static V load_noise(const float* p) { return L::load_f32_as_f64(p); }
+  static int slot(int t) { return t; }
 };
 
 /// Philox noise for a run of consecutive flat elements.
@@ -348,19 +361,23 @@ struct StepKernel {
     if (f.mw) memcpy(p.mw + o, mwb, sizeof(S) * n);
   }
 
+  /// The per-sample values src[b] of elements [i0, i0 + n) into dstbuf, in the order load_t reads
+  /// (IO::slot: element order, or bf16's packet order).
   static void fill_param(T* dstbuf, const float* src, int64_t i0, int n, int64_t per_sample) {
     int64_t b = i0 / per_sample, j = i0 - b * per_sample;
     int t = 0;
     while (t < n) {
       int64_t len = per_sample - j < n - t ? per_sample - j : n - t;
       T v = static_cast<T>(src[b]);
-      for (int64_t q = 0; q < len; ++q) dstbuf[t + q] = v;
+      for (int q = 0; q < static_cast<int>(len); ++q) dstbuf[IO::slot(t + q)] = v;
       t += static_cast<int>(len);
       ++b;
       j = 0;
     }
   }
 
+  /// Elements [i0, i0 + n) (n <= BLK, or any n when they lie in one sample and the row draws no
+  /// noise here: then only W copies of the per-sample scalars are read).
   static void block(const StepArgs_t& a, const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, LoopFn loop_fn,
                     int64_t i0, int n) {
     alignas(64) T wb[BLK], rb[BLK], sb[BLK];
@@ -392,6 +409,15 @@ struct StepKernel {
     loop_fn(c, f, p, i0, n, bf);
   }
 
+  /// Elements [i0, i0 + n), n <= CHUNK: one block when they lie in one sample and the row draws no
+  /// noise in the kernel, else blocks of BLK.
+  static void chunk(const StepArgs_t& a, const StepCoef<T>& c, const StepFlags& f, const Ptrs& p, LoopFn loop_fn,
+                    int64_t i0, int n) {
+    const bool noise = (f.z && !p.z) || (f.z2 && !p.z2);
+    if (!noise && i0 / a.per_sample == (i0 + n - 1) / a.per_sample) return block(a, c, f, p, loop_fn, i0, n);
+    for (int q = 0; q < n; q += BLK) block(a, c, f, p, loop_fn, i0 + q, n - q < BLK ? n - q : BLK);
+  }
+
   static void run(const StepArgs_t& a) {
     const StepCoef<T> c = fd_unpack_coef<T>(a.coef);
     const StepFlags f = fd_make_flags(c, a.n_reads, a.n_writes, a.clip, a.m_c != nullptr, a.r != nullptr,
@@ -415,12 +441,12 @@ struct StepKernel {
     p.m3 = static_cast<const S*>(a.m_3);
     p.mw = static_cast<S*>(a.m_w);
     const LoopFn loop_fn = pick_loop(f);
-    const int64_t nblk = (a.numel + BLK - 1) / BLK;
+    const int64_t nchunk = (a.numel + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)
-    for (int64_t blk = 0; blk < nblk; ++blk) {
-      int64_t i0 = blk * BLK;
-      int n = static_cast<int>(a.numel - i0 < BLK ? a.numel - i0 : BLK);
-      block(a, c, f, p, loop_fn, i0, n);
+    for (int64_t k = 0; k < nchunk; ++k) {
+      int64_t i0 = k * CHUNK;
+      int n = static_cast<int>(a.numel - i0 < CHUNK ? a.numel - i0 : CHUNK);
+      chunk(a, c, f, p, loop_fn, i0, n);
     }
   }
 };

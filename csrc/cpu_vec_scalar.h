@@ -20,8 +20,15 @@ struct LevelScalar {
   static void store_f32(float* p, VF v) { *p = v; }
   static VF load_f16(const uint16_t* p) { return fd_half_to_float(*p); }
   static void store_f16(uint16_t* p, VF v) { *p = fd_float_to_half(v); }
-  static VF load_bf16(const uint16_t* p) { return fd_bf16_to_float(*p); }
-  static void store_bf16(uint16_t* p, VF v) { *p = fd_float_to_bf16(v); }
+  // bf16 packets (see cpu_vec_simd.h): one element here, so every layout is element order.
+  using VB = float;
+  static constexpr int WB = 1;
+  static VB load_bf16(const uint16_t* p) { return fd_bf16_to_float(*p); }
+  static void store_bf16(uint16_t* p, VB v) { *p = fd_float_to_bf16(v); }
+  static int bf16_slot(int t) { return t; }
+  static VB load_f32_packed(const float* p) { return *p; }
+  static void store_f32_packed(float* p, VB v) { *p = v; }
+  static VB load_f32_split(const float* p) { return *p; }
   static VD load_f64(const double* p) { return *p; }
   static void store_f64(double* p, VD v) { *p = v; }
   static VD load_f32_as_f64(const float* p) { return static_cast<double>(*p); }

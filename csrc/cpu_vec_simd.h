@@ -8,8 +8,8 @@
 // names differ only in the width prefix, written FD_MM(op). What really differs per level is in the
 // two sections marked "level-specific": negation, how a lane condition is held and used (AVX-512
 // mask registers, AVX2 blend vectors), three-input logic (vpternlogd), blends of 32-bit lanes
-// (Philox's 64-bit products), the lane order of the general noise path's loads, the 32 -> 16-bit
-// narrowing of bf16 stores and the half-width register of the fp16/bf16 loads.
+// (Philox's 64-bit products), the lane order of the general noise path's loads, the split of floats
+// into bf16 packets (VF2) and the half-width register of the fp16 loads.
 //
 // Every operation is the IEEE operation the scalar level performs (no FMA: the build uses
 // -ffp-contract=off), so results are bit-identical across levels.
@@ -110,6 +110,27 @@ using VD = Vec<double>;
 constexpr int VW = SIMD_BYTES / 4;  // float lanes
 constexpr int VQ = VW / 2;          // 64-bit lanes: Philox groups per vector of the fast paths
 
+/// 2 * VW bf16 elements as two float registers: e holds the even elements (2i), o the odd ones
+/// (2i + 1). One register of 16-bit lanes is exactly such a packet, each 32-bit lane holding an
+/// even element in its low half and the next odd one in its high half, so conversion needs no
+/// lane crossing: bf16 -> float is a shift (even) or a mask (odd), float -> bf16 the reverse (see
+/// LevelSimd::load_bf16). The arithmetic is per element, so the order the lanes hold them in
+/// changes no result. The operators are VF's, applied to both halves.
+struct VF2 {
+  VF e, o;
+  VF2() = default;
+  VF2(VF a, VF b) : e(a), o(b) {}
+  VF2(float c) : e(c), o(c) {}
+
+  friend VF2 operator+(VF2 a, VF2 b) { return {a.e + b.e, a.o + b.o}; }
+  friend VF2 operator-(VF2 a, VF2 b) { return {a.e - b.e, a.o - b.o}; }
+  friend VF2 operator*(VF2 a, VF2 b) { return {a.e * b.e, a.o * b.o}; }
+  friend VF2 operator/(VF2 a, VF2 b) { return {a.e / b.e, a.o / b.o}; }
+  friend VF2 operator-(VF2 a) { return {-a.e, -a.o}; }
+  friend VF2 fd_vmax(VF2 a, VF2 b) { return {fd_vmax(a.e, b.e), fd_vmax(a.o, b.o)}; }
+  friend VF2 fd_vmin(VF2 a, VF2 b) { return {fd_vmin(a.e, b.e), fd_vmin(a.o, b.o)}; }
+};
+
 inline VU fd_bits(VF a) { return (VU::R)a.v; }
 inline VF fd_from_bits(VU a) { return (VF::R)a.v; }
 inline VF fd_i2f(VU a) { return FD_MM(cvtepi32_ps)((RegI)a.v); }
@@ -132,7 +153,8 @@ inline UR mul_even(UR a, UR b) { return (UR)FD_MM(mul_epu32)((RegI)a, (RegI)b); 
 // (bit b of j) and used by dec_where (a - 1 where set), add_where (a + b where set), select (b where
 // set, else a) and flip_sign (the sign bit flipped where set). blend_odd: the even 32-bit lanes of
 // a, the odd ones of b. pack_lo32: the low words of the 64-bit lanes of a in the even lanes, those
-// of b in the odd ones. narrow16: 32-bit lanes (< 2^16) to 16-bit.
+// of b in the odd ones. split_even_odd: the 2 * VW floats of a then b, as a VF2 (even elements, odd
+// elements). add_bf16_bias: x + 0x7FFF + bit 16 of x (bf16's round to nearest even, mod 2^32).
 #if FD_SIMD_BITS == 512
 using HalfI = __m256i;
 constexpr int F16_ROUND = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -157,11 +179,19 @@ inline UR blend_odd(UR a, UR b) { return (UR)_mm512_mask_blend_epi32(0xAAAA, (Re
 inline UR pack_lo32(UR a, UR b) {
   return (UR)_mm512_mask_shuffle_epi32((RegI)a, 0xAAAA, (RegI)b, static_cast<_MM_PERM_ENUM>(0xA0));
 }
-inline HalfI narrow16(VU a) { return _mm512_cvtepi32_epi16((RegI)a.v); }
 inline VU and_or(VU a, VU b, VU c) {  // (a & b) | c
   return (VU::R)_mm512_ternarylogic_epi32((RegI)a.v, (RegI)b.v, (RegI)c.v, 0xEA);
 }
 inline UR xor3(UR a, UR b, UR c) { return (UR)_mm512_ternarylogic_epi32((RegI)a, (RegI)b, (RegI)c, 0x96); }
+inline VU add_bf16_bias(VU x) {  // x + 0x7FFF + bit 16 of x: the +1 as a masked add
+  const RegI r = (RegI)(x + VU(0x7FFFu)).v;
+  return (VU::R)_mm512_mask_add_epi32(r, _mm512_test_epi32_mask((RegI)x.v, (RegI)VU(0x10000u).v), r, (RegI)VU(1u).v);
+}
+inline VF2 split_even_odd(VF a, VF b) {
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return {_mm512_permutex2var_ps(a.v, ev, b.v), _mm512_permutex2var_ps(a.v, od, b.v)};
+}
 inline UR load_lanes(const uint32_t* q) {
   const __m256i g = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   return (UR)_mm512_cvtepu32_epi64(_mm256_permutevar8x32_epi32(vload<HalfI>(q), g));
@@ -189,12 +219,15 @@ inline VF flip_sign(VF a, Mask m) {
 }
 inline UR blend_odd(UR a, UR b) { return (UR)_mm256_blend_epi32((RegI)a, (RegI)b, 0xAA); }
 inline UR pack_lo32(UR a, UR b) { return blend_odd(a, (UR)_mm256_shuffle_epi32((RegI)b, 0xA0)); }
-inline HalfI narrow16(VU a) {
-  const __m256i p = _mm256_packus_epi32((RegI)a.v, (RegI)a.v);  // lanes 0-3, 0-3 | 4-7, 4-7
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08));
-}
 inline VU and_or(VU a, VU b, VU c) { return (a & b) | c; }
 inline UR xor3(UR a, UR b, UR c) { return (a ^ b) ^ c; }
+inline VU add_bf16_bias(VU x) { return x + (((x >> 16) & VU(1u)) + VU(0x7FFFu)); }  // x + 0x7FFF + bit 16 of x
+inline VF2 split_even_odd(VF a, VF b) {
+  // shuffle_ps picks within 128-bit lanes (a0 a2 b0 b2 | a4 a6 b4 b6); permute4x64 orders the 64-bit pairs
+  const __m256d ev = _mm256_castps_pd(_mm256_shuffle_ps(a.v, b.v, _MM_SHUFFLE(2, 0, 2, 0)));
+  const __m256d od = _mm256_castps_pd(_mm256_shuffle_ps(a.v, b.v, _MM_SHUFFLE(3, 1, 3, 1)));
+  return {_mm256_castpd_ps(_mm256_permute4x64_pd(ev, 0xD8)), _mm256_castpd_ps(_mm256_permute4x64_pd(od, 0xD8))};
+}
 inline UR load_lanes(const uint32_t* q) {
   return (UR)_mm256_cvtepu32_epi64(_mm_shuffle_epi32(vload<HalfI>(q), _MM_SHUFFLE(3, 1, 2, 0)));
 }
@@ -360,15 +393,35 @@ struct LevelSimd {
   static void store_f32(float* p, VF v) { vstore(p, v.v); }
   static VF load_f16(const uint16_t* p) { return FD_MM(cvtph_ps)(vload<HalfI>(p)); }
   static void store_f16(uint16_t* p, VF v) { vstore(p, FD_MM(cvtps_ph)(v.v, F16_ROUND)); }
-  static VF load_bf16(const uint16_t* p) {
-    return fd_from_bits(VU((VU::R)FD_MM(cvtepu16_epi32)(vload<HalfI>(p))) << 16);
+  // bf16 storage works on packets of WB = 2W elements (VF2): one full register of 16-bit lanes per
+  // load and store, no widening or narrowing across lanes (vpmovzxwd, vpmovdw), which cost more
+  // than the step's own arithmetic on a compute-bound core. Buffers of per-element floats that the
+  // kernel fills itself (per-sample scalars) are laid out in packet order (bf16_slot); those it
+  // gets in element order (noise) are split on load.
+  using VB = VF2;
+  static constexpr int WB = 2 * VW;
+  static VB load_bf16(const uint16_t* p) {
+    const VU x = vload<VU::R>(p);
+    return {fd_from_bits(x << 16), fd_from_bits(x & VU(0xFFFF0000u))};
   }
-  static void store_bf16(uint16_t* p, VF v) {
-    // round to nearest even as c10::BFloat16; NaN -> 0x7FC0
-    const VU x = fd_bits(v);
-    const VU r = (x + (((x >> 16) & VU(1u)) + VU(0x7FFFu))) >> 16;
-    vstore(p, narrow16(select(cmp_mask<_CMP_UNORD_Q>(v, v), r, VU(0x7FC0u))));
+  /// x rounded to bf16 in its high half, as c10::BFloat16: round to nearest even by integer
+  /// addition (no FP rounding mode or flush-to-zero involved: subnormals round like the rest, and
+  /// a carry out of the mantissa gives the next binade or inf); NaN -> 0x7FC0. The NaN is replaced
+  /// before rounding by 0x7FC00000, which the addition leaves with that high half.
+  static VU bf16_round(VF v) {
+    return add_bf16_bias(select(cmp_mask<_CMP_UNORD_Q>(v, v), fd_bits(v), VU(0x7FC00000u)));
   }
+  static void store_bf16(uint16_t* p, VB v) {
+    vstore(p, and_or(bf16_round(v.o), VU(0xFFFF0000u), bf16_round(v.e) >> 16).v);
+  }
+  /// Slot of element t (from a packet boundary) in a buffer of floats in packet order.
+  static int bf16_slot(int t) { return (t & -WB) + (t & 1) * VW + ((t & (WB - 1)) >> 1); }
+  static VB load_f32_packed(const float* p) { return {load_f32(p), load_f32(p + VW)}; }
+  static void store_f32_packed(float* p, VB v) {
+    store_f32(p, v.e);
+    store_f32(p + VW, v.o);
+  }
+  static VB load_f32_split(const float* p) { return split_even_odd(load_f32(p), load_f32(p + VW)); }
   static VD load_f64(const double* p) { return vload<VD::R>(p); }
   static void store_f64(double* p, VD v) { vstore(p, v.v); }
   static VD load_f32_as_f64(const float* p) { return FD_MM(cvtps_pd)(vload<raw_t<float, WD>>(p)); }

@@ -24,12 +24,14 @@ Parts (``--parts``; all by default, ``gpu`` only where CUDA is visible):
 JSON (``--json``, default ``bench-results/bench.json``); times are µs, bandwidths GB/s (1e9 B/s).
 A row that could not be measured carries ``error`` (a string) instead of its times.
 
-* top level: ``schema`` (2; schema 1 had one ``pipeline`` dict, the ``sd`` row, where 2 has a list
-  of rows), ``command`` (the argv), ``quick`` (bool), ``machine``, ``settings`` (what each part ran;
-  ``pipeline_latent`` is per pipeline kind), ``parts`` (the parts asked for), ``loop``, ``step``,
-  ``samplers``, ``gpu``, ``pipeline`` (each ``null`` when the part did not run), ``skipped`` (part
-  -> why not run), ``errors`` (part -> the error that stopped it), ``elapsed_s`` (part -> seconds),
-  ``chart`` (PNG path or ``null``), ``guidance``.
+* top level: ``schema`` (3: ``pipeline`` is a list of rows, one per pipeline kind, and each step
+  row has one copy yardstick, ``copy_gb_s`` with its best and its outliers; 1 had one ``pipeline``
+  dict and three copy ceilings per step row, 2 one of the two changes), ``command`` (the argv),
+  ``quick`` (bool), ``machine``, ``settings`` (what each part ran; ``pipeline_latent`` is per
+  pipeline kind), ``parts`` (the parts asked for), ``loop``, ``step``, ``samplers``, ``gpu``,
+  ``pipeline`` (each ``null`` when the part did not run), ``skipped`` (part -> why not run),
+  ``errors`` (part -> the error that stopped it), ``elapsed_s`` (part -> seconds), ``chart`` (PNG
+  path or ``null``), ``guidance``.
 * ``machine``: ``cpu`` (model name), ``cores``, ``torch``, ``torch_threads``, ``simd`` and
   ``kernel_threads`` (the CPU kernel's, ``null`` without it), ``gpu`` (name or ``null``),
   ``loadavg_start``, ``loadavg_end`` (1, 5, 15-minute load averages: a loaded machine slows
@@ -42,10 +44,10 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   ``sampler_us_per_step`` over this one's: > 1 is faster).
 * ``step`` rows: ``shape``, ``dtype``, ``method``, ``us`` (median), ``us_best`` (best sample),
   ``gb_s`` (``min_bytes`` over the median), ``min_bytes`` (each input read once, each output
-  written once), ``copy_gb_s`` (the copy ceiling: best of ``copy_2t_gb_s`` and ``copy_1t_gb_s``,
-  torch ``copy_`` of the step's bytes with 2 threads and with 1, measured in the same run),
-  ``copy_one_tensor_gb_s`` (copy of one tensor of the shape), ``frac_of_copy`` (``gb_s`` over
-  ``copy_gb_s``), ``frac_of_copy_best`` (the same for the best sample), ``cpu_speedup`` (this
+  written once), ``copy_gb_s`` (the copy bandwidth of :mod:`fastdiff.bench.timing` at the step's
+  bytes, sampled round-robin with the methods: the median sample), ``copy_gb_s_best`` (its best
+  sample), ``copy_outliers_gb_s`` (its outlier samples: shown, not used), ``frac_of_copy``
+  (``gb_s`` over ``copy_gb_s``), ``frac_of_copy_best`` (best over best), ``cpu_speedup`` (this
   method's time over ``cpu``'s: how much faster the fused kernel is), ``vs_reference``
   (reference's time over this one's), ``cpu_speedup_best`` and ``vs_reference_best`` (the same
   ratios of best samples: on a loaded machine the less disturbed estimate), ``compile_s`` (first
@@ -77,8 +79,10 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
   ``shape``, ``dtype``, ``steps``, ``rows``, ``fastdiff_us`` (repeated ``fastdiff.sample`` calls),
   ``fastdiff_cold_us`` (the first call after ``clear_cache``), ``diffusers_us`` and
   ``k_diffusion_us`` (the stock loops; ``null`` where the library lacks the sampler),
-  ``bytes_per_step`` (what the fused loop must move), ``copy_gb_s`` (torch ``copy_`` of one row's
-  bytes, same run), ``floor_us`` (their quotient), ``x_floor`` (``fastdiff_us`` over it),
+  ``bytes_per_step`` (what the fused loop must move), ``copy_gb_s`` (the copy bandwidth of
+  :mod:`fastdiff.bench.timing` at one row's bytes, same run: the median sample),
+  ``copy_outliers_gb_s`` (its outlier samples, not used), ``floor_us`` (``bytes_per_step`` over
+  ``copy_gb_s``), ``x_floor`` (``fastdiff_us`` over it),
   ``vs_diffusers`` and ``vs_k_diffusion`` (their time over fastdiff's), ``ops_per_row`` (torch
   operations fastdiff issues per row outside the model).
 
@@ -110,7 +114,7 @@ from ..models import GaussianMixture
 from ..core.schedules import from_config, is_schedule
 
 PARTS = ("loop", "floor", "step", "samplers", "gpu", "pipeline", "guidance")
-SCHEMA = 2
+SCHEMA = 3
 FIELDS = {
     "top": ("schema", "command", "quick", "machine", "settings", "parts", "loop", "floor", "step", "samplers", "gpu",
             "pipeline", "guidance", "skipped", "errors", "elapsed_s", "chart"),
@@ -119,10 +123,10 @@ FIELDS = {
     "loop": ("sampler", "backend", "shape", "dtype", "steps", "rows", "us_per_step", "model_us_per_step",
              "sampler_us_per_step", "vs_reference"),
     "floor": ("sampler", "shape", "dtype", "steps", "rows", "fastdiff_us", "fastdiff_cold_us", "diffusers_us",
-              "k_diffusion_us", "bytes_per_step", "copy_gb_s", "floor_us", "x_floor", "vs_diffusers", "vs_k_diffusion",
-              "ops_per_row"),
-    "step": ("shape", "dtype", "method", "us", "us_best", "gb_s", "min_bytes", "copy_gb_s", "copy_2t_gb_s",
-             "copy_1t_gb_s", "copy_one_tensor_gb_s", "frac_of_copy", "frac_of_copy_best", "cpu_speedup",
+              "k_diffusion_us", "bytes_per_step", "copy_gb_s", "copy_outliers_gb_s", "floor_us", "x_floor",
+              "vs_diffusers", "vs_k_diffusion", "ops_per_row"),
+    "step": ("shape", "dtype", "method", "us", "us_best", "gb_s", "min_bytes", "copy_gb_s", "copy_gb_s_best",
+             "copy_outliers_gb_s", "frac_of_copy", "frac_of_copy_best", "cpu_speedup",
              "cpu_speedup_best", "vs_reference", "vs_reference_best", "compile_s"),
     "samplers": ("sampler", "backend", "shape", "dtype", "row", "min_bytes", "us", "us_best", "gb_s", "vs_reference",
                  "vs_reference_best"),
@@ -457,16 +461,19 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         for r in doc["step"]:
             if "error" in r:
                 rows.append([_shape(r["shape"]), r["dtype"], r["method"], "error: " + r["error"][:60]]
-                            + [""] * 9)
+                            + [""] * 10)
                 continue
+            outl = r.get("copy_outliers_gb_s") or []
+            outl_s = " ".join(f"{v:.3g}" for v in outl[:4]) + (" ..." if len(outl) > 4 else "")
             rows.append([_shape(r["shape"]), r["dtype"], r["method"], _f(r["us"]), _f(r["us_best"]), _f(r["gb_s"], ".2f"),
-                         _f(r["copy_gb_s"], ".2f"), f"{100 * r['frac_of_copy']:.0f}%",
-                         f"{100 * r['frac_of_copy_best']:.0f}%", _x(r["cpu_speedup"]), _x(r["cpu_speedup_best"]),
-                         _x(r["vs_reference"]), _f(r["compile_s"])])
+                         _f(r["copy_gb_s"], ".2f"), outl_s,
+                         f"{100 * r['frac_of_copy']:.0f}%", f"{100 * r['frac_of_copy_best']:.0f}%",
+                         _x(r["cpu_speedup"]), _x(r["cpu_speedup_best"]), _x(r["vs_reference"]), _f(r["compile_s"])])
         out.append(("One CFG DPM++(2M) step on CPU, by method (median µs of round-robin samples)",
-                    ["shape", "dtype", "method", "µs/step", "best µs", "GB/s", "copy GB/s", "%copy", "best %",
-                     "cpu x", "best cpu x", "vs ref", "compile s"], rows,
-                    "GB/s: minimum bytes / median time; copy GB/s: torch copy_ of the same bytes in this run; "
+                    ["shape", "dtype", "method", "µs/step", "best µs", "GB/s", "copy GB/s", "copy outliers", "%copy",
+                     "best %", "cpu x", "best cpu x", "vs ref", "compile s"], rows,
+                    "GB/s: minimum bytes / median time; copy GB/s: median of copy_ samples moving the same bytes, "
+                    "taken with the methods (outliers: the GB/s of samples left out); "
                     "cpu x: this method's median / the fused kernel's (best: of the best samples)"))
     if doc.get("samplers"):
         backends = list(dict.fromkeys(r["backend"] for r in doc["samplers"]))

@@ -4,8 +4,8 @@
 Every loop runs ``steps`` solver steps of classifier-free guidance (scale 7.5) with a *zero-cost*
 model: it returns a tensor made once, so what is timed is the loop around the model, the part a
 sampler library owns. Per sampler and shape, measured round-robin in one run (one sample of each
-method per round, each sample as many whole loops as last about :data:`SAMPLE_S`; the best round
-kept):
+method per round, each sample as many whole loops as last about :data:`SAMPLE_S`; the best sample
+kept, except for the copy: its median):
 
 - ``fastdiff``: repeated ``fastdiff.sample`` calls (its prepared loop reused); ``fastdiff_cold``:
   the first call after :func:`fastdiff.clear_cache` (the preparation included);
@@ -13,8 +13,9 @@ kept):
   ``scale_model_input``, the CFG blend, ``scheduler.step``);
 - ``k-diffusion``: its sampler with a CFG-wrapped denoiser (``torch.cat``, the blend), where it has
   the sampler;
-- ``copy``: torch's ``copy_`` of a float32 tensor that moves as many bytes as one row of the loop
-  (half read, half written), for the machine's bandwidth at the size the loop streams at a time.
+- ``copy``: the copy bandwidth of :mod:`fastdiff.bench.timing` (its one definition: median sample,
+  outliers listed in ``copy_outliers_gb_s``, not used) at the bytes one row of the loop moves, the
+  machine's bandwidth at the size the loop streams at a time.
 
 The loop's memory floor is the bytes the fused loop must move per step (each row reads the state,
 its history slots and the model output, both halves under guidance, and writes the state, its
@@ -29,6 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .timing import copy_fn, copy_gb_s
 
 SHAPES = [(1, 4, 8, 8), (1, 4, 64, 64), (16, 4, 32, 32), (16, 4, 128, 128)]
 """Shapes of the full run: a toy latent, an SD 512² latent, a batch of 16 small latents, a batch of
@@ -253,15 +256,14 @@ def bench_floor(sampler_names: Sequence[str] = SAMPLERS, shapes: Sequence[Sequen
                    "k_diffusion": _k_diffusion_loop(sampler, shape, steps, out)}
         methods = {k: v for k, v in methods.items() if v is not None}
         nbytes, nrows = loop_bytes(sampler, shape, steps)
-        # the copy moves what one row of the loop moves (half read, half written): the bandwidth of
-        # memory at the working-set size the loop streams at a time, measured like the loops
-        n_copy = max(1, nbytes * steps // nrows // 8)
-        src, dst = torch.randn(n_copy), torch.empty(n_copy)
-        reps = max(4, 40_000_000 // n_copy)
-
-        def copy(src=src, dst=dst, reps=reps):
-            for _ in range(reps):
-                dst.copy_(src)
+        # the yardstick copy moves what one row of the loop moves (fastdiff.bench.timing), sampled
+        # between the loops; a sample is as many copies as last about SAMPLE_S, like the loops'
+        row_bytes = nbytes * steps // nrows
+        copy = copy_fn(row_bytes)
+        copy()
+        t0 = time.perf_counter()
+        copy()
+        copy_reps = max(1, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
 
         calls = {}
         for name, fn in methods.items():  # warm-up (allocations, the cache, lazy imports), then calibrate
@@ -269,7 +271,8 @@ def bench_floor(sampler_names: Sequence[str] = SAMPLERS, shapes: Sequence[Sequen
             t0 = time.perf_counter()
             fn(noise)
             calls[name] = max(1, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-6)))
-        best = {k: float("inf") for k in (*methods, "copy")}
+        best = {k: float("inf") for k in methods}
+        copy_samples = []
         for _ in range(max(1, repeats)):
             for name, fn in methods.items():
                 k = calls[name]
@@ -278,17 +281,19 @@ def bench_floor(sampler_names: Sequence[str] = SAMPLERS, shapes: Sequence[Sequen
                     fn(noise)
                 best[name] = min(best[name], (time.perf_counter() - t0) / k)
             t0 = time.perf_counter()
-            copy()
-            best["copy"] = min(best["copy"], (time.perf_counter() - t0) / reps)
-        per_step = {k: v * 1e6 / steps for k, v in best.items() if k != "copy"}
-        copy_gb_s = 2 * src.numel() * src.element_size() / best["copy"] / 1e9
-        floor_us = nbytes / (copy_gb_s * 1e9) * 1e6
+            for _ in range(copy_reps):
+                copy()
+            copy_samples.append((time.perf_counter() - t0) / copy_reps)
+        per_step = {k: v * 1e6 / steps for k, v in best.items()}
+        bw = copy_gb_s(row_bytes, copy_samples)
+        floor_us = nbytes / (bw["gb_s"] * 1e9) * 1e6
         fd = per_step["fastdiff"]
         rows.append({
             "sampler": sampler, "shape": list(shape), "dtype": "fp32", "steps": steps, "rows": nrows,
             "fastdiff_us": fd, "fastdiff_cold_us": per_step["fastdiff_cold"],
             "diffusers_us": per_step.get("diffusers"), "k_diffusion_us": per_step.get("k_diffusion"),
-            "bytes_per_step": nbytes, "copy_gb_s": copy_gb_s, "floor_us": floor_us, "x_floor": fd / floor_us,
+            "bytes_per_step": nbytes, "copy_gb_s": bw["gb_s"], "copy_outliers_gb_s": bw["outliers_gb_s"],
+            "floor_us": floor_us, "x_floor": fd / floor_us,
             "vs_diffusers": per_step["diffusers"] / fd if "diffusers" in per_step else None,
             "vs_k_diffusion": per_step["k_diffusion"] / fd if "k_diffusion" in per_step else None,
             "ops_per_row": ops_per_row(sampler, shape),

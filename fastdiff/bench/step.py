@@ -14,9 +14,9 @@ Three measurements, each a list of JSON-ready dicts (the fields are documented i
   ``cpu+dispatch``  the same through ``fastdiff.runtime.ops.step`` (validation + backend choice)
 
   It reports the median µs per step (and the best sample), GB/s counting minimum bytes (each input
-  read once, each output written once), the copy bandwidth measured in the same run at the same
-  size (best sample of torch ``copy_`` moving the step's bytes, 2 threads or 1, the faster), the
-  fraction of it, and the speedup of ``cpu`` over each method.
+  read once, each output written once), the copy bandwidth of the step's bytes sampled with the
+  methods (the one definition of :mod:`fastdiff.bench.timing`: median, outliers listed, not used),
+  the fraction of it, and the speedup of ``cpu`` over each method.
 * :func:`bench_samplers` — a real plan row per sampler (the middle row of
   ``fastdiff.make_plan(sampler, 10, ...)``, with CFG) through ``fastdiff.runtime.ops.step`` on each backend.
 * :func:`bench_gpu` — the fused ``cuda`` and ``triton`` steps against the reference step and
@@ -42,6 +42,7 @@ from ..runtime import ops
 from ..core.args import StepArgs, clip_code, pack_row
 from ..backends import reference
 from ..core.plan import Row, Write, combo
+from .timing import copy_fn, copy_gb_s, round_robin
 
 SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (2, 3, 512, 512), (4096, 2)]
 """Shapes of the CPU step benchmark (SD latents at 512² and 1024², a batch of 16, a 512² image, 2-D points)."""
@@ -83,27 +84,10 @@ def numel(shape: Sequence[int]) -> int:
 
 
 def time_all(fns: dict[str, Callable[[], object]], repeats: int, budget_s: float = 2e-3) -> dict:
-    """Seconds per call of each function: ``{name: (median, best)}`` over ``repeats`` samples.
-
-    Samples are taken round-robin (one of each function per round) so that a change in machine
-    load hits every method alike; each sample runs enough calls to last about ``budget_s``.
-    """
-    calls = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        calls[name] = max(1, int(budget_s / max(time.perf_counter() - t0, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
-            k = calls[name]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / k)
-    return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
+    """Seconds per call of each function: ``{name: (median, best)}`` over ``repeats`` samples taken
+    round-robin (:func:`fastdiff.bench.timing.round_robin`), so that a change in machine load hits
+    every method alike."""
+    return {name: (statistics.median(v), min(v)) for name, v in round_robin(fns, repeats, budget_s).items()}
 
 
 def machine() -> dict:
@@ -233,24 +217,13 @@ def bench_case(shape: Sequence[int], dtype: torch.dtype = torch.float32, repeats
 
     esize = x.element_size()
     min_bytes = 6 * n * esize + 4 * b  # read x, m_u, m_c, h0, w; write x', h1
-    src_fp, dst_fp = torch.empty(3 * n, dtype=dtype), torch.empty(3 * n, dtype=dtype)  # same bytes as the step
-    src_1, dst_1 = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
-    src_fp.normal_(), src_1.normal_()
-    times = time_all({"copy_same_bytes": lambda: dst_fp.copy_(src_fp),
-                      "copy_one_tensor": lambda: dst_1.copy_(src_1), **methods}, repeats)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 1-thread copy cannot stall on a barrier when the machine is busy
-    try:
-        copy_1t = time_all({"copy": lambda: dst_fp.copy_(src_fp)}, repeats)["copy"]
-    finally:
-        torch.set_num_threads(threads)
-    # the ceiling: the best copy sample, 2 threads or 1 (load only ever slows a copy down), so the
-    # fraction below (a method's median against it) is conservative
-    copy_gbs = 2 * 3 * n * esize / min(times["copy_same_bytes"][1], copy_1t[1]) / 1e9
+    # the yardstick (fastdiff.bench.timing): a copy moving the step's bytes, sampled with the methods
+    samples = round_robin({"copy": copy_fn(min_bytes), **methods}, repeats)
+    copy = copy_gb_s(min_bytes, samples.pop("copy"))
+    times = {name: (statistics.median(v), min(v)) for name, v in samples.items()}
+    copy_gbs = copy["gb_s"]
     common = {"shape": list(shape), "dtype": dtype_name(dtype), "min_bytes": min_bytes, "copy_gb_s": copy_gbs,
-              "copy_2t_gb_s": 2 * 3 * n * esize / times["copy_same_bytes"][1] / 1e9,
-              "copy_1t_gb_s": 2 * 3 * n * esize / copy_1t[1] / 1e9,
-              "copy_one_tensor_gb_s": 2 * n * esize / times["copy_one_tensor"][1] / 1e9}
+              "copy_gb_s_best": copy["gb_s_best"], "copy_outliers_gb_s": copy["outliers_gb_s"]}
     t_cpu, b_cpu = times["cpu"] if "cpu" in times else (None, None)
     t_ref, b_ref = times["reference"]
     rows = []
@@ -263,7 +236,7 @@ def bench_case(shape: Sequence[int], dtype: torch.dtype = torch.float32, repeats
         t, best = times[name]
         gbs = min_bytes / t / 1e9
         rows.append({**common, "method": name, "us": t * 1e6, "us_best": best * 1e6, "gb_s": gbs,
-                     "frac_of_copy": gbs / copy_gbs, "frac_of_copy_best": min_bytes / best / 1e9 / copy_gbs,
+                     "frac_of_copy": gbs / copy_gbs, "frac_of_copy_best": min_bytes / best / 1e9 / copy["gb_s_best"],
                      "cpu_speedup": t / t_cpu if t_cpu else None, "cpu_speedup_best": best / b_cpu if b_cpu else None,
                      "vs_reference": t_ref / t, "vs_reference_best": b_ref / best,
                      "compile_s": compile_s if name == "compiled" else None})
@@ -399,7 +372,9 @@ def gpu_step_args(shape: Sequence[int], dtype: torch.dtype, variant: str, device
 
 
 def gpu_copy_gbps(nbytes: int = 2**30, device: str = "cuda") -> float:
-    """Device copy bandwidth (GB/s, bytes read + written): median of 10 ``copy_`` of ``nbytes``, CUDA events."""
+    """Device copy bandwidth (GB/s): :mod:`fastdiff.bench.timing`'s definition (bytes read + written
+    by ``copy_`` over the median of 10 samples) at a fixed size, ``nbytes`` per tensor, timed by CUDA
+    events."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):

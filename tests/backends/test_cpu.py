@@ -152,6 +152,69 @@ def test_fp16_conversions_every_bit_pattern_match_torch(scales, level):
         assert torch.equal(a, b), f"{level}: {int((a != b).sum())} of 65536 differ from the scalar level"
 
 
+# (c_out, c_h1) pairs per storage dtype: products of a stored value (11 / 8 significant bits) and c
+# (at most 13 / 16) are exact in float, and over every stored bit pattern they include ties of both
+# parities, results just past the largest finite value, subnormal results and float overflow.
+_EDGE_SCALES = {
+    torch.float16: [(1.0 + 2.0 ** -11, 0.75), (2.0 ** -10, 1.5), (2.0 - 2.0 ** -11, 3.0),
+                    (3 * 2.0 ** -14, 1.0 + 2.0 ** -12)],
+    torch.bfloat16: [(1.0 + 2.0 ** -8, 0.75), (1.0 + 2.0 ** -9, 1.5), (3 * 2.0 ** -8, 2.0 - 2.0 ** -8),
+                     (2.0 ** -126, 1.0 + 3 * 2.0 ** -9)],
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_half_store_edge_cases_match_torch(dtype, level):
+    """The float -> fp16/bf16 rounding of every SIMD level against torch's ``.to(dtype)``.
+
+    x takes every bit pattern of the dtype; the row computes ``x' = c_out * x + 0 * d`` and
+    ``h1 = c_h1 * x + 0 * d`` with ``d = 1 * x + 0 * m`` (m = 0), which torch evaluates the same
+    way in float32. Non-NaN results must equal torch's conversion bit for bit: round to nearest
+    even at ties of both parities (asserted present), overflow to inf in the conversion (a finite
+    float past the dtype's range), subnormal results, float overflow, -0 and inf. NaN results must
+    be NaN, the same bits on every level, and bf16's the canonical 0x7FC0 of c10::BFloat16 (torch's
+    own vectorised cast gives 0xFFFF, its scalar one 0x7FC0).
+    """
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(1, -1)
+    xf = x.float()
+    d = 1.0 * xf + 0.0 * torch.zeros_like(xf)
+    mant = 10 if dtype == torch.float16 else 7  # stored mantissa bits
+    drop = 23 - mant  # float bits below the dtype's last place (normal range)
+    ties = {0: 0, 1: 0}
+    overflow = subnormal = 0
+    for scales in _EDGE_SCALES[dtype]:
+        outs = {}
+        for lv in ("scalar", level):
+            old = _C.simd_level()
+            _C.set_simd_level(lv)
+            try:
+                xx, h1 = x.clone(), torch.empty_like(x)
+                cpu.step(StepArgs(x=xx, out=xx, m=torch.zeros_like(x), coef=pack_row(_scale_row(*scales)),
+                                  h_read=(), h_write=(h1,)))
+                outs[lv] = (xx, h1)
+            finally:
+                _C.set_simd_level(old)
+        for c, got, ref_lv in zip(scales, outs[level], outs["scalar"]):
+            f = xf * c + 0.0 * d  # the kernel's float result, by the same IEEE operations
+            want = f.to(dtype)
+            nan = torch.isnan(f)
+            assert torch.equal(torch.isnan(got), nan), f"{level} {dtype} c={c}: NaN where torch has none or v.v."
+            fine = ~nan
+            assert torch.equal(_bits(got)[fine], _bits(want)[fine]), (
+                f"{level} {dtype} c={c}: {int((_bits(got) != _bits(want))[fine].sum())} of 65536 differ from torch")
+            assert torch.equal(_bits(got), _bits(ref_lv)), f"{level} {dtype} c={c}: differs from the scalar level"
+            if dtype == torch.bfloat16:
+                assert bool((_bits(got)[nan] == 0x7FC0).all()), f"{level} c={c}: a bf16 NaN is not 0x7FC0"
+            fb = f.view(torch.int32)[fine & torch.isfinite(f)]
+            low, lsb = fb & ((1 << drop) - 1), (fb >> drop) & 1
+            for parity in (0, 1):
+                ties[parity] += int(((low == 1 << (drop - 1)) & (lsb == parity)).sum())
+            overflow += int((torch.isfinite(f) & torch.isinf(want.float())).sum())
+            subnormal += int((want.float() != 0).logical_and(want.float().abs() < torch.finfo(dtype).tiny).sum())
+    assert ties[0] and ties[1] and overflow and subnormal, f"the scales miss a case: {ties}, {overflow}, {subnormal}"
+
+
 @pytest.mark.parametrize("feature", ["everything", "two_writes_alias_reads", "plain_e"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 def test_threads_bit_identical(dtype, feature, gen):
