@@ -124,7 +124,9 @@ class CpuProgram:
         self.rows = rows
         self._c = _C.Program()
         for a, red in zip(rows, reductions):
-            self._c.add(*kernel_args(a), a.u_copies, a.x.numel() if a.m_c is not None else -1,
+            # (an empty state's m_c has no memory, a null pointer: no offset either; such a row runs nothing)
+            has_mc = a.m_c is not None and a.m_c.data_ptr() != 0
+            self._c.add(*kernel_args(a), a.u_copies, a.x.numel() if has_mc else -1,
                         red.rescale if red else 0.0,
                         red.threshold_ratio if red else 0.0, red.threshold_max if red else 1.0,
                         red.snr if red else 0.0, red.l_x if red else 0.0, red.l_e if red else 0.0,

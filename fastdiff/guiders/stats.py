@@ -147,7 +147,7 @@ def gram(slots: list[torch.Tensor | None], extension: bool = True) -> Stats:
     b = ref.shape[0]
     n = ref[0].numel() if ref.dim() else 1
     k = len(slots)
-    ext = _extension(present) if extension else None
+    ext = _extension(present) if extension and n > 0 else None  # (no elements: torch's zeros below)
     if ext is not None:
         g = np.zeros((b, BLEND_ROWS, BLEND_ROWS))
         s = np.zeros((b, BLEND_ROWS))

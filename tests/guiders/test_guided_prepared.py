@@ -238,3 +238,27 @@ def test_a_weight_given_as_a_function_is_called_every_run():
     setting["w"] = 6.0
     b = run(g)
     assert torch.equal(b, run(CFG(scale=6.0))) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 0, 4), (3,), (1, 2, 3, 2, 2)], ids=["empty", "1d", "5d"])
+def test_any_state_shape_runs(shape, backend):
+    """An empty state (no elements per sample), a 1-D one and a 5-D one run with every kind of blend
+    (constant, rescaled, data-dependent, momentum), as the classic guided path does: a state of
+    their shape and dtype comes back (finite where there are elements)."""
+    backend = _backend(backend)
+    m, _ = _models()
+
+    def model(u, t, cond):
+        return torch.tanh(u) * 0.5 + 0.1 * cond
+
+    g = torch.Generator().manual_seed(8)
+    x, cond, uncond = torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.zeros(shape)
+    for guider in (Guider(scale=3.0), Guider(scale=3.0, rescale=0.5), CFGZeroStar(scale=3.0),
+                   APG(scale=4.0, momentum=-0.5), TangentialCFG(scale=2.0)):
+        out = fastdiff.sample(model, x, sampler="dpmpp_2m", steps=3, guidance=guider, cond=cond, uncond=uncond,
+                              seed=1, backend=backend)
+        assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+    out = fastdiff.sample(model, x, sampler="dpmpp_2m", steps=3, guidance_scale=3.0, cond=cond, uncond=uncond, seed=1,
+                          backend=backend)  # (the classic executor's prepared program took no empty state either)
+    assert out.shape == x.shape
