@@ -512,6 +512,19 @@ def fused_step(
     The caller validates shapes and dtypes (``fastdiff.ops.validate``); this checks only what the
     kernel itself relies on.
     """
+    flags, u_stride = launch_flags(x, out, m, coef, m_c=m_c, h_read=h_read, h_write=h_write, w=w, r=r, s=s,
+                                   clip=clip, seeds=seeds, z=z, z2=z2, mask=mask, known=known, g=g, u=u, flag=flag,
+                                   m_2=m_2, m_3=m_3, a=a, m_w=m_w)
+    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
+            flags, m_2, m_3, a, m_w)
+
+
+def launch_flags(x, out, m, coef, *, m_c=None, h_read=(), h_write=(), w=None, r=None, s=None, clip=0, seeds=None,
+                 z=None, z2=None, mask=None, known=None, g=None, u=None, flag=None, m_2=None, m_3=None, a=None,
+                 m_w=None) -> tuple[dict, int]:
+    """``(flags, u_stride)``: the kernel's compile-time flags for this row and the stride between the
+    copies of ``u``, after the checks :func:`fused_step` makes (its arguments, its errors). A prepared
+    program computes them once per row and launches with :func:`launch` after that."""
     if len(coef) != N_COEF:
         raise ValueError(f"coef must have {N_COEF} entries, got {len(coef)}")
     if len(h_read) > MAX_READS or len(h_write) > MAX_WRITES:
@@ -578,6 +591,13 @@ def fused_step(
         HAS_MW=m_w is not None,
         CDT=cdt,
     )
+    return flags, u_stride
+
+
+def launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
+           flags, m_2=None, m_3=None, a=None, m_w=None) -> None:
+    """One row's launch with the ``flags`` and ``u_stride`` :func:`launch_flags` gave for tensors of the same
+    presence, layout and coefficients (nothing is checked here)."""
     _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
             flags, m_2, m_3, a, m_w)
 

@@ -3,6 +3,11 @@
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before triton is first imported; slow, meant for tests). Inputs must be contiguous; anything else
 is reported unsupported, never read wrongly.
+
+A prepared loop (:func:`prepare`, what the executor and the guided loop build) decides each row's
+support, checks and kernel flags once per signature (which operands are given, the coefficients)
+and then launches it directly, instead of running :func:`supports` and the kernel wrapper's checks
+at every step.
 """
 
 from __future__ import annotations
@@ -115,3 +120,53 @@ def step(args: StepArgs) -> None:
             m_2=keep(args.m_2), m_3=keep(args.m_3), m_w=keep(args.m_w),
             a=None if args.a is None else (args.a if lo == 0 and hi == b else args.a[:, lo:hi]),
         )
+
+
+_SIGNATURE_FIELDS = ("m_c", "w", "r", "s", "seeds", "z", "z2", "mask", "known", "g", "u", "flag", "m_2", "m_3", "a",
+                     "m_w")
+
+
+def _signature(a: StepArgs) -> tuple:
+    """What decides a row's kernel variant and checks: which operands are given, the history counts,
+    the clip mode, the coefficients and the model input's copies."""
+    return (tuple(getattr(a, f) is None for f in _SIGNATURE_FIELDS), len(a.h_read), len(a.h_write), a.clip,
+            tuple(a.coef), 0 if a.u is None else a.u.shape[0])
+
+
+class _PreparedSteps:
+    """The ``step`` of a prepared program (:func:`prepare`): a row's support, checks and kernel flags
+    decided once per signature (:func:`_signature`: a row whose operands come and go, as a host-drawn
+    noise tensor pointed at per call, is decided again), then one direct launch per step."""
+
+    def __init__(self, rows: list[StepArgs]) -> None:
+        self._rows = {id(a) for a in rows}
+        self._keep = rows  # (their ids stay theirs while this program lives)
+        self._decided: dict[int, tuple] = {}
+
+    def __call__(self, a: StepArgs) -> None:
+        if id(a) not in self._rows:  # a row made for one call (a Langevin row's operands): the checked path
+            step(a)
+            return
+        sig = _signature(a)
+        hit = self._decided.get(id(a))
+        if hit is None or hit[0] != sig:
+            if a.x.shape[0] > kernels().MAX_BATCH or not supports(a):
+                step(a)  # (slices along the batch, or raises naming what it cannot run)
+                return
+            flags, u_stride = kernels().launch_flags(
+                a.x, a.out, a.m, a.coef, m_c=a.m_c, h_read=a.h_read, h_write=a.h_write, w=a.w, r=a.r, s=a.s,
+                clip=a.clip, seeds=a.seeds, z=a.z, z2=a.z2, mask=a.mask, known=a.known, g=a.g, u=a.u, flag=a.flag,
+                m_2=a.m_2, m_3=a.m_3, a=a.a, m_w=a.m_w)
+            hit = self._decided[id(a)] = (sig, flags, u_stride)
+        kernels().launch(a.x, a.out, a.m, a.m_c, a.h_read, a.h_write, a.z, a.z2, a.mask, a.known, a.g, a.w, a.r, a.s,
+                         a.seeds, a.u, hit[2], a.flag, a.row, a.coef, hit[1], a.m_2, a.m_3, a.a, a.m_w)
+
+
+def prepare(rows: list[StepArgs], reductions: list):
+    """A prepared program for ``rows`` (:func:`fastdiff.runtime.ops.prepare`): the generic program's
+    reductions, each row's step launched directly, its support and kernel flags decided once per
+    signature instead of at every step. The model outputs the program is given (``m``, ``m_c``) must
+    be contiguous, as the executor's are."""
+    from ..runtime.ops import Program
+
+    return Program(rows, reductions, _PreparedSteps(rows))

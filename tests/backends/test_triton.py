@@ -351,3 +351,57 @@ def test_kernel_compiles_for_sm80_and_sm90():
         pytest.skip("triton's ptxas is not available")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == 8
+
+
+def test_prepared_program_decides_once_and_equals_the_checked_path(monkeypatch):
+    """The triton backend's prepared program (``prepare``): whole loops (guided, Philox noise, a guider's
+    blend rows with momentum, host-drawn generator noise pointed at per call) equal the same loops on
+    the reference backend; each row's support and flags are decided once per signature (``supports``
+    is not called again on later steps), and again where an operand comes or goes."""
+    import fastdiff
+    from fastdiff.guiders import APG
+
+    if not tb.available()[0]:
+        pytest.skip(tb.available()[1])
+    calls = {"supports": 0, "step": 0, "launch": 0}
+    orig_supports, orig_step, kmod = tb.supports, tb.step, tb.kernels()
+    orig_launch = kmod.launch
+
+    def counting(a):
+        calls["supports"] += 1
+        return orig_supports(a)
+
+    def checked_step(a):
+        calls["step"] += 1
+        return orig_step(a)
+
+    def launch(*a, **k):
+        calls["launch"] += 1
+        return orig_launch(*a, **k)
+
+    monkeypatch.setattr(tb, "supports", counting)
+    monkeypatch.setattr(tb, "step", checked_step)
+    monkeypatch.setattr(kmod, "launch", launch)
+
+    def model(x, t, c=None):
+        return torch.tanh(x) * 0.5 + (0.2 * c if c is not None else 0.0)
+
+    g = torch.Generator().manual_seed(0)
+    x, cond, uncond = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g), torch.zeros(2, 3, 5)
+    for kw in (dict(sampler="dpmpp_2m", guidance_scale=3.0, seed=4),
+               dict(sampler="euler_ancestral", guidance_scale=2.0, seed=5),
+               dict(sampler="euler_ancestral", guidance_scale=2.0, generator="g"),
+               dict(sampler="dpmpp_2m", guidance=APG(scale=3.0, momentum=-0.5), seed=6)):
+        results = []
+        for backend in ("triton", "reference"):
+            fastdiff.clear_cache()
+            k = dict(kw)
+            if k.get("generator") == "g":
+                k["generator"] = torch.Generator().manual_seed(9)
+            calls.update(supports=0, step=0, launch=0)
+            results.append(fastdiff.sample(model, x, steps=6, cond=cond, uncond=uncond, backend=backend, **k))
+            if backend == "triton":
+                rows = calls["launch"]
+                assert rows >= 6 and calls["step"] == 0, f"{kw}: {calls}"  # every row launched directly
+                assert calls["supports"] <= 2 * rows, f"{kw}: {calls}"  # prepare's check, and once per row
+        torch.testing.assert_close(results[0], results[1], rtol=2e-5, atol=2e-5, msg=str(kw))
