@@ -379,24 +379,14 @@ def _cached_plan(sampler, steps, schedule, prediction, options) -> Plan:
 def _lookup(config: tuple, build: Callable[[], Any], cache: OrderedDict | None = None) -> Any:
     """The cached entry of ``config`` in ``cache`` (the prepared loops by default), built (and cached,
     if its options can be keyed) on a miss; the last ``CACHE_SIZE`` entries are kept."""
-    cache = _cache if cache is None else cache
+    from .runtime.kept import kept
+
     try:
         key = _freeze(config)
         hash(key)
     except Exception:  # noqa: BLE001 - an option that cannot be keyed (or whose attributes raise): no caching
         return build()
-    with _cache_lock:
-        hit = cache.get(key)
-        if hit is not None:
-            cache.move_to_end(key)
-            return hit
-    prepared = build()  # outside the lock: building may take a while and may raise
-    with _cache_lock:
-        cache[key] = prepared
-        cache.move_to_end(key)
-        while len(cache) > CACHE_SIZE:
-            cache.popitem(last=False)
-    return prepared
+    return kept(_cache if cache is None else cache, _cache_lock, key, build, CACHE_SIZE)
 
 
 def _call(prepared: _Prepared, model: Callable, noise: torch.Tensor, *, seeds, generator, cond, uncond, callback,

@@ -19,6 +19,7 @@ import torch
 
 from .executor import Call, Executor, NonFiniteError, draw_noise  # noqa: F401  (public here since v1)
 from .graphs import GraphCaptureError  # noqa: F401
+from .kept import kept
 from ..core.guidance import Guidance
 from ..core.plan import Plan
 from .row_terms import classifier_coefficients, classifier_grad, langevin_step_operands, x0_estimate  # noqa: F401
@@ -65,17 +66,7 @@ def _executor(plan: Plan, x: torch.Tensor, opts: LoopOptions, keep: bool) -> Exe
         hash(key)
     except TypeError:  # a callable or unhashable option: prepared for this call only
         return build()
-    with _executors_lock:
-        ex = _executors.get(key)
-        if ex is not None:
-            _executors.move_to_end(key)
-            return ex
-    ex = build()
-    with _executors_lock:
-        _executors[key] = ex
-        while len(_executors) > KEPT_EXECUTORS:
-            _executors.popitem(last=False)
-    return ex
+    return kept(_executors, _executors_lock, key, build, KEPT_EXECUTORS)
 
 
 def clear_kept() -> None:
