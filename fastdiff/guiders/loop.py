@@ -171,6 +171,11 @@ class _GuidedRun:
             self.coefs.append(coef)
             self.blends.append(canonical_blend(sb, i) if sb is not None else None)
         self.shared = [_shared(sb) for sb in self.blends]  # the branches of each row's batched call
+        self.ts = {}  # each row's timestep tensors, one per (t, calls of k samples)
+        for i, r in enumerate(plan.rows):
+            for k in {len(self.shared[i]), 1}:
+                if (r.t, k) not in self.ts:
+                    self.ts[r.t, k] = torch.full((k * b,), r.t, dtype=self.t_dt, device=dev)
         self.kmax = max((len(s) for s in self.shared), default=1)
         self._new_input()
         # the buffers the step writes: a model output inside one is copied before the step reads it
@@ -247,11 +252,7 @@ class _GuidedRun:
             for name in s[1:]:
                 c = cat_cond(c, conds[name]) if c is not None else None
             call_cond[s] = c
-        ts = {}  # the timestep tensors, one per (t, k): made once
-        for i, r in enumerate(plan.rows):
-            for k in {len(self.shared[i]), 1}:
-                if (r.t, k) not in ts:
-                    ts[r.t, k] = torch.full((k * b,), r.t, dtype=self.t_dt, device=dev)
+        ts = self.ts
         if n:
             self._write_input(0)
         it = range(n)
@@ -289,18 +290,15 @@ class _GuidedRun:
                                                                                    device=dev),
                                                          classifier_y).to(dt).contiguous())
             a = self.rows[i].a
-            slots = None
-            if sb is not None and (a is self.a_buf[4] or a is self.a_buf[8]):  # coefficients from the data
-                slots = [y[:b], y[b:2 * b] if sb.slots[1] is not None else None, p,
-                         self.momentum if sb.slots[3] == MOMENTUM else None]
-                a.copy_(coefficients(sb, slots, self.rescale, extension=self.extension))
-            if self.rows[i].clip == 2:
-                if slots is None:
-                    slots = [y[:b], y[b:2 * b] if sb is not None and sb.slots[1] is not None else None, p,
-                             self.momentum if sb is not None and sb.slots[3] == MOMENTUM else None]
-                g = self.rows[i].g
-                self.s_buf.copy_(_clip_bound(plan, self.x, slots, self.rows[i].a if sb is not None else None,
-                                             self.coefs[i], g))
+            data = sb is not None and (a is self.a_buf[4] or a is self.a_buf[8])  # coefficients from the data
+            if data or self.rows[i].clip == 2:
+                slots = [y[:b], y[b:2 * b] if sb is not None and sb.slots[1] is not None else None, p,
+                         self.momentum if sb is not None and sb.slots[3] == MOMENTUM else None]
+                if data:
+                    a.copy_(coefficients(sb, slots, self.rescale, extension=self.extension))
+                if self.rows[i].clip == 2:
+                    self.s_buf.copy_(_clip_bound(plan, self.x, slots, a if sb is not None else None, self.coefs[i],
+                                                 self.rows[i].g))
             if self.run_ptr is not None:
                 self.run_ptr(i, y.data_ptr())
             else:
