@@ -92,6 +92,18 @@ def _sdxl_conds(pe, ne, pp, npp, ids, nids, n: int, device, do_cfg: bool):
     return pack(pe, pp, ids), pack(ne, npp, nids) if do_cfg else None
 
 
+def _sdxl_aesthetic_ids(pipe, a: dict, latents, pooled, dtype):
+    """SDXL img2img's and inpainting's ``_get_add_time_ids`` (with aesthetic scores) for the call: sizes
+    default to the latents' in pixels, the negative ones to the positive ones. ``(ids, negative ids)``."""
+    h, w = (v * pipe.vae_scale_factor for v in latents.shape[-2:])
+    orig, target = a["original_size"] or (h, w), a["target_size"] or (h, w)
+    proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+    return pipe._get_add_time_ids(orig, a["crops_coords_top_left"], target, a["aesthetic_score"],
+                                  a["negative_aesthetic_score"], a["negative_original_size"] or orig,
+                                  a["negative_crops_coords_top_left"], a["negative_target_size"] or target,
+                                  dtype=dtype, text_encoder_projection_dim=proj)
+
+
 def _check_batch(name: str, n: int, **embeds) -> None:
     """Refuse embeddings whose batch is not the latents' ``n``: the accelerated loop does not broadcast."""
     for key, e in embeds.items():
@@ -275,13 +287,7 @@ def _sdxl_inpaint_prepare(pipe, a: dict, do_cfg: bool):
     timesteps = _inpaint_schedule(pipe, a, device, retrieve_timesteps)
     n = batch * a["num_images_per_prompt"]
     latents, wrap, extra = _inpaint_state(pipe, a, do_cfg, timesteps, n, h, w, pe.dtype, device, sdxl=True)
-    lh, lw = (v * pipe.vae_scale_factor for v in latents.shape[-2:])
-    orig, target = a["original_size"] or (lh, lw), a["target_size"] or (lh, lw)
-    proj = int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-    ids, nids = pipe._get_add_time_ids(orig, a["crops_coords_top_left"], target, a["aesthetic_score"],
-                                       a["negative_aesthetic_score"], a["negative_original_size"] or orig,
-                                       a["negative_crops_coords_top_left"], a["negative_target_size"] or target,
-                                       dtype=pe.dtype, text_encoder_projection_dim=proj)
+    ids, nids = _sdxl_aesthetic_ids(pipe, a, latents, pp, pe.dtype)
     model = _unet_model(pipe, a)
 
     cond, uncond = _sdxl_conds(pe, ne, pp, npp, ids, nids, n, device, do_cfg)
@@ -392,13 +398,7 @@ def _sdxl_img2img_prepare(pipe, a: dict, do_cfg: bool):
     if latents is None:
         latents = pipe.prepare_latents(image, timesteps[:1].repeat(batch * a["num_images_per_prompt"]), batch,
                                        a["num_images_per_prompt"], pe.dtype, device, a["generator"], True)
-    h, w = (v * pipe.vae_scale_factor for v in latents.shape[-2:])
-    orig, target = a["original_size"] or (h, w), a["target_size"] or (h, w)
-    proj = int(pp.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-    ids, nids = pipe._get_add_time_ids(orig, a["crops_coords_top_left"], target, a["aesthetic_score"],
-                                       a["negative_aesthetic_score"], a["negative_original_size"] or orig,
-                                       a["negative_crops_coords_top_left"], a["negative_target_size"] or target,
-                                       dtype=pe.dtype, text_encoder_projection_dim=proj)
+    ids, nids = _sdxl_aesthetic_ids(pipe, a, latents, pp, pe.dtype)
     n = batch * a["num_images_per_prompt"]
     model = _unet_model(pipe, a)
 
