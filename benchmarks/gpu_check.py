@@ -11,14 +11,17 @@ budget is spent; a summary table is always printed at the end:
    tests) through pytest, with
    FASTDIFF_TRITON_AUTOTUNE=0 so each Triton variant compiles once;
 3. copy bandwidth of the device (torch clone of 1 GiB; bytes read + written);
-4. µs per fused step of ``triton`` and ``cuda`` against the reference torch step and
-   ``torch.compile`` of it, at (1,4,64,64), (4,4,128,128), (16,4,128,128), (2,3,512,512) in fp16
-   and fp32, for two rows: a guided multistep update (CFG, one history read and write) and a
-   guided ancestral one (the same plus Philox noise drawn in the kernel). ``device_us`` is the
-   median kernel time (triton.testing.do_bench, cold L2); ``wall_us`` is the host-side time per
-   step of 200 back-to-back steps (what a sampling loop sees, Python dispatch included). GB/s
-   counts the bytes one fused step must move (6 tensors: x, m_u, m_c, h read; x, h written).
-   The timing code is :func:`fastdiff.bench.step.bench_gpu` (also the ``gpu`` part of ``fastdiff bench``);
+4. the fused step of ``triton`` and ``cuda`` (their prepared programs, what the loop runs; and
+   Triton's unprepared ``step``) against the reference torch step and ``torch.compile`` of it, at
+   (1,4,64,64), (16,4,128,128) and (2,3,512,512) in fp16, bf16 and fp32, for two rows: a guided
+   multistep update (CFG, one history read and write) and a guided ancestral one (the same plus
+   Philox noise drawn in the kernel). ``device_us`` is the device time per step inside a CUDA
+   graph, the operands rotated through enough copies that L2 is cold (host time excluded);
+   ``x_floor`` is that over a copy of the same bytes timed the same way (the bandwidth floor);
+   ``host_us`` is the host time to issue one step (100 back to back, unsynchronised) and
+   ``wall_us`` the same until the device is done. GB/s counts the bytes one fused step must move
+   (6 tensors: x, m_u, m_c, h read; x, h written). The timing code is
+   :func:`fastdiff.bench.step.bench_gpu` (also the ``gpu`` part of ``fastdiff bench``);
 5. the whole loop: 30 CFG steps with a zero-cost model (DPM++(2M), Euler ancestral) at (1,4,64,64)
    and (16,4,128,128) fp32: repeated ``fastdiff.sample`` calls eager and with ``cuda_graph=True``
    (captured on the first call, replayed after), against the stock diffusers loop, µs per step of
@@ -39,6 +42,8 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = ((1, 4, 64, 64), (16, 4, 128, 128), (2, 3, 512, 512))
+"""Step shapes timed: an SD latent (host-bound), and the two the issue's floor targets name."""
 
 
 class Report:
@@ -123,12 +128,12 @@ def part_copy(rep: Report) -> None:
 def part_timings(rep: Report) -> None:
     import torch
 
-    from fastdiff.bench.step import GPU_SHAPES, GPU_VARIANTS, bench_gpu, gpu_providers
+    from fastdiff.bench.step import GPU_DTYPES, GPU_VARIANTS, bench_gpu, gpu_providers
 
     _, missing = gpu_providers()
     for name, why in missing.items():
         print(f"{name}: not timed ({why})", flush=True)
-    rep.rows = bench_gpu(GPU_SHAPES, (torch.float16, torch.float32), GPU_VARIANTS, copy_gbps=rep.copy_gbps,
+    rep.rows = bench_gpu(SHAPES, GPU_DTYPES, GPU_VARIANTS, copy_gbps=rep.copy_gbps,
                          time_left=rep.left, on_row=lambda r: print(json.dumps(r), flush=True), progress=False)
 
 
@@ -202,7 +207,7 @@ def summary(rep: Report) -> str:
         lines.append(f"copy bandwidth: {rep.copy_gbps:.0f} GB/s")
     if rep.rows:
         lines.append(f"{'variant':14s} {'dtype':8s} {'shape':18s} {'provider':26s} {'device µs':>10s} "
-                     f"{'wall µs':>10s} {'GB/s':>8s} {'of copy':>8s}")
+                     f"{'x floor':>8s} {'host µs':>8s} {'wall µs':>10s} {'GB/s':>8s} {'of copy':>8s} timing")
         for r in rep.rows:
             shape = "x".join(map(str, r["shape"]))
             if "error" in r:
@@ -210,7 +215,8 @@ def summary(rep: Report) -> str:
                 continue
             frac = f"{100 * r['frac_of_copy']:.0f}%" if "frac_of_copy" in r else ""
             lines.append(f"{r['variant']:14s} {r['dtype']:8s} {shape:18s} {r['provider']:26s} "
-                         f"{r['device_us']:10.1f} {r['wall_us']:10.1f} {r['gb_s']:8.0f} {frac:>8s}")
+                         f"{r['device_us']:10.1f} {r['x_floor']:8.2f} {r['host_us']:8.1f} {r['wall_us']:10.1f} "
+                         f"{r['gb_s']:8.0f} {frac:>8s} {r['timing']}{'' if r['cold_l2'] else ' (L2 warm)'}")
     for r in rep.loops:
         lines.append(f"loop {r['loop']:16s} {'x'.join(map(str, r['shape'])):14s} eager {r['eager_us']:8.1f} "
                      f"graph {r['graph_us']:8.1f} diffusers {r['diffusers_us']:8.1f} us/step "

@@ -55,10 +55,14 @@ A row that could not be measured carries ``error`` (a string) instead of its tim
 * ``samplers`` rows: ``sampler``, ``backend``, ``shape``, ``dtype``, ``row`` (plan row index),
   ``min_bytes``, ``us``, ``us_best``, ``gb_s``, ``vs_reference`` (median over median),
   ``vs_reference_best`` (best sample over best sample).
-* ``gpu``: ``copy_gb_s`` (device copy, 1 GiB) and ``rows``: ``provider``, ``variant``
-  (``multistep_cfg`` or ``ancestral_cfg``), ``dtype``, ``shape``, ``device_us`` (median kernel
-  time), ``wall_us`` (host time per step of 200 back-to-back steps), ``gb_s``, ``min_bytes``,
-  ``frac_of_copy``, ``vs_reference`` (by device time).
+* ``gpu``: ``copy_gb_s`` (device copy, 1 GiB) and ``rows``: ``provider`` (``triton`` and ``cuda``:
+  the backend's prepared program, what the loop runs; ``triton (step)``: its unprepared ``step``),
+  ``variant`` (``multistep_cfg`` or ``ancestral_cfg``), ``dtype``, ``shape``, ``device_us`` (device
+  time per step inside a CUDA graph, operands rotated so that L2 is cold: ``cold_l2``; ``timing``
+  says ``graph`` or the fallback used), ``floor_us`` (a copy of the same bytes timed alike) and
+  ``x_floor`` (``device_us`` over it), ``host_us`` (host time to issue one step, 100 back to back,
+  unsynchronised), ``wall_us`` (the same until the device is done), ``gb_s``, ``min_bytes``,
+  ``frac_of_copy`` (``gb_s`` over the 1 GiB copy), ``vs_reference`` (by device time).
 * ``pipeline`` rows (:class:`fastdiff.bench.pipeline.PipelineRow`), one per pipeline kind:
   ``kind`` (``sd``, ``flux``, ``wan``), ``pipeline``, ``model`` (the denoiser) and ``scheduler``
   (class names), ``backend`` (of the accelerated run), ``latent`` (shape of the latents the loop
@@ -108,7 +112,7 @@ from ..api import make_plan, sample
 from .loop import SAMPLERS as FLOOR_SAMPLERS
 from .loop import SHAPES as FLOOR_SHAPES
 from .loop import bench_floor
-from .step import (DTYPES, GPU_SHAPES, GPU_VARIANTS, SHAPES, bench_case, bench_gpu, bench_samplers,
+from .step import (DTYPES, GPU_DTYPES, GPU_SHAPES, GPU_VARIANTS, SHAPES, bench_case, bench_gpu, bench_samplers,
                          dtype_name, gpu_copy_gbps, machine, schedule_for)
 from ..models import GaussianMixture
 from ..core.schedules import from_config, is_schedule
@@ -131,8 +135,8 @@ FIELDS = {
     "samplers": ("sampler", "backend", "shape", "dtype", "row", "min_bytes", "us", "us_best", "gb_s", "vs_reference",
                  "vs_reference_best"),
     "gpu": ("copy_gb_s", "rows"),
-    "gpu_rows": ("provider", "variant", "dtype", "shape", "device_us", "wall_us", "gb_s", "min_bytes",
-                 "frac_of_copy", "vs_reference"),
+    "gpu_rows": ("provider", "variant", "dtype", "shape", "device_us", "floor_us", "x_floor", "host_us", "wall_us",
+                 "gb_s", "min_bytes", "frac_of_copy", "vs_reference", "timing", "cold_l2"),
     "pipeline": ("kind", "pipeline", "model", "scheduler", "backend", "latent", "steps", "guidance_scale",
                  "stock_us_per_step", "stock_model_us_per_step", "stock_sched_us_per_step", "stock_sched_share",
                  "fused_us_per_step", "fused_model_us_per_step", "fused_sched_us_per_step", "fused_sched_share",
@@ -335,7 +339,7 @@ def run(parts: Sequence[str] = PARTS, quick: bool = False, progress: bool = True
     def do_gpu():
         log(f"gpu: {torch.cuda.get_device_name(0)}, shapes {[tuple(x) for x in s['gpu_shapes']]}")
         copy = gpu_copy_gbps()
-        return {"copy_gb_s": copy, "rows": bench_gpu(s["gpu_shapes"], (torch.float16, torch.float32), GPU_VARIANTS,
+        return {"copy_gb_s": copy, "rows": bench_gpu(s["gpu_shapes"], GPU_DTYPES, GPU_VARIANTS,
                                                      copy_gbps=copy, progress=progress)}
 
     def do_pipeline():
@@ -498,15 +502,17 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
         rows = []
         for r in gpu["rows"]:
             if "error" in r:
-                rows.append([r["variant"], r["dtype"], _shape(r["shape"]), r["provider"], r["error"][:60], "", "", "", ""])
+                rows.append([r["variant"], r["dtype"], _shape(r["shape"]), r["provider"], r["error"][:60],
+                             *[""] * 5])
                 continue
-            frac = r.get("frac_of_copy")
             rows.append([r["variant"], r["dtype"], _shape(r["shape"]), r["provider"], _f(r["device_us"]),
-                         _f(r["wall_us"]), _f(r["gb_s"], ".0f"), "-" if frac is None else f"{100 * frac:.0f}%",
+                         _x(r.get("x_floor")), _f(r.get("host_us")), _f(r["wall_us"]), _f(r["gb_s"], ".0f"),
                          _x(r["vs_reference"])])
         out.append((f"GPU step ({doc['machine'].get('gpu')}; copy {_f(gpu.get('copy_gb_s'), '.0f')} GB/s)",
-                    ["variant", "dtype", "shape", "provider", "device µs", "wall µs", "GB/s", "%copy", "vs ref"],
-                    rows, "device µs: median kernel time (do_bench); wall µs: host time per step, 200 in a row"))
+                    ["variant", "dtype", "shape", "provider", "device µs", "x floor", "host µs", "wall µs", "GB/s",
+                     "vs ref"],
+                    rows, "device µs: per step inside a CUDA graph, cold L2; x floor: over a copy of the same "
+                          "bytes timed alike; host µs: to issue one step; wall µs: until the device is done"))
     if doc.get("pipeline"):
         rows = []
         for p in doc["pipeline"]:

@@ -19,9 +19,10 @@ Three measurements, each a list of JSON-ready dicts (the fields are documented i
   the fraction of it, and the speedup of ``cpu`` over each method.
 * :func:`bench_samplers` — a real plan row per sampler (the middle row of
   ``fastdiff.make_plan(sampler, 10, ...)``, with CFG) through ``fastdiff.runtime.ops.step`` on each backend.
-* :func:`bench_gpu` — the fused ``cuda`` and ``triton`` steps against the reference step and
-  ``torch.compile`` of it on a CUDA device (kernel time by ``triton.testing.do_bench``, and host
-  time per step of back-to-back steps), with the device's copy bandwidth.
+* :func:`bench_gpu` — the fused ``cuda`` and ``triton`` steps (their prepared programs, what the
+  loop runs) against the reference step and ``torch.compile`` of it on a CUDA device: device time
+  inside a CUDA graph with cold L2 against a copy of the same bytes timed alike (the bandwidth
+  floor), and host time per call.
 
 On a shared 2-core machine other processes stall 2-thread parallel regions (torch's and ours) for
 whole scheduler slices: samples are taken round-robin across methods, and both the median and the
@@ -341,6 +342,8 @@ def bench_samplers(sampler_names: Sequence[str] | None = None, backends: Sequenc
 GPU_SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 4, 128, 128), (2, 3, 512, 512)]
 GPU_VARIANTS = ("multistep_cfg", "ancestral_cfg")
 """A guided multistep update (CFG, one history read and write), and the same plus in-kernel Philox noise."""
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Storage types of the GPU benchmark."""
 GPU_TENSORS = 6
 """Element tensors a GPU benchmark step moves: read x, m_u, m_c, h0; write x, h_new."""
 
@@ -407,56 +410,127 @@ def compiled_reference_gpu() -> Callable[[StepArgs], None]:
     return run
 
 
-def time_device(fn: Callable[[StepArgs], None], args: StepArgs, wall_steps: int = 200) -> tuple[float, float]:
-    """``(device_us, wall_us)`` per step: the median kernel time (``triton.testing.do_bench``, cold L2;
-    CUDA events where Triton is missing) and the host time per step of back-to-back steps."""
-    fn(args)  # compile / tune outside the timing
-    torch.cuda.synchronize()
-    try:
-        import triton.testing
-
-        device_ms = triton.testing.do_bench(lambda: fn(args), warmup=10, rep=40, return_mode="median")
-    except ImportError:
-        times = []
-        for _ in range(50):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(args)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        device_ms = statistics.median(times)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(wall_steps):
-        fn(args)
-    torch.cuda.synchronize()
-    return device_ms * 1e3, (time.perf_counter() - t) / wall_steps * 1e6
+GPU_GRAPH_NODES = 240
+"""Steps captured in one timing graph (spread over the rotating argument sets)."""
+GPU_MAX_SETS = 48
+"""Most argument sets a timing rotates through (tiny shapes then stay L2-resident: ``cold_l2`` false)."""
 
 
-def gpu_providers() -> tuple[dict[str, Callable[[StepArgs], None]], dict[str, str]]:
-    """``({name: step(args)}, {name: why not})`` of the GPU providers: reference, triton, cuda, compile."""
+def l2_bytes(device: int | str | torch.device = 0) -> int:
+    """The device's L2 cache size in bytes (50 MiB, an H100's, where torch does not say)."""
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20)
+
+
+def rotation(nbytes: int, l2: int) -> int:
+    """Argument sets to rotate through so that each step finds its operands outside L2: the sets
+    together at least three times the L2 size (at least 2, at most :data:`GPU_MAX_SETS`)."""
+    need = -(-3 * l2 // max(int(nbytes), 1))
+    return max(2, min(GPU_MAX_SETS, need))
+
+
+def graph_time_us(runs: Sequence[Callable[[], None]], nodes: int = GPU_GRAPH_NODES, samples: int = 7) -> float:
+    """Device µs per call of ``runs`` (each a zero-argument step), taken round-robin inside one captured
+    CUDA graph of about ``nodes`` calls, replayed ``samples`` times between CUDA events: the median
+    replay over the calls it holds. Host time (Python, launch) is excluded: a replay is one launch.
+    With rotating argument sets (:func:`rotation`) each call reads its operands from memory, not L2.
+    The capture is :func:`fastdiff.runtime.graphs.capture`'s (warm-up passes first; a failure raises
+    :class:`~fastdiff.runtime.graphs.GraphCaptureError` with the caller's stream current)."""
+    from ..runtime.graphs import capture
+
+    reps = max(1, -(-nodes // len(runs)))
+
+    def body() -> None:
+        for _ in range(reps):
+            for r in runs:
+                r()
+
+    graph = capture(body, torch.device("cuda", torch.cuda.current_device()))  # warms up first
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(samples):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times) * 1e3 / (reps * len(runs))
+
+
+def host_time_us(run: Callable[[], None], calls: int = 100) -> tuple[float, float]:
+    """``(host_us, wall_us)`` per call of ``run``: the time to issue ``calls`` back-to-back calls
+    (no synchronisation: what the host spends, while the device queue absorbs the work), and the
+    time until the device has finished them too."""
+    run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        run()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
+
+
+def _prepared(backend: str) -> Callable[[StepArgs], Callable[[], None]]:
+    """``make(args)``: one step of ``args`` through the backend's prepared program (what the loop
+    executor runs: :func:`fastdiff.runtime.ops.prepare`, then ``run(0, m)`` with the batched model
+    output ``[m_u; m_c]`` made once)."""
+    from dataclasses import replace
+
+    def make(args: StepArgs) -> Callable[[], None]:
+        m = torch.cat([args.m, args.m_c]) if args.m_c is not None else args.m
+        prog = ops.prepare([replace(args)], backend=backend)
+        return lambda: prog.run(0, m)
+
+    return make
+
+
+def _plain(fn: Callable[[StepArgs], None]) -> Callable[[StepArgs], Callable[[], None]]:
+    return lambda args: (lambda: fn(args))
+
+
+def gpu_providers() -> tuple[dict[str, Callable[[StepArgs], Callable[[], None]]], dict[str, str]]:
+    """``({name: make(args) -> step()}, {name: why not})`` of the GPU providers: the reference step,
+    the ``triton`` and ``cuda`` backends' prepared programs (what the loop runs), ``triton`` through
+    its unprepared ``step`` (every check at every call), and ``torch.compile`` of the reference."""
     from ..backends import cuda as cuda_backend
     from ..backends import triton as triton_backend
 
-    providers: dict[str, Callable[[StepArgs], None]] = {"reference": reference.step}
+    providers: dict[str, Callable[[StepArgs], Callable[[], None]]] = {"reference": _plain(reference.step)}
     missing = {}
     for name, mod in (("triton", triton_backend), ("cuda", cuda_backend)):
         ok, why = mod.available()
         if ok:
-            providers[name] = mod.step
+            providers[name] = _prepared(name)
+            if name == "triton":
+                providers["triton (step)"] = _plain(mod.step)
         else:
             missing[name] = why
-    providers["torch.compile(reference)"] = compiled_reference_gpu()
+    providers["torch.compile(reference)"] = _plain(compiled_reference_gpu())
     return providers, missing
 
 
-def bench_gpu(shapes: Sequence[Sequence[int]] = GPU_SHAPES, dtypes: Sequence[torch.dtype] = (torch.float16, torch.float32),
+def copy_floor_us(nbytes: int, l2: int) -> float:
+    """Device µs of ``copy_`` moving ``nbytes`` (half read, half written) with cold L2, timed as
+    :func:`graph_time_us` times a step: the bandwidth floor of a step that must move ``nbytes``."""
+    n = max(1, nbytes // 2 // 4)
+    pairs = [(torch.empty(n, device="cuda"), torch.empty(n, device="cuda")) for _ in range(rotation(nbytes, l2))]
+    return graph_time_us([lambda s=s, d=d: d.copy_(s) for s, d in pairs])
+
+
+def bench_gpu(shapes: Sequence[Sequence[int]] = GPU_SHAPES, dtypes: Sequence[torch.dtype] = GPU_DTYPES,
               variants: Sequence[str] = GPU_VARIANTS, copy_gbps: float | None = None,
               time_left: Callable[[], float] | None = None, on_row: Callable[[dict], None] | None = None,
               progress: bool = True) -> list[dict]:
     """Time every GPU provider on every variant x dtype x shape (one dict per provider and case).
 
+    ``device_us``: device time per step inside a CUDA graph, rotating through enough argument sets
+    that operands come from memory (``cold_l2``; :func:`graph_time_us`), or ``triton.testing.do_bench``
+    (cold L2 by a flush, host time not excluded) where the provider cannot be captured (``timing``
+    says which); ``floor_us``: a copy of the step's bytes timed alike, and ``x_floor`` the ratio;
+    ``host_us``/``wall_us``: :func:`host_time_us`. ``copy_gbps`` (the 1 GiB copy) gives ``frac_of_copy``.
     ``time_left()`` (seconds) lets a short GPU session skip what no longer fits (the first
     ``torch.compile`` needs about a minute); ``on_row`` sees each row as soon as it is measured.
     """
@@ -469,6 +543,8 @@ def bench_gpu(shapes: Sequence[Sequence[int]] = GPU_SHAPES, dtypes: Sequence[tor
         it = tqdm(cases, desc="gpu step", leave=False)
     rows = []
     first_compile = True
+    l2 = l2_bytes()
+    floors: dict = {}
     for variant, dtype, shape, prov in it:
         nbytes = GPU_TENSORS * numel(shape) * torch.empty((), dtype=dtype).element_size()
         r = {"provider": prov, "variant": variant, "dtype": dtype_name(dtype), "shape": list(shape)}
@@ -477,13 +553,28 @@ def bench_gpu(shapes: Sequence[Sequence[int]] = GPU_SHAPES, dtypes: Sequence[tor
             r["error"] = "skipped: time budget spent"
         else:
             try:
-                dev_us, wall_us = time_device(providers[prov], gpu_step_args(shape, dtype, variant))
+                sets = rotation(nbytes, l2)
+                runs = [providers[prov](gpu_step_args(shape, dtype, variant, seed=k)) for k in range(sets)]
+                try:
+                    dev_us, timing = graph_time_us(runs), "graph"
+                except Exception as exc:  # noqa: BLE001 - e.g. a provider that cannot be captured
+                    torch.cuda.synchronize()
+                    import triton.testing
+
+                    dev_us = triton.testing.do_bench(runs[0], warmup=10, rep=40, return_mode="median") * 1e3
+                    timing = f"do_bench ({type(exc).__name__})"
                 if prov.startswith("torch.compile"):
                     first_compile = False
-                r.update(device_us=round(dev_us, 2), wall_us=round(wall_us, 2),
-                         gb_s=round(nbytes / (dev_us * 1e-6) / 1e9, 1), min_bytes=nbytes)
+                host_us, wall_us = host_time_us(runs[0])
+                if nbytes not in floors:
+                    floors[nbytes] = copy_floor_us(nbytes, l2)
+                r.update(device_us=round(dev_us, 2), host_us=round(host_us, 2), wall_us=round(wall_us, 2),
+                         gb_s=round(nbytes / (dev_us * 1e-6) / 1e9, 1), min_bytes=nbytes,
+                         floor_us=round(floors[nbytes], 2), x_floor=round(dev_us / floors[nbytes], 3),
+                         timing=timing, cold_l2=sets * nbytes >= 3 * l2)
                 if copy_gbps:
                     r["frac_of_copy"] = round(r["gb_s"] / copy_gbps, 3)
+                del runs
             except Exception as exc:  # noqa: BLE001 - every provider is independent
                 r["error"] = f"{type(exc).__name__}: {exc}"[:200]
         rows.append(r)

@@ -11,6 +11,18 @@ from .._plans import edm_euler, edm_euler_ancestral
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: graph capture needs one")
 
 
+def _fused(name: str):
+    """``name`` as a parameter that skips where that backend cannot run (no extension, no triton)."""
+    from fastdiff.runtime import ops
+
+    ok, why = ops.backend_status(name) if torch.cuda.is_available() else (False, "no CUDA device")
+    return pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"{name}: {why}"))
+
+
+FUSED = [_fused("cuda"), _fused("triton")]
+"""The GPU backends every graph and no-sync test runs on: both must hold each property."""
+
+
 def _model(x, t, c=None):
     return torch.tanh(x * 0.5) + 0.1 * t.reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype).clamp(max=1)
 
@@ -34,10 +46,12 @@ def test_cuda_graph_refuses_host_side_hooks():
 @needs_gpu
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "unipc", "ddim"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_replay_equals_eager(sampler, dtype):
+@pytest.mark.parametrize("backend", FUSED)
+def test_graph_replay_equals_eager(sampler, dtype, backend):
     noise = torch.randn(3, 4, 9, 7, device="cuda", dtype=dtype)
     cond, uncond = torch.randn(3, 1, device="cuda", dtype=dtype), torch.randn(3, 1, device="cuda", dtype=dtype)
-    kw = dict(sampler=sampler, steps=12, seed=[11, 12, 13], guidance_scale=3.0, cond=cond, uncond=uncond)
+    kw = dict(sampler=sampler, steps=12, seed=[11, 12, 13], guidance_scale=3.0, cond=cond, uncond=uncond,
+              backend=backend)
     eager = fastdiff.sample(_model, noise, **kw)
     graphed = fastdiff.sample(_model, noise, cuda_graph=True, **kw)
     assert torch.equal(eager, graphed)
@@ -57,7 +71,8 @@ def test_graph_capture_of_a_syncing_model_raises_a_clear_error():
 
 @needs_gpu
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "unipc"])
-def test_loop_never_syncs_with_the_host(sampler):
+@pytest.mark.parametrize("backend", FUSED)
+def test_loop_never_syncs_with_the_host(sampler, backend):
     # From the first model call on (the loop; set-up copies before it are allowed), every step runs
     # under sync_debug_mode("error"): any host-device synchronisation inside the loop raises.
     noise = torch.randn(2, 4, 8, 8, device="cuda")
@@ -69,7 +84,7 @@ def test_loop_never_syncs_with_the_host(sampler):
 
     try:
         out = fastdiff.sample(model, noise, sampler=sampler, steps=8, seed=[1, 2], check_finite=False,
-                              guidance_scale=4.0, cond=cond, uncond=uncond)
+                              guidance_scale=4.0, cond=cond, uncond=uncond, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
