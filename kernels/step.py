@@ -5,16 +5,21 @@ Three layers, Liger-Kernel style:
 1. ``_step_kernel`` (``@triton.jit``): a program owns ``BLOCK`` consecutive elements of one sample,
    laid out as ``[BLOCK // 4, 4]`` so that the four elements of one Philox group (which share one
    Philox call) sit in one row. Storage is loaded ``.to(float32)`` (float64 for float64 storage).
-2. ``_launch``: flattens to ``[B, n]``, picks the block size (autotuned on a GPU once per shape
-   and variant, the trial runs restoring every output; fixed under ``TRITON_INTERPRET=1`` or with
-   ``FASTDIFF_TRITON_AUTOTUNE=0``) and launches on the current device. Run one step before
-   capturing a CUDA graph, so that tuning is not captured.
-3. ``fused_step``: the public wrapper over plain tensors and the packed coefficient tuple.
+2. ``_launch``: flattens to ``[B, n]`` and launches on the current device. The block size is
+   ``INTERPRET_BLOCK`` under ``TRITON_INTERPRET=1``; on a GPU a fixed configuration per size class
+   (:func:`fixed_config`: BLOCK and num_warps from ``n``, the dtype and the batch; no tuning runs,
+   nothing synchronises), or, opt-in with ``FASTDIFF_TRITON_AUTOTUNE=1``, autotuned at the first
+   launch of each shape and variant (the trial runs restore every output and synchronise: run one
+   step eagerly before timing or capturing a CUDA graph; ``0`` or unset means fixed). After a
+   variant's first launch the compiled kernel is launched directly (``DIRECT``; see ``_launch``).
+3. ``fused_step``: the public wrapper over plain tensors and the packed coefficient tuple
+   (``launch_flags`` + ``launch``: the checks and flags once, then launches, for prepared programs).
 
 ``philox_words`` dumps the raw uint32 Philox stream of the in-kernel generator, for tests.
 
 Packed coefficients: ``fastdiff.args.N_COEF`` (30) float64 values in the layout of
-``fastdiff.args.pack_row`` (offsets ``C_*`` there; this module imports them, it keeps no copy)::
+``fastdiff.args.pack_row`` (offsets ``C_*`` there; this module imports them, it keeps no copy),
+passed as one pointer to a float64 device tensor (``coef_ptr``) that the kernel loads from::
 
     a_x, a_e, out[8], write0[8], write1[8], known_a, known_s, c_g, u_scale
 
@@ -24,6 +29,12 @@ guided model output, after rescale and the gradient term ``e += c_g * g``, befor
 ``u[c*u_stride + i] = u_scale * x'_stored[i]`` for ``c < U_COPIES`` (``x'`` rounded to the storage
 type first, as torch's ``x' * in_scale``) and set ``flag[0] = 1`` where an element of ``m``,
 ``m_c``, ``m_2`` or ``m_3`` is NaN or Inf (never 0; no host sync).
+
+A prepared program keeps one such table for all its rows (:class:`CoefTable`, a row's view per
+launch); the unprepared path (``fused_step``) takes its row from a small cache keyed by the
+coefficients (:func:`coef_tensor`). The compile-time flags that depend on coefficient values (which
+terms exist: ``E_OUT``, ``E_WR0``, ``E_WR1``, ``Z_MODE``, ``Z2_MODE``) are still decided on the host,
+from the tuple.
 
 Blend mode (``BLEND``; the float32 ``[4, B]`` or ``[8, B]`` per-sample coefficients ``a`` given, no
 ``w``/``r``): ``e = a[0] m + a[1] (m_c - m) + a[2] (m_2 - m) + a[3] m_3`` (each term where its branch
@@ -35,6 +46,7 @@ sampler or guider that chose the coefficients.
 from __future__ import annotations
 
 import array
+import functools
 import inspect
 import os
 
@@ -52,12 +64,27 @@ MAX_BATCH = 65535
 INTERPRET_BLOCK = 128
 """Elements per program under ``TRITON_INTERPRET=1`` (no autotuning there)."""
 GPU_BLOCKS = (512, 1024, 2048, 4096)
-"""Block sizes the GPU autotuner tries."""
-FIXED_BLOCK = 1024
-"""Block size on a GPU when ``FASTDIFF_TRITON_AUTOTUNE=0`` (one compile per variant, no tuning runs)."""
+"""Block sizes the opt-in GPU autotuner (``FASTDIFF_TRITON_AUTOTUNE=1``) tries; :func:`fixed_config`
+picks among them otherwise."""
 
 _Z_NONE, _Z_PHILOX, _Z_EXTERNAL = 0, 1, 2
 _BR: tl.constexpr = tl.constexpr(_BLEND_ROWS)  # rows of a per combination (fastdiff.args.BLEND_ROWS)
+# The packed layout's offsets as the kernel's compile-time constants (the values are fastdiff.args'
+# and fastdiff.plan's; a jitted function reads only constexpr globals).
+_C_AX: tl.constexpr = tl.constexpr(C_AX)
+_C_AE: tl.constexpr = tl.constexpr(C_AE)
+_C_OUT: tl.constexpr = tl.constexpr(C_OUT)
+_C_W0: tl.constexpr = tl.constexpr(C_W0)
+_C_W1: tl.constexpr = tl.constexpr(C_W1)
+_C_KNOWN_A: tl.constexpr = tl.constexpr(C_KNOWN_A)
+_C_KNOWN_S: tl.constexpr = tl.constexpr(C_KNOWN_S)
+_C_G: tl.constexpr = tl.constexpr(C_G)
+_C_U: tl.constexpr = tl.constexpr(C_U)
+_OP_X: tl.constexpr = tl.constexpr(OP_X)
+_OP_D: tl.constexpr = tl.constexpr(OP_D)
+_OP_E: tl.constexpr = tl.constexpr(OP_E)
+_OP_H: tl.constexpr = tl.constexpr(OP_H)
+_OP_Z: tl.constexpr = tl.constexpr(OP_Z)
 _STREAM_MAIN, _STREAM_KNOWN = 0, 1
 
 
@@ -138,23 +165,30 @@ def _nonfinite(v, CDT: tl.constexpr):
 
 
 @triton.jit
-def _combine(x, d, e, h0, h1, h2, h3, z, cx, cd, ce, c0, c1, c2, c3, cz,
+def _coef(coef_ptr, OFF: tl.constexpr, CDT: tl.constexpr):
+    """Packed coefficient ``OFF`` (float64) rounded to the compute type, as the reference rounds it."""
+    return tl.load(coef_ptr + OFF).to(CDT)
+
+
+@triton.jit
+def _combine(x, d, e, h0, h1, h2, h3, z, coef_ptr, BASE: tl.constexpr,
              HAS_E: tl.constexpr, N_READS: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
-    """``cx*x + cd*d + ce*e + sum_k ck*hk + cz*z`` in the reference's order of operations
-    (``HAS_E``: ``ce`` is non-zero in the compute type, decided by the launcher)."""
-    acc = tl.full([], cx, tl.float64).to(CDT) * x + tl.full([], cd, tl.float64).to(CDT) * d
+    """``cx*x + cd*d + ce*e + sum_k ck*hk + cz*z`` in the reference's order of operations, with the
+    8 coefficients at ``coef_ptr + BASE + OP_*`` (``HAS_E``: ``ce`` is non-zero in the compute type,
+    decided by the launcher; coefficients of absent terms are not loaded)."""
+    acc = _coef(coef_ptr, BASE + _OP_X, CDT) * x + _coef(coef_ptr, BASE + _OP_D, CDT) * d
     if HAS_E:
-        acc = acc + tl.full([], ce, tl.float64).to(CDT) * e
+        acc = acc + _coef(coef_ptr, BASE + _OP_E, CDT) * e
     if N_READS > 0:
-        acc = acc + tl.full([], c0, tl.float64).to(CDT) * h0
+        acc = acc + _coef(coef_ptr, BASE + _OP_H, CDT) * h0
     if N_READS > 1:
-        acc = acc + tl.full([], c1, tl.float64).to(CDT) * h1
+        acc = acc + _coef(coef_ptr, BASE + _OP_H + 1, CDT) * h1
     if N_READS > 2:
-        acc = acc + tl.full([], c2, tl.float64).to(CDT) * h2
+        acc = acc + _coef(coef_ptr, BASE + _OP_H + 2, CDT) * h2
     if N_READS > 3:
-        acc = acc + tl.full([], c3, tl.float64).to(CDT) * h3
+        acc = acc + _coef(coef_ptr, BASE + _OP_H + 3, CDT) * h3
     if HAS_Z:
-        acc = acc + tl.full([], cz, tl.float64).to(CDT) * z
+        acc = acc + _coef(coef_ptr, BASE + _OP_Z, CDT) * z
     return acc
 
 
@@ -203,16 +237,8 @@ def _step_kernel(
     h0_ptr, h1_ptr, h2_ptr, h3_ptr, wr0_ptr, wr1_ptr,
     z_ptr, z2_ptr, mask_ptr, known_ptr, g_ptr,
     w_ptr, r_ptr, s_ptr, seed_ptr, u_ptr, flag_ptr,
-    m2_ptr, m3_ptr, a_ptr, mw_ptr,
+    m2_ptr, m3_ptr, a_ptr, mw_ptr, coef_ptr,
     n, row, u_stride,
-    a_x: tl.float64, a_e: tl.float64,
-    o_x: tl.float64, o_d: tl.float64, o_e: tl.float64, o_0: tl.float64, o_1: tl.float64, o_2: tl.float64,
-    o_3: tl.float64, o_z: tl.float64,
-    p_x: tl.float64, p_d: tl.float64, p_e: tl.float64, p_0: tl.float64, p_1: tl.float64, p_2: tl.float64,
-    p_3: tl.float64, p_z: tl.float64,
-    q_x: tl.float64, q_d: tl.float64, q_e: tl.float64, q_0: tl.float64, q_1: tl.float64, q_2: tl.float64,
-    q_3: tl.float64, q_z: tl.float64,
-    known_a: tl.float64, known_s: tl.float64, c_g: tl.float64, u_scale: tl.float64,
     HAS_CFG: tl.constexpr, HAS_R: tl.constexpr, HAS_G: tl.constexpr, CLIP: tl.constexpr,
     N_READS: tl.constexpr, N_WRITES: tl.constexpr, HAS_MASK: tl.constexpr,
     E_OUT: tl.constexpr, E_WR0: tl.constexpr, E_WR1: tl.constexpr,
@@ -230,7 +256,9 @@ def _step_kernel(
     grid's axis 1: the launcher passes the slice it runs) and ``e`` is the blend of the branches given
     (``HAS_M2``, ``HAS_M3``); ``HAS_MW`` also writes the blend under rows 4..7 to ``m_w``. ``*_ptr``
     not selected by the constexpr flags are never read (the launcher passes ``x`` for them). All loads
-    precede all stores, so outputs may alias inputs element for element.
+    precede all stores, so outputs may alias inputs element for element. ``coef_ptr`` points at the
+    row's ``N_COEF`` packed float64 coefficients (``fastdiff.args.pack_row``'s layout), each loaded
+    where used and rounded to the compute type (as a float64 scalar argument was before).
     """
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -260,9 +288,9 @@ def _step_kernel(
         if HAS_R:
             e = tl.load(r_ptr + b).to(CDT) * e
     if HAS_G:
-        e = e + tl.full([], c_g, tl.float64).to(CDT) * tl.load(g_ptr + offs, mask=inb, other=0.0).to(CDT)
+        e = e + _coef(coef_ptr, _C_G, CDT) * tl.load(g_ptr + offs, mask=inb, other=0.0).to(CDT)
     # e stays the unclipped (guided) model output: the combinations below may use it too
-    d = tl.full([], a_x, tl.float64).to(CDT) * x + tl.full([], a_e, tl.float64).to(CDT) * e
+    d = _coef(coef_ptr, _C_AX, CDT) * x + _coef(coef_ptr, _C_AE, CDT) * e
     if CLIP > 0:
         s = tl.load(s_ptr + b).to(CDT)
         d = tl.minimum(tl.maximum(d, -s), s)
@@ -295,25 +323,25 @@ def _step_kernel(
 
     if HAS_MASK:
         mk = tl.load(mask_ptr + offs, mask=inb, other=0.0).to(CDT)
-        known = tl.full([], known_a, tl.float64).to(CDT) * tl.load(known_ptr + offs, mask=inb, other=0.0).to(CDT)
+        known = _coef(coef_ptr, _C_KNOWN_A, CDT) * tl.load(known_ptr + offs, mask=inb, other=0.0).to(CDT)
         if Z2_MODE == 2:
             z2 = tl.load(z2_ptr + offs, mask=inb, other=0.0).to(CDT)
-            known = known + tl.full([], known_s, tl.float64).to(CDT) * z2
+            known = known + _coef(coef_ptr, _C_KNOWN_S, CDT) * z2
         elif Z2_MODE == 1:
             seed2 = tl.load(seed_ptr + b)
             z2 = _philox_normal(g, k, seed2, row, 1).to(CDT)
-            known = known + tl.full([], known_s, tl.float64).to(CDT) * z2
+            known = known + _coef(coef_ptr, _C_KNOWN_S, CDT) * z2
 
     # every input of these elements has been read; outputs may alias them from here on
-    new_x = _combine(x, d, e, h0, h1, h2, h3, z, o_x, o_d, o_e, o_0, o_1, o_2, o_3, o_z,
+    new_x = _combine(x, d, e, h0, h1, h2, h3, z, coef_ptr, _C_OUT,
                      E_OUT, N_READS, Z_MODE > 0, CDT)
     if HAS_MASK:
         new_x = mk * new_x + (1.0 - mk) * known
     if N_WRITES > 0:
-        v0 = _combine(x, d, e, h0, h1, h2, h3, z, p_x, p_d, p_e, p_0, p_1, p_2, p_3, p_z,
+        v0 = _combine(x, d, e, h0, h1, h2, h3, z, coef_ptr, _C_W0,
                       E_WR0, N_READS, Z_MODE > 0, CDT)
     if N_WRITES > 1:
-        v1 = _combine(x, d, e, h0, h1, h2, h3, z, q_x, q_d, q_e, q_0, q_1, q_2, q_3, q_z,
+        v1 = _combine(x, d, e, h0, h1, h2, h3, z, coef_ptr, _C_W1,
                       E_WR1, N_READS, Z_MODE > 0, CDT)
     x_st = _to_storage(new_x, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, x_st, mask=inb)
@@ -327,7 +355,7 @@ def _step_kernel(
     if U_COPIES > 0:
         # the next model input from x' as stored (no read back: the rounded value is in registers),
         # times u_scale in the compute type, rounded to storage: torch's x' * in_scale
-        u = _to_storage(x_st.to(CDT) * tl.full([], u_scale, tl.float64).to(CDT), u_ptr.dtype.element_ty)
+        u = _to_storage(x_st.to(CDT) * _coef(coef_ptr, _C_U, CDT), u_ptr.dtype.element_ty)
         tl.store(u_ptr + offs, u, mask=inb)
         if U_COPIES > 1:
             tl.store(u_ptr + u_stride + offs, u, mask=inb)
@@ -371,24 +399,11 @@ INTERPRETED = _interpreted(_step_kernel)
 """Whether the kernels were decorated under ``TRITON_INTERPRET=1`` (decided once, at import)."""
 
 
-def _coef_params() -> tuple[str, ...]:
-    """The kernel's coefficient parameters in packed order, named from ``fastdiff.args``' offsets."""
-    names = [""] * N_COEF
-    names[C_AX], names[C_AE] = "a_x", "a_e"
-    ops = {OP_X: "x", OP_D: "d", OP_E: "e", OP_Z: "z", **{OP_H + k: str(k) for k in range(MAX_READS)}}
-    for prefix, base in (("o", C_OUT), ("p", C_W0), ("q", C_W1)):
-        for op, suffix in ops.items():
-            names[base + op] = f"{prefix}_{suffix}"
-    names[C_KNOWN_A], names[C_KNOWN_S], names[C_G], names[C_U] = "known_a", "known_s", "c_g", "u_scale"
-    return tuple(names)
-
-
-COEF_PARAMS = _coef_params()
-"""``_step_kernel``'s coefficient parameters, which take the packed tuple positionally."""
 _PARAMS = tuple(inspect.signature(getattr(_step_kernel, "fn", _step_kernel)).parameters)
-if _PARAMS[_PARAMS.index("a_x"):][:N_COEF] != COEF_PARAMS:
-    raise ImportError(f"_step_kernel's coefficient parameters {_PARAMS} do not follow the packed layout of "
-                      f"fastdiff.args {COEF_PARAMS}")
+_N_PTRS = _PARAMS.index("n")
+"""The kernel's pointer parameters come first (``coef_ptr`` last of them), then ``n, row, u_stride``,
+then the constexpr flags in :func:`launch_flags`' order, then ``BLOCK``."""
+_FLAG_NAMES = _PARAMS[_N_PTRS + 3:-1]
 
 _OUTPUTS = ["out_ptr", "wr0_ptr", "wr1_ptr", "u_ptr", "flag_ptr", "mw_ptr"]
 _TUNE_KEY = ["n", "HAS_CFG", "HAS_R", "HAS_G", "CLIP", "N_READS", "N_WRITES", "HAS_MASK", "E_OUT", "E_WR0", "E_WR1",
@@ -397,8 +412,8 @@ _TUNE_KEY = ["n", "HAS_CFG", "HAS_R", "HAS_G", "CLIP", "N_READS", "N_WRITES", "H
 if INTERPRETED:
     _tuned = None
 else:
-    # Outputs may alias inputs (in-place x, history slots read and written), so every trial run
-    # restores them; tuning happens once per shape and variant.
+    # Opt-in (FASTDIFF_TRITON_AUTOTUNE=1). Outputs may alias inputs (in-place x, history slots read
+    # and written), so every trial run restores them; tuning happens once per shape and variant.
     _tuned = triton.autotune(
         configs=[triton.Config({"BLOCK": blk}, num_warps=4 if blk <= 1024 else 8) for blk in GPU_BLOCKS],
         key=_TUNE_KEY,
@@ -410,8 +425,171 @@ STORAGE_DTYPES = tuple(_CDT)
 """Storage dtypes the kernel handles."""
 
 
-def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
+# --- fixed launch configuration (the GPU default) ----------------------------------------------
+
+FIXED_WAVES = 4
+"""Programs per SM the fixed configuration aims for at least (see :func:`fixed_config`)."""
+
+
+def fixed_config(n: int, batch: int, dtype: torch.dtype, sms: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` on a GPU of ``sms`` SMs for ``batch`` samples of ``n`` elements of ``dtype``
+    (the default; no tuning runs, one compile per variant and size class).
+
+    The step is memory-bound: what matters is enough bytes in flight and little per-program overhead
+    (index math, the row's coefficient loads, the Philox key). So:
+
+    * the largest block first: 4096 elements for 2-byte storage, 2048 for fp32, 1024 for fp64 (so a
+      thread of ``num_warps`` warps handles 16 elements of 2 or 4 bytes, or 8 of fp64 computed in
+      float64: 16-byte vector accesses, bounded registers);
+    * halved (down to 512) while the grid ``batch * ceil(n / BLOCK)`` has fewer than
+      ``FIXED_WAVES * sms`` programs, so that a small step still occupies every SM several times over;
+    * never far above the sample: a block does not span samples, so ``BLOCK <= max(128, next_pow2(n))``;
+    * ``num_warps`` 4 up to 1024 elements, 8 above (the autotuner's pairs, ``GPU_BLOCKS``).
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    blk = 4096 if size <= 2 else 2048 if size == 4 else 1024
+    while blk > 512 and batch * triton.cdiv(n, blk) < FIXED_WAVES * sms:
+        blk //= 2
+    blk = min(blk, max(128, triton.next_power_of_2(n)))
+    return blk, 4 if blk <= 1024 else 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _autotune() -> bool:
+    """Whether launches autotune (``FASTDIFF_TRITON_AUTOTUNE=1``, read per first launch of a variant)."""
+    return os.environ.get("FASTDIFF_TRITON_AUTOTUNE", "0") == "1"
+
+
+# --- the coefficient tensors --------------------------------------------------------------------
+
+COEF_CACHE_SIZE = 256
+"""Coefficient rows kept on the device for the unprepared path (:func:`coef_tensor`)."""
+_coef_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _host_coef(coef) -> torch.Tensor:
+    """The packed float64 coefficients as a CPU tensor (pinned when CUDA is up: an asynchronous copy)."""
+    t = torch.tensor(array.array("d", coef), dtype=torch.float64)
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+def _no_capture(device: torch.device, what: str) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what} would upload coefficients while a CUDA graph is being captured (the copy would "
+                           "not be recorded); run the loop once eagerly before capturing it")
+
+
+def coef_tensor(coef, device: torch.device) -> torch.Tensor:
+    """A float64 ``[N_COEF]`` tensor of the packed coefficients ``coef`` on ``device``, for the unprepared path.
+
+    Kept in a small cache keyed by the coefficients' bits and the device (``COEF_CACHE_SIZE`` rows,
+    oldest dropped first), so that a loop calling :func:`fused_step` with the same rows uploads each
+    row once; a prepared program keeps its own table instead. An upload is an asynchronous copy
+    ordered on the current stream, and is refused (``RuntimeError``) during CUDA graph capture.
+    """
+    key = (array.array("d", coef).tobytes(), device)
+    t = _coef_cache.get(key)
+    if t is None:
+        _no_capture(device, "this step's row is new, so it")
+        t = _host_coef(coef).to(device, non_blocking=True)
+        if len(_coef_cache) >= COEF_CACHE_SIZE:
+            del _coef_cache[next(iter(_coef_cache))]
+        _coef_cache[key] = t
+    return t
+
+
+class CoefTable:
+    """One device float64 tensor ``[n_rows, N_COEF]``: the coefficient rows of a prepared program.
+
+    ``row(i)`` is row ``i``'s ``[N_COEF]`` view (16-byte aligned: a row is 240 bytes), what the kernel
+    takes; ``write(i, coef)`` rewrites it when the row's coefficients change, an asynchronous copy on
+    the current stream (so steps already queued read the old values), refused during CUDA graph
+    capture. A captured graph reads the table, so a row rewritten later is seen by its replays.
+    """
+
+    def __init__(self, rows: list, device: torch.device) -> None:
+        _no_capture(device, "preparing a program")
+        self._bits = [array.array("d", c).tobytes() for c in rows]
+        host = _host_coef([v for c in rows for v in c]).view(len(rows), N_COEF) if rows else \
+            torch.empty(0, N_COEF, dtype=torch.float64)
+        self.table = host.to(device, non_blocking=True)
+        self._rows = list(self.table.unbind(0))
+
+    def row(self, i: int) -> torch.Tensor:
+        """Row ``i``'s coefficients (a view of the table)."""
+        return self._rows[i]
+
+    def write(self, i: int, coef) -> torch.Tensor:
+        """Row ``i``'s coefficients set to ``coef`` (uploaded only where they differ); returns its view."""
+        bits = array.array("d", coef).tobytes()
+        if bits != self._bits[i]:
+            _no_capture(self.table.device, f"coefficient row {i} changed, so its rewrite")
+            self._rows[i].copy_(_host_coef(coef), non_blocking=True)
+            self._bits[i] = bits
+        return self._rows[i]
+
+
+# --- the launch -----------------------------------------------------------------------------------
+
+
+def _direct_supported() -> bool:
+    """Whether the installed Triton launches as this module's direct path assumes (decided once).
+
+    ``JITFunction.run`` of Triton 3.x ends in ``kernel.run(grid_0, grid_1, grid_2, stream,
+    kernel.function, kernel.packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args.values())``
+    with every parameter's value in order (the launcher skips the constexprs by the compiled
+    signature). Where its source says otherwise the normal launch is used throughout.
+    ``FASTDIFF_TRITON_DIRECT=0`` turns the direct path off."""
+    if INTERPRETED or os.environ.get("FASTDIFF_TRITON_DIRECT", "1") == "0":
+        return False
+    try:
+        from triton.runtime.jit import JITFunction
+
+        src = inspect.getsource(JITFunction.run)
+    except (ImportError, OSError, TypeError, AttributeError):
+        return False
+    return all(s in src for s in (
+        "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,",
+        "*bound_args.values())", "return kernel"))
+
+
+DIRECT = _direct_supported()
+"""Whether the compiled kernel is launched directly after a variant's first launch (see :func:`_launch`)."""
+_direct: dict[tuple, tuple] = {}
+"""``key -> (run, function, packed_metadata, grid0, BLOCK)``: compiled kernels by :func:`_launch`'s key."""
+
+
+def _stream(index: int) -> int:
+    """The current CUDA stream of device ``index`` (Triton's own choice, ``driver.active.get_current_stream``)."""
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+def _launch_hooks() -> bool:
+    """Whether a Triton launch hook (a profiler's) is set: such launches take the normal path, which
+    builds the hooks' launch metadata (Triton 3.9's hooks are chains, empty when unused)."""
+    rt = triton.knobs.runtime
+    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True)) or (exit_ is not None and getattr(exit_, "calls", True)))
+
+
+def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef_t,
             flags, m_2=None, m_3=None, a=None, m_w=None):
+    """Launch on the tensors given (``coef_t``: the row's float64 ``[N_COEF]`` tensor, ``flags`` in
+    :func:`launch_flags`' order).
+
+    The first launch of a variant (its flags, shape, dtypes, pointer alignment, device and tuning mode)
+    goes through Triton's ``JITFunction.run`` (compiling, or autotuning with
+    ``FASTDIFF_TRITON_AUTOTUNE=1``), which returns the compiled kernel; with :data:`DIRECT` that kernel
+    and its grid are kept, and later launches of the same key call its launcher directly, skipping
+    Triton's argument binder, cache key and (autotuner's) key lookup. The key re-derives per call
+    what Triton specialises on: every pointer's dtype and 16-byte alignment, the integers' values
+    (``n`` and ``u_stride`` themselves, so ``== 1`` and divisibility by 16 are covered; ``row``'s
+    32-bit range).
+    """
     b = x.shape[0]
     n = x.numel() // b
     if n == 0:
@@ -426,14 +604,51 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, see
             x if z is None else z, x if z2 is None else z2,
             x if mask is None else mask, x if known is None else known, x if g is None else g,
             vec(w), vec(r), vec(s), vec(seeds), x if u is None else u, x if flag is None else flag,
-            x if m_2 is None else m_2, x if m_3 is None else m_3, vec(a), x if m_w is None else m_w)
-    scalars = (n, int(row) & 0xFFFFFFFF, int(u_stride), *(float(c) for c in coef))
+            x if m_2 is None else m_2, x if m_3 is None else m_3, vec(a), x if m_w is None else m_w, coef_t)
+    row = int(row) & 0xFFFFFFFF
+    u_stride = int(u_stride)
+    fv = tuple(flags.values())
+    if DIRECT:
+        dev = x.device.index
+        key = _direct_key(ptrs, fv, n, b, u_stride, row, dev)
+        hit = _direct.get(key)
+        if hit is not None and dev == torch.cuda.current_device() and not _launch_hooks():
+            run, function, metadata, grid0, blk = hit
+            run(grid0, b, 1, _stream(dev), function, metadata, None, None, None, *ptrs, n, row, u_stride, *fv, blk)
+            return
     with _on_device(x):
-        if INTERPRETED or os.environ.get("FASTDIFF_TRITON_AUTOTUNE", "1") == "0":
-            blk = INTERPRET_BLOCK if INTERPRETED else FIXED_BLOCK
-            _step_kernel[(triton.cdiv(n, blk), b)](*ptrs, *scalars, **flags, BLOCK=blk)
-        else:
-            _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), b)](*ptrs, *scalars, **flags)
+        compiled, grid0, blk = _launch_jit(ptrs, n, b, row, u_stride, flags, x.dtype)
+    if DIRECT and compiled is not None:
+        try:
+            _direct[key] = (compiled.run, compiled.function, compiled.packed_metadata, grid0, blk)
+        except AttributeError:  # not the CompiledKernel this path expects: keep launching normally
+            pass
+
+
+def _direct_key(ptrs, fv, n, b, u_stride, row, dev) -> tuple:
+    """What selects one compiled kernel and grid (see :func:`_launch`): cheap to build per call (one OR
+    over the addresses where every pointer is aligned, the usual case)."""
+    addr = 0
+    for p in ptrs:
+        addr |= p.data_ptr()
+    align = True if addr & 15 == 0 else tuple(p.data_ptr() & 15 == 0 for p in ptrs)
+    return (fv, n, b, u_stride, row > 0x7FFFFFFF, align, tuple(p.dtype for p in ptrs), dev, _autotune())
+
+
+def _launch_jit(ptrs, n, b, row, u_stride, flags, dtype) -> tuple[object, int, int]:
+    """One launch through Triton's ``JITFunction.run`` (or the autotuner's): ``(its return value, the
+    compiled kernel on a GPU; grid axis 0; BLOCK)``."""
+    if not INTERPRETED and _autotune():
+        compiled = _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), b)](*ptrs, n, row, u_stride, **flags)
+        blk = _tuned.best_config.kwargs["BLOCK"]
+        return compiled, triton.cdiv(n, blk), blk
+    if INTERPRETED:
+        blk, opts = INTERPRET_BLOCK, {}
+    else:
+        blk, nw = fixed_config(n, b, dtype, _sm_count(torch.cuda.current_device()))
+        opts = {"num_warps": nw}
+    grid0 = triton.cdiv(n, blk)
+    return _step_kernel[(grid0, b)](*ptrs, n, row, u_stride, **flags, BLOCK=blk, **opts), grid0, blk
 
 
 class _nullcontext:
@@ -515,8 +730,8 @@ def fused_step(
     flags, u_stride = launch_flags(x, out, m, coef, m_c=m_c, h_read=h_read, h_write=h_write, w=w, r=r, s=s,
                                    clip=clip, seeds=seeds, z=z, z2=z2, mask=mask, known=known, g=g, u=u, flag=flag,
                                    m_2=m_2, m_3=m_3, a=a, m_w=m_w)
-    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
-            flags, m_2, m_3, a, m_w)
+    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row,
+            coef_tensor(coef, x.device), flags, m_2, m_3, a, m_w)
 
 
 def launch_flags(x, out, m, coef, *, m_c=None, h_read=(), h_write=(), w=None, r=None, s=None, clip=0, seeds=None,
@@ -591,14 +806,15 @@ def launch_flags(x, out, m, coef, *, m_c=None, h_read=(), h_write=(), w=None, r=
         HAS_MW=m_w is not None,
         CDT=cdt,
     )
-    return flags, u_stride
+    return {k: flags[k] for k in _FLAG_NAMES}, u_stride  # the kernel's parameter order (the direct launch's)
 
 
-def launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
+def launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef_t,
            flags, m_2=None, m_3=None, a=None, m_w=None) -> None:
     """One row's launch with the ``flags`` and ``u_stride`` :func:`launch_flags` gave for tensors of the same
-    presence, layout and coefficients (nothing is checked here)."""
-    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef,
+    presence, layout and coefficients, ``coef_t`` those coefficients as a float64 ``[N_COEF]`` tensor on
+    ``x``'s device (a :class:`CoefTable` row, or :func:`coef_tensor`'s); nothing is checked here."""
+    _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row, coef_t,
             flags, m_2, m_3, a, m_w)
 
 

@@ -7,7 +7,9 @@ is reported unsupported, never read wrongly.
 A prepared loop (:func:`prepare`, what the executor and the guided loop build) decides each row's
 support, checks and kernel flags once per signature (which operands are given, the coefficients)
 and then launches it directly, instead of running :func:`supports` and the kernel wrapper's checks
-at every step.
+at every step. Its rows' coefficients sit in one device table built at preparation (one pointer per
+launch instead of 30 scalars), and after a variant's first launch the compiled kernel is launched
+directly (``fastdiff.kernels.step``: ``DIRECT``, ``CoefTable``, ``fixed_config``).
 """
 
 from __future__ import annotations
@@ -136,30 +138,39 @@ def _signature(a: StepArgs) -> tuple:
 class _PreparedSteps:
     """The ``step`` of a prepared program (:func:`prepare`): a row's support, checks and kernel flags
     decided once per signature (:func:`_signature`: a row whose operands come and go, as a host-drawn
-    noise tensor pointed at per call, is decided again), then one direct launch per step."""
+    noise tensor pointed at per call, is decided again), then one direct launch per step.
+
+    The rows' coefficients live in one device table (``kernels().CoefTable``, built here, at
+    preparation); a row whose coefficients change gets its entry rewritten when its signature is
+    decided again (eagerly: never during CUDA graph capture, which raises)."""
 
     def __init__(self, rows: list[StepArgs]) -> None:
-        self._rows = {id(a) for a in rows}
+        self._index = {id(a): i for i, a in enumerate(rows)}
         self._keep = rows  # (their ids stay theirs while this program lives)
         self._decided: dict[int, tuple] = {}
+        self._table = kernels().CoefTable([a.coef for a in rows], rows[0].x.device) if rows else None
 
     def __call__(self, a: StepArgs) -> None:
-        if id(a) not in self._rows:  # a row made for one call (a Langevin row's operands): the checked path
+        i = self._index.get(id(a))
+        if i is None:  # a row made for one call (a Langevin row's operands): the checked path
             step(a)
             return
         sig = _signature(a)
-        hit = self._decided.get(id(a))
+        hit = self._decided.get(i)
         if hit is None or hit[0] != sig:
             if a.x.shape[0] > kernels().MAX_BATCH or not supports(a):
                 step(a)  # (slices along the batch, or raises naming what it cannot run)
                 return
-            flags, u_stride = kernels().launch_flags(
+            k = kernels()
+            flags, u_stride = k.launch_flags(
                 a.x, a.out, a.m, a.coef, m_c=a.m_c, h_read=a.h_read, h_write=a.h_write, w=a.w, r=a.r, s=a.s,
                 clip=a.clip, seeds=a.seeds, z=a.z, z2=a.z2, mask=a.mask, known=a.known, g=a.g, u=a.u, flag=a.flag,
                 m_2=a.m_2, m_3=a.m_3, a=a.a, m_w=a.m_w)
-            hit = self._decided[id(a)] = (sig, flags, u_stride)
+            coef_t = (self._table.write(i, a.coef) if a.x.device == self._table.table.device
+                      else k.coef_tensor(a.coef, a.x.device))
+            hit = self._decided[i] = (sig, flags, u_stride, coef_t)
         kernels().launch(a.x, a.out, a.m, a.m_c, a.h_read, a.h_write, a.z, a.z2, a.mask, a.known, a.g, a.w, a.r, a.s,
-                         a.seeds, a.u, hit[2], a.flag, a.row, a.coef, hit[1], a.m_2, a.m_3, a.a, a.m_w)
+                         a.seeds, a.u, hit[2], a.flag, a.row, hit[3], hit[1], a.m_2, a.m_3, a.a, a.m_w)
 
 
 def prepare(rows: list[StepArgs], reductions: list):

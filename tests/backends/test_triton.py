@@ -163,11 +163,13 @@ def test_packed_layout_is_fastdiff_args():
                  "MAX_WRITES", "N_OPERANDS", "OP_X", "OP_D", "OP_E", "OP_H", "OP_Z"):
         assigned = rf"^{name}\b[^\n]*=|^[A-Z0-9_, ]*\b{name}\b[A-Z0-9_, ]*="  # NAME = ..., A, NAME, B = ...
         assert not re.search(assigned, src, re.M), f"{name} is redefined"
+    # the kernel takes the row as one float64 pointer and reads it at these offsets (constexpr copies
+    # of the values above, made from them)
     params = list(inspect.signature(K._step_kernel.fn).parameters)
-    i = params.index("a_x")
-    assert tuple(params[i:i + N_COEF]) == K.COEF_PARAMS
-    assert K.COEF_PARAMS[fargs.C_U] == "u_scale" and K.COEF_PARAMS[fargs.C_G] == "c_g"
-    assert K.COEF_PARAMS[fargs.C_W1 + plan.OP_Z] == "q_z" and K.COEF_PARAMS[fargs.C_OUT + plan.OP_H + 3] == "o_3"
+    assert "coef_ptr" in params and not {"a_x", "u_scale", "o_x", "q_z"} & set(params)
+    for name in ("C_AX", "C_AE", "C_OUT", "C_W0", "C_W1", "C_KNOWN_A", "C_KNOWN_S", "C_G", "C_U", "OP_X", "OP_D",
+                 "OP_E", "OP_H", "OP_Z"):
+        assert getattr(K, "_" + name).value == getattr(fargs if name.startswith("C_") else plan, name), name
     assert {"U_COPIES", "CHECK"} <= set(K._TUNE_KEY) and {"u_ptr", "flag_ptr"} <= set(K._OUTPUTS)
 
 
@@ -313,7 +315,7 @@ _COMPILE = textwrap.dedent("""
     fn = K._step_kernel
     names = list(inspect.signature(fn.fn).parameters)
     vec = {"w_ptr": "*fp32", "r_ptr": "*fp32", "s_ptr": "*fp32", "seed_ptr": "*i64", "flag_ptr": "*i32",
-           "a_ptr": "*fp32"}
+           "a_ptr": "*fp32", "coef_ptr": "*fp64"}
     blend = dict(BLEND=True, HAS_R=False, HAS_M2=True, HAS_M3=True, HAS_MW=True)  # N branches, momentum write
     for arch in (80, 90):
         for st, cdt, mode in (("fp16", tl.float32, {}), ("bf16", tl.float32, {}), ("fp64", tl.float64, {}),
@@ -324,9 +326,9 @@ _COMPILE = textwrap.dedent("""
             flags.update(mode)
             ints = ("n", "row", "u_stride")
             ptrs = {nm for nm in names if nm.endswith("_ptr")}
-            assert set(names) - set(flags) - set(ints) == ptrs | set(K.COEF_PARAMS)
+            assert set(names) - set(flags) - set(ints) == ptrs
             sig = {nm: (vec.get(nm, "*" + st) if nm.endswith("_ptr") else "i32" if nm in ints
-                        else "constexpr" if nm in flags else "fp64") for nm in names}
+                        else "constexpr") for nm in names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, nm in enumerate(names)
                      if nm.endswith("_ptr") and nm != "flag_ptr" or nm in ("n", "u_stride")}
             c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=flags, attrs=attrs),
