@@ -49,6 +49,8 @@ import array
 import functools
 import inspect
 import os
+from functools import reduce
+from operator import attrgetter, or_
 
 import torch
 import triton
@@ -552,9 +554,10 @@ def _direct_supported() -> bool:
         src = inspect.getsource(JITFunction.run)
     except (ImportError, OSError, TypeError, AttributeError):
         return False
-    return all(s in src for s in (
+    knobs = getattr(getattr(triton, "knobs", None), "runtime", None)  # where _launch_hooks looks (Triton >= 3.4)
+    return hasattr(knobs, "launch_enter_hook") and all(s in src for s in (
         "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,",
-        "*bound_args.values())", "return kernel"))
+        "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())", "return kernel"))
 
 
 DIRECT = _direct_supported()
@@ -581,14 +584,14 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, see
     """Launch on the tensors given (``coef_t``: the row's float64 ``[N_COEF]`` tensor, ``flags`` in
     :func:`launch_flags`' order).
 
-    The first launch of a variant (its flags, shape, dtypes, pointer alignment, device and tuning mode)
-    goes through Triton's ``JITFunction.run`` (compiling, or autotuning with
-    ``FASTDIFF_TRITON_AUTOTUNE=1``), which returns the compiled kernel; with :data:`DIRECT` that kernel
-    and its grid are kept, and later launches of the same key call its launcher directly, skipping
-    Triton's argument binder, cache key and (autotuner's) key lookup. The key re-derives per call
-    what Triton specialises on: every pointer's dtype and 16-byte alignment, the integers' values
-    (``n`` and ``u_stride`` themselves, so ``== 1`` and divisibility by 16 are covered; ``row``'s
-    32-bit range).
+    The first launch of a variant (its flags, shape, dtypes, pointer alignment and device) goes
+    through Triton's ``JITFunction.run`` (compiling, or autotuning with ``FASTDIFF_TRITON_AUTOTUNE=1``,
+    which is read there: a variant launched before keeps its configuration), which returns the
+    compiled kernel; with :data:`DIRECT` that kernel and its grid are kept, and later launches of the
+    same key call its launcher directly, skipping Triton's argument binder, cache key and the
+    autotuner's key lookup. The key re-derives per call what Triton specialises on: every pointer's
+    dtype and 16-byte alignment, the integers' values (``n`` and ``u_stride`` themselves, so ``== 1``
+    and divisibility by 16 are covered; ``row``'s 32-bit range).
     """
     b = x.shape[0]
     n = x.numel() // b
@@ -610,29 +613,31 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, see
     fv = tuple(flags.values())
     if DIRECT:
         dev = x.device.index
-        key = _direct_key(ptrs, fv, n, b, u_stride, row, dev)
+        addrs = tuple(map(_DATA_PTR, ptrs))
+        # what Triton specialises on, re-derived: one OR over the addresses where all are aligned
+        align = True if reduce(or_, addrs) & 15 == 0 else tuple(p & 15 == 0 for p in addrs)
+        key = (fv, n, b, u_stride, row > 0x7FFFFFFF, align, tuple(map(_DTYPE, ptrs)), dev)
         hit = _direct.get(key)
-        if hit is not None and dev == torch.cuda.current_device() and not _launch_hooks():
+        if hit is not None and dev == _current_device() and not _launch_hooks():
             run, function, metadata, grid0, blk = hit
-            run(grid0, b, 1, _stream(dev), function, metadata, None, None, None, *ptrs, n, row, u_stride, *fv, blk)
+            # the addresses as integers: the launcher then neither calls data_ptr nor queries the driver
+            run(grid0, b, 1, _stream(dev), function, metadata, None, None, None, *addrs, n, row, u_stride, *fv, blk)
             return
     with _on_device(x):
         compiled, grid0, blk = _launch_jit(ptrs, n, b, row, u_stride, flags, x.dtype)
     if DIRECT and compiled is not None:
-        try:
+        try:  # (.run first: it loads the binary, which sets .function)
             _direct[key] = (compiled.run, compiled.function, compiled.packed_metadata, grid0, blk)
         except AttributeError:  # not the CompiledKernel this path expects: keep launching normally
             pass
 
 
-def _direct_key(ptrs, fv, n, b, u_stride, row, dev) -> tuple:
-    """What selects one compiled kernel and grid (see :func:`_launch`): cheap to build per call (one OR
-    over the addresses where every pointer is aligned, the usual case)."""
-    addr = 0
-    for p in ptrs:
-        addr |= p.data_ptr()
-    align = True if addr & 15 == 0 else tuple(p.data_ptr() & 15 == 0 for p in ptrs)
-    return (fv, n, b, u_stride, row > 0x7FFFFFFF, align, tuple(p.dtype for p in ptrs), dev, _autotune())
+_DATA_PTR = torch.Tensor.data_ptr
+_DTYPE = attrgetter("dtype")
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
 
 
 def _launch_jit(ptrs, n, b, row, u_stride, flags, dtype) -> tuple[object, int, int]:
@@ -645,7 +650,7 @@ def _launch_jit(ptrs, n, b, row, u_stride, flags, dtype) -> tuple[object, int, i
     if INTERPRETED:
         blk, opts = INTERPRET_BLOCK, {}
     else:
-        blk, nw = fixed_config(n, b, dtype, _sm_count(torch.cuda.current_device()))
+        blk, nw = fixed_config(n, b, dtype, _sm_count(_current_device()))
         opts = {"num_warps": nw}
     grid0 = triton.cdiv(n, blk)
     return _step_kernel[(grid0, b)](*ptrs, n, row, u_stride, **flags, BLOCK=blk, **opts), grid0, blk

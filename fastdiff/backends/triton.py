@@ -14,8 +14,10 @@ directly (``fastdiff.kernels.step``: ``DIRECT``, ``CoefTable``, ``fixed_config``
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import operator
 import os
 from types import ModuleType
 
@@ -128,10 +130,14 @@ _SIGNATURE_FIELDS = ("m_c", "w", "r", "s", "seeds", "z", "z2", "mask", "known", 
                      "m_w")
 
 
+_operands = operator.attrgetter(*_SIGNATURE_FIELDS)
+_NONES = (None,) * len(_SIGNATURE_FIELDS)
+
+
 def _signature(a: StepArgs) -> tuple:
     """What decides a row's kernel variant and checks: which operands are given, the history counts,
     the clip mode, the coefficients and the model input's copies."""
-    return (tuple(getattr(a, f) is None for f in _SIGNATURE_FIELDS), len(a.h_read), len(a.h_write), a.clip,
+    return (tuple(map(operator.is_, _operands(a), _NONES)), len(a.h_read), len(a.h_write), a.clip,
             tuple(a.coef), 0 if a.u is None else a.u.shape[0])
 
 
@@ -142,19 +148,29 @@ class _PreparedSteps:
 
     The rows' coefficients live in one device table (``kernels().CoefTable``, built here, at
     preparation); a row whose coefficients change gets its entry rewritten when its signature is
-    decided again (eagerly: never during CUDA graph capture, which raises)."""
+    decided again (eagerly: never during CUDA graph capture, which raises). With opt-in autotuning
+    (``FASTDIFF_TRITON_AUTOTUNE=1``) every row is tuned here, before the loop, by one launch on
+    scratch tensors of its shapes (:func:`_scratch`), so that no step of the loop benchmarks or
+    synchronises."""
 
     def __init__(self, rows: list[StepArgs]) -> None:
         self._index = {id(a): i for i, a in enumerate(rows)}
         self._keep = rows  # (their ids stay theirs while this program lives)
         self._decided: dict[int, tuple] = {}
         self._table = kernels().CoefTable([a.coef for a in rows], rows[0].x.device) if rows else None
+        if rows and not kernels().INTERPRETED and kernels()._autotune():
+            for i, a in enumerate(rows):
+                self._step(i, _scratch(a))
 
     def __call__(self, a: StepArgs) -> None:
         i = self._index.get(id(a))
         if i is None:  # a row made for one call (a Langevin row's operands): the checked path
             step(a)
             return
+        self._step(i, a)
+
+    def _step(self, i: int, a: StepArgs) -> None:
+        """Row ``i`` on the tensors of ``a`` (the row itself, or its scratch copy)."""
         sig = _signature(a)
         hit = self._decided.get(i)
         if hit is None or hit[0] != sig:
@@ -171,6 +187,24 @@ class _PreparedSteps:
             hit = self._decided[i] = (sig, flags, u_stride, coef_t)
         kernels().launch(a.x, a.out, a.m, a.m_c, a.h_read, a.h_write, a.z, a.z2, a.mask, a.known, a.g, a.w, a.r, a.s,
                          a.seeds, a.u, hit[2], a.flag, a.row, hit[3], hit[1], a.m_2, a.m_3, a.a, a.m_w)
+
+
+def _scratch(a: StepArgs) -> StepArgs:
+    """``a`` over fresh zero tensors of the same shapes, strides, dtypes and devices, one per distinct
+    tensor (exact aliases stay aliases): a launch on it touches none of the program's buffers."""
+    made: dict[int, torch.Tensor] = {}
+
+    def fresh(t):
+        if isinstance(t, tuple):
+            return tuple(fresh(v) for v in t)
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in made:
+            made[id(t)] = torch.zeros_like(t) if t.is_contiguous() else \
+                torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).zero_()
+        return made[id(t)]
+
+    return dataclasses.replace(a, **{f.name: fresh(getattr(a, f.name)) for f in dataclasses.fields(a)})
 
 
 def prepare(rows: list[StepArgs], reductions: list):

@@ -2,9 +2,9 @@
 shapes; the Philox stream is the same on cpu, triton and cuda; contract v3 (the model input u and
 the non-finite flag) and ``_C_cuda.Program`` on the device. Skipped without a GPU.
 
-Set ``FASTDIFF_TRITON_AUTOTUNE=0`` to compile each Triton variant once with a fixed block instead
-of tuning it (what benchmarks/gpu_check.py does, to keep a GPU session short); one test below
-always runs the autotuner, whose trial runs must restore in-place outputs.
+Triton compiles each variant once with a fixed configuration per size class (the default, and
+``FASTDIFF_TRITON_AUTOTUNE=0``: what benchmarks/gpu_check.py sets, to keep a GPU session short);
+one test below opts into the autotuner, whose trial runs must restore in-place outputs.
 """
 
 from __future__ import annotations

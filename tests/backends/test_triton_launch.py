@@ -204,7 +204,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(K, "_direct", {})
     monkeypatch.setattr(K, "_sm_count", lambda index: 132)
     monkeypatch.setattr(K, "_stream", lambda index: STREAM)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(K, "_current_device", lambda: None)
     monkeypatch.delenv("FASTDIFF_TRITON_AUTOTUNE", raising=False)
     return jit
 
@@ -242,7 +242,10 @@ def test_direct_launch_passes_every_argument_in_parameter_order(fake_gpu):
     want = tuple(values[p] for p in params)  # every parameter, in order (the launcher drops constexprs)
     assert len(direct[9:]) == len(params)
     for p, got, exp in zip(params, direct[9:], want):
-        assert got is exp or got == exp, p
+        if isinstance(exp, torch.Tensor):  # pointers as their addresses
+            assert type(got) is int and got == exp.data_ptr(), p
+        else:
+            assert got is exp or got == exp, p
     assert values["x_ptr"] is kw["x"] and values["n"] == 40 and values["row"] == 3
     coef_t = values["coef_ptr"]
     assert coef_t.dtype == torch.float64 and coef_t.tolist() == list(kw["coef"])
@@ -322,7 +325,8 @@ def test_prepared_program_launches_directly_with_its_table_row(fake_gpu, monkeyp
     steps(a)
     steps(a)
     assert [e[0] for e in fake_gpu.log] == ["jit", "direct"]
-    assert fake_gpu.log[1][2][9 + K._PARAMS.index("coef_ptr")] is steps._table.row(0)
+    assert fake_gpu.log[1][2][9 + K._PARAMS.index("coef_ptr")] == steps._table.row(0).data_ptr()
+    assert fake_gpu.log[0][2][K._PARAMS.index("coef_ptr")] is steps._table.row(0)
 
 
 def test_a_launch_hook_takes_the_normal_path(fake_gpu):
@@ -341,3 +345,41 @@ def test_a_launch_hook_takes_the_normal_path(fake_gpu):
         hook.remove(print)
     _step(kw)
     assert [e[0] for e in fake_gpu.log] == ["jit", "jit", "direct"]
+
+
+class _FakeTuner:
+    """The autotuner: ``fn[grid_fn](*args, **flags)`` picks BLOCK 512 and launches the fake JIT kernel."""
+
+    def __init__(self, jit):
+        self.jit, self.tuned = jit, []
+        self.best_config = types.SimpleNamespace(kwargs={"BLOCK": 512}, num_warps=4)
+
+    def __getitem__(self, grid_fn):
+        def launch(*args, **kwargs):
+            self.tuned.append(args)
+            return self.jit[grid_fn({"BLOCK": 512})](*args, **kwargs, BLOCK=512)
+        return launch
+
+
+def test_autotuning_runs_at_preparation_on_scratch_tensors(fake_gpu, monkeypatch):
+    """FASTDIFF_TRITON_AUTOTUNE=1: each row is tuned when prepared, on scratch tensors of its shapes
+    (the program's buffers untouched), and the loop's first step launches the tuned kernel directly."""
+    tuner = _FakeTuner(fake_gpu)
+    monkeypatch.setattr(K, "_tuned", tuner)
+    monkeypatch.setenv("FASTDIFF_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(tb, "supports", lambda args: True)
+    kw = _args(n=40, b=2)
+    kw["out"] = kw["x"]  # in place: the alias is kept in the scratch copy
+    a = StepArgs(**kw)
+    before = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    steps = tb._PreparedSteps([a])
+    assert len(tuner.tuned) == 1 and [e[0] for e in fake_gpu.log] == ["jit"]
+    tuned = dict(zip(K._PARAMS, tuner.tuned[0]))
+    mine = {id(t) for t in kw.values() if isinstance(t, torch.Tensor)} | {id(t) for t in kw["h_read"] + kw["h_write"]}
+    assert not {id(t) for t in tuned.values() if isinstance(t, torch.Tensor)} & mine - {id(steps._table.row(0))}
+    assert tuned["x_ptr"] is tuned["out_ptr"] and tuned["x_ptr"].shape == kw["x"].shape
+    for k, v in before.items():
+        assert torch.equal(kw[k], v), k
+    steps(a)
+    assert [e[0] for e in fake_gpu.log] == ["jit", "direct"] and len(tuner.tuned) == 1
+    assert fake_gpu.log[1][2][0] == 1  # grid axis 0 from the tuned BLOCK: ceil(40 / 512)
