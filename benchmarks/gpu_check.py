@@ -7,9 +7,10 @@ Parts, each guarded (an error is recorded and the next part runs) and each skipp
 budget is spent; a summary table is always printed at the end:
 
 1. environment: device, versions, which backends are available and why not;
-2. the GPU tests (tests/backends/test_gpu.py, test_triton.py, the CUDA graph, executor and blend-row
-   tests) through pytest, with
-   FASTDIFF_TRITON_AUTOTUNE=0 so each Triton variant compiles once;
+2. the GPU tests (tests/backends/test_gpu.py, test_triton.py, test_triton_launch.py (the
+   coefficient table, the direct launch of compiled kernels), the CUDA graph, executor and
+   blend-row tests) through pytest, with FASTDIFF_TRITON_AUTOTUNE=0 (the default: a fixed
+   configuration per size class) so each Triton variant compiles once;
 3. copy bandwidth of the device (torch clone of 1 GiB; bytes read + written);
 4. the fused step of ``triton`` and ``cuda`` (their prepared programs, what the loop runs; and
    Triton's unprepared ``step``) against the reference torch step and ``torch.compile`` of it, at
@@ -100,7 +101,8 @@ def part_tests(rep: Report) -> None:
     env = dict(os.environ, FASTDIFF_TRITON_AUTOTUNE="0", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "tests/backends/test_gpu.py", "tests/backends/test_triton.py", "tests/runtime/test_cuda_graph.py",
+           "tests/backends/test_gpu.py", "tests/backends/test_triton.py", "tests/backends/test_triton_launch.py",
+           "tests/runtime/test_cuda_graph.py",
            "tests/runtime/test_executor.py", "tests/runtime/test_blend_backends.py"]
     timeout = max(30.0, min(300.0, rep.left() - 150))  # leave time for the timings
     try:
