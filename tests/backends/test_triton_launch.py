@@ -383,3 +383,35 @@ def test_autotuning_runs_at_preparation_on_scratch_tensors(fake_gpu, monkeypatch
     steps(a)
     assert [e[0] for e in fake_gpu.log] == ["jit", "direct"] and len(tuner.tuned) == 1
     assert fake_gpu.log[1][2][0] == 1  # grid axis 0 from the tuned BLOCK: ceil(40 / 512)
+
+
+@pytest.mark.skipif(K.INTERPRETED, reason="compiled kernels only (a GPU): the interpreter has none to launch directly")
+def test_direct_launch_on_the_gpu(monkeypatch):
+    """On a GPU: the second launch of a variant bypasses JITFunction.run and writes the same bits."""
+    assert K.DIRECT, "the installed triton's launch differs from the direct path's: it is off"
+    jit_calls = []
+    real = K._step_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            jit_calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(K, "_step_kernel", Counting())
+    monkeypatch.setattr(K, "_direct", {})
+    monkeypatch.delenv("FASTDIFF_TRITON_AUTOTUNE", raising=False)
+    pool, make_args, outputs = _pool(9, shape=(2, 3, 1000))
+    first = _unprepared(pool, make_args, outputs, make_args(pool).coef)
+    assert len(jit_calls) == 1 and len(K._direct) == 1
+    second = _unprepared(pool, make_args, outputs, make_args(pool).coef)
+    torch.cuda.synchronize()
+    assert len(jit_calls) == 1, "the second launch went through JITFunction.run"
+    _assert_bits(second, first, "direct launch")
+    # a misaligned view: another compiled kernel through the JIT, then direct again
+    flat = torch.randn(2 * 3000 + 1, device=DEVICE)
+    x = flat[1:].view(2, 3000)
+    coef = make_args(pool).coef
+    for _ in range(2):
+        K.fused_step(x, torch.empty_like(x), x.clone(), tuple(c if i != K.C_OUT + K.OP_Z else 0.0
+                                                               for i, c in enumerate(coef)))
+    assert len(jit_calls) == 2 and len(K._direct) == 2
