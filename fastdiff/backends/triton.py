@@ -14,6 +14,7 @@ directly (``fastdiff.kernels.step``: ``DIRECT``, ``CoefTable``, ``fixed_config``
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import importlib
 import importlib.util
@@ -135,10 +136,17 @@ _NONES = (None,) * len(_SIGNATURE_FIELDS)
 
 
 def _signature(a: StepArgs) -> tuple:
-    """What decides a row's kernel variant and checks: which operands are given, the history counts,
-    the clip mode, the coefficients and the model input's copies."""
+    """What decides a row's kernel variant and checks besides its coefficients (:func:`_same_coef`):
+    which operands are given, the history counts, the clip mode and the model input's copies."""
     return (tuple(map(operator.is_, _operands(a), _NONES)), len(a.h_read), len(a.h_write), a.clip,
-            tuple(a.coef), 0 if a.u is None else a.u.shape[0])
+            0 if a.u is None else a.u.shape[0])
+
+
+def _same_coef(a, b) -> bool:
+    """Whether two packed coefficient rows are the same bits: the same object (a prepared row's, every
+    step), else compared as float64 bits, so that ``-0.0`` and ``0.0`` (equal as floats, not in what a
+    step computes from them) are different rows."""
+    return a is b or array.array("d", a).tobytes() == array.array("d", b).tobytes()
 
 
 class _PreparedSteps:
@@ -173,7 +181,7 @@ class _PreparedSteps:
         """Row ``i`` on the tensors of ``a`` (the row itself, or its scratch copy)."""
         sig = _signature(a)
         hit = self._decided.get(i)
-        if hit is None or hit[0] != sig:
+        if hit is None or hit[0] != sig or not _same_coef(a.coef, hit[4]):
             if a.x.shape[0] > kernels().MAX_BATCH or not supports(a):
                 step(a)  # (slices along the batch, or raises naming what it cannot run)
                 return
@@ -184,7 +192,7 @@ class _PreparedSteps:
                 m_2=a.m_2, m_3=a.m_3, a=a.a, m_w=a.m_w)
             coef_t = (self._table.write(i, a.coef) if a.x.device == self._table.table.device
                       else k.coef_tensor(a.coef, a.x.device))
-            hit = self._decided[i] = (sig, flags, u_stride, coef_t)
+            hit = self._decided[i] = (sig, flags, u_stride, coef_t, a.coef)
         kernels().launch(a.x, a.out, a.m, a.m_c, a.h_read, a.h_write, a.z, a.z2, a.mask, a.known, a.g, a.w, a.r, a.s,
                          a.seeds, a.u, hit[2], a.flag, a.row, hit[3], hit[1], a.m_2, a.m_3, a.a, a.m_w)
 
