@@ -597,26 +597,15 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, see
     n = x.numel() // b
     if n == 0:
         return
-    reads = list(h_read) + [x] * (MAX_READS - len(h_read))
-    writes = list(h_write) + [x] * (MAX_WRITES - len(h_write))
-
-    def vec(t):  # per-sample scalars: tiny, so make any view (an expanded scalar) contiguous
-        return x if t is None else t.contiguous()
-
-    ptrs = (x, out, m, x if m_c is None else m_c, *reads, *writes,
-            x if z is None else z, x if z2 is None else z2,
-            x if mask is None else mask, x if known is None else known, x if g is None else g,
-            vec(w), vec(r), vec(s), vec(seeds), x if u is None else u, x if flag is None else flag,
-            x if m_2 is None else m_2, x if m_3 is None else m_3, vec(a), x if m_w is None else m_w, coef_t)
+    ptrs = _pointers(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, flag, m_2, m_3, a,
+                     m_w, coef_t)
     row = int(row) & 0xFFFFFFFF
     u_stride = int(u_stride)
     fv = tuple(flags.values())
     if DIRECT:
         dev = x.device.index
         addrs = tuple(map(_DATA_PTR, ptrs))
-        # what Triton specialises on, re-derived: one OR over the addresses where all are aligned
-        align = True if reduce(or_, addrs) & 15 == 0 else tuple(p & 15 == 0 for p in addrs)
-        key = (fv, n, b, u_stride, row > 0x7FFFFFFF, align, tuple(map(_DTYPE, ptrs)), dev)
+        key = _direct_key(addrs, ptrs, fv, n, b, u_stride, row, dev)
         hit = _direct.get(key)
         if hit is not None and dev == _current_device() and not _launch_hooks():
             run, function, metadata, grid0, blk = hit
@@ -630,6 +619,88 @@ def _launch(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, see
             _direct[key] = (compiled.run, compiled.function, compiled.packed_metadata, grid0, blk)
         except AttributeError:  # not the CompiledKernel this path expects: keep launching normally
             pass
+
+
+_M, _MC = 2, 3
+"""Where ``m`` and ``m_c`` sit in the kernel's pointer parameters (:func:`_pointers`)."""
+
+
+def _pointers(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, flag, m_2, m_3, a, m_w,
+              coef_t) -> tuple:
+    """The kernel's pointer arguments in its parameter order (``x`` for an operand not given: never read)."""
+    reads = list(h_read) + [x] * (MAX_READS - len(h_read))
+    writes = list(h_write) + [x] * (MAX_WRITES - len(h_write))
+
+    def vec(t):  # per-sample scalars: tiny, so make any view (an expanded scalar) contiguous
+        return x if t is None else t.contiguous()
+
+    return (x, out, m, x if m_c is None else m_c, *reads, *writes,
+            x if z is None else z, x if z2 is None else z2,
+            x if mask is None else mask, x if known is None else known, x if g is None else g,
+            vec(w), vec(r), vec(s), vec(seeds), x if u is None else u, x if flag is None else flag,
+            x if m_2 is None else m_2, x if m_3 is None else m_3, vec(a), x if m_w is None else m_w, coef_t)
+
+
+def _direct_key(addrs, ptrs, fv, n, b, u_stride, row, dev) -> tuple:
+    """What Triton specialises a launch on, re-derived: the flags, the integers' values (``n`` and
+    ``u_stride`` themselves, so ``== 1`` and divisibility by 16 are covered; ``row``'s 32-bit range),
+    every pointer's 16-byte alignment (one OR over the addresses where all are aligned) and dtype."""
+    align = True if reduce(or_, addrs) & 15 == 0 else tuple(p & 15 == 0 for p in addrs)
+    return fv, n, b, u_stride, row > 0x7FFFFFFF, align, tuple(map(_DTYPE, ptrs)), dev
+
+
+def direct_launcher(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, u_stride, flag, row,
+                    coef_t, flags, m_2=None, m_3=None, a=None, m_w=None):
+    """``launch(m) -> bool`` for a row whose variant has been launched (the same arguments as :func:`launch`),
+    or ``None`` where the direct path does not apply (no :data:`DIRECT`, not launched yet, a per-sample
+    operand that is not contiguous, an empty state).
+
+    Every pointer but the model output's is fixed when this is made: ``launch(m)`` takes the whole
+    model output (``[m; m_c]`` back to back for a guided row, ``m`` alone otherwise, as
+    :meth:`fastdiff.runtime.ops.Program.run` does), checks that it has the dtype and the alignment this
+    variant was compiled for, that the device is current and no launch hook is set, and launches:
+    ``False`` (nothing launched) where a check fails. The caller keeps the row's tensors unchanged
+    while it uses the launcher (a prepared program drops it when an operand is pointed elsewhere)."""
+    if not DIRECT:
+        return None
+    b = x.shape[0]
+    n = x.numel() // b
+    if n == 0:
+        return None
+    if any(t is not None and not t.is_contiguous() for t in (w, r, s, seeds, a)):
+        return None  # (a contiguous copy per launch: its address would not stay)
+    ptrs = _pointers(x, out, m, m_c, h_read, h_write, z, z2, mask, known, g, w, r, s, seeds, u, flag, m_2, m_3, a,
+                     m_w, coef_t)
+    row = int(row) & 0xFFFFFFFF
+    u_stride = int(u_stride)
+    fv = tuple(flags.values())
+    dev = x.device.index
+    addrs = tuple(map(_DATA_PTR, ptrs))
+    hit = _direct.get(_direct_key(addrs, ptrs, fv, n, b, u_stride, row, dev))
+    if hit is None:
+        return None
+    run, function, metadata, grid0, blk = hit
+    head, tail = addrs[:_M], addrs[_MC + 1:]
+    m_dtype = m.dtype
+    guided = m_c is not None
+    if guided and m_c.dtype != m_dtype:
+        return None
+    off = x.numel() * m.element_size() if guided else 0  # m_c = model output[B:]
+    need = ((addrs[_M] & 15) == 0, (addrs[_MC] & 15) == 0)  # the alignment compiled for (Triton's specialisation)
+    keep = ptrs  # the tensors behind the addresses stay alive with the launcher
+    ints = (n, row, u_stride, *fv, blk)
+
+    def launch(mo: torch.Tensor) -> bool:
+        if mo.dtype != m_dtype or dev != _current_device() or _launch_hooks():
+            return False
+        pm = mo.data_ptr()
+        pc = pm + off if guided else head[0]  # (m_c's slot holds x when the row is not guided)
+        if ((pm & 15) == 0, (pc & 15) == 0) != need:
+            return False
+        run(grid0, b, 1, _stream(dev), function, metadata, None, None, None, *head, pm, pc, *tail, *ints)
+        return keep is not None
+
+    return launch
 
 
 _DATA_PTR = torch.Tensor.data_ptr

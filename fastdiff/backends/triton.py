@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 
 from ..core.args import StepArgs, element_tensors, output_tensors, unsafe_overlap
+from ..runtime.ops import Program
 
 NAME = "triton"
 
@@ -197,6 +198,19 @@ class _PreparedSteps:
                          a.seeds, a.u, hit[2], a.flag, a.row, hit[3], hit[1], a.m_2, a.m_3, a.a, a.m_w)
 
 
+    def launcher(self, i: int):
+        """Row ``i``'s direct launcher (``kernels().direct_launcher``) on its current operands, as decided
+        at its last step; ``None`` where there is none (the row ran the checked path, its variant
+        has no compiled kernel to launch directly, a per-sample operand is not contiguous)."""
+        a = self._keep[i]
+        hit = self._decided.get(i)
+        if hit is None or hit[0] != _signature(a) or not _same_coef(a.coef, hit[4]):
+            return None
+        return kernels().direct_launcher(a.x, a.out, a.m, a.m_c, a.h_read, a.h_write, a.z, a.z2, a.mask, a.known,
+                                         a.g, a.w, a.r, a.s, a.seeds, a.u, hit[2], a.flag, a.row, hit[3], hit[1],
+                                         a.m_2, a.m_3, a.a, a.m_w)
+
+
 def _scratch(a: StepArgs) -> StepArgs:
     """``a`` over fresh zero tensors of the same shapes, strides, dtypes and devices, one per distinct
     tensor (exact aliases stay aliases): a launch on it touches none of the program's buffers."""
@@ -220,6 +234,35 @@ def prepare(rows: list[StepArgs], reductions: list):
     reductions, each row's step launched directly, its support and kernel flags decided once per
     signature instead of at every step. The model outputs the program is given (``m``, ``m_c``) must
     be contiguous, as the executor's are."""
-    from ..runtime.ops import Program
+    return TritonProgram(rows, reductions, _PreparedSteps(rows))
 
-    return Program(rows, reductions, _PreparedSteps(rows))
+
+class TritonProgram(Program):
+    """:class:`fastdiff.runtime.ops.Program` whose ``run`` launches a row's compiled kernel directly once it
+    has run: a row without reductions, after its first step, keeps a launcher with every operand's
+    address fixed but the model output's (``kernels().direct_launcher``), so a step is one address
+    computation and the launch. ``set`` (the one way a prepared program's operands are pointed
+    elsewhere, as for the ``cuda`` backend's program) drops the launchers it affects; a model output
+    of another dtype or alignment, another current device or a profiler's launch hook take the
+    checked path. Like the ``cpu`` and ``cuda`` programs', a row's coefficients are those it was
+    prepared with (the checked path alone follows a row whose ``coef`` is replaced)."""
+
+    def __init__(self, rows: list[StepArgs], reductions: list, steps: _PreparedSteps) -> None:
+        super().__init__(rows, reductions, steps)
+        self._plain = [red is None for red in reductions]
+        self._fast: list = [None] * len(rows)
+
+    def run(self, i: int, m: torch.Tensor) -> None:
+        fast = self._fast[i]  # None: not tried yet; False: none for this row until an operand moves
+        if fast and fast(m):
+            return
+        super().run(i, m)
+        if fast is None and self._plain[i]:
+            self._fast[i] = self._step.launcher(i) or False
+
+    def set(self, i: int, name: str, t: torch.Tensor | None) -> None:
+        super().set(i, name, t)
+        if i < 0:
+            self._fast = [None] * len(self.rows)
+        else:
+            self._fast[i] = None

@@ -351,6 +351,112 @@ def test_a_launch_hook_takes_the_normal_path(fake_gpu):
     assert [e[0] for e in fake_gpu.log] == ["jit", "jit", "direct"]
 
 
+def _program(monkeypatch, a, reductions=None):
+    monkeypatch.setattr(tb, "supports", lambda args: True)  # (CPU tensors with INTERPRETED patched off)
+    prog = tb.prepare([a], [None] if reductions is None else reductions)
+    assert isinstance(prog, tb.TritonProgram)
+    return prog
+
+
+def _launches(log):
+    kinds, log[:] = [e[0] for e in log], []
+    return kinds
+
+
+def test_program_launches_rows_directly_with_the_model_outputs_address(fake_gpu, monkeypatch):
+    """TritonProgram.run: after a row's first step, one launch with every address fixed but the model
+    output's, the same arguments as the checked path's direct launch would pass."""
+    a = StepArgs(**_args(n=40, b=2))
+    prog = _program(monkeypatch, a)
+    mo = torch.randn(4, 40)  # the batched model output: [m_u; m_c]
+    prog.run(0, mo)
+    prog.run(0, mo)
+    prog.run(0, mo)
+    log = list(fake_gpu.log)
+    assert [e[0] for e in log] == ["jit", "direct", "direct"]
+    fast = log[2][2]
+    assert fast[9 + K._M] == mo.data_ptr() and fast[9 + K._MC] == mo.data_ptr() + 2 * 40 * 4
+    # the checked path (the row's own step on the same operands) launches directly with the same arguments
+    fake_gpu.log[:] = []
+    a.m, a.m_c = mo[:2], mo[2:]
+    prog._step(a)
+    assert [e[0] for e in fake_gpu.log] == ["direct"] and fake_gpu.log[0][2] == fast
+    # another model output buffer: its own addresses, no new decision
+    other = torch.randn(4, 40)
+    fake_gpu.log[:] = []
+    prog.run(0, other)
+    got = fake_gpu.log[-1][2]
+    assert _launches(fake_gpu.log) == ["direct"]
+    assert got[9 + K._M] == other.data_ptr() and got[9 + K._MC] == other.data_ptr() + 320
+    assert got[:9 + K._M] == fast[:9 + K._M] and got[9 + K._MC + 1:] == fast[9 + K._MC + 1:]
+
+
+def test_program_direct_launch_falls_back_where_the_model_output_differs(fake_gpu, monkeypatch):
+    a = StepArgs(**_args(n=40, b=2))
+    prog = _program(monkeypatch, a)
+    mo = torch.randn(4, 40)
+    prog.run(0, mo)
+    prog.run(0, mo)
+    assert _launches(fake_gpu.log) == ["jit", "direct"]
+    # 4 bytes off 16-byte alignment: Triton specialises on it, so a kernel of its own through the JIT
+    odd = torch.randn(4 * 40 + 1)[1:].view(4, 40)
+    prog.run(0, odd)
+    assert _launches(fake_gpu.log) == ["jit"]
+    assert fake_gpu.log == []
+    prog.run(0, mo)  # the launcher still serves the aligned buffer
+    assert _launches(fake_gpu.log) == ["direct"]
+    # another dtype of model output: the checked path, which keys its own kernel on the dtype
+    prog.run(0, mo.double())
+    assert _launches(fake_gpu.log) == ["jit"]
+    # another current device: the checked path
+    monkeypatch.setattr(K, "_current_device", lambda: 7)
+    prog.run(0, mo)
+    assert _launches(fake_gpu.log) == ["jit"]
+
+
+def test_program_set_drops_the_rows_launcher(fake_gpu, monkeypatch):
+    kw = _args(n=40, b=2)
+    a = StepArgs(**kw)
+    prog = _program(monkeypatch, a)
+    mo = torch.randn(4, 40)
+    prog.run(0, mo)
+    prog.run(0, mo)
+    zi = K._PARAMS.index("h0_ptr")
+    assert fake_gpu.log[-1][2][9 + zi] == kw["h_read"][0].data_ptr()
+    moved = (torch.randn(2, 40),)
+    prog.set(0, "h_read", moved)
+    prog.run(0, mo)
+    prog.run(0, mo)
+    assert all(e[0] == "direct" for e in fake_gpu.log[2:]) and len(fake_gpu.log) == 4
+    assert fake_gpu.log[-1][2][9 + zi] == moved[0].data_ptr() == fake_gpu.log[-2][2][9 + zi]
+    prog.set(-1, "h_read", kw["h_read"])  # every row's launcher goes
+    prog.run(0, mo)
+    assert fake_gpu.log[-1][2][9 + zi] == kw["h_read"][0].data_ptr()
+
+
+def test_program_has_no_launcher_for_reduced_rows_or_copied_operands(fake_gpu, monkeypatch):
+    from fastdiff.runtime.ops import Reduction
+
+    kw = _args(n=40, b=2)
+    kw["w"] = torch.ones(1).expand(2)  # made contiguous (a new tensor) at every launch
+    a = StepArgs(**kw)
+    prog = _program(monkeypatch, a)
+    mo = torch.randn(4, 40)
+    for _ in range(3):
+        prog.run(0, mo)
+    assert prog._fast == [False]  # the checked path: its direct launch takes each launch's copy of w
+    wi = K._PARAMS.index("w_ptr")
+    assert [e[0] for e in fake_gpu.log] == ["jit", "direct", "direct"]
+    assert all(e[2][9 + wi] != kw["w"].data_ptr() for e in fake_gpu.log[1:])
+    kw = _args(n=40, b=2)
+    kw["r"] = torch.ones(2)
+    b = StepArgs(**kw)
+    prog = _program(monkeypatch, b, [Reduction(rescale=0.7)])
+    for _ in range(2):
+        prog.run(0, mo)
+    assert prog._fast == [None]  # a per-step reduction runs first: always the checked path
+
+
 class _FakeTuner:
     """The autotuner: ``fn[grid_fn](*args, **flags)`` picks BLOCK 512 and launches the fake JIT kernel."""
 
