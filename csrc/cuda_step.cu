@@ -147,7 +147,7 @@ struct Spec {
   static constexpr bool zext = general || (K & K_ZEXT) != 0;
   // registers: the specialised variants are held to 64 (fp32 compute) / 80 (fp64) by asking for 4 /
   // 3 resident blocks of THREADS (ptxas meets that without spilling: test_cuda_registers.py); the
-  // general ones keep ptxas's own choice (96-122 on sm_90 today: 2 blocks per SM)
+  // general ones keep ptxas's own choice (93-120 on sm_90 today: 2 blocks per SM)
   static constexpr int min_blocks(bool f64) { return general ? 1 : f64 ? 3 : 4; }
 };
 
@@ -157,9 +157,9 @@ struct Spec {
 /// -DFD_FORCE_UNROLL=U (U = 1..4) and reading ptxas -v (test_cuda_registers.py holds the result).
 /// Each chunk in flight holds its input packs (x, m, and m_c, 2 history reads, external z as the
 /// variant has them: 4 registers each) from its loads to its math, so the count falls as packs
-/// and the Philox math's temporaries are added; the heaviest rows (5 or 6 packs, or history with
-/// Philox) spill even at 2 and keep 1. The general variants keep 1 (a quarter of their operands
-/// would not fit twice).
+/// and the Philox math's temporaries are added: rows of 5 or 6 packs, and history with Philox,
+/// spill even at 2 and keep 1 (for 16-bit storage, whose conversions cost registers, 4 packs too).
+/// The general variants keep 1: their rows are the rare ones, at 93-120 registers already.
 constexpr int UNROLL_BY_K[3][12] = {
     // K: 0  CFG HIST HIST|CFG, then the same with PHILOX, then with ZEXT
     {3, 2, 2, 1, 3, 2, 1, 1, 2, 2, 1, 1},   // fp32 (4 for K = 0 spilled 4 bytes)
@@ -476,7 +476,9 @@ template <int N, int U, class S, unsigned K>
 FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base,
                 int64_t step, int64_t end, typename Storage<S>::T& nf, Sample<typename Storage<S>::T, Spec<K>::blend>& smp,
                 const UCopies& uc, const Layout& L) {
-  Inputs<S> in[U]{};  // zeroed: ptxas then needs fewer registers (96 -> 102 for the general fp32 variant without)
+  // zeroed (and Outputs below): left undefined, they cost registers (the general fp32 variant 102
+  // instead of 96, and the 16-bit Philox variants with history spilled)
+  Inputs<S> in[U]{};
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
