@@ -26,20 +26,37 @@
 //
 // Host-side work, once per launch: the coefficients are rounded to the compute type and the flags
 // decided (fd_unpack_coef / fd_make_flags, the same code the device ran before) and passed as
-// kernel parameters (no shared memory, no barrier); the sample of an element is found with a 32-bit
-// multiply-shift (Layout: exact for numel < 2^31, else a 64-bit division); the grid is the
-// occupancy API's blocks per SM times the SMs, for the variant launched.
+// kernel parameters (no shared memory, no barrier); the multiply-shift that finds an element's
+// sample is set up (Layout); the grid is at most the occupancy API's blocks per SM times the SMs,
+// for the variant launched.
 //
 // Work split: the flat tensor (numel = batch * per_sample elements) is cut into chunks of 16 bytes
 // (VEC elements: 4 fp32, 8 fp16/bf16, 2 fp64); the numel % VEC elements after the last chunk take
 // the scalar path. Both run in a grid-stride loop. Each operand of a chunk is one 128-bit load or
 // store where that operand is 16-byte aligned (bit k of Layout::al, set at launch) and VEC element
 // accesses where it is not, so one unaligned operand (m_c = out[B:] at an odd offset) costs only its
-// own accesses; g, m_2 and m_3 are always read element by element (see run()). vector_path() still
-// says whether every operand takes the 16-byte accesses. A thread loads every input of its chunk
-// before it stores anything, so out == x, a history slot both read and written, and m_w == m_3
-// are safe. m, m_c and external z (read once, overwritten before the next row reads anything) are
-// loaded with the evict-first hint (__ldcs) where 16 bytes at a time.
+// own accesses; g, m_2 and m_3 are always read element by element (see load()). vector_path() still
+// says whether every operand takes the 16-byte accesses. m, m_c and external z (read once,
+// overwritten before the next row reads anything) are loaded with the evict-first hint (__ldcs)
+// where 16 bytes at a time.
+//
+// Chunks in flight (issue 19): a thread of a specialised variant takes U chunks per iteration
+// (UNROLL, 1-4 by variant and storage width: as many as fit its register target without a spill,
+// measured with ptxas; the general variants 1), chunks ch, ch + stride, ..., ch + (U-1) stride so
+// that at every access adjacent threads still touch adjacent 16-byte chunks (coalesced), then
+// moves on by U strides; a group that runs past the last chunk is cut short (run()), and the grid
+// is sized for numel / (U VEC) threads. run() issues every load of its U chunks before any math
+// or store (U times the memory requests of one chunk in flight: SASS shows all of them ahead of
+// the first store), then computes and stores each chunk in turn. Every input of every chunk is
+// read before any output is written, so out == x, a history slot both read and written, and
+// m_w == m_3 are safe (outputs alias inputs element for element only).
+//
+// Per-sample scalars (w, r, s, the Philox seed, blend a) are held across a thread's chunks
+// (Sample) and reloaded only where an element's sample is not the one held: one multiply-shift per
+// chunk finds it (Layout: exact for numel < 2^31, else a 64-bit division), and an element that
+// crosses into the next sample inside a chunk moves on by one. Only the scalars the row uses are
+// loaded. (A 2-D grid, a block row per sample, would find the sample for free but breaks the
+// 16-byte chunks wherever per_sample is not a multiple of VEC, and wastes blocks on small batches.)
 //
 // u, the next model input (u_copies copies of u_scale * x' as stored), is written after out, from
 // the rounded x' still in registers; each copy takes a 16-byte store where its own start is aligned
@@ -130,9 +147,31 @@ struct Spec {
   static constexpr bool zext = general || (K & K_ZEXT) != 0;
   // registers: the specialised variants are held to 64 (fp32 compute) / 80 (fp64) by asking for 4 /
   // 3 resident blocks of THREADS (ptxas meets that without spilling: test_cuda_registers.py); the
-  // general ones keep ptxas's own choice (96-122 on sm_90 today: 2 blocks per SM)
+  // general ones keep ptxas's own choice (93-120 on sm_90 today: 2 blocks per SM)
   static constexpr int min_blocks(bool f64) { return general ? 1 : f64 ? 3 : 4; }
 };
+
+/// Chunks in flight per thread and grid-stride iteration (run()) of the specialised variants, by K
+/// (= variant_index) and storage width: the most that ptxas (nvcc 13.0, sm_90) fits into the
+/// variant's register target (min_blocks) without spilling, measured by compiling with every
+/// -DFD_FORCE_UNROLL=U (U = 1..4) and reading ptxas -v (test_cuda_registers.py holds the result).
+/// Each chunk in flight holds its input packs (x, m, and m_c, 2 history reads, external z as the
+/// variant has them: 4 registers each) from its loads to its math, so the count falls as packs
+/// and the Philox math's temporaries are added: rows of 5 or 6 packs, and history with Philox,
+/// spill even at 2 and keep 1 (for 16-bit storage, whose conversions cost registers, 4 packs too).
+/// The general variants keep 1: their rows are the rare ones, at 93-120 registers already.
+constexpr int UNROLL_BY_K[3][12] = {
+    // K: 0  CFG HIST HIST|CFG, then the same with PHILOX, then with ZEXT
+    {3, 2, 2, 1, 3, 2, 1, 1, 2, 2, 1, 1},   // fp32 (4 for K = 0 spilled 4 bytes)
+    {3, 2, 1, 1, 3, 2, 1, 1, 2, 1, 1, 1},   // fp16, bf16 (bf16 K_ZEXT|K_CFG fits 2, fp16's spills)
+    {4, 2, 2, 1, 4, 2, 1, 1, 3, 2, 1, 1}};  // fp64 (80 registers: 3 blocks of 256 per SM)
+
+template <class S, unsigned K>
+#if defined(FD_FORCE_UNROLL)  // the measurement above
+constexpr int UNROLL = Spec<K>::general ? 1 : FD_FORCE_UNROLL;
+#else
+constexpr int UNROLL = Spec<K>::general ? 1 : UNROLL_BY_K[sizeof(S) == 4 ? 0 : sizeof(S) == 2 ? 1 : 2][K];
+#endif
 
 // --- loads and stores ---------------------------------------------------------------------------
 
@@ -176,7 +215,9 @@ FD_DEV void store_pack(void* ptr, int64_t base, const Pack<S>& o, bool vec) {
   S* dst = static_cast<S*>(ptr) + base;
   if (N == Pack<S>::VEC && vec) {
 #if defined(__CUDA_ARCH__)
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(o.v);
+    // st.global.v4 by inline asm (__stwb: the default write-back policy): a plain uint4 store of
+    // the second of U chunks came out of nvcc 13.0 as four 32-bit stores
+    __stwb(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(o.v));
 #else
 #if defined(FD_CUDA_EMU)
     fd_emu::check_aligned16(dst);
@@ -222,33 +263,42 @@ FD_DEV int64_t sample_of(int64_t i, int64_t per_sample, const Layout& L) {
   return i / per_sample;
 }
 
-/// Per-sample state of the element being processed: scalars and the cached Philox group.
-/// BLEND: also the blend coefficients of the sample, a[k] = p.a[k * batch + b] (k < 8 with m_w,
-/// else k < 4: a has 4 rows then).
+/// The per-sample scalars of the sample a thread is in, kept across its chunks (step_kernel) and
+/// reloaded by enter() only when an element's sample is not the one held (b; -1: none yet): a
+/// thread walks its chunks in increasing order, so each sample it meets is loaded once. Only what
+/// the row uses is loaded (w with guidance, r with rescale, s with clipping, the seed with Philox
+/// noise): the specialised variants know most of that at compile time and hold no register for
+/// the rest. BLEND: also the blend coefficients, a[k] = p.a[k * batch + b] (k < 8 with m_w, else
+/// k < 4: a has 4 rows then).
 template <class T, bool BLEND>
 struct Sample {
-  int64_t b, j;  // sample, element within the sample
-  T w, r, s;
-  T a[2 * fd::BLEND_ROWS];
-  uint64_t seed;
-  int64_t group;  // Philox group whose normals are in nz/nz2; -1 for none
-  float nz[4], nz2[4];
+  int64_t b = -1;
+  T w{}, r{}, s{};
+  T a[2 * fd::BLEND_ROWS]{};
+  uint64_t seed = 0;
 
-  FD_DEV void enter(const StepParams& p, int64_t b_, int64_t batch, bool mw) {
+  FD_DEV void enter(const StepParams& p, const StepFlags& f, bool philox, int64_t b_, int64_t batch) {
     b = b_;
-    w = !BLEND && p.w ? static_cast<T>(p.w[b]) : T(0);  // blend rows have no w and r
-    r = !BLEND && p.r ? static_cast<T>(p.r[b]) : T(0);
-    s = p.s ? static_cast<T>(p.s[b]) : T(1);
-    seed = p.seeds ? static_cast<uint64_t>(p.seeds[b]) : 0u;
-    group = -1;
-    if (BLEND) {
+    if (!BLEND && f.cfg) w = static_cast<T>(p.w[b]);  // blend rows have no w and r
+    if (!BLEND && f.rescale) r = static_cast<T>(p.r[b]);
+    s = f.clip != fd::CLIP_NONE ? static_cast<T>(p.s[b]) : T(1);
+    if (philox) seed = static_cast<uint64_t>(p.seeds[b]);
+    if (BLEND && f.blend) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
       for (int k = 0; k < 2 * fd::BLEND_ROWS; ++k)  // constant indices: a stays in registers
-        a[k] = (k < fd::BLEND_ROWS || mw) ? static_cast<T>(p.a[k * batch + b]) : T(0);
+        a[k] = (k < fd::BLEND_ROWS || f.mw) ? static_cast<T>(p.a[k * batch + b]) : T(0);
     }
   }
+};
+
+/// The Philox normals of the group (4 elements of a sample) the element being processed is in.
+/// Drawn at a chunk's first element and wherever j % 4 == 0 (a new group, or a new sample: j = 0)
+/// as the chunk's elements walk on, so no group index is held. Per chunk, not per thread: a
+/// thread's next chunk is a grid stride (>= 256 chunks) away, never in the same group.
+struct Noise {
+  float nz[4], nz2[4];
 };
 
 /// n[i] for a run-time i by selects: an indexed load would put n in local memory.
@@ -273,12 +323,52 @@ FD_DEV StepFlags spec_flags(const StepFlags& h) {
   return f;
 }
 
-/// Elements [base, base + N) of the flat tensor (N = VEC for a chunk, 1 on the scalar path).
-/// nf accumulates fd_nonfinite of every m / m_c (/ m_2 / m_3) read (f.check); uc: where the copies
-/// of u start and which take 16-byte stores; L: operand alignment and the sample division.
+/// Every input of elements [base, base + N) that is read as a pack (g and the blend branches m_2 /
+/// m_3 are read element by element by compute(), see there).
+template <class S>
+struct Inputs {
+  Pack<S> x, m, mc, h[fd::MAX_READS], z, z2, mk, kn;
+};
+
+/// The outputs of elements [base, base + N) that compute() fills and store() writes.
+template <class S>
+struct Outputs {
+  Pack<S> x, h[fd::MAX_WRITES], mw;
+};
+
+/// Step 1: the input packs of elements [base, base + N) (N = VEC for a chunk, 1 on the scalar path).
 template <int N, class S, unsigned K>
-FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base,
-                typename Storage<S>::T& nf, const UCopies& uc, const Layout& L) {
+FD_DEV void load(const StepParams& p, const StepFlags& f, int64_t base, const Layout& L, Inputs<S>& in) {
+  using Sp = Spec<K>;
+  const bool z_ext = Sp::general ? p.z != nullptr : Sp::zext;  // the specialised variants know it
+  // (g, the classifier-guidance gradient, is read element by element in compute() instead: one more
+  // 16-byte pack made ptxas spill at its 128-register target for 16-bit storage on sm_90, and a
+  // row with g costs a backward pass of the model anyway. Still before any store. The blend
+  // branches m_2 and m_3 likewise: two more packs took the 16-bit blend variant from 146 to 150
+  // registers and fp32's from 126, under the 128 that keeps two blocks per SM, to 136.)
+  load_pack<N>(p.x, base, in.x, al(L, A_X));
+  load_pack<N, true>(p.m, base, in.m, al(L, A_M));
+  if (f.cfg) load_pack<N, true>(p.m_c, base, in.mc, al(L, A_MC));
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < Sp::max_reads; ++k)
+    if (k < f.n_reads) load_pack<N>(p.h_read[k], base, in.h[k], al(L, A_H + k));
+  if (f.z && z_ext) load_pack<N, true>(p.z, base, in.z, al(L, A_Z));
+  if (f.mask) {
+    load_pack<N>(p.mask, base, in.mk, al(L, A_MASK));
+    load_pack<N>(p.known, base, in.kn, al(L, A_KNOWN));
+    if (f.z2 && p.z2) load_pack<N>(p.z2, base, in.z2, al(L, A_Z2));
+  }
+}
+
+/// Step 2: the math of elements [base, base + N), element by element, from `in` into `out`. smp
+/// holds the sample of the element before (or -1) and is moved on as the elements cross samples;
+/// nf accumulates fd_nonfinite of every m / m_c (/ m_2 / m_3) read (f.check).
+template <int N, class S, unsigned K>
+FD_DEV void compute(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f,
+                    int64_t base, const Layout& L, const Inputs<S>& in, Sample<typename Storage<S>::T, Spec<K>::blend>& smp,
+                    typename Storage<S>::T& nf, Outputs<S>& out) {
   using T = typename Storage<S>::T;
   using St = Storage<S>;
   using Sp = Spec<K>;
@@ -286,83 +376,58 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
   // which noise source: the specialised variants know it (philox xor zext), the general one asks
   const bool z_ext = Sp::general ? p.z != nullptr : Sp::zext;
   const bool z2_ext = p.z2 != nullptr;
+  const bool philox = (f.z && !z_ext) || (f.z2 && !z2_ext);
 
-  // 1. every input of the N elements
-  // (g, the classifier-guidance gradient, is read element by element in step 2 instead: one more
-  // 16-byte pack made ptxas spill at its 128-register target for 16-bit storage on sm_90, and a
-  // row with g costs a backward pass of the model anyway. Still before any store. The blend
-  // branches m_2 and m_3 likewise: two more packs took the 16-bit blend variant from 146 to 150
-  // registers and fp32's from 126, under the 128 that keeps two blocks per SM, to 136.)
-  Pack<S> x{}, m{}, mc{}, h[fd::MAX_READS]{}, z{}, z2{}, mk{}, kn{};
-  load_pack<N>(p.x, base, x, al(L, A_X));
-  load_pack<N, true>(p.m, base, m, al(L, A_M));
-  if (f.cfg) load_pack<N, true>(p.m_c, base, mc, al(L, A_MC));
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int k = 0; k < Sp::max_reads; ++k)
-    if (k < f.n_reads) load_pack<N>(p.h_read[k], base, h[k], al(L, A_H + k));
-  if (f.z && z_ext) load_pack<N, true>(p.z, base, z, al(L, A_Z));
-  if (f.mask) {
-    load_pack<N>(p.mask, base, mk, al(L, A_MASK));
-    load_pack<N>(p.known, base, kn, al(L, A_KNOWN));
-    if (f.z2 && z2_ext) load_pack<N>(p.z2, base, z2, al(L, A_Z2));
-  }
-
-  // 2. the math, element by element (sample and Philox group tracked incrementally)
-  Sample<T, BLEND> smp;
+  // the sample of the first element: one multiply-shift; the scalars only when it is a new one
   const int64_t b0 = sample_of(base, p.per_sample, L);
-  smp.enter(p, b0, L.batch, BLEND && f.mw);
-  smp.j = base - b0 * p.per_sample;
-  Pack<S> ox{}, oh[fd::MAX_WRITES]{}, ow{};
+  if (b0 != smp.b) smp.enter(p, f, philox, b0, L.batch);
+  int64_t j = base - b0 * p.per_sample;  // element within the sample
+  Noise nz;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int k = 0; k < N; ++k) {
-    if (k > 0 && ++smp.j == p.per_sample) {
-      smp.enter(p, smp.b + 1, L.batch, BLEND && f.mw);
-      smp.j = 0;
+    if (k > 0 && ++j == p.per_sample) {  // the chunk straddles samples (and any number of them)
+      smp.enter(p, f, philox, smp.b + 1, L.batch);
+      j = 0;
     }
-    StepIn<T> in{};
-    in.x = St::load(x.v[k]);
-    in.m = St::load(m.v[k]);
-    if (f.cfg) in.m_c = St::load(mc.v[k]);
-    if (BLEND && f.m2) in.m_2 = St::load(static_cast<const S*>(p.m_2)[base + k]);
-    if (BLEND && f.m3) in.m_3 = St::load(static_cast<const S*>(p.m_3)[base + k]);
+    StepIn<T> e{};
+    e.x = St::load(in.x.v[k]);
+    e.m = St::load(in.m.v[k]);
+    if (f.cfg) e.m_c = St::load(in.mc.v[k]);
+    if (BLEND && f.m2) e.m_2 = St::load(static_cast<const S*>(p.m_2)[base + k]);
+    if (BLEND && f.m3) e.m_3 = St::load(static_cast<const S*>(p.m_3)[base + k]);
     if (f.check) {
-      nf = nf + fd::fd_nonfinite(in.m);
-      if (f.cfg) nf = nf + fd::fd_nonfinite(in.m_c);
-      if (BLEND && f.m2) nf = nf + fd::fd_nonfinite(in.m_2);
-      if (BLEND && f.m3) nf = nf + fd::fd_nonfinite(in.m_3);
+      nf = nf + fd::fd_nonfinite(e.m);
+      if (f.cfg) nf = nf + fd::fd_nonfinite(e.m_c);
+      if (BLEND && f.m2) nf = nf + fd::fd_nonfinite(e.m_2);
+      if (BLEND && f.m3) nf = nf + fd::fd_nonfinite(e.m_3);
     }
-    if (f.g) in.g = St::load(static_cast<const S*>(p.g)[base + k]);
+    if (f.g) e.g = St::load(static_cast<const S*>(p.g)[base + k]);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
     for (int q = 0; q < Sp::max_reads; ++q)
-      if (q < f.n_reads) in.h[q] = St::load(h[q].v[k]);
-    in.w = smp.w;
-    in.r = smp.r;
-    in.s = smp.s;
+      if (q < f.n_reads) e.h[q] = St::load(in.h[q].v[k]);
+    e.w = smp.w;
+    e.r = smp.r;
+    e.s = smp.s;
     if (BLEND && f.blend) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-      for (int q = 0; q < 2 * fd::BLEND_ROWS; ++q) in.a[q] = smp.a[q];
+      for (int q = 0; q < 2 * fd::BLEND_ROWS; ++q) e.a[q] = smp.a[q];
     }
-    const int64_t g = smp.j >> 2;
-    if ((f.z && !z_ext) || (f.z2 && !z2_ext)) {
-      if (g != smp.group) {
-        if (f.z && !z_ext) fd::fd_philox_group_normals(smp.seed, static_cast<uint64_t>(g), p.row, fd::STREAM_MAIN, smp.nz);
-        if (f.z2 && !z2_ext) fd::fd_philox_group_normals(smp.seed, static_cast<uint64_t>(g), p.row, fd::STREAM_KNOWN, smp.nz2);
-        smp.group = g;
-      }
+    if (philox && (k == 0 || (j & 3) == 0)) {
+      const uint64_t g = static_cast<uint64_t>(j >> 2);
+      if (f.z && !z_ext) fd::fd_philox_group_normals(smp.seed, g, p.row, fd::STREAM_MAIN, nz.nz);
+      if (f.z2 && !z2_ext) fd::fd_philox_group_normals(smp.seed, g, p.row, fd::STREAM_KNOWN, nz.nz2);
     }
-    if (f.z) in.z = z_ext ? St::load(z.v[k]) : static_cast<T>(pick(smp.nz, smp.j & 3));
+    if (f.z) e.z = z_ext ? St::load(in.z.v[k]) : static_cast<T>(pick(nz.nz, j & 3));
     if (f.mask) {
-      in.mask = St::load(mk.v[k]);
-      in.known = St::load(kn.v[k]);
-      if (f.z2) in.z2 = z2_ext ? St::load(z2.v[k]) : static_cast<T>(pick(smp.nz2, smp.j & 3));
+      e.mask = St::load(in.mk.v[k]);
+      e.known = St::load(in.kn.v[k]);
+      if (f.z2) e.z2 = z2_ext ? St::load(in.z2.v[k]) : static_cast<T>(pick(nz.nz2, j & 3));
     }
     // The general variant evaluates every write slot (a compile-time count: o.h stays in registers;
     // unused writes are not stored); a specialised one only the row's (at most 2, so o.h stays in
@@ -370,45 +435,85 @@ FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, 
     // which would turn a -0 into +0).
     StepFlags fk = f;
     if (Sp::general) fk.n_writes = fd::MAX_WRITES;
-    const StepOut<T> o = fd::fd_step_element<T, T>(c, fk, in);
-    ox.v[k] = St::store(o.x);
+    const StepOut<T> o = fd::fd_step_element<T, T>(c, fk, e);
+    out.x.v[k] = St::store(o.x);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
     for (int q = 0; q < Sp::max_writes; ++q)
-      if (q < f.n_writes) oh[q].v[k] = St::store(o.h[q]);
-    if (BLEND && f.mw) ow.v[k] = St::store(o.m_w);
+      if (q < f.n_writes) out.h[q].v[k] = St::store(o.h[q]);
+    if (BLEND && f.mw) out.mw.v[k] = St::store(o.m_w);
   }
+}
 
-  // 3. only now the outputs (they may alias the inputs read above)
-  store_pack<N>(p.out, base, ox, al(L, A_OUT));
-  if (Sp::max_writes > 0 && f.n_writes > 0) store_pack<N>(p.h_write[0], base, oh[0], al(L, A_W));
-  if (Sp::max_writes > 1 && f.n_writes > 1) store_pack<N>(p.h_write[1], base, oh[1], al(L, A_W + 1));
-  if (BLEND && f.mw) store_pack<N>(p.m_w, base, ow, al(L, A_MW));  // after the history writes, as reference writes it
+/// Step 3: the outputs of elements [base, base + N) (they may alias the inputs: only after every
+/// input of them was read). uc: where the copies of u start and which take 16-byte stores.
+template <int N, class S, unsigned K>
+FD_DEV void store(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base,
+                  const Layout& L, const UCopies& uc, Outputs<S>& out) {
+  using St = Storage<S>;
+  using Sp = Spec<K>;
+  store_pack<N>(p.out, base, out.x, al(L, A_OUT));
+  if (Sp::max_writes > 0 && f.n_writes > 0) store_pack<N>(p.h_write[0], base, out.h[0], al(L, A_W));
+  if (Sp::max_writes > 1 && f.n_writes > 1) store_pack<N>(p.h_write[1], base, out.h[1], al(L, A_W + 1));
+  if (Sp::blend && f.mw) store_pack<N>(p.m_w, base, out.mw, al(L, A_MW));  // after the history writes, as reference writes it
   if (f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int k = 0; k < N; ++k) ox.v[k] = St::store(St::load(ox.v[k]) * c.u_scale);  // ox is stored: reuse it
-    store_pack<N>(uc.ptr[0], base, ox, uc.vec & 1);
-    if (f.u_copies == 2) store_pack<N>(uc.ptr[1], base, ox, (uc.vec & 2) != 0);
+    for (int k = 0; k < N; ++k) out.x.v[k] = St::store(St::load(out.x.v[k]) * c.u_scale);  // x is stored: reuse it
+    store_pack<N>(uc.ptr[0], base, out.x, uc.vec & 1);
+    if (f.u_copies == 2) store_pack<N>(uc.ptr[1], base, out.x, (uc.vec & 2) != 0);
+  }
+}
+
+/// U groups of elements of N: [base + u * step, + N) for u < U, those that start before `end`
+/// (the first always does). Every load of all U is issued before any math or store, so U times
+/// the memory requests of one group are in flight at once; then each group is computed and
+/// stored in turn (its outputs die before the next group's math). Alias-safe: every input of
+/// every group is read before any output is written. smp: the thread's sample state (Sample).
+template <int N, int U, class S, unsigned K>
+FD_DEV void run(const StepParams& p, const StepCoef<typename Storage<S>::T>& c, const StepFlags& f, int64_t base,
+                int64_t step, int64_t end, typename Storage<S>::T& nf, Sample<typename Storage<S>::T, Spec<K>::blend>& smp,
+                const UCopies& uc, const Layout& L) {
+  // zeroed (and Outputs below): left undefined, they cost registers (the general fp32 variant 102
+  // instead of 96, and the 16-bit Philox variants with history spilled)
+  Inputs<S> in[U]{};
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int u = 0; u < U; ++u)
+    if (u == 0 || base + u * step < end) load<N, S, K>(p, f, base + u * step, L, in[u]);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int u = 0; u < U; ++u) {
+    if (u > 0 && base + u * step >= end) break;
+    Outputs<S> out{};
+    compute<N, S, K>(p, c, f, base + u * step, L, in[u], smp, nf, out);
+    store<N, S, K>(p, c, f, base + u * step, L, uc, out);
   }
 }
 
 /// One row with variant K (see the top of this file): c and f are the row's coefficients and flags
-/// as the host worked them out (fd_unpack_coef, fd_make_flags).
+/// as the host worked them out (fd_unpack_coef, fd_make_flags). Thread tid takes chunks tid,
+/// tid + stride, ..., U of them per iteration (UNROLL: adjacent threads still touch adjacent
+/// 16-byte chunks at every access), then the scalar tail's elements likewise one at a time.
 template <class S, unsigned K>
 __global__ void __launch_bounds__(THREADS, Spec<K>::min_blocks(sizeof(typename Storage<S>::T) == 8))
     step_kernel(const StepParams p, const StepCoef<typename Storage<S>::T> c, const StepFlags hf, int64_t n_chunks,
                 const UCopies uc, const Layout L) {
   using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
+  constexpr int U = UNROLL<S, K>;
   const StepFlags f = spec_flags<K>(hf);
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   T nf(0);  // NaN once any m / m_c / m_2 / m_3 element this thread read is NaN or +-Inf
-  for (int64_t ch = tid; ch < n_chunks; ch += stride) run<VEC, S, K>(p, c, f, ch * VEC, nf, uc, L);
-  for (int64_t i = n_chunks * VEC + tid; i < p.numel; i += stride) run<1, S, K>(p, c, f, i, nf, uc, L);
+  Sample<T, Spec<K>::blend> smp;  // across every chunk and element of this thread
+  const int64_t end = n_chunks * VEC;
+  for (int64_t ch = tid; ch < n_chunks; ch += U * stride) run<VEC, U, S, K>(p, c, f, ch * VEC, stride * VEC, end, nf, smp, uc, L);
+  for (int64_t i = end + tid; i < p.numel; i += stride) run<1, 1, S, K>(p, c, f, i, stride, p.numel, nf, smp, uc, L);
   if (f.check && nf != nf) *p.flag = 1;  // never 0: other threads, and earlier rows, may have set it
 }
 
@@ -444,7 +549,12 @@ Layout layout_of(const StepParams& p) {
   Layout L{0u, 0, 0u, p.numel / p.per_sample};
   for (int k = 0; k <= A_MW; ++k)
     if (!ptrs[k] || aligned16(ptrs[k])) L.al |= 1u << k;
-  if (p.numel < (int64_t(1) << 31)) {  // then per_sample < 2^31 too
+#if defined(FD_CUDA_EMU_DIV64)  // tests: the 64-bit division of numel >= 2^31 on small tensors
+  constexpr int64_t DIV32_BELOW = 0;
+#else
+  constexpr int64_t DIV32_BELOW = int64_t(1) << 31;
+#endif
+  if (p.numel < DIV32_BELOW) {  // then per_sample < 2^31 too
     const uint64_t d = static_cast<uint64_t>(p.per_sample);
     int l = 0;
     while ((uint64_t(1) << l) < d) ++l;
@@ -514,18 +624,30 @@ template <class S>
 using KernelFn = void (*)(const StepParams, const StepCoef<typename Storage<S>::T>, const StepFlags, int64_t,
                           const UCopies, const Layout);
 
+/// A kernel of the table and the chunks each of its threads takes per iteration (the grid's size).
+template <class S>
+struct Variant {
+  KernelFn<S> kernel;
+  int unroll;
+};
+
+template <class S, unsigned K>
+constexpr Variant<S> variant() {
+  return {step_kernel<S, K>, UNROLL<S, K>};
+}
+
 template <class S>
 const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_blocks) {
   using T = typename Storage<S>::T;
   constexpr int VEC = Pack<S>::VEC;
   // in variant_index order
-  static const KernelFn<S> table[N_VARIANTS] = {
-      step_kernel<S, 0>, step_kernel<S, K_CFG>, step_kernel<S, K_HIST>, step_kernel<S, K_HIST | K_CFG>,
-      step_kernel<S, K_PHILOX>, step_kernel<S, K_PHILOX | K_CFG>, step_kernel<S, K_PHILOX | K_HIST>,
-      step_kernel<S, K_PHILOX | K_HIST | K_CFG>,
-      step_kernel<S, K_ZEXT>, step_kernel<S, K_ZEXT | K_CFG>, step_kernel<S, K_ZEXT | K_HIST>,
-      step_kernel<S, K_ZEXT | K_HIST | K_CFG>,
-      step_kernel<S, K_GENERAL>, step_kernel<S, K_GENERAL | K_BLEND>};
+  static const Variant<S> table[N_VARIANTS] = {
+      variant<S, 0>(), variant<S, K_CFG>(), variant<S, K_HIST>(), variant<S, K_HIST | K_CFG>(),
+      variant<S, K_PHILOX>(), variant<S, K_PHILOX | K_CFG>(), variant<S, K_PHILOX | K_HIST>(),
+      variant<S, K_PHILOX | K_HIST | K_CFG>(),
+      variant<S, K_ZEXT>(), variant<S, K_ZEXT | K_CFG>(), variant<S, K_ZEXT | K_HIST>(),
+      variant<S, K_ZEXT | K_HIST | K_CFG>(),
+      variant<S, K_GENERAL>(), variant<S, K_GENERAL | K_BLEND>()};
   static int occupancy[64][N_VARIANTS];  // blocks per SM per device and variant (0: not asked yet)
   const StepCoef<T> c = fd::fd_unpack_coef<T>(p.coef);
   const bool blend = p.a != nullptr;  // then no w and r (bind_args.h refuses them)
@@ -533,14 +655,15 @@ const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_block
                                            p.mask != nullptr, p.g != nullptr, p.u ? p.u_copies : 0,
                                            p.flag != nullptr, blend, p.m_2 != nullptr, p.m_3 != nullptr,
                                            p.m_w != nullptr);
-  const int v = variant_index(dispatch(p, f));
+  const Variant<S>& v = table[variant_index(dispatch(p, f))];
   const int64_t n_chunks = p.numel / VEC;
-  const int64_t work = n_chunks + (p.numel - n_chunks * VEC);
+  // a thread per v.unroll chunks (or per tail element, at most VEC - 1)
+  const int64_t work = (n_chunks + v.unroll - 1) / v.unroll + (p.numel - n_chunks * VEC);
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
-  const int64_t blocks = grid_for(work, max_blocks, table[v], &occupancy[dev][v]);
+  const int64_t blocks = grid_for(work, max_blocks, v.kernel, &occupancy[dev][&v - table]);
   cudaGetLastError();  // an earlier, unrelated error must not be reported as ours
-  FD_LAUNCH(table[v], static_cast<unsigned>(blocks), THREADS, stream)(p, c, f, n_chunks, u_copies_of(p, sizeof(S)),
+  FD_LAUNCH(v.kernel, static_cast<unsigned>(blocks), THREADS, stream)(p, c, f, n_chunks, u_copies_of(p, sizeof(S)),
                                                                       layout_of(p));
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -551,7 +674,7 @@ const char* launch_typed(const StepParams& p, cudaStream_t stream, int max_block
 int u_vector(const StepParams& p, int elem_size) { return u_copies_of(p, static_cast<size_t>(elem_size)).vec; }
 
 bool vector_path(const StepParams& p) {
-  // g, m_2 and m_3 are read element by element (see run()) and each copy of u is stored by the
+  // g, m_2 and m_3 are read element by element (see load()) and each copy of u is stored by the
   // vector path with 16-byte or element stores as its own alignment allows (u_copies_of): none of
   // them decides here (m_w, stored 16 bytes at a time, does)
   const void* ptrs[] = {p.x, p.out, p.m, p.m_c, p.h_read[0], p.h_read[1], p.h_read[2], p.h_read[3],

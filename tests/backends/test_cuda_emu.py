@@ -37,9 +37,8 @@ P = {name: i for i, name in enumerate(PTR_NAMES)}
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    """The emulated ``_C_cuda`` module, built with the host compiler."""
+def _build_emu(tmp_path_factory, *defines):
+    """The emulated ``_C_cuda`` module, built with the host compiler (and -D``defines``)."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler (g++/c++) to build the CUDA emulation")
@@ -49,15 +48,29 @@ def emu(tmp_path_factory):
         pytest.skip("pybind11 is not installed")
     out = tmp_path_factory.mktemp("cuda_emu") / ("_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
-           "-DFD_CUDA_EMU", f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+           "-DFD_CUDA_EMU", *(f"-D{d}" for d in defines), f"-I{CSRC}", f"-I{pybind11.get_include()}",
+           f"-I{sysconfig.get_paths()['include']}",
            "-x", "c++", os.path.join(CSRC, "cuda_step.cu"), os.path.join(CSRC, "cuda_info.cu"), "-x", "none", os.path.join(CSRC, "cuda_bindings.cpp"),
            "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    spec = importlib.util.spec_from_file_location("_C_cuda", out)
+    # a package name per build: a second module loaded as plain "_C_cuda" was the first one again
+    spec = importlib.util.spec_from_file_location("_".join(["emu", *defines]).lower() + "._C_cuda", out)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The emulated ``_C_cuda`` module."""
+    return _build_emu(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def emu_div64(tmp_path_factory):
+    """The emulated ``_C_cuda`` module finding samples by the 64-bit division of numel >= 2^31 rows."""
+    return _build_emu(tmp_path_factory, "FD_CUDA_EMU_DIV64")
 
 
 def _runner(emu, max_blocks):
@@ -130,6 +143,73 @@ def test_specialised_variants(emu, cfg, hist, noise, dtype):
     cb.launch(emu, make_args(on_emu), stream=0, max_blocks=2)
     for k in outputs:
         assert torch.equal(_bits(on_emu[k]), _bits(on_cpu[k])), f"{k}: emulated CUDA and cpu differ"
+
+
+# Shapes that give a one-block grid (256 threads) several chunks per thread: per_sample odd and
+# not a multiple of VEC (chunks straddle samples and Philox groups, a scalar tail), a single sample,
+# per_sample < VEC (several samples in one chunk), and a grid stride that is not a multiple of U.
+_MANY_CHUNKS = [(3, 1237), (1, 4101), (1500, 3), (2, 2053)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("noise", list(_NOISE))
+@pytest.mark.parametrize("hist", list(_HIST))
+@pytest.mark.parametrize("cfg", [False, True], ids=["uncond", "cfg"])
+def test_chunks_in_flight_per_thread(emu, cfg, hist, noise, dtype):
+    """Each specialised variant on a grid capped to 1 or 3 blocks, so that every thread takes several
+    groups of U chunks (csrc/cuda_step.cu, UNROLL), the last group part-filled, then scalar-tail
+    elements; the per-sample scalars are kept across a thread's chunks. In place (out = x, a history
+    slot read and written), with m_c at an odd offset in the model output it shares with m (its own
+    element accesses), and out of place: equal to the reference, and bit for bit to the CPU kernel
+    and to the same row on the automatic grid."""
+    feat = dict(_HIST[hist], **_NOISE[noise], cfg=cfg, u=2, flag=True)
+    cpu = pytest.importorskip("fastdiff.backends.cpu")
+    on_cpu_too = cpu.available()[0]
+    for i, shape in enumerate(_MANY_CHUNKS):
+        row = dict(feat, in_place=i % 2 == 0, clip=i % 3)  # clip 0 / 1 / 2: none, static, dynamic
+        seed = 100 * i + 7 * len(hist) + len(noise) + cfg
+
+        def run(args, max_blocks=1 + 2 * (i % 2)):
+            if args.m_c is None:
+                cb.launch(emu, args, stream=0, max_blocks=max_blocks)
+                return
+            mo = torch.cat([args.m.reshape(-1), args.m_c.reshape(-1)])  # the model's batched output
+            n = args.m.numel()
+            a = dataclasses.replace(args, m=mo[:n].view(args.m.shape), m_c=mo[n:].view(args.m.shape))
+            assert (a.m_c.data_ptr() % 16 != 0) == (n * _elem(dtype) % 16 != 0)
+            cb.launch(emu, a, stream=0, max_blocks=max_blocks)
+
+        check(run, row, shape, dtype, "cpu", seed=seed)
+        pool, make_args, outputs = build(row, shape, dtype, seed, "cpu")
+        small, auto = ({k: v.clone() for k, v in pool.items()} for _ in range(2))
+        run(make_args(small))
+        run(make_args(auto), max_blocks=0)
+        for k in outputs:
+            assert torch.equal(_bits(small[k]), _bits(auto[k])), f"{shape}: {k} depends on the grid"
+        if on_cpu_too:
+            on_cpu = {k: v.clone() for k, v in pool.items()}
+            cpu.step(make_args(on_cpu))
+            for k in outputs:
+                assert torch.equal(_bits(small[k]), _bits(on_cpu[k])), f"{shape}: {k}: emulated CUDA and cpu differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_the_64_bit_division_path_gives_the_same_bits(emu, emu_div64, dtype):
+    """A row of numel >= 2^31 finds an element's sample by a 64-bit division instead of the 32-bit
+    multiply-shift (Layout): built with FD_CUDA_EMU_DIV64 (emu_div64), the emulation takes that path on small
+    tensors, and every variant kind and layout of test_chunks_in_flight_per_thread gives the bits of
+    the multiply-shift build."""
+    feats = [dict(cfg=True, reads=2, writes=("h1", "new"), noise="philox", u=1, flag=True, clip=2),
+             dict(noise="external", in_place=True, clip=1), {}, dict(EVERYTHING, in_place=True)]
+    for i, shape in enumerate(_MANY_CHUNKS):
+        for j, feat in enumerate(feats):
+            pool, make_args, outputs = build(feat, shape, dtype, 10 * i + j, "cpu")
+            got = {k: v.clone() for k, v in pool.items()}
+            want = {k: v.clone() for k, v in pool.items()}
+            cb.launch(emu_div64, make_args(got), stream=0, max_blocks=1 + i % 2)
+            cb.launch(emu, make_args(want), stream=0, max_blocks=1 + i % 2)
+            for k in outputs:
+                assert torch.equal(_bits(got[k]), _bits(want[k])), f"{shape} {feat}: {k} differs"
 
 
 _ONE_UNALIGNED = {

@@ -6,7 +6,11 @@ for fp16/bf16, 180 for fp64 blend rows), a quarter of an H100 SM's threads. csrc
 dispatches each row to a variant specialised on its shape of work (see the comment at its top);
 this test holds every specialised variant (the common rows: guided or not, up to two history
 reads and writes, no noise, Philox or external noise; clip, u and flag at run time) to at most 64
-registers (96 for fp64) with no spill, and checks that the general fallbacks compile. It also
+registers (96 for fp64) with no spill, and checks that the general fallbacks compile. The
+specialised variants keep several 16-byte chunks in flight per thread (UNROLL in the kernel: 1-4,
+by variant and storage width), each as many as fits that budget: 56-64 registers for fp32, 60-64
+for fp16/bf16, 70-80 for fp64 (their target: 3 blocks of 256 per SM) with nvcc 13.0, so a change
+that costs registers shows here as a spill; lower that variant's UNROLL entry then. It also
 bounds the number of kernels, which is what the CUDA build's time grows with.
 
 One architecture, the flags setup.py builds with, compile only: about 40 s on two busy cores.
