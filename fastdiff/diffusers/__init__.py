@@ -38,7 +38,8 @@ So: the step after a zero-length one (a grid that repeats a timestep: ``set_time
 DPM-Solver / UniPC, ``num_inference_steps == num_train_timesteps``) and every later step of that run;
 UniPC's last step into sigma 0 where its update has no finite value; DDIM / DDPM at a timestep where
 float32 ``alphas_cumprod`` is 0 with epsilon prediction and no ``clip_sample`` (zero terminal SNR's
-t = 999, betas whose ``alphas_cumprod`` underflows), or where ``abar_t = abar_prev = 0``; DDPM's
+t = 999, betas whose ``alphas_cumprod`` underflows), or where ``abar_t = abar_prev = 0``; DDIM
+inversion from a level whose ``alphas_cumprod`` is 0 (epsilon, no ``clip_sample``) or negative; DDPM's
 ``fixed_large_log`` wherever it draws noise. With ``clip_sample`` an epsilon row at ``abar = 0`` runs:
 diffusers clips its ``(x - m) / 0 = +-inf`` to ``+-clip_sample_range``, and so does the row.
 Clip and threshold values are taken as diffusers takes them: read only where they are used

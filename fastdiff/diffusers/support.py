@@ -1035,12 +1035,50 @@ def _check_single(cfg: Mapping) -> None:
 def _ddim_inverse_build(sched, arrays: dict, prediction: str, options: dict, jump: int | None = None) -> Plan:
     """DDIMInverseScheduler: :func:`fastdiff.samplers.inverse.ddim_inverse` on the scheduler's timesteps,
     with the first alpha the instance has (its deprecated ``set_alpha_to_zero`` argument sets it, not the
-    config's ``set_alpha_to_one``)."""
+    config's ``set_alpha_to_one``).
+
+    A step whose diffusers result is inf/NaN (an ``alphas_cumprod`` entry it reads that is negative or above
+    1, whose square root is NaN: betas above 1; epsilon prediction at a level of ``alphas_cumprod`` 0
+    without ``clip_sample``) is a placeholder refused when it runs (``plan.meta["refused"]``); every other
+    step runs (the whole config was refused at ``set_timesteps``, though diffusers' steps are finite)."""
     from ..samplers.inverse import ddim_inverse
 
+    prediction = check_prediction(prediction)
     options = dict(options, set_alpha_to_one=float(sched.initial_alpha_cumprod) == 1.0)
-    return ddim_inverse(sched._fd_schedule(arrays), arrays["steps"], check_prediction(prediction), jump=jump,
-                        **options)
+    schedule = sched._fd_schedule(arrays)
+    jump = int(schedule.num_train_timesteps) // int(arrays["steps"]) if jump is None else int(jump)
+    acp = sched.alphas_cumprod.detach().to("cpu", torch.float32).tolist()
+    T, first = int(sched.config.num_train_timesteps), float(sched.initial_alpha_cumprod)
+    ts = [int(t) for t in np.sort(np.asarray(arrays["timesteps"], dtype=np.float64))]
+    refused = {}
+    for k, t in enumerate(ts):
+        src = min(t - jump, T - 1)
+        if not 0 <= t < len(acp):
+            continue  # (ddim_inverse names it)
+        a_s, a_t = (acp[src] if src >= 0 else first), acp[t]
+        bad = [f"alphas_cumprod[{i}] = {a:.3g}, whose square root is NaN" for i, a in ((src, a_s), (t, a_t))
+               if not 0.0 <= a <= 1.0]
+        if not bad and prediction == "eps" and a_s == 0.0 and not options.get("clip_sample"):
+            bad = [f"alphas_cumprod[{src}] = 0 (epsilon prediction: x0 = (x - m) / 0), without clip_sample"]
+        if bad:
+            refused[k] = (f"{type(sched).__name__}.step(timestep={t}): diffusers' step gives inf/NaN here "
+                          f"({bad[0]}); refused")
+    if not refused:
+        return ddim_inverse(schedule, arrays["steps"], prediction, jump=jump, **options)
+    if len(refused) == len(ts):
+        raise ValueError(next(iter(refused.values())).replace("; refused", "") + ": every step of this run; not "
+                         "supported by fastdiff.diffusers")
+    rows, template = [], None
+    for k, t in enumerate(ts):
+        if k in refused:
+            rows.append(_placeholder(t, k))
+            continue
+        one = ddim_inverse(sched._fd_schedule({"timesteps": np.array([float(t)]), "steps": 1}), 1, prediction,
+                           jump=jump, **options)
+        rows.append(dataclasses.replace(one.rows[0], step=k))
+        template = one
+    return dataclasses.replace(template, rows=tuple(rows), steps=len(rows),
+                               meta={**template.meta, "refused": refused})
 
 
 def _ddim_inverse_at(sched, t: int, prediction: str, options: dict) -> Plan:
