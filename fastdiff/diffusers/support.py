@@ -5,6 +5,7 @@ arguments, and the schedules built from a scheduler's own arrays (:data:`SUPPORT
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -1493,8 +1494,35 @@ def _spec_of(cls: type) -> _Spec:
     return SUPPORT[name]
 
 
-def _check_config(cls_name: str, spec: _Spec, cfg: Mapping) -> None:
-    """Raise ``ValueError`` naming any config key (or value) the fused step does not implement."""
+def _own_config(cls: type, cfg: Mapping) -> dict:
+    """``cfg`` without the keys that are not ``cls.__init__`` parameters but are those of a class diffusers
+    lists as compatible with it: ``from_config`` of another class's config (``pipe.scheduler =
+    X.from_config(pipe.scheduler.config)``, diffusers' way to switch schedulers) registers the values given
+    to that class's other keys as well ("hidden" keys, kept so that a switch back restores them); the class
+    never reads them, and neither does the drop-in. Any other key stays (a key of a newer diffusers release,
+    say: refused by name)."""
+    hidden = _hidden_keys(cls)
+    return {k: v for k, v in cfg.items() if k not in hidden}
+
+
+@functools.lru_cache(maxsize=None)
+def _hidden_keys(cls: type) -> frozenset:
+    """Keys of ``cls``'s compatible classes that ``cls.__init__`` does not take (:func:`_own_config`)."""
+    import inspect
+
+    def params(c) -> set:
+        return {k for k, p in inspect.signature(c.__init__).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and k != "self"}
+
+    others = set().union(*(params(c) for c in cls._get_compatibles())) if hasattr(cls, "_get_compatibles") else set()
+    return frozenset(others - params(cls))
+
+
+def _check_config(cls_name: str, spec: _Spec, cfg: Mapping, cls: type | None = None) -> None:
+    """Raise ``ValueError`` naming any config key (or value) the fused step does not implement (of the keys
+    that are ``cls.__init__`` parameters, where ``cls`` is given: :func:`_own_config`)."""
+    if cls is not None:
+        cfg = _own_config(cls, cfg)
     for k, v in cfg.items():
         if k in _META_KEYS or k in _GRID_KEYS or k in spec.options or k in spec.accepted or k == "prediction_type":
             continue

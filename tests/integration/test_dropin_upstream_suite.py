@@ -12,9 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.samplers._harness import initial_noise, toy_model
+from tests.samplers._harness import SD, initial_noise, toy_model
 
 diffusers = pytest.importorskip("diffusers")
+
+from fastdiff.diffusers import from_diffusers  # noqa: E402
 
 from .test_dropin_stock_api import UNDERFLOW, _pair, _stock_fails, lockstep  # noqa: E402
 
@@ -70,3 +72,54 @@ def test_ddim_inverse_only_the_steps_stock_cannot_compute_are_refused(cfg, seed)
     for t in bad:
         with pytest.raises(ValueError, match=rf"DDIMInverseScheduler.step\(timestep={int(t)}\).*inf/NaN"):
             fused.step(m, t, x)
+
+
+# ------------------------------------------------------------------ switching schedulers with from_config
+
+
+SWITCHES = [  # (class A, A's config given explicitly, then the classes switched to with from_config)
+    (("DPMSolverSinglestepScheduler", {"variance_type": None, "solver_order": 2}), "DEISMultistepScheduler"),
+    (("DPMSolverMultistepScheduler", {"euler_at_final": False, "solver_order": 2}), "UniPCMultistepScheduler",
+     "DPMSolverSinglestepScheduler"),  # (diffusers' test_switch chains: variance_type, euler_at_final)
+    (("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "variance_type": "learned_range",
+                                      "thresholding": True, "euler_at_final": True}), "UniPCMultistepScheduler",
+     "EulerDiscreteScheduler"),
+    (("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+     "EulerDiscreteScheduler", "DDIMScheduler"),
+    (("UniPCMultistepScheduler", {"disable_corrector": [0, 1], "solver_order": 3}), "EulerDiscreteScheduler",
+     "DPMSolverMultistepScheduler"),
+    (("DDPMScheduler", {"variance_type": "fixed_large", "clip_sample": False, "thresholding": True}),
+     "EulerDiscreteScheduler", "CogVideoXDDIMScheduler"),
+    (("DEISMultistepScheduler", {"solver_order": 3, "lower_order_final": False}), "DDIMScheduler",
+     "HeunDiscreteScheduler"),
+]
+
+
+def _switched(chain, wrap: bool):
+    (a, cfg), *names = chain
+    s = getattr(diffusers, a)(**{**SD, **cfg})
+    for b in names:
+        s = getattr(diffusers, b).from_config(s.config)
+    return from_diffusers(s) if wrap else s
+
+
+@pytest.mark.parametrize("chain", SWITCHES, ids=["-".join([c[0][0], *c[1:]]) for c in SWITCHES])
+def test_scheduler_switched_with_from_config_runs_as_stock(chain, seed):
+    """``pipe.scheduler = B.from_config(pipe.scheduler.config)`` keeps the values A's config was given for keys
+    B does not have (diffusers' "hidden" keys: B never reads them, and a switch back restores them);
+    ``from_diffusers`` refused them by name ("it may change the step"). Now the drop-in of the switched
+    scheduler steps as the stock one, keeps its config, and so does a switch back to A."""
+    import inspect
+
+    stock, fused = _switched(chain, False), _switched(chain, True)
+    params = inspect.signature(type(stock).__init__).parameters
+    assert any(k not in params and not k.startswith("_") for k in stock.config)  # (the case has hidden keys)
+    assert dict(fused.config) == dict(stock.config)
+    for s in (stock, fused):
+        s.set_timesteps(6)
+    lockstep(stock, fused, stock.timesteps, seed)
+    a = getattr(diffusers, chain[0][0])
+    back_stock, back = a.from_config(stock.config), from_diffusers(a.from_config(fused.config))
+    for s in (back_stock, back):
+        s.set_timesteps(6)
+    lockstep(back_stock, back, back_stock.timesteps, seed)
