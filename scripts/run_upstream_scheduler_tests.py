@@ -24,6 +24,13 @@ The suite runs once per mode, each in its own pytest process (junit XML under ``
     the same names replaced by a factory class whose construction builds the STOCK scheduler and returns
     ``from_diffusers(stock)`` (so also ``from_config`` / ``from_pretrained``): the path of a user who
     wraps a scheduler they made.
+``cross`` (only with ``--modes cross``)
+    plain construction builds the stock scheduler, ``from_config`` / ``from_pretrained`` a drop-in of the
+    stock one (``from_diffusers(X.from_config(...))``): the suite's ``scheduler`` vs ``new_scheduler``
+    comparisons become stock vs drop-in, and its scheduler switches (``test_switch``) go through
+    ``from_diffusers``. Strict: those comparisons ask ``sum |a - b| < 1e-5`` over 768 elements, so most
+    of its failures are float32 rounding (``cross.log`` has each sum: ~1e-5 to 1e-3 on outputs summing
+    to ~400 to 70000); tests that set a scheduler's history directly (``ets``, ``model_outputs``) differ.
 
 The replacement is made after collection (every test module imported) and before any test runs; the
 ``diffusers`` namespace itself is left alone (``from_diffusers`` checks that a class is diffusers'
@@ -32,9 +39,10 @@ prints the tests that pass stock and fail or error in a drop-in mode (each with 
 its error), and the counts; exit status 1 if there are any. Tests that do not pass stock (network:
 the Hub) are ignored. About 6 minutes on two cores for the three modes.
 
-Known differences (diffusers main of 2026-08-23 against diffusers 0.42.1, 998 tests): three, none a
-drop-in bug. ``IPNDMSchedulerTest.test_full_loop_no_noise`` sets the private ``_step_index = None``
-after a run and steps again on stock's stale ``ets`` history (the drop-in starts that run afresh);
+Known differences (diffusers main of 2026-08-23 against diffusers 0.42.1, 998 tests; ``class`` and
+``wrap``): three, none a drop-in bug. ``IPNDMSchedulerTest.test_full_loop_no_noise`` sets the private
+``_step_index = None`` after a run and steps again on stock's stale ``ets`` history (the drop-in
+starts that run afresh);
 ``SASolverSchedulerTest.test_full_loop_no_noise`` / ``..._with_v_prediction`` step without a
 generator after ``torch.manual_seed(0)``: the drop-in's noise is then its own Philox stream, not
 torch's global one (documented in :mod:`fastdiff.diffusers`; with a generator they match stock).
@@ -71,6 +79,8 @@ class DropInPlugin:
                 continue
             if self.mode == "class":
                 out[stock] = type(from_diffusers(stock()))
+            elif self.mode == "cross":
+                out[stock] = _crossing(stock, from_diffusers)
             else:
                 out[stock] = _wrapping(stock, from_diffusers)
         return out
@@ -124,6 +134,23 @@ def _wrapping(stock: type, from_diffusers) -> type:
                                            "__qualname__": stock.__qualname__})
 
 
+def _crossing(stock: type, from_diffusers) -> type:
+    """A subclass of ``stock`` whose plain construction builds the STOCK scheduler and whose ``from_config``
+    (so ``from_pretrained``) builds a drop-in: the suite's ``scheduler`` vs ``new_scheduler`` comparisons
+    (``check_over_configs``, ``check_over_forward``: sum of |difference| < 1e-5) become stock vs drop-in."""
+
+    def __new__(cls, *args, **kwargs):
+        return stock(*args, **kwargs)
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        got = stock.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        return (from_diffusers(got[0]), *got[1:]) if isinstance(got, tuple) else from_diffusers(got)
+
+    return type(stock.__name__, (stock,), {"__new__": __new__, "from_config": from_config,
+                                           "__module__": stock.__module__, "__qualname__": stock.__qualname__})
+
+
 def _outcomes(xml: Path) -> dict[str, tuple[str, str]]:
     """test id -> (outcome, last line of its message)."""
     out = {}
@@ -144,7 +171,7 @@ def _outcomes(xml: Path) -> dict[str, tuple[str, str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("tests", type=Path, help="the tests folder of a diffusers checkout")
-    ap.add_argument("--modes", default="class,wrap", help="drop-in modes to run besides stock (class, wrap)")
+    ap.add_argument("--modes", default="class,wrap", help="drop-in modes to run besides stock (class, wrap, cross)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/upstream_scheduler_results"))
     ap.add_argument("-k", default=None, help="pytest -k expression")
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
