@@ -69,7 +69,8 @@ noise from the generator).
 
 Supported classes, config options and ``step`` arguments are listed in :data:`SUPPORT` (see
 :func:`support_table`). Any other config key or value, or a ``step`` argument the fused step
-cannot honour, raises ``ValueError`` naming it. ``step``'s ``model_output``, ``timestep`` and
+cannot honour, raises ``ValueError`` naming it (not the keys of a compatible class that the class does
+not take: ``X.from_config(other.config)`` keeps them in the config, and neither reads them). ``step``'s ``model_output``, ``timestep`` and
 ``sample`` are checked before anything runs: what diffusers' own step accepts is accepted with the
 same result (a model output that broadcasts against the sample, 0-d tensors, a one-element timestep
 tensor, a numpy model output in the classes whose arithmetic takes one, a numpy sample in EDM
