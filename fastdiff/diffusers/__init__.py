@@ -38,7 +38,8 @@ So: the step after a zero-length one (a grid that repeats a timestep: ``set_time
 DPM-Solver / UniPC, ``num_inference_steps == num_train_timesteps``) and every later step of that run;
 UniPC's last step into sigma 0 where its update has no finite value; DDIM / DDPM at a timestep where
 float32 ``alphas_cumprod`` is 0 with epsilon prediction and no ``clip_sample`` (zero terminal SNR's
-t = 999, betas whose ``alphas_cumprod`` underflows), or where ``abar_t = abar_prev = 0``; DDPM's
+t = 999, betas whose ``alphas_cumprod`` underflows), or where ``abar_t = abar_prev = 0``; DDIM
+inversion from a level whose ``alphas_cumprod`` is 0 (epsilon, no ``clip_sample``) or negative; DDPM's
 ``fixed_large_log`` wherever it draws noise. With ``clip_sample`` an epsilon row at ``abar = 0`` runs:
 diffusers clips its ``(x - m) / 0 = +-inf`` to ``+-clip_sample_range``, and so does the row.
 Clip and threshold values are taken as diffusers takes them: read only where they are used
@@ -68,7 +69,8 @@ noise from the generator).
 
 Supported classes, config options and ``step`` arguments are listed in :data:`SUPPORT` (see
 :func:`support_table`). Any other config key or value, or a ``step`` argument the fused step
-cannot honour, raises ``ValueError`` naming it. ``step``'s ``model_output``, ``timestep`` and
+cannot honour, raises ``ValueError`` naming it (not the keys of a compatible class that the class does
+not take: ``X.from_config(other.config)`` keeps them in the config, and neither reads them). ``step``'s ``model_output``, ``timestep`` and
 ``sample`` are checked before anything runs: what diffusers' own step accepts is accepted with the
 same result (a model output that broadcasts against the sample, 0-d tensors, a one-element timestep
 tensor, a numpy model output in the classes whose arithmetic takes one, a numpy sample in EDM

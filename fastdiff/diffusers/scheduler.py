@@ -968,7 +968,7 @@ def _fused_class(cls: type) -> type:
     def __init__(self, *args, **kwargs):
         # FusedClass(**config), FusedClass.from_config(...) / from_pretrained(...): a drop-in as well
         stock_init(self, *args, **kwargs)
-        _check_config(cls.__name__, spec, self.config)
+        _check_config(cls.__name__, spec, self.config, cls)
         self._fd_init("auto")
 
     @functools.wraps(stock_set)
@@ -1002,7 +1002,7 @@ def _new_fused(stock_cls: type):
 def _check_scheduler(scheduler: Any) -> _Spec:
     cls = _stock_class(type(scheduler))
     spec = _spec_of(cls)
-    _check_config(cls.__name__, spec, scheduler.config)
+    _check_config(cls.__name__, spec, scheduler.config, cls)
     return spec
 
 

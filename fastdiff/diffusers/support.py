@@ -5,6 +5,7 @@ arguments, and the schedules built from a scheduler's own arrays (:data:`SUPPORT
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -1035,12 +1036,50 @@ def _check_single(cfg: Mapping) -> None:
 def _ddim_inverse_build(sched, arrays: dict, prediction: str, options: dict, jump: int | None = None) -> Plan:
     """DDIMInverseScheduler: :func:`fastdiff.samplers.inverse.ddim_inverse` on the scheduler's timesteps,
     with the first alpha the instance has (its deprecated ``set_alpha_to_zero`` argument sets it, not the
-    config's ``set_alpha_to_one``)."""
+    config's ``set_alpha_to_one``).
+
+    A step whose diffusers result is inf/NaN (an ``alphas_cumprod`` entry it reads that is negative or above
+    1, whose square root is NaN: betas above 1; epsilon prediction at a level of ``alphas_cumprod`` 0
+    without ``clip_sample``) is a placeholder refused when it runs (``plan.meta["refused"]``); every other
+    step runs (the whole config was refused at ``set_timesteps``, though diffusers' steps are finite)."""
     from ..samplers.inverse import ddim_inverse
 
+    prediction = check_prediction(prediction)
     options = dict(options, set_alpha_to_one=float(sched.initial_alpha_cumprod) == 1.0)
-    return ddim_inverse(sched._fd_schedule(arrays), arrays["steps"], check_prediction(prediction), jump=jump,
-                        **options)
+    schedule = sched._fd_schedule(arrays)
+    jump = int(schedule.num_train_timesteps) // int(arrays["steps"]) if jump is None else int(jump)
+    acp = sched.alphas_cumprod.detach().to("cpu", torch.float32).tolist()
+    T, first = int(sched.config.num_train_timesteps), float(sched.initial_alpha_cumprod)
+    ts = [int(t) for t in np.sort(np.asarray(arrays["timesteps"], dtype=np.float64))]
+    refused = {}
+    for k, t in enumerate(ts):
+        src = min(t - jump, T - 1)
+        if not 0 <= t < len(acp):
+            continue  # (ddim_inverse names it)
+        a_s, a_t = (acp[src] if src >= 0 else first), acp[t]
+        bad = [f"alphas_cumprod[{i}] = {a:.3g}, whose square root is NaN" for i, a in ((src, a_s), (t, a_t))
+               if not 0.0 <= a <= 1.0]
+        if not bad and prediction == "eps" and a_s == 0.0 and not options.get("clip_sample"):
+            bad = [f"alphas_cumprod[{src}] = 0 (epsilon prediction: x0 = (x - m) / 0), without clip_sample"]
+        if bad:
+            refused[k] = (f"{type(sched).__name__}.step(timestep={t}): diffusers' step gives inf/NaN here "
+                          f"({bad[0]}); refused")
+    if not refused:
+        return ddim_inverse(schedule, arrays["steps"], prediction, jump=jump, **options)
+    if len(refused) == len(ts):
+        raise ValueError(next(iter(refused.values())).replace("; refused", "") + ": every step of this run; not "
+                         "supported by fastdiff.diffusers")
+    rows, template = [], None
+    for k, t in enumerate(ts):
+        if k in refused:
+            rows.append(_placeholder(t, k))
+            continue
+        one = ddim_inverse(sched._fd_schedule({"timesteps": np.array([float(t)]), "steps": 1}), 1, prediction,
+                           jump=jump, **options)
+        rows.append(dataclasses.replace(one.rows[0], step=k))
+        template = one
+    return dataclasses.replace(template, rows=tuple(rows), steps=len(rows),
+                               meta={**template.meta, "refused": refused})
 
 
 def _ddim_inverse_at(sched, t: int, prediction: str, options: dict) -> Plan:
@@ -1455,8 +1494,35 @@ def _spec_of(cls: type) -> _Spec:
     return SUPPORT[name]
 
 
-def _check_config(cls_name: str, spec: _Spec, cfg: Mapping) -> None:
-    """Raise ``ValueError`` naming any config key (or value) the fused step does not implement."""
+def _own_config(cls: type, cfg: Mapping) -> dict:
+    """``cfg`` without the keys that are not ``cls.__init__`` parameters but are those of a class diffusers
+    lists as compatible with it: ``from_config`` of another class's config (``pipe.scheduler =
+    X.from_config(pipe.scheduler.config)``, diffusers' way to switch schedulers) registers the values given
+    to that class's other keys as well ("hidden" keys, kept so that a switch back restores them); the class
+    never reads them, and neither does the drop-in. Any other key stays (a key of a newer diffusers release,
+    say: refused by name)."""
+    hidden = _hidden_keys(cls)
+    return {k: v for k, v in cfg.items() if k not in hidden}
+
+
+@functools.lru_cache(maxsize=None)
+def _hidden_keys(cls: type) -> frozenset:
+    """Keys of ``cls``'s compatible classes that ``cls.__init__`` does not take (:func:`_own_config`)."""
+    import inspect
+
+    def params(c) -> set:
+        return {k for k, p in inspect.signature(c.__init__).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and k != "self"}
+
+    others = set().union(*(params(c) for c in cls._get_compatibles())) if hasattr(cls, "_get_compatibles") else set()
+    return frozenset(others - params(cls))
+
+
+def _check_config(cls_name: str, spec: _Spec, cfg: Mapping, cls: type | None = None) -> None:
+    """Raise ``ValueError`` naming any config key (or value) the fused step does not implement (of the keys
+    that are ``cls.__init__`` parameters, where ``cls`` is given: :func:`_own_config`)."""
+    if cls is not None:
+        cfg = _own_config(cls, cfg)
     for k, v in cfg.items():
         if k in _META_KEYS or k in _GRID_KEYS or k in spec.options or k in spec.accepted or k == "prediction_type":
             continue

@@ -34,7 +34,7 @@ import torch
 from ..core.plan import Plan, Row, combo
 from ..core.schedules import SPACINGS, VPSchedule
 from . import register
-from ._common import check_choice, check_number, clip_settings, data_coeffs, eps_coeffs
+from ._common import INF_SCALE, check_choice, check_number, clip_settings, data_coeffs, eps_coeffs
 from ._multistep import (Grid, alpha_sigma32, divided_differences, dpmsolver_orders, estimate32, estimate64, log_snr,
                          multistep_row, phi)
 
@@ -45,7 +45,10 @@ def ddim_inverse(schedule, steps: int, prediction: str, *, clip_sample: bool = T
 
     ``schedule``: a VP schedule; its ``timesteps(steps)`` (``leading`` by default, ``trailing``), in
     rising order, are the model times. The initial state is the data (``init_scale = 1``). ``jump``:
-    the sample's level is ``t - jump`` (default ``num_train_timesteps // steps``, as diffusers).
+    the sample's level is ``t - jump`` (default ``num_train_timesteps // steps``, as diffusers). With
+    epsilon prediction a level whose ``alphas_cumprod`` is 0 (betas whose product underflows) gives
+    ``x0 = +-inf``, which ``clip_sample`` clips to ``+-clip_sample_range`` as diffusers does (an
+    :data:`~fastdiff.samplers._common.INF_SCALE` row); without clipping it is refused.
     """
     if schedule.kind != "vp":
         raise ValueError(f"ddim_inverse needs a vp schedule, got a {schedule.kind} schedule")
@@ -65,7 +68,13 @@ def ddim_inverse(schedule, steps: int, prediction: str, *, clip_sample: bool = T
         a_t = float(acp[t])
         alpha, sigma = math.sqrt(a_s), math.sqrt(1.0 - a_s)
         where = f"timestep {src}" if src >= 0 else f"before timestep 0 (set_alpha_to_one={set_alpha_to_one!r})"
-        a_x, a_e = data_coeffs("vp", prediction, alpha, sigma, where=where)
+        if prediction == "eps" and alpha == 0.0 and clip == "static":
+            # x0 = (x - m) / 0 = +-inf (alphas_cumprod underflowing to 0), which the clip makes +-clip_sample_range,
+            # as in diffusers; INF_SCALE keeps the sign of its 0 (torch's sqrt(-0.0) = -0.0 flips the inf)
+            k = math.copysign(INF_SCALE, alpha)
+            a_x, a_e = k, -k * sigma
+        else:
+            a_x, a_e = data_coeffs("vp", prediction, alpha, sigma, where=where)
         if prediction == "x0" and sigma == 0.0:
             raise ValueError(f"ddim_inverse: prediction 'x0' gives no noise estimate where sigma = 0 ({where}); "
                              "diffusers divides by 0 there (pass set_alpha_to_one=False)")
