@@ -20,6 +20,11 @@
 
 #if defined(__AVX512F__)
 #define FD_SIMD_BITS 512
+// setup.py's avx512bf16 level: vcvtne2ps2bf16 (bf16 stores), vfpclassps (the fast paths' exactness
+// tests), vpermw (the packet order of the bf16 stores)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define FD_SIMD_BF16 1
+#endif
 #define FD_MM(op) _mm512_##op
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define FD_SIMD_BITS 256
@@ -387,7 +392,11 @@ struct LevelSimd {
   using VD = fd::VD;
   static constexpr int W = VW;
   static constexpr int WD = VW / 2;  // double lanes
+#ifdef FD_SIMD_BF16
+  static constexpr const char* name = "avx512bf16";
+#else
   static constexpr const char* name = FD_SIMD_BITS == 512 ? "avx512" : "avx2";
+#endif
 
   static VF load_f32(const float* p) { return vload<VF::R>(p); }
   static void store_f32(float* p, VF v) { vstore(p, v.v); }
@@ -411,9 +420,40 @@ struct LevelSimd {
   static VU bf16_round(VF v) {
     return add_bf16_bias(select(cmp_mask<_CMP_UNORD_Q>(v, v), fd_bits(v), VU(0x7FC00000u)));
   }
-  static void store_bf16(uint16_t* p, VB v) {
+  static void store_bf16_int(uint16_t* p, VB v) {
     vstore(p, and_or(bf16_round(v.o), VU(0xFFFF0000u), bf16_round(v.e) >> 16).v);
   }
+#ifdef FD_SIMD_BF16
+  /// vcvtne2ps2bf16 rounds to nearest even as bf16_round does, except that it reads subnormal
+  /// inputs as zero and keeps a NaN's payload (c10::BFloat16: 0x7FC0): a packet holding either
+  /// (vfpclassps: QNaN, SNaN, denormal) takes the integer path. (A normal input rounds to a normal
+  /// bf16 or, from 0x7F7F8000 up in magnitude, to inf, as in the integer path; zeros and infinities
+  /// keep their sign.)
+  /// vpermw puts the even elements (the instruction's low half) and the odd ones back in packet order.
+  static void store_bf16(uint16_t* p, VB v) {
+    const __mmask16 odd = _mm512_fpclass_ps_mask(v.e.v, 0xA1) | _mm512_fpclass_ps_mask(v.o.v, 0xA1);
+    if (__builtin_expect(odd != 0, 0)) return store_bf16_int(p, v);
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    vstore(p, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(v.o.v, v.e.v)));
+  }
+  /// Whether a combination that is a copy of d (a history write of c_d = 1, every other term 0)
+  /// may be taken as d itself for this vector: the contract's zero terms 0 * x and 0 * h add a
+  /// signed zero (changing nothing but the sign of a zero sum) unless x or h is inf or NaN. The
+  /// caller makes d a witness of x (a_x != 0) and out of every h (c_out[h] != 0): an inf or NaN
+  /// there makes d or out inf or NaN, so d * out is finite and non-zero only where d is non-zero
+  /// and x, h are finite (an overflow or underflow of the product only sends the vector to the
+  /// full combination, which is always exact). vfpclassps 0x9F: NaN, zero or inf.
+  static constexpr bool HAS_DCOPY = true;
+  static bool dcopy_exact(VF d, VF out) { return _mm512_fpclass_ps_mask((d * out).v, 0x9F) == 0; }
+  static bool dcopy_exact(VF2 d, VF2 out) {
+    return (_mm512_fpclass_ps_mask((d.e * out.e).v, 0x9F) | _mm512_fpclass_ps_mask((d.o * out.o).v, 0x9F)) == 0;
+  }
+  static bool dcopy_exact(VD d, VD out) { return _mm512_fpclass_pd_mask((d * out).v, 0x9F) == 0; }
+#else
+  static void store_bf16(uint16_t* p, VB v) { store_bf16_int(p, v); }
+  static constexpr bool HAS_DCOPY = false;
+#endif
   /// Slot of element t (from a packet boundary) in a buffer of floats in packet order.
   static int bf16_slot(int t) { return (t & -WB) + (t & 1) * VW + ((t & (WB - 1)) >> 1); }
   static VB load_f32_packed(const float* p) { return {load_f32(p), load_f32(p + VW)}; }
