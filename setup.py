@@ -44,8 +44,8 @@ and the level's flags, into the entry points step_<level>, normals_<level> and b
 csrc/cpu_step.h; csrc/cpu_step.cpp picks one at run time (FASTDIFF_CPU_SIMD, or the best the CPU
 supports). Only those objects carry AVX code; the rest of the extension runs on any x86-64.
 avx512bf16 is avx512 plus the instructions of AMD Zen 4 and Intel Cooper Lake / Sapphire Rapids
-(AVX512_BF16's vcvtne2ps2bf16 for bf16 stores, AVX512DQ's vfpclassps for the exactness tests of
-its fast paths, AVX512BW's vpermw), chosen at run time only where the CPU has all of them."""
+(AVX512_BF16's vcvtne2ps2bf16 for bf16 stores, AVX512DQ's vfpclassps to find the packets it would
+round differently, AVX512BW's vpermw), chosen at run time only where the CPU has all of them."""
 
 # -ffp-contract=off: no FMA contraction, so every SIMD level (and the reference backend's
 # operation order) gives the same bits. Never -march=native: the level is picked at run time.

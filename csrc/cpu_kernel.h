@@ -232,10 +232,7 @@ struct StepKernel {
     int32_t* flag;
   };
 
-  /// One vector: elements [o, o + W) of the tensors, [lo, lo + W) of the block buffers. DCOPY: the
-  /// row is a PLAIN one whose every history write is a copy of d (dcopy_row), taken as d itself
-  /// where L::dcopy_exact says that gives the contract's bits.
-  template <bool DCOPY = false>
+  /// One vector: elements [o, o + W) of the tensors, [lo, lo + W) of the block buffers.
   __attribute__((always_inline)) static inline void vec(const StepCoef<T>& c, const StepFlags& f, const Ptrs& p,
                                                         int64_t o, const Bufs& bf, int lo, V& nf) {
     // Not value-initialised (zeroing the whole struct per vector costs more than the step);
@@ -265,19 +262,7 @@ struct StepKernel {
       if (f.m2) nf = nf + fd_nonfinite(in.m_2);
       if (f.m3) nf = nf + fd_nonfinite(in.m_3);
     }
-    StepOut<V> r;  // all loads done: outputs may alias inputs
-    if constexpr (DCOPY) {  // fd_step_element's operations for a PLAIN row, the writes' terms skipped where exact
-      const V e = f.cfg ? fd_guidance(in.m, in.m_c, in.w) : in.m;
-      const V d = V(c.a_x) * in.x + V(c.a_e) * e;
-      r.x = fd_combine(c.out, in.x, d, e, in.h, f.n_reads, in.z, f.e, f.z);
-      if (__builtin_expect(L::dcopy_exact(d, r.x), 1)) {
-        for (int j = 0; j < f.n_writes; ++j) r.h[j] = d;
-      } else {
-        for (int j = 0; j < f.n_writes; ++j) r.h[j] = fd_combine(c.wr[j], in.x, d, e, in.h, f.n_reads, in.z, f.e, f.z);
-      }
-    } else {
-      r = fd_step_element<V, T>(c, f, in);
-    }
+    StepOut<V> r = fd_step_element<V, T>(c, f, in);  // all loads done: outputs may alias inputs
     IO::store(p.out + o, r.x);
     if (f.u_copies) {  // the next model input from x' as stored (rounded to S), as torch's x * in_scale,
       const V u = IO::load(p.out + o) * V(c.u_scale);  // read before any history write aliasing out
@@ -301,64 +286,44 @@ struct StepKernel {
   /// clip, mask, noise or gradient term; guidance may be on) without or with e in a combination;
   /// that row with a clip (DDIM/DDPM with clip_sample or thresholding); that row with noise
   /// (ancestral and SDE samplers). The flags a mode rules out are constants in its code.
-  /// PLAIN_DC, PLAIN_E_DC: PLAIN, PLAIN_E with every history write a copy of d (levels with
-  /// L::HAS_DCOPY; the multistep samplers' writes of the denoised estimate).
-  enum Mode { GENERAL = 0, PLAIN = 1, PLAIN_E = 2, CLIP = 3, NOISE = 4, PLAIN_DC = 5, PLAIN_E_DC = 6, N_MODES = 7 };
+  enum Mode { GENERAL = 0, PLAIN = 1, PLAIN_E = 2, CLIP = 3, NOISE = 4, N_MODES = 5 };
 
   /// The vector loop of a block, with the read/write counts as constants so that the operands
   /// stay in registers (fully unrolled combinations).
   template <int NR, int NW, int MODE>
-  static void loop(const StepCoef<T>& cc, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bf) {
+  static void loop(const StepCoef<T>& cc, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bb) {
     f.n_reads = NR;
     f.n_writes = NW;
     if (MODE != GENERAL) {
       f.rescale = f.mask = f.z2 = f.g = f.blend = f.m2 = f.m3 = f.mw = false;
       if (MODE != CLIP) f.clip = CLIP_NONE;
       if (MODE != NOISE) f.z = false;
-      if (MODE == PLAIN || MODE == PLAIN_DC) f.e = false;  // PLAIN: no e term in the code at all
-      if (MODE == PLAIN_E || MODE == PLAIN_E_DC) f.e = true;
+      if (MODE == PLAIN || MODE == PLAIN_E) f.e = MODE == PLAIN_E;  // PLAIN: no e term in the code at all
     }
-    constexpr bool DC = MODE == PLAIN_DC || MODE == PLAIN_E_DC;
     // local copies: stores through S* cannot alias them, so pointers and coefficients stay in registers
+    // (the block buffers' too: through the reference, the per-sample buffer's pointer and index mask
+    // were loaded again for every vector)
     const Ptrs p = pp;
     const StepCoef<T> c = cc;
+    const Bufs bf = bb;
     V nf(0);
     int i = 0;
-    for (; i + W <= n; i += W) vec<DC>(c, f, p, i0 + i, bf, i, nf);
+    for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i, nf);
     if (i < n) tail(c, f, p, i0 + i, n - i, bf, i, nf);
     if (f.check && any_nan(nf)) __atomic_store_n(bf.flag, 1, __ATOMIC_RELAXED);
   }
 
   using LoopFn = void (*)(const StepCoef<T>&, StepFlags, const Ptrs&, int64_t, int, const Bufs&);
 
-  /// Whether every history write of the row is a copy of d (c_d = 1, its other terms 0) and d and
-  /// out witness the zero terms' operands (a_x != 0: an inf or NaN x makes d inf or NaN; c_out[h_k]
-  /// != 0 likewise for out and h_k): what L::dcopy_exact needs.
-  static bool dcopy_row(const StepCoef<T>& c, const StepFlags& f) {
-    if (!L::HAS_DCOPY || f.n_writes == 0 || !(c.a_x != T(0))) return false;
-    for (int k = 0; k < f.n_reads; ++k)
-      if (!(c.out[OP_H + k] != T(0))) return false;
-    for (int j = 0; j < f.n_writes; ++j) {
-      const T* w = c.wr[j];
-      if (w[OP_X] != T(0) || w[OP_D] != T(1) || w[OP_E] != T(0) || w[OP_Z] != T(0)) return false;
-      for (int k = 0; k < f.n_reads; ++k)
-        if (w[OP_H + k] != T(0)) return false;
-    }
-    return true;
-  }
-
-  static LoopFn pick_loop(const StepCoef<T>& c, const StepFlags& f) {
+  static LoopFn pick_loop(const StepFlags& f) {
 #define FD_LOOPS(M)                                                              \
   {{loop<0, 0, M>, loop<0, 1, M>, loop<0, 2, M>},                                \
    {loop<1, 0, M>, loop<1, 1, M>, loop<1, 2, M>},                                \
    {loop<2, 0, M>, loop<2, 1, M>, loop<2, 2, M>},                                \
    {loop<3, 0, M>, loop<3, 1, M>, loop<3, 2, M>},                                \
    {loop<4, 0, M>, loop<4, 1, M>, loop<4, 2, M>}}
-    // (without L::HAS_DCOPY the _DC modes are never picked: their entries are the plain loops)
-    constexpr int DC = L::HAS_DCOPY ? PLAIN_DC : PLAIN, DCE = L::HAS_DCOPY ? PLAIN_E_DC : PLAIN_E;
     static const LoopFn table[N_MODES][MAX_READS + 1][MAX_WRITES + 1] = {
-        FD_LOOPS(GENERAL), FD_LOOPS(PLAIN), FD_LOOPS(PLAIN_E), FD_LOOPS(CLIP), FD_LOOPS(NOISE), FD_LOOPS(DC),
-        FD_LOOPS(DCE)};
+        FD_LOOPS(GENERAL), FD_LOOPS(PLAIN), FD_LOOPS(PLAIN_E), FD_LOOPS(CLIP), FD_LOOPS(NOISE)};
 #undef FD_LOOPS
     const bool simple = !f.rescale && !f.mask && !f.z2 && !f.g && !f.blend;
     const int mode = !simple               ? GENERAL
@@ -366,8 +331,7 @@ struct StepKernel {
                      : f.clip && !f.z      ? CLIP
                      : !f.clip             ? NOISE
                                            : GENERAL;
-    const bool dc = (mode == PLAIN || mode == PLAIN_E) && dcopy_row(c, f);
-    return table[dc ? (mode == PLAIN ? PLAIN_DC : PLAIN_E_DC) : mode][f.n_reads][f.n_writes];
+    return table[mode][f.n_reads][f.n_writes];
   }
 
   /// The last n < W elements, through zero-padded copies so the arithmetic is the full-vector one.
@@ -479,7 +443,7 @@ struct StepKernel {
     p.m2 = static_cast<const S*>(a.m_2);
     p.m3 = static_cast<const S*>(a.m_3);
     p.mw = static_cast<S*>(a.m_w);
-    const LoopFn loop_fn = pick_loop(c, f);
+    const LoopFn loop_fn = pick_loop(f);
     const int64_t nchunk = (a.numel + CHUNK - 1) / CHUNK;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads) if (a.numel >= PAR_MIN && a.num_threads > 1)
     for (int64_t k = 0; k < nchunk; ++k) {

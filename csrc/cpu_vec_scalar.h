@@ -15,7 +15,6 @@ struct LevelScalar {
   static constexpr int W = 1;   // float lanes
   static constexpr int WD = 1;  // double lanes
   static constexpr const char* name = "scalar";
-  static constexpr bool HAS_DCOPY = false;  // no exactness test cheaper than the zero terms (cpu_vec_simd.h)
 
   static VF load_f32(const float* p) { return *p; }
   static void store_f32(float* p, VF v) { *p = v; }

@@ -20,8 +20,8 @@
 
 #if defined(__AVX512F__)
 #define FD_SIMD_BITS 512
-// setup.py's avx512bf16 level: vcvtne2ps2bf16 (bf16 stores), vfpclassps (the fast paths' exactness
-// tests), vpermw (the packet order of the bf16 stores)
+// setup.py's avx512bf16 level: vcvtne2ps2bf16 for bf16 stores, with vfpclassps (AVX512DQ) finding the
+// packets it would round differently and vpermw (AVX512BW) putting its result in packet order
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #define FD_SIMD_BF16 1
 #endif
@@ -437,22 +437,8 @@ struct LevelSimd {
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     vstore(p, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(v.o.v, v.e.v)));
   }
-  /// Whether a combination that is a copy of d (a history write of c_d = 1, every other term 0)
-  /// may be taken as d itself for this vector: the contract's zero terms 0 * x and 0 * h add a
-  /// signed zero (changing nothing but the sign of a zero sum) unless x or h is inf or NaN. The
-  /// caller makes d a witness of x (a_x != 0) and out of every h (c_out[h] != 0): an inf or NaN
-  /// there makes d or out inf or NaN, so d * out is finite and non-zero only where d is non-zero
-  /// and x, h are finite (an overflow or underflow of the product only sends the vector to the
-  /// full combination, which is always exact). vfpclassps 0x9F: NaN, zero or inf.
-  static constexpr bool HAS_DCOPY = true;
-  static bool dcopy_exact(VF d, VF out) { return _mm512_fpclass_ps_mask((d * out).v, 0x9F) == 0; }
-  static bool dcopy_exact(VF2 d, VF2 out) {
-    return (_mm512_fpclass_ps_mask((d.e * out.e).v, 0x9F) | _mm512_fpclass_ps_mask((d.o * out.o).v, 0x9F)) == 0;
-  }
-  static bool dcopy_exact(VD d, VD out) { return _mm512_fpclass_pd_mask((d * out).v, 0x9F) == 0; }
 #else
   static void store_bf16(uint16_t* p, VB v) { store_bf16_int(p, v); }
-  static constexpr bool HAS_DCOPY = false;
 #endif
   /// Slot of element t (from a packet boundary) in a buffer of floats in packet order.
   static int bf16_slot(int t) { return (t & -WB) + (t & 1) * VW + ((t & (WB - 1)) >> 1); }

@@ -1,13 +1,14 @@
-"""The CPU kernel's fast paths give the bits of its plain arithmetic, on every SIMD level.
+"""The CPU kernel's SIMD levels give the scalar level's bits, on inputs chosen to break fast paths.
 
 The avx512bf16 level (chosen at run time where the CPU has AVX512_BF16, DQ and BW) stores bf16
-through vcvtne2ps2bf16 (which flushes subnormal inputs and keeps NaN payloads: such vectors take
-the integer rounding) and takes a history write that is a copy of d (c_d = 1, its other terms 0:
-the multistep samplers' denoised estimate) as d itself where the contract's zero terms 0 * x,
-0 * h cannot change a bit (x and h finite, d non-zero). Every level must equal the scalar level bit
-for bit (NaN payloads aside where two differ: see _same), at 1 and 2 threads, on fresh random inputs seeded with inf, NaN (with payloads), -0, zeros
-that make d = +-0, the dtype's subnormals and values whose results round to them, in lengths with
-tails.
+through vcvtne2ps2bf16, which flushes subnormal inputs and keeps NaN payloads: packets holding
+either must take the integer rounding. The rows include history writes that copy d (c_d = 1, the
+other terms 0, as the multistep samplers' denoised estimate), where the contract's zero terms
+0 * x, 0 * h still decide the sign of a zero and turn an inf into NaN: a kernel that skipped them
+would differ here. Every level must equal the scalar level bit for bit (NaN payloads aside where
+two differ: see _same), at 1 and 2 threads, on fresh random inputs seeded with inf, NaN (with
+payloads), -0, zeros that make d = +-0, the dtype's subnormals and values whose results round to
+them, in lengths with tails.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from .._cpu_levels import available_levels, gen  # noqa: F401,E402
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-# rows whose every history write is a copy of d (the fast path's rows), with d and out witnessing
-# the zero terms' operands, and rows just outside them (a zero h coefficient in out, a write with
-# a non-zero x term, c_d = 1 with -0 zero terms)
+# rows whose history writes copy d (the zero terms 0 * x, 0 * h matter on -0, inf and NaN), with
+# -0 zero terms, with e in out, with two reads and two writes, and rows that only nearly copy d
 ROWS = {
     "dpmpp2m": Row(t=1.0, sigma=1.0, in_scale=1.0, a_x=1.25, a_e=-0.6, out=combo(x=0.6, d=0.45, h=(-0.05,)),
                    reads=(0,), writes=(Write(1, combo(d=1.0)),)),
