@@ -37,11 +37,15 @@ CPU_LEVELS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"],
+    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
 }
 """The CPU kernel's SIMD levels: CPU_LEVEL_SOURCE is compiled once per level, with -DFD_LEVEL=<level>
 and the level's flags, into the entry points step_<level>, normals_<level> and bits_<level> of
 csrc/cpu_step.h; csrc/cpu_step.cpp picks one at run time (FASTDIFF_CPU_SIMD, or the best the CPU
-supports). Only those objects carry AVX code; the rest of the extension runs on any x86-64."""
+supports). Only those objects carry AVX code; the rest of the extension runs on any x86-64.
+avx512bf16 is avx512 plus the instructions of AMD Zen 4 and Intel Cooper Lake / Sapphire Rapids
+(AVX512_BF16's vcvtne2ps2bf16 for bf16 stores, AVX512DQ's vfpclassps to find the packets it would
+round differently, AVX512BW's vpermw), chosen at run time only where the CPU has all of them."""
 
 # -ffp-contract=off: no FMA contraction, so every SIMD level (and the reference backend's
 # operation order) gives the same bits. Never -march=native: the level is picked at run time.

@@ -314,11 +314,11 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("max_value"),
       "Dynamic-threshold bounds into s (float32 [B]) from the row's x, m, m_c, w, r, g and coef.");
   mod.def("simd_level", [] { return std::string(fd_cpu::level_name(fd_cpu::current_level())); },
-          "SIMD level in use: 'avx512', 'avx2' or 'scalar'.");
+          "SIMD level in use: 'avx512bf16', 'avx512', 'avx2' or 'scalar'.");
   mod.def("detected_simd_level", [] { return std::string(fd_cpu::level_name(fd_cpu::detect_level())); },
           "Best SIMD level this CPU supports.");
   mod.def("set_simd_level", [](const std::string& name) { fd_cpu::set_level(name.c_str()); }, py::arg("name"),
-          "Force a SIMD level ('scalar', 'avx2', 'avx512'); ValueError if unknown or unsupported.");
+          "Force a SIMD level ('scalar', 'avx2', 'avx512', 'avx512bf16'); ValueError if unknown or unsupported.");
   mod.def("num_threads", &threads, "OpenMP threads the kernel uses.");
   mod.def(
       "set_num_threads",

@@ -291,7 +291,7 @@ struct StepKernel {
   /// The vector loop of a block, with the read/write counts as constants so that the operands
   /// stay in registers (fully unrolled combinations).
   template <int NR, int NW, int MODE>
-  static void loop(const StepCoef<T>& cc, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bf) {
+  static void loop(const StepCoef<T>& cc, StepFlags f, const Ptrs& pp, int64_t i0, int n, const Bufs& bb) {
     f.n_reads = NR;
     f.n_writes = NW;
     if (MODE != GENERAL) {
@@ -301,8 +301,11 @@ struct StepKernel {
       if (MODE == PLAIN || MODE == PLAIN_E) f.e = MODE == PLAIN_E;  // PLAIN: no e term in the code at all
     }
     // local copies: stores through S* cannot alias them, so pointers and coefficients stay in registers
+    // (the block buffers' too: through the reference, the per-sample buffer's pointer and index mask
+    // were loaded again for every vector)
     const Ptrs p = pp;
     const StepCoef<T> c = cc;
+    const Bufs bf = bb;
     V nf(0);
     int i = 0;
     for (; i + W <= n; i += W) vec(c, f, p, i0 + i, bf, i, nf);

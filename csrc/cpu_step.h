@@ -17,12 +17,13 @@ struct StepArgs : fd_row::StepRow {
   int num_threads;          // OpenMP threads (>= 1)
 };
 
-enum Level { LEVEL_SCALAR = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
+enum Level { LEVEL_SCALAR = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2, LEVEL_AVX512BF16 = 3 };
 
 // Per-level entry points (cpu_step_<level>.cpp). Call only levels the CPU supports.
 void step_scalar(const StepArgs& a);
 void step_avx2(const StepArgs& a);
 void step_avx512(const StepArgs& a);
+void step_avx512bf16(const StepArgs& a);
 
 /// Philox normals of samples [0, batch) x elements [0, per_sample) into out (float32, row-major).
 void normals_scalar(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t row,
@@ -30,6 +31,8 @@ void normals_scalar(float* out, const int64_t* seeds, int64_t batch, int64_t per
 void normals_avx2(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t row,
                   uint32_t stream, int num_threads);
 void normals_avx512(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t row,
+                    uint32_t stream, int num_threads);
+void normals_avx512bf16(float* out, const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t row,
                     uint32_t stream, int num_threads);
 
 /// Raw Philox words of groups [g0, g0 + groups) of every sample into out ([batch, groups * 4]).
@@ -39,10 +42,13 @@ void bits_avx2(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, 
                uint32_t stream);
 void bits_avx512(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, int64_t groups, uint32_t row,
                  uint32_t stream);
+void bits_avx512bf16(uint32_t* out, const int64_t* seeds, int64_t batch, uint64_t g0, int64_t groups, uint32_t row,
+                 uint32_t stream);
 
 void gram_chunk_scalar(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
 void gram_chunk_avx2(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
 void gram_chunk_avx512(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
+void gram_chunk_avx512bf16(const void* const* slots, int mask, int dtype, int64_t i0, int64_t i1, double* acc);
 
 /// Best level this CPU supports.
 Level detect_level();

@@ -1,5 +1,5 @@
 // The CPU step kernel compiled for one SIMD level. setup.py compiles this file once per level
-// (CPU_LEVELS): -DFD_LEVEL=scalar, avx2 or avx512 and that level's -m flags, giving the entry points
+// (CPU_LEVELS): -DFD_LEVEL=scalar, avx2, avx512 or avx512bf16 and that level's -m flags, giving the entry points
 // step_<level>, normals_<level>, bits_<level> and gram_chunk_<level> of cpu_step.h; cpu_step.cpp picks one at run time.
 // Everything level-specific lives in an anonymous namespace so that no inline function compiled for
 // this level can be picked by the linker for another level's code. Call only on a CPU that supports
@@ -15,23 +15,26 @@
 #define FD_LEVEL_ID_scalar 1
 #define FD_LEVEL_ID_avx2 2
 #define FD_LEVEL_ID_avx512 3
+#define FD_LEVEL_ID_avx512bf16 4
 #define FD_LEVEL_ID FD_CAT(FD_LEVEL_ID_, FD_LEVEL)
 
 #if FD_LEVEL_ID == FD_LEVEL_ID_scalar
 #define FD_LEVEL_HEADER "cpu_vec_scalar.h"
 #define FD_LEVEL_TYPE fd::LevelScalar
 #elif (FD_LEVEL_ID == FD_LEVEL_ID_avx2 && defined(__AVX2__) && !defined(__AVX512F__)) || \
-    (FD_LEVEL_ID == FD_LEVEL_ID_avx512 && defined(__AVX512F__))
+    (FD_LEVEL_ID == FD_LEVEL_ID_avx512 && defined(__AVX512F__) && !defined(__AVX512BF16__)) ||                \
+    (FD_LEVEL_ID == FD_LEVEL_ID_avx512bf16 && defined(__AVX512BF16__) && defined(__AVX512BW__) &&             \
+     defined(__AVX512DQ__))
 #include <immintrin.h>
 #define FD_LEVEL_HEADER "cpu_vec_simd.h"
 #define FD_LEVEL_TYPE fd::LevelSimd
-#if FD_LEVEL_ID == FD_LEVEL_ID_avx512
+#if FD_LEVEL_ID == FD_LEVEL_ID_avx512 || FD_LEVEL_ID == FD_LEVEL_ID_avx512bf16
 // GCC 12 false positive inside its own _mm512_undefined_epi32 (self-initialised; GCC PR105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #else
-#error "FD_LEVEL must be scalar, avx2 or avx512, compiled with that level's -m flags (setup.py's CPU_LEVELS)"
+#error "FD_LEVEL must be scalar, avx2, avx512 or avx512bf16, compiled with that level's -m flags (setup.py's CPU_LEVELS)"
 #endif
 
 namespace {

@@ -20,6 +20,11 @@
 
 #if defined(__AVX512F__)
 #define FD_SIMD_BITS 512
+// setup.py's avx512bf16 level: vcvtne2ps2bf16 for bf16 stores, with vfpclassps (AVX512DQ) finding the
+// packets it would round differently and vpermw (AVX512BW) putting its result in packet order
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define FD_SIMD_BF16 1
+#endif
 #define FD_MM(op) _mm512_##op
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define FD_SIMD_BITS 256
@@ -387,7 +392,11 @@ struct LevelSimd {
   using VD = fd::VD;
   static constexpr int W = VW;
   static constexpr int WD = VW / 2;  // double lanes
+#ifdef FD_SIMD_BF16
+  static constexpr const char* name = "avx512bf16";
+#else
   static constexpr const char* name = FD_SIMD_BITS == 512 ? "avx512" : "avx2";
+#endif
 
   static VF load_f32(const float* p) { return vload<VF::R>(p); }
   static void store_f32(float* p, VF v) { vstore(p, v.v); }
@@ -411,9 +420,26 @@ struct LevelSimd {
   static VU bf16_round(VF v) {
     return add_bf16_bias(select(cmp_mask<_CMP_UNORD_Q>(v, v), fd_bits(v), VU(0x7FC00000u)));
   }
-  static void store_bf16(uint16_t* p, VB v) {
+  static void store_bf16_int(uint16_t* p, VB v) {
     vstore(p, and_or(bf16_round(v.o), VU(0xFFFF0000u), bf16_round(v.e) >> 16).v);
   }
+#ifdef FD_SIMD_BF16
+  /// vcvtne2ps2bf16 rounds to nearest even as bf16_round does, except that it reads subnormal
+  /// inputs as zero and keeps a NaN's payload (c10::BFloat16: 0x7FC0): a packet holding either
+  /// (vfpclassps: QNaN, SNaN, denormal) takes the integer path. (A normal input rounds to a normal
+  /// bf16 or, from 0x7F7F8000 up in magnitude, to inf, as in the integer path; zeros and infinities
+  /// keep their sign.)
+  /// vpermw puts the even elements (the instruction's low half) and the odd ones back in packet order.
+  static void store_bf16(uint16_t* p, VB v) {
+    const __mmask16 odd = _mm512_fpclass_ps_mask(v.e.v, 0xA1) | _mm512_fpclass_ps_mask(v.o.v, 0xA1);
+    if (__builtin_expect(odd != 0, 0)) return store_bf16_int(p, v);
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    vstore(p, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(v.o.v, v.e.v)));
+  }
+#else
+  static void store_bf16(uint16_t* p, VB v) { store_bf16_int(p, v); }
+#endif
   /// Slot of element t (from a packet boundary) in a buffer of floats in packet order.
   static int bf16_slot(int t) { return (t & -WB) + (t & 1) * VW + ((t & (WB - 1)) >> 1); }
   static VB load_f32_packed(const float* p) { return {load_f32(p), load_f32(p + VW)}; }

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-LEVELS = ("scalar", "avx2", "avx512")
+LEVELS = ("scalar", "avx2", "avx512", "avx512bf16")
 _RANK = {name: i for i, name in enumerate(LEVELS)}
 
 

@@ -3,7 +3,7 @@
 One pass over memory per row, noise generated in the kernel, no allocation per step. Takes CPU
 tensors in float32, float64, float16 or bfloat16 that are contiguous and either identical to or
 disjoint from one another in memory; anything else is reported unsupported (dispatch then uses
-``reference``), never read wrongly. ``FASTDIFF_CPU_SIMD=scalar|avx2|avx512`` forces a SIMD level;
+``reference``), never read wrongly. ``FASTDIFF_CPU_SIMD=scalar|avx2|avx512|avx512bf16`` forces a SIMD level;
 any other value, or a level this CPU lacks, makes asking for this backend (by name, or through
 ``auto`` on CPU tensors) raise a ``ValueError`` naming the variable (:func:`check_config`).
 """
@@ -31,7 +31,7 @@ def check_layout(module) -> None:
                           "`pip install -e .`")
 
 
-SIMD_LEVELS = ("scalar", "avx2", "avx512")
+SIMD_LEVELS = ("scalar", "avx2", "avx512", "avx512bf16")
 """The values ``FASTDIFF_CPU_SIMD`` may take (unset or empty: the best level this CPU supports)."""
 SIMD_ENV = "FASTDIFF_CPU_SIMD"
 
