@@ -276,3 +276,23 @@ def run_unaligned(args, run, vector_path) -> None:
     run(a)
     for orig, copy in moved.values():
         orig.copy_(copy)
+
+
+def triton_kernels():
+    """``(fastdiff.kernels.step, device)`` for a Triton test module, skipping the whole module where the
+    kernels cannot run: triton or its kernels do not import, or they were imported compiled
+    (without ``TRITON_INTERPRET=1``, which tests/backends/conftest.py sets) on a machine with no GPU.
+    The device is ``cpu`` under the interpreter, else ``cuda``. Call at module level."""
+    import pytest
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    from fastdiff.backends import triton as tb
+
+    if isinstance(tb._kernels, Exception):
+        pytest.skip(f"triton kernels do not import: {tb._kernels}", allow_module_level=True)
+    k = tb.kernels()
+    if not k.INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("fastdiff.kernels.step was imported without TRITON_INTERPRET=1 and there is no GPU "
+                    "(run the tests from the repository so tests/backends/conftest.py sets it)",
+                    allow_module_level=True)
+    return k, "cpu" if k.INTERPRETED else "cuda"

@@ -26,16 +26,10 @@ from fastdiff.backends import reference  # noqa: E402
 from fastdiff.backends import triton as tb  # noqa: E402
 from fastdiff.core.plan import OP_E, OP_Z, Row, combo  # noqa: E402
 
-from ._cases import EVERYTHING, FEATURES, SEEDS, check_tiny_e_coefficient  # noqa: E402
+from ._cases import EVERYTHING, FEATURES, SEEDS, check_tiny_e_coefficient, triton_kernels  # noqa: E402
 from ._cases import check as _check  # noqa: E402
 
-if isinstance(tb._kernels, Exception):
-    pytest.skip(f"triton kernels do not import: {tb._kernels}", allow_module_level=True)
-K = tb.kernels()
-if not K.INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("fastdiff.kernels.step was imported without TRITON_INTERPRET=1 and there is no GPU "
-                "(run the tests from the repository so tests/backends/conftest.py sets it)", allow_module_level=True)
-DEVICE = "cpu" if K.INTERPRETED else "cuda"
+K, DEVICE = triton_kernels()
 BLOCK = K.INTERPRET_BLOCK if K.INTERPRETED else max(K.GPU_BLOCKS)
 
 

@@ -11,14 +11,9 @@ import fastdiff  # noqa: E402
 from fastdiff.runtime import ops  # noqa: E402
 from fastdiff.backends import triton as tb  # noqa: E402
 
-from ._cases import build  # noqa: E402
+from ._cases import build, triton_kernels  # noqa: E402
 
-if isinstance(tb._kernels, Exception):
-    pytest.skip(f"triton kernels do not import: {tb._kernels}", allow_module_level=True)
-K = tb.kernels()
-if not K.INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("triton kernels compiled without a GPU", allow_module_level=True)
-DEVICE = "cpu" if K.INTERPRETED else "cuda"
+K, DEVICE = triton_kernels()
 
 
 @pytest.fixture

@@ -20,14 +20,9 @@ from fastdiff.core.args import N_COEF, StepArgs, pack_row  # noqa: E402
 from fastdiff.core.plan import Row, combo  # noqa: E402
 from fastdiff.runtime import ops  # noqa: E402
 
-from ._cases import EVERYTHING, build  # noqa: E402
+from ._cases import EVERYTHING, build, triton_kernels  # noqa: E402
 
-if isinstance(tb._kernels, Exception):
-    pytest.skip(f"triton kernels do not import: {tb._kernels}", allow_module_level=True)
-K = tb.kernels()
-if not K.INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("triton kernels compiled without a GPU", allow_module_level=True)
-DEVICE = "cpu" if K.INTERPRETED else "cuda"
+K, DEVICE = triton_kernels()
 SHAPE = (3, 2, 37)  # a tail past one interpreter block
 
 
