@@ -46,14 +46,12 @@ Clip and threshold values are taken as diffusers takes them: read only where the
 (``sample_max_value`` below 1 bounds the threshold below 1, as ``torch.clamp(s, 1, max)`` does), and
 refused by name only where diffusers' step fails or divides by 0 with them.
 
-Noise: with ``generator`` (or ``variance_noise``) the noise is drawn exactly as diffusers draws it
-(same shape, dtype and generator calls), so trajectories match the stock scheduler. Without one,
-diffusers would draw from torch's global RNG; the fused step instead generates counter-based
-Philox noise inside the kernel, keyed by a seed drawn from torch's global RNG at the first noisy
-step after ``set_timesteps`` (so ``torch.manual_seed`` still makes runs reproducible, and the
-noise does not depend on the device or the batch size — but it is not the stock scheduler's noise).
-DDPM with a learned variance scales its noise per element before the kernel, so without a
-generator it draws from torch's global RNG exactly as diffusers does.
+Noise is drawn exactly as diffusers' step draws it (same shape, dtype and calls): ``variance_noise``
+where given, else from ``generator``, else from torch's global RNG (the device's, as
+``randn_tensor`` draws), so trajectories match the stock scheduler's with or without a generator,
+and ``torch.manual_seed(...)`` before a run gives the stock run's noise. (``fastdiff.sample`` draws
+counter-based Philox noise inside the kernel instead; the drop-in follows the library it replaces,
+as :mod:`fastdiff.k_diffusion` does.)
 
 ``step`` returns what diffusers' step returns: its output class (``DDIMSchedulerOutput``, ...) or,
 with ``return_dict=False``, a tuple of the same length. Where that includes ``pred_original_sample``

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from ..core.guidance import Guidance
-from ..core.rng import expand_seeds
 from ..runtime import ops
 from ..runtime.executor import StopSampling
 from ..runtime.loop import LoopOptions, draw_noise, run_plan
@@ -913,16 +912,11 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
     noise_dtype = sched._fd_spec.noise_dtype
     if noise_dtype == "promote":  # the estimate's dtype: the latents' here (the model output is cast to them)
         noise_dtype = None
-    noise_fn = seeds = None
-    if gen is not None or not spec.step_generator:
-        g = gen if spec.step_generator else None
+    g = gen if spec.step_generator else None  # (a loop that hands no generator to step: torch's global RNG)
 
-        def draw(i, x):  # exactly the stock step's randn_tensor call
-            return draw_noise(tuple(x.shape), g, noise_dtype or x.dtype, x.device)
+    def noise_fn(i, x):  # exactly the stock step's randn_tensor call
+        return draw_noise(tuple(x.shape), g, noise_dtype or x.dtype, x.device)
 
-        noise_fn = draw
-    elif any(r.noise for r in plan.rows):
-        seeds = expand_seeds(int(torch.randint(0, 2**62, (1,), dtype=torch.int64)), latents.shape[0])
     if callable(gs):  # a scale per row, decided from the plan (Wan 2.2's boundary between its experts)
         gs = gs(plan)
     guidance = Guidance(gs if do_cfg else None, None, pipe._guidance_rescale if do_cfg else 0.0)
@@ -938,7 +932,7 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
             before(i, x)
             if after is not None:
                 after(i, x)
-    opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, seeds=seeds, noise_fn=noise_fn, backend=backend,
+    opts = LoopOptions(guidance=guidance, cond=cond, uncond=uncond, noise_fn=noise_fn, backend=backend,
                        progress=progress, check_finite=pipe._fd_check_finite, post_step=post_step)
     # a callback that sets pipe._interrupt ends the loop there (StopSampling): the latents so far come back
     latents = run_plan(plan, model, latents, opts, in_place=False, keep=True)  # (a repeated call reuses its rows)
@@ -1006,8 +1000,9 @@ def accelerate(pipe: Any, backend: str = "auto", check_finite: bool = False):
     their defaults. ``callback_on_step_end`` runs after every step as in the stock loop, with
     ``"latents"`` as its only tensor input (new latents it returns feed the next step, and
     ``pipe._interrupt`` stops the loop); other tensor inputs raise ``TypeError``.
-    Without a ``generator``, solver noise is in-kernel Philox seeded from torch's global RNG
-    (``StableDiffusion3Pipeline`` draws from the global RNG as its stock loop does).
+    Solver noise is drawn as the stock loop's ``scheduler.step`` draws it: from ``generator``, or from
+    torch's global RNG without one (and where the stock loop hands the step no generator), so
+    ``torch.manual_seed(...)`` gives the stock image too.
 
     Args:
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,

@@ -22,7 +22,6 @@ from .. import samplers
 from ..core.args import StepArgs, clip_code, pack_row
 from ..core.guidance import threshold_bound
 from ..core.plan import Plan, Row, Write, combo
-from ..core.rng import expand_seeds
 from ..core.schedules import Discretization
 from ..runtime import ops
 from ..runtime.loop import draw_noise
@@ -68,8 +67,6 @@ class _FusedScheduler:
     def _fd_reset(self) -> None:
         self._fd_plans: dict = {}
         self._fd_run: _Run | None = None
-        self._fd_seed: int | None = None  # Philox key, drawn from torch's global RNG when first needed
-        self._fd_seeds: tuple | None = None
 
     @property
     def fastdiff_history(self) -> list[torch.Tensor]:
@@ -636,7 +633,9 @@ class _FusedScheduler:
 
     def _fd_noise(self, row: Row, a: Mapping, m: torch.Tensor, model_dtype: torch.dtype,
                   draw: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None):
-        """The step's noise: ``(z, None)`` (``z`` in ``m``'s compute dtype and shape) or ``(None, philox seeds)``.
+        """The step's noise, ``(z, None)`` (``z`` in ``m``'s compute dtype and shape; ``(None, None)`` for a row
+        without noise), drawn as diffusers' step draws it: ``variance_noise``, else ``randn_tensor`` from
+        ``generator`` or, without one, from torch's global RNG.
 
         diffusers draws in the dtype of the model output AS GIVEN (``model_dtype``, which may be
         narrower than the compute dtype of a float32 sample), or in float32 (``noise_dtype``), and in
@@ -662,16 +661,10 @@ class _FusedScheduler:
                                  f"shape {shape}") from None
             return ext.to(m.dtype).reshape(m.shape).contiguous(), None
         gen = a.get("generator")
-        if gen is not None:
-            z = draw_noise(draw, _generator(name, gen), nd or model_dtype, m.device)
-            return z.to(m.dtype).expand(shape).reshape(m.shape).contiguous(), None
-        b = m.shape[0]
-        if self._fd_seed is None:
-            self._fd_seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
-        if self._fd_seeds is None or self._fd_seeds[0] != (b, m.device):
-            s = torch.tensor(expand_seeds(self._fd_seed, b), dtype=torch.int64, device=m.device)
-            self._fd_seeds = ((b, m.device), s)
-        return None, self._fd_seeds[1]
+        # diffusers' own randn_tensor call: from the generator, or without one from torch's global RNG (the
+        # device's), so that torch.manual_seed(...) gives the stock scheduler's noise too
+        z = draw_noise(draw, None if gen is None else _generator(name, gen), nd or model_dtype, m.device)
+        return z.to(m.dtype).expand(shape).reshape(m.shape).contiguous(), None
 
     def _fd_after(self, row: Row, i: int) -> None:
         """Keep the stock scheduler's public state what diffusers' step would leave."""
@@ -811,10 +804,7 @@ def _data_estimate(row: Row, plan: Plan, k: int, x: torch.Tensor, m: torch.Tenso
     churn = plan.meta.get("churn_x0", {}).get(k)
     if churn is not None:  # Euler with churn: the estimate of the churned sample y = x + c z
         a, b, c = churn
-        if c:
-            if z is None:
-                raise ValueError(f"{name}: pred_original_sample of a step with s_churn > 0 needs the step's noise; "
-                                 "pass a generator (without one the noise is drawn inside the fused kernel)")
+        if c:  # (the step's noise, drawn as diffusers draws it)
             xc = xc + c * z.to(cdt)
         d = a * xc + b * mc
     else:

@@ -321,14 +321,20 @@ def test_pred_original_sample_is_computed_only_when_read():
     assert tup[0].shape == x.shape and tup._fd_x0 is not None
 
 
-def test_pred_original_sample_of_churn_without_generator_is_refused_clearly():
-    fu = from_diffusers(diffusers.EulerDiscreteScheduler(**SD))
-    fu.set_timesteps(4)
-    x = torch.randn(1, 2, 3, 3)
-    out = fu.step(torch.randn_like(x), fu.timesteps[0], x, s_churn=1.0)  # Philox noise inside the kernel
-    assert torch.isfinite(out.prev_sample).all()
-    with pytest.raises(ValueError, match="pass a generator"):
-        out.pred_original_sample
+def test_churn_without_generator_is_the_stock_step_from_the_global_rng():
+    """Without a generator diffusers draws the churn noise from torch's global RNG: so does the drop-in,
+    and its pred_original_sample (the churned sample's estimate) is stock's (it was refused while the
+    drop-in drew Philox noise inside the kernel)."""
+    x = torch.randn(2, 2, 3, 3)
+    m = torch.randn_like(x)
+    outs = []
+    for s in (diffusers.EulerDiscreteScheduler(**SD), from_diffusers(diffusers.EulerDiscreteScheduler(**SD))):
+        s.set_timesteps(4)
+        torch.manual_seed(1234)
+        o = s.step(m, s.timesteps[0], x, s_churn=1.0)
+        outs.append((o.prev_sample, o.pred_original_sample, torch.randn(1)))  # and the RNG left as stock leaves it
+    (p0, x0, r0), (p1, x1, r1) = outs
+    assert rel_err(p1, p0) <= TOL and rel_err(x1, x0) <= TOL and torch.equal(r1, r0)
 
 
 def test_euler_churn_with_sigma_hat_at_zero_is_refused_clearly():

@@ -444,3 +444,48 @@ def test_save_config_and_from_config_round_trip(name, seed, tmp_path):
     lockstep(stock, again, stock.timesteps, seed)
     stock_back = getattr(diffusers, name).from_config(fused.config)  # the drop-in's config loads in diffusers
     assert type(stock_back) is getattr(diffusers, name)
+
+
+NOISY = [  # (class, config, step() arguments): every supported step that draws noise
+    ("DDPMScheduler", {}, {}),
+    ("DDPMScheduler", {"variance_type": "fixed_large"}, {}),
+    ("DDIMScheduler", {}, {"eta": 1.0}),
+    ("EulerAncestralDiscreteScheduler", {}, {}),
+    ("EulerDiscreteScheduler", {}, {"s_churn": 1.0}),
+    ("KDPM2AncestralDiscreteScheduler", {}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, {}),
+    ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    ("LCMScheduler", {}, {}),
+    ("TCDScheduler", {}, {"eta": 0.5}),
+    ("SASolverScheduler", {}, {}),
+    ("CogVideoXDPMScheduler", {}, {}),
+]
+
+
+@pytest.mark.parametrize("name,cfg,kw", NOISY, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(NOISY)])
+def test_noise_without_a_generator_is_stocks_from_the_global_rng(name, cfg, kw):
+    """No generator: diffusers draws each step's noise from torch's global RNG, and so does the drop-in, in
+    the same calls: after the same torch.manual_seed the runs agree, and leave the RNG in the same state
+    (the next draw is the same)."""
+    cls = getattr(diffusers, name)
+    base = dict(SD) if "EDM" not in name and "CogVideoX" not in name else {}
+    x0 = initial_noise(7, 1.0, shape=(2, 3, 4, 4))
+    model = toy_model(3, shape=(2, 3, 4, 4), gain=0.5)
+    results = []
+    for sched in (cls(**base, **cfg), from_diffusers(cls(**base, **cfg))):
+        sched.set_timesteps(5)
+        x = x0 * sched.init_noise_sigma
+        torch.manual_seed(99)
+        old = None
+        for i, t in enumerate(sched.timesteps):
+            m = model(sched.scale_model_input(x, t), t)
+            if name == "CogVideoXDPMScheduler":  # (its step takes the previous estimate and timestep back)
+                back = sched.timesteps[i - 1] if i else None
+                x, old = sched.step(m, old, t, back, x, return_dict=False)[:2]
+            else:
+                x = sched.step(m, t, x, **kw).prev_sample
+        results.append((x, torch.randn(3)))
+    (x_s, r_s), (x_f, r_f) = results
+    assert torch.isfinite(x_s).all() and rel_err(x_f, x_s) <= 1e-5, rel_err(x_f, x_s)
+    assert torch.equal(r_f, r_s), "the drop-in drew from the global RNG differently from diffusers"

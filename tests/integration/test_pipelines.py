@@ -72,6 +72,28 @@ def test_sd_matches_stock(pipes, name, cfg, seed):
             **PROMPT)
 
 
+@pytest.mark.parametrize("name, cfg", [("EulerAncestralDiscreteScheduler", {}), ("DDPMScheduler", {"clip_sample": False}),
+                                       ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})])
+def test_sd_without_a_generator_matches_stock_under_the_same_global_seed(pipes, name, cfg, seed):
+    """No generator: the stock loop draws the latents and every step's noise from torch's global RNG; the
+    accelerated loop draws the step noise in the same calls, so the same torch.manual_seed gives the stock
+    image (and leaves the RNG where the stock call leaves it)."""
+    pipe = pipes["sd"]
+    pipe.scheduler = getattr(diffusers, name)(**SD, **cfg)
+    outs = []
+    for accelerated in (False, True):
+        if accelerated:
+            fdd.accelerate(pipe)
+        try:
+            torch.manual_seed(seed)
+            outs.append((pipe(**PROMPT, num_inference_steps=5, output_type="latent").images, torch.randn(2)))
+        finally:
+            if accelerated:
+                fdd.restore(pipe)
+    (a, ra), (b, rb) = outs
+    assert rel_err(b, a) <= TOL and torch.equal(rb, ra)
+
+
 @pytest.mark.parametrize("kw", [
     dict(output_type="pt", guidance_scale=6.0),
     dict(output_type="latent", guidance_scale=7.5, guidance_rescale=0.7),
