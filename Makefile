@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 # `make asan`: the op and kernel tests against fastdiff._C built with AddressSanitizer and UBSan
-# (setup.py's FASTDIFF_SANITIZE=1: -fsanitize=address,undefined -fno-omit-frame-pointer -g, at -O1).
+# (setup.py's FASTDIFF_SANITIZE=1: -fsanitize=address,undefined -fno-omit-frame-pointer -g1, at -O1).
 # The extension is built out of place, into $(ASAN_DIR)/lib (the in-place build stays as it is), and
 # the tests run from a copy of the package and tests in $(ASAN_DIR)/tree holding that build; the
 # runner prints fastdiff._C.__file__ and refuses any other build. python is not instrumented, so

