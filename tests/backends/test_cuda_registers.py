@@ -13,21 +13,19 @@ for fp16/bf16, 70-80 for fp64 (their target: 3 blocks of 256 per SM) with nvcc 1
 that costs registers shows here as a spill; lower that variant's UNROLL entry then. It also
 bounds the number of kernels, which is what the CUDA build's time grows with.
 
-One architecture, the flags setup.py builds with, compile only: about 40 s on two busy cores.
+One architecture (sm_90), setup.py's flags with warnings as errors, compile only: the session's one
+compile of it (tests/backends/_nvcc.py), which test_cuda_compile.py checks for warnings too; about
+25 s on two cores.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None)
-FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-fPIC"]  # as setup.py
+from ._nvcc import CSRC, NVCC, step_sm90
 
 MAX_REGS = {"f": 64, "6__half": 64, "13__nv_bfloat16": 64, "d": 96}
 """Register budget of a specialised variant per storage type (Itanium-mangled name in the kernel's symbol)."""
@@ -68,12 +66,9 @@ def _ptxas_report(out: str) -> dict[tuple[str, int], dict[str, int]]:
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed; the CUDA kernel is compiled in CI")
-def test_specialised_variants_fit_the_register_budget_on_sm90(tmp_path):
-    cmd = [NVCC, "-c", os.path.join(CSRC, "cuda_step.cu"), "-o", str(tmp_path / "cuda_step_sm90.o"), f"-I{CSRC}",
-           *FLAGS, "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{out[-4000:]}"
+def test_specialised_variants_fit_the_register_budget_on_sm90():
+    cmd, rc, out, _ = step_sm90()  # (compiled once per session: test_cuda_compile.py reads it too)
+    assert rc == 0, f"{' '.join(cmd)}\n{out[-4000:]}"
     kernels = _ptxas_report(out)
     assert all({"registers", "spill_stores", "spill_loads"} <= set(v) for v in kernels.values()), kernels
 
