@@ -13,13 +13,7 @@ exercised by tests/backends/test_gpu.py.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
 
 import pytest
 import torch
@@ -31,46 +25,22 @@ from fastdiff.backends import reference
 from fastdiff.core.plan import OP_D, OP_X, OP_Z
 
 from ._cases import EVERYTHING, FEATURES, SEEDS, build, check, check_tiny_e_coefficient, run_unaligned
+from ._emu import emu_module
 
 P = {name: i for i, name in enumerate(PTR_NAMES)}
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-
-
-def _build_emu(tmp_path_factory, *defines):
-    """The emulated ``_C_cuda`` module, built with the host compiler (and -D``defines``)."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++/c++) to build the CUDA emulation")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 is not installed")
-    out = tmp_path_factory.mktemp("cuda_emu") / ("_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
-           "-DFD_CUDA_EMU", *(f"-D{d}" for d in defines), f"-I{CSRC}", f"-I{pybind11.get_include()}",
-           f"-I{sysconfig.get_paths()['include']}",
-           "-x", "c++", os.path.join(CSRC, "cuda_step.cu"), os.path.join(CSRC, "cuda_info.cu"), "-x", "none", os.path.join(CSRC, "cuda_bindings.cpp"),
-           "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    # a package name per build: a second module loaded as plain "_C_cuda" was the first one again
-    spec = importlib.util.spec_from_file_location("_".join(["emu", *defines]).lower() + "._C_cuda", out)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def emu():
     """The emulated ``_C_cuda`` module."""
-    return _build_emu(tmp_path_factory)
+    return emu_module()
 
 
 @pytest.fixture(scope="module")
-def emu_div64(tmp_path_factory):
+def emu_div64():
     """The emulated ``_C_cuda`` module finding samples by the 64-bit division of numel >= 2^31 rows."""
-    return _build_emu(tmp_path_factory, "FD_CUDA_EMU_DIV64")
+    return emu_module("FD_CUDA_EMU_DIV64")
 
 
 def _runner(emu, max_blocks):

@@ -14,14 +14,7 @@ sample; a scalar tail), so the file runs in seconds once the emulation is built 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.util
 import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
 
 import torch
 
@@ -38,7 +31,6 @@ from fastdiff.runtime import ops  # noqa: E402
 from ..backends._cases import build, compare_to_reference, tolerance  # noqa: E402
 
 P = {name: i for i, name in enumerate(PTR_NAMES)}
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -57,53 +49,12 @@ def _triton():
     return k, ("cpu" if k.INTERPRETED else "cuda")
 
 
-def _build_emu(out_dir: str) -> str:
-    """Build the emulated ``_C_cuda`` (as tests/backends/test_cuda_emu.py does) under ``out_dir``,
-    keyed by the sources and flags, and return its path; a build there already is reused."""
-    import pybind11
-
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    flags = ["-O1", "-std=c++17", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-DFD_CUDA_EMU",
-             f"-I{CSRC}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
-    sources = ("cuda_step.cu", "cuda_info.cu", "cuda_bindings.cpp")  # (part of the key: a build of others is another)
-    h = hashlib.sha256(" ".join([cxx, *flags, sys.version, *sources]).encode())
-    for name in sorted(os.listdir(CSRC)):  # what the emulation compiles (the CPU kernel's files aside)
-        if name.endswith((".h", ".cu", ".cpp")) and not name.startswith("cpu_") and name != "bindings.cpp":
-            with open(os.path.join(CSRC, name), "rb") as f:
-                h.update(name.encode() + f.read())
-    folder = os.path.join(out_dir, "fastdiff_cuda_emu_" + h.hexdigest()[:16])
-    path = os.path.join(folder, "_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if os.path.exists(path):
-        return path
-    os.makedirs(folder, exist_ok=True)
-    objs = [os.path.join(folder, f"{os.getpid()}_{k}.o") for k in range(len(sources))]
-    # the kernel and the bindings compile in parallel (about half the time on two cores)
-    procs = [subprocess.Popen([cxx, *flags, "-c", "-x", "c++", os.path.join(CSRC, src), "-o", obj],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for src, obj in zip(sources, objs)]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-4000:]
-    tmp = path + f".{os.getpid()}.tmp"
-    res = subprocess.run([cxx, "-shared", *objs, "-o", tmp], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    os.replace(tmp, path)  # atomic: a concurrent run sees the whole file or none
-    for obj in objs:
-        os.remove(obj)
-    return path
-
-
 @pytest.fixture(scope="module")
 def emu():
     """The emulated ``_C_cuda`` module, built with the host compiler."""
-    if (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")) is None:
-        pytest.skip("no C++ compiler (g++/c++) to build the CUDA emulation")
-    pytest.importorskip("pybind11", reason="pybind11 is not installed")
-    path = _build_emu(os.environ.get("FASTDIFF_EMU_CACHE", tempfile.gettempdir()))
-    spec = importlib.util.spec_from_file_location("_C_cuda", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tests.backends._emu import emu_module
+
+    return emu_module()
 
 
 def _runner(name: str, request):
