@@ -371,7 +371,7 @@ class _FusedScheduler:
                                  "scheduler.timesteps")
             plan = self._fd_fields(plan, fields)
             self._fd_plans[("at", ti, key)] = plan
-        # a row number of its own for the noise counter (Philox without a generator), past the grid's
+        # a row number of its own (a row's counter word), past the grid's
         return plan, len(self.timesteps) + len(self.alphas_cumprod) + ti
 
     def _fd_counted(self, timestep, key: tuple) -> tuple[_Run, int]:

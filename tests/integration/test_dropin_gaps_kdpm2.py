@@ -12,10 +12,10 @@ drop-in when that call runs). The drop-in runs such a run with fused rows of its
 The schedulers step in lockstep from the STOCK state (as in test_dropin_fuzz): every ``step`` is compared
 on its own, ``prev_sample`` and ``pred_original_sample`` within ``TOL`` relative (further only where
 stock's own float32 step is that far from the exact one, as test_dropin_fuzz allows), with the same
-model output and generator, and every drop-in step runs exactly one fused step. Without a generator the stock
-step's noise comes from torch's global RNG and the drop-in's from its Philox stream: there stock runs
-with its noise set to zero and the drop-in's difference from it must be ``sigma_up`` times standard
-normal noise.
+model output and generator, and every drop-in step runs exactly one fused step. Without a generator both
+steps draw from torch's global RNG (tests/integration/test_dropin_stock_api.py checks that the draws
+are stock's); here stock runs with its noise set to zero and the drop-in's difference from it must be
+``sigma_up`` times standard normal noise.
 
 Also: the drop-in's rows stand each on its own (diffusers' float32 arrays at the call's index), so a
 run started in the finite part of a grid whose first sigmas are NaN runs as stock; DPMSolverSDE, whose
