@@ -17,6 +17,7 @@ from ..runtime import ops
 from ..runtime.executor import StopSampling
 from ..runtime.loop import LoopOptions, draw_noise, run_plan
 from .scheduler import _check_scheduler, _short, from_diffusers
+from .support import noise_dtype_for
 
 
 # ------------------------------------------------------------------------------------- pipelines
@@ -910,12 +911,10 @@ def _accelerated_run(pipe, spec: _PipeSpec, a: dict):
                          "fastdiff.diffusers.from_diffusers(pipe.scheduler) in the stock loop, or restore(pipe)")
     gen = a["generator"]
     noise_dtype = sched._fd_spec.noise_dtype
-    if noise_dtype == "promote":  # the estimate's dtype: the latents' here (the model output is cast to them)
-        noise_dtype = None
     g = gen if spec.step_generator else None  # (a loop that hands no generator to step: torch's global RNG)
 
-    def noise_fn(i, x):  # exactly the stock step's randn_tensor call
-        return draw_noise(tuple(x.shape), g, noise_dtype or x.dtype, x.device)
+    def noise_fn(i, x):  # exactly the stock step's randn_tensor call (the model output is cast to the latents)
+        return draw_noise(tuple(x.shape), g, noise_dtype_for(noise_dtype, x.dtype, x.dtype), x.device)
 
     if callable(gs):  # a scale per row, decided from the plan (Wan 2.2's boundary between its experts)
         gs = gs(plan)

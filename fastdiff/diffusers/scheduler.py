@@ -28,7 +28,7 @@ from ..runtime.loop import draw_noise
 from ..samplers._common import RowLimitError
 from ..samplers._multistep import Grid, log_snr
 from .support import (_PREDICTION_ALIASES, _OwnFlow, _OwnVP, _Spec, _check_config, _flow_heun_rows, _host, _spec_of,
-                      _stock_class)
+                      _stock_class, noise_dtype_for)
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -646,14 +646,12 @@ class _FusedScheduler:
         name = type(self).__name__
         draw = tuple(m.shape) if draw is None else draw
         shape = tuple(m.shape) if shape is None else shape
-        nd = self._fd_spec.noise_dtype
-        if nd == "promote":  # the dtype of the estimate diffusers draws for (sample and model output together)
-            nd = m.dtype
+        nd = noise_dtype_for(self._fd_spec.noise_dtype, model_dtype, m.dtype)  # (m: in the estimate's dtype)
         ext = a.get("variance_noise")
         if ext is not None:
             if not isinstance(ext, torch.Tensor):
                 raise TypeError(f"{name}.step: variance_noise must be a torch.Tensor, got {type(ext).__name__}")
-            ext = ext.to(device=m.device, dtype=nd) if nd is not None else ext.to(device=m.device)
+            ext = ext.to(device=m.device, dtype=nd) if self._fd_spec.noise_dtype is not None else ext.to(device=m.device)
             try:
                 ext = ext.expand(shape)
             except RuntimeError:
@@ -663,7 +661,7 @@ class _FusedScheduler:
         gen = a.get("generator")
         # diffusers' own randn_tensor call: from the generator, or without one from torch's global RNG (the
         # device's), so that torch.manual_seed(...) gives the stock scheduler's noise too
-        z = draw_noise(draw, None if gen is None else _generator(name, gen), nd or model_dtype, m.device)
+        z = draw_noise(draw, None if gen is None else _generator(name, gen), nd, m.device)
         return z.to(m.dtype).expand(shape).reshape(m.shape).contiguous(), None
 
     def _fd_after(self, row: Row, i: int) -> None:

@@ -84,7 +84,9 @@ class _Spec:
             together with an argument in ``step_only``).
         fixed: sampler options always set.
         noise_dtype: dtype diffusers draws noise in (``None``: the model output's; ``"promote"``: that
-            of the sample and the model output together, the dtype of the estimate diffusers draws for).
+            of the sample and the model output together, the dtype of the estimate diffusers draws for;
+            ``"float32_model"``: float32 promoted with the model output's, for an estimate of a sample
+            diffusers casts to float32 first and the model output, as FlowMatchLCM's).
         out_dtype: the dtype of diffusers' ``prev_sample``: ``promote`` (of the sample and the model
             output), ``model`` (the model output's: diffusers casts to it) or ``sample`` (the
             sample's); a callable ``config -> one of those`` where it depends on the config.
@@ -1364,7 +1366,7 @@ SUPPORT: dict[str, _Spec] = {
              "diffusers' step); " + _DISTILLED_NOTE),
     "FlowMatchLCMScheduler": _Spec(
         _named("flow_lcm"), "flow", only={"scale_factors": (None, [])}, accepted=("invert_sigmas", "upscale_mode"),
-        before_step=_flow_lcm_state, noise_dtype=torch.float32, out_dtype="model", predictions=(),
+        before_step=_flow_lcm_state, noise_dtype="float32_model", out_dtype="model", predictions=(),
         no_integer_timestep=True, noise_shape="broadcast",
         note="scale_factors (also set_scale_factors) refused: they resize the estimate between steps"),
     "EDMEulerScheduler": _Spec(
@@ -1460,7 +1462,21 @@ SUPPORT: dict[str, _Spec] = {
 
 
 def _noise_text(dtype) -> str:
-    return "the promoted dtype of sample and model output" if dtype == "promote" else "float32"
+    return {"promote": "the promoted dtype of sample and model output",
+            "float32_model": "float32 promoted with the model output's dtype"}.get(dtype, "float32")
+
+
+def noise_dtype_for(spec_dtype, model_dtype: torch.dtype, estimate_dtype: torch.dtype) -> torch.dtype:
+    """The dtype diffusers draws a step's noise in (:attr:`_Spec.noise_dtype` resolved): the model output's
+    (``model_dtype``) for ``None``, the estimate's (``estimate_dtype``, of sample and model output together)
+    for ``"promote"``, float32 promoted with the model output's for ``"float32_model"``, else the dtype given."""
+    if spec_dtype is None:
+        return model_dtype
+    if spec_dtype == "promote":
+        return estimate_dtype
+    if spec_dtype == "float32_model":
+        return torch.promote_types(torch.float32, model_dtype)
+    return spec_dtype
 
 
 def support_table() -> str:

@@ -489,3 +489,25 @@ def test_noise_without_a_generator_is_stocks_from_the_global_rng(name, cfg, kw):
     (x_s, r_s), (x_f, r_f) = results
     assert torch.isfinite(x_s).all() and rel_err(x_f, x_s) <= 1e-5, rel_err(x_f, x_s)
     assert torch.equal(r_f, r_s), "the drop-in drew from the global RNG differently from diffusers"
+
+
+@pytest.mark.parametrize("sample_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("model_dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("generator", [False, True], ids=["global-rng", "generator"])
+def test_flow_lcm_noise_in_the_dtype_stock_draws_it(sample_dtype, model_dtype, generator):
+    """FlowMatchLCM casts the sample to float32 and draws noise in the dtype of its estimate (that float32
+    sample and the model output): float64 for a float64 model output. The drop-in drew float32 there
+    (other numbers, and another RNG state afterwards)."""
+    x0 = initial_noise(5, 1.0, shape=(2, 3, 4, 4)).to(sample_dtype)
+    results = []
+    for sched in (diffusers.FlowMatchLCMScheduler(), from_diffusers(diffusers.FlowMatchLCMScheduler())):
+        sched.set_timesteps(4)
+        torch.manual_seed(11)
+        g = torch.Generator().manual_seed(3) if generator else None
+        x = x0
+        for t in sched.timesteps:
+            x = sched.step((0.3 * x + 0.1).to(model_dtype), t, x, generator=g).prev_sample
+        results.append((x, torch.randn(2), None if g is None else torch.randn(2, generator=g)))
+    (a, ra, ga), (b, rb, gb) = results
+    assert b.dtype == a.dtype and torch.equal(rb, ra) and (ga is None or torch.equal(gb, ga))
+    assert rel_err(b, a) <= (1e-5 if model_dtype != torch.float16 else 2e-3), rel_err(b, a)
