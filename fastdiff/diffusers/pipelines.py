@@ -71,6 +71,13 @@ def _unet_model(pipe, a: dict):
     return model
 
 
+def _sd_encode(pipe, a: dict, do_cfg: bool, device):
+    """Stable Diffusion's ``encode_prompt`` with the call's arguments: ``(pe, ne)``."""
+    return pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
+                              prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                              lora_scale=(a["cross_attention_kwargs"] or {}).get("scale"), clip_skip=a["clip_skip"])
+
+
 def _sdxl_encode(pipe, a: dict, do_cfg: bool, device):
     """SDXL's ``encode_prompt`` with the call's arguments: ``(pe, ne, pp, npp)``."""
     return pipe.encode_prompt(
@@ -122,10 +129,7 @@ def _sd_prepare(pipe, a: dict, do_cfg: bool):
                 pipe.unet.config.sample_size[1] * pipe.vae_scale_factor)
     pipe.check_inputs(a["prompt"], h, w, None, a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"])
     device = pipe._execution_device
-    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
-    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
-                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
-                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    pe, ne = _sd_encode(pipe, a, do_cfg, device)
     retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
     latents = pipe.prepare_latents(pe.shape[0], pipe.unet.config.in_channels, h, w, pe.dtype, device,
                                    a["generator"], a["latents"])
@@ -146,10 +150,7 @@ def _sd_img2img_prepare(pipe, a: dict, do_cfg: bool):
                       a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
     batch = _batch(a)
     device = pipe._execution_device
-    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
-    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
-                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
-                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    pe, ne = _sd_encode(pipe, a, do_cfg, device)
     image = pipe.image_processor.preprocess(a["image"])
     retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
     timesteps, _ = pipe.get_timesteps(a["num_inference_steps"], a["strength"], device)
@@ -255,10 +256,7 @@ def _sd_inpaint_prepare(pipe, a: dict, do_cfg: bool):
                       a["callback_on_step_end_tensor_inputs"], a["padding_mask_crop"])
     batch = _batch(a)
     device = pipe._execution_device
-    lora_scale = (a["cross_attention_kwargs"] or {}).get("scale")
-    pe, ne = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
-                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
-                                lora_scale=lora_scale, clip_skip=a["clip_skip"])
+    pe, ne = _sd_encode(pipe, a, do_cfg, device)
     timesteps = _inpaint_schedule(pipe, a, device, retrieve_timesteps)
     latents, wrap, extra = _inpaint_state(pipe, a, do_cfg, timesteps, batch * a["num_images_per_prompt"], h, w,
                                           pe.dtype, device, sdxl=False)
