@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from fastdiff.backends import cuda as cb
-from fastdiff.core.args import C_OUT, N_COEF, PTR_NAMES, StepArgs
+from fastdiff.core.args import C_OUT, N_COEF, StepArgs
 from fastdiff.core.plan import OP_X
 from fastdiff.runtime import ops
+
+from ._fake_cuda import FakeExt
 
 DEV = torch.device("cuda", 1)  # what the tensors say they are on (the fake current_stream is asked for it)
 
@@ -60,39 +62,6 @@ class FakeStreams:
                 del self.current[key]
             else:
                 self.current[key] = prev
-
-
-class FakeExt:
-    """``_C_cuda`` that records the stream of every launch."""
-
-    PTR_NAMES = list(PTR_NAMES)
-
-    def __init__(self) -> None:
-        self.launches: list[tuple[str, int]] = []
-        ext = self
-
-        class Program:
-            def __init__(self, max_blocks: int = 0) -> None:
-                self.n = 0
-
-            def add(self, *args) -> int:
-                self.n += 1
-                return self.n - 1
-
-            def set(self, i, which, ptr) -> None:
-                pass
-
-            def run(self, i, m, stream) -> None:
-                ext.launches.append((f"run {i}", stream))
-
-        self.Program = Program
-
-    def step(self, *args) -> None:
-        stream, max_blocks, u_copies = args[-3:]
-        self.launches.append(("step", stream))
-
-    def bits(self, out, seeds, batch, groups, row, stream_id, stream) -> None:
-        self.launches.append(("bits", stream))
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from fastdiff.runtime.executor import Call, Executor
 from fastdiff.core.guidance import Guidance
 from fastdiff.runtime.loop import GraphCaptureError
 
+from ..backends._fake_cuda import FakeExt
 from .._plans import edm_euler
 
 
@@ -262,30 +263,6 @@ class _MetaStreams:
         return types.SimpleNamespace(cuda_stream=self.handles.setdefault(name, 0x1000 + len(self.handles)), name=name)
 
 
-class _RecordingExt:
-    """``_C_cuda`` whose Program records each launch's row and stream (and runs nothing)."""
-
-    def __init__(self) -> None:
-        self.launches: list[tuple[int, int]] = []
-        ext = self
-
-        class Program:
-            def __init__(self, max_blocks: int = 0) -> None:
-                self.n = 0
-
-            def add(self, *args) -> int:
-                self.n += 1
-                return self.n - 1
-
-            def set(self, i, which, ptr) -> None:
-                pass
-
-            def run(self, i, m, stream) -> None:
-                ext.launches.append((i, stream))
-
-        self.Program = Program
-
-
 def _meta_run(program: str, monkeypatch, inject=None):
     from fastdiff.backends import cuda as cb
     from fastdiff.runtime import executor as executor_mod
@@ -303,7 +280,7 @@ def _meta_run(program: str, monkeypatch, inject=None):
     fake = FakeCuda()
     streams = _MetaStreams(fake)
     monkeypatch.setattr(torch.cuda, "current_stream", streams)
-    ext = _RecordingExt()
+    ext = FakeExt()
     if program == "cuda-path":
         monkeypatch.setattr(ops, "prepare", lambda rows, backend="auto", reductions=None: cb.CudaProgram(
             rows, reductions or [None] * len(rows), module=ext))
@@ -345,7 +322,7 @@ def test_the_real_loop_body_on_meta_tensors_captures_without_a_host_sync(program
     if program == "cuda-path":
         side = streams.handles["side0"]
         # warm-up and capture: every row launched once each, on the capture stream (side0), none on the caller's
-        assert ext.launches[:2 * n] == [(i, side) for i in range(n)] * 2
+        assert ext.launches[:2 * n] == [(f"run {i}", side) for i in range(n)] * 2
 
 
 @pytest.mark.parametrize("program", ["reference", "cuda-path"])
